@@ -1,0 +1,101 @@
+// vitkernels — fused multi-head attention forward (plain CUDA, no torch headers).
+//
+// Math (per batch b, head h):
+//   S   = q · kᵀ · scale + bias                 (Nq × Nk; never written to HBM)
+//   P   = softmax(S) along keys                  (online softmax, FlashAttention-2 style)
+//   out = P · v                                  (Nq × D)
+//   lse = log Σ_j exp(S_ij)                      (natural log, float32, contiguous (B, H, Nq))
+//   A row whose every score is -inf gives out = 0 and lse = +inf (so exp(S - lse) = 0 in backward).
+//
+// Work and traffic:
+//   FLOPs = 4 · B · H · Nq · Nk · D               (two GEMMs: q·kᵀ and P·v)
+//   Bytes ≈ e · B · H · (2·Nq·D + 2·Nk·D) + 4 · B · H · Nq       (q, out, k, v, lse; e = element size)
+//           + e · (elements of bias actually stored, ≤ B·H·Nq·Nk) when a bias is given
+//   K/V are re-read once per query block; those re-reads mostly hit L2.
+//   Arithmetic intensity without bias ≈ Nq·Nk / (Nq + Nk) FLOP/byte at 2-byte types (ViT-B/16 at
+//   224 px: N = 197, D = 64 → ~98 FLOP/B), above the H100 ridge point (989e12 / 3.35e12 ≈ 295
+//   FLOP/B) only for N ≳ 600, so short-sequence ViT attention is bandwidth/latency bound.
+//
+// Roofline floor on H100 SXM (≈ 989 TFLOP/s dense bf16/fp16 tensor core, 3.35 TB/s HBM3):
+//   t_min = max(FLOPs / 989e12, Bytes / 3.35e12).
+//   Example ViT-B/16, B = 64, H = 12, N = 197, D = 64, bf16, no bias: 7.63 GFLOP → 7.7 µs compute
+//   floor; q, k, v, out 4 × 19.4 MB + lse 0.6 MB = 78 MB → 23 µs memory floor (memory bound).
+//   A broadcast bias (e.g. Swin's per-head (H, N, N) table) is re-read for every batch element;
+//   those re-reads mostly hit L2. This kernel uses mma.sync (Ampere-class tensor-core issue), which
+//   tops out well below the wgmma peak on H100; see docs/ for measured numbers.
+//
+// Design:
+//   * One CTA per (query block of 64 rows, batch·head). The grid is 1-D: blockIdx.x enumerates
+//     (b·H + h) · num_m_blocks + m_block, so consecutive CTAs share K/V in L2 and no grid y/z
+//     limit (65535) applies. All offsets are int64.
+//   * fp16 / bf16: 4 warps, each owns 16 query rows. Q tile → shared memory (cp.async) → registers
+//     (ldmatrix). Loop over key blocks of 64: K and V tiles stream through shared memory with
+//     cp.async, overlapped FA2-style (V[j] loads while S = Q·K[j]ᵀ and the softmax run, K[j+1]
+//     loads while O += P·V[j] runs). Both GEMMs use mma.sync.aligned.m16n8k16 with fp32
+//     accumulation; P is rounded to the input type for the second GEMM (as eager PyTorch does).
+//     Shared-memory rows are padded by 16 bytes, which makes ldmatrix conflict-free.
+//   * float32: a CUDA-core kernel (32×32 tiles, 4 threads per query row, float4 shared loads,
+//     fp32 FMA everywhere — no TF32), same online-softmax math.
+//   * Online softmax in the log2 domain (scores pre-multiplied by log2 e, exp2f); running max,
+//     running sum, rescale of the output accumulator; -inf-safe (a fully masked row never forms
+//     -inf - -inf). Bias is read with its own strides (0 strides = broadcast), in the input dtype.
+//   * Any Nq, Nk ≥ 1: out-of-range rows/keys are zero-filled in shared memory and masked to -inf.
+//   * Head dims: any D with D % 8 == 0 and 8 ≤ D ≤ 128, compiled for padded head dims
+//     32, 48, 64, 80, 96, 128 (pad lanes are zero-filled and never stored).
+//   * Requirements checked by attention_forward (else cudaErrorInvalidValue, nothing launched):
+//     16-byte aligned q/k/v/out pointers, last-dim stride 1 and other strides multiples of
+//     8 (fp16/bf16) or 4 (fp32) elements. Callers copy to contiguous otherwise
+//     (attention_forward_tensor_aligned tells them when).
+//   * Deterministic, no atomics, no allocation, CUDA-graph capturable (only a cudaFuncSetAttribute
+//     for > 48 KiB dynamic shared memory, plus the launch, on the given stream).
+//   * Requires sm_80 or newer (cp.async, bf16 mma).
+//
+// Versions:
+//   v1 — the design above. Written on a machine without a GPU: compiled for sm_80/sm_90a (no
+//        spills; ≤ 185 registers/thread) and its indexing checked with a lane-level emulation
+//        against float64 math; not yet timed on a GPU (record timings here and in docs/).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace vitkernels {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct AttentionFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* bias;  // nullable; same dtype as q; logical shape (B, H, Nq, Nk)
+  void* out;
+  float* lse;  // float32, contiguous (B, H, Nq)
+  // Element strides for (B, H, N, D) (bias: (B, H, Nq, Nk)). Last dim of q, k, v, out must have
+  // stride 1. Bias strides may be 0 (broadcast) or anything else.
+  int64_t q_stride[4];
+  int64_t k_stride[4];
+  int64_t v_stride[4];
+  int64_t bias_stride[4];
+  int64_t out_stride[4];
+  int B, H, Nq, Nk, D;
+  float scale;
+  DType dtype;
+};
+
+// Launches the forward kernel on `stream`. Returns cudaErrorInvalidValue (and launches nothing)
+// on unsupported head dim, misaligned pointers/strides or bad sizes; otherwise the launch status.
+cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream);
+
+// Head dims the fused kernel handles: D % 8 == 0 and 8 <= D <= 128.
+bool attention_forward_supports_head_dim(int D);
+
+// True when `ptr` with these (B, H, N, D) element strides meets the kernel's vector-load
+// requirements (16-byte aligned base, stride[3] == 1, stride[0..2] multiples of 16 bytes).
+bool attention_forward_tensor_aligned(const void* ptr, const int64_t stride[4], DType dtype);
+
+// Archs this translation unit was compiled for, e.g. "sm_80;sm_90a" (from __CUDA_ARCH_LIST__ when
+// nvcc provides it; otherwise "unknown").
+const char* attention_built_archs();
+
+}  // namespace vitkernels

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: set-up, then pytest. Without a CUDA build of torch, tests/conftest.py sets
+# TRITON_INTERPRET=1 so the Triton kernels run on CPU; GPU tests (marked gpu) skip without CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec "${PYTHON:-python3}" -m pytest -q "$@"

@@ -1,0 +1,142 @@
+"""attention / self_attention / sr_attention through the op layer on every backend that runs here.
+
+CPU: the Triton kernels run in the interpreter (float32, float16); GPU (marked gpu): Triton and CUDA
+in float16/bfloat16/float32. Oracle: the reference backend in float64 on CPU. Eager: the plain
+softmax(q·kᵀ·scale + bias)·v composition in the tested dtype. Rule: tolerance.assert_within.
+"""
+import math
+
+import pytest
+import torch
+
+import vitkernels as vk
+from tolerance import assert_within
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def eager_attention(q, k, v, bias=None, scale=None):
+    s = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    if bias is not None:
+        s = s + bias
+    return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0) @ v
+
+
+def _grads(fn, inputs, cot):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return [out.detach()] + list(torch.autograd.grad(out, inputs, cot.to(out.dtype)))
+
+
+def check_against_oracle(fn_vk, fn_eager, inputs, backend, dtype, device):
+    """Outputs and all input grads of `backend` vs float64 reference, bounded by the eager error."""
+    low = [t.to(device=device, dtype=dtype) for t in inputs]
+    with vk.use_backend("reference"):
+        out64 = fn_vk(*[t.double() for t in inputs])
+        cot = torch.randn(out64.shape, dtype=torch.float64)
+        oracle = _grads(fn_vk, [t.double() for t in inputs], cot)
+    with vk.use_backend(backend):
+        fused = _grads(fn_vk, low, cot.to(device))
+    eager = _grads(fn_eager, low, cot.to(device))
+    names = ["out"] + [f"grad{i}" for i in range(len(inputs))]
+    for name, f, e, o in zip(names, fused, eager, oracle):
+        assert_within(f"{backend} {dtype} {name}", f, e, o, dtype)
+
+
+def backends_here():
+    """(backend, dtype, device) triples that can run on this machine."""
+    if torch.cuda.is_available():
+        return [("triton", dt, "cuda") for dt in (torch.float16, torch.bfloat16, torch.float32)]
+    return [("triton", torch.float32, "cpu"), ("triton", torch.float16, "cpu")]
+
+
+ATTN_SHAPES = [  # B, H, Nq, Nk, D
+    (1, 2, 1, 1, 32), (2, 1, 49, 49, 32), (1, 2, 50, 33, 48), (1, 1, 17, 23, 80), (1, 1, 9, 9, 128),
+]
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("bias_kind", [None, "full", "heads", "keys"])
+def test_attention(backend, dtype, device, shape, bias_kind):
+    b, h, nq, nk, d = shape
+    q, k, v = torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d)
+    bias = {None: None, "full": torch.randn(b, h, nq, nk), "heads": torch.randn(h, nq, nk),
+            "keys": torch.randn(b, 1, 1, nk)}[bias_kind]
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    fn = (lambda q, k, v, bias=None: vk.attention(q, k, v, bias))
+    eager = (lambda q, k, v, bias=None: eager_attention(q, k, v, bias))
+    check_against_oracle(fn, eager, inputs, backend, dtype, device)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+def test_attention_fully_masked_rows(backend, dtype, device):
+    b, h, nq, nk, d = 2, 2, 6, 7, 32
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for n in (nq, nk, nk))
+    bias = torch.zeros(b, h, nq, nk, device=device, dtype=dtype)
+    bias[0, 1, 2] = -math.inf  # one row fully masked
+    bias[1, :, :, 3:] = -math.inf  # key padding
+    bias.requires_grad_()
+    with vk.use_backend(backend):
+        out = vk.attention(q, k, v, bias)
+        out.float().sum().backward()
+    assert (out[0, 1, 2] == 0).all()
+    for t in (q, k, v, bias):
+        assert torch.isfinite(t.grad).all()
+    assert (bias.grad[0, 1, 2] == 0).all()
+    with vk.use_backend("reference"):
+        expect = vk.attention(*(t.detach().double().cpu() for t in (q, k, v, bias)))
+    torch.testing.assert_close(out.double().cpu(), expect, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("n,heads,d", [(1, 1, 32), (50, 3, 32), (37, 2, 64), (12, 2, 96)])
+def test_self_attention(backend, dtype, device, n, heads, d):
+    qkv = torch.randn(2, n, 3 * heads * d)
+
+    def eager(x):
+        q, k, v = x.reshape(2, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        return eager_attention(q, k, v).transpose(1, 2).reshape(2, n, heads * d)
+
+    check_against_oracle(lambda x: vk.self_attention(x, heads), eager, [qkv], backend, dtype, device)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("n,m,heads,d", [(70, 7, 1, 32), (64, 16, 2, 64)])
+def test_sr_attention(backend, dtype, device, n, m, heads, d):
+    q, kv = torch.randn(2, n, heads * d), torch.randn(2, m, 2 * heads * d)
+
+    def eager(q, kv):
+        qh = q.reshape(2, n, heads, d).transpose(1, 2)
+        k, v = kv.reshape(2, m, 2, heads, d).permute(2, 0, 3, 1, 4)
+        return eager_attention(qh, k, v).transpose(1, 2).reshape(2, n, heads * d)
+
+    check_against_oracle(lambda a, b: vk.sr_attention(a, b, heads), eager, [q, kv], backend, dtype, device)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here()[:1])
+def test_non_contiguous_inputs(backend, dtype, device):
+    """Sliced / permuted / last-dim-strided views give the same result as contiguous copies."""
+    big = torch.randn(2, 20, 3, 3, 40, device=device, dtype=dtype)  # (B, N, 3, H, D+8)
+    q, k, v = big[..., :32].permute(2, 0, 3, 1, 4)  # (B, H, N, 32) views with odd strides
+    bias = torch.randn(2, 3, 20, 40, device=device, dtype=dtype)[..., ::2]  # last-dim stride 2
+    qkv_wide = torch.randn(2, 11, 3 * 64 + 5, device=device, dtype=dtype)[..., 5:]  # sliced packed qkv
+    qkv_t = torch.randn(2, 3 * 64, 11, device=device, dtype=dtype).transpose(1, 2)  # last-dim stride != 1
+    with vk.use_backend(backend):
+        got = [vk.attention(q, k, v, bias), vk.self_attention(qkv_wide, 2), vk.self_attention(qkv_t, 2)]
+    with vk.use_backend("reference"):
+        want = [vk.attention(q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous()),
+                vk.self_attention(qkv_wide.contiguous(), 2), vk.self_attention(qkv_t.contiguous(), 2)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here()[:1])
+def test_output_not_poisoned(backend, dtype, device):
+    """Kernels write every output element: NaN-filled memory from the allocator never leaks through."""
+    q = torch.randn(1, 2, 19, 48, device=device, dtype=dtype)
+    with vk.use_backend(backend):
+        for _ in range(2):
+            filler = torch.full((1 << 16,), float("nan"), device=device, dtype=dtype)
+            del filler
+            assert torch.isfinite(vk.attention(q, q, q)).all()

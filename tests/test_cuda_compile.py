@@ -1,0 +1,68 @@
+"""csrc/kernels must compile with nvcc on a machine with no GPU and no CUDA build of torch.
+
+Each kernel file is compiled once (`-c`) for sm_80 and sm_90a together, with the defines torch's
+extension builder passes to nvcc, warnings treated as failures. Skips when nvcc is not found.
+"""
+import glob
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+# What torch.utils.cpp_extension adds for every .cu file (half/bf16 operators disabled).
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                      "--expt-relaxed-constexpr"]
+
+
+def _nvcc():
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def _compile(nvcc, src, out_dir):
+    obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+    cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
+           "-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings", "--threads", "2"]
+    cmd += TORCH_NVCC_DEFINES + ARCH_FLAGS
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return src, cmd, proc, obj
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    out_dir = str(tmp_path_factory.mktemp("nvcc"))
+    with ThreadPoolExecutor(max_workers=max(1, min(len(KERNELS), (os.cpu_count() or 2) // 2))) as pool:
+        results = list(pool.map(lambda s: _compile(nvcc, s, out_dir), KERNELS))
+    return {os.path.basename(src): (cmd, proc, obj) for src, cmd, proc, obj in results}
+
+
+def test_kernel_sources_exist():
+    assert KERNELS, "no csrc/kernels/*.cu files found"
+
+
+@pytest.mark.parametrize("name", [os.path.basename(k) for k in KERNELS])
+def test_nvcc_compiles_for_sm80_and_sm90a(compiled, name):
+    cmd, proc, obj = compiled[name]
+    assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    assert os.path.getsize(obj) > 0
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "csrc", "kernels"))))
+def test_kernels_do_not_include_torch(name):
+    with open(os.path.join(ROOT, "csrc", "kernels", name)) as f:
+        text = f.read()
+    for bad in ("<torch/", "<ATen/", "<c10/"):
+        assert bad not in text, f"{name} includes {bad}: csrc/kernels must stay plain CUDA"

@@ -1,0 +1,158 @@
+"""Every op: registered, opcheck, torch.compile(fullgraph), torch.export, empty batch, backends API."""
+import pytest
+import torch
+
+import vitkernels
+from vitkernels._samples import samples
+
+OPS = list(samples())
+
+
+def test_all_ops_registered():
+    for name in OPS:
+        assert hasattr(torch.ops.vitkernels, name), name
+        assert callable(getattr(vitkernels, name))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck_public(name):
+    args = samples(requires_grad=True)[name]
+    torch.library.opcheck(getattr(torch.ops.vitkernels, name).default, args)
+
+
+PRIVATE = {
+    "attention": lambda a: (a[0], a[1], a[2], a[3], 0.3),
+    "self_attention": lambda a: (a[0], a[1], 0.3),
+    "window_attention": lambda a: (*a[:7], 0.3),
+    "sr_attention": lambda a: (a[0], a[1], a[2], 0.3),
+    "xca": lambda a: a,
+    "space_time_attention": lambda a: (*a[:6], 0.3),
+    "dwconv": lambda a: a,
+}
+
+
+@pytest.mark.parametrize("name", list(PRIVATE))
+def test_opcheck_private_fwd(name):
+    args = PRIVATE[name](samples(requires_grad=True)[name])
+    torch.library.opcheck(getattr(torch.ops.vitkernels, f"_{name}_fwd").default, args)
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_compile_fullgraph_matches_eager(name):
+    args = samples(requires_grad=True)[name]
+    fn = getattr(vitkernels, name)
+    eager = _outputs(fn(*args))
+    torch._dynamo.reset()
+    compiled = _outputs(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    # gradients through the compiled graph
+    loss = sum(o.float().sum() for o in compiled)
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    grads = torch.autograd.grad(loss, leaves)
+    ref = torch.autograd.grad(sum(o.float().sum() for o in eager), leaves)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", ["attention", "self_attention", "window_attention", "dwconv"])
+def test_compile_inductor(name):
+    args = samples()[name]
+    fn = getattr(vitkernels, name)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_export(name):
+    args = samples()[name]
+    fn = getattr(vitkernels, name)
+
+    class M(torch.nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    class Wrapped(torch.nn.Module):  # export takes tensors; the static arguments are baked in
+        def forward(self, *ts):
+            full = list(args)
+            for i, x in zip(positions, ts):
+                full[i] = x
+            return fn(*full)
+
+    ep = torch.export.export(Wrapped(), tensors)
+    for e, x in zip(_outputs(ep.module()(*tensors)), _outputs(fn(*args))):
+        torch.testing.assert_close(e, x)
+
+
+BATCHED = {"attention": (0, 1, 2), "sr_attention": (0, 1), "space_time_attention": (0, 4)}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_empty_batch(name):
+    args = list(samples(requires_grad=True)[name])
+    for i in BATCHED.get(name, (0,)):
+        args[i] = args[i][:0].detach().requires_grad_()
+    out = _outputs(getattr(vitkernels, name)(*args))
+    assert out[0].shape[0] == 0
+    sum(o.sum() for o in out).backward()
+    assert args[0].grad is not None and args[0].grad.shape == args[0].shape
+
+
+# ----------------------------------------------------------------------------- backends
+
+def test_backend_selection_api(monkeypatch):
+    assert vitkernels.get_backend() == "auto"
+    with vitkernels.use_backend("reference"):
+        assert vitkernels.get_backend() == "reference"
+        with vitkernels.use_backend("triton"):
+            assert vitkernels.get_backend() == "triton"
+        assert vitkernels.get_backend() == "reference"
+    vitkernels.set_backend("reference")
+    try:
+        assert vitkernels.get_backend() == "reference"
+    finally:
+        vitkernels.set_backend("auto")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vitkernels.set_backend("tpu")
+
+
+def test_backend_env_default(monkeypatch):
+    import vitkernels.backends as b
+    monkeypatch.setattr(b, "_global_default", None)
+    monkeypatch.setenv("VITKERNELS_BACKEND", "reference")
+    assert vitkernels.get_backend() == "reference"
+    monkeypatch.setenv("VITKERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="VITKERNELS_BACKEND"):
+        vitkernels.get_backend()
+
+
+def test_forced_cuda_on_cpu_explains():
+    args = samples()["attention"]
+    with vitkernels.use_backend("cuda"), pytest.raises(vitkernels.BackendUnavailableError, match="cuda.*CUDA tensors"):
+        vitkernels.attention(*args)
+
+
+def test_forced_backend_without_kernel_explains():
+    args = samples()["xca"]
+    with vitkernels.use_backend("triton"), pytest.raises(vitkernels.BackendUnavailableError, match="no kernel for xca"):
+        vitkernels.xca(*args)
+
+
+def test_not_supported_reasons():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    reasons = vitkernels.not_supported_reasons("attention", "triton", q, q, q, None)
+    assert any("float64" in r for r in reasons)
+    assert vitkernels.not_supported_reasons("attention", "reference", q, q, q, None) == []
+
+
+def test_auto_on_cpu_is_reference():
+    from vitkernels import backends
+    q = torch.randn(1, 1, 4, 8)
+    assert backends.select("attention", q, q, q, None).backend == "reference"

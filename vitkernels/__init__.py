@@ -1,0 +1,22 @@
+"""vitkernels: fused Triton and CUDA kernels for Vision Transformer attention variants.
+
+Every op is a `torch.ops.vitkernels.<name>` custom op (fake kernel, autograd, torch.compile and
+torch.export ready) with the same name here. See SPEC.md / docs/ for the exact semantics.
+"""
+from .backends import BackendUnavailableError, get_backend, not_supported_reasons, set_backend, use_backend
+from .ops import (attention, dwconv, mix_ffn, self_attention, space_time_attention, sr_attention, window_attention,
+                  xca)
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention",
+           "dwconv", "mix_ffn", "set_backend", "get_backend", "use_backend", "not_supported_reasons",
+           "BackendUnavailableError", "HAS_CUDA_EXT", "__version__"]
+
+
+def __getattr__(name):
+    # HAS_CUDA_EXT is computed on first access: no extension load or device query at import time.
+    if name == "HAS_CUDA_EXT":
+        from . import _ext
+        return _ext.load_cuda_ext() is not None
+    raise AttributeError(f"module 'vitkernels' has no attribute {name!r}")

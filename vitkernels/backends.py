@@ -1,0 +1,152 @@
+"""Backend selection: which implementation ("triton", "cuda", "reference") runs each op.
+
+Every op registers one `Kernel` per backend that implements it. A kernel declares *why* it cannot run
+on given arguments (`reasons`), so that
+
+* "auto" picks the first kernel of the op's priority list whose reasons are empty
+  (on CPU tensors that is always the reference: fused kernels there only run when forced);
+* forcing a backend that cannot run raises one error listing every reason;
+* `python -m vitkernels.info` can print, per op, which backends can run here.
+
+The priority lists are decided by GPU measurements (docs/benchmarks.md); until an op has been
+measured, its fused kernels are tried in the order below.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+BACKENDS = ("triton", "cuda", "reference")
+_CHOICES = ("auto",) + BACKENDS
+
+# "auto" order on CUDA tensors, per op. Ops missing here use the default order.
+_DEFAULT_PRIORITY = ("triton", "cuda", "reference")
+PRIORITY: dict[str, tuple[str, ...]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run an op on the given arguments."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: str
+    backend: str
+    forward: Callable
+    backward: Optional[Callable]
+    reasons: Callable[..., list]  # same arguments as forward -> list of human-readable reasons
+
+
+_KERNELS: dict[str, dict[str, Kernel]] = {}
+# Ops implemented as a composition of other ops: a backend runs them where it runs their parts.
+COMPOSITES: dict[str, tuple[str, ...]] = {"mix_ffn": ("dwconv",)}
+
+
+def register_kernel(op: str, backend: str, *, forward: Callable, backward: Optional[Callable] = None,
+                    reasons: Optional[Callable[..., list]] = None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _KERNELS.setdefault(op, {})[backend] = Kernel(op, backend, forward, backward,
+                                                  reasons or (lambda *a, **k: []))
+
+
+def ops() -> list[str]:
+    return sorted(_KERNELS)
+
+
+# ----------------------------------------------------------------------------- the current choice
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    return name.lower()
+
+
+# A process-wide stack, not thread-local: autograd runs CUDA backward passes on its own device
+# threads, and `with use_backend(...): loss.backward()` must reach the backward kernels there too.
+_stack: list = []
+_global_default: Optional[str] = None
+
+
+def _default() -> str:
+    if _global_default is not None:
+        return _global_default
+    env = os.environ.get("VITKERNELS_BACKEND")
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as e:
+            raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
+    return "auto"
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost `use_backend`, else `set_backend`, else $VITKERNELS_BACKEND, else "auto"."""
+    return _stack[-1] if _stack else _default()
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend: "auto", "triton", "cuda" or "reference"."""
+    global _global_default
+    _global_default = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the ops inside (forward and backward) with backend `name`."""
+    _stack.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+# ----------------------------------------------------------------------------- choosing a kernel
+
+def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list:
+    """Why `backend` cannot run `op` on these arguments ([] when it can)."""
+    if op in COMPOSITES:  # the parts' arguments differ; report which parts this backend lacks
+        return [f"{op} runs {part}, and the {backend} backend has no kernel for {part} yet"
+                for part in COMPOSITES[op] if backend not in _KERNELS.get(part, {})]
+    kernels = _KERNELS.get(op)
+    if kernels is None:
+        raise ValueError(f"unknown op {op!r}; ops: {ops()}")
+    kernel = kernels.get(backend)
+    if kernel is None:
+        return [f"the {backend} backend has no kernel for {op} yet"]
+    return list(kernel.reasons(*args, **kwargs))
+
+
+def _on_cuda(args) -> bool:
+    import torch
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
+def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
+    """The kernel that runs `op` on these arguments under the current backend choice.
+
+    With `backward=True` the kernel must also implement the backward; a forced backend that has no
+    backward for `op` defers to the "auto" choice (so a forward-only CUDA kernel can still be trained
+    with), one that cannot run raises.
+    """
+    kernels = _KERNELS[op]
+    choice = get_backend()
+    if choice != "auto" and not (backward and (choice not in kernels or kernels[choice].backward is None)):
+        reasons = not_supported_reasons(op, choice, *args, **kwargs)
+        if reasons:
+            raise BackendUnavailableError(
+                f"vitkernels.{op}: backend {choice!r} cannot run these arguments: " + "; ".join(reasons))
+        return kernels[choice]
+    order = PRIORITY.get(op, _DEFAULT_PRIORITY) if _on_cuda(args) else ("reference",)
+    why = []
+    for name in order:
+        kernel = kernels.get(name)
+        if kernel is None or (backward and kernel.backward is None):
+            continue
+        reasons = list(kernel.reasons(*args, **kwargs))
+        if not reasons:
+            return kernel
+        why.append(f"{name}: {'; '.join(reasons)}")
+    raise BackendUnavailableError(f"vitkernels.{op}: no backend can run these arguments ({' | '.join(why)})")

@@ -1,0 +1,1 @@
+"""Benchmark and correctness harness (`vitkernels-bench`): check.py is the correctness sweep."""

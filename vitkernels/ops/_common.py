@@ -1,0 +1,151 @@
+"""Helpers shared by the op files: argument checks, backend capability checks, reference backward."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Head dims the fused attention kernels are built and tested for (the Triton kernels mask any D <= 128).
+FUSED_MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------- argument checks
+# Every message names the op, the argument and what it got, so a user can fix the call site.
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"vitkernels.{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"vitkernels.{op}: {name} must be float32, float16 or bfloat16, got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"vitkernels.{op}: {name} must be {ndim}-D, got {describe(t)}")
+
+
+def check_same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    """All given tensors share ref's dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            raise TypeError(f"vitkernels.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}")
+        if t.device != ref.device:
+            raise ValueError(f"vitkernels.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
+
+
+def check_heads(op: str, name: str, channels: int, num_heads: int, what: str = "C") -> int:
+    """Head dim D = channels / num_heads, with a clear error when it does not divide."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"vitkernels.{op}: num_heads must be a positive int, got {num_heads!r}")
+    if channels % num_heads:
+        raise ValueError(f"vitkernels.{op}: {what} = {channels} (from {name}) is not divisible by num_heads = {num_heads}")
+    return channels // num_heads
+
+
+def check_hw(op: str, x: Tensor, name: str, hw) -> tuple[int, int]:
+    if len(hw) != 2 or any(int(s) < 1 for s in hw):
+        raise ValueError(f"vitkernels.{op}: hw must be (H, W) with H, W >= 1, got {tuple(hw)}")
+    h, w = int(hw[0]), int(hw[1])
+    if x.shape[1] != h * w:
+        raise ValueError(f"vitkernels.{op}: {name} has {x.shape[1]} tokens but hw = ({h}, {w}) needs H*W = {h * w} "
+                         f"({name} {describe(x)})")
+    return h, w
+
+
+def default_scale(scale: Optional[float], head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------- backend capabilities
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reasons(*tensors: Optional[Tensor]) -> list:
+    """Why Triton kernels cannot run on these tensors (device, interpreter, dtype)."""
+    why = []
+    err = _triton_import_error()
+    if err:
+        return [err]
+    ts = [t for t in tensors if t is not None]
+    if any(not t.is_cuda for t in ts):
+        if not triton_interpreting():
+            why.append("tensors are on CPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU)")
+        elif any(t.dtype == torch.bfloat16 for t in ts):
+            why.append("the Triton interpreter computes bfloat16 dots wrongly; use float32/float16 on CPU")
+    if any(t.dtype == torch.float64 for t in ts):
+        why.append("float64 runs on the reference backend only")
+    return why
+
+
+def cuda_reasons(*tensors: Optional[Tensor]) -> list:
+    """Why the compiled CUDA extension cannot run on these tensors."""
+    from .. import _ext
+    ts = [t for t in tensors if t is not None]
+    if any(not t.is_cuda for t in ts):
+        return ["the cuda backend needs CUDA tensors"]
+    if any(t.dtype == torch.float64 for t in ts):
+        return ["float64 runs on the reference backend only"]
+    if any(torch.cuda.get_device_capability(t.device) < (8, 0) for t in ts):
+        return ["the CUDA kernels need compute capability 8.0 (sm_80) or newer"]
+    if _ext.load_cuda_ext() is None:
+        return [f"the CUDA extension is unavailable: {_ext.cuda_ext_unavailable_reason()}"]
+    return []
+
+
+def head_dim_reasons(d: int, limit: int = FUSED_MAX_HEAD_DIM) -> list:
+    return [] if d <= limit else [f"head dim {d} > {limit} is not supported by the fused kernel"]
+
+
+# ----------------------------------------------------------------------------- reference backward
+
+def reference_vjp(fn: Callable, args: Sequence, diff: Sequence[int], grads: Sequence[Optional[Tensor]]) -> list:
+    """Gradients of `fn(*args)` w.r.t. args[i] for i in `diff`, given the output gradients.
+
+    Runs through torch.func.vjp, which works inside a custom op's kernel (plain autograd is disabled
+    there). Returns one entry per index in `diff`: the gradient, or None where that argument is None.
+    """
+    diff = [i for i in diff if args[i] is not None]
+
+    def f(*prim):
+        full = list(args)
+        for i, p in zip(diff, prim):
+            full[i] = p
+        out = fn(*full)
+        return out if isinstance(out, tuple) else (out,)
+
+    outs, vjp = torch.func.vjp(f, *[args[i] for i in diff])
+    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs, grads))
+    # vjp may hand back views of one buffer (e.g. slices of a cat's gradient); a custom op's outputs
+    # must not alias each other or its inputs, so each gradient gets its own memory.
+    got = {i: g.clone(memory_format=torch.contiguous_format) for i, g in zip(diff, vjp(cot))}
+    return [got.get(i) for i in range(len(args))]
+
+
+def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return like.new_empty(0) if t is None else t
+
+
+def fresh(t: Tensor) -> Tensor:
+    """A contiguous result that cannot alias a custom op's inputs (reshapes of empty tensors can)."""
+    t = t.contiguous()
+    return t.clone() if t.numel() == 0 else t

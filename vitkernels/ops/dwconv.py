@@ -1,0 +1,101 @@
+"""vitkernels.dwconv: depthwise k×k conv (zero pad k//2, stride 1) on token layout with a fused activation.
+
+x (B, H·W, C), weight (C, 1, k, k) as nn.Conv2d(C, C, k, groups=C), k odd; activation None, "gelu"
+(exact erf) or "relu". Backends today: "reference". The fused kernels are the PVT/SegFormer issue's work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .. import reference as ref
+from ._common import fresh, check_hw, check_same, check_tensor, describe, empty_if_none, reference_vjp
+from ._library import composite
+
+OP = "dwconv"
+ACTIVATIONS = (None, "gelu", "relu")
+
+
+def validate(x, hw, weight, bias, activation) -> None:
+    check_tensor(OP, "x", x, ndim=3)
+    check_hw(OP, x, "x", hw)
+    check_tensor(OP, "weight", weight, ndim=4)
+    check_same(OP, "x", x, weight=weight)
+    c = x.shape[-1]
+    k = weight.shape[-1]
+    if weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != k or k % 2 == 0:
+        raise ValueError(f"vitkernels.dwconv: weight must be (C, 1, k, k) with C = {c} and k odd, got {describe(weight)}")
+    if bias is not None:
+        check_tensor(OP, "bias", bias, ndim=1)
+        check_same(OP, "x", x, bias=bias)
+        if bias.shape[0] != c:
+            raise ValueError(f"vitkernels.dwconv: bias must be (C,) = ({c},), got {describe(bias)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"vitkernels.dwconv: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@composite(OP)
+def _dwconv(x, hw, weight, bias=None, activation=None):
+    validate(x, hw, weight, bias, activation)
+    return torch.ops.vitkernels._dwconv_fwd(x, list(hw), weight, bias, activation)
+
+
+def dwconv(x: Tensor, hw, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """Depthwise conv on token layout: x (B, H·W, C) -> (B, H·W, C), activation None/"gelu"/"relu" fused."""
+    return torch.ops.vitkernels.dwconv(x, list(hw), weight, bias, activation)
+
+
+@torch.library.custom_op("vitkernels::_dwconv_fwd", mutates_args=())
+def _dwconv_fwd(x: Tensor, hw: list[int], weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    return backends.select(OP, x, hw, weight, bias, activation).forward(x, hw, weight, bias, activation)
+
+
+@_dwconv_fwd.register_fake
+def _(x, hw, weight, bias, activation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("vitkernels::_dwconv_bwd", mutates_args=())
+def _dwconv_bwd(dout: Tensor, x: Tensor, hw: list[int], weight: Tensor, bias: Optional[Tensor],
+                activation: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    kernel = backends.select(OP, x, hw, weight, bias, activation, backward=True)
+    dx, dw, db = kernel.backward(dout, x, hw, weight, bias, activation)
+    return dx.contiguous(), dw.contiguous(), empty_if_none(db, x)
+
+
+@_dwconv_bwd.register_fake
+def _(dout, x, hw, weight, bias, activation):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            x.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, hw, weight, bias, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.hw, ctx.activation = hw, activation
+
+
+def _backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = torch.ops.vitkernels._dwconv_bwd(dout, x, ctx.hw, weight, bias, ctx.activation)
+    return dx, None, dw, (None if bias is None else db), None
+
+
+_dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(x, hw, weight, bias, activation):
+    return fresh(ref.dwconv(x, hw, weight, bias, activation))
+
+
+def _reference_backward(dout, x, hw, weight, bias, activation):
+    f = lambda a, w, b: ref.dwconv(a, hw, w, b, activation)  # noqa: E731
+    dx, dw, db = reference_vjp(f, (x, weight, bias), (0, 1, 2), (dout,))
+    return dx, dw, db
+
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)

@@ -1,0 +1,130 @@
+"""vitkernels.sr_attention: PVT spatial-reduction attention core, q (B, N, C) x kv (B, M, 2C) -> (B, N, C).
+
+The fused path reads q, k, v as strided views of the token-layout projections and writes token
+layout, like self_attention. (A kernel specialised for N ≫ M, with all M keys on chip, is the PVT
+issue's work; today the Triton path is the general FlashAttention kernel.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .. import reference as ref
+from ._common import (fresh, check_heads, check_same, check_tensor, default_scale, head_dim_reasons, reference_vjp,
+                      triton_reasons)
+from ._library import composite
+from .attention import last_dim_contiguous
+from .self_attention import heads_view
+
+OP = "sr_attention"
+
+
+def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
+    check_tensor(OP, "q", q, ndim=3)
+    check_tensor(OP, "kv", kv, ndim=3)
+    check_same(OP, "q", q, kv=kv)
+    if kv.shape[0] != q.shape[0] or kv.shape[-1] != 2 * q.shape[-1]:
+        raise ValueError(f"vitkernels.sr_attention: kv must be (B, M, 2C) = ({q.shape[0]}, M, {2 * q.shape[-1]}) "
+                         f"for q {tuple(q.shape)}, got kv {tuple(kv.shape)}")
+    return check_heads(OP, "q", q.shape[-1], num_heads)
+
+
+@composite(OP)
+def _sr_attention(q, kv, num_heads, scale=None):
+    d = validate(q, kv, num_heads)
+    return torch.ops.vitkernels._sr_attention_fwd(q, kv, num_heads, default_scale(scale, d))[0]
+
+
+def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+    """Queries (B, N, C) of the full-resolution map against keys/values (B, M, 2C) of the reduced map."""
+    return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
+
+
+@torch.library.custom_op("vitkernels::_sr_attention_fwd", mutates_args=())
+def _sr_attention_fwd(q: Tensor, kv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    b, n, c = q.shape
+    if q.numel() == 0 or kv.shape[1] == 0:
+        return q.new_zeros(b, n, c), q.new_full((b, num_heads, n), float("inf"), dtype=torch.float32)
+    return backends.select(OP, q, kv, num_heads).forward(q, kv, num_heads, scale)
+
+
+@_sr_attention_fwd.register_fake
+def _(q, kv, num_heads, scale):
+    b, n, c = q.shape
+    return q.new_empty(b, n, c), q.new_empty(b, num_heads, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkernels::_sr_attention_bwd", mutates_args=())
+def _sr_attention_bwd(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    if q.numel() == 0 or kv.shape[1] == 0:
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
+            kv, memory_format=torch.contiguous_format)
+    kernel = backends.select(OP, q, kv, num_heads, backward=True)
+    dq, dkv = kernel.backward(dout, q, kv, out, lse, num_heads, scale)
+    return dq.contiguous(), dkv.contiguous()
+
+
+@_sr_attention_bwd.register_fake
+def _(dout, q, kv, out, lse, num_heads, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(kv, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, num_heads, scale = inputs
+    ctx.save_for_backward(q, kv, *output)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, kv, out, lse = ctx.saved_tensors
+    dq, dkv = torch.ops.vitkernels._sr_attention_bwd(dout, q, kv, out, lse, ctx.num_heads, ctx.scale)
+    return dq, dkv, None, None
+
+
+_sr_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _reference_forward(q, kv, num_heads, scale):
+    out, lse = ref.sr_attention_with_lse(q, kv, num_heads, scale)
+    return fresh(out), lse
+
+
+def _reference_backward(dout, q, kv, out, lse, num_heads, scale):
+    dq, dkv = reference_vjp(lambda a, b: ref.sr_attention(a, b, num_heads, scale), (q, kv), (0, 1), (dout,))
+    return dq, dkv
+
+
+def _triton_reasons(q, kv, num_heads, *_):
+    return triton_reasons(q, kv) + head_dim_reasons(q.shape[-1] // num_heads)
+
+
+def _triton_forward(q, kv, num_heads, scale):
+    from ..triton import attention as tk
+    q, kv = last_dim_contiguous(q), last_dim_contiguous(kv)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
+    lse = tk.attention_forward(qh, kh, vh, None, scale, heads_view(out, num_heads, 1)[0])
+    return out, lse
+
+
+def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
+    from ..triton import attention as tk
+    q, kv, dout = (last_dim_contiguous(t) for t in (q, kv, dout))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
+    (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
+    (dqh,), (dkh, dvh) = heads_view(dq, num_heads, 1), heads_view(dkv, num_heads, 2)
+    (o,), (do,) = heads_view(out, num_heads, 1), heads_view(dout, num_heads, 1)
+    tk.attention_backward(do, qh, kh, vh, None, o, lse, scale, dqh, dkh, dvh, False)
+    return dq, dkv
+
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)

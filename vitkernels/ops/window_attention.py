@@ -1,0 +1,129 @@
+"""vitkernels.window_attention: Swin W-MSA / SW-MSA on un-shifted, un-partitioned tokens.
+
+qkv (B, H·W, 3C) -> (B, H·W, C); padding, cyclic shift, window partition, relative-position bias and
+shift mask are defined in SPEC.md op 3. Backends today: "reference" (index-gather math, see
+reference/window_attention.py). The fused Triton/CUDA kernels are the Swin issue's work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .. import reference as ref
+from ._common import (fresh, check_heads, check_hw, check_same, check_tensor, default_scale, describe, empty_if_none,
+                      reference_vjp)
+from ._library import composite
+
+OP = "window_attention"
+
+
+def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias) -> int:
+    check_tensor(OP, "qkv", qkv, ndim=3)
+    if qkv.shape[-1] % 3:
+        raise ValueError(f"vitkernels.window_attention: qkv must be (B, H*W, 3C), its last dim {qkv.shape[-1]} "
+                         f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
+    c = qkv.shape[-1] // 3
+    d = check_heads(OP, "qkv", c, num_heads)
+    check_hw(OP, qkv, "qkv", hw)
+    if not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"vitkernels.window_attention: window_size must be an int >= 1, got {window_size!r}")
+    if not isinstance(shift_size, int) or not 0 <= shift_size < window_size:
+        raise ValueError(f"vitkernels.window_attention: shift_size must be an int with 0 <= shift_size < "
+                         f"window_size = {window_size}, got {shift_size!r}")
+    if rel_pos_bias_table is not None:
+        check_tensor(OP, "rel_pos_bias_table", rel_pos_bias_table, ndim=2)
+        check_same(OP, "qkv", qkv, rel_pos_bias_table=rel_pos_bias_table)
+        want = ((2 * window_size - 1) ** 2, num_heads)
+        if tuple(rel_pos_bias_table.shape) != want:
+            raise ValueError(f"vitkernels.window_attention: rel_pos_bias_table must be ((2M-1)^2, heads) = {want}, "
+                             f"got {describe(rel_pos_bias_table)}")
+    if qkv_bias is not None:
+        check_tensor(OP, "qkv_bias", qkv_bias, ndim=1)
+        check_same(OP, "qkv", qkv, qkv_bias=qkv_bias)
+        if qkv_bias.shape[0] != 3 * c:
+            raise ValueError(f"vitkernels.window_attention: qkv_bias must be (3C,) = ({3 * c},), got {describe(qkv_bias)}")
+    return d
+
+
+@composite(OP)
+def _window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
+                      scale=None):
+    d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias)
+    return torch.ops.vitkernels._window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size,
+                                                      rel_pos_bias_table, qkv_bias, default_scale(scale, d))
+
+
+def window_attention(qkv: Tensor, hw, num_heads: int, window_size: int, shift_size: int = 0,
+                     rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Tensor:
+    """Swin (shifted-)window attention. qkv (B, H·W, 3C) is the qkv linear of the un-shifted tokens;
+    returns (B, H·W, C) ready for proj. hw = (H, W); window_size M; 0 <= shift_size < M;
+    rel_pos_bias_table ((2M-1)², heads); qkv_bias (3C,) is the qkv of a padded (zero) token."""
+    return torch.ops.vitkernels.window_attention(qkv, list(hw), num_heads, window_size, shift_size,
+                                                 rel_pos_bias_table, qkv_bias, scale)
+
+
+@torch.library.custom_op("vitkernels::_window_attention_fwd", mutates_args=())
+def _window_attention_fwd(qkv: Tensor, hw: list[int], num_heads: int, window_size: int, shift_size: int,
+                          rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: float) -> Tensor:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale)
+    return backends.select(OP, *args).forward(*args)
+
+
+@_window_attention_fwd.register_fake
+def _(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale):
+    b, n, c3 = qkv.shape
+    return qkv.new_empty(b, n, c3 // 3)
+
+
+@torch.library.custom_op("vitkernels::_window_attention_bwd", mutates_args=())
+def _window_attention_bwd(dout: Tensor, qkv: Tensor, hw: list[int], num_heads: int, window_size: int,
+                          shift_size: int, rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor],
+                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale)
+    dqkv, dtable, dbias = backends.select(OP, *args, backward=True).backward(dout, *args)
+    return dqkv.contiguous(), empty_if_none(dtable, qkv), empty_if_none(dbias, qkv)
+
+
+@_window_attention_bwd.register_fake
+def _(dout, qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale):
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            qkv.new_empty(0) if rel_pos_bias_table is None else torch.empty_like(rel_pos_bias_table),
+            qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale = inputs
+    ctx.save_for_backward(qkv, table, qkv_bias)
+    ctx.config = (hw, num_heads, window_size, shift_size)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout):
+    qkv, table, qkv_bias = ctx.saved_tensors
+    hw, num_heads, window_size, shift_size = ctx.config
+    dqkv, dtable, dbias = torch.ops.vitkernels._window_attention_bwd(
+        dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, ctx.scale)
+    return (dqkv, None, None, None, None, None if table is None else dtable, None if qkv_bias is None else dbias,
+            None)
+
+
+_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _reference_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    return fresh(ref.window_attention(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale))
+
+
+def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    def f(x, t, bias):
+        return ref.window_attention(x, hw, num_heads, window_size, shift_size, t, bias, scale)
+    return tuple(reference_vjp(f, (qkv, table, qkv_bias), (0, 1, 2), (dout,)))
+
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)

@@ -1,0 +1,93 @@
+"""vitkernels.xca: XCiT cross-covariance attention, qkv (B, N, 3C) x temperature (heads, 1, 1) -> (B, N, C).
+
+Per head, with q, k, v as (D, N): q̂ = q / max(‖q‖₂ over N, 1e-12), same for k;
+A = softmax_row(τ_h · q̂ · k̂ᵀ) (D×D, no D^-1/2); out[n, h·D+i] = Σ_j A[i,j]·v[j,n].
+Backends today: "reference".
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .. import reference as ref
+from ._common import fresh, check_heads, check_same, check_tensor, describe, reference_vjp
+from ._library import composite
+
+OP = "xca"
+
+
+def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
+    check_tensor(OP, "qkv", qkv, ndim=3)
+    if qkv.shape[-1] % 3:
+        raise ValueError(f"vitkernels.xca: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} is not divisible "
+                         f"by 3 (qkv shape {tuple(qkv.shape)})")
+    d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads)
+    check_tensor(OP, "temperature", temperature)
+    check_same(OP, "qkv", qkv, temperature=temperature)
+    if tuple(temperature.shape) not in ((num_heads, 1, 1), (num_heads,)):
+        raise ValueError(f"vitkernels.xca: temperature must be (heads, 1, 1) or (heads,) with heads = {num_heads}, "
+                         f"got {describe(temperature)}")
+    return d
+
+
+@composite(OP)
+def _xca(qkv, num_heads, temperature):
+    validate(qkv, num_heads, temperature)
+    return torch.ops.vitkernels._xca_fwd(qkv, num_heads, temperature)
+
+
+def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
+    """XCiT cross-covariance attention on the packed qkv projection (B, N, 3C) -> (B, N, C)."""
+    return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
+
+
+@torch.library.custom_op("vitkernels::_xca_fwd", mutates_args=())
+def _xca_fwd(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
+    return backends.select(OP, qkv, num_heads, temperature).forward(qkv, num_heads, temperature)
+
+
+@_xca_fwd.register_fake
+def _(qkv, num_heads, temperature):
+    b, n, c3 = qkv.shape
+    return qkv.new_empty(b, n, c3 // 3)
+
+
+@torch.library.custom_op("vitkernels::_xca_bwd", mutates_args=())
+def _xca_bwd(dout: Tensor, qkv: Tensor, num_heads: int, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    kernel = backends.select(OP, qkv, num_heads, temperature, backward=True)
+    dqkv, dtemp = kernel.backward(dout, qkv, num_heads, temperature)
+    return dqkv.contiguous(), dtemp.contiguous()
+
+
+@_xca_bwd.register_fake
+def _(dout, qkv, num_heads, temperature):
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            torch.empty_like(temperature, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, temperature = inputs
+    ctx.save_for_backward(qkv, temperature)
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, dout):
+    qkv, temperature = ctx.saved_tensors
+    dqkv, dtemp = torch.ops.vitkernels._xca_bwd(dout, qkv, ctx.num_heads, temperature)
+    return dqkv, None, dtemp
+
+
+_xca_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(qkv, num_heads, temperature):
+    return fresh(ref.xca(qkv, num_heads, temperature))
+
+
+def _reference_backward(dout, qkv, num_heads, temperature):
+    dqkv, dtemp = reference_vjp(lambda x, t: ref.xca(x, num_heads, t), (qkv, temperature), (0, 1), (dout,))
+    return dqkv, dtemp
+
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)

@@ -1,0 +1,39 @@
+"""Divided space-time attention (TimeSformer / ViViT) on the packed (B, S·T, 3C) projection."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .attention import attention_with_lse
+
+
+def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
+                         layout: str = "st", scale: Optional[float] = None):
+    """Returns (out (B, S·T, C), cls_out (B, T, C) or None)."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // num_heads
+    t = frames
+    s = n // t
+    if layout == "st":  # token s·T + t
+        x = qkv.reshape(b, s, t, 3, num_heads, d)
+    else:  # "ts": token t·S + s
+        x = qkv.reshape(b, t, s, 3, num_heads, d).transpose(1, 2)
+    # x: (B, S, T, 3, heads, D)
+    cls_out = None
+    if axis == "time":
+        q, k, v = x.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, S, heads, T, D): sequences over frames
+        out = attention_with_lse(q, k, v, None, scale)[0].permute(0, 1, 3, 2, 4)  # (B, S, T, heads, D)
+    else:
+        q, k, v = x.permute(3, 0, 2, 4, 1, 5).unbind(0)  # (B, T, heads, S, D): sequences over a frame
+        if cls_qkv is not None:
+            cls = cls_qkv.reshape(b, 1, 3, num_heads, 1, d).expand(b, t, 3, num_heads, 1, d)
+            q, k, v = (torch.cat([cls[:, :, i], x_], dim=-2) for i, x_ in enumerate((q, k, v)))
+        out = attention_with_lse(q, k, v, None, scale)[0]  # (B, T, heads, [1+]S, D)
+        if cls_qkv is not None:
+            cls_out = out[:, :, :, 0].reshape(b, t, c)
+            out = out[:, :, :, 1:]
+        out = out.permute(0, 3, 1, 2, 4)  # (B, S, T, heads, D)
+    if layout == "ts":
+        out = out.transpose(1, 2)
+    return out.reshape(b, n, c), cls_out
