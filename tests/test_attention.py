@@ -43,10 +43,13 @@ def check_against_oracle(fn_vk, fn_eager, inputs, backend, dtype, device):
         assert_within(f"{backend} {dtype} {name}", f, e, o, dtype)
 
 
-def backends_here():
-    """(backend, dtype, device) triples that can run on this machine."""
+def backends_here(cuda_kernel: bool = True):
+    """(backend, dtype, device) triples that can run on this machine; GPU ones carry the gpu mark.
+    The "cuda" backend runs the CUDA C++ forward; its backward defers to the auto choice (Triton)."""
     if torch.cuda.is_available():
-        return [("triton", dt, "cuda") for dt in (torch.float16, torch.bfloat16, torch.float32)]
+        names = ("triton", "cuda") if cuda_kernel else ("triton",)
+        return [pytest.param(b, dt, "cuda", marks=pytest.mark.gpu)
+                for b in names for dt in (torch.float16, torch.bfloat16, torch.float32)]
     return [("triton", torch.float32, "cpu"), ("triton", torch.float16, "cpu")]
 
 
@@ -101,7 +104,7 @@ def test_self_attention(backend, dtype, device, n, heads, d):
     check_against_oracle(lambda x: vk.self_attention(x, heads), eager, [qkv], backend, dtype, device)
 
 
-@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False))
 @pytest.mark.parametrize("n,m,heads,d", [(70, 7, 1, 32), (64, 16, 2, 64)])
 def test_sr_attention(backend, dtype, device, n, m, heads, d):
     q, kv = torch.randn(2, n, heads * d), torch.randn(2, m, 2 * heads * d)
@@ -140,3 +143,25 @@ def test_output_not_poisoned(backend, dtype, device):
             filler = torch.full((1 << 16,), float("nan"), device=device, dtype=dtype)
             del filler
             assert torch.isfinite(vk.attention(q, q, q)).all()
+
+
+REAL_SHAPES = [  # B, H, Nq, Nk, D from real models
+    (4, 12, 197, 197, 64),  # ViT-B/16 at 224
+    (1, 12, 577, 577, 64),  # ViT-B/16 at 384
+    (2, 1, 3136, 49, 64),   # PVTv2-b2 stage 1 (sr)
+    (8, 3, 49, 49, 32),     # Swin-T window
+    (1, 16, 50, 50, 80),    # odd head dims
+    (1, 8, 144, 144, 96),
+    (1, 6, 300, 300, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", REAL_SHAPES)
+def test_attention_real_shapes_gpu(backend, dtype, shape):
+    b, h, nq, nk, d = shape
+    inputs = [torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d), torch.randn(1, h, nq, nk)]
+    check_against_oracle(lambda q, k, v, bias: vk.attention(q, k, v, bias), eager_attention, inputs, backend, dtype,
+                         "cuda")
