@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from tolerance import assert_within
 
 import vitkernels as vk
-from tolerance import assert_within
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

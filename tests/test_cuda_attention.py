@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from tolerance import FLOOR, assert_within
 
 pytestmark = pytest.mark.gpu

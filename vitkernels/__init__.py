@@ -4,8 +4,7 @@ Every op is a `torch.ops.vitkernels.<name>` custom op (fake kernel, autograd, to
 torch.export ready) with the same name here. See SPEC.md / docs/ for the exact semantics.
 """
 from .backends import BackendUnavailableError, get_backend, not_supported_reasons, set_backend, use_backend
-from .ops import (attention, dwconv, mix_ffn, self_attention, space_time_attention, sr_attention, window_attention,
-                  xca)
+from .ops import attention, dwconv, mix_ffn, self_attention, space_time_attention, sr_attention, window_attention, xca
 
 __version__ = "0.1.0"
 

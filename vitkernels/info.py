@@ -18,6 +18,7 @@ def report() -> str:
     import torch
 
     import vitkernels
+
     from . import _ext, backends
     from ._samples import samples
 

@@ -27,7 +27,7 @@ def _run(fn, args):
     cot = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
     leaves = [a for a in args if isinstance(a, torch.Tensor)]
     grads = torch.autograd.grad(outs, leaves, cot, allow_unused=True)
-    return [o.detach() for o in outs] + [torch.zeros_like(l) if d is None else d for l, d in zip(leaves, grads)]
+    return [o.detach() for o in outs] + [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
 
 
 def _err(x, oracle):

@@ -16,8 +16,16 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (check_same, check_tensor, cuda_reasons, default_scale, describe, head_dim_reasons,
-                      reference_vjp, triton_reasons)
+from ._common import (
+    check_same,
+    check_tensor,
+    cuda_reasons,
+    default_scale,
+    describe,
+    head_dim_reasons,
+    reference_vjp,
+    triton_reasons,
+)
 from ._library import composite
 
 OP = "attention"

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import fresh, check_hw, check_same, check_tensor, describe, empty_if_none, reference_vjp
+from ._common import check_hw, check_same, check_tensor, describe, empty_if_none, fresh, reference_vjp
 from ._library import composite
 
 OP = "dwconv"

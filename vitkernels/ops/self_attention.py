@@ -13,8 +13,16 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (fresh, check_heads, check_tensor, cuda_reasons, default_scale, head_dim_reasons, reference_vjp,
-                      triton_reasons)
+from ._common import (
+    check_heads,
+    check_tensor,
+    cuda_reasons,
+    default_scale,
+    fresh,
+    head_dim_reasons,
+    reference_vjp,
+    triton_reasons,
+)
 from ._library import composite
 from .attention import cuda_head_dim_reasons, last_dim_contiguous
 

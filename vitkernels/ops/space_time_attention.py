@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import fresh, check_heads, check_same, check_tensor, default_scale, describe, empty_if_none, reference_vjp
+from ._common import check_heads, check_same, check_tensor, default_scale, describe, empty_if_none, fresh, reference_vjp
 from ._library import composite
 
 OP = "space_time_attention"

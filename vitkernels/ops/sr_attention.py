@@ -13,8 +13,16 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (fresh, check_heads, check_same, check_tensor, default_scale, head_dim_reasons, reference_vjp,
-                      triton_reasons)
+from ._common import (
+    check_heads,
+    check_same,
+    check_tensor,
+    default_scale,
+    fresh,
+    head_dim_reasons,
+    reference_vjp,
+    triton_reasons,
+)
 from ._library import composite
 from .attention import last_dim_contiguous
 from .self_attention import heads_view

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import fresh, check_heads, check_same, check_tensor, describe, reference_vjp
+from ._common import check_heads, check_same, check_tensor, describe, fresh, reference_vjp
 from ._library import composite
 
 OP = "xca"

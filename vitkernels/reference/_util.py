@@ -1,5 +1,4 @@
 import torch
-from torch import Tensor
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

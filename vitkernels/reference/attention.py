@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._util import compute_dtype, up
+from ._util import compute_dtype
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
