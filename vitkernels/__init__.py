@@ -10,11 +10,20 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention",
            "dwconv", "mix_ffn", "set_backend", "get_backend", "use_backend", "not_supported_reasons",
-           "BackendUnavailableError", "HAS_CUDA_EXT", "__version__"]
+           "BackendUnavailableError", "HAS_CUDA_EXT", "patch_timm", "__version__"]
+
+
+def patch_timm(model):
+    """Swap, in place, the attention modules of a timm model for fused ones; returns the model."""
+    from .integrations.timm import patch_timm as _patch
+    return _patch(model)
 
 
 def __getattr__(name):
-    # HAS_CUDA_EXT is computed on first access: no extension load or device query at import time.
+    # Computed on first access: no extension load or device query at import time.
+    if name == "models":
+        import importlib
+        return importlib.import_module(".models", __name__)
     if name == "HAS_CUDA_EXT":
         from . import _ext
         return _ext.load_cuda_ext() is not None

@@ -1,0 +1,43 @@
+"""Reference models built on the vitkernels ops, with timm parameter names (strict state_dict loading).
+
+    model = vitkernels.models.create_model("vit_base_patch16_224")
+    model.load_state_dict(timm_model.state_dict(), strict=True)
+
+Families so far: ViT/DeiT (`vit.py`). Swin, PVTv2, SegFormer, XCiT, TimeSformer and ViViT follow.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> torch.nn.Module:
+    """Build model `name` (timm-style name). Weights cannot be downloaded by this package: pass a
+    local `checkpoint_path` (a timm state_dict saved with torch.save) or load one yourself."""
+    if name not in _REGISTRY:
+        raise ValueError(f"vitkernels.models: unknown model {name!r}; available: {list_models()}")
+    if pretrained and checkpoint_path is None:
+        raise ValueError("vitkernels.models: pretrained=True needs checkpoint_path= (a local timm state_dict); "
+                         "this package does not download weights")
+    model = _REGISTRY[name](**kwargs)
+    if checkpoint_path is not None:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=True)
+    return model
+
+
+from . import vit  # noqa: E402,F401  (registers the ViT models)
+
+__all__ = ["create_model", "list_models", "register_model"]
