@@ -28,13 +28,16 @@ backward's exp2(s - lse) = 0 gives exactly zero (finite) gradients for it.
 
 Cost
 ----
-    forward  FLOPs = 4·B·H·Nq·Nk·D    (two matmuls, QKᵀ and PV)
-    backward FLOPs ≈ 10·B·H·Nq·Nk·D   (QKᵀ recomputed twice, dPᵀ/dP twice counted once each in
-                                        the two kernels, dV, dK, dQ) → ≈ 2.5× forward
-    HBM bytes (forward) ≈ (2·Nq + 2·Nk)·D·B·H·itemsize (+ Nq·Nk·itemsize per bias head-plane
-    when a bias is given); no Nq×Nk tensor is ever written.
-H100 SXM dense fp16/bf16 peak is ~989 TFLOP/s; for ViT-B (N=197, D=64) the op is short and
-latency/occupancy bound, for N ≥ 1024 it is compute (softmax-exp) bound as in FA2.
+    forward  FLOPs = 4·B·H·Nq·Nk·D      (two matmuls, QKᵀ and PV)
+    backward FLOPs = 10·B·H·Nq·Nk·D     (FA2 convention: 5 matmuls QKᵀ, dV, dP, dK, dQ → 2.5× fwd)
+    This implementation executes 14·B·H·Nq·Nk·D in the backward (3.5× fwd) because the separate
+    dQ kernel recomputes QKᵀ and dP instead of using atomics on dQ; ``attention_flops`` reports
+    the conventional count, so achieved TFLOP/s compare with FA2 / SDPA numbers.
+    HBM bytes (forward) ≈ B·H·(2·Nq + 2·Nk)·D·itemsize (+ the bias tiles read, once per query
+    block column sweep); no Nq×Nk tensor is ever written.
+H100 SXM dense fp16/bf16 tensor peak ≈ 989 TFLOP/s, HBM3 ≈ 3.35 TB/s. ViT-B (N = 197, D = 64)
+is short and launch/occupancy bound; N ≥ 1024 (Swin-free ViT at 384+, SegFormer) is compute
+(matmul + exp) bound as in FA2.
 
 Design
 ------
@@ -54,50 +57,49 @@ Design
   fp32 ``tl.atomic_add`` (broadcast batch/head axes are summed by the atomics across programs).
 * Any strides: every tensor is addressed by (b, h, row) strides with the last dim contiguous.
   q/k/v may be slices of a packed (B, N, 3, H, D) projection and out / dq / dk / dv permuted
-  views of (B, N, C) or (B, N, 3C) buffers, so the ops layer never copies. Batch and head
-  offsets are computed in int64; per-row offsets of the resident tiles are int64 too, the
-  streamed tiles advance their pointers incrementally.
+  views of (B, N, C) or (B, N, 3C) buffers, so the ops layer never copies. A tile's origin
+  (batch, head, first row) is a scalar pointer computed in int64; the tile is addressed with
+  small int32 offsets, and streamed tiles advance the scalar pointer. Carrying 2-D pointer
+  tensors / int64 offset tiles through the loop instead doubled register use and spilled
+  (checked by compiling for sm_90 with ptxas and reading the register/stack usage).
 * Matmul precision: fp16/bf16 operands go to tensor cores with fp32 accumulation (P and dS are
   rounded to the input dtype before their matmul, as in FA2). fp32 operands use
   ``input_precision="ieee"`` (exact fp32, CUDA cores, slower) unless the user allowed TF32 for
   matmuls in PyTorch (``torch.backends.cuda.matmul.fp32_precision == "tf32"`` /
   ``allow_tf32``), in which case "tf32" — the same precision eager fp32 matmuls would use.
 * Tuning: on a GPU each kernel is ``triton.autotune``d over a handful of BLOCK_M/BLOCK_N/
-  num_warps/num_stages configs keyed on (Nq, Nk, BLOCK_D, HAS_BIAS) plus the tensor dtypes;
-  configs with blocks much larger than the sequence are pruned. Under ``TRITON_INTERPRET=1``
-  (CPU tensors) one small fixed config is used so CPU tests are fast. ``EVEN_M``/``EVEN_N``
-  heuristics drop all row masks when the sequence length is a multiple of the block.
+  num_warps/num_stages configs (a 16-bit list and a small-tile fp32 list) keyed on
+  (Nq, Nk, BLOCK_D, HAS_BIAS, PRECISION) plus the tensor dtypes; configs with blocks much larger
+  than the sequence are pruned, and the dQ tuner restores the atomically accumulated dbias
+  buffer after every benchmark run. The first call per key benchmarks (do it before CUDA-graph
+  capture). Under ``TRITON_INTERPRET=1`` one small fixed config (``INTERPRET_BLOCKS``) is used so
+  CPU tests are fast. ``EVEN_M``/``EVEN_N`` heuristics drop all row masks when the sequence
+  length is a multiple of the block.
 * Forward is deterministic; kernels launch on the current stream (Triton's default).
 
-Notes (per-version measurements go in docs/ once measured on a GPU):
-* v1: this file. Not yet measured on H100/H200.
+Notes (per-version GPU measurements go in docs/ once measured on an H100/H200):
+* v1 (this file), not yet timed on a GPU. Compiled offline for sm_80/sm_90 (fp16, bf16, fp32):
+  with 16-bit inputs most configs fit in 125-255 registers/thread without spills at D ≤ 128
+  (bias + dbias + ragged tails included); a few large tiles (4-warp 128-row, 64×128 backward)
+  spill a little at D = 128 and should lose the autotuning. fp32 with
+  "ieee" precision spills at every tile size (Triton's FMA dot lowering); it is a correctness
+  path, not a fast one — use bf16/fp16, or allow TF32.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "attention_backward", "attention_flops", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "attention_backward", "attention_flops", "attention_forward"]
 
 MAX_HEAD_DIM = 128
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
-
-def _interpret_mode() -> bool:
-    """True when Triton kernels are interpreted (set TRITON_INTERPRET=1 before importing triton)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except Exception:  # pragma: no cover - older triton
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Fixed block sizes used under the interpreter (CPU); tests may monkeypatch this dict to exercise
@@ -149,30 +151,44 @@ def _load_1d(ptrs, ok, other, MASK: tl.constexpr):
     return x
 
 
+@triton.jit
+def _store_1d(ptrs, x, ok, MASK: tl.constexpr):
+    if MASK:
+        tl.store(ptrs, x, mask=ok)
+    else:
+        tl.store(ptrs, x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
+# Addressing convention used by every kernel: a scalar base pointer is computed in int64 for the
+# tile's origin (batch, head, first row), and the tile itself is addressed with small int32
+# offsets (row * stride + col). Streamed tiles advance the scalar base; no 2-D pointer tensor or
+# int64 vector is carried through a loop (that costs registers and caused spills).
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, b_ptrs, n_ok, m_ok, d_ok, qk_scale,
-              HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr, MASK_M: tl.constexpr,
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
+              stride_kn, stride_vn, stride_bm, stride_bn, m_ok, n_ok, d_ok, qk_scale,
+              HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
               MASK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax. Scores are kept in base 2 (×log2 e)."""
-    k = _load_2d(k_ptrs, n_ok, d_ok, MASK_N, MASK_D)
+    """One key block of the online softmax; scores are kept in base 2 (× log2 e)."""
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        bias = _load_2d(b_ptrs, m_ok, n_ok, MASK_M, MASK_N)
+        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                        m_ok, n_ok, MASK_M, MASK_N)
         s += bias.to(tl.float32) * 1.4426950408889634
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Fully -inf row so far: subtract 0 instead of -inf so exp2 sees -inf, never NaN.
+    # A row that is fully -inf so far subtracts 0 instead of -inf: exp2 sees -inf, never NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_2d(v_ptrs, n_ok, d_ok, MASK_N, MASK_D)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
@@ -192,59 +208,55 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    row0 = start_m.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m64 = offs_m.to(tl.int64)
-    m_ok = offs_m < Nq
+    m_ok = start_m + offs_m < Nq
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :]
-    q = _load_2d(q_ptrs, m_ok, d_ok, not EVEN_M, MASK_D)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if HAS_BIAS:
-        b_ptrs = (Bias + b * stride_bb + h * stride_bh + offs_m64[:, None] * stride_bm
-                  + offs_n[None, :] * stride_bn)
-    else:
-        b_ptrs = Bias
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    b_base = Bias + b * stride_bb + h * stride_bh + row0 * stride_bm
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
+    # Full key blocks without masks, then the ragged tail (if any) with out-of-range keys at -inf.
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, b_ptrs, offs_n < Nk, m_ok,
-                                  d_ok, qk_scale, HAS_BIAS, False, not EVEN_M, MASK_D, PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if HAS_BIAS:
-            b_ptrs += BLOCK_N * stride_bn
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
+                                  stride_kn, stride_vn, stride_bm, stride_bn, m_ok, offs_n < Nk,
+                                  d_ok, qk_scale, HAS_BIAS, not EVEN_M, False, MASK_D, PRECISION)
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+        b_base += BLOCK_N * stride_bn
     if not EVEN_N:
-        n_ok = (n_full + offs_n) < Nk
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, b_ptrs, n_ok, m_ok,
-                                  d_ok, qk_scale, HAS_BIAS, True, not EVEN_M, MASK_D, PRECISION)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
+                                  stride_kn, stride_vn, stride_bm, stride_bn, m_ok,
+                                  n_full + offs_n < Nk, d_ok, qk_scale, HAS_BIAS, not EVEN_M, True,
+                                  MASK_D, PRECISION)
 
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # every score -inf: out = 0, lse = +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"),
+                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :]
-    _store_2d(o_ptrs, out.to(Out.dtype.element_ty), m_ok, d_ok, not EVEN_M, MASK_D)
-    lse_ptrs = Lse + bh.to(tl.int64) * Nq + offs_m
-    if EVEN_M:
-        tl.store(lse_ptrs, lse)
-    else:
-        tl.store(lse_ptrs, lse, mask=m_ok)
+    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
+    _store_2d(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+              m_ok, d_ok, not EVEN_M, MASK_D)
+    _store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,31 +279,35 @@ def _attn_bwd_preprocess(
     start_m = (pid % num_m) * BLOCK_M
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
+    row0 = start_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Nq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
-                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    tl.store(Delta + bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+    m_ok = start_m + offs_m < Nq
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * Nq + row0 + offs_m, delta, mask=m_ok)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, bT_ptrs, lse_ptrs, delta_ptrs, m_ok, n_ok, d_ok,
-               qk_scale, HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m, offs_n,
+               offs_d, stride_qm, stride_dom, stride_bm, stride_bn, m_ok, n_ok, d_ok, qk_scale,
+               HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
                MASK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block for a resident key block; works on transposed (key, query) tiles."""
-    q = _load_2d(q_ptrs, m_ok, d_ok, MASK_M, MASK_D)
-    do = _load_2d(do_ptrs, m_ok, d_ok, MASK_M, MASK_D)
-    # Out-of-range query rows get lse = +inf → p = 0, so they add nothing.
-    lse2 = _load_1d(lse_ptrs, m_ok, float("inf"), MASK_M) * 1.4426950408889634
-    delta = _load_1d(delta_ptrs, m_ok, 0.0, MASK_M)
+    """One query block against the resident key block, on transposed (key, query) tiles."""
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M,
+                  MASK_D)
+    # Out-of-range query rows read lse = +inf, so p = 0 and they add nothing.
+    lse2 = _load_1d(lse_base + offs_m, m_ok, float("inf"), MASK_M) * 1.4426950408889634
+    delta = _load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        biasT = _load_2d(bT_ptrs, n_ok, m_ok, MASK_N, MASK_M)
+        biasT = _load_2d(bT_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm,
+                         n_ok, m_ok, MASK_N, MASK_M)
         sT += biasT.to(tl.float32) * 1.4426950408889634
     pT = tl.math.exp2(sT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -317,72 +333,74 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
     num_n = tl.cdiv(Nk, BLOCK_N)
     bh = pid // num_n
     start_n = (pid % num_n) * BLOCK_N
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    col0 = start_n.to(tl.int64)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_n64 = offs_n.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < Nk
+    n_ok = start_n + offs_n < Nk
     d_ok = offs_d < HEAD_DIM
 
-    k = _load_2d(K + b * stride_kb + h * stride_kh + offs_n64[:, None] * stride_kn + offs_d[None, :],
-                 n_ok, d_ok, not EVEN_N, MASK_D)
-    v = _load_2d(V + b * stride_vb + h * stride_vh + offs_n64[:, None] * stride_vn + offs_d[None, :],
-                 n_ok, d_ok, not EVEN_N, MASK_D)
+    k_base = K + b * stride_kb + h * stride_kh + col0 * stride_kn
+    v_base = V + b * stride_vb + h * stride_vh + col0 * stride_vn
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
-    lse_ptrs = Lse + bh.to(tl.int64) * Nq + offs_m
-    delta_ptrs = Delta + bh.to(tl.int64) * Nq + offs_m
-    if HAS_BIAS:
-        bT_ptrs = (Bias + b * stride_bb + h * stride_bh + offs_n64[:, None] * stride_bn
-                   + offs_m[None, :] * stride_bm)
-    else:
-        bT_ptrs = Bias
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = Lse + bh.to(tl.int64) * Nq
+    delta_base = Delta + bh.to(tl.int64) * Nq
+    bT_base = Bias + b * stride_bb + h * stride_bh + col0 * stride_bn
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = (Nq // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, bT_ptrs, lse_ptrs, delta_ptrs,
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m,
+                            offs_n, offs_d, stride_qm, stride_dom, stride_bm, stride_bn,
                             offs_m < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, False, not EVEN_N,
                             MASK_D, PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-        lse_ptrs += BLOCK_M
-        delta_ptrs += BLOCK_M
-        if HAS_BIAS:
-            bT_ptrs += BLOCK_M * stride_bm
+        q_base += BLOCK_M * stride_qm
+        do_base += BLOCK_M * stride_dom
+        lse_base += BLOCK_M
+        delta_base += BLOCK_M
+        bT_base += BLOCK_M * stride_bm
     if not EVEN_M:
-        dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, bT_ptrs, lse_ptrs, delta_ptrs,
-                            (m_full + offs_m) < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, True,
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m,
+                            offs_n, offs_d, stride_qm, stride_dom, stride_bm, stride_bn,
+                            m_full + offs_m < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, True,
                             not EVEN_N, MASK_D, PRECISION)
 
     dk = dk * scale
-    _store_2d(DK + b * stride_dkb + h * stride_dkh + offs_n64[:, None] * stride_dkn + offs_d[None, :],
-              dk.to(DK.dtype.element_ty), n_ok, d_ok, not EVEN_N, MASK_D)
-    _store_2d(DV + b * stride_dvb + h * stride_dvh + offs_n64[:, None] * stride_dvn + offs_d[None, :],
-              dv.to(DV.dtype.element_ty), n_ok, d_ok, not EVEN_N, MASK_D)
+    dk_base = DK + b * stride_dkb + h * stride_dkh + col0 * stride_dkn
+    dv_base = DV + b * stride_dvb + h * stride_dvh + col0 * stride_dvn
+    _store_2d(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+              n_ok, d_ok, not EVEN_N, MASK_D)
+    _store_2d(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+              n_ok, d_ok, not EVEN_N, MASK_D)
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, db_ptrs, m_ok, n_ok, d_ok, qk_scale,
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n, offs_d,
+             stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
+             m_ok, n_ok, d_ok, qk_scale,
              HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr, DB_SUM_M: tl.constexpr,
              DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr, MASK_M: tl.constexpr,
              MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block for a resident query block; optionally emits dS into dbias."""
-    k = _load_2d(k_ptrs, n_ok, d_ok, MASK_N, MASK_D)
-    v = _load_2d(v_ptrs, n_ok, d_ok, MASK_N, MASK_D)
+    """One key block against the resident query block; optionally emits dS into dbias."""
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        bias = _load_2d(b_ptrs, m_ok, n_ok, MASK_M, MASK_N)
+        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                        m_ok, n_ok, MASK_M, MASK_N)
         s += bias.to(tl.float32) * 1.4426950408889634
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -391,17 +409,18 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, db_ptrs, m_ok, n_ok
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     if DBIAS:
-        # ds is exactly 0 on out-of-range rows (lse=+inf) and keys (s=-inf), so the
-        # in-register reductions over broadcast axes need no extra masking.
+        # ds is exactly 0 on out-of-range rows (lse = +inf) and keys (s = -inf), so reducing the
+        # tile over broadcast axes needs no extra masking.
         if DB_SUM_M:
             if DB_SUM_N:
-                tl.atomic_add(db_ptrs, tl.sum(tl.sum(ds, 1), 0))
+                tl.atomic_add(db_base, tl.sum(tl.sum(ds, 1), 0))
             else:
-                tl.atomic_add(db_ptrs, tl.sum(ds, 0), mask=n_ok)
+                tl.atomic_add(db_base + offs_n * stride_dbn, tl.sum(ds, 0), mask=n_ok)
         else:
             if DB_SUM_N:
-                tl.atomic_add(db_ptrs, tl.sum(ds, 1), mask=m_ok)
+                tl.atomic_add(db_base + offs_m * stride_dbm, tl.sum(ds, 1), mask=m_ok)
             else:
+                db_ptrs = db_base + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn
                 if DB_ATOMIC:
                     tl.atomic_add(db_ptrs, ds, mask=m_ok[:, None] & n_ok[None, :])
                 else:
@@ -426,72 +445,56 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    row0 = start_m.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Nq
+    m_ok = start_m + offs_m < Nq
     d_ok = offs_d < HEAD_DIM
 
-    q = _load_2d(Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :],
-                 m_ok, d_ok, not EVEN_M, MASK_D)
-    do = _load_2d(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
-                  + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-    row = bh.to(tl.int64) * Nq + offs_m
-    lse2 = _load_1d(Lse + row, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
-    delta = _load_1d(Delta + row, m_ok, 0.0, not EVEN_M)
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M,
+                  MASK_D)
+    row_base = bh.to(tl.int64) * Nq + row0
+    lse2 = _load_1d(Lse + row_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
+    delta = _load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if HAS_BIAS:
-        b_ptrs = (Bias + b * stride_bb + h * stride_bh + offs_m64[:, None] * stride_bm
-                  + offs_n[None, :] * stride_bn)
-    else:
-        b_ptrs = Bias
-    if DBIAS:
-        db_base = DBias + b * stride_dbb + h * stride_dbh
-        if DB_SUM_M:
-            if DB_SUM_N:
-                db_ptrs = db_base
-            else:
-                db_ptrs = db_base + offs_n * stride_dbn
-        else:
-            if DB_SUM_N:
-                db_ptrs = db_base + offs_m64 * stride_dbm
-            else:
-                db_ptrs = db_base + offs_m64[:, None] * stride_dbm + offs_n[None, :] * stride_dbn
-    else:
-        db_ptrs = DBias
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    b_base = Bias + b * stride_bb + h * stride_bh + row0 * stride_bm
+    db_base = DBias + b * stride_dbb + h * stride_dbh + row0 * stride_dbm
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, db_ptrs, m_ok, offs_n < Nk,
-                      d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
-                      not EVEN_M, False, MASK_D, PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if HAS_BIAS:
-            b_ptrs += BLOCK_N * stride_bn
-        if DBIAS:
-            if not DB_SUM_N:
-                db_ptrs += BLOCK_N * stride_dbn
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n,
+                      offs_d, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
+                      m_ok, offs_n < Nk, d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
+                      DB_ATOMIC, not EVEN_M, False, MASK_D, PRECISION)
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+        b_base += BLOCK_N * stride_bn
+        db_base += BLOCK_N * stride_dbn
     if not EVEN_N:
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, db_ptrs, m_ok,
-                      (n_full + offs_n) < Nk, d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M,
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n,
+                      offs_d, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
+                      m_ok, n_full + offs_n < Nk, d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M,
                       DB_SUM_N, DB_ATOMIC, not EVEN_M, True, MASK_D, PRECISION)
 
     dq = dq * scale
-    _store_2d(DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm + offs_d[None, :],
-              dq.to(DQ.dtype.element_ty), m_ok, d_ok, not EVEN_M, MASK_D)
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm
+    _store_2d(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+              m_ok, d_ok, not EVEN_M, MASK_D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,8 +524,11 @@ def _cfgs(shapes):
             for (m, n, w, s) in shapes]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit inputs: tensor-core tiles. Picked so that none
+# spills at D <= 128 on sm_90 with 8 warps (checked with ptxas); the 4-warp 128-row tiles are kept
+# for small D, where they fit.
 _FWD_CONFIGS = _cfgs([
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
     (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2),
 ])
 _DKDV_CONFIGS = _cfgs([  # BLOCK_N = resident key block, BLOCK_M = streamed query block
@@ -530,24 +536,39 @@ _DKDV_CONFIGS = _cfgs([  # BLOCK_N = resident key block, BLOCK_M = streamed quer
     (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2),
 ])
 _DQ_CONFIGS = _cfgs([  # BLOCK_M = resident query block, BLOCK_N = streamed key block
-    (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-    (64, 32, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2),
+    (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+    (64, 16, 4, 2), (32, 32, 4, 2),
 ])
-_KEY = ["Nq", "Nk", "BLOCK_D", "HAS_BIAS"]
+# fp32 operands: exact-fp32 ("ieee") dots run on CUDA cores and Triton's FMA lowering is
+# register-hungry, so only small tiles; the same list serves "tf32".
+_FWD_CONFIGS_FP32 = _cfgs([(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)])
+_DKDV_CONFIGS_FP32 = _cfgs([(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)])
+_DQ_CONFIGS_FP32 = _cfgs([(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)])
+
+_KEY = ["Nq", "Nk", "BLOCK_D", "HAS_BIAS", "PRECISION"]
+_PRUNE = {"early_config_prune": _prune}
 
 _fwd_fixed = triton.heuristics(_EVEN)(_attn_fwd_kernel)
 _dkdv_fixed = triton.heuristics(_EVEN)(_attn_bwd_dkdv_kernel)
 _dq_fixed = triton.heuristics(_EVEN)(_attn_bwd_dq_kernel)
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _fwd_fixed)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _dkdv_fixed)
+
+def _tuned(kernel, configs, key=_KEY, **kw):
+    return triton.autotune(configs, key=key, prune_configs_by=_PRUNE, **kw)(kernel)
+
+
 # The dQ kernel may accumulate dbias with atomics: restore the (zeroed) buffer after each
 # benchmarking run so tuning does not leak into the result.
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N"],
-                            prune_configs_by={"early_config_prune": _prune},
-                            restore_value=["DBias"])(_dq_fixed)
+_DQ_KW = dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N"], restore_value=["DBias"])
+# triton.jit decides at decoration (import) time whether kernels are interpreted.
+_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
+
+_TUNED = {
+    "half": (_tuned(_fwd_fixed, _FWD_CONFIGS), _tuned(_dkdv_fixed, _DKDV_CONFIGS),
+             _tuned(_dq_fixed, _DQ_CONFIGS, **_DQ_KW)),
+    "fp32": (_tuned(_fwd_fixed, _FWD_CONFIGS_FP32), _tuned(_dkdv_fixed, _DKDV_CONFIGS_FP32),
+             _tuned(_dq_fixed, _DQ_CONFIGS_FP32, **_DQ_KW)),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,31 +581,38 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _fp32_precision() -> str:
     """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            p = torch.backends.cuda.matmul.fp32_precision
-            if p in ("tf32", "ieee"):
-                return p
-        except Exception:
-            pass
+        warnings.simplefilter("ignore")  # mixing the legacy and new TF32 APIs warns
+        p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
+        if p in ("tf32", "ieee"):
+            return p
         try:
             return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        except Exception:
+        except (AttributeError, RuntimeError):
             return "ieee"
 
 
 def _precision(dtype) -> str:
-    return _fp32_precision() if dtype == torch.float32 else "tf32"  # ignored for fp16/bf16
+    # input_precision only affects fp32 operands; fp16/bf16 always use tensor cores.
+    return _fp32_precision() if dtype == torch.float32 else "tf32"
+
+
+def _family(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
 def _use_fixed(t: torch.Tensor) -> bool:
-    if t.device.type == "cuda" and not _interpret_mode():
-        return False
-    if not _interpret_mode():
+    """True → interpreter path with the fixed INTERPRET_BLOCKS config; False → autotuned GPU path."""
+    if _INTERPRETED:
+        return True
+    if t.device.type != "cuda":
         raise RuntimeError(
-            f"vitkernels triton attention: tensors are on {t.device} but Triton kernels need CUDA "
-            "tensors, or TRITON_INTERPRET=1 set before triton is first imported")
-    return True
+            f"vitkernels triton attention: tensors are on {t.device}, but Triton kernels need CUDA "
+            "tensors (or TRITON_INTERPRET=1 set before triton is first imported)")
+    return False
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check4(name, t, shape=None, dtype=None):
@@ -594,8 +622,24 @@ def _check4(name, t, shape=None, dtype=None):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have stride(-1) == 1, got strides {tuple(t.stride())}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """An input view whose last dim is not contiguous is copied (the kernels need stride(-1)==1)."""
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+class _Dest:
+    """An output view with stride(-1) != 1 is written through a contiguous temporary."""
+
+    def __init__(self, t: torch.Tensor):
+        self.target = t
+        self.buf = t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else torch.empty_like(
+            t, memory_format=torch.contiguous_format)
+
+    def finish(self):
+        if self.buf is not self.target:
+            self.target.copy_(self.buf)
 
 
 def _check_common(q, k, v, bias):
@@ -612,14 +656,17 @@ def _check_common(q, k, v, bias):
     if D > MAX_HEAD_DIM or D < 1:
         raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported by the Triton "
                          f"attention kernels (1 <= D <= {MAX_HEAD_DIM})")
-    if bias is not None:
-        if bias.dim() != 4 or tuple(bias.shape) != (B, H, Nq, Nk):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected it expanded to "
-                             f"{(B, H, Nq, Nk)}")
+    if bias is not None and (bias.dim() != 4 or tuple(bias.shape) != (B, H, Nq, Nk)):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected it expanded to "
+                         f"{(B, H, Nq, Nk)}")
     for name, t in (("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     return B, H, Nq, Nk, D
+
+
+def _strides3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _bias_strides(bias):
@@ -629,13 +676,15 @@ def _bias_strides(bias):
 def attention_forward(q, k, v, bias, scale, out):
     """softmax(q kᵀ·scale + bias) v written into ``out``; returns lse (B, H, Nq) float32.
 
-    q (B,H,Nq,D); k, v (B,H,Nk,D): strided views with stride(-1) == 1. bias: None or a tensor
-    expanded to (B,H,Nq,Nk) (any strides, 0 on broadcast dims). out: preallocated (B,H,Nq,D)
-    view of q's dtype (any strides, stride(-1) == 1). lse is the natural-log logsumexp of the
-    scaled+biased scores; fully -inf rows give out = 0 and lse = +inf.
+    q (B,H,Nq,D); k, v (B,H,Nk,D): strided views (stride(-1) == 1 expected; otherwise copied).
+    bias: None or a tensor expanded to (B,H,Nq,Nk) (any strides, 0 on broadcast dims).
+    out: preallocated (B,H,Nq,D) view of q's dtype with any strides. lse is the natural-log
+    logsumexp of the scaled+biased scores; a row whose every score is -inf gives out = 0 and
+    lse = +inf.
     """
     B, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("out", out, shape=q.shape, dtype=q.dtype)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if B * H * Nq == 0:
         return lse
@@ -643,26 +692,25 @@ def attention_forward(q, k, v, bias, scale, out):
         out.zero_()
         lse.fill_(float("inf"))
         return lse
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    dest = _Dest(out)
+    o = dest.buf
     has_bias = bias is not None
     args = (
-        q, k, v, bias if has_bias else q, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *_bias_strides(bias),
-        out.stride(0), out.stride(1), out.stride(2),
+        q, k, v, bias if has_bias else q, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias), *_strides3(o),
         H, Nq, Nk, float(scale) * _LOG2E,
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype))
-    if _use_fixed(q):
-        bm, bn = INTERPRET_BLOCKS["fwd"]
-        grid = (triton.cdiv(Nq, bm) * B * H,)
-        _fwd_fixed[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-    else:
-        grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)  # noqa: E731
-        with torch.cuda.device(q.device):
-            _fwd_tuned[grid](*args, **meta)
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_BIAS=has_bias,
+                PRECISION=_precision(q.dtype))
+    with _device_ctx(q):
+        if _use_fixed(q):
+            bm, bn = INTERPRET_BLOCKS["fwd"]
+            _fwd_fixed[(triton.cdiv(Nq, bm) * B * H,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                       num_warps=4, num_stages=1)
+        else:
+            kernel = _TUNED[_family(q.dtype)][0]
+            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)](*args, **meta)
+    dest.finish()
     return lse
 
 
@@ -674,10 +722,12 @@ def _dbias_layout(bias):
 
 
 def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad):
-    """Write dq, dk, dv (preallocated views, stride(-1) == 1) and return dbias or None.
+    """Write dq, dk, dv (preallocated views of q/k/v's shapes and q's dtype) and return dbias.
 
-    dbias (when ``bias_requires_grad``) is float32 with bias's shape except that every dim where
-    bias.stride(dim) == 0 and size > 1 is 1; it holds dS = P∘(dP - delta) summed over those dims.
+    dout, out: (B,H,Nq,D), any strides. lse: (B,H,Nq) from ``attention_forward``.
+    Returns None unless ``bias_requires_grad``; then a float32 tensor of bias's shape with every
+    dim where bias.stride(dim) == 0 and size > 1 replaced by 1, holding dS = P∘(dP - delta)
+    summed over those dims.
     """
     B, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("dout", dout, shape=q.shape)
@@ -690,74 +740,58 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     if tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, Nq)}")
     lse = lse.to(torch.float32).contiguous()
-    # dO may arrive in another dtype (e.g. from an autocast region); the kernels' matmuls need it
-    # in the operands' dtype.
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
+    # dO may come in another dtype (autocast) or with 0 strides (grad of a sum): the kernels need
+    # it in the operands' dtype with a unit last stride.
+    dout = _unit_last(dout.to(q.dtype))
+    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
 
     dbias = None
     reduced = [False] * 4
     if bias_requires_grad:
         db_shape, reduced = _dbias_layout(bias)
         dbias = torch.zeros(db_shape, device=q.device, dtype=torch.float32)
-
     if B * H == 0 or Nq == 0 or Nk == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
         return dbias
 
+    dests = [_Dest(dq), _Dest(dk), _Dest(dv)]
+    dq_, dk_, dv_ = (d.buf for d in dests)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     has_bias = bias is not None
     fixed = _use_fixed(q)
-    precision = _precision(q.dtype)
-    bias_arg = bias if has_bias else q
-    bstr = _bias_strides(bias)
+    family = _family(q.dtype)
     qk_scale = float(scale) * _LOG2E
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype))
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias), *_strides3(dout))
+    bias_arg = bias if has_bias else q
 
-    ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx()
-    with ctx:
+    with _device_ctx(q):
         delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
         bm_pre = 32 if fixed else 64
         _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * H,)](
-            out, dout, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre,
-        )
+            out, dout, delta, *_strides3(out), *_strides3(dout), H, Nq,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre)
 
-        common = (
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *bstr,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-        )
-        meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=precision)
-
-        dkdv_args = (q, k, v, bias_arg, dout, lse, delta, dk, dv, *common,
-                     dk.stride(0), dk.stride(1), dk.stride(2),
-                     dv.stride(0), dv.stride(1), dv.stride(2),
-                     H, Nq, Nk, qk_scale, float(scale))
+        # dK, dV: one program per key block.
+        dkdv_args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *common,
+                     *_strides3(dk_), *_strides3(dv_), H, Nq, Nk, qk_scale, float(scale))
         if fixed:
             bm, bn = INTERPRET_BLOCKS["dkdv"]
             _dkdv_fixed[(triton.cdiv(Nk, bn) * B * H,)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                         num_warps=4, num_stages=1)
         else:
-            _dkdv_tuned[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * H,)](*dkdv_args, **meta)
+            kernel = _TUNED[family][1]
+            kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * H,)](*dkdv_args, **meta)
 
+        # dQ (+ dbias): one program per query block.
         if dbias is not None:
-            db_strides = [0 if reduced[d] else dbias.stride(d) for d in range(4)]
-            db_arg = dbias
+            db_arg, db_strides = dbias, [0 if reduced[d] else dbias.stride(d) for d in range(4)]
         else:
-            db_strides = [0, 0, 0, 0]
-            db_arg = lse  # dummy fp32 pointer, never touched
-        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq, db_arg, *common,
-                   dq.stride(0), dq.stride(1), dq.stride(2),
-                   *db_strides,
-                   H, Nq, Nk, qk_scale, float(scale))
+            db_arg, db_strides = delta, [0, 0, 0, 0]  # dummy fp32 pointer, never touched
+        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, *common, *_strides3(dq_),
+                   *db_strides, H, Nq, Nk, qk_scale, float(scale))
         dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
                      DB_ATOMIC=any(reduced))
         if fixed:
@@ -765,20 +799,14 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
             _dq_fixed[(triton.cdiv(Nq, bm) * B * H,)](*dq_args, **dmeta, BLOCK_M=bm, BLOCK_N=bn,
                                                       num_warps=4, num_stages=1)
         else:
-            _dq_tuned[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)](*dq_args, **dmeta)
+            kernel = _TUNED[family][2]
+            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)](*dq_args, **dmeta)
+    for d in dests:
+        d.finish()
     return dbias
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def attention_flops(B, H, Nq, Nk, D, backward=False):
     """FLOPs of the op as counted above (forward 4·B·H·Nq·Nk·D, backward 2.5× that)."""
     f = 4 * B * H * Nq * Nk * D
     return int(f * 2.5) if backward else f
-
