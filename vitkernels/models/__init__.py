@@ -3,7 +3,7 @@
     model = vitkernels.models.create_model("vit_base_patch16_224")
     model.load_state_dict(timm_model.state_dict(), strict=True)
 
-Families so far: ViT/DeiT (`vit.py`). Swin, PVTv2, SegFormer, XCiT, TimeSformer and ViViT follow.
+Families so far: ViT/DeiT (`vit.py`), Swin (`swin.py`). PVTv2, SegFormer, XCiT, TimeSformer and ViViT follow.
 """
 from __future__ import annotations
 
@@ -38,6 +38,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
     return model
 
 
-from . import vit  # noqa: E402,F401  (registers the ViT models)
+from . import swin, vit  # noqa: E402,F401  (register the models)
 
 __all__ = ["create_model", "list_models", "register_model"]

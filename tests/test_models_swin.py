@@ -1,0 +1,125 @@
+"""Swin models: timm parameter names, outputs vs an independent eager forward, any input size."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oracles
+import vitkernels as vk
+from vitkernels.models import create_model
+
+CONFIGS = {  # name: (embed_dim, depths, heads, window, img)
+    "swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224),
+    "swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224),
+    "swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 224),
+    "swin_base_patch4_window12_384": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384),
+}
+
+
+def timm_swin_keys(dim, depths, heads, window, num_classes=1000):
+    """timm (>= 0.9) SwinTransformer state_dict keys and shapes."""
+    keys = {"patch_embed.proj.weight": (dim, 3, 4, 4), "patch_embed.proj.bias": (dim,),
+            "patch_embed.norm.weight": (dim,), "patch_embed.norm.bias": (dim,)}
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        c = dim * 2 ** i
+        if i > 0:
+            keys.update({f"layers.{i}.downsample.norm.weight": (2 * c,), f"layers.{i}.downsample.norm.bias": (2 * c,),
+                         f"layers.{i}.downsample.reduction.weight": (c, 2 * c)})
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            keys.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,),
+                         p + "attn.relative_position_bias_table": ((2 * window - 1) ** 2, h),
+                         p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,),
+                         p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
+                         p + "norm2.weight": (c,), p + "norm2.bias": (c,),
+                         p + "mlp.fc1.weight": (4 * c, c), p + "mlp.fc1.bias": (4 * c,),
+                         p + "mlp.fc2.weight": (c, 4 * c), p + "mlp.fc2.bias": (c,)})
+    c = dim * 2 ** (len(depths) - 1)
+    keys.update({"norm.weight": (c,), "norm.bias": (c,), "head.fc.weight": (num_classes, c),
+                 "head.fc.bias": (num_classes,)})
+    return keys
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_dict_matches_timm_names(name):
+    dim, depths, heads, window, _ = CONFIGS[name]
+    got = {k: tuple(v.shape) for k, v in create_model(name).state_dict().items()}
+    assert got == timm_swin_keys(dim, depths, heads, window)
+
+
+def eager_swin(sd, x, depths, heads, window):
+    """Swin forward from a state_dict, block by block as in the paper / timm, with the independent
+    test oracle (literal pad / roll / partition / mask) for the window attention."""
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    b, c, h, w = x.shape
+    x = F.layer_norm(x.flatten(2).transpose(1, 2), (c,), sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"])
+    for i, (depth, nh) in enumerate(zip(depths, heads)):
+        if i > 0:
+            p = f"layers.{i}.downsample."
+            g = x.reshape(b, h, w, c)
+            g = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], -1)
+            h, w = h // 2, w // 2
+            x = F.linear(F.layer_norm(g.reshape(b, h * w, 4 * c), (4 * c,), sd[p + "norm.weight"], sd[p + "norm.bias"]),
+                         sd[p + "reduction.weight"])
+            c *= 2
+        m = min(window, h, w)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            s = 0 if (j % 2 == 0 or min(h, w) <= window) else window // 2
+            y = F.layer_norm(x, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-5)
+            qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+            a = oracles.window_attention(qkv, (h, w), nh, m, s, sd[p + "attn.relative_position_bias_table"],
+                                         sd[p + "attn.qkv.bias"])
+            x = x + F.linear(a, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+            y = F.layer_norm(x, (c,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-5)
+            x = x + F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                             sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    x = F.layer_norm(x, (c,), sd["norm.weight"], sd["norm.bias"], 1e-5).mean(1)
+    return F.linear(x, sd["head.fc.weight"], sd["head.fc.bias"])
+
+
+def test_swin_tiny_matches_eager_forward():
+    model = create_model("swin_tiny_patch4_window7_224").double().eval()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager_swin(model.state_dict(), x, (2, 2, 6, 2), (3, 6, 12, 24), 7))
+
+
+def test_small_swin_window12_matches_eager_forward():
+    model = create_model("swin_base_patch4_window12_384", embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                         num_classes=5).double().eval()
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)  # 24x24 then 12x12 (= window: no shift)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager_swin(model.state_dict(), x, (2, 2), (2, 2), 12))
+
+
+@pytest.mark.parametrize("size", [(100, 130), (64, 64), (20, 36)])
+def test_any_input_size(size):
+    model = create_model("swin_tiny_patch4_window7_224", depths=(2, 2, 2, 2), num_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+def test_training_step_gradients_reach_every_parameter():
+    model = create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                         num_classes=4)
+    model(torch.randn(2, 3, 64, 72)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    table = model.layers[0].blocks[1].attn.relative_position_bias_table
+    assert table.grad.abs().sum() > 0
+
+
+def test_timm_swin_state_dict_loads_and_matches():
+    timm = pytest.importorskip("timm")
+    for name, (*_, img) in CONFIGS.items():
+        ref = timm.create_model(name, pretrained=False).eval()
+        ours = create_model(name).eval()
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x = torch.randn(1, 3, img, img)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=2e-4)
+
+
+def test_create_model_lists_swin():
+    assert {"swin_tiny_patch4_window7_224", "swin_base_patch4_window12_384"} <= set(vk.models.list_models())
