@@ -123,3 +123,17 @@ def test_timm_swin_state_dict_loads_and_matches():
 
 def test_create_model_lists_swin():
     assert {"swin_tiny_patch4_window7_224", "swin_base_patch4_window12_384"} <= set(vk.models.list_models())
+
+
+def test_patch_timm_swin_matches_timm():
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    patched = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    patched.load_state_dict(ref.state_dict())
+    keys = list(patched.state_dict())
+    vk.patch_timm(patched)
+    assert list(patched.state_dict()) == keys
+    assert type(patched.layers[0].blocks[0]).__name__ == "FusedSwinTransformerBlock"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)

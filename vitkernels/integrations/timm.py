@@ -5,14 +5,17 @@ parameters are unchanged and shared) and only replaces `forward`. Where a module
 a way the fused op does not cover (q/k norm, attention dropout while training, an attention mask)
 it runs timm's own forward.
 
-Covered today: VisionTransformer / DeiT attention (`timm.models.vision_transformer.Attention`).
-Swin, PyramidVisionTransformerV2 and XCiT modules are swapped as their fused kernels land.
+Covered today:
+- VisionTransformer / DeiT: `timm.models.vision_transformer.Attention` -> `self_attention`;
+- SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` gets a fused `_attn`
+  (roll, pad, partition, mask, bias gather, attention, reverse in one `window_attention` call).
+PyramidVisionTransformerV2 and XCiT modules are swapped as their fused kernels land.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..ops import self_attention
+from ..ops import self_attention, window_attention
 
 
 def _is_identity(m) -> bool:
@@ -47,8 +50,44 @@ class FusedViTAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _fused_swin_attn(self, x):
+    """timm SwinTransformerBlock._attn on (B, H, W, C) with one fused window_attention call.
+
+    timm shifts before padding while the op pads first (SPEC.md); the two agree when H and W are
+    multiples of the window, so other shapes (and non-square windows/shifts, attention dropout while
+    training) keep timm's own path."""
+    b, h, w, c = x.shape
+    attn = self.attn
+    (m, m2), (s, s2) = _pair(self.window_size), _pair(self.shift_size)
+    drop = getattr(attn, "attn_drop", None)
+    if (m != m2 or s != s2 or h % m or w % m or (self.training and getattr(drop, "p", 0.0) > 0)
+            or attn.relative_position_bias_table.shape[0] != (2 * m - 1) ** 2):
+        return self._timm_attn(x)
+    qkv = attn.qkv(x.reshape(b, h * w, c))
+    out = window_attention(qkv, (h, w), attn.num_heads, m, s, attn.relative_position_bias_table, attn.qkv.bias,
+                           getattr(attn, "scale", None))
+    return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
+
+
+_FUSED_CLASSES: dict = {}
+
+
+def _swap_swin_block(block: nn.Module) -> nn.Module:
+    """Same object, same parameters: only its class becomes a subclass with a fused `_attn`."""
+    cls = type(block)
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type("Fused" + cls.__name__, (cls,), {"_attn": _fused_swin_attn, "_timm_attn": cls._attn})
+    block.__class__ = _FUSED_CLASSES[cls]
+    return block
+
+
 _SWAPS = {
     ("timm.models.vision_transformer", "Attention"): FusedViTAttention.from_timm,
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): _swap_swin_block,
 }
 
 
