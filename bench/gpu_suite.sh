@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: install the package (building the CUDA extension), run the GPU tests,
+# the correctness sweep and the benchmarks, and leave logs and results JSON under OUT.
+#
+#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|compile|flex|models|all] [--quick] [--no-install]
+#
+# OUT_DIR defaults to $OUT (set on the lent machines), else ./out. Each part but `all` fits in one
+# 10-minute call (install included) and brings back at most 5 files:
+#   tests    pytest -m gpu (tests/), `vitkernels-bench check` (every dtype), the pytest-benchmark suite
+#   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
+#            representative cases in fp16 and fp32; peaks measured on the card
+#   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
+#   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
+#   models   `models` (every model in vitkernels.models), bf16: vitkernels and timm eager, then
+#            torch.compile of timm for a few models
+#   all      every part in turn (longer than one call: for machines without the 10-minute limit)
+# --quick shrinks every part to a smoke test (about a minute of benchmarking each).
+# Each benchmark step has a time budget (--budget) and a hard timeout; results are written after every
+# case, so a step that is cut off still leaves its JSON.
+#
+# Results files are named <gpu>-<date>-<short sha>-<part>.json. The commit comes from git, or from
+# $VITKERNELS_COMMIT when the tree is a copy without .git (the lent machines): run with
+#   VITKERNELS_COMMIT=<full sha of the commit under test> bash bench/gpu_suite.sh --part ops
+# Then, on the development machine (see docs/benchmarks.md, "Committing results"):
+#   vitkernels-bench report <fetched dir>/*.json --merge bench/results --markdown docs/benchmarks.md
+set -u
+cd "$(dirname "$0")/.."
+
+PART=all
+QUICK=0
+INSTALL=1
+OUT_ARG=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --part) PART="${2:-}"; shift 2 ;;
+    --part=*) PART="${1#*=}"; shift ;;
+    --quick) QUICK=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -*) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
+    *) OUT_ARG="$1"; shift ;;
+  esac
+done
+case "$PART" in tests|ops|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be tests, ops, compile, flex, models or all" >&2; exit 2 ;; esac
+
+OUT=${OUT_ARG:-${OUT:-out}}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${VITKERNELS_COMMIT:-}" ]; then
+  VITKERNELS_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export VITKERNELS_COMMIT
+FAILED=0
+
+# run LOG LIMIT CMD...: stdout to the terminal and LOG, stderr (progress lines) to LOG only,
+# killed after LIMIT seconds.
+run() {
+  local log=$1 limit=$2
+  shift 2
+  echo "+ $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout -k 15 "$limit" "$@" 2>>"$log" | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "  -> rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+  [ "$rc" = 0 ] || FAILED=1
+  return 0
+}
+
+if [ "$INSTALL" = 1 ]; then
+  if [ -z "${VITKERNELS_CUDA_ARCHS:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    # build for this card only (half the nvcc time of the default "80;90a")
+    cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+    case "$cc" in
+      90) export VITKERNELS_CUDA_ARCHS=90a ;;
+      "") ;;
+      *) export VITKERNELS_CUDA_ARCHS=$cc ;;
+    esac
+  fi
+  echo "+ pip install --no-build-isolation --no-deps -e . (archs ${VITKERNELS_CUDA_ARCHS:-default}; log $OUT/build.log)"
+  t0=$SECONDS
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    echo "gpu_suite.sh: install failed (see $OUT/build.log)"
+    exit 1
+  fi
+  echo "  -> installed in $((SECONDS - t0))s"
+fi
+
+NAME=$($PY -c "from vitkernels.bench import results as r; import torch; \
+print(r.standard_name(r.metadata('cuda' if torch.cuda.is_available() else 'cpu'))[:-5])" 2>/dev/null || echo "unknown-run")
+BENCH="$PY -m vitkernels.bench"
+echo "results prefix: $OUT/$NAME (commit $VITKERNELS_COMMIT)"
+
+part_tests() {
+  local log="$OUT/tests.log"
+  nvidia-smi >>"$log" 2>&1
+  run "$log" 60 $PY -m vitkernels.info
+  if [ "$QUICK" = 1 ]; then
+    run "$log" 240 $PY -m pytest -q -x -m gpu tests
+    run "$log" 120 $BENCH check --quick
+  else
+    run "$log" 360 $PY -m pytest -q -m gpu tests
+    run "$log" 180 $BENCH check
+    run "$log" 150 $PY -m pytest -q bench/test_bench_ops.py --benchmark-only --benchmark-json "$OUT/$NAME-pytest-bench.json"
+  fi
+}
+
+part_ops() {
+  local log="$OUT/ops.log"
+  nvidia-smi >>"$log" 2>&1
+  if [ "$QUICK" = 1 ]; then
+    run "$log" 200 $BENCH ops --representative --dtype bf16 --no-compile --measure-peak --budget 120 \
+      --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
+  else
+    run "$log" 390 $BENCH ops --dtype bf16 --no-compile --measure-peak --budget 300 \
+      --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
+    run "$log" 150 $BENCH ops --dtype fp16,fp32 --representative --no-compile --measure-peak --budget 80 \
+      --json "$OUT/$NAME-ops-fp16-fp32.json"
+  fi
+}
+
+part_compiled() {  # part_compiled compile|flex
+  local impl=$1 log="$OUT/$1.log"
+  nvidia-smi >>"$log" 2>&1
+  if [ "$QUICK" = 1 ]; then
+    run "$log" 240 $BENCH ops --representative --op self_attention,window_attention --dtype bf16 \
+      --impl "vitkernels,$impl" --measure-peak --budget 150 --json "$OUT/$NAME-$impl.json"
+  else
+    run "$log" 450 $BENCH ops --representative --dtype bf16 --impl "vitkernels,$impl" --measure-peak --budget 360 \
+      --json "$OUT/$NAME-$impl.json" --csv "$OUT/$NAME-$impl.csv"
+  fi
+}
+
+part_models() {
+  local log="$OUT/models.log"
+  nvidia-smi >>"$log" 2>&1
+  if [ "$QUICK" = 1 ]; then
+    run "$log" 200 $BENCH models --model vit_tiny_patch16_224 --dtype bf16 --impl vitkernels,eager,compile \
+      --budget 150 --json "$OUT/$NAME-models.json"
+  else
+    run "$log" 240 $BENCH models --dtype bf16 --impl vitkernels,eager --budget 180 --json "$OUT/$NAME-models.json"
+    # torch.compile of whole models takes ~1 min each: a few representative ones (absent names are skipped)
+    run "$log" 300 $BENCH models --dtype bf16 --impl vitkernels,compile --budget 200 \
+      --model vit_base_patch16_224,swin_tiny_patch4_window7_224,pvt_v2_b2,segformer_b2,xcit_small_12_p16_224 \
+      --json "$OUT/$NAME-models-compile.json"
+  fi
+}
+
+case "$PART" in
+  tests) part_tests ;;
+  ops) part_ops ;;
+  compile) part_compiled compile ;;
+  flex) part_compiled flex ;;
+  models) part_models ;;
+  all) part_tests; part_ops; part_compiled compile; part_compiled flex; part_models ;;
+esac
+
+echo "files in $OUT:"
+ls -la "$OUT"
+[ "$FAILED" = 0 ] && echo "gpu_suite.sh: part $PART done" || echo "gpu_suite.sh: part $PART: some steps FAILED (see logs)"
+exit "$FAILED"

@@ -1,0 +1,285 @@
+"""The benchmark CLI on CPU: help of every subcommand, `check --quick`, a tiny `ops` run with JSON/CSV
+output validated against the results schema, `models`, `report`, and the baselines' math."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from vitkernels.bench import baselines, cases, cli, results
+from vitkernels.bench.harness import _rel_err
+
+
+def _main(argv):
+    return cli.main(argv)
+
+
+# ----------------------------------------------------------------------------- help
+
+@pytest.mark.parametrize("sub", [[], ["ops"], ["models"], ["check"], ["report"]])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        _main(sub + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: vitkernels-bench" in out
+    if sub == ["ops"]:
+        for flag in ("--op", "--dtype", "--batch", "--json", "--csv", "--plot", "--impl", "--backend", "--budget"):
+            assert flag in out
+
+
+def test_console_script_and_module_help():
+    out = subprocess.run([sys.executable, "-m", "vitkernels.bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ops" in out.stdout and "models" in out.stdout and "check" in out.stdout
+    exe = shutil.which("vitkernels-bench")
+    if exe is None:
+        pytest.skip("console script not on PATH (package not pip-installed)")
+    out = subprocess.run([exe, "ops", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--json" in out.stdout
+
+
+def test_bad_arguments_exit_cleanly():
+    with pytest.raises(SystemExit, match="unknown op"):
+        _main(["ops", "--op", "nope", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown dtype"):
+        _main(["ops", "--dtype", "int8", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown impl"):
+        _main(["ops", "--impl", "magic", "--device", "cpu"])
+
+
+# ----------------------------------------------------------------------------- check
+
+def test_check_quick(capsys):
+    assert _main(["check", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "check: all passed" in out
+    for op in cases.OPS:
+        assert op in out
+
+
+# ----------------------------------------------------------------------------- ops
+
+def test_ops_tiny_run_json_csv(tmp_path, capsys):
+    jpath, cpath = tmp_path / "ops.json", tmp_path / "ops.csv"
+    rc = _main(["ops", "--op", "self_attention", "--op", "window_attention", "--dtype", "float32", "--device", "cpu",
+                "--cpu-reps", "2", "--json", str(jpath), "--csv", str(cpath), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "CPU timing" in out and "== self_attention" in out and "== window_attention" in out
+
+    doc = json.loads(jpath.read_text())
+    assert results.validate(doc) == []
+    assert doc["gpu"] == "cpu" and doc["cuda"] and doc["torch"] == torch.__version__
+    recs = doc["records"]
+    got = {(r["name"], r["mode"], r["impl"]) for r in recs}
+    for op in ("self_attention", "window_attention"):
+        for mode in ("fwd", "fwd+bwd"):
+            for impl in ("vitkernels", "eager", "sdpa"):
+                assert (op, mode, impl) in got
+    for r in recs:
+        assert r["kind"] == "op" and r["dtype"] == "float32" and r["timing"] == "CPU timing"
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+        if r["impl"] == "vitkernels":
+            assert r["backend"] == "reference"  # what actually ran on CPU
+        else:
+            assert r["verify_err"] is not None and r["verify_err"] < 1e-4, r  # same math as the op
+            assert r["vk_speedup"] > 0
+    with open(cpath) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(recs)
+    assert set(results.CSV_FIELDS) <= set(rows[0])
+
+
+def test_ops_list(capsys):
+    assert _main(["ops", "--list", "--device", "cpu", "--full", "--op", "sr_attention"]) == 0
+    out = capsys.readouterr().out
+    assert "pvt_v2_b2|segformer_b2 s1@512" in out and "reference" in out
+
+
+def test_ops_plot(tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="matplotlib"):
+            _main(["ops", "--op", "xca", "--device", "cpu", "--plot", str(tmp_path / "p.png")])
+        return
+    assert _main(["ops", "--op", "xca", "--device", "cpu", "--cpu-reps", "1", "--no-progress",
+                  "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- results schema
+
+def _doc(**over):
+    rec = {"kind": "op", "name": "self_attention", "mode": "fwd", "dtype": "bfloat16", "shape": {"B": 1},
+           "impl": "vitkernels", "ms": 0.5, "tflops": 1.0, "gbps": None}
+    doc = {"gpu": "NVIDIA H100 80GB HBM3", "commit": "a" * 40, "timestamp": "2026-11-21T09:00:00+00:00",
+           "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "records": [rec]}
+    doc.update(over)
+    return doc
+
+
+def test_validator():
+    assert results.validate(_doc()) == []
+    assert any("missing key 'gpu'" in e for e in results.validate({k: v for k, v in _doc().items() if k != "gpu"}))
+    assert results.validate(_doc(commit="1a3bc22"))  # short sha is not allowed
+    assert results.validate(_doc(timestamp="yesterday"))
+    bad = _doc()
+    bad["records"][0].update(mode="train")  # a model mode on an op record
+    assert any("mode" in e for e in results.validate(bad))
+    bad = _doc()
+    bad["records"][0].update(ms=-1.0, tflops="fast")
+    errs = results.validate(bad)
+    assert any(".ms" in e for e in errs) and any(".tflops" in e for e in errs)
+    bad = _doc()
+    del bad["records"][0]["gbps"]
+    assert any("misses ['gbps']" in e for e in results.validate(bad))
+    model = _doc()
+    model["records"][0].update(kind="model", name="vit_tiny_patch16_224", mode="inference", tflops=None)
+    assert results.validate(model) == []
+    with pytest.raises(ValueError):
+        results.check({"records": "no"})
+
+
+def test_standard_name():
+    assert results.standard_name(_doc()) == "nvidia-h100-80gb-hbm3-2026-11-21-aaaaaaa.json"
+    assert results.standard_name(_doc(), "ops").endswith("-aaaaaaa-ops.json")
+
+
+def test_report_merges_parts_and_writes_markdown(tmp_path, capsys):
+    part1 = _doc()
+    part2 = _doc(timestamp="2026-11-21T10:00:00+00:00")
+    part2["records"] = [dict(part1["records"][0], impl="eager", ms=1.5, tflops=None)]
+    p1, p2 = tmp_path / "a-ops.json", tmp_path / "a-compile.json"
+    p1.write_text(json.dumps(part1))
+    p2.write_text(json.dumps(part2))
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nhand-written intro\n\n" + results.BEGIN + "\nold\n" + results.END + "\ntail\n")
+    out_dir = tmp_path / "results"
+    assert _main(["report", str(p1), str(p2), "--merge", str(out_dir), "--markdown", str(md)]) == 0
+    merged_path = out_dir / "nvidia-h100-80gb-hbm3-2026-11-21-aaaaaaa.json"
+    merged = json.loads(merged_path.read_text())
+    assert results.validate(merged) == [] and len(merged["records"]) == 2
+    eager = next(r for r in merged["records"] if r["impl"] == "eager")
+    assert eager["vk_speedup"] == pytest.approx(3.0)  # recomputed across parts
+    text = md.read_text()
+    assert "hand-written intro" in text and "tail" in text and "old" not in text
+    assert "### NVIDIA H100 80GB HBM3" in text and "3.00×" in text
+
+
+def test_report_without_gpu_results(tmp_path):
+    cpu = _doc(gpu="cpu")
+    p = tmp_path / "cpu.json"
+    p.write_text(json.dumps(cpu))
+    assert results.report([str(p)]) == results.NO_RESULTS
+
+
+# ----------------------------------------------------------------------------- cases and baselines
+
+def test_case_costs_match_the_docs():
+    by = {(c.op, c.label): c for c in cases.all_cases()}
+    sa = by[("self_attention", "vit_b16@224")]
+    assert sa.flops == pytest.approx(7.63e9, rel=1e-3)
+    assert sa.flops_for("fwd+bwd") == pytest.approx(3.5 * sa.flops)
+    assert by[("sr_attention", "pvt_v2_b2|segformer_b2 s1@224")].flops == pytest.approx(2.52e9, rel=2e-3)
+    mix = by[("mix_ffn", "segformer_b2 s1@512")]
+    assert mix.flops == pytest.approx(9.19e9, rel=2e-3)
+    assert mix.bytes_for("fwd", 2) == pytest.approx(33.6e6, rel=2e-3)  # fully fused floor in docs/mix_ffn.md
+    swin = by[("window_attention", "swin_t s4@224")]
+    assert swin.shape["shift"] == 0 and swin.shape["window"] == 7
+    assert {c.op for c in cases.all_cases(tiny=True)} == set(cases.OPS)
+    assert all(c.batch == 1 for c in cases.all_cases(tiny=True))
+    assert cases.all_cases(batch=3)[0].batch == 3
+
+
+@pytest.mark.parametrize("case", [
+    cases.window_attention_case("padded", "test", 2, 10, 9, 32, 2, 7, 3),   # pad + shift + mask
+    cases.window_attention_case("one window", "test", 1, 5, 6, 16, 2, 7, 0),
+    cases.space_time_case("vivit ts space", "test", 2, 6, 3, 32, 2, "space", True, layout="ts"),
+    cases.space_time_case("vivit ts time", "test", 2, 6, 3, 32, 2, "time", False, layout="ts"),
+    cases.mix_ffn_case("relu", "test", 2, 5, 4, 8, 16, extra_relu=True),
+    cases.attention_case("bias", "test", 2, 2, 9, 8, True),
+], ids=lambda c: f"{c.op}-{c.label}")
+def test_baselines_compute_the_op(case):
+    """eager and sdpa compositions give the op's result and gradients (float64 on CPU)."""
+    import vitkernels
+    g = torch.Generator().manual_seed(0)
+    t = cases.make_inputs(case, torch.float64, "cpu", g, requires_grad=True)
+    want = getattr(vitkernels, case.op)(**t, **case.args)
+    want = want if isinstance(want, tuple) else (want,)
+    cot = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+    leaves = [x for n, x in t.items() if case.tensors[n].diff]
+    want_grads = torch.autograd.grad(want, leaves, cot, allow_unused=True)
+    for impl in ("eager", "sdpa"):
+        if baselines.applies(impl, case.op):
+            continue
+        fn = baselines.build(impl, case, torch.float64, "cpu").fn
+        got = fn(t)
+        got = got if isinstance(got, tuple) else (got,)
+        assert _rel_err(got, want) < 1e-10, impl
+        grads = torch.autograd.grad(got, leaves, cot, allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+        assert _rel_err(grads, want_grads) < 1e-10, impl
+
+
+def test_baselines_that_do_not_apply():
+    assert baselines.applies("flex", "xca")
+    assert baselines.applies("sdpa", "dwconv")
+    assert baselines.applies("compile", "dwconv") is None
+    case = cases.all_cases(tiny=True)[0]
+    with pytest.raises(baselines.Unsupported, match="CUDA"):
+        baselines.build("flex", case, torch.float32, "cpu")
+    with pytest.raises(baselines.Unsupported, match="CUDA"):
+        baselines.build("sdpa-flash", case, torch.float32, "cpu")
+
+
+# ----------------------------------------------------------------------------- models
+
+def test_models_skip_without_zoo(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vitkernels.models", None)  # import fails
+    assert _main(["models", "--device", "cpu"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def _zoo():
+    from vitkernels.bench.models import load_zoo
+    zoo, why = load_zoo()
+    if zoo is None:
+        pytest.skip(why)
+    if "vit_tiny_patch16_224" not in zoo.list_models():
+        pytest.skip("vitkernels.models has no vit_tiny_patch16_224")
+    return zoo
+
+
+def test_models_tiny(tmp_path, monkeypatch):
+    zoo = _zoo()
+    # timm is usually absent on CPU CI; a stand-in built from the vitkernels model exercises the
+    # eager path, the strict weight copy and the output comparison.
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained=False, **kw: zoo.create_model(name, **kw)
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    jpath = tmp_path / "models.json"
+    rc = _main(["models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch", "1", "--cpu-reps", "1",
+                "--impl", "vitkernels,eager", "--json", str(jpath), "--no-progress"])
+    assert rc == 0
+    doc = json.loads(jpath.read_text())
+    assert results.validate(doc) == []
+    got = {(r["mode"], r["impl"]) for r in doc["records"]}
+    assert got == {("inference", "vitkernels"), ("inference", "eager"), ("train", "vitkernels"), ("train", "eager")}
+    for r in doc["records"]:
+        assert r["kind"] == "model" and r["unit"] == "images/s" and r["throughput"] > 0
+        assert r["shape"] == {"batch": 1, "input": [3, 224, 224]}
+        if r["impl"] == "eager":
+            assert r["verify_err"] is not None and r["verify_err"] < 1e-4
+
+
+@pytest.mark.skipif(os.environ.get("VITKERNELS_BENCH_SLOW") != "1", reason="set VITKERNELS_BENCH_SLOW=1")
+def test_ops_every_tiny_case(tmp_path):
+    assert _main(["ops", "--device", "cpu", "--cpu-reps", "1", "--json", str(tmp_path / "all.json"),
+                  "--no-progress"]) == 0

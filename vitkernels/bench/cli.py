@@ -1,0 +1,424 @@
+"""`vitkernels-bench` (also `python -m vitkernels.bench`): benchmarks and correctness sweep.
+
+Subcommands:
+  ops      every op at shapes from the real models, fwd and fwd+bwd, vs eager / SDPA / FlexAttention /
+           torch.compile baselines: ms (median), speedup, TFLOP/s, GB/s, % of peak.
+  models   images/s (clips/s) of every model in vitkernels.models, inference and a training step,
+           vs timm eager and torch.compile.
+  check    correctness sweep of every op x fused backend on this device vs the float64 reference.
+  report   merge results files and regenerate docs/benchmarks.md from them.
+
+On a machine without a GPU, `ops` and `models` run tiny shapes on the reference backend, labelled
+"CPU timing": a smoke test, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DESCRIPTION = __doc__
+
+
+def _split(values) -> list:
+    out = []
+    for v in values or []:
+        out += [s.strip() for s in str(v).split(",") if s.strip()]
+    return out
+
+
+def _common(p: argparse.ArgumentParser, kind: str) -> None:
+    g = p.add_argument_group("selection")
+    if kind == "ops":
+        g.add_argument("--op", action="append", metavar="NAME", help="only these ops (repeatable or comma-separated)")
+        g.add_argument("--case", action="append", metavar="TEXT",
+                       help="only cases whose label or model contains TEXT (repeatable), e.g. swin_t, s1@224")
+        g.add_argument("--representative", action="store_true",
+                       help="only the representative case(s) of each op (fast; used for compile/flex and extra dtypes)")
+        g.add_argument("--mode", action="append", choices=("fwd", "fwd+bwd"), help="default: both")
+    else:
+        g.add_argument("--model", action="append", metavar="NAME",
+                       help="only these models (repeatable or comma-separated; a substring selects every match)")
+        g.add_argument("--mode", action="append", choices=("inference", "train"), help="default: both")
+    g.add_argument("--dtype", action="append", metavar="DTYPE",
+                   help="bf16, fp16, fp32 (repeatable or comma-separated). Default: "
+                        + ("bf16,fp16,fp32" if kind == "ops" else "bf16") + " on GPU, fp32 on CPU")
+    g.add_argument("--batch", type=int, metavar="B", help="batch size for every case (default: per case)")
+    g.add_argument("--impl", action="append", metavar="IMPL",
+                   help="implementations to time (repeatable or comma-separated); default: all that apply on GPU, "
+                        "vitkernels,eager,sdpa on CPU" if kind == "ops" else
+                        "implementations to time: vitkernels, eager, compile, vitkernels+compile "
+                        "(default: the first three on GPU, vitkernels,eager on CPU)")
+    if kind == "ops":
+        g.add_argument("--no-compile", action="store_true", help="drop the compiled baselines (flex, compile)")
+    g.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "reference"),
+                   help="vitkernels backend (default auto; the backend that actually ran is recorded)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny shapes at batch 1 (the default on CPU)")
+    size.add_argument("--full", action="store_true", help="the real-model shapes even on CPU (slow)")
+
+    t = p.add_argument_group("timing")
+    if kind == "ops":
+        t.add_argument("--warmup-ms", type=float, default=10.0, help="GPU warm-up per measurement (ms, default 10)")
+        t.add_argument("--rep-ms", type=float, default=50.0, help="GPU timed period per measurement (ms, default 50)")
+        t.add_argument("--no-verify", action="store_true", help="do not compare baselines' results with vitkernels'")
+        t.add_argument("--measure-peak", action="store_true",
+                       help="measure copy bandwidth and matmul TFLOP/s for %% of peak (else datasheet values)")
+    else:
+        t.add_argument("--reps", type=int, default=10, help="timed steps per measurement on GPU (default 10)")
+    t.add_argument("--cpu-reps", type=int, default=None, help="timed calls per measurement on CPU")
+    t.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="stop starting new measurements after this many seconds (what is left is listed as skipped)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write the results file (schema: docs/benchmarks.md)")
+    o.add_argument("--csv", metavar="PATH", help="write one CSV row per measurement")
+    o.add_argument("--plot", metavar="PNG", help="bar chart of vitkernels' speedups (needs matplotlib)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
+    o.add_argument("--list", action="store_true", help="list what would run (and which backend) without timing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitkernels-bench", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{ops,models,check,report}")
+    sub.required = True
+    ops = sub.add_parser("ops", help="benchmark every op vs eager/SDPA/Flex/compile baselines",
+                         description="Every op at shapes from the real models, forward and forward+backward, "
+                                     "vs the eager timm composition, SDPA (each backend), FlexAttention and "
+                                     "torch.compile.")
+    _common(ops, "ops")
+    models = sub.add_parser("models", help="images/s of every model in vitkernels.models vs timm / torch.compile",
+                            description="Throughput of each model family in vitkernels.models, inference and a "
+                                        "training step, vs timm eager and torch.compile.")
+    _common(models, "models")
+    check = sub.add_parser("check", help="correctness sweep of every op x backend on this device",
+                           description="Every op x fused backend that can run on this device vs the float64 "
+                                       "reference (vitkernels.bench.check). Without a CUDA build of torch the "
+                                       "Triton kernels run in the interpreter (TRITON_INTERPRET=1).")
+    check.add_argument("--quick", action="store_true",
+                       help="one dtype (bf16 on GPU, fp32 on CPU); under a minute on CPU")
+    check.add_argument("--op", action="append", metavar="NAME", help="only these ops")
+    check.add_argument("--dtype", action="append", metavar="DTYPE", help="bf16, fp16, fp32")
+    check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    from .results import add_report_args
+    report = sub.add_parser("report", help="merge results files; regenerate docs/benchmarks.md",
+                            description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
+                                        "and regenerate the results section of docs/benchmarks.md (newest run per "
+                                        "GPU) from the JSON files.")
+    add_report_args(report)
+    return p
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _device(arg) -> str:
+    import torch
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("vitkernels-bench: --device cuda but no CUDA GPU is available")
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_plot(path) -> None:
+    if path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("vitkernels-bench: --plot needs matplotlib (pip install matplotlib, or "
+                             "pip install 'vitkernels[bench]')") from None
+
+
+def _table(rows: list, columns: list) -> str:
+    """A plain text table: columns = [(header, key, align)]."""
+    cells = [[h for h, _, _ in columns]] + [[str(r.get(k, "")) for _, k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+
+    def line(row):
+        return "  ".join(c.rjust(w) if a == ">" else c.ljust(w)
+                         for c, w, (_, _, a) in zip(row, widths, columns)).rstrip()
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _num(x, spec) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def print_ops_table(records: list, skipped: list, cpu: bool, file=None) -> None:
+    file = file or sys.stdout
+    from .results import speedup_summary
+    if cpu:
+        print("CPU timing: tiny shapes, vitkernels on its reference backend; not GPU performance.", file=file)
+    by_op = {}
+    for r in records:
+        by_op.setdefault(r["name"], []).append(r)
+    cols = [("case", "case", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("impl", "impl", "<"),
+            ("backend", "backend", "<"), ("ms", "ms", ">"), ("TFLOP/s", "tflops", ">"), ("GB/s", "gbps", ">"),
+            ("%peak", "pct", ">"), ("vk speedup", "speedup", ">")]
+    for op, rs in by_op.items():
+        rows, last = [], None
+        for r in rs:
+            group = (r.get("case"), r["mode"], r["dtype"])
+            pct = f"{r['pct_peak']:.0f}% {r['bound'][:3]}" if r.get("pct_peak") is not None else ""
+            rows.append({"case": r.get("case") if group != last else "", "mode": r["mode"] if group != last else "",
+                         "dtype": r["dtype"] if group != last else "", "impl": r["impl"],
+                         "backend": r.get("backend") or "", "ms": _num(r["ms"], ".4g"),
+                         "tflops": _num(r["tflops"], ".3g"), "gbps": _num(r["gbps"], ".4g"), "pct": pct,
+                         "speedup": f"{r['vk_speedup']:.3g}x" if r.get("vk_speedup") else ("—" if r["impl"] ==
+                                                                                           "vitkernels" else "")})
+            last = group
+        print(f"\n== {op}", file=file)
+        print(_table(rows, cols), file=file)
+    summary = speedup_summary(records)
+    if summary:
+        print("\nvk speedup = baseline ms / vitkernels ms (>1: vitkernels is faster); geometric means:", file=file)
+        for name, mode, dtype, s in summary:
+            print(f"  {name:22s} {mode:8s} {dtype:9s} " + ", ".join(f"vs {i} {v[0]:.2f}x ({v[1]})"
+                                                                    for i, v in s.items() if v[0]), file=file)
+    _print_skipped(skipped, file)
+
+
+def _print_skipped(skipped: list, file) -> None:
+    if not skipped:
+        return
+    reasons = {}
+    for s in skipped:
+        reasons.setdefault((s["impl"], s["reason"]), []).append(s)
+    print(f"\nnot run ({len(skipped)}):", file=file)
+    for (impl, reason), ss in sorted(reasons.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+        names = sorted({s["name"] for s in ss})
+        print(f"  {impl:16s} x{len(ss):<4d} {', '.join(names)[:60]}: {reason}", file=file)
+
+
+def print_models_table(records: list, skipped: list, cpu: bool, file=None) -> None:
+    file = file or sys.stdout
+    if cpu:
+        print("CPU timing: batch 1, vitkernels on its reference backend; not GPU performance.", file=file)
+    cols = [("model", "name", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("batch", "batch", ">"),
+            ("impl", "impl", "<"), ("ms/step", "ms", ">"), ("throughput", "tp", ">"), ("vk speedup", "speedup", ">")]
+    rows = [{"name": r["name"], "mode": r["mode"], "dtype": r["dtype"], "batch": r.get("batch", ""), "impl": r["impl"],
+             "ms": _num(r["ms"], ".4g"), "tp": f"{r['throughput']:.1f} {r['unit']}",
+             "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else ""} for r in records]
+    if rows:
+        print(_table(rows, cols), file=file)
+    _print_skipped(skipped, file)
+
+
+class _Writer:
+    """Writes the JSON/CSV after every case, so a run that is cut off still leaves its results."""
+
+    def __init__(self, args, meta: dict):
+        self.args, self.meta = args, meta
+
+    def __call__(self, records, skipped) -> None:
+        from . import results
+        if self.args.json:
+            results.write_json(self.args.json, dict(self.meta, records=records, skipped=skipped))
+        if self.args.csv:
+            results.write_csv(self.args.csv, records)
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+def cmd_ops(args) -> int:
+    import torch
+
+    from . import baselines, cases, harness, results
+    _check_plot(args.plot)
+    device = _device(args.device)
+    cpu = torch.device(device).type != "cuda"
+    tiny = args.tiny or (cpu and not args.full)
+    try:
+        dtypes = harness.parse_dtypes(args.dtype) or (
+            [torch.float32] if cpu else [torch.bfloat16, torch.float16, torch.float32])
+    except ValueError as e:
+        raise SystemExit(f"vitkernels-bench ops: {e}") from None
+    ops = _split(args.op)
+    unknown = [o for o in ops if o not in cases.OPS]
+    if unknown:
+        raise SystemExit(f"vitkernels-bench ops: unknown op(s) {unknown}; ops: {', '.join(cases.OPS)}")
+    impls = _split(args.impl) or (["vitkernels", "eager", "sdpa"] if cpu else list(baselines.IMPLS))
+    bad = [i for i in impls if i not in baselines.IMPLS]
+    if bad:
+        raise SystemExit(f"vitkernels-bench ops: unknown impl(s) {bad}; impls: {', '.join(baselines.IMPLS)}")
+    if args.no_compile:
+        impls = [i for i in impls if i not in baselines.COMPILED]
+    if "vitkernels" in impls:  # first: the others are verified against it and their speedups relative to it
+        impls = ["vitkernels"] + [i for i in impls if i != "vitkernels"]
+    selected = cases.select_cases(cases.all_cases(batch=args.batch, tiny=tiny), ops, _split(args.case),
+                                  args.representative)
+    if not selected:
+        raise SystemExit("vitkernels-bench ops: no case matches the filters (see --list)")
+    modes = tuple(args.mode or ("fwd", "fwd+bwd"))
+    if args.list:
+        return _list_ops(selected, dtypes, impls, device, args.backend)
+
+    meta = results.metadata(device)
+    peak = None
+    if not cpu:
+        if args.measure_peak:
+            try:
+                peak = harness.measure_peak(torch.device(device))
+            except Exception as e:  # e.g. out of memory: fall back to the datasheet
+                print(f"note: peak measurement failed ({e}); using datasheet values", file=sys.stderr)
+        if peak is None:
+            peak = harness.lookup_peak(meta["device"])
+            if peak is None:
+                print(f"note: no datasheet peak for {meta['device']}: % of peak omitted (use --measure-peak)",
+                      file=sys.stderr)
+    meta.update(peak=peak, command="ops", argv=sys.argv[1:], cpu_timing=cpu, tiny=tiny)
+    compiled = [i for i in impls if i in baselines.COMPILED]
+    if compiled and len(selected) * len(dtypes) > 12:
+        print(f"note: {', '.join(compiled)} compile every case, fwd and fwd+bwd (~10-60 s each): use --no-compile, "
+              "--representative or --budget for a shorter run", file=sys.stderr)
+    print(f"vitkernels-bench ops on {meta['device']} ({device}): {len(selected)} case(s) x {len(dtypes)} dtype(s) x "
+          f"{len(modes)} mode(s); impls {', '.join(impls)}; backend {args.backend}", file=sys.stderr)
+    opts = harness.OpsOptions(device=device, dtypes=dtypes, modes=modes, impls=tuple(impls), backend=args.backend,
+                              warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps or 5,
+                              budget_s=args.budget, verify=not args.no_verify, peak=peak)
+    n_impls = sum(len([i for i in impls if baselines.applies(i, c.op) is None]) for c in selected)
+    progress = harness.Progress(n_impls * len(dtypes) * len(modes), enabled=not args.no_progress, desc="ops")
+    writer = _Writer(args, meta)
+    t0 = time.time()
+    try:
+        records, skipped = harness.run_ops(selected, opts, progress, on_case_done=writer)
+    finally:
+        progress.close()
+    writer(records, skipped)
+    print_ops_table(records, skipped, cpu)
+    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
+          + (f"; wrote {args.json}" if args.json else "") + (f", {args.csv}" if args.csv else ""))
+    if args.plot:
+        title = f"vitkernels speedup, {meta['device']}" + (" (CPU timing)" if cpu else "")
+        try:
+            results.plot(records, args.plot, title=title)
+            print(f"wrote {args.plot}")
+        except RuntimeError as e:
+            print(f"plot skipped: {e}", file=sys.stderr)
+    return 0 if records else 1
+
+
+def _list_ops(selected, dtypes, impls, device, backend) -> int:
+    import torch
+
+    from . import baselines
+    from .cases import backend_that_runs, make_inputs
+    from .harness import dtype_name
+    dtype = dtypes[0]
+    print(f"{len(selected)} case(s); backends for {dtype_name(dtype)} on {device} (backend choice {backend!r}):")
+    rows = []
+    for c in selected:
+        t = make_inputs(c, dtype, device, empty=True)
+        try:
+            fwd = backend_that_runs(c, t, backend)
+            bwd = backend_that_runs(c, t, backend, backward=True)
+            be = fwd if fwd == bwd else f"{fwd}/{bwd}(bwd)"
+        except Exception as e:
+            be = f"unavailable: {e}"[:80]
+        es = torch.empty((), dtype=dtype).element_size()
+        rows.append({"op": c.op, "case": c.label, "shape": c.describe(), "gflop": f"{c.flops / 1e9:.3g}",
+                     "mb": f"{c.bytes_for('fwd', es) / 1e6:.4g}", "backend": be,
+                     "impls": ",".join(i for i in impls if baselines.applies(i, c.op) is None),
+                     "rep": "*" if c.representative else ""})
+        del t
+    print(_table(rows, [("op", "op", "<"), ("case", "case", "<"), ("rep", "rep", "<"), ("shape", "shape", "<"),
+                        ("GFLOP fwd", "gflop", ">"), ("MB fwd", "mb", ">"), ("backend", "backend", "<"),
+                        ("impls", "impls", "<")]))
+    print("rep * = representative case")
+    return 0
+
+
+def cmd_models(args) -> int:
+    import torch
+
+    from . import harness, models, results
+    _check_plot(args.plot)
+    device = _device(args.device)
+    cpu = torch.device(device).type != "cuda"
+    zoo, why = models.load_zoo()
+    if zoo is None:
+        print(f"vitkernels-bench models: skipped: {why}")
+        return 0
+    try:
+        dtypes = harness.parse_dtypes(args.dtype) or ([torch.float32] if cpu else [torch.bfloat16])
+    except ValueError as e:
+        raise SystemExit(f"vitkernels-bench models: {e}") from None
+    impls = _split(args.impl) or (["vitkernels", "eager"] if cpu else list(models.DEFAULT_IMPLS))
+    bad = [i for i in impls if i not in models.IMPLS]
+    if bad:
+        raise SystemExit(f"vitkernels-bench models: unknown impl(s) {bad}; impls: {', '.join(models.IMPLS)}")
+    names, msgs = models.choose_models(zoo, _split(args.model), cpu and not args.full)
+    for m in msgs:
+        print(f"note: {m}", file=sys.stderr)
+    if not names:
+        print("vitkernels-bench models: no model to run")
+        return 1 if msgs else 0
+    modes = tuple(args.mode or models.MODES)
+    if args.list:
+        for n in names:
+            print(f"{n:40s} input {models.input_shape(n)}")
+        return 0
+    meta = results.metadata(device)
+    meta.update(command="models", argv=sys.argv[1:], cpu_timing=cpu)
+    progress = harness.Progress(len(names) * len(dtypes) * len(modes) * len(impls), enabled=not args.no_progress,
+                                desc="models")
+    writer = _Writer(args, meta)
+    t0 = time.time()
+    try:
+        records, skipped = models.run_models(names, zoo, device=device, dtypes=dtypes, modes=modes, impls=impls,
+                                             backend=args.backend, batch=args.batch, reps=args.reps,
+                                             cpu_reps=args.cpu_reps or 3, budget_s=args.budget, progress=progress,
+                                             on_done=writer)
+    finally:
+        progress.close()
+    writer(records, skipped)
+    print_models_table(records, skipped, cpu)
+    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s" + (f"; wrote {args.json}" if args.json else ""))
+    if args.plot and records:
+        try:
+            results.plot(records, args.plot, title=f"vitkernels model speedup, {meta['device']}")
+            print(f"wrote {args.plot}")
+        except RuntimeError as e:
+            print(f"plot skipped: {e}", file=sys.stderr)
+    return 0 if records else 1
+
+
+def cmd_check(args) -> int:
+    import torch
+    device = _device(args.device)
+    if device == "cpu" and "triton" not in sys.modules:
+        # No GPU: the Triton kernels can only be checked in the interpreter, which must be chosen
+        # before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from . import check, harness
+    try:
+        dtypes = harness.parse_dtypes(args.dtype) or None
+    except ValueError as e:
+        raise SystemExit(f"vitkernels-bench check: {e}") from None
+    if dtypes is None and args.quick:
+        dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16]
+    return 0 if check.run(quick=args.quick, dtypes=dtypes, ops=_split(args.op) or None, device=device) else 1
+
+
+def cmd_report(args) -> int:
+    from .results import report_main
+    return report_main(args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"ops": cmd_ops, "models": cmd_models, "check": cmd_check, "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`vitkernels-bench models`: images/s (clips/s for video) of every model in `vitkernels.models`.
+
+For each name of `vitkernels.models.list_models()` (or `--model`), inference and a training step
+(forward, loss, backward, AdamW step, zero_grad) of
+
+* ``vitkernels``          `vitkernels.models.create_model(name)` under the chosen backend;
+* ``eager``               `timm.create_model(name)` in eager PyTorch (timm's default attention path,
+                          which is SDPA where timm uses it), when timm is importable and knows the name;
+* ``compile``             `torch.compile` of that timm model;
+* ``vitkernels+compile``  `torch.compile` of the vitkernels model (only when asked for with --impl).
+
+When both exist, the timm weights are loaded into the vitkernels model (strict) and the inference
+outputs compared, so both run the same function. Models run in the benchmark dtype (weights
+included). Video models take (B, 3, T, H, W).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .harness import Progress, _rel_err, _short, dtype_name, time_cpu, time_cuda_calls
+from .results import add_speedups
+
+IMPLS = ("vitkernels", "eager", "compile", "vitkernels+compile")
+DEFAULT_IMPLS = ("vitkernels", "eager", "compile")
+MODES = ("inference", "train")
+
+
+def load_zoo():
+    """(vitkernels.models, None) or (None, why it cannot be used)."""
+    try:
+        import vitkernels.models as zoo
+    except Exception as e:
+        return None, f"vitkernels.models is not importable ({_short(e)})"
+    if not callable(getattr(zoo, "list_models", None)) or not callable(getattr(zoo, "create_model", None)):
+        return None, "vitkernels.models has no list_models()/create_model() yet"
+    return zoo, None
+
+
+def _timm():
+    try:
+        import timm
+        return timm, None
+    except Exception as e:
+        return None, f"timm is not importable ({type(e).__name__})"
+
+
+def is_video(name: str, model=None) -> bool:
+    return any(k in name for k in ("timesformer", "vivit")) or (model is not None and hasattr(model, "num_frames"))
+
+
+def input_shape(name: str, model=None) -> tuple:
+    """(C, H, W) or (C, T, H, W): from the model's timm-style pretrained_cfg/default_cfg input_size when
+    present, else from the name (…_384 → 384, segformer → 512, else 224; video: 8 frames)."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None) if model is not None else None
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            shape = tuple(int(s) for s in cfg["input_size"])
+            if is_video(name, model) and len(shape) == 3:
+                shape = (shape[0], int(getattr(model, "num_frames", 8)), shape[1], shape[2])
+            return shape
+    m = re.search(r"_(\d{3})(?:_|$)", name)
+    res = int(m.group(1)) if m else (512 if "segformer" in name else 224)
+    if is_video(name, model):
+        return (3, int(getattr(model, "num_frames", 8) if model is not None else 8), res, res)
+    return (3, res, res)
+
+
+def default_batch(shape: tuple, mode: str, cpu: bool) -> int:
+    if cpu:
+        return 1
+    res = shape[-1]
+    b = 8 if len(shape) == 4 else (128 if res <= 224 else 32 if res <= 384 else 16)
+    return b if mode == "inference" else max(1, b // 2)
+
+
+def _loss(out):
+    if isinstance(out, dict):
+        out = out.get("logits", next(iter(out.values())))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    elif not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+        out = out.logits
+    return out.float().mean()
+
+
+def _first_tensor(out):
+    if isinstance(out, dict):
+        return out.get("logits", next(iter(out.values())))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def _step(model, inputs, mode):
+    order = itertools.cycle(inputs)
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                return model(next(order))
+        return step
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step():
+        loss = _loss(model(next(order)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def choose_models(zoo, wanted, cpu: bool) -> tuple:
+    """(names to run, messages about names that do not exist)."""
+    available = list(zoo.list_models())
+    msgs = []
+    if wanted:
+        names = []
+        for w in wanted:
+            hits = [w] if w in available else [n for n in available if w in n]
+            if not hits:
+                msgs.append(f"no model {w!r} in vitkernels.models (have: {', '.join(available)})")
+            names += [h for h in hits if h not in names]
+        return names, msgs
+    if cpu:  # the smallest model only: CPU timings are a smoke test
+        small = sorted((n for n in available if "tiny" in n or n.endswith("_b0")),
+                       key=lambda n: (not n.startswith("vit_"), n))  # plain ViT is the fastest on CPU
+        return (small[:1] or available[:1]), msgs
+    return available, msgs
+
+
+def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batch=None, reps=10, cpu_reps=3,
+               budget_s=None, progress: Optional[Progress] = None, on_done=None) -> tuple:
+    from .. import use_backend
+    records, skipped = [], []
+    dev = torch.device(device)
+    cpu = dev.type != "cuda"
+    timm, timm_why = _timm()
+    t0 = time.time()
+    for name in names:
+        for dtype in dtypes:
+            group = []
+            models, why = {}, {}
+            try:
+                vk = zoo.create_model(name).to(device=dev, dtype=dtype)
+                models["vitkernels"] = vk
+            except Exception as e:
+                why["vitkernels"] = f"create_model: {_short(e)}"
+            ref = None
+            if any(i in impls for i in ("eager", "compile")):
+                if timm is None:
+                    why["eager"] = why["compile"] = timm_why
+                else:
+                    try:
+                        ref = timm.create_model(name, pretrained=False).to(device=dev, dtype=dtype)
+                        models["eager"] = ref
+                    except Exception as e:
+                        why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
+            shape = input_shape(name, models.get("vitkernels") or ref)
+            video = len(shape) == 4
+            verify = None
+            if "vitkernels" in models and ref is not None:
+                try:  # same weights: the checkpoint key names match timm's (SPEC)
+                    models["vitkernels"].load_state_dict(ref.state_dict(), strict=True)
+                    x = torch.randn(2, *shape, device=dev, dtype=dtype)
+                    with torch.inference_mode():
+                        models["vitkernels"].eval(), ref.eval()
+                        with use_backend(backend):
+                            a = _first_tensor(models["vitkernels"](x))
+                        verify = _rel_err((a,), (_first_tensor(ref(x)),))
+                except Exception as e:
+                    print(f"note: {name}: timm weights not loaded into the vitkernels model ({_short(e)})",
+                          file=sys.stderr)
+            for mode in modes:
+                b = batch or default_batch(shape, mode, cpu)
+                g = torch.Generator().manual_seed(0)
+                inputs = [torch.randn(b, *shape, generator=g).to(device=dev, dtype=dtype) for _ in range(2)]
+                for impl in impls:
+                    rec = {"kind": "model", "name": name, "mode": mode, "dtype": dtype_name(dtype),
+                           "shape": {"batch": b, "input": list(shape)}, "impl": impl}
+                    if progress:
+                        progress.step(f"{name} {dtype_name(dtype)} {mode} {impl}")
+                    if budget_s is not None and time.time() - t0 > budget_s:
+                        skipped.append(dict(rec, reason="time budget exhausted"))
+                        continue
+                    src = "vitkernels" if impl.startswith("vitkernels") else "eager"
+                    if src not in models:
+                        skipped.append(dict(rec, reason=why.get(impl) or why.get(src, "not available")))
+                        continue
+                    model = models[src]
+                    try:
+                        if impl in ("compile", "vitkernels+compile"):
+                            torch._dynamo.reset()
+                            model = torch.compile(model)
+                        ctx = use_backend(backend) if src == "vitkernels" else contextlib.nullcontext()
+                        with ctx:
+                            step = _step(model, inputs, mode)
+                            step()  # compile, autotune, allocator warm-up
+                            if cpu:
+                                ms = time_cpu(step, reps=cpu_reps, warmup=0)
+                            else:
+                                torch.cuda.synchronize()
+                                ms = time_cuda_calls(step, warmup=2, reps=reps)
+                    except Exception as e:
+                        skipped.append(dict(rec, reason=_short(e)))
+                        if not cpu:
+                            with contextlib.suppress(Exception):
+                                torch.cuda.synchronize()
+                                torch.cuda.empty_cache()
+                        continue
+                    rec.update(ms=ms, tflops=None, gbps=None, throughput=b / (ms * 1e-3),
+                               unit="clips/s" if video else "images/s", batch=b,
+                               backend_choice=backend if src == "vitkernels" else None,
+                               verify_err=verify if impl == "eager" else None,
+                               timing="CPU timing" if cpu else "cuda-events")
+                    group.append(rec)
+                del inputs
+            add_speedups(group)
+            records.extend(group)
+            del models, ref
+            if not cpu:
+                torch.cuda.empty_cache()
+            if on_done:
+                on_done(records, skipped)
+    return records, skipped
