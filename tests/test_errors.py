@@ -20,7 +20,7 @@ CASES = [
      r"k must have the dtype of q"),
     (lambda: vk.attention(r(1, 2, 4, 8).int(), r(1, 2, 5, 8), r(1, 2, 5, 8)), TypeError, r"q must be float32, float16"),
     (lambda: vk.self_attention(r(2, 5, 20), 2), ValueError, r"last dim 20 is not divisible by 3"),
-    (lambda: vk.self_attention(r(2, 5, 21), 2), ValueError, r"C = 7 \(from qkv\) is not divisible by num_heads = 2"),
+    (lambda: vk.self_attention(r(2, 5, 21), 2), ValueError, r"C = 7 \(from qkv shape \(2, 5, 21\)\) is not divisible by num_heads = 2"),
     (lambda: vk.self_attention(r(5, 21), 1), ValueError, r"qkv must be 3-D, got shape \(5, 21\)"),
     (lambda: vk.window_attention(r(1, 12, 24), (3, 5), 2, 2), ValueError, r"qkv has 12 tokens but hw = \(3, 5\)"),
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 2), ValueError, r"0 <= shift_size < window_size = 2"),
@@ -28,7 +28,7 @@ CASES = [
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, r(4, 2)), ValueError, r"rel_pos_bias_table must be \(\(2M-1\)\^2, heads\) = \(9, 2\), got shape \(4, 2\)"),
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, None, r(8)), ValueError, r"qkv_bias must be \(3C,\) = \(24,\)"),
     (lambda: vk.sr_attention(r(2, 10, 8), r(2, 4, 8), 2), ValueError, r"kv must be \(B, M, 2C\)"),
-    (lambda: vk.sr_attention(r(2, 10, 9), r(2, 4, 18), 2), ValueError, r"C = 9 \(from q\) is not divisible by num_heads = 2"),
+    (lambda: vk.sr_attention(r(2, 10, 9), r(2, 4, 18), 2), ValueError, r"C = 9 \(from q shape \(2, 10, 9\)\) is not divisible by num_heads = 2"),
     (lambda: vk.xca(r(2, 10, 24), 2, r(3, 1, 1)), ValueError, r"temperature must be \(heads, 1, 1\) or \(heads,\) with heads = 2"),
     (lambda: vk.space_time_attention(r(1, 10, 24), 3, 2, "time"), ValueError, r"frames must be a positive int dividing"),
     (lambda: vk.space_time_attention(r(1, 9, 24), 3, 2, "depth"), ValueError, r"axis must be 'time' or 'space'"),
@@ -60,3 +60,22 @@ def test_device_mismatch_message():
     k = torch.empty(1, 2, 4, 8, device="meta")
     with pytest.raises(ValueError, match="k must be on the device of q"):
         vk.attention(q, k, k)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: vk.self_attention(r(1, 4, 12), True),
+    lambda: vk.self_attention(r(1, 4, 12), 2.0),
+    lambda: vk.sr_attention(r(1, 4, 4), r(1, 2, 8), True),
+    lambda: vk.xca(r(1, 4, 12), 1.0, r(1)),
+    lambda: vk.space_time_attention(r(1, 6, 12), True, 1, "time"),
+])
+def test_int_arguments_reject_bools_and_floats(call):
+    with pytest.raises(TypeError, match="must be an int"):
+        call()
+
+
+def test_mix_ffn_names_its_own_arguments():
+    with pytest.raises(ValueError, match=r"vitkernels\.mix_ffn: dw_weight must be \(hidden, 1, k, k\) with hidden = 32"):
+        vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(16, 1, 3, 3), None, r(8, 32), None)
+    with pytest.raises(ValueError, match=r"vitkernels\.mix_ffn: dw_bias must be \(32,\)"):
+        vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(32, 1, 3, 3), r(16), r(8, 32), None)

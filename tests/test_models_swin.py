@@ -135,5 +135,13 @@ def test_patch_timm_swin_matches_timm():
     assert list(patched.state_dict()) == keys
     assert type(patched.layers[0].blocks[0]).__name__ == "FusedSwinTransformerBlock"
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)
+    import vitkernels.integrations.timm as integration
+    calls = []
+    real = integration.window_attention
+    integration.window_attention = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)
+    finally:
+        integration.window_attention = real
+    assert len(calls) == 12, "every Swin-T block must run the fused op"

@@ -141,8 +141,16 @@ def test_patch_timm_swaps_vit_attention_and_keeps_outputs():
     torch.testing.assert_close(model[1](x, attn_mask=mask), attn_cls.forward(model[1], x, attn_mask=mask))
 
 
-def test_timm_vit_state_dict_loads_and_matches():
+def test_timm_vit_state_dict_loads_and_matches(monkeypatch):
     timm = pytest.importorskip("timm")
+    import vitkernels.integrations.timm as integration
+    calls = []
+
+    def counting_self_attention(*args):
+        calls.append(1)
+        return vk.self_attention(*args)
+
+    monkeypatch.setattr(integration, "self_attention", counting_self_attention)
     for name in SIZES:
         ref = timm.create_model(name, pretrained=False).eval()
         ours = create_model(name).eval()
@@ -152,5 +160,7 @@ def test_timm_vit_state_dict_loads_and_matches():
             torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=2e-4)
             patched = vk.patch_timm(timm.create_model(name, pretrained=False).eval())
             patched.load_state_dict(ref.state_dict())
+            calls.clear()
             torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)
+            assert len(calls) == 12, "patch_timm must run the fused op in every block"
 

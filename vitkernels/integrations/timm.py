@@ -6,7 +6,8 @@ a way the fused op does not cover (q/k norm, attention dropout while training, a
 it runs timm's own forward.
 
 Covered today:
-- VisionTransformer / DeiT: `timm.models.vision_transformer.Attention` -> `self_attention`;
+- VisionTransformer / DeiT: timm's ViT `Attention` (`timm.layers.attention`, or
+  `timm.models.vision_transformer` before timm 1.0) -> `self_attention`;
 - SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` gets a fused `_attn`
   (roll, pad, partition, mask, bias gather, attention, reverse in one `window_attention` call).
 PyramidVisionTransformerV2 and XCiT modules are swapped as their fused kernels land.
@@ -32,16 +33,18 @@ class FusedViTAttention(nn.Module):
         new._timm_forward = type(attn).forward
         return new
 
-    def _fusable(self, attn_mask) -> bool:
+    def _fusable(self, attn_mask, is_causal) -> bool:
         drop = getattr(self, "attn_drop", None)
-        return (attn_mask is None and _is_identity(getattr(self, "q_norm", None))
-                and _is_identity(getattr(self, "k_norm", None))
+        return (attn_mask is None and not is_causal and getattr(self, "gate", None) is None
+                and _is_identity(getattr(self, "q_norm", None)) and _is_identity(getattr(self, "k_norm", None))
                 and not (self.training and drop is not None and getattr(drop, "p", 0.0) > 0))
 
-    def forward(self, x, attn_mask=None, **kwargs):
-        if kwargs or not self._fusable(attn_mask):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, **kwargs):
+        if kwargs or not self._fusable(attn_mask, is_causal):
             if attn_mask is not None:
                 kwargs["attn_mask"] = attn_mask
+            if is_causal:
+                kwargs["is_causal"] = is_causal
             return self._timm_forward(self, x, **kwargs)
         out = self_attention(self.qkv(x), self.num_heads, getattr(self, "scale", None))
         norm = getattr(self, "norm", None)  # timm's optional scale_norm after attention
@@ -86,7 +89,8 @@ def _swap_swin_block(block: nn.Module) -> nn.Module:
 
 
 _SWAPS = {
-    ("timm.models.vision_transformer", "Attention"): FusedViTAttention.from_timm,
+    ("timm.models.vision_transformer", "Attention"): FusedViTAttention.from_timm,  # timm < 1.0
+    ("timm.layers.attention", "Attention"): FusedViTAttention.from_timm,
     ("timm.models.swin_transformer", "SwinTransformerBlock"): _swap_swin_block,
 }
 

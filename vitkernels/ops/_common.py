@@ -24,7 +24,8 @@ def check_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"vitkernels.{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"vitkernels.{op}: {name} must be float32, float16 or bfloat16, got {describe(t)}")
+        raise TypeError(f"vitkernels.{op}: {name} must be float32, float16 or bfloat16 (float64 on the reference "
+                        f"backend), got {describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"vitkernels.{op}: {name} must be {ndim}-D, got {describe(t)}")
 
@@ -40,12 +41,21 @@ def check_same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) 
             raise ValueError(f"vitkernels.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
 
 
-def check_heads(op: str, name: str, channels: int, num_heads: int, what: str = "C") -> int:
+def check_int(op: str, name: str, value, minimum: int = 1) -> int:
+    """An int argument (not a bool, not a float) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"vitkernels.{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"vitkernels.{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_heads(op: str, name: str, channels: int, num_heads: int, what: str = "C", t: Optional[Tensor] = None) -> int:
     """Head dim D = channels / num_heads, with a clear error when it does not divide."""
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"vitkernels.{op}: num_heads must be a positive int, got {num_heads!r}")
+    check_int(op, "num_heads", num_heads)
     if channels % num_heads:
-        raise ValueError(f"vitkernels.{op}: {what} = {channels} (from {name}) is not divisible by num_heads = {num_heads}")
+        where = f"{name} shape {tuple(t.shape)}" if t is not None else name
+        raise ValueError(f"vitkernels.{op}: {what} = {channels} (from {where}) is not divisible by num_heads = {num_heads}")
     return channels // num_heads
 
 

@@ -30,7 +30,12 @@ def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
     if fc2_weight.shape[1] != hidden:
         raise ValueError(f"vitkernels.mix_ffn: fc2_weight must be (C_out, hidden) with hidden = {hidden}, "
                          f"got {describe(fc2_weight)}")
-    for name, b, n in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
+    check_tensor(OP, "dw_weight", dw_weight, ndim=4)
+    k = dw_weight.shape[-1]
+    if tuple(dw_weight.shape) != (hidden, 1, k, k) or k % 2 == 0:
+        raise ValueError(f"vitkernels.mix_ffn: dw_weight must be (hidden, 1, k, k) with hidden = {hidden} and k odd, "
+                         f"got {describe(dw_weight)}")
+    for name, b, n in (("fc1_bias", fc1_bias, hidden), ("dw_bias", dw_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"vitkernels.mix_ffn: {name} must be ({n},), got {describe(b)}")
 

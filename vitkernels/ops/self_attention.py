@@ -15,6 +15,7 @@ from .. import backends
 from .. import reference as ref
 from ._common import (
     check_heads,
+    check_int,
     check_tensor,
     cuda_reasons,
     default_scale,
@@ -34,7 +35,7 @@ def validate(qkv: Tensor, num_heads: int) -> int:
     if qkv.shape[-1] % 3:
         raise ValueError(f"vitkernels.self_attention: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} "
                          f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
-    return check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads)
+    return check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
 
 
 @composite(OP)
@@ -45,6 +46,7 @@ def _self_attention(qkv, num_heads, scale=None):
 
 def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     """Packed qkv (B, N, 3C) from the qkv linear -> attention output (B, N, C) ready for proj."""
+    check_int(OP, "num_heads", num_heads)
     return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
 
 

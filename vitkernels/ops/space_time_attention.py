@@ -16,7 +16,17 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import check_heads, check_same, check_tensor, default_scale, describe, empty_if_none, fresh, reference_vjp
+from ._common import (
+    check_heads,
+    check_int,
+    check_same,
+    check_tensor,
+    default_scale,
+    describe,
+    empty_if_none,
+    fresh,
+    reference_vjp,
+)
 from ._library import composite
 
 OP = "space_time_attention"
@@ -27,8 +37,9 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
     if qkv.shape[-1] % 3:
         raise ValueError(f"vitkernels.space_time_attention: qkv must be (B, S*T, 3C), its last dim {qkv.shape[-1]} "
                          f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
-    d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads)
-    if not isinstance(frames, int) or frames < 1 or qkv.shape[1] % frames:
+    d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
+    check_int(OP, "frames", frames)
+    if qkv.shape[1] % frames:
         raise ValueError(f"vitkernels.space_time_attention: frames must be a positive int dividing the token count "
                          f"{qkv.shape[1]} (S*T), got frames = {frames!r} (qkv shape {tuple(qkv.shape)})")
     if axis not in ("time", "space"):
@@ -57,6 +68,8 @@ def _space_time_attention(qkv, frames, num_heads, axis, cls_qkv=None, layout="st
 def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
                          layout: str = "st", scale: Optional[float] = None):
     """Divided space-time attention; returns `out` (B, S·T, C), or `(out, cls_out)` with a class token."""
+    check_int(OP, "frames", frames)
+    check_int(OP, "num_heads", num_heads)
     out, cls_out = torch.ops.vitkernels.space_time_attention(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     return out if cls_qkv is None else (out, cls_out)
 

@@ -15,6 +15,7 @@ from .. import backends
 from .. import reference as ref
 from ._common import (
     check_heads,
+    check_int,
     check_same,
     check_tensor,
     default_scale,
@@ -37,7 +38,7 @@ def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
     if kv.shape[0] != q.shape[0] or kv.shape[-1] != 2 * q.shape[-1]:
         raise ValueError(f"vitkernels.sr_attention: kv must be (B, M, 2C) = ({q.shape[0]}, M, {2 * q.shape[-1]}) "
                          f"for q {tuple(q.shape)}, got kv {tuple(kv.shape)}")
-    return check_heads(OP, "q", q.shape[-1], num_heads)
+    return check_heads(OP, "q", q.shape[-1], num_heads, t=q)
 
 
 @composite(OP)
@@ -48,6 +49,7 @@ def _sr_attention(q, kv, num_heads, scale=None):
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     """Queries (B, N, C) of the full-resolution map against keys/values (B, M, 2C) of the reduced map."""
+    check_int(OP, "num_heads", num_heads)
     return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
 
 

@@ -11,7 +11,15 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import check_heads, check_same, check_tensor, describe, fresh, reference_vjp
+from ._common import (
+    check_heads,
+    check_int,
+    check_same,
+    check_tensor,
+    describe,
+    fresh,
+    reference_vjp,
+)
 from ._library import composite
 
 OP = "xca"
@@ -22,7 +30,7 @@ def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
     if qkv.shape[-1] % 3:
         raise ValueError(f"vitkernels.xca: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} is not divisible "
                          f"by 3 (qkv shape {tuple(qkv.shape)})")
-    d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads)
+    d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
     check_tensor(OP, "temperature", temperature)
     check_same(OP, "qkv", qkv, temperature=temperature)
     if tuple(temperature.shape) not in ((num_heads, 1, 1), (num_heads,)):
@@ -39,6 +47,7 @@ def _xca(qkv, num_heads, temperature):
 
 def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
     """XCiT cross-covariance attention on the packed qkv projection (B, N, 3C) -> (B, N, C)."""
+    check_int(OP, "num_heads", num_heads)
     return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
 
 
