@@ -283,3 +283,17 @@ def test_models_tiny(tmp_path, monkeypatch):
 def test_ops_every_tiny_case(tmp_path):
     assert _main(["ops", "--device", "cpu", "--cpu-reps", "1", "--json", str(tmp_path / "all.json"),
                   "--no-progress"]) == 0
+
+
+def test_check_writes_stamped_json_and_csv(tmp_path):
+    import json
+
+    from vitkernels.bench import cli
+    rc = cli.main(["check", "--quick", "--op", "attention", "--json", str(tmp_path / "c.json"),
+                   "--csv", str(tmp_path / "c.csv")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["kind"] == "check" and doc["passed"] is True
+    assert {"gpu", "commit", "timestamp", "torch", "triton"} <= set(doc)
+    assert {r["backend"] for r in doc["checks"]} == {"triton", "cuda"}
+    assert (tmp_path / "c.csv").read_text().splitlines()[0] == "op,backend,dtype,device,status,detail"

@@ -57,7 +57,8 @@ def check_op(name: str, backend: str, dtype: torch.dtype, device: str):
     return "pass", f"worst error at {worst:.0%} of its bound"
 
 
-def run(quick: bool = False, dtypes=None, ops=None, device=None) -> bool:
+def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | None = None) -> bool:
+    """Prints one line per op x fused backend x dtype; appends them as dicts to `rows` if given."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtypes is None:
         dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
@@ -71,6 +72,9 @@ def run(quick: bool = False, dtypes=None, ops=None, device=None) -> bool:
             for dtype in dtypes:
                 status, detail = check_op(name, backend, dtype, device)
                 ok &= status != "FAIL"
+                if rows is not None:
+                    rows.append({"op": name, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                                 "device": device, "status": status, "detail": detail})
                 print(f"  {name:22s} {backend:10s} {str(dtype).replace('torch.', ''):9s} {status:5s} {detail}")
     print("check: all passed" if ok else "check: FAILURES")
     return ok

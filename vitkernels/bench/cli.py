@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--op", action="append", metavar="NAME", help="only these ops")
     check.add_argument("--dtype", action="append", metavar="DTYPE", help="bf16, fp16, fp32")
     check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    check.add_argument("--json", metavar="PATH", help="write the results (stamped with GPU, versions, commit, time)")
+    check.add_argument("--csv", metavar="PATH", help="write one CSV row per op x backend x dtype")
     from .results import add_report_args
     report = sub.add_parser("report", help="merge results files; regenerate docs/benchmarks.md",
                             description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
@@ -402,7 +404,16 @@ def cmd_check(args) -> int:
         raise SystemExit(f"vitkernels-bench check: {e}") from None
     if dtypes is None and args.quick:
         dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16]
-    return 0 if check.run(quick=args.quick, dtypes=dtypes, ops=_split(args.op) or None, device=device) else 1
+    rows: list = []
+    ok = check.run(quick=args.quick, dtypes=dtypes, ops=_split(args.op) or None, device=device, rows=rows)
+    from .results import metadata, write_csv, write_json
+    if args.json:
+        write_json(args.json, {**metadata(device), "kind": "check", "passed": ok, "checks": rows})
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, rows, fields=("op", "backend", "dtype", "device", "status", "detail"))
+        print(f"wrote {args.csv}")
+    return 0 if ok else 1
 
 
 def cmd_report(args) -> int:

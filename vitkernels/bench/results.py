@@ -30,7 +30,7 @@ import platform
 import re
 import subprocess
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 REQUIRED_TOP = {"gpu": str, "commit": str, "timestamp": str, "torch": str, "triton": str, "cuda": str,
                 "records": list}
@@ -188,16 +188,16 @@ def write_json(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(path: str, records: Iterable[dict]) -> None:
+def write_csv(path: str, records: Iterable[dict], fields: Sequence[str] = CSV_FIELDS) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         for r in records:
             row = dict(r)
             row["shape"] = " ".join(f"{k}={v}" for k, v in (r.get("shape") or {}).items())
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     os.replace(tmp, path)
 
 
