@@ -1,8 +1,13 @@
 """vitkernels.window_attention: Swin W-MSA / SW-MSA on un-shifted, un-partitioned tokens.
 
 qkv (B, H·W, 3C) -> (B, H·W, C); padding, cyclic shift, window partition, relative-position bias and
-shift mask are defined in SPEC.md op 3. Backends today: "reference" (index-gather math, see
-reference/window_attention.py). The fused Triton/CUDA kernels are the Swin issue's work.
+shift mask are defined in SPEC.md op 3. Backends: "triton" (fused forward and backward:
+shift, partition, padding, bias gather and mask are index math in the kernels, see
+triton/window_attention.py) and "reference" (index-gather math, see reference/window_attention.py).
+
+The private ops keep the simplest contract: `_window_attention_fwd` returns only `out` and autograd
+saves only the inputs. The fused backward recomputes the softmax of each window (N = M² <= 256 keys
+stay resident on chip), so no logsumexp or output needs to be saved, read or kept alive.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from ._common import (
     describe,
     empty_if_none,
     fresh,
+    head_dim_reasons,
     reference_vjp,
+    triton_reasons,
 )
 from ._library import composite
 
@@ -135,4 +142,20 @@ def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table
     return tuple(reference_vjp(f, (qkv, table, qkv_bias), (0, 1, 2), (dout,)))
 
 
+def _triton_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    return triton_reasons(qkv, table, qkv_bias) + head_dim_reasons((qkv.shape[-1] // 3) // num_heads)
+
+
+def _triton_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    from ..triton import window_attention as tk
+    return tk.window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale)
+
+
+def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    from ..triton import window_attention as tk
+    return tk.window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
+                                        scale)
+
+
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
