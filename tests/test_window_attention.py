@@ -1,0 +1,302 @@
+"""window_attention (Swin W-MSA / SW-MSA): the fused Triton kernels against the float64 oracle.
+
+CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest.py on CPU builds
+of torch) in float32 and float16; GPU tests (marked gpu) add bfloat16 and real Swin shapes.
+Oracle: tests/oracles.window_attention (explicit pad, shift, partition, (nW, N, N) mask) in float64
+on CPU, with autograd for the gradients. Eager: the same timm-style composition run in the tested
+dtype. Rule: tolerance.assert_within (fused error <= 2 x eager error + floor) for out and the grads
+of qkv, rel_pos_bias_table and qkv_bias.
+"""
+import os
+
+import oracles
+import pytest
+import torch
+from tolerance import assert_within
+
+import vitkernels as vk
+from vitkernels.backends import BackendUnavailableError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CAN_RUN = _INTERPRET or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not _CAN_RUN, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _kernels():
+    from vitkernels.triton import window_attention as K
+    return K
+
+
+def _make(b, h, w, c, heads, m, table, qkv_bias, scale_table=1.0):
+    qkv = torch.randn(b, h * w, 3 * c, dtype=torch.float64)
+    tab = torch.randn((2 * m - 1) ** 2, heads, dtype=torch.float64) * scale_table if table else None
+    bias = torch.randn(3 * c, dtype=torch.float64) if qkv_bias else None
+    return qkv, tab, bias
+
+
+def _grads(fn, inputs, cot):
+    """(out, grad of every non-None input; zeros where the input does not reach the output)."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    used = [t for t in leaves if t is not None]
+    got = torch.autograd.grad(out, used, cot.to(out.dtype), allow_unused=True)
+    return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(used, got)]
+
+
+def check_case(b, h, w, c, heads, m, s, table=True, qkv_bias=True, dtype=torch.float32, device=DEVICE,
+               scale=None):
+    qkv, tab, bias = _make(b, h, w, c, heads, m, table, qkv_bias)
+    hw = (h, w)
+
+    def oracle_fn(x, t, bb):
+        return oracles.window_attention(x, hw, heads, m, s, t, bb, scale)
+
+    def fused_fn(x, t, bb):
+        return vk.window_attention(x, hw, heads, m, s, t, bb, scale)
+
+    inputs64 = [qkv, tab, bias]
+    cot = torch.randn(b, h * w, c, dtype=torch.float64)
+    oracle = _grads(oracle_fn, inputs64, cot)
+    low = [None if t is None else t.to(device=device, dtype=dtype) for t in inputs64]
+    eager = _grads(oracle_fn, low, cot.to(device))
+    with vk.use_backend("triton"):
+        fused = _grads(fused_fn, low, cot.to(device))
+    names = ["out", "dqkv"] + (["dtable"] if table else []) + (["dqkv_bias"] if qkv_bias else [])
+    for name, f, e, o in zip(names, fused, eager, oracle):
+        assert f.dtype == dtype, name
+        assert_within(f"triton {dtype} {name} (B={b}, {h}x{w}, C={c}, heads={heads}, M={m}, s={s})",
+                      f, e, o, dtype)
+
+
+# B, H, W, C, heads, M, s
+CASES = [
+    (1, 7, 7, 16, 2, 7, 0),      # one window, no padding
+    (2, 14, 14, 48, 3, 7, 3),    # SW-MSA, 4 windows, D = 16
+    (1, 9, 11, 24, 3, 4, 2),     # padding on both sides, D = 8
+    (2, 5, 6, 32, 1, 3, 1),      # odd sizes, D = 32
+    (1, 3, 3, 16, 2, 1, 0),      # M = 1: every window is one token
+    (1, 8, 8, 64, 2, 12, 0),     # single padded window, N = 144 (> 128), D = 32
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", CPU_DTYPES if not torch.cuda.is_available() else
+                         [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_{}x{}_C{}_h{}_M{}_s{}".format(*c))
+def test_window_attention_vs_oracle(case, dtype):
+    check_case(*case, dtype=dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("table,qkv_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("case", [(1, 9, 11, 24, 3, 4, 2), (1, 8, 8, 32, 1, 12, 5)],
+                         ids=["9x11_M4_s2", "8x8_M12_s5"])
+def test_optional_table_and_bias(case, table, qkv_bias):
+    check_case(*case, table=table, qkv_bias=qkv_bias, dtype=torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_head_dim_64_and_scale(dtype):
+    check_case(1, 6, 5, 128, 2, 3, 1, dtype=dtype, scale=0.3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_non_power_of_two_head_dim(dtype):
+    check_case(1, 5, 5, 36, 3, 3, 2, dtype=dtype)  # D = 12 -> BLOCK_D 16, masked columns
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [
+    {"fwd": (16, 16), "bwd": 16, "bwd_keys": None, "wpg": 1},  # query and key blocks (fwd online softmax)
+    {"fwd": (16, 32), "bwd": 16, "bwd_keys": 16, "wpg": 3},    # backward key blocks: lse + out + dq workspace
+], ids=["query_blocks", "key_blocks"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_multi_block_paths(monkeypatch, blocks, dtype):
+    """The tilings a GPU picks for large windows (M = 12, M >= 17), forced at a small shape."""
+    if not _INTERPRET:
+        pytest.skip("the fixed interpreter tiling is only used under TRITON_INTERPRET=1")
+    K = _kernels()
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "fwd", blocks["fwd"])
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "bwd", blocks["bwd"])
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "bwd_keys", blocks["bwd_keys"])
+    monkeypatch.setattr(K, "WINDOWS_PER_PROGRAM", blocks["wpg"])
+    check_case(1, 9, 6, 32, 2, 5, 2, dtype=dtype)  # N = 25: two 16-slot blocks, padded slots
+
+
+@needs_triton
+@pytest.mark.parametrize("wpg", [1, 4])
+def test_windows_per_program(monkeypatch, wpg):
+    """Programs walking several windows (across an image boundary) give the same result."""
+    monkeypatch.setattr(_kernels(), "WINDOWS_PER_PROGRAM", wpg)
+    check_case(3, 6, 7, 16, 2, 3, 1, dtype=torch.float32)  # 3 images x 6 windows, groups cross images
+
+
+# ----------------------------------------------------------------------------- layouts and edge cases
+
+@needs_triton
+def test_non_contiguous_inputs():
+    b, h, w, c, heads, m, s = 2, 7, 6, 32, 2, 4, 2
+    wide = torch.randn(b, h * w, 3 * c + 8, device=DEVICE)
+    qkv = wide[..., 5:5 + 3 * c]                                         # row stride 3C + 8
+    qkv_t = torch.randn(b, 3 * c, h * w, device=DEVICE).transpose(1, 2)  # last-dim stride != 1 (copied)
+    table = torch.randn(heads, (2 * m - 1) ** 2, device=DEVICE).t()      # strides (1, (2M-1)^2)
+    bias = torch.randn(2 * 3 * c, device=DEVICE)[::2]                    # stride 2 (copied)
+    for x in (qkv, qkv_t):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, table, bias)]
+        with vk.use_backend("triton"):
+            out = vk.window_attention(leaves[0], (h, w), heads, m, s, leaves[1], leaves[2])
+            out.square().sum().backward()
+        ref = [t.detach().contiguous().double().cpu().requires_grad_() for t in (x, table, bias)]
+        with vk.use_backend("reference"):
+            expect = vk.window_attention(ref[0], (h, w), heads, m, s, ref[1], ref[2])
+            expect.square().sum().backward()
+        torch.testing.assert_close(out.double().cpu(), expect, atol=1e-4, rtol=1e-4)
+        for got, want in zip(leaves, ref):
+            torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-3, rtol=1e-3)
+
+
+@needs_triton
+def test_empty_batch():
+    qkv = torch.randn(0, 5 * 7, 3 * 32, device=DEVICE, requires_grad=True)
+    table = torch.randn(25, 2, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3 * 32, device=DEVICE, requires_grad=True)
+    with vk.use_backend("triton"):
+        out = vk.window_attention(qkv, (5, 7), 2, 3, 1, table, bias)
+        out.sum().backward()
+    assert out.shape == (0, 35, 32)
+    assert qkv.grad.shape == qkv.shape
+    assert (table.grad == 0).all() and (bias.grad == 0).all()
+
+
+@needs_triton
+def test_deterministic_mode_same_grads():
+    """No atomics: the backward is bitwise reproducible, and deterministic mode runs the same path."""
+    qkv, tab, bias = (None if t is None else t.float().to(DEVICE) for t in _make(2, 9, 10, 32, 2, 4, True, True))
+    cot = torch.randn(2, 90, 32, device=DEVICE)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (qkv, tab, bias)]
+        with vk.use_backend("triton"):
+            out = vk.window_attention(leaves[0], (9, 10), 2, 4, 2, leaves[1], leaves[2])
+        out.backward(cot)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    first = run()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = run()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b_, c in zip(first, det, run()):
+        assert torch.equal(a, b_) and torch.equal(a, c)
+
+
+@needs_triton
+def test_output_fully_written():
+    """Every token of out / dqkv is written: NaN-filled memory from the allocator never leaks."""
+    qkv = torch.randn(1, 10 * 9, 3 * 32, device=DEVICE, requires_grad=True)
+    for _ in range(2):
+        filler = torch.full((1 << 16,), float("nan"), device=DEVICE)
+        del filler
+        with vk.use_backend("triton"):
+            out = vk.window_attention(qkv, (10, 9), 2, 4, 2)
+            out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(qkv.grad).all()
+        qkv.grad = None
+
+
+def test_triton_unavailable_reasons():
+    qkv = torch.randn(1, 9, 3 * 32, dtype=torch.float64)
+    with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="float64"):
+        vk.window_attention(qkv, (3, 3), 1, 3)
+    wide = torch.randn(1, 9, 3 * 256)
+    if _CAN_RUN:
+        with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="head dim 256"):
+            vk.window_attention(wide, (3, 3), 1, 3)
+    if _INTERPRET:
+        with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="bfloat16"):
+            vk.window_attention(qkv.bfloat16(), (3, 3), 1, 3)
+
+
+def test_auto_picks_triton_on_cuda_only():
+    from vitkernels import backends
+    qkv = torch.randn(1, 9, 96)
+    assert backends.select("window_attention", qkv, [3, 3], 1, 3, 0, None, None, 0.1).backend == "reference"
+    if torch.cuda.is_available():
+        assert backends.select("window_attention", qkv.cuda(), [3, 3], 1, 3, 0, None, None, 0.1,
+                               backward=True).backend == "triton"
+
+
+def test_flops():
+    K = pytest.importorskip("vitkernels.triton.window_attention")
+    # Swin-T stage 1: 3.78 GFLOP forward (see the kernel header)
+    assert K.window_attention_flops(64, 56, 56, 96, 3, 7) == 4 * 64 * 64 * 3 * 49 * 49 * 32
+
+
+@needs_triton
+def test_swin_model_training_step():
+    """A small Swin (padding, shift, window = map on the last stage) trained one step on the triton
+    backend matches the reference backend: forward, every parameter gradient."""
+    model = vk.models.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2),
+                                   num_heads=(1, 2), num_classes=4).to(DEVICE)
+    x = torch.randn(2, 3, 60, 68, device=DEVICE)
+    grads = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        with vk.use_backend(backend):
+            out = model(x)
+            out.logsumexp(-1).sum().backward()
+        grads[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], atol=1e-4, rtol=1e-4)
+    for name, g in grads["reference"][1].items():
+        torch.testing.assert_close(grads["triton"][1][name], g, atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ----------------------------------------------------------------------------- GPU: real Swin shapes
+
+SWIN_SHAPES = [  # B, H, W, C, heads, M, s
+    (8, 56, 56, 96, 3, 7, 3),     # Swin-T stage 1
+    (8, 28, 28, 192, 6, 7, 3),    # stage 2
+    (8, 14, 14, 384, 12, 7, 3),   # stage 3
+    (8, 7, 7, 768, 24, 7, 3),     # stage 4 (one window per image)
+    (2, 96, 96, 128, 4, 12, 6),   # Swin-B 384 stage 1
+    (2, 48, 48, 256, 8, 12, 6),   # stage 2
+    (2, 24, 24, 512, 16, 12, 6),  # stage 3
+    (2, 12, 12, 1024, 32, 12, 0), # stage 4
+    (2, 50, 38, 96, 3, 7, 3),     # odd map sizes (padding + shift)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SWIN_SHAPES, ids=lambda c: "B{}_{}x{}_C{}_h{}_M{}_s{}".format(*c))
+def test_swin_shapes_gpu(shape, dtype):
+    check_case(*shape, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_many_windows_gpu():
+    """B·nW = 66,560 > 65,535 windows on the 1-D grid; checked against the reference backend (the
+    looping oracle would be slow at this size)."""
+    b, h, w, c, heads, m, s = 1040, 56, 56, 32, 1, 7, 3
+    inputs = [torch.randn(b, h * w, 3 * c, device="cuda"), torch.randn(169, heads, device="cuda"),
+              torch.randn(3 * c, device="cuda")]
+    cot = torch.randn(b, h * w, c, device="cuda")
+
+    def fn(x, t, bb):
+        return vk.window_attention(x, (h, w), heads, m, s, t, bb)
+
+    with vk.use_backend("reference"):
+        want = _grads(fn, inputs, cot)
+    with vk.use_backend("triton"):
+        got = _grads(fn, [t.bfloat16() for t in inputs], cot)
+    for name, g, r in zip(["out", "dqkv", "dtable", "dqkv_bias"], got, want):
+        scale = max(1.0, r.abs().max().item())
+        assert (g.float() - r).abs().max().item() <= 3e-2 * scale, name

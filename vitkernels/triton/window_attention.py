@@ -1,0 +1,774 @@
+"""Fused Triton kernels for ``vitkernels.window_attention`` (Swin W-MSA / SW-MSA).
+
+Math
+----
+qkv (B, L = H·W, 3C) is the qkv linear of the un-shifted, un-partitioned map; C = heads·D.
+Hp = ⌈H/M⌉·M, Wp = ⌈W/M⌉·M, nW = (Hp/M)·(Wp/M) windows of N = M² slots. For slot t = p·M + c
+of window (wh, ww), everything the eager Swin code materialises is index math here:
+
+    shifted-grid coords   (y, x)     = (wh·M + p, ww·M + c)
+    source map coords     (row, col) = ((y + s) mod Hp, (x + s) mod Wp)
+    token                 row·W + col, or a padded token (its q/k/v = qkv_bias, 0 if None)
+                          iff row >= H or col >= W
+    region label          3·r(y, Hp) + r(x, Wp), r(z, Z) = [z >= Z−M] + [z >= Z−s]  (s > 0)
+    rel-pos index         (p_i − p_j + M − 1)·(2M − 1) + (c_i − c_j + M − 1)
+
+and per window and head, in base 2 (log2 e folded into the score scale so the kernels use exp2):
+
+    S  = q kᵀ·scale + table[idx, h] − 100·[label_i != label_j]        (N, N), never leaves chip
+    P  = softmax_rows(S),  O = P v                                     out[token] = O[slot]
+
+Backward, given dO (padded query slots are cropped, so their dO = 0 and they add nothing):
+
+    P (recomputed: row max and sum of the resident score tile), dV = Pᵀ dO, dP = dO vᵀ,
+    delta = rowsum(P ∘ dP) (= rowsum(dO ∘ O)), dS = P ∘ (dP − delta),
+    dQ = dS k·scale, dK = dSᵀ q·scale,
+    dtable[e, h] = Σ_{batch, windows} Σ_{i,j: idx(i,j)=e} dS[i, j]
+    dqkv_bias   = Σ over padded key slots of (dK, dV)   (the q part is exactly 0: see above)
+
+Every real token fills exactly one slot of one window, so dq / dk / dv are plain stores into a
+packed (B, L, 3C) buffer; no atomics anywhere (the backward is deterministic).
+
+Cost
+----
+    forward  FLOPs = 4·B·nW·heads·N²·D   (QKᵀ and PV; the tiles run padded: N = 49 → 64)
+    backward FLOPs = 10·B·nW·heads·N²·D  (5 matmuls: QKᵀ recompute, dV, dP, dK, dQ)
+    forward  bytes = e·B·L·(3C + C) + table       (qkv read once, out written once)
+    backward bytes = e·B·L·(3C + C + 3C) + table  (qkv, dO read; dqkv written) + tiny partials
+Neither pass reads or writes the logsumexp or the output: the backward recomputes the softmax of
+its resident (≤ 256-key) tile instead (see Design).
+
+Roofline, H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s), Swin-T stage 1: B = 64, 56×56, C = 96,
+3 heads (D = 32), M = 7, shift 3, bf16 — nW = 64, N = 49:
+    forward  3.78 GFLOP, 154.1 MB → compute 3.8 µs, memory 46.0 µs → floor 46.0 µs
+    backward 9.44 GFLOP, 269.7 MB → compute 9.5 µs, memory 80.5 µs → floor 80.5 µs
+~25 FLOP/byte against a ridge of ~295: purely a bandwidth problem. Padding 49 → 64 raises the
+executed MMA work 1.7× (still < 20 µs) and exp2 is ~50 M per pass (~13 µs of MUFU), both under
+the memory floor.
+
+Design
+------
+* One program = one head × a group of WPG consecutive windows (flattened over batch, 1-D grid,
+  pid = group·heads + head, so any B·nW works and the heads of a window, which read adjacent
+  bytes of each token row, run side by side). WPG is chosen per launch (≈ 8 programs per SM).
+  Inside, a window is processed as query blocks × key blocks of the N slots; the autotuner picks
+  BLOCK_M/BLOCK_N (N = 49: one 64×64 tile).
+* Loads are gathers of whole D-wide head rows (int64 batch base, int32 in-tile offsets; int64
+  row offsets only when one image's qkv passes 2^31 elements). Padded slots take the qkv_bias
+  row, out-of-window slots (t >= N) get −inf scores.
+* Single-tile windows (N <= BLOCK_M and N <= BLOCK_N: M <= 8 with the tuned configs) gather the
+  relative-position bias tile once per program and reuse it for all WPG windows (it does not
+  depend on the window); larger windows gather it per tile. The shift mask is per-window label
+  arithmetic.
+* Forward: online softmax over key blocks; out stored for real slots only.
+* Backward (``_wa_bwd_kernel``), keys resident: for N <= 256 the whole key set is one block, so
+  every query block sees complete score rows: the kernel recomputes the row max/sum itself (no
+  lse to save, read or keep alive), delta = rowsum(P∘dP) without reading O, and dQ of a query
+  block is final (stored directly). dK/dV accumulate over query blocks in registers.
+  For N > 256 (M >= 17, no Swin model) keys come in blocks: the launcher first reruns the forward
+  to get out and lse, delta = rowsum(dO∘O), and dQ is accumulated in an fp32 workspace
+  (program-exclusive rows, read-modify-write, no atomics).
+* dtable: dS is summed over the program's windows in registers (single tile) and then binned
+  into the (2M−1)² table entries with ``tl.gather`` (row i, entry e → the key slot at that
+  offset), once per program; multi-tile windows bin each tile. Each program writes its own
+  (2M−1)² partial row, summed by torch: deterministic, ~0.7 KB per program for M = 7.
+  dqkv_bias likewise: per-program (2, D) partial sums of dK/dV over padded slots.
+* Precision: fp16/bf16 dots on tensor cores with fp32 accumulation (P, dS rounded to the input
+  dtype before their matmul, as FA2); fp32 uses "ieee" unless PyTorch allows TF32 matmuls.
+  Under TRITON_INTERPRET=1 a fixed small config is used (``INTERPRET_BLOCKS``,
+  ``WINDOWS_PER_PROGRAM``; tests patch them to cover the multi-block paths).
+
+Registers (offline sm_90 compile, bf16, table + qkv_bias + shift, D = 32): forward 64×64 / 4 warps
+161 (fits maxnreg = 128), backward BLOCK_M 64 / 8 warps or 32 / 4 warps 255 without spills (about
+240 live: 2 CTAs per SM); M = 12 backward (256 resident keys) BLOCK_M 16 / 8 warps spills 40 bytes.
+Full table in docs/window_attention.md.
+
+Versions
+--------
+| version | change                                                             | H100 fwd / bwd |
+|---------|--------------------------------------------------------------------|----------------|
+| v1      | this file: index-math gather, resident-key backward recomputing    | unmeasured     |
+|         | the softmax, gather-binned deterministic dtable                    |                |
+| next    | measure; then cut backward registers (per-window dtable binning,   |                |
+|         | prefetch of the next window) and retune WPG                        |                |
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops",
+           "window_attention_forward"]
+
+MAX_HEAD_DIM = 128
+# Backward: the key set stays resident (one block) up to this many slots (M <= 16).
+MAX_RESIDENT_KEYS = 256
+_LOG2E = 1.4426950408889634
+
+# Interpreter (CPU) configuration; tests patch these to exercise the multi-block paths.
+# "fwd": (BLOCK_M, BLOCK_N) or None (BLOCK_M = min(64, next_pow2(N)), keys in one block);
+# "bwd": BLOCK_M or None (min(64, next_pow2(N))); "bwd_keys": BLOCK_N or None (resident keys).
+INTERPRET_BLOCKS = {"fwd": None, "bwd": None, "bwd_keys": None}
+# Windows per program; None chooses per launch (2 under the interpreter).
+WINDOWS_PER_PROGRAM = None
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr):
+    """Window slots t (vector) of window (wh, ww) → (in-window, real token, token, p, c, label)."""
+    ok = t < M * M
+    p = t // M
+    c = t - p * M
+    y = wh * M + p
+    x = ww * M + c
+    row = y + SHIFT
+    row = tl.where(row >= Hp, row - Hp, row)
+    col = x + SHIFT
+    col = tl.where(col >= Wp, col - Wp, col)
+    real = ok & (row < H) & (col < W)
+    tok = tl.where(real, row * W + col, 0)
+    if SHIFT > 0:
+        lab = (3 * ((y >= Hp - M).to(tl.int32) + (y >= Hp - SHIFT).to(tl.int32))
+               + (x >= Wp - M).to(tl.int32) + (x >= Wp - SHIFT).to(tl.int32))
+    else:
+        lab = t * 0
+    return ok, real, tok, p, c, lab
+
+
+@triton.jit
+def _row_off(tok, stride, BIG: tl.constexpr):
+    if BIG:
+        off = tok.to(tl.int64) * stride
+    else:
+        off = tok * stride
+    return off
+
+
+@triton.jit
+def _load_rows(base, off, real, d, d_ok, MASK_D: tl.constexpr):
+    """(rows, BLOCK_D) tile of head rows at base + off; non-real rows read 0."""
+    if MASK_D:
+        x = tl.load(base + off[:, None] + d[None, :], mask=real[:, None] & d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(base + off[:, None] + d[None, :], mask=real[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, off, x, real, d, d_ok, MASK_D: tl.constexpr):
+    if MASK_D:
+        tl.store(base + off[:, None] + d[None, :], x, mask=real[:, None] & d_ok[None, :])
+    else:
+        tl.store(base + off[:, None] + d[None, :], x, mask=real[:, None])
+
+
+@triton.jit
+def _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr):
+    """table[idx(i, j), head] gathered into a (BLOCK_M, BLOCK_N) tile (table dtype: a tile kept
+    across windows costs half the registers of an fp32 one)."""
+    idx = (pi[:, None] - pj[None, :] + (M - 1)) * (2 * M - 1) + (ci[:, None] - cj[None, :] + (M - 1))
+    return tl.load(tab + idx * stride_tr, mask=oki[:, None] & okj[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE: tl.constexpr, SHIFT: tl.constexpr,
+            MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores: (q kᵀ·scale + B_rel + mask)·log2 e; slots outside the window → −inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_TABLE:
+        s += rel.to(tl.float32) * 1.4426950408889634
+    if SHIFT > 0:
+        s = tl.where(labi[:, None] == labj[None, :], s, s - 144.26950408889634)  # −100·log2 e
+    if MASK_N:
+        s = tl.where(okj[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _bin_ds(ds, pi, ci, oki, j0, part, M: tl.constexpr, BLOCK_N: tl.constexpr,
+            ACCUM: tl.constexpr):
+    """Sum a dS tile (rows = query slots pi/ci, columns = key slots j0 + [0, BLOCK_N)) into the
+    (2M−1)² relative-position bins: part[e] (+)= Σ_{i,j: idx(i,j) = e} ds[i, j].
+
+    For row i and entry e the key slot is unique (p_j = p_i + M−1 − e // (2M−1), likewise c_j),
+    so the bin is a gather along the row, summed over rows."""
+    S2: tl.constexpr = 2 * M - 1
+    E: tl.constexpr = S2 * S2
+    ar = tl.arange(0, BLOCK_N)
+    for e0 in tl.static_range(0, E, BLOCK_N):
+        e = e0 + ar
+        u = e // S2
+        v = e - u * S2
+        pj = pi[:, None] + (M - 1) - u[None, :]
+        cj = ci[:, None] + (M - 1) - v[None, :]
+        col = pj * M + cj - j0
+        ok = (oki[:, None] & (pj >= 0) & (pj < M) & (cj >= 0) & (cj < M) & (col >= 0)
+              & (col < BLOCK_N) & (e < E)[None, :])
+        g = tl.gather(ds, tl.where(ok, col, 0), 1)
+        tot = tl.sum(tl.where(ok, g, 0.0), 0)
+        if ACCUM:
+            tot += tl.load(part + e, mask=e < E, other=0.0)
+        tl.store(part + e, tot, mask=e < E)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _wa_fwd_kernel(
+    QKV, Table, QKVBias, Out, Lse,
+    stride_xb, stride_xl, stride_tr, stride_th, stride_ob, stride_ol,
+    L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale,
+    M: tl.constexpr, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, STORE_LSE: tl.constexpr, BIG: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    N: tl.constexpr = M * M
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    SINGLE: tl.constexpr = NUM_M * NUM_N == 1
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+
+    pid = tl.program_id(0)
+    head = pid % heads
+    w0 = (pid // heads) * WPG
+    w1 = tl.minimum(w0 + WPG, BW)
+    hd = head * HEAD_DIM
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
+    tab = Table + head * stride_th
+    if HAS_QB:
+        bk = tl.load(QKVBias + C + hd + d, mask=d_ok, other=0.0)
+        bv = tl.load(QKVBias + 2 * C + hd + d, mask=d_ok, other=0.0)
+    if HAS_TABLE and SINGLE:  # the bias tile does not depend on the window: gather it once
+        ok0, _r0, _t0, p0, c0, _l0 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        okk, _r1, _t1, pk0, ck0, _l1 = _slots(ar_n, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        rel0 = _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+
+    for w in range(w0, w1):
+        b = w // nW
+        win = w - b * nW
+        wh = win // nWw
+        ww = win - wh * nWw
+        b64 = b.to(tl.int64)
+        x_base = QKV + b64 * stride_xb + hd
+        o_base = Out + b64 * stride_ob + hd
+        for i in range(NUM_M):
+            ti = i * BLOCK_M + ar_m
+            oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT)
+            q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for j in range(NUM_N):
+                tj = j * BLOCK_N + ar_n
+                okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
+                offj = _row_off(tokj, stride_xl, BIG)
+                k = _load_rows(x_base + C, offj, realj, d, d_ok, MASK_D)
+                v = _load_rows(x_base + 2 * C, offj, realj, d, d_ok, MASK_D)
+                if HAS_QB:  # padded slots hold the qkv of a zero token
+                    k = tl.where(realj[:, None], k, bk[None, :])
+                    v = tl.where(realj[:, None], v, bv[None, :])
+                if HAS_TABLE:
+                    if SINGLE:
+                        rel = rel0
+                    else:
+                        rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
+                else:
+                    rel = 0.0
+                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
+                            PRECISION)
+                # Every key block holds at least one in-window slot, so m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+                m_i = m_new
+            out = acc * (1.0 / l_i)[:, None]
+            _store_rows(o_base, _row_off(toki, stride_ol, BIG), out.to(Out.dtype.element_ty), reali,
+                        d, d_ok, MASK_D)
+            if STORE_LSE:
+                lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+                tl.store(Lse + (b64 * heads + head) * L + toki, lse, mask=reali)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _wa_bwd_kernel(
+    QKV, Table, QKVBias, DO, DQKV, Out, Lse, DQW, TablePart, BiasPart,
+    stride_xb, stride_xl, stride_tr, stride_th, stride_dob, stride_dol, stride_gb, stride_gl,
+    stride_ob, stride_ol, stride_wb, stride_wl,
+    L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale, scale,
+    M: tl.constexpr, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    QB_GRAD: tl.constexpr, BIG: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    N: tl.constexpr = M * M
+    E: tl.constexpr = (2 * M - 1) * (2 * M - 1)
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    SINGLE: tl.constexpr = NUM_M * NUM_N == 1
+    KEYS_RESIDENT: tl.constexpr = NUM_N == 1
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+
+    pid = tl.program_id(0)
+    head = pid % heads
+    w0 = (pid // heads) * WPG
+    w1 = tl.minimum(w0 + WPG, BW)
+    hd = head * HEAD_DIM
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
+    tab = Table + head * stride_th
+    part = TablePart + pid.to(tl.int64) * E
+    if HAS_QB:
+        bk = tl.load(QKVBias + C + hd + d, mask=d_ok, other=0.0)
+        bv = tl.load(QKVBias + 2 * C + hd + d, mask=d_ok, other=0.0)
+    if HAS_TABLE and SINGLE:  # the bias tile does not depend on the window: gather it once
+        ok0, _r0, _t0, p0, c0, _l0 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        okk, _r1, _t1, pk0, ck0, _l1 = _slots(ar_n, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        rel0 = _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+    if TABLE_GRAD and SINGLE:  # dS summed over this program's windows, binned once at the end
+        ds_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if QB_GRAD:  # this program's row of the qkv_bias partial sums, accumulated in place
+        bpart = BiasPart + pid.to(tl.int64) * (2 * BLOCK_D)
+        tl.store(bpart + d, tl.zeros([BLOCK_D], dtype=tl.float32))
+        tl.store(bpart + BLOCK_D + d, tl.zeros([BLOCK_D], dtype=tl.float32))
+
+    for w in range(w0, w1):
+        b = w // nW
+        win = w - b * nW
+        wh = win // nWw
+        ww = win - wh * nWw
+        b64 = b.to(tl.int64)
+        x_base = QKV + b64 * stride_xb + hd
+        do_base = DO + b64 * stride_dob + hd
+        g_base = DQKV + b64 * stride_gb + hd
+        for j in range(NUM_N):
+            tj = j * BLOCK_N + ar_n
+            okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
+            offj = _row_off(tokj, stride_xl, BIG)
+            k = _load_rows(x_base + C, offj, realj, d, d_ok, MASK_D)
+            v = _load_rows(x_base + 2 * C, offj, realj, d, d_ok, MASK_D)
+            if HAS_QB:
+                k = tl.where(realj[:, None], k, bk[None, :])
+                v = tl.where(realj[:, None], v, bv[None, :])
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for i in range(NUM_M):
+                ti = i * BLOCK_M + ar_m
+                oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT)
+                q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
+                # Padded (cropped) query slots get dO = 0: they contribute nothing below.
+                do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
+                if HAS_TABLE:
+                    if SINGLE:
+                        rel = rel0
+                    else:
+                        rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
+                else:
+                    rel = 0.0
+                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
+                            PRECISION)
+                if KEYS_RESIDENT:  # complete rows: recompute the softmax, no saved lse
+                    m_i = tl.max(s, 1)
+                    p = tl.math.exp2(s - m_i[:, None])
+                    p = p * (1.0 / tl.sum(p, 1))[:, None]
+                else:
+                    lse2 = tl.load(Lse + (b64 * heads + head) * L + toki, mask=reali,
+                                   other=float("inf")) * 1.4426950408889634
+                    p = tl.math.exp2(s - lse2[:, None])
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                if KEYS_RESIDENT:
+                    delta = tl.sum(p * dp, 1)
+                else:
+                    o = _load_rows(Out + b64 * stride_ob + hd, _row_off(toki, stride_ol, BIG), reali,
+                                   d, d_ok, MASK_D)
+                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                ds = p * (dp - delta[:, None])
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                if KEYS_RESIDENT:
+                    _store_rows(g_base, _row_off(toki, stride_gl, BIG),
+                                dq.to(DQKV.dtype.element_ty), reali, d, d_ok, MASK_D)
+                else:  # fp32 workspace rows owned by this program: read-modify-write
+                    w_ptr = DQW + b64 * stride_wb + hd
+                    offw = _row_off(toki, stride_wl, BIG)
+                    dq += _load_rows(w_ptr, offw, reali, d, d_ok, MASK_D)
+                    _store_rows(w_ptr, offw, dq, reali, d, d_ok, MASK_D)
+                if TABLE_GRAD:
+                    if SINGLE:
+                        ds_sum += ds
+                    else:
+                        _bin_ds(ds, pi, ci, oki, j * BLOCK_N, part, M, BLOCK_N, True)
+                        tl.debug_barrier()
+            dk = dk * scale
+            offg = _row_off(tokj, stride_gl, BIG)
+            _store_rows(g_base + C, offg, dk.to(DQKV.dtype.element_ty), realj, d, d_ok, MASK_D)
+            _store_rows(g_base + 2 * C, offg, dv.to(DQKV.dtype.element_ty), realj, d, d_ok, MASK_D)
+            if QB_GRAD:
+                # Only windows at the bottom/right edge hold padded slots: a scalar branch keeps
+                # the reduction (and its registers) off the common path.
+                pad = okj & (realj == 0)
+                if tl.sum(pad.to(tl.int32), 0) > 0:
+                    tl.debug_barrier()
+                    gk = tl.sum(tl.where(pad[:, None], dk, 0.0), 0)
+                    gv = tl.sum(tl.where(pad[:, None], dv, 0.0), 0)
+                    tl.store(bpart + d, tl.load(bpart + d) + gk)
+                    tl.store(bpart + BLOCK_D + d, tl.load(bpart + BLOCK_D + d) + gv)
+            if not KEYS_RESIDENT:
+                tl.debug_barrier()
+
+    if TABLE_GRAD and SINGLE:
+        okb, _r2, _t2, pb, cb, _l2 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        _bin_ds(ds_sum, pb, cb, okb, 0, part, M, BLOCK_N, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _cap(m: int) -> int:
+    return max(16, triton.next_power_of_2(m * m))
+
+
+def _cfgs(shapes, keys):
+    """(*blocks, num_warps, num_stages[, maxnreg]) tuples → triton.Config list."""
+    out = []
+    for shape in shapes:
+        blocks, (w, st, *reg) = shape[:len(keys)], shape[len(keys):]
+        out.append(triton.Config(dict(zip(keys, blocks)), num_warps=w, num_stages=st,
+                                 maxnreg=reg[0] if reg else None))
+    return out
+
+
+def _window(named_args, kwargs) -> int:
+    return int(kwargs["M"] if "M" in kwargs else named_args["M"])  # M is passed as a keyword
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Blocks no larger than next_pow2(N) and key blocks of at least a quarter of it."""
+    cap = _cap(_window(named_args, kwargs))
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= cap and cap // 4 <= c.kwargs["BLOCK_N"] <= cap]
+    return kept or [triton.Config({"BLOCK_M": cap, "BLOCK_N": cap}, num_warps=4, num_stages=1)]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    cap = _cap(_window(named_args, kwargs))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [triton.Config({"BLOCK_M": cap}, num_warps=4, num_stages=1)]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), pruned per window size (N = 49 → blocks
+# <= 64). Offline sm_90 compiles (ptxas, bf16, table + qkv_bias + shift): M = 7 forward 64×64 /
+# 4 warps uses 161 registers at D = 32 and fits 128 (maxnreg) without spilling, 165 at D = 64,
+# 240 at D = 128; M = 12 forward 64×256 / 8 warps 253, 32×256 / 8 warps 217, no spills.
+_FWD_CONFIGS = _cfgs([
+    (64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1),
+    (16, 16, 2, 1), (16, 16, 4, 1),
+    (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1),
+], ("BLOCK_M", "BLOCK_N"))
+_FWD_CONFIGS_FP32 = _cfgs([
+    (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1), (64, 128, 8, 1),
+    (32, 128, 4, 1), (32, 256, 8, 1),
+], ("BLOCK_M", "BLOCK_N"))
+# Backward: BLOCK_N is the resident key block (set by the launcher), BLOCK_M the query block.
+# sm_90, bf16, all features: M = 7, D = 32: 64 / 8 warps and 32 / 4 warps 255 registers without
+# spills (64 / 4 warps spills 12 bytes); D = 64: 32 / 4 warps no spill; M = 12 (256 resident
+# keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
+_BWD_CONFIGS = _cfgs([
+    (64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1),
+], ("BLOCK_M",))
+_BWD_CONFIGS_FP32 = _cfgs([(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)],
+                          ("BLOCK_M",))
+
+_FWD_KEY = ["M", "SHIFT", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]
+_BWD_KEY = ["M", "SHIFT", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GRAD", "PRECISION",
+            "BLOCK_N"]
+
+# triton.jit decides at decoration (import) time whether kernels are interpreted.
+_INTERPRETED = type(_wa_fwd_kernel).__name__ == "InterpretedFunction"
+
+_TUNED = {
+    "half": (
+        triton.autotune(_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_wa_fwd_kernel),
+        triton.autotune(_BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
+                        restore_value=["DQW", "TablePart"])(_wa_bwd_kernel),
+    ),
+    "fp32": (
+        triton.autotune(_FWD_CONFIGS_FP32, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_wa_fwd_kernel),
+        triton.autotune(_BWD_CONFIGS_FP32, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
+                        restore_value=["DQW", "TablePart"])(_wa_bwd_kernel),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fp32_precision() -> str:
+    """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+        if p in ("tf32", "ieee"):
+            return p
+        try:
+            return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        except (AttributeError, RuntimeError):
+            return "ieee"
+
+
+def _precision(dtype) -> str:
+    return _fp32_precision() if dtype == torch.float32 else "tf32"
+
+
+def _family(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _use_fixed(t: torch.Tensor) -> bool:
+    if _INTERPRETED:
+        return True
+    if t.device.type != "cuda":
+        raise RuntimeError(
+            f"vitkernels triton window_attention: tensors are on {t.device}, but Triton kernels need "
+            "CUDA tensors (or TRITON_INTERPRET=1 set before triton is first imported)")
+    return False
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _windows_per_program(bw: int, heads: int, device) -> int:
+    if WINDOWS_PER_PROGRAM is not None:
+        return max(1, int(WINDOWS_PER_PROGRAM))
+    if _INTERPRETED:
+        return 2
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(16, (bw * heads) // (8 * sms)))
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+class _Geometry:
+    def __init__(self, qkv, hw, heads, m, s):
+        if qkv.dim() != 3 or qkv.shape[-1] % 3:
+            raise ValueError(f"qkv must be (B, H*W, 3C), got shape {tuple(qkv.shape)}")
+        if qkv.dtype not in _DTYPES:
+            raise ValueError(f"qkv has dtype {qkv.dtype}; supported: float16, bfloat16, float32")
+        self.B, self.L, c3 = qkv.shape
+        self.C = c3 // 3
+        self.heads = int(heads)
+        if self.C % self.heads:
+            raise ValueError(f"C = {self.C} is not divisible by num_heads = {heads}")
+        self.D = self.C // self.heads
+        if not 1 <= self.D <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim {self.D} is not supported by the Triton window_attention "
+                             f"kernels (1 <= D <= {MAX_HEAD_DIM})")
+        self.H, self.W = int(hw[0]), int(hw[1])
+        if self.H * self.W != self.L:
+            raise ValueError(f"hw = {tuple(hw)} does not match the {self.L} tokens of qkv")
+        self.M, self.s = int(m), int(s)
+        if self.M < 1 or not 0 <= self.s < self.M:
+            raise ValueError(f"need window_size >= 1 and 0 <= shift_size < window_size, got {m}, {s}")
+        self.Hp = -(-self.H // self.M) * self.M
+        self.Wp = -(-self.W // self.M) * self.M
+        self.nWw = self.Wp // self.M
+        self.nW = (self.Hp // self.M) * self.nWw
+        self.BW = self.B * self.nW
+        self.N = self.M * self.M
+        self.E = (2 * self.M - 1) ** 2
+        self.BLOCK_D = max(16, triton.next_power_of_2(self.D))
+
+    def ints(self, wpg):
+        return (self.L, self.H, self.W, self.Hp, self.Wp, self.nWw, self.nW, self.BW, self.heads,
+                self.C, wpg)
+
+    def consts(self, qkv, table, qkv_bias, big):
+        return {"M": self.M, "SHIFT": self.s, "HEAD_DIM": self.D, "BLOCK_D": self.BLOCK_D,
+                "HAS_TABLE": table is not None, "HAS_QB": qkv_bias is not None, "BIG": big,
+                "PRECISION": _precision(qkv.dtype)}
+
+
+def _needs_int64(*tensors) -> bool:
+    """True when one image's rows of some tensor span >= 2^31 elements (int32 offsets overflow)."""
+    return any(t is not None and t.dim() == 3 and t.shape[1] > 0
+               and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[2] >= 2 ** 31 for t in tensors)
+
+
+def _check_params(g: _Geometry, qkv, table, qkv_bias):
+    if table is not None:
+        if tuple(table.shape) != (g.E, g.heads):
+            raise ValueError(f"rel_pos_bias_table has shape {tuple(table.shape)}, expected {(g.E, g.heads)}")
+        if table.dtype != qkv.dtype or table.device != qkv.device:
+            raise ValueError("rel_pos_bias_table must have qkv's dtype and device")
+    if qkv_bias is not None:
+        if tuple(qkv_bias.shape) != (3 * g.C,):
+            raise ValueError(f"qkv_bias has shape {tuple(qkv_bias.shape)}, expected {(3 * g.C,)}")
+        if qkv_bias.dtype != qkv.dtype or qkv_bias.device != qkv.device:
+            raise ValueError("qkv_bias must have qkv's dtype and device")
+        qkv_bias = qkv_bias.contiguous()
+    return qkv_bias
+
+
+def _fwd_blocks(g: _Geometry):
+    fixed = INTERPRET_BLOCKS["fwd"]
+    if fixed is not None:
+        return fixed
+    cap = _cap(g.M)
+    return (min(cap, 64), min(cap, 256))
+
+
+def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse):
+    big = _needs_int64(qkv, out)
+    wpg = _windows_per_program(g.BW, g.heads, qkv.device)
+    grid = (triton.cdiv(g.BW, wpg) * g.heads,)
+    tab = table if table is not None else qkv
+    tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
+    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, out, lse if lse is not None else qkv,
+            qkv.stride(0), qkv.stride(1), tr, th, out.stride(0), out.stride(1),
+            *g.ints(wpg), float(scale) * _LOG2E)
+    meta = dict(g.consts(qkv, table, qkv_bias, big), STORE_LSE=lse is not None)
+    with _device_ctx(qkv):
+        if _use_fixed(qkv):
+            bm, bn = _fwd_blocks(g)
+            _wa_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+        else:
+            _TUNED[_family(qkv.dtype)][0][grid](*args, **meta)
+
+
+def window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
+                             return_lse: bool = False):
+    """out (B, H·W, C) of Swin window attention (SPEC op 3); with ``return_lse`` also the float32
+    natural-log logsumexp of every real token's score row, (B, heads, H·W)."""
+    g = _Geometry(qkv, hw, num_heads, window_size, shift_size)
+    qkv = _unit_last(qkv)
+    qkv_bias = _check_params(g, qkv, table, qkv_bias)
+    out = torch.empty((g.B, g.L, g.C), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((g.B, g.heads, g.L), device=qkv.device, dtype=torch.float32) if return_lse else None
+    if g.B > 0:
+        _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse)
+    return (out, lse) if return_lse else out
+
+
+def _bwd_blocks(g: _Geometry):
+    """(BLOCK_M or None = tuned, BLOCK_N): keys resident (one block) for N <= MAX_RESIDENT_KEYS."""
+    cap = _cap(g.M)
+    bn = cap if cap <= MAX_RESIDENT_KEYS else 128
+    bm = None
+    if _INTERPRETED:
+        bm = INTERPRET_BLOCKS["bwd"] or min(cap, 64)
+        bn = INTERPRET_BLOCKS["bwd_keys"] or bn
+    return bm, bn
+
+
+def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
+                              scale, table_grad: bool = True, bias_grad: bool = True):
+    """Gradients (dqkv, dtable, dqkv_bias) of ``window_attention_forward``.
+
+    dqkv (B, H·W, 3C) in qkv's dtype; dtable ((2M−1)², heads) and dqkv_bias (3C,) in their own
+    dtype, or None when that input is None or its gradient was not asked for. Deterministic."""
+    g = _Geometry(qkv, hw, num_heads, window_size, shift_size)
+    qkv = _unit_last(qkv)
+    qkv_bias = _check_params(g, qkv, table, qkv_bias)
+    if tuple(dout.shape) != (g.B, g.L, g.C):
+        raise ValueError(f"dout has shape {tuple(dout.shape)}, expected {(g.B, g.L, g.C)}")
+    dout = _unit_last(dout.to(qkv.dtype))
+    table_grad = table_grad and table is not None
+    bias_grad = bias_grad and qkv_bias is not None
+    dqkv = torch.empty((g.B, g.L, 3 * g.C), device=qkv.device, dtype=qkv.dtype)
+    if g.B == 0:
+        dqkv.zero_()
+        return (dqkv, torch.zeros_like(table) if table_grad else None,
+                torch.zeros_like(qkv_bias) if bias_grad else None)
+
+    bm, bn = _bwd_blocks(g)
+    resident = bn >= g.N
+    out = lse = dqw = None
+    if not resident:  # key blocks: needs the row lse and out (delta), dq accumulated in fp32
+        out, lse = window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table,
+                                            qkv_bias, scale, return_lse=True)
+        dqw = torch.zeros((g.B, g.L, g.C), device=qkv.device, dtype=torch.float32)
+    big = _needs_int64(qkv, dout, dqkv, dqw)
+    wpg = _windows_per_program(g.BW, g.heads, qkv.device)
+    programs = triton.cdiv(g.BW, wpg) * g.heads
+    tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
+    bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device,
+                        dtype=torch.float32)
+    tab = table if table is not None else qkv
+    tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
+    o_ = out if out is not None else qkv
+    w_ = dqw if dqw is not None else tpart
+    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, dout, dqkv, o_,
+            lse if lse is not None else tpart, w_, tpart, bpart,
+            qkv.stride(0), qkv.stride(1), tr, th, dout.stride(0), dout.stride(1),
+            dqkv.stride(0), dqkv.stride(1), o_.stride(0), o_.stride(1),
+            w_.stride(0) if dqw is not None else 0, w_.stride(1) if dqw is not None else 0,
+            *g.ints(wpg), float(scale) * _LOG2E, float(scale))
+    meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad,
+                BLOCK_N=bn)
+    with _device_ctx(qkv):
+        if _use_fixed(qkv):
+            _wa_bwd_kernel[(programs,)](*args, **meta, BLOCK_M=bm, num_warps=4, num_stages=1)
+        else:
+            _TUNED[_family(qkv.dtype)][1][(programs,)](*args, **meta)
+    if dqw is not None:
+        dqkv[..., :g.C].copy_(dqw)
+
+    dtable = dbias = None
+    if table_grad:
+        dtable = tpart.view(-1, g.heads, g.E).sum(0).t().contiguous().to(table.dtype)
+    if bias_grad:
+        kv = bpart.view(-1, g.heads, 2, g.BLOCK_D).sum(0)[..., :g.D]  # (heads, 2, D)
+        dbias = torch.zeros(3 * g.C, device=qkv.device, dtype=torch.float32)
+        dbias[g.C:] = kv.permute(1, 0, 2).reshape(2 * g.C)
+        dbias = dbias.to(qkv_bias.dtype)
+    return dqkv, dtable, dbias
+
+
+def window_attention_flops(B, H, W, C, heads, window_size, backward=False):
+    """Model FLOPs (unpadded N = M²): forward 4·B·nW·heads·N²·D, backward 2.5× that."""
+    m = window_size
+    nw = (-(-H // m)) * (-(-W // m))
+    f = 4 * B * nw * heads * (m * m) ** 2 * (C // heads)
+    return int(f * 2.5) if backward else f
