@@ -1,7 +1,9 @@
 """vitkernels.dwconv: depthwise k×k conv (zero pad k//2, stride 1) on token layout with a fused activation.
 
 x (B, H·W, C), weight (C, 1, k, k) as nn.Conv2d(C, C, k, groups=C), k odd; activation None, "gelu"
-(exact erf) or "relu". Backends today: "reference". The fused kernels are the PVT/SegFormer issue's work.
+(exact erf) or "relu". Backends: "triton" (fused forward: conv + bias + activation in one pass over
+token layout; backward: dz/dweight/dbias reduce kernel + a flipped-kernel conv for dx, see
+vitkernels/triton/dwconv.py) and "reference".
 """
 from __future__ import annotations
 
@@ -12,7 +14,16 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import check_hw, check_same, check_tensor, describe, empty_if_none, fresh, reference_vjp
+from ._common import (
+    check_hw,
+    check_same,
+    check_tensor,
+    describe,
+    empty_if_none,
+    fresh,
+    reference_vjp,
+    triton_reasons,
+)
 from ._library import composite
 
 OP = "dwconv"
@@ -98,4 +109,19 @@ def _reference_backward(dout, x, hw, weight, bias, activation):
     return dx, dw, db
 
 
+def _triton_reasons(x, hw, weight, bias, activation, *_):
+    return triton_reasons(x, weight, bias)
+
+
+def _triton_forward(x, hw, weight, bias, activation):
+    from ..triton import dwconv as tk
+    return tk.dwconv_forward(x, hw, weight, bias, activation)
+
+
+def _triton_backward(dout, x, hw, weight, bias, activation):
+    from ..triton import dwconv as tk
+    return tk.dwconv_backward(dout, x, hw, weight, bias, activation)
+
+
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
