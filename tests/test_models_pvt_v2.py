@@ -154,3 +154,25 @@ def test_timm_pvt_v2_state_dict_loads_and_matches():
         with torch.no_grad():
             torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=2e-4)
             torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
+def test_patch_timm_pvt_v2_fuses_and_matches(name, monkeypatch):
+    timm = pytest.importorskip("timm")
+    import vitkernels.integrations.timm as integration
+    calls = {"sr_attention": 0, "mix_ffn": 0}
+    for op in calls:
+        real = getattr(integration, op)
+        monkeypatch.setattr(integration, op, lambda *a, _op=op, _real=real: calls.__setitem__(_op, calls[_op] + 1)
+                            or _real(*a))
+    ref = timm.create_model(name, pretrained=False).eval()
+    patched = timm.create_model(name, pretrained=False).eval()
+    patched.load_state_dict(ref.state_dict())
+    keys = list(patched.state_dict())
+    vk.patch_timm(patched)
+    assert list(patched.state_dict()) == keys
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)
+    blocks = sum(len(stage.blocks) for stage in ref.stages)
+    assert calls == {"sr_attention": blocks, "mix_ffn": blocks}

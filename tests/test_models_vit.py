@@ -134,7 +134,8 @@ def test_patch_timm_swaps_vit_attention_and_keeps_outputs():
         before = model(x)
         assert vk.patch_timm(model) is model
         after = model(x)
-    assert type(model[1]).__name__ == "FusedViTAttention" and type(model[2][0]).__name__ == "FusedViTAttention"
+    assert type(model[1]).__name__ == "FusedAttention" and type(model[2][0]).__name__ == "FusedAttention"
+    assert isinstance(model[1], attn_cls)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     mask = torch.zeros(7, 7)  # an attention mask falls back to timm's own forward

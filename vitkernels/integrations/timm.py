@@ -1,7 +1,7 @@
 """`vitkernels.patch_timm(model)`: swap, in place, timm attention modules for fused ones.
 
-The swapped module keeps the original's submodules and attributes (so `state_dict()` keys and
-parameters are unchanged and shared) and only replaces `forward`. Where a module is configured in
+A swapped module is the same object with the same parameters (so `state_dict()` keys are unchanged):
+only its class becomes a subclass `Fused<Name>` that overrides one method. Where a module is configured in
 a way the fused op does not cover (q/k norm, attention dropout while training, an attention mask)
 it runs timm's own forward.
 
@@ -10,47 +10,36 @@ Covered today:
   `timm.models.vision_transformer` before timm 1.0) -> `self_attention`;
 - SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` gets a fused `_attn`
   (roll, pad, partition, mask, bias gather, attention, reverse in one `window_attention` call).
-PyramidVisionTransformerV2 and XCiT modules are swapped as their fused kernels land.
+- PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `sr_attention` after timm's own
+  spatial reduction, and `MlpWithDepthwiseConv` -> one `mix_ffn` call.
+XCiT modules are swapped as their fused kernels land.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..ops import self_attention, window_attention
+from ..ops import mix_ffn, self_attention, sr_attention, window_attention
 
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-class FusedViTAttention(nn.Module):
-    """timm's ViT `Attention` on `vitkernels.self_attention` (qkv -> fused attention -> proj)."""
-
-    @classmethod
-    def from_timm(cls, attn: nn.Module) -> "FusedViTAttention":
-        new = cls.__new__(cls)
-        new.__dict__.update(attn.__dict__)  # same submodules, parameters and hyper-parameters
-        new._timm_forward = type(attn).forward
-        return new
-
-    def _fusable(self, attn_mask, is_causal) -> bool:
-        drop = getattr(self, "attn_drop", None)
-        return (attn_mask is None and not is_causal and getattr(self, "gate", None) is None
-                and _is_identity(getattr(self, "q_norm", None)) and _is_identity(getattr(self, "k_norm", None))
-                and not (self.training and drop is not None and getattr(drop, "p", 0.0) > 0))
-
-    def forward(self, x, attn_mask=None, is_causal: bool = False, **kwargs):
-        if kwargs or not self._fusable(attn_mask, is_causal):
-            if attn_mask is not None:
-                kwargs["attn_mask"] = attn_mask
-            if is_causal:
-                kwargs["is_causal"] = is_causal
-            return self._timm_forward(self, x, **kwargs)
-        out = self_attention(self.qkv(x), self.num_heads, getattr(self, "scale", None))
-        norm = getattr(self, "norm", None)  # timm's optional scale_norm after attention
-        if not _is_identity(norm):
-            out = norm(out)
-        return self.proj_drop(self.proj(out))
+def _fused_vit_attention(self, x, attn_mask=None, is_causal: bool = False, **kwargs):
+    """timm ViT Attention: qkv -> fused self_attention -> [scale norm] -> proj."""
+    if (kwargs or attn_mask is not None or is_causal or getattr(self, "gate", None) is not None
+            or not _is_identity(getattr(self, "q_norm", None)) or not _is_identity(getattr(self, "k_norm", None))
+            or _dropping(self, "attn_drop")):
+        if attn_mask is not None:
+            kwargs["attn_mask"] = attn_mask
+        if is_causal:
+            kwargs["is_causal"] = is_causal
+        return self._timm_forward(x, **kwargs)
+    out = self_attention(self.qkv(x), self.num_heads, getattr(self, "scale", None))
+    norm = getattr(self, "norm", None)  # timm's optional scale_norm after attention
+    if not _is_identity(norm):
+        out = norm(out)
+    return self.proj_drop(self.proj(out))
 
 
 def _pair(v):
@@ -66,8 +55,7 @@ def _fused_swin_attn(self, x):
     b, h, w, c = x.shape
     attn = self.attn
     (m, m2), (s, s2) = _pair(self.window_size), _pair(self.shift_size)
-    drop = getattr(attn, "attn_drop", None)
-    if (m != m2 or s != s2 or h % m or w % m or (self.training and getattr(drop, "p", 0.0) > 0)
+    if (m != m2 or s != s2 or h % m or w % m or _dropping(attn, "attn_drop")
             or attn.relative_position_bias_table.shape[0] != (2 * m - 1) ** 2):
         return self._timm_attn(x)
     qkv = attn.qkv(x.reshape(b, h * w, c))
@@ -76,22 +64,56 @@ def _fused_swin_attn(self, x):
     return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
 
 
+def _dropping(module: nn.Module, *names: str) -> bool:
+    """True while training with a non-zero dropout among `names` (the fused paths have none)."""
+    return module.training and any(getattr(getattr(module, n, None), "p", 0.0) > 0 for n in names)
+
+
+def _fused_pvt_attention(self, x, feat_size):
+    """timm PVTv2 Attention: the spatial reduction stays timm's code, the attention core is fused."""
+    if _dropping(self, "attn_drop"):
+        return self._timm_forward(x, feat_size)
+    b, n, c = x.shape
+    h, w = feat_size
+    q = self.q(x)
+    if self.pool is not None or self.sr is not None:
+        y = x.transpose(1, 2).reshape(b, c, h, w)
+        y = self.sr(self.pool(y) if self.pool is not None else y).flatten(2).transpose(1, 2)
+        x = self.norm(y)
+        if self.act is not None:
+            x = self.act(x)
+    return self.proj_drop(self.proj(sr_attention(q, self.kv(x), self.num_heads, self.scale)))
+
+
+def _fused_pvt_mlp(self, x, feat_size):
+    """timm MlpWithDepthwiseConv: fc1 -> [ReLU] -> dwconv3x3 -> GELU -> fc2 as one mix_ffn call."""
+    act = self.act
+    if _dropping(self, "drop") or not (type(act) is nn.GELU and act.approximate == "none"):
+        return self._timm_forward(x, feat_size)
+    return mix_ffn(x, feat_size, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                   self.fc2.weight, self.fc2.bias, isinstance(self.relu, nn.ReLU))
+
+
 _FUSED_CLASSES: dict = {}
 
 
-def _swap_swin_block(block: nn.Module) -> nn.Module:
-    """Same object, same parameters: only its class becomes a subclass with a fused `_attn`."""
-    cls = type(block)
+def _swap_class(module: nn.Module, method: str, fused) -> nn.Module:
+    """Same object, same parameters: only its class becomes a subclass whose `method` is `fused`
+    (timm's own stays reachable as `_timm_<method>` for the configurations the fused path skips)."""
+    cls = type(module)
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type("Fused" + cls.__name__, (cls,), {"_attn": _fused_swin_attn, "_timm_attn": cls._attn})
-    block.__class__ = _FUSED_CLASSES[cls]
-    return block
+        timm_name = "_timm_" + method.lstrip("_")
+        _FUSED_CLASSES[cls] = type("Fused" + cls.__name__, (cls,), {method: fused, timm_name: getattr(cls, method)})
+    module.__class__ = _FUSED_CLASSES[cls]
+    return module
 
 
 _SWAPS = {
-    ("timm.models.vision_transformer", "Attention"): FusedViTAttention.from_timm,  # timm < 1.0
-    ("timm.layers.attention", "Attention"): FusedViTAttention.from_timm,
-    ("timm.models.swin_transformer", "SwinTransformerBlock"): _swap_swin_block,
+    ("timm.models.vision_transformer", "Attention"): lambda m: _swap_class(m, "forward", _fused_vit_attention),
+    ("timm.layers.attention", "Attention"): lambda m: _swap_class(m, "forward", _fused_vit_attention),  # timm >= 1.0
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): lambda m: _swap_class(m, "_attn", _fused_swin_attn),
+    ("timm.models.pvt_v2", "Attention"): lambda m: _swap_class(m, "forward", _fused_pvt_attention),
+    ("timm.models.pvt_v2", "MlpWithDepthwiseConv"): lambda m: _swap_class(m, "forward", _fused_pvt_mlp),
 }
 
 
