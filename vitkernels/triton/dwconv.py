@@ -1,0 +1,411 @@
+"""Triton kernels for ``vitkernels.dwconv``: depthwise k×k conv on token layout, activation fused.
+
+Math
+----
+x (B, N = H·W, C) in token layout (n = h·W + w), weight (C, 1, k, k), k odd, P = k // 2, x taken
+as 0 outside the H×W map (zero padding P, stride 1):
+
+    z[b, h, w, c] = bias[c] + Σ_{i,j<k} weight[c, 0, i, j] · x[b, h + i − P, w + j − P, c]
+    y = act(z),   act ∈ {identity, GELU exact erf 0.5·z·(1 + erf(z/√2)), ReLU}
+
+Backward, given dy (z is recomputed from x, never saved):
+
+    dz        = dy · act'(z)          GELU' = Φ(z) + z·φ(z);  ReLU' = [z > 0];  identity' = 1
+    dx        = Σ_{i,j} weight[c, 0, k−1−i, k−1−j] · dz[b, h + i − P, w + j − P, c]
+                (the same conv with the spatially flipped kernel, same zero padding)
+    dweight[c, 0, i, j] = Σ_{b,h,w} dz[b, h, w, c] · x[b, h + i − P, w + j − P, c]
+    dbias[c]  = Σ_{b,h,w} dz[b, h, w, c]
+
+Cost (element size e bytes)
+---------------------------
+    forward  FLOPs = 2·k²·B·N·C   (CUDA-core FMAs; + bias/activation O(B·N·C))
+    backward FLOPs ≈ 4·k²·B·N·C   (dx and dweight)
+    forward  bytes ≥ 2·e·B·N·C    (one read of x, one write of y; weight/bias negligible)
+    backward bytes ≥ 3·e·B·N·C    (read x and dy, write dx)
+Intensity ≈ k²/2 FLOP/byte at 2-byte types: always memory-bound.
+Roofline floor, H100 SXM (3.35 TB/s), SegFormer-B2 stage 1 at 512 px (B = 8, 128×128, C = 256,
+k = 3, bf16): forward 2·2·8·16384·256 B = 134.2 MB → 40.1 µs (0.60 GFLOP: 9 µs on fp32 CUDA
+cores); backward floor 201.3 MB → 60.1 µs. The issue's target is ≥ 80 % of copy bandwidth,
+i.e. a forward of ≤ ~50 µs at that shape.
+
+Design (v1)
+-----------
+* ``_dwconv_kernel`` (forward, and dx in the backward): one program per output tile of
+  BLOCK_H × BLOCK_W pixels × BLOCK_C channels; the grid is 1-D, pid = (((b·nTH + th)·nTW + tw)·nCB
+  + cb), so no y/z grid dimension exists. Channels are the innermost, contiguous axis of every
+  load/store (coalesced, vectorisable); the token stride is a runtime argument, so x may be a
+  slice of a wider tensor (a last-dim stride ≠ 1 is copied by the launcher). For each of the k²
+  taps the program loads the shifted, zero-masked input tile (the halo is re-read through
+  L1/L2, not staged in shared memory), multiplies by a per-channel fp32 weight vector from a
+  (k², C) transposed weight table and accumulates in fp32; bias, activation and the cast to the
+  output dtype happen before the single store. Unique HBM traffic is ≈ one read of x + one write
+  of y (the halo re-reads hit cache). The tap loops are runtime loops on purpose: unrolled with
+  static_range, the compiler hoisted all k² tile loads and spilled (sm_90, 4×16×64 tile: 255 regs
+  + 264 B stack at k = 3, 9.8 KB at k = 7); as runtime loops the kernel uses ~128 regs, no spills.
+* Backward, two kernels:
+  1. ``_dwconv_bwd_reduce_kernel``: one program per (b, band of BAND·BLOCK_H rows, BLOCK_W
+     columns, BLOCK_C channels). Per sub-tile it loads dy, recomputes z (k² taps, only when the
+     activation is not the identity), forms dz and — when dz ≠ dy — writes it (fp32) for
+     kernel 2, then re-loads the k² shifted x tiles (cache hits) and accumulates
+     Σ_tokens dz·x_shift per tap into a (KK_PAD, BLOCK_C) fp32 register tile and Σ dz for dbias.
+     Each program writes its fp32 partials to a (programs_spatial, k², C) buffer; the launcher
+     sums them with ``torch.sum`` (deterministic, no atomics).
+  2. dx = ``_dwconv_kernel`` run on dz (or directly on dy for activation None) with the flipped
+     weight table, no bias, no activation.
+* Offsets: the batch base is int64; in-image token offsets are int32 unless N·token_stride can
+  pass 2^31 (``WIDE`` constexpr switches them to int64), so B·N·C may exceed 2^31.
+* Tuning: on a GPU the conv kernel is ``triton.autotune``d over a few (BLOCK_H, BLOCK_W, BLOCK_C,
+  num_warps) tiles keyed on (H, W, C, K, ACT, HAS_BIAS) (+ dtypes), pruned to tiles that fit
+  the map; the reduce kernel uses a fixed heuristic tile (its partial buffer depends on the
+  tiling). Under ``TRITON_INTERPRET=1`` a small fixed tile (``INTERPRET_TILE``) is used so that
+  ragged tiles are exercised at the small CPU test shapes.
+* Deterministic forward and backward; kernels launch on the current stream (Triton's default).
+
+Versions
+--------
+* v1 — unmeasured (no GPU in the session that wrote it). Known headroom: the halo is re-read
+  from L1/L2 (k² loads per output element), masks are applied on every tap (no interior fast
+  path), and the backward with an activation moves dz through HBM in fp32 (write + read:
+  +8 bytes per element) instead of recomputing it in the dx kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dwconv_backward", "dwconv_bytes", "dwconv_flops", "dwconv_forward"]
+
+_ACT = {None: 0, "gelu": 1, "relu": 2}
+_INT32_MAX = 2**31 - 1
+
+# Tile used under the interpreter (CPU): (BLOCK_H, BLOCK_W, BLOCK_C, BAND). Small on purpose, so
+# ragged tiles in every axis are exercised at the test shapes.
+INTERPRET_TILE = (2, 8, 16, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(th, tw, cb, C, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
+    h = th * BLOCK_H + offs_m // BLOCK_W
+    w = tw * BLOCK_W + offs_m % BLOCK_W
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    return h, w, c, c < C
+
+
+@triton.jit
+def _token_off(hh, ww, W, stride_n, WIDE: tl.constexpr):
+    tok = hh * W + ww
+    if WIDE:
+        return tok.to(tl.int64) * stride_n
+    else:
+        return tok * stride_n
+
+
+@triton.jit
+def _conv_tile(x_base, wt_ptr, h, w, c, c_ok, H, W, C, stride_n,
+               K: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_taps wt[tap, c] · x[h + i − P, w + j − P, c] in fp32 (zero outside the map)."""
+    P: tl.constexpr = K // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    # Runtime (not static) tap loops: unrolled, the scheduler hoists all k² tile loads and spills.
+    for i in range(K):
+        hh = h + (i - P)
+        row_ok = (hh >= 0) & (hh < H)
+        for j in range(K):
+            ww = w + (j - P)
+            ok = row_ok & (ww >= 0) & (ww < W)
+            off = _token_off(hh, ww, W, stride_n, WIDE)
+            xv = tl.load(x_base + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(wt_ptr + (i * K + j) * C + c, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv[None, :]
+    return acc
+
+
+@triton.jit
+def _dwconv_kernel(
+    X, WT, BIAS, OUT,
+    H, W, C,
+    stride_xb, stride_xn, stride_ob, stride_on,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n_th = tl.cdiv(H, BLOCK_H)
+    n_tw = tl.cdiv(W, BLOCK_W)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    r = pid // n_cb
+    tw = r % n_tw
+    r = r // n_tw
+    th = r % n_th
+    b = r // n_th
+    h, w, c, c_ok = _tile_coords(th, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
+    x_base = X + b.to(tl.int64) * stride_xb
+    acc = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_H * BLOCK_W, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACT == 2:
+        acc = tl.maximum(acc, 0.0)
+    ok = (h < H) & (w < W)
+    off = _token_off(h, w, W, stride_on, WIDE)
+    o_base = OUT + b.to(tl.int64) * stride_ob
+    tl.store(o_base + off[:, None] + c[None, :], acc.to(OUT.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dwconv_bwd_reduce_kernel(
+    X, DY, WT, BIAS, DZ, PDW, PDB,
+    H, W, C, n_band, n_tw, n_cb,
+    stride_xb, stride_xn, stride_yb, stride_yn, stride_zb, stride_zn,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BAND: tl.constexpr,
+    KK_PAD: tl.constexpr,
+):
+    P: tl.constexpr = K // 2
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    sp = pid // n_cb  # spatial program index = (b·n_band + band)·n_tw + tw
+    tw = sp % n_tw
+    r = sp // n_tw
+    band = r % n_band
+    b = r // n_band
+    x_base = X + b.to(tl.int64) * stride_xb
+    y_base = DY + b.to(tl.int64) * stride_yb
+    z_base = DZ + b.to(tl.int64) * stride_zb
+    taps = tl.arange(0, KK_PAD)
+    dw_acc = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(BAND):
+        h, w, c, c_ok = _tile_coords(band * BAND + s, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
+        ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
+        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok,
+                     other=0.0).to(tl.float32)
+        if ACT != 0:
+            z = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_M, BLOCK_C)
+            if HAS_BIAS:
+                z += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))  # Φ(z), 1/√2
+                pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # φ(z), 1/√(2π)
+                dz = dz * (cdf + z * pdf)
+            else:
+                dz = tl.where(z > 0.0, dz, 0.0)
+            tl.store(z_base + _token_off(h, w, W, stride_zn, WIDE)[:, None] + c[None, :], dz, mask=ok)
+        db_acc += tl.sum(dz, axis=0)
+        for i in range(K):
+            hh = h + (i - P)
+            row_ok = (hh >= 0) & (hh < H)
+            for j in range(K):
+                ww = w + (j - P)
+                t_ok = row_ok & (ww >= 0) & (ww < W)
+                off = _token_off(hh, ww, W, stride_xn, WIDE)
+                xv = tl.load(x_base + off[:, None] + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+                part = tl.sum(dz * xv.to(tl.float32), axis=0)
+                dw_acc += tl.where(taps[:, None] == i * K + j, part[None, :], 0.0)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    pdw = PDW + sp.to(tl.int64) * (K * K * C)
+    tl.store(pdw + taps[:, None] * C + c[None, :], dw_acc, mask=(taps < K * K)[:, None] & c_ok[None, :])
+    tl.store(PDB + sp.to(tl.int64) * C + c, db_acc, mask=c_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfgs(shapes):
+    return [triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc}, num_warps=nw, num_stages=1)
+            for (bh, bw, bc, nw) in shapes]
+
+
+# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps): 64–256 pixels × 32–128 channels.
+_CONFIGS = _cfgs([
+    (4, 16, 64, 4), (8, 8, 64, 4), (2, 32, 64, 4), (4, 8, 128, 4), (8, 16, 32, 4),
+    (4, 16, 128, 8), (8, 16, 64, 8), (1, 32, 128, 4), (2, 16, 32, 2), (1, 16, 64, 2),
+])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles that do not overshoot the map / channel count by more than one power of two."""
+    h, w, c = (max(int(named_args[n]), 1) for n in ("H", "W", "C"))
+    cap_h, cap_w = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    cap_c = max(32, triton.next_power_of_2(c))
+    kept = [cf for cf in configs if cf.kwargs["BLOCK_H"] <= cap_h and cf.kwargs["BLOCK_W"] <= max(16, cap_w)
+            and cf.kwargs["BLOCK_C"] <= cap_c]
+    return kept or [min(configs, key=lambda cf: cf.kwargs["BLOCK_H"] * cf.kwargs["BLOCK_W"] * cf.kwargs["BLOCK_C"])]
+
+
+_tuned_kernel = triton.autotune(_CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_BIAS", "WIDE"],
+                                prune_configs_by={"early_config_prune": _prune})(_dwconv_kernel)
+
+# triton.jit decides at decoration (import) time whether kernels are interpreted.
+_INTERPRETED = type(_dwconv_kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _use_fixed(t: torch.Tensor) -> bool:
+    if _INTERPRETED:
+        return True
+    if t.device.type != "cuda":
+        raise RuntimeError(
+            f"vitkernels triton dwconv: tensors are on {t.device}, but Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is first imported)")
+    return False
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """Token-layout views must have contiguous channels; anything else is copied."""
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+def _check(x, hw, weight, bias):
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, H·W, C), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32")
+    B, N, C = x.shape
+    H, W = int(hw[0]), int(hw[1])
+    if H * W != N:
+        raise ValueError(f"hw = ({H}, {W}) does not match the {N} tokens of x {tuple(x.shape)}")
+    k = weight.shape[-1]
+    if tuple(weight.shape) != (C, 1, k, k) or k % 2 == 0:
+        raise ValueError(f"weight must be (C, 1, k, k) with C = {C} and k odd, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"bias must be ({C},), got {tuple(bias.shape)}")
+    return B, N, C, H, W, k
+
+
+def _weight_table(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """(C, 1, k, k) → (k², C) float32, contiguous per tap (flipped spatially for the transposed conv)."""
+    C, k = weight.shape[0], weight.shape[-1]
+    w = weight.reshape(C, k, k)
+    if flip:
+        w = w.flip(1, 2)
+    return w.reshape(C, k * k).t().to(torch.float32).contiguous()
+
+
+def _wide(*pairs) -> bool:
+    """True when an in-image token offset (N · token stride + C) can pass int32."""
+    return any(n * s + c > _INT32_MAX for n, s, c in pairs)
+
+
+def _launch_conv(src, wt, bias, out, H, W, k, act):
+    B, N, C = src.shape
+    wide = _wide((N, src.stride(1), C), (N, out.stride(1), C))
+    args = (src, wt, bias if bias is not None else wt, out, H, W, C,
+            src.stride(0), src.stride(1), out.stride(0), out.stride(1))
+    meta = {"K": k, "HAS_BIAS": bias is not None, "ACT": act, "WIDE": wide}
+
+    def grid(m):
+        return (B * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]) * triton.cdiv(C, m["BLOCK_C"]),)
+
+    if _use_fixed(src):
+        bh, bw, bc, _ = INTERPRET_TILE
+        tile = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc}
+        _dwconv_kernel[grid(tile)](*args, **meta, **tile, num_warps=4)
+    else:
+        _tuned_kernel[grid](*args, **meta)
+
+
+def dwconv_forward(x, hw, weight, bias=None, activation=None):
+    """act(depthwise_conv(x) + bias) → a new contiguous (B, H·W, C) tensor of x's dtype."""
+    B, N, C, H, W, k = _check(x, hw, weight, bias)
+    out = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    x = _unit_last(x)
+    with _device_ctx(x):
+        wt = _weight_table(weight)
+        b = None if bias is None else bias.contiguous()
+        _launch_conv(x, wt, b, out, H, W, k, _ACT[activation])
+    return out
+
+
+def _bwd_tile(B, H, W, C, k, fixed):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, BAND) of the reduce kernel: 64-pixel sub-tiles; 32 channels for
+    k ≥ 5 so the (next_pow2(k²), BLOCK_C) fp32 dweight accumulator stays in registers."""
+    if fixed:
+        return INTERPRET_TILE
+    bw = min(16, triton.next_power_of_2(W))
+    bh = max(1, 64 // bw) if bw < 16 else 4
+    bc = min(64 if k <= 3 else 32, max(16, triton.next_power_of_2(C)))
+    n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
+    band = 1
+    for cand in (8, 4, 2):  # fewest partials while keeping ≥ ~1024 programs in flight
+        if B * triton.cdiv(n_th, cand) * n_tw * n_cb >= 1024:
+            band = cand
+            break
+    return bh, bw, bc, band
+
+
+def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
+    """(dx, dweight, dbias) of ``dwconv_forward``; dbias is None without a bias.
+
+    dx has x's dtype, dweight / dbias the dtype of weight / bias; the weight and bias reductions
+    are fp32 partials per program summed with torch (deterministic).
+    """
+    B, N, C, H, W, k = _check(x, hw, weight, bias)
+    act = _ACT[activation]
+    dx = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    if dx.numel() == 0:
+        dx.zero_()
+        return dx, torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
+    x = _unit_last(x)
+    dout = _unit_last(dout.to(x.dtype))
+    fixed = _use_fixed(x)
+    bh, bw, bc, band = _bwd_tile(B, H, W, C, k, fixed)
+    n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
+    n_band = triton.cdiv(n_th, band)
+    n_sp = B * n_band * n_tw
+    with _device_ctx(x):
+        wt = _weight_table(weight)
+        b = None if bias is None else bias.contiguous()
+        dz = torch.empty((B, N, C), device=x.device, dtype=torch.float32) if act != 0 else dout
+        pdw = torch.empty((n_sp, k * k, C), device=x.device, dtype=torch.float32)
+        pdb = torch.empty((n_sp, C), device=x.device, dtype=torch.float32)
+        wide = _wide((N, x.stride(1), C), (N, dout.stride(1), C), (N, dz.stride(1), C))
+        _dwconv_bwd_reduce_kernel[(n_sp * n_cb,)](
+            x, dout, wt, b if b is not None else wt, dz, pdw, pdb,
+            H, W, C, n_band, n_tw, n_cb,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dz.stride(0), dz.stride(1),
+            K=k, HAS_BIAS=b is not None, ACT=act, WIDE=wide, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
+            BAND=band, KK_PAD=triton.next_power_of_2(k * k), num_warps=4)
+        # dx: the transposed conv = the same conv of dz with the spatially flipped kernel.
+        _launch_conv(dz, _weight_table(weight, flip=True), None, dx, H, W, k, 0)
+        dw = pdw.sum(0).t().reshape(C, 1, k, k).to(weight.dtype)
+        db = None if bias is None else pdb.sum(0).to(bias.dtype)
+    return dx, dw, db
+
+
+def dwconv_flops(B, N, C, k, backward=False):
+    """2·k²·B·N·C forward, ≈ 2× that backward (dx and dweight)."""
+    f = 2 * k * k * B * N * C
+    return 2 * f if backward else f
+
+
+def dwconv_bytes(B, N, C, itemsize, backward=False):
+    """HBM floor: read x + write y (forward); read x, dy + write dx (backward)."""
+    return (3 if backward else 2) * B * N * C * itemsize
