@@ -88,12 +88,14 @@ Notes (per-version GPU measurements go in docs/ once measured on an H100/H200):
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_ctx as _device_ctx
+from ._launch import family as _family
+from ._launch import is_interpreted, use_fixed
+from ._launch import precision as _precision
 
 __all__ = ["MAX_HEAD_DIM", "attention_backward", "attention_flops", "attention_forward"]
 
@@ -561,7 +563,12 @@ def _tuned(kernel, configs, key=_KEY, **kw):
 # benchmarking run so tuning does not leak into the result.
 _DQ_KW = dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N"], restore_value=["DBias"])
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_attn_fwd_kernel)
+
+
+def _use_fixed(t: torch.Tensor) -> bool:
+    return use_fixed(t, _INTERPRETED, "attention")
+
 
 _TUNED = {
     "half": (_tuned(_fwd_fixed, _FWD_CONFIGS), _tuned(_dkdv_fixed, _DKDV_CONFIGS),
@@ -576,43 +583,6 @@ _TUNED = {
 # ---------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fp32_precision() -> str:
-    """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mixing the legacy and new TF32 APIs warns
-        p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
-        if p in ("tf32", "ieee"):
-            return p
-        try:
-            return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        except (AttributeError, RuntimeError):
-            return "ieee"
-
-
-def _precision(dtype) -> str:
-    # input_precision only affects fp32 operands; fp16/bf16 always use tensor cores.
-    return _fp32_precision() if dtype == torch.float32 else "tf32"
-
-
-def _family(dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "half"
-
-
-def _use_fixed(t: torch.Tensor) -> bool:
-    """True → interpreter path with the fixed INTERPRET_BLOCKS config; False → autotuned GPU path."""
-    if _INTERPRETED:
-        return True
-    if t.device.type != "cuda":
-        raise RuntimeError(
-            f"vitkernels triton attention: tensors are on {t.device}, but Triton kernels need CUDA "
-            "tensors (or TRITON_INTERPRET=1 set before triton is first imported)")
-    return False
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check4(name, t, shape=None, dtype=None):

@@ -71,11 +71,12 @@ Versions
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_ctx as _device_ctx
+from ._launch import is_interpreted, use_fixed
 
 __all__ = ["dwconv_backward", "dwconv_bytes", "dwconv_flops", "dwconv_forward"]
 
@@ -252,7 +253,11 @@ _tuned_kernel = triton.autotune(_CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_B
                                 prune_configs_by={"early_config_prune": _prune})(_dwconv_kernel)
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = type(_dwconv_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_dwconv_kernel)
+
+
+def _use_fixed(t: torch.Tensor) -> bool:
+    return use_fixed(t, _INTERPRETED, "dwconv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,20 +265,6 @@ _INTERPRETED = type(_dwconv_kernel).__name__ == "InterpretedFunction"
 # ---------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _use_fixed(t: torch.Tensor) -> bool:
-    if _INTERPRETED:
-        return True
-    if t.device.type != "cuda":
-        raise RuntimeError(
-            f"vitkernels triton dwconv: tensors are on {t.device}, but Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before triton is first imported)")
-    return False
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

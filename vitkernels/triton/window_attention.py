@@ -94,13 +94,16 @@ Versions
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_ctx as _device_ctx
+from ._launch import family as _family
+from ._launch import is_interpreted, use_fixed
+from ._launch import precision as _precision
 
 __all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops",
            "window_attention_forward"]
@@ -514,7 +517,12 @@ _BWD_KEY = ["M", "SHIFT", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GR
             "BLOCK_N"]
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = type(_wa_fwd_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_wa_fwd_kernel)
+
+
+def _use_fixed(t: torch.Tensor) -> bool:
+    return use_fixed(t, _INTERPRETED, "window_attention")
+
 
 _TUNED = {
     "half": (
@@ -535,41 +543,6 @@ _TUNED = {
 # ---------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fp32_precision() -> str:
-    """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-        if p in ("tf32", "ieee"):
-            return p
-        try:
-            return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        except (AttributeError, RuntimeError):
-            return "ieee"
-
-
-def _precision(dtype) -> str:
-    return _fp32_precision() if dtype == torch.float32 else "tf32"
-
-
-def _family(dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "half"
-
-
-def _use_fixed(t: torch.Tensor) -> bool:
-    if _INTERPRETED:
-        return True
-    if t.device.type != "cuda":
-        raise RuntimeError(
-            f"vitkernels triton window_attention: tensors are on {t.device}, but Triton kernels need "
-            "CUDA tensors (or TRITON_INTERPRET=1 set before triton is first imported)")
-    return False
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
