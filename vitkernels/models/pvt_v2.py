@@ -26,6 +26,7 @@ from torch import nn
 
 from ..ops import mix_ffn, sr_attention
 from . import register_model
+from .vit import init_linear
 
 
 def tokens_to_map(x: torch.Tensor, hw) -> torch.Tensor:
@@ -163,11 +164,8 @@ class PyramidVisionTransformerV2(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        init_linear(m)
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import window_attention
 from . import register_model
-from .vit import Mlp
+from .vit import Mlp, init_linear
 
 
 def effective_window(hw, window_size: int, shift_size: int):
@@ -140,14 +140,7 @@ class SwinTransformer(nn.Module):
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
         self.head = ClassifierHead(self.num_features, num_classes)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def forward_features(self, x):
         x, hw = self.patch_embed(x)

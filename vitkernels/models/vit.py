@@ -38,6 +38,14 @@ class Attention(nn.Module):
         return self.proj(self_attention(self.qkv(x), self.num_heads))
 
 
+def init_linear(m: nn.Module) -> None:
+    """timm's init for Linear layers: truncated normal (std 0.02) weights, zero bias."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -88,15 +96,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_linear)
         nn.init.normal_(self.cls_token, std=1e-6)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
         x, grid = self.patch_embed(x)
