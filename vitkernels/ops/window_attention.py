@@ -23,6 +23,7 @@ from ._common import (
     check_hw,
     check_same,
     check_tensor,
+    cuda_reasons,
     default_scale,
     describe,
     empty_if_none,
@@ -159,3 +160,28 @@ def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, q
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+
+
+def cuda_window_reasons(window_size: int, d: int) -> list:
+    """Why the compiled window-attention kernel cannot take this window / head dim (asks C++)."""
+    from .. import _ext
+    ext = _ext.load_cuda_ext()
+    if ext is None:
+        return []
+    if not bool(ext.ops.window_attention_supports(int(window_size), int(d))):
+        return [f"window {window_size} / head dim {d} is not supported by the CUDA window-attention kernel "
+                f"(needs window <= 16 and head dim % 8 == 0, 8 <= head dim <= 128)"]
+    return []
+
+
+def _cuda_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    return cuda_reasons(qkv, table, qkv_bias) or cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads)
+
+
+def _cuda_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+    return torch.ops.vitkernels_C.window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size, table,
+                                                       qkv_bias, scale)
+
+
+# Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (as for attention).
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)

@@ -1,0 +1,604 @@
+// vitkernels — fused Swin window attention forward. See window_attention.h for the math, cost
+// model and design.
+#include "window_attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+namespace vitkernels {
+namespace {
+
+constexpr float kLog2eW = 1.4426950408889634f;
+constexpr float kMaskLog2 = -100.0f * 1.4426950408889634f;  // the −100 shift mask, log2 domain
+constexpr int kMaxWindow = 16;                               // N = M² <= 256 slots
+constexpr int kThreads = 128;                                // 4 warps per CTA, both kernels
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define VK_WA_SM80 1
+#else
+#define VK_WA_SM80 0
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Small PTX helpers (sm_80+), self-contained (attention.cu keeps its own in an anonymous namespace).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t wa_smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void wa_ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+#if VK_WA_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(wa_smem_addr(p)));
+#endif
+}
+
+// D(16x8 f32) += A(16x16) · B(16x8), A row-major, B column-major.
+template <typename T>
+struct WaMma;
+
+template <>
+struct WaMma<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+#if VK_WA_SM80
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+};
+
+template <>
+struct WaMma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+#if VK_WA_SM80
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+__device__ __forceinline__ float wa_to_float(float x) { return x; }
+__device__ __forceinline__ float wa_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float wa_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Kernel arguments (geometry resolved on the host).
+struct WaArgs {
+  const void* qkv;
+  const void* table;
+  const void* qkv_bias;
+  void* out;
+  int64_t s_b, s_t;      // qkv element strides (batch, token); channel stride is 1
+  int64_t tab_s0, tab_s1;
+  int H, W, Hp, Wp, nWw, nW, C, heads, D, M, shift, N;
+  float scale_log2;  // scale · log2(e)
+};
+
+// Per-slot metadata, shared by all threads of a CTA:
+//   info[t] = rel_t | (label_t << 12) with rel_t = p·(2M−1) + c (< 961), or −1 for t ≥ N;
+//   tok[t]  = source token (≥ 0), −1 for a padded slot, −2 for t ≥ N.
+// rel-pos index of (i, j) = rel_i + 2M·(M−1) − rel_j.
+__device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, int* s_info,
+                                           int* s_tok) {
+  const int wh = w / a.nWw;
+  const int ww = w - wh * a.nWw;
+  for (int t = threadIdx.x; t < n_slots; t += blockDim.x) {
+    if (t >= a.N) {
+      s_info[t] = -1;
+      s_tok[t] = -2;
+      continue;
+    }
+    const int p = t / a.M;
+    const int c = t - p * a.M;
+    const int y = wh * a.M + p;
+    const int x = ww * a.M + c;
+    int row = y + a.shift;
+    int col = x + a.shift;
+    if (row >= a.Hp) row -= a.Hp;
+    if (col >= a.Wp) col -= a.Wp;
+    int label = 0;
+    if (a.shift > 0) {
+      const int rh = (y >= a.Hp - a.M ? 1 : 0) + (y >= a.Hp - a.shift ? 1 : 0);
+      const int rw = (x >= a.Wp - a.M ? 1 : 0) + (x >= a.Wp - a.shift ? 1 : 0);
+      label = 3 * rh + rw;
+    }
+    s_info[t] = (p * (2 * a.M - 1) + c) | (label << 12);
+    s_tok[t] = (row < a.H && col < a.W) ? row * a.W + col : -1;
+  }
+}
+
+// The table column of head h as fp32 · log2(e).
+template <typename T>
+__device__ __forceinline__ void fill_table(const WaArgs& a, int h, float* s_tab) {
+  const int n = (2 * a.M - 1) * (2 * a.M - 1);
+  const T* tab = static_cast<const T*>(a.table);
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    s_tab[e] = wa_to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2eW;
+  }
+}
+
+// Row `part` (0 = q, 1 = k, 2 = v) of slot `tok` for head h: a real token row, the qkv_bias row
+// (padded slot) or nullptr (zeros: padded slot without qkv_bias, or a slot ≥ N).
+template <typename T>
+__device__ __forceinline__ const T* slot_row(const WaArgs& a, const T* qkv_b, int tok, int part,
+                                             int h) {
+  const int64_t off = static_cast<int64_t>(part) * a.C + static_cast<int64_t>(h) * a.D;
+  if (tok >= 0) return qkv_b + static_cast<int64_t>(tok) * a.s_t + off;
+  if (tok == -1 && a.qkv_bias != nullptr) return static_cast<const T*>(a.qkv_bias) + off;
+  return nullptr;
+}
+
+// Bias + mask of score (row with rel_base / label_i, key with info_j), log2 domain;
+// −inf for key slots ≥ N.
+__device__ __forceinline__ float score_extra(const WaArgs& a, const float* s_tab, int base_i,
+                                             int label_i, int info_j) {
+  if (info_j < 0) return -INFINITY;
+  float e = 0.0f;
+  if (a.table != nullptr) e += s_tab[base_i - (info_j & 0xfff)];
+  if (a.shift > 0 && label_i != (info_j >> 12)) e += kMaskLog2;
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 tensor-core kernel: one CTA per (b, window, head); K, V of the window resident.
+// ---------------------------------------------------------------------------------------------
+template <int kDp>
+struct WaMmaTraits {
+  static constexpr int kStride = kDp + 8;  // padded smem row (elements): conflict-free ldmatrix
+  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
+  static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
+};
+
+template <typename T, int kDp>
+__global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(const WaArgs a) {
+#if VK_WA_SM80
+  constexpr int kStride = WaMmaTraits<kDp>::kStride;
+  constexpr int kKQ = kDp / 16;  // k-steps of q·kᵀ
+  constexpr int kDT = kDp / 8;   // output n-tiles (8 head dims each)
+  constexpr int kChunk = 64;     // keys per online-softmax step
+  constexpr int kNT = kChunk / 8;
+  using Mma = WaMma<T>;
+
+  const int NP = (a.N + 15) & ~15;  // slots rounded up to whole 16-row MMA tiles
+  const int tab_n = (2 * a.M - 1) * (2 * a.M - 1);
+  extern __shared__ __align__(16) unsigned char wa_smem[];
+  T* sK = reinterpret_cast<T*>(wa_smem);
+  T* sV = sK + NP * kStride;
+  float* sTab = reinterpret_cast<float*>(sV + NP * kStride);
+  int* sInfo = reinterpret_cast<int*>(sTab + tab_n);
+  int* sTok = sInfo + NP;
+
+  const unsigned bid = blockIdx.x;
+  const int h = static_cast<int>(bid % static_cast<unsigned>(a.heads));
+  const unsigned bw = bid / static_cast<unsigned>(a.heads);
+  const int w = static_cast<int>(bw % static_cast<unsigned>(a.nW));
+  const int64_t b = static_cast<int64_t>(bw / static_cast<unsigned>(a.nW));
+  const T* qkv_b = static_cast<const T*>(a.qkv) + b * a.s_b;
+
+  fill_slots(a, w, NP, sInfo, sTok);
+  if (a.table != nullptr) fill_table<T>(a, h, sTab);
+  __syncthreads();
+
+  // Gather K and V rows (16-byte chunks); slots ≥ N and head dims ≥ D are zero.
+  {
+    constexpr int kChunks = kDp / 8;
+    const int per_part = NP * kChunks;
+    for (int i = threadIdx.x; i < 2 * per_part; i += kThreads) {
+      const int part = i / per_part;
+      const int rem = i - part * per_part;
+      const int r = rem / kChunks;
+      const int c = rem - r * kChunks;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (c * 8 < a.D) {
+        const T* src = slot_row<T>(a, qkv_b, sTok[r], part + 1, h);
+        if (src != nullptr) val = *reinterpret_cast<const uint4*>(src + c * 8);
+      }
+      T* dst = (part == 0 ? sK : sV) + r * kStride + c * 8;
+      *reinterpret_cast<uint4*>(dst) = val;
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int rel_shift = 2 * a.M * (a.M - 1);
+  T* out = static_cast<T*>(a.out);
+
+  for (int rb = warp; rb * 16 < NP; rb += kThreads / 32) {
+    const int r0 = rb * 16 + g;
+    const int r1 = r0 + 8;
+    const int tok0 = sTok[r0], tok1 = sTok[r1];
+    const int info0 = sInfo[r0], info1 = sInfo[r1];
+    // Slots ≥ N act as (p, c) = (0, 0), label 0: computed, never stored.
+    const int base0 = (info0 < 0 ? 0 : (info0 & 0xfff)) + rel_shift;
+    const int base1 = (info1 < 0 ? 0 : (info1 & 0xfff)) + rel_shift;
+    const int lab0 = info0 < 0 ? 0 : (info0 >> 12);
+    const int lab1 = info1 < 0 ? 0 : (info1 >> 12);
+
+    // Q fragments straight from global (A operand, row-major 16 × kDp).
+    uint32_t qa[kKQ][4];
+    {
+      const T* q0 = slot_row<T>(a, qkv_b, tok0, 0, h);
+      const T* q1 = slot_row<T>(a, qkv_b, tok1, 0, h);
+#pragma unroll
+      for (int kk = 0; kk < kKQ; ++kk) {
+        const int c0 = kk * 16 + 2 * t;
+        const int c1 = c0 + 8;
+        const bool in0 = c0 < a.D, in1 = c1 < a.D;
+        qa[kk][0] = (q0 != nullptr && in0) ? *reinterpret_cast<const uint32_t*>(q0 + c0) : 0u;
+        qa[kk][1] = (q1 != nullptr && in0) ? *reinterpret_cast<const uint32_t*>(q1 + c0) : 0u;
+        qa[kk][2] = (q0 != nullptr && in1) ? *reinterpret_cast<const uint32_t*>(q0 + c1) : 0u;
+        qa[kk][3] = (q1 != nullptr && in1) ? *reinterpret_cast<const uint32_t*>(q1 + c1) : 0u;
+      }
+    }
+
+    float o[kDT][4];
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+    for (int kc = 0; kc < NP; kc += kChunk) {
+      float s[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        const int key0 = kc + nt * 8;
+        if (key0 < NP) {
+          const T* krow = sK + (key0 + g) * kStride + 2 * t;
+#pragma unroll
+          for (int kk = 0; kk < kKQ; ++kk) {
+            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
+            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
+            Mma::run(s[nt], qa[kk], b0, b1);
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int info_j = sInfo[key0 + 2 * t + e];
+            s[nt][e] = s[nt][e] * a.scale_log2 + score_extra(a, sTab, base0, lab0, info_j);
+            s[nt][2 + e] = s[nt][2 + e] * a.scale_log2 + score_extra(a, sTab, base1, lab1, info_j);
+          }
+        } else {
+          s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = -INFINITY;
+        }
+      }
+      // Online softmax (log2 domain). Key slot 0 is always valid, so m is finite after chunk 0.
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mn0);
+        s[nt][1] = exp2f(s[nt][1] - mn0);
+        s[nt][2] = exp2f(s[nt][2] - mn1);
+        s[nt][3] = exp2f(s[nt][3] - mn1);
+        sum0 += s[nt][0] + s[nt][1];
+        sum1 += s[nt][2] + s[nt][3];
+      }
+      l0 = l0 * al0 + sum0;  // thread-partial sums; the quad reduces them at the end
+      l1 = l1 * al1 + sum1;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        o[i][0] *= al0;
+        o[i][1] *= al0;
+        o[i][2] *= al1;
+        o[i][3] *= al1;
+      }
+      // O += P · V over 16-key steps.
+#pragma unroll
+      for (int ks = 0; ks < kChunk / 16; ++ks) {
+        const int key0 = kc + ks * 16;
+        if (key0 < NP) {
+          uint32_t pa[4];
+          pa[0] = Mma::pack(s[2 * ks][0], s[2 * ks][1]);
+          pa[1] = Mma::pack(s[2 * ks][2], s[2 * ks][3]);
+          pa[2] = Mma::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+          pa[3] = Mma::pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+          const T* vrow = sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8;
+#pragma unroll
+          for (int dp = 0; dp < kDp / 16; ++dp) {
+            uint32_t vb[4];
+            wa_ldmatrix_x4_trans(vb, vrow + dp * 16);
+            Mma::run(o[2 * dp], pa, vb[0], vb[1]);
+            Mma::run(o[2 * dp + 1], pa, vb[2], vb[3]);
+          }
+        }
+      }
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    const int64_t L = static_cast<int64_t>(a.H) * a.W;
+    const int64_t head_off = static_cast<int64_t>(h) * a.D;
+    T* out0 = tok0 >= 0 ? out + (b * L + tok0) * a.C + head_off : nullptr;
+    T* out1 = tok1 >= 0 ? out + (b * L + tok1) * a.C + head_off : nullptr;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int col = i * 8 + 2 * t;
+      if (col < a.D) {
+        if (out0 != nullptr) {
+          *reinterpret_cast<uint32_t*>(out0 + col) = Mma::pack(o[i][0] * inv0, o[i][1] * inv0);
+        }
+        if (out1 != nullptr) {
+          *reinterpret_cast<uint32_t*>(out1 + col) = Mma::pack(o[i][2] * inv1, o[i][3] * inv1);
+        }
+      }
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// float32 CUDA-core kernel: 4 threads per query row (thread r owns head dims r, r + 4, …),
+// 32 query rows per pass, keys streamed through shared memory in chunks of 32.
+// ---------------------------------------------------------------------------------------------
+constexpr int kF32Rows = kThreads / 4;  // 32 query rows per pass
+constexpr int kF32Keys = 32;            // keys per chunk
+
+template <int kDp>
+__global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(const WaArgs a) {
+  static_assert(kDp % 32 == 0 && kDp <= 128, "fp32 padded head dim must be a multiple of 32");
+  constexpr int kPer = kDp / 4;
+  const int NQ = (a.N + kF32Rows - 1) / kF32Rows * kF32Rows;
+  const int tab_n = (2 * a.M - 1) * (2 * a.M - 1);
+  extern __shared__ __align__(16) unsigned char wa_smem[];
+  float* sK = reinterpret_cast<float*>(wa_smem);
+  float* sV = sK + kF32Keys * kDp;
+  float* sTab = sV + kF32Keys * kDp;
+  int* sInfo = reinterpret_cast<int*>(sTab + tab_n);
+  int* sTok = sInfo + NQ;
+
+  const unsigned bid = blockIdx.x;
+  const int h = static_cast<int>(bid % static_cast<unsigned>(a.heads));
+  const unsigned bw = bid / static_cast<unsigned>(a.heads);
+  const int w = static_cast<int>(bw % static_cast<unsigned>(a.nW));
+  const int64_t b = static_cast<int64_t>(bw / static_cast<unsigned>(a.nW));
+  const float* qkv_b = static_cast<const float*>(a.qkv) + b * a.s_b;
+
+  fill_slots(a, w, NQ, sInfo, sTok);
+  if (a.table != nullptr) fill_table<float>(a, h, sTab);
+  __syncthreads();
+
+  const int r = threadIdx.x & 3;
+  const int qr = threadIdx.x >> 2;
+  const int rel_shift = 2 * a.M * (a.M - 1);
+  const int64_t L = static_cast<int64_t>(a.H) * a.W;
+
+  for (int qb = 0; qb < NQ; qb += kF32Rows) {
+    const int i = qb + qr;
+    const int tok_i = sTok[i];
+    const int info_i = sInfo[i];
+    const int base_i = (info_i < 0 ? 0 : (info_i & 0xfff)) + rel_shift;
+    const int lab_i = info_i < 0 ? 0 : (info_i >> 12);
+    float q[kPer], o[kPer];
+    {
+      const float* qrow = slot_row<float>(a, qkv_b, tok_i, 0, h);
+#pragma unroll
+      for (int ii = 0; ii < kPer; ++ii) {
+        const int d = ii * 4 + r;
+        q[ii] = (qrow != nullptr && d < a.D) ? qrow[d] : 0.0f;
+        o[ii] = 0.0f;
+      }
+    }
+    float m = -INFINITY, l = 0.0f;
+
+    for (int kc = 0; kc < a.N; kc += kF32Keys) {
+      __syncthreads();  // previous chunk fully consumed
+      constexpr int kChunks4 = kDp / 4;
+      for (int e = threadIdx.x; e < 2 * kF32Keys * kChunks4; e += kThreads) {
+        const int part = e / (kF32Keys * kChunks4);
+        const int rem = e - part * (kF32Keys * kChunks4);
+        const int j = rem / kChunks4;
+        const int c = rem - j * kChunks4;
+        float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (kc + j < a.N && c * 4 < a.D) {
+          const float* src = slot_row<float>(a, qkv_b, sTok[kc + j], part + 1, h);
+          if (src != nullptr) val = *reinterpret_cast<const float4*>(src + c * 4);
+        }
+        *reinterpret_cast<float4*>((part == 0 ? sK : sV) + j * kDp + c * 4) = val;
+      }
+      __syncthreads();
+
+      float s[kF32Keys];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kF32Keys; ++j) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int ii = 0; ii < kPer; ++ii) acc = fmaf(q[ii], sK[j * kDp + ii * 4 + r], acc);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        const int key = kc + j;
+        const int info_j = key < a.N ? sInfo[key] : -1;
+        s[j] = acc * a.scale_log2 + score_extra(a, sTab, base_i, lab_i, info_j);
+        mx = fmaxf(mx, s[j]);
+      }
+      const float mn = fmaxf(m, mx);  // finite: key 0 is valid in chunk 0
+      const float alpha = exp2f(m - mn);
+      m = mn;
+      float sum = 0.0f;
+#pragma unroll
+      for (int ii = 0; ii < kPer; ++ii) o[ii] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kF32Keys; ++j) {
+        const float pj = exp2f(s[j] - mn);
+        sum += pj;
+#pragma unroll
+        for (int ii = 0; ii < kPer; ++ii) o[ii] = fmaf(pj, sV[j * kDp + ii * 4 + r], o[ii]);
+      }
+      l = l * alpha + sum;
+    }
+
+    if (i < a.N && tok_i >= 0) {
+      float* orow = static_cast<float*>(a.out) + (b * L + tok_i) * a.C + static_cast<int64_t>(h) * a.D;
+      const float inv = 1.0f / l;
+#pragma unroll
+      for (int ii = 0; ii < kPer; ++ii) {
+        const int d = ii * 4 + r;
+        if (d < a.D) orow[d] = o[ii] * inv;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------------------------
+template <typename Kernel>
+cudaError_t wa_launch(Kernel kernel, size_t smem_bytes, unsigned grid, cudaStream_t stream,
+                      const WaArgs& args) {
+  if (smem_bytes > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <int kDp>
+cudaError_t wa_dispatch_mma(DType dtype, const WaArgs& args, unsigned grid, cudaStream_t stream) {
+  const int np = (args.N + 15) & ~15;
+  const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
+  const size_t smem = static_cast<size_t>(2) * np * WaMmaTraits<kDp>::kStride * 2 +
+                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * np * 4;
+  if (dtype == DType::kFloat16) {
+    return wa_launch(window_attention_fwd_mma_kernel<__half, kDp>, smem, grid, stream, args);
+  }
+  return wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp>, smem, grid, stream, args);
+}
+
+template <int kDp>
+cudaError_t wa_dispatch_f32(const WaArgs& args, unsigned grid, cudaStream_t stream) {
+  const int nq = (args.N + kF32Rows - 1) / kF32Rows * kF32Rows;
+  const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
+  const size_t smem = static_cast<size_t>(2) * kF32Keys * kDp * 4 +
+                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * nq * 4;
+  return wa_launch(window_attention_fwd_f32_kernel<kDp>, smem, grid, stream, args);
+}
+
+int wa_element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+bool window_attention_forward_supports(int window, int head_dim) {
+  return window >= 1 && window <= kMaxWindow && head_dim >= 8 && head_dim <= 128 &&
+         head_dim % 8 == 0;
+}
+
+bool window_attention_tensor_aligned(const void* ptr, const int64_t stride[3], DType dtype) {
+  if (ptr == nullptr) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  if (stride[2] != 1) return false;
+  const int64_t per16 = 16 / wa_element_size(dtype);
+  return stride[0] % per16 == 0 && stride[1] % per16 == 0;
+}
+
+cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStream_t stream) {
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.B < 0 || p.H < 1 || p.W < 1 || p.heads < 1 || p.head_dim < 1) return cudaErrorInvalidValue;
+  if (!window_attention_forward_supports(p.window, p.head_dim)) return cudaErrorInvalidValue;
+  if (p.shift < 0 || p.shift >= p.window) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(p.heads) * p.head_dim != p.C) return cudaErrorInvalidValue;
+  const int M = p.window;
+  const int64_t Hp = (static_cast<int64_t>(p.H) + M - 1) / M * M;
+  const int64_t Wp = (static_cast<int64_t>(p.W) + M - 1) / M * M;
+  if (Hp > INT_MAX / 2 || Wp > INT_MAX / 2 || static_cast<int64_t>(p.H) * p.W > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t nW = (Hp / M) * (Wp / M);
+  if (nW > INT_MAX) return cudaErrorInvalidValue;
+  const int64_t grid = static_cast<int64_t>(p.B) * nW * p.heads;
+  if (grid == 0) return cudaSuccess;
+  if (grid > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
+  if (p.out == nullptr) return cudaErrorInvalidValue;
+  if (!window_attention_tensor_aligned(p.qkv, p.qkv_stride, p.dtype)) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(p.out) % 16 != 0) return cudaErrorInvalidValue;
+  if (p.qkv_bias != nullptr && reinterpret_cast<uintptr_t>(p.qkv_bias) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.table != nullptr &&
+      reinterpret_cast<uintptr_t>(p.table) % static_cast<uintptr_t>(wa_element_size(p.dtype)) != 0) {
+    return cudaErrorInvalidValue;
+  }
+
+  WaArgs args{};
+  args.qkv = p.qkv;
+  args.table = p.table;
+  args.qkv_bias = p.qkv_bias;
+  args.out = p.out;
+  args.s_b = p.qkv_stride[0];
+  args.s_t = p.qkv_stride[1];
+  args.tab_s0 = p.table != nullptr ? p.table_stride[0] : 0;
+  args.tab_s1 = p.table != nullptr ? p.table_stride[1] : 0;
+  args.H = p.H;
+  args.W = p.W;
+  args.Hp = static_cast<int>(Hp);
+  args.Wp = static_cast<int>(Wp);
+  args.nWw = static_cast<int>(Wp / M);
+  args.nW = static_cast<int>(nW);
+  args.C = p.C;
+  args.heads = p.heads;
+  args.D = p.head_dim;
+  args.M = M;
+  args.shift = p.shift;
+  args.N = M * M;
+  args.scale_log2 = p.scale * kLog2eW;
+  const unsigned g = static_cast<unsigned>(grid);
+  const int D = p.head_dim;
+
+  if (p.dtype == DType::kFloat32) {
+    if (D <= 32) return wa_dispatch_f32<32>(args, g, stream);
+    if (D <= 64) return wa_dispatch_f32<64>(args, g, stream);
+    if (D <= 96) return wa_dispatch_f32<96>(args, g, stream);
+    return wa_dispatch_f32<128>(args, g, stream);
+  }
+  if (D <= 32) return wa_dispatch_mma<32>(p.dtype, args, g, stream);
+  if (D <= 48) return wa_dispatch_mma<48>(p.dtype, args, g, stream);
+  if (D <= 64) return wa_dispatch_mma<64>(p.dtype, args, g, stream);
+  if (D <= 80) return wa_dispatch_mma<80>(p.dtype, args, g, stream);
+  if (D <= 96) return wa_dispatch_mma<96>(p.dtype, args, g, stream);
+  return wa_dispatch_mma<128>(p.dtype, args, g, stream);
+}
+
+}  // namespace vitkernels
