@@ -3,7 +3,8 @@
 x (B, H·W, C), weight (C, 1, k, k) as nn.Conv2d(C, C, k, groups=C), k odd; activation None, "gelu"
 (exact erf) or "relu". Backends: "triton" (fused forward: conv + bias + activation in one pass over
 token layout; backward: dz/dweight/dbias reduce kernel + a flipped-kernel conv for dx, see
-vitkernels/triton/dwconv.py) and "reference".
+vitkernels/triton/dwconv.py), "cuda" (forward only, k in 1/3/5/7, csrc/kernels/dwconv.cu; its backward
+runs on the "auto" choice) and "reference".
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._common import (
     check_hw,
     check_same,
     check_tensor,
+    cuda_reasons,
     describe,
     empty_if_none,
     fresh,
@@ -125,3 +127,34 @@ def _triton_backward(dout, x, hw, weight, bias, activation):
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+
+
+# Kernel sizes compiled into csrc/kernels/dwconv.cu.
+CUDA_KERNEL_SIZES = (1, 3, 5, 7)
+_CUDA_ACT = {None: 0, "gelu": 1, "relu": 2}
+
+
+def _cuda_reasons(x, hw, weight, bias, activation, *_):
+    why = list(cuda_reasons(x, weight, bias))
+    k = weight.shape[-1]
+    if k not in CUDA_KERNEL_SIZES:
+        why.append(f"kernel size k = {k} is not built into the CUDA dwconv kernel (k in {CUDA_KERNEL_SIZES})")
+    if not why and not _ext_has_dwconv():
+        why.append("the loaded CUDA extension has no dwconv_fwd (built from older sources; rebuild it)")
+    return why
+
+
+def _ext_has_dwconv() -> bool:
+    try:
+        torch.ops.vitkernels_C.dwconv_fwd
+    except Exception:  # AttributeError / RuntimeError depending on the torch version
+        return False
+    return True
+
+
+def _cuda_forward(x, hw, weight, bias, activation):
+    # Forward only: the backward of a forced "cuda" forward runs on the "auto" choice.
+    return torch.ops.vitkernels_C.dwconv_fwd(x, [int(hw[0]), int(hw[1])], weight, bias, _CUDA_ACT[activation])
+
+
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
