@@ -41,7 +41,9 @@ class Kernel:
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
 # Ops implemented as a composition of other ops: a backend runs them where it runs their parts.
-COMPOSITES: dict[str, tuple[str, ...]] = {"mix_ffn": ("dwconv",)}
+# Each entry maps the composite's arguments to the (part, part arguments) it will call; the op
+# file that defines the composite registers it (see ops/mix_ffn.py).
+COMPOSITES: dict[str, Callable[..., list]] = {}
 
 
 def register_kernel(op: str, backend: str, *, forward: Callable, backward: Optional[Callable] = None,
@@ -107,9 +109,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list:
     """Why `backend` cannot run `op` on these arguments ([] when it can)."""
-    if op in COMPOSITES:  # the parts' arguments differ; report which parts this backend lacks
-        return [f"{op} runs {part}, and the {backend} backend has no kernel for {part} yet"
-                for part in COMPOSITES[op] if backend not in _KERNELS.get(part, {})]
+    if op in COMPOSITES:
+        return [f"{op} runs {part}: {reason}" for part, part_args in COMPOSITES[op](*args, **kwargs)
+                for reason in not_supported_reasons(part, backend, *part_args)]
     kernels = _KERNELS.get(op)
     if kernels is None:
         raise ValueError(f"unknown op {op!r}; ops: {ops()}")

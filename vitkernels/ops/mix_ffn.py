@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backends
 from ._common import check_hw, check_same, check_tensor, describe
 from ._library import composite
 
@@ -55,3 +56,11 @@ def mix_ffn(x: Tensor, hw, fc1_weight: Tensor, fc1_bias: Optional[Tensor], dw_we
     """Mix-FFN on token layout x (B, H·W, C) -> (B, H·W, C_out)."""
     return torch.ops.vitkernels.mix_ffn(x, list(hw), fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
                                         extra_relu)
+
+
+def _parts(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, *_):
+    # The dwconv runs on the hidden activations, which share x's device and dtype.
+    return [("dwconv", (x, hw, dw_weight, dw_bias, "gelu"))]
+
+
+backends.COMPOSITES[OP] = _parts
