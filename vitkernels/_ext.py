@@ -111,8 +111,9 @@ def _cache_dir(sources: List[str], arch_flags: List[str]) -> str:
         h.update(os.path.basename(s).encode())
         with open(s, "rb") as f:
             h.update(f.read())
-    for hdr in sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(sources[0])), "**", "*.h"),
-                                recursive=True)):
+    root = os.path.dirname(os.path.dirname(sources[0]))
+    headers = [p for ext in ("h", "cuh") for p in glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True)]
+    for hdr in sorted(headers):
         with open(hdr, "rb") as f:
             h.update(f.read())
     h.update(f"{torch.__version__}|{torch.version.cuda}|{' '.join(arch_flags)}".encode())

@@ -1,6 +1,7 @@
 // vitkernels — fused Swin window attention forward. See window_attention.h for the math, cost
 // model and design.
 #include "window_attention.h"
+#include "ptx_sm80.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,72 +18,7 @@ constexpr float kMaskLog2 = -100.0f * 1.4426950408889634f;  // the −100 shift 
 constexpr int kMaxWindow = 16;                               // N = M² <= 256 slots
 constexpr int kThreads = 128;                                // 4 warps per CTA, both kernels
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define VK_WA_SM80 1
-#else
-#define VK_WA_SM80 0
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// Small PTX helpers (sm_80+), self-contained (attention.cu keeps its own in an anonymous namespace).
-// ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t wa_smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void wa_ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-#if VK_WA_SM80
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(wa_smem_addr(p)));
-#endif
-}
-
-// D(16x8 f32) += A(16x16) · B(16x8), A row-major, B column-major.
-template <typename T>
-struct WaMma;
-
-template <>
-struct WaMma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if VK_WA_SM80
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-};
-
-template <>
-struct WaMma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if VK_WA_SM80
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-__device__ __forceinline__ float wa_to_float(float x) { return x; }
-__device__ __forceinline__ float wa_to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float wa_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+using namespace ptx;  // smem_addr, ldmatrix_x4_trans, Mma<T>, to_float (ptx_sm80.cuh)
 
 // Kernel arguments (geometry resolved on the host).
 struct WaArgs {
@@ -135,7 +71,7 @@ __device__ __forceinline__ void fill_table(const WaArgs& a, int h, float* s_tab)
   const int n = (2 * a.M - 1) * (2 * a.M - 1);
   const T* tab = static_cast<const T*>(a.table);
   for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    s_tab[e] = wa_to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2eW;
+    s_tab[e] = to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2eW;
   }
 }
 
@@ -165,7 +101,7 @@ __device__ __forceinline__ float score_extra(const WaArgs& a, const float* s_tab
 // fp16 / bf16 tensor-core kernel: one CTA per (b, window, head); K, V of the window resident.
 // ---------------------------------------------------------------------------------------------
 template <int kDp>
-struct WaMmaTraits {
+struct MmaTraits {
   static constexpr int kStride = kDp + 8;  // padded smem row (elements): conflict-free ldmatrix
   static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
   static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
@@ -173,13 +109,13 @@ struct WaMmaTraits {
 
 template <typename T, int kDp>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(const WaArgs a) {
-#if VK_WA_SM80
-  constexpr int kStride = WaMmaTraits<kDp>::kStride;
+#if VK_SM80
+  constexpr int kStride = MmaTraits<kDp>::kStride;
   constexpr int kKQ = kDp / 16;  // k-steps of q·kᵀ
   constexpr int kDT = kDp / 8;   // output n-tiles (8 head dims each)
   constexpr int kChunk = 64;     // keys per online-softmax step
   constexpr int kNT = kChunk / 8;
-  using Mma = WaMma<T>;
+  using Mma = Mma<T>;
 
   const int NP = (a.N + 15) & ~15;  // slots rounded up to whole 16-row MMA tiles
   const int tab_n = (2 * a.M - 1) * (2 * a.M - 1);
@@ -333,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
 #pragma unroll
           for (int dp = 0; dp < kDp / 16; ++dp) {
             uint32_t vb[4];
-            wa_ldmatrix_x4_trans(vb, vrow + dp * 16);
+            ldmatrix_x4_trans(vb, vrow + dp * 16);
             Mma::run(o[2 * dp], pa, vb[0], vb[1]);
             Mma::run(o[2 * dp + 1], pa, vb[2], vb[3]);
           }
@@ -498,7 +434,7 @@ template <int kDp>
 cudaError_t wa_dispatch_mma(DType dtype, const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int np = (args.N + 15) & ~15;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
-  const size_t smem = static_cast<size_t>(2) * np * WaMmaTraits<kDp>::kStride * 2 +
+  const size_t smem = static_cast<size_t>(2) * np * MmaTraits<kDp>::kStride * 2 +
                       static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * np * 4;
   if (dtype == DType::kFloat16) {
     return wa_launch(window_attention_fwd_mma_kernel<__half, kDp>, smem, grid, stream, args);

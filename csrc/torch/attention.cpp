@@ -19,26 +19,12 @@
 #include <tuple>
 
 #include "../kernels/attention.h"
+#include "common.h"
 
 namespace vitkernels {
 namespace {
 
 constexpr const char* kOp = "vitkernels attention_fwd: ";
-
-DType to_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, kOp, "unsupported dtype ", t,
-                  " (expected float32, float16 or bfloat16)");
-  }
-  return DType::kFloat32;  // unreachable
-}
 
 // (B, H, N, D) strides with the strides of size-1 dims replaced by 0 (they are never used to
 // step, and may be arbitrary in a view).
@@ -80,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(q.is_cuda(), kOp, "q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(k.device() == q.device(), kOp, "k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, "v is on ", v.device(), " but q is on ", q.device());
-  const DType dtype = to_kernel_dtype(q.scalar_type());
+  const DType dtype = kernel_dtype(q.scalar_type(), kOp);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, "k has dtype ", k.scalar_type(),
               " but q has dtype ", q.scalar_type());
   TORCH_CHECK(v.scalar_type() == q.scalar_type(), kOp, "v has dtype ", v.scalar_type(),

@@ -16,26 +16,12 @@
 #include <optional>
 
 #include "../kernels/dwconv.h"
+#include "common.h"
 
 namespace vitkernels {
 namespace {
 
 constexpr const char* kDwOp = "vitkernels dwconv_fwd: ";
-
-DType dw_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, kDwOp, "unsupported dtype ", t,
-                  " (expected float32, float16 or bfloat16)");
-  }
-  return DType::kFloat32;  // unreachable
-}
 
 }  // namespace
 
@@ -49,7 +35,7 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x, at::IntArrayRef hw, const at::Te
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   TORCH_CHECK(H * W == N, kDwOp, "x has ", N, " tokens but hw = (", H, ", ", W,
               ") needs H*W = ", H * W, " (x shape ", x.sizes(), ")");
-  const DType dtype = dw_kernel_dtype(x.scalar_type());
+  const DType dtype = kernel_dtype(x.scalar_type(), kDwOp);
 
   TORCH_CHECK(weight.dim() == 4, kDwOp, "weight must be 4-D (C, 1, k, k), got shape ",
               weight.sizes());

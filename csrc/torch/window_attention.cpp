@@ -16,26 +16,12 @@
 #include <optional>
 
 #include "../kernels/window_attention.h"
+#include "common.h"
 
 namespace vitkernels {
 namespace {
 
 constexpr const char* kWaOp = "vitkernels window_attention_fwd: ";
-
-DType wa_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, kWaOp, "unsupported dtype ", t,
-                  " (expected float32, float16 or bfloat16)");
-  }
-  return DType::kFloat32;  // unreachable
-}
 
 void qkv_strides(const at::Tensor& t, int64_t (&s)[3]) {
   for (int i = 0; i < 3; ++i) s[i] = t.size(i) == 1 ? 0 : t.stride(i);
@@ -66,7 +52,7 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
                                      const std::optional<at::Tensor>& qkv_bias, double scale) {
   TORCH_CHECK(qkv.dim() == 3, kWaOp, "qkv must be 3-D (B, H*W, 3C), got shape ", qkv.sizes());
   TORCH_CHECK(qkv.is_cuda(), kWaOp, "qkv must be a CUDA tensor, got device ", qkv.device());
-  const DType dtype = wa_kernel_dtype(qkv.scalar_type());
+  const DType dtype = kernel_dtype(qkv.scalar_type(), kWaOp);
   TORCH_CHECK(hw.size() == 2, kWaOp, "hw must be (H, W), got ", hw);
   const int64_t B = qkv.size(0), L = qkv.size(1), C3 = qkv.size(2);
   const int64_t H = hw[0], W = hw[1];
