@@ -25,9 +25,13 @@ from ._common import (
     describe,
     empty_if_none,
     fresh,
+    head_dim_reasons,
     reference_vjp,
+    triton_reasons,
 )
 from ._library import composite
+from .self_attention import _triton_backward as _sa_triton_backward
+from .self_attention import _triton_forward as _sa_triton_forward
 
 OP = "space_time_attention"
 
@@ -138,3 +142,54 @@ def _reference_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, l
 
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+
+
+# ----------------------------------------------------------------------------- fused (Triton) path
+# When each attended sequence is a contiguous run of tokens — the time axis of layout "st"
+# (TimeSformer's temporal attention: token s·T + t) and the space axis of layout "ts" (ViViT's
+# spatial attention: token t·S + s) — the op is self_attention on the (B·groups, length, 3C) view of
+# qkv: the FlashAttention kernels read it and write token layout with no copy. The other
+# combinations and the shared class token run on the reference for now.
+
+def _contiguous_runs(qkv, frames, axis, cls_qkv, layout):
+    """(groups, length) of the sequences when they are contiguous token runs, else None."""
+    if cls_qkv is not None:
+        return None
+    s = qkv.shape[1] // frames
+    if axis == "time" and layout == "st":
+        return s, frames
+    if axis == "space" and layout == "ts":
+        return frames, s
+    return None
+
+
+def _triton_reasons(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", *_):
+    why = triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
+    if _contiguous_runs(qkv, frames, axis, cls_qkv, layout) is None:
+        why.append(f"the fused kernel covers axis 'time' with layout 'st' and axis 'space' with layout 'ts', "
+                   f"without a class token (got axis {axis!r}, layout {layout!r}, "
+                   f"cls_qkv {'given' if cls_qkv is not None else 'None'})")
+    return why
+
+
+def _runs_view(t, frames, axis, layout, channels):
+    groups, length = _contiguous_runs(t, frames, axis, None, layout)
+    return t.contiguous().view(t.shape[0] * groups, length, channels)
+
+
+def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+    b, n, c3 = qkv.shape
+    out, _ = _sa_triton_forward(_runs_view(qkv, frames, axis, layout, c3), num_heads, scale)
+    return out.view(b, n, c3 // 3), _empty_cls(qkv)
+
+
+def _triton_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+    # v1: the forward saves no logsumexp for this op, so the backward recomputes it (one extra forward).
+    c3 = qkv.shape[-1]
+    x = _runs_view(qkv, frames, axis, layout, c3)
+    out, lse = _sa_triton_forward(x, num_heads, scale)
+    dx = _sa_triton_backward(_runs_view(dout, frames, axis, layout, c3 // 3), x, out, lse, num_heads, scale)
+    return dx.view(qkv.shape), None
+
+
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
