@@ -12,13 +12,13 @@ Covered today:
   (roll, pad, partition, mask, bias gather, attention, reverse in one `window_attention` call).
 - PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `sr_attention` after timm's own
   spatial reduction, and `MlpWithDepthwiseConv` -> one `mix_ffn` call.
-XCiT modules are swapped as their fused kernels land.
+- XCiT: `timm.models.xcit.XCA` -> `xca` (cross-covariance attention on the packed qkv).
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..ops import mix_ffn, self_attention, sr_attention, window_attention
+from ..ops import mix_ffn, self_attention, sr_attention, window_attention, xca
 
 
 def _is_identity(m) -> bool:
@@ -94,6 +94,13 @@ def _fused_pvt_mlp(self, x, feat_size):
                    self.fc2.weight, self.fc2.bias, isinstance(self.relu, nn.ReLU))
 
 
+def _fused_xca(self, x):
+    """timm XCiT XCA: qkv -> `xca` (normalise, temperature, channel softmax, apply to v) -> proj."""
+    if _dropping(self, "attn_drop"):
+        return self._timm_forward(x)
+    return self.proj_drop(self.proj(xca(self.qkv(x), self.num_heads, self.temperature)))
+
+
 _FUSED_CLASSES: dict = {}
 
 
@@ -114,6 +121,7 @@ _SWAPS = {
     ("timm.models.swin_transformer", "SwinTransformerBlock"): lambda m: _swap_class(m, "_attn", _fused_swin_attn),
     ("timm.models.pvt_v2", "Attention"): lambda m: _swap_class(m, "forward", _fused_pvt_attention),
     ("timm.models.pvt_v2", "MlpWithDepthwiseConv"): lambda m: _swap_class(m, "forward", _fused_pvt_mlp),
+    ("timm.models.xcit", "XCA"): lambda m: _swap_class(m, "forward", _fused_xca),
 }
 
 
