@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ops():
+    """torch.ops.vitkernels_C from the compiled (or JIT-built) CUDA extension; skips without it
+    (fails instead with VITKERNELS_REQUIRE_CUDA_EXT=1, as on a GPU run that must test it)."""
+    from vitkernels import _ext
+    if _ext.load_cuda_ext() is None:
+        msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
+        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return torch.ops.vitkernels_C

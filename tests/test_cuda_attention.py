@@ -5,7 +5,6 @@ eager composition on the GPU + a small floor. Skipped without a CUDA GPU (confte
 extension cannot be built/loaded (set VITKERNELS_REQUIRE_CUDA_EXT=1 to make that a failure).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -26,18 +25,6 @@ SHAPES = [
     (1, 1, 1, 577, 64),
     (3, 2, 65, 129, 40),
 ]
-
-
-@pytest.fixture(scope="module")
-def ops():
-    from vitkernels import _ext
-    ext = _ext.load_cuda_ext()
-    if ext is None:
-        msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
-        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return torch.ops.vitkernels_C
 
 
 def oracle(q, k, v, bias, scale):

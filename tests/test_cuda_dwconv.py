@@ -6,7 +6,6 @@ the same-precision eager composition (transpose → F.conv2d(groups=C) → activ
 small floor. Skipped without a CUDA GPU (conftest) or when the extension cannot be built/loaded (set
 VITKERNELS_REQUIRE_CUDA_EXT=1 to make that a failure).
 """
-import os
 
 import oracles
 import pytest
@@ -20,18 +19,6 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACT_CODE = {None: 0, "gelu": 1, "relu": 2}
-
-
-@pytest.fixture(scope="module")
-def ops():
-    from vitkernels import _ext
-    ext = _ext.load_cuda_ext()
-    if ext is None:
-        msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
-        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return torch.ops.vitkernels_C
 
 
 def eager(x, hw, weight, bias, activation):

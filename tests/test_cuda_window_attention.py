@@ -6,7 +6,6 @@ same-precision eager reference composition on the GPU + a small floor. Skipped w
 (conftest) or when the extension cannot be built/loaded (VITKERNELS_REQUIRE_CUDA_EXT=1 makes that a
 failure).
 """
-import os
 
 import pytest
 import torch
@@ -31,18 +30,6 @@ SHAPES = [
     (1, 17, 20, 128, 1, 16, 7),    # M = 16 (N = 256), D = 128, padding + shift
     (1, 9, 11, 120, 3, 4, 1),      # D = 40 (padded head dim), N = 16
 ]
-
-
-@pytest.fixture(scope="module")
-def ops():
-    from vitkernels import _ext
-    ext = _ext.load_cuda_ext()
-    if ext is None:
-        msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
-        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return torch.ops.vitkernels_C
 
 
 def make(b, h, w, c, heads, m, table, qkv_bias, dtype):
