@@ -48,6 +48,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
+# On a GPU the CUDA extension must be there: its tests fail (not skip) if it did not build.
+export VITKERNELS_REQUIRE_CUDA_EXT=${VITKERNELS_REQUIRE_CUDA_EXT:-1}
 if [ -z "${VITKERNELS_COMMIT:-}" ]; then
   VITKERNELS_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 fi
