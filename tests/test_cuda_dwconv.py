@@ -10,7 +10,7 @@ VITKERNELS_REQUIRE_CUDA_EXT=1 to make that a failure).
 import oracles
 import pytest
 import torch
-import torch.nn.functional as F
+from test_dwconv import eager_dwconv
 from tolerance import assert_within
 
 import vitkernels as vk
@@ -19,18 +19,6 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACT_CODE = {None: 0, "gelu": 1, "relu": 2}
-
-
-def eager(x, hw, weight, bias, activation):
-    b, _, c = x.shape
-    h, w = hw
-    k = weight.shape[-1]
-    y = F.conv2d(x.transpose(1, 2).reshape(b, c, h, w), weight, bias, padding=k // 2, groups=c)
-    if activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "relu":
-        y = F.relu(y)
-    return y.flatten(2).transpose(1, 2)
 
 
 def make(b, h, w, c, k, with_bias, dtype, seed=0):
@@ -49,7 +37,7 @@ def check(ops, x, hw, wt, bias, activation, dtype, name):
     assert out.dtype == dtype and out.is_contiguous() and out.device == x.device
     want = oracles.dwconv(x.double().cpu(), hw, wt.double().cpu(),
                           None if bias is None else bias.double().cpu(), activation)
-    assert_within(name, out, eager(x, hw, wt, bias, activation), want, dtype)
+    assert_within(name, out, eager_dwconv(x, hw, wt, bias, activation), want, dtype)
     return out
 
 
