@@ -8,7 +8,8 @@
 # 10-minute call (install included) and brings back at most 5 files:
 #   tests    pytest -m gpu (tests/), `vitkernels-bench check` (every dtype), the pytest-benchmark suite
 #   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
-#            representative cases in fp16 and fp32; peaks measured on the card
+#            representative cases in fp16 and fp32; peaks measured on the card; then sr_attention
+#            again on the general FlashAttention kernels (VITKERNELS_SR_KERNEL=general)
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16: vitkernels and timm eager, then
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --part=*) PART="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
     --no-install) INSTALL=0; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG="$1"; shift ;;
   esac
@@ -116,10 +117,13 @@ part_ops() {
     run "$log" 200 $BENCH ops --representative --dtype bf16 --no-compile --measure-peak --budget 120 \
       --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
   else
-    run "$log" 390 $BENCH ops --dtype bf16 --no-compile --measure-peak --budget 300 \
+    run "$log" 360 $BENCH ops --dtype bf16 --no-compile --measure-peak --budget 270 \
       --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
-    run "$log" 150 $BENCH ops --dtype fp16,fp32 --representative --no-compile --measure-peak --budget 80 \
+    run "$log" 140 $BENCH ops --dtype fp16,fp32 --representative --no-compile --measure-peak --budget 75 \
       --json "$OUT/$NAME-ops-fp16-fp32.json"
+    # sr_attention on the general FlashAttention kernels, to compare with the N >> M kernels above
+    VITKERNELS_SR_KERNEL=general run "$log" 70 $BENCH ops --op sr_attention --dtype bf16 --impl vitkernels \
+      --budget 40 --json "$OUT/$NAME-ops-sr-general.json"
   fi
 }
 

@@ -1,11 +1,13 @@
 """vitkernels.sr_attention: PVT spatial-reduction attention core, q (B, N, C) x kv (B, M, 2C) -> (B, N, C).
 
 The fused path reads q, k, v as strided views of the token-layout projections and writes token
-layout, like self_attention. (A kernel specialised for N ≫ M, with all M keys on chip, is the PVT
-issue's work; today the Triton path is the general FlashAttention kernel.)
+layout, like self_attention. The Triton backend runs the N ≫ M kernels of triton/sr_attention.py
+(all M keys and values on chip, queries streamed) while they fit on chip, else the general
+FlashAttention kernels of triton/attention.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -115,24 +117,38 @@ def _triton_reasons(q, kv, num_heads, *_):
     return triton_reasons(q, kv) + head_dim_reasons(q.shape[-1] // num_heads)
 
 
+def _specialised(fits: bool) -> bool:
+    """Whether the N ≫ M kernels run. ``VITKERNELS_SR_KERNEL=general`` forces the general
+    FlashAttention kernels instead (a developer switch for side-by-side benchmarks)."""
+    return fits and os.environ.get("VITKERNELS_SR_KERNEL", "auto") != "general"
+
+
 def _triton_forward(q, kv, num_heads, scale):
-    from ..triton import attention as tk
+    from ..triton import attention as general
+    from ..triton import sr_attention as specialised
     q, kv = last_dim_contiguous(q), last_dim_contiguous(kv)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
-    lse = tk.attention_forward(qh, kh, vh, None, scale, heads_view(out, num_heads, 1)[0])
-    return out, lse
+    (oh,) = heads_view(out, num_heads, 1)
+    if _specialised(specialised.supports_forward(kv.shape[1], qh.shape[-1])):
+        return out, specialised.sr_attention_forward(qh, kh, vh, scale, oh)
+    return out, general.attention_forward(qh, kh, vh, None, scale, oh)
 
 
 def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
-    from ..triton import attention as tk
-    q, kv, dout = (last_dim_contiguous(t) for t in (q, kv, dout))
+    from ..triton import attention as general
+    from ..triton import sr_attention as specialised
+    dout = dout.to(q.dtype)
+    q, kv, dout, out = (last_dim_contiguous(t) for t in (q, kv, dout, out))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
     (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
     (dqh,), (dkh, dvh) = heads_view(dq, num_heads, 1), heads_view(dkv, num_heads, 2)
     (o,), (do,) = heads_view(out, num_heads, 1), heads_view(dout, num_heads, 1)
-    tk.attention_backward(do, qh, kh, vh, None, o, lse, scale, dqh, dkh, dvh, False)
+    if _specialised(specialised.supports_backward(kv.shape[1], qh.shape[-1])):
+        specialised.sr_attention_backward(do, qh, kh, vh, o, lse, scale, dqh, dkh, dvh)
+    else:
+        general.attention_backward(do, qh, kh, vh, None, o, lse, scale, dqh, dkh, dvh, False)
     return dq, dkv
 
 

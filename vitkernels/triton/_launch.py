@@ -3,6 +3,7 @@ device context."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -49,3 +50,13 @@ def use_fixed(t: torch.Tensor, interpreted: bool, what: str) -> bool:
 
 def device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

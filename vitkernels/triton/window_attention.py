@@ -102,7 +102,7 @@ import triton.language as tl
 
 from ._launch import device_ctx as _device_ctx
 from ._launch import family as _family
-from ._launch import is_interpreted, use_fixed
+from ._launch import is_interpreted, sm_count, use_fixed
 from ._launch import precision as _precision
 
 __all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops",
@@ -545,17 +545,12 @@ _TUNED = {
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _windows_per_program(bw: int, heads: int, device) -> int:
     if WINDOWS_PER_PROGRAM is not None:
         return max(1, int(WINDOWS_PER_PROGRAM))
     if _INTERPRETED:
         return 2
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     return max(1, min(16, (bw * heads) // (8 * sms)))
 
 
