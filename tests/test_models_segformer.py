@@ -2,6 +2,8 @@
 written from HF's naming (separate query / key / value linears), any input size."""
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,8 +139,37 @@ def test_converter_rejects_unknown_and_incomplete_keys():
     with pytest.raises(KeyError, match="unrecognised"):
         convert_hf_segformer({**hf, "classifier.weight": torch.zeros(3, 256)})
     del hf["segformer.encoder.block.0.0.attention.self.value.bias"]
-    with pytest.raises(KeyError, match="attention.self.value"):
+    with pytest.raises(KeyError, match="needs both the key and the value"):
         convert_hf_segformer(hf)
+
+
+# transformers >= 5 renamed the modules of its state_dict() (Hub checkpoints keep the old names).
+_V5_NAMES = [
+    (r"segformer\.encoder\.patch_embeddings\.(\d+)\.", r"segformer.stages.\1.patch_embeddings."),
+    (r"segformer\.encoder\.layer_norm\.(\d+)\.", r"segformer.stages.\1.layer_norm."),
+    (r"segformer\.encoder\.block\.(\d+)\.(\d+)\.", r"segformer.stages.\1.blocks.\2."),
+    (r"\.layer_norm_1\.", ".layernorm_before."), (r"\.layer_norm_2\.", ".layernorm_after."),
+    (r"attention\.self\.query", "attention.q_proj"), (r"attention\.self\.key", "attention.k_proj"),
+    (r"attention\.self\.value", "attention.v_proj"), (r"attention\.output\.dense", "attention.o_proj"),
+    (r"attention\.self\.sr\.", "attention.sequence_reduction.sequence_reduction."),
+    (r"attention\.self\.layer_norm", "attention.sequence_reduction.layer_norm"),
+    (r"mlp\.dense1", "mlp.fc1"), (r"mlp\.dense2", "mlp.fc2"),
+    (r"decode_head\.linear_c\.", "decode_head.linear_projections."),
+]
+
+
+def test_converter_reads_transformers_5_names():
+    legacy = random_hf_state_dict(hf_segformer_shapes(CONFIGS["segformer_b0"][0], (1, 2, 1, 1), 16, 3))
+    v5 = {}
+    for key, value in legacy.items():
+        for pattern, repl in _V5_NAMES:
+            key = re.sub(pattern, repl, key)
+        v5[key] = value
+    assert set(v5) != set(legacy)
+    want, got = convert_hf_segformer(legacy), convert_hf_segformer(v5)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 def _ln(x, sd, p):

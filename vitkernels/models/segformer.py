@@ -99,43 +99,67 @@ _HF_BLOCK = {
     "mlp.dwconv.dwconv": "mlp.dwconv",
     "mlp.dense2": "mlp.fc2",
 }
+# transformers >= 5 names the same modules differently (its state_dict(); Hub checkpoints keep
+# the names above): segformer.stages.{i}.blocks.{j}.<module>.
+_HF5_BLOCK = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.q_proj": "attn.q",
+    "attention.sequence_reduction.sequence_reduction": "attn.sr",
+    "attention.sequence_reduction.layer_norm": "attn.norm",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.dwconv.dwconv": "mlp.dwconv",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_KV = {"attention.self.key": "key", "attention.self.value": "value",
+          "attention.k_proj": "key", "attention.v_proj": "value"}
 _HF_HEAD = ("linear_c.", "linear_fuse.", "batch_norm.", "classifier.")
 
 
 def convert_hf_segformer(state_dict: dict) -> dict:
     """Map a Hugging Face `SegformerForSemanticSegmentation` state_dict to `SegFormer` keys.
 
-    HF's `attention.self.key` and `attention.self.value` linears become one `attn.kv` linear,
-    weight [W_k; W_v] and bias [b_k; b_v] — the [k | v] head-major packing of `sr_attention`.
-    Every key must be recognised and every key/value pair complete; anything else raises.
+    Both key layouts are accepted: the one of the Hub checkpoints and transformers < 5
+    (`segformer.encoder.block.{i}.{j}.attention.self.query`, ...), and the one of transformers >= 5
+    (`segformer.stages.{i}.blocks.{j}.attention.q_proj`, ...). The separate key and value linears become
+    one `attn.kv` linear, weight [W_k; W_v] and bias [b_k; b_v]: the [k | v] head-major packing of
+    `sr_attention`. Every key must be recognised and every key/value pair complete; anything else raises.
     """
     out: dict = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state_dict.items():
         k = key
+        m = re.fullmatch(r"decode_head\.linear_projections\.(\d+)\.(.+)", k)  # transformers >= 5
+        if m:
+            k = f"decode_head.linear_c.{m.group(1)}.{m.group(2)}"
         if k.startswith("decode_head.") and k[len("decode_head."):].startswith(_HF_HEAD):
             out[k] = value
             continue
-        m = re.fullmatch(r"segformer\.encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k)
+        m = (re.fullmatch(r"segformer\.encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k)
+             or re.fullmatch(r"segformer\.stages\.(\d+)\.patch_embeddings\.(proj|layer_norm)\.(\w+)", k))
         if m:
             i, mod, p = int(m.group(1)), m.group(2), m.group(3)
             prefix = "encoder.patch_embed." if i == 0 else f"encoder.stages.{i}.downsample."
             out[prefix + ("proj" if mod == "proj" else "norm") + "." + p] = value
             continue
-        m = re.fullmatch(r"segformer\.encoder\.layer_norm\.(\d+)\.(\w+)", k)
+        m = (re.fullmatch(r"segformer\.encoder\.layer_norm\.(\d+)\.(\w+)", k)
+             or re.fullmatch(r"segformer\.stages\.(\d+)\.layer_norm\.(\w+)", k))
         if m:
             out[f"encoder.stages.{m.group(1)}.norm.{m.group(2)}"] = value
             continue
-        m = re.fullmatch(r"segformer\.encoder\.block\.(\d+)\.(\d+)\.(.+)\.(\w+)", k)
+        m, names = re.fullmatch(r"segformer\.encoder\.block\.(\d+)\.(\d+)\.(.+)\.(\w+)", k), _HF_BLOCK
+        if m is None:
+            m, names = re.fullmatch(r"segformer\.stages\.(\d+)\.blocks\.(\d+)\.(.+)\.(\w+)", k), _HF5_BLOCK
         if m:
             prefix = f"encoder.stages.{m.group(1)}.blocks.{m.group(2)}."
             mod, p = m.group(3), m.group(4)
-            if mod in ("attention.self.key", "attention.self.value"):
-                pending.setdefault(prefix + "attn.kv." + p, {})[mod.rsplit(".", 1)[1]] = value
+            if mod in _HF_KV:
+                pending.setdefault(prefix + "attn.kv." + p, {})[_HF_KV[mod]] = value
                 continue
-            if mod in _HF_BLOCK:
-                out[prefix + _HF_BLOCK[mod] + "." + p] = value
+            if mod in names:
+                out[prefix + names[mod] + "." + p] = value
                 continue
         unknown.append(key)
     if unknown:
@@ -143,7 +167,7 @@ def convert_hf_segformer(state_dict: dict) -> dict:
                        f"state_dict?): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     for name, parts in pending.items():
         if set(parts) != {"key", "value"}:
-            raise KeyError(f"convert_hf_segformer: {name} needs both attention.self.key and attention.self.value, "
+            raise KeyError(f"convert_hf_segformer: {name} needs both the key and the value linear, "
                            f"got only {sorted(parts)}")
         out[name] = torch.cat([parts["key"], parts["value"]], dim=0)
     return out
