@@ -2,14 +2,16 @@
 # One command for a lent GPU: install the package (building the CUDA extension), run the GPU tests,
 # the correctness sweep and the benchmarks, and leave logs and results JSON under OUT.
 #
-#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|compile|flex|models|all] [--quick] [--no-install]
+#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|compile|flex|models|all] [--quick] [--no-install]
 #
 # OUT_DIR defaults to $OUT (set on the lent machines), else ./out. Each part but `all` fits in one
 # 10-minute call (install included) and brings back at most 5 files:
 #   tests    pytest -m gpu (tests/), `vitkernels-bench check` (every dtype), the pytest-benchmark suite
 #   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
-#            representative cases in fp16 and fp32; peaks measured on the card; then sr_attention
-#            again on the general FlashAttention kernels (VITKERNELS_SR_KERNEL=general)
+#            representative cases in fp16 and fp32; peaks measured on the card
+#   kernels  one kernel against another, bf16: every op forward on the forced "cuda" backend (the
+#            CUDA C++ kernels, next to the Triton ones of `ops`), and sr_attention on the general
+#            FlashAttention kernels (VITKERNELS_SR_KERNEL=general) next to its N >> M kernels
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16: vitkernels and timm eager, then
@@ -37,12 +39,12 @@ while [ $# -gt 0 ]; do
     --part=*) PART="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
     --no-install) INSTALL=0; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG="$1"; shift ;;
   esac
 done
-case "$PART" in tests|ops|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be tests, ops, compile, flex, models or all" >&2; exit 2 ;; esac
+case "$PART" in tests|ops|kernels|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be tests, ops, kernels, compile, flex, models or all" >&2; exit 2 ;; esac
 
 OUT=${OUT_ARG:-${OUT:-out}}
 mkdir -p "$OUT"
@@ -117,14 +119,23 @@ part_ops() {
     run "$log" 200 $BENCH ops --representative --dtype bf16 --no-compile --measure-peak --budget 120 \
       --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
   else
-    run "$log" 360 $BENCH ops --dtype bf16 --no-compile --measure-peak --budget 270 \
+    run "$log" 390 $BENCH ops --dtype bf16 --no-compile --measure-peak --budget 300 \
       --json "$OUT/$NAME-ops.json" --csv "$OUT/$NAME-ops.csv"
-    run "$log" 140 $BENCH ops --dtype fp16,fp32 --representative --no-compile --measure-peak --budget 75 \
+    run "$log" 150 $BENCH ops --dtype fp16,fp32 --representative --no-compile --measure-peak --budget 80 \
       --json "$OUT/$NAME-ops-fp16-fp32.json"
-    # sr_attention on the general FlashAttention kernels, to compare with the N >> M kernels above
-    VITKERNELS_SR_KERNEL=general run "$log" 70 $BENCH ops --op sr_attention --dtype bf16 --impl vitkernels \
-      --budget 40 --json "$OUT/$NAME-ops-sr-general.json"
   fi
+}
+
+part_kernels() {
+  local log="$OUT/kernels.log" budget=240 sr_budget=120
+  [ "$QUICK" = 1 ] && budget=60 && sr_budget=40
+  nvidia-smi >>"$log" 2>&1
+  run "$log" $((budget + 60)) $BENCH ops --backend cuda --impl vitkernels,eager --mode fwd --dtype bf16 \
+    --budget $budget --json "$OUT/$NAME-kernels-cuda.json" --csv "$OUT/$NAME-kernels-cuda.csv"
+  for kernel in auto general; do
+    VITKERNELS_SR_KERNEL=$kernel run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op sr_attention --dtype bf16 \
+      --impl vitkernels,eager,sdpa --budget $((sr_budget / 2)) --json "$OUT/$NAME-kernels-sr-$kernel.json"
+  done
 }
 
 part_compiled() {  # part_compiled compile|flex
@@ -157,10 +168,11 @@ part_models() {
 case "$PART" in
   tests) part_tests ;;
   ops) part_ops ;;
+  kernels) part_kernels ;;
   compile) part_compiled compile ;;
   flex) part_compiled flex ;;
   models) part_models ;;
-  all) part_tests; part_ops; part_compiled compile; part_compiled flex; part_models ;;
+  all) part_tests; part_ops; part_kernels; part_compiled compile; part_compiled flex; part_models ;;
 esac
 
 echo "files in $OUT:"

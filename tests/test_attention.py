@@ -104,7 +104,7 @@ def test_self_attention(backend, dtype, device, n, heads, d):
     check_against_oracle(lambda x: vk.self_attention(x, heads), eager, [qkv], backend, dtype, device)
 
 
-@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False))
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
 @pytest.mark.parametrize("n,m,heads,d", [(70, 7, 1, 32), (64, 16, 2, 64)])
 def test_sr_attention(backend, dtype, device, n, m, heads, d):
     q, kv = torch.randn(2, n, heads * d), torch.randn(2, m, 2 * heads * d)

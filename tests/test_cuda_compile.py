@@ -66,3 +66,58 @@ def test_kernels_do_not_include_torch(name):
         text = f.read()
     for bad in ("<torch/", "<ATen/", "<c10/"):
         assert bad not in text, f"{name} includes {bad}: csrc/kernels must stay plain CUDA"
+
+
+# ----------------------------------------------------------------------------- torch glue
+
+GLUE = sorted(glob.glob(os.path.join(ROOT, "csrc", "torch", "*.cpp")))
+# The CPU wheel of torch ships the ATen/c10 CUDA headers but not the CUDA math-library headers they
+# include (cuBLAS, cuSPARSE, cuSOLVER) nor the generated c10/cuda/impl/cuda_cmake_macros.h. The glue
+# uses none of them, so a stand-in declaring the few handle/status types those headers name is enough
+# for a full parse and type check of the glue against this torch (the real build runs on the GPU).
+_STUBS = {
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;\n",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;\n",
+    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+    "cusolver_common.h": "typedef int cusolverStatus_t;\n",
+    "c10/cuda/impl/cuda_cmake_macros.h": "",
+}
+
+
+def _cuda_include():
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None
+    inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
+    for cand in (inc, os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")):
+        if os.path.exists(os.path.join(cand, "cuda_runtime_api.h")):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="module")
+def glue_cmd(tmp_path_factory):
+    import torch
+    cxx = shutil.which("g++") or shutil.which("c++")
+    cuda_inc = _cuda_include()
+    torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    if cxx is None or cuda_inc is None or not os.path.exists(os.path.join(torch_inc, "ATen", "cuda", "CUDAContext.h")):
+        pytest.skip("needs g++, the CUDA toolkit headers and torch's ATen/cuda headers")
+    stubs = tmp_path_factory.mktemp("stubinc")
+    for name, text in _STUBS.items():
+        path = stubs / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#pragma once\n" + text)
+    # The real headers win where they exist (a full CUDA toolkit, a CUDA build of torch).
+    return [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", torch_inc,
+            "-isystem", os.path.join(torch_inc, "torch", "csrc", "api", "include"), "-isystem", cuda_inc,
+            "-idirafter", str(stubs), "-I", os.path.join(ROOT, "csrc")]
+
+
+@pytest.mark.parametrize("name", [os.path.basename(g) for g in GLUE])
+def test_torch_glue_type_checks(glue_cmd, name):
+    """csrc/torch/*.cpp parse and type-check (-Wall -Wextra -Werror) against this torch's headers."""
+    cmd = glue_cmd + [os.path.join(ROOT, "csrc", "torch", name)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"

@@ -1,6 +1,6 @@
 // vitkernels — fused attention forward. See attention.h for the math, cost model and design.
 #include "attention.h"
-#include "ptx_sm80.cuh"
+#include "attention_mma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,10 +12,8 @@
 namespace vitkernels {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-using namespace ptx;  // smem_addr, cp_async_*, ldmatrix_*, Mma<T>, to_float (ptx_sm80.cuh)
+using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>, to_float (ptx_sm80.cuh)
+using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, kLog2e, kLn2
 
 // Kernel arguments, already resolved to one dtype.
 struct KernelArgs {
@@ -31,42 +29,18 @@ struct KernelArgs {
   float scale_log2;  // scale · log2(e)
 };
 
-// Copies rows [row0, row0 + kRows) × head dims [0, kDp) of one (N, D) matrix into shared memory
-// (row stride kSmemStride elements) with 16-byte cp.async; rows ≥ n_rows and chunks ≥ D are
-// zero-filled. kElems = elements per 16-byte chunk.
-template <typename T, int kRows, int kDp, int kSmemStride, int kThreads>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t row_stride,
-                                                int row0, int n_rows, int D) {
-  constexpr int kElems = 16 / static_cast<int>(sizeof(T));
-  constexpr int kChunks = kDp / kElems;
-  constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile chunks must divide evenly across threads");
-#pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    const int i = it * kThreads + static_cast<int>(threadIdx.x);
-    const int r = i / kChunks;
-    const int c = i - r * kChunks;
-    const int row = row0 + r;
-    const bool valid = (row < n_rows) && (c * kElems < D);
-    const T* src = valid ? gbase + static_cast<int64_t>(row) * row_stride + c * kElems : gbase;
-    cp_async_16(smem + r * kSmemStride + c * kElems, src, valid ? 16 : 0);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // fp16 / bf16 tensor-core kernel.
 // ---------------------------------------------------------------------------------------------
 template <int kDp>
 struct MmaTraits {
-  static constexpr int kBlockM = 64;  // query rows per CTA (16 per warp)
-  static constexpr int kBlockN = 64;  // keys per iteration
+  static constexpr int kBlockM = 64;         // query rows per CTA (16 per warp)
+  static constexpr int kBlockN = kKeyBlock;  // keys per iteration
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kStride = kDp + 8;  // padded smem row (elements): conflict-free ldmatrix
+  static constexpr int kStride = Shape<kDp>::kStride;
   static constexpr int kSmemElems = (kBlockM + 2 * kBlockN) * kStride;
   static constexpr int kSmemBytes = kSmemElems * 2;
-  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
-  static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
 };
 
 template <typename T, int kDp>
@@ -77,9 +51,6 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kStride = Tr::kStride;
-  constexpr int kNT = kBlockN / 8;  // score n-tiles per warp (8 keys each)
-  constexpr int kDT = kDp / 8;      // output n-tiles per warp (8 head dims each)
-  constexpr int kKQ = kDp / 16;     // k-steps of the first GEMM
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -113,17 +84,9 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
   cp_async_wait_all();
   __syncthreads();
 
-  // Q fragments for this warp's 16 rows. For kDp <= 64 they stay in registers for the whole
-  // loop; for larger head dims they are re-read from shared memory each iteration (as FA2 does)
-  // to keep the kernel under 255 registers without spills.
-  constexpr bool kQInRegs = kDp <= 64;
-  constexpr int kQRegs = kQInRegs ? kKQ : 1;
   const T* sQw = sQ + (warp * 16 + (lane & 15)) * kStride + (lane >> 4) * 8;
-  uint32_t qf[kQRegs][4];
-  if (kQInRegs) {
-#pragma unroll
-    for (int kk = 0; kk < kQRegs; ++kk) ldmatrix_x4(qf[kk], sQw + kk * 16);
-  }
+  uint32_t qf[Shape<kDp>::kQRegs][4];
+  load_q_fragments<T, kDp>(qf, sQw);
 
   // Bias row pointers for the two rows this thread owns (nullptr when the row is out of range).
   const int row0 = m0 + warp * 16 + g;
@@ -135,14 +98,9 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
     if (row0 < Nq) bias_r0 = bb + static_cast<int64_t>(row0) * args.bs[2];
     if (row1 < Nq) bias_r1 = bb + static_cast<int64_t>(row1) * args.bs[2];
   }
-  const int64_t bs3 = args.bs[3];
 
-  float o[kDT][4];
-#pragma unroll
-  for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced across the quad at the end
-
+  WarpRows<kDp> w;
+  w.reset();
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * kBlockN;
     if (j > 0) {
@@ -152,81 +110,11 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
     load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[2], n0, Nk, D);
     cp_async_commit();
 
-    // S = Q · K[j]ᵀ  (16 × 64 per warp, fp32)
     float s[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKQ; ++kk) {
-      const int qi = kQInRegs ? kk : 0;
-      if (!kQInRegs) ldmatrix_x4(qf[qi], sQw + kk * 16);
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
-                            ((lane >> 3) & 1) * 8);
-        Mma<T>::run(s[2 * np], qf[qi], kb[0], kb[1]);
-        Mma<T>::run(s[2 * np + 1], qf[qi], kb[2], kb[3]);
-      }
-    }
-
-    // Scale (log2 domain), bias, key mask; running max.
-    const bool need_mask = n0 + kBlockN > Nk;
-    float new_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n0 + nt * 8 + 2 * t + (e & 1);
-        float x = s[nt][e] * args.scale_log2;
-        const T* br = (e < 2) ? bias_r0 : bias_r1;
-        if (br != nullptr && col < Nk) x = fmaf(to_float(br[col * bs3]), kLog2e, x);
-        if (need_mask && col >= Nk) x = -INFINITY;
-        s[nt][e] = x;
-        new_max[e >> 1] = fmaxf(new_max[e >> 1], x);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
-    }
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      // A row with no finite score so far keeps max = -inf; use 0 as the reference so that
-      // exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
-      m_use[r] = (new_max[r] == -INFINITY) ? 0.f : new_max[r];
-      alpha[r] = exp2f(row_max[r] - m_use[r]);
-      row_max[r] = new_max[r];
-      row_sum[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - m_use[e >> 1]);
-        s[nt][e] = p;
-        row_sum[e >> 1] += p;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-
-    // P as A fragments (accumulator layout of two n-tiles == A layout of one k-step).
-    uint32_t pf[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pf[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pf[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pf[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pf[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    warp_scores<T, kDp>(s, qf, sQw, sK, lane);
+    softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[3], t);
+    uint32_t pf[kPK][4];
+    pack_p<T>(pf, s);
 
     cp_async_wait_all();  // V[j] has landed
     __syncthreads();      // ... for every thread, and every warp is done reading K[j]
@@ -235,61 +123,14 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
                                                               D);
       cp_async_commit();
     }
-
-    // O += P · V[j]
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int dp = 0; dp < kDp / 16; ++dp) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride +
-                                  dp * 16 + (lane >> 4) * 8);
-        Mma<T>::run(o[2 * dp], pf[kk], vb[0], vb[1]);
-        Mma<T>::run(o[2 * dp + 1], pf[kk], vb[2], vb[3]);
-      }
-    }
+    warp_pv<T, kDp>(w, pf, sV, lane);
   }
 
-  // Epilogue: finish the row sums, normalise, write lse and out.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    // l == 0: every score was -inf -> out 0, lse +inf. (NaN scores propagate as NaN.)
-    inv[r] = (l == 0.f) ? 0.f : 1.f / l;
-    const int row = (r == 0) ? row0 : row1;
-    if (t == 0 && row < Nq) {
-      const float lse = (l == 0.f) ? INFINITY : (row_max[r] + log2f(l)) * kLn2;
-      args.lse[static_cast<int64_t>(bh) * Nq + row] = lse;
-    }
-  }
-
-  // Stage this warp's 16 output rows through its own rows of sQ (no other warp touches them,
-  // and Q was consumed into registers by this warp), then write 16-byte chunks.
-  T* sO = sQ + warp * 16 * kStride;
-  __syncwarp();  // every lane's last ldmatrix of these Q rows is done before they are overwritten
-#pragma unroll
-  for (int i = 0; i < kDT; ++i) {
-    *reinterpret_cast<uint32_t*>(sO + g * kStride + i * 8 + 2 * t) =
-        Mma<T>::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(sO + (g + 8) * kStride + i * 8 + 2 * t) =
-        Mma<T>::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
-  }
-  __syncwarp();
+  // Epilogue: this warp's 16 rows are staged through its own rows of sQ (no other warp touches
+  // them, and Q was consumed into registers by this warp).
   T* out = static_cast<T*>(args.out) + b * args.os[0] + h * args.os[1];
-  constexpr int kChunks = kDp / 8;
-#pragma unroll
-  for (int i = lane; i < 16 * kChunks; i += 32) {
-    const int r = i / kChunks;
-    const int c = i - r * kChunks;
-    const int row = m0 + warp * 16 + r;
-    if (row < Nq && c * 8 < D) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * args.os[2] + c * 8) =
-          *reinterpret_cast<const uint4*>(sO + r * kStride + c * 8);
-    }
-  }
+  warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, args.os[2],
+                     args.lse + static_cast<int64_t>(bh) * Nq, m0 + warp * 16, Nq, D, lane);
 #else
   __trap();  // built for an arch older than sm_80: unsupported
 #endif

@@ -41,6 +41,14 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
+// Waits until at most kPending of this thread's most recent cp.async groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if VK_SM80
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
 #if VK_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

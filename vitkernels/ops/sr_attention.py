@@ -20,6 +20,7 @@ from ._common import (
     check_int,
     check_same,
     check_tensor,
+    cuda_reasons,
     default_scale,
     fresh,
     head_dim_reasons,
@@ -154,3 +155,23 @@ def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+
+
+def _cuda_reasons(q, kv, num_heads, *_):
+    from .. import _ext
+    why = cuda_reasons(q, kv)
+    if why:
+        return why
+    m, d = kv.shape[1], q.shape[-1] // num_heads
+    if not bool(_ext.load_cuda_ext().ops.sr_attention_supports(int(m), int(d), q.dtype)):
+        return [f"M = {m} keys / head dim {d} is not supported by the CUDA sr_attention kernel (needs 1 <= M <= 256, "
+                f"head dim % 8 == 0, 8 <= head dim <= 128, and all keys and values in shared memory)"]
+    return []
+
+
+def _cuda_forward(q, kv, num_heads, scale):
+    return torch.ops.vitkernels_C.sr_attention_fwd(q, kv, num_heads, scale)
+
+
+# Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (Triton).
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)

@@ -1,0 +1,237 @@
+// vitkernels — warp-level pieces of the fp16/bf16 tensor-core attention forward, shared by
+// attention.cu (keys streamed through shared memory) and sr_attention.cu (keys resident in
+// shared memory). Header-only, no torch headers; sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async).
+//
+// One warp owns 16 query rows. Per block of 64 keys it computes S = Q·Kᵀ (16 × 64, fp32),
+// updates the online softmax in the log2 domain (running max, running sum, rescale of the output
+// accumulator), and accumulates O += P·V with P rounded to the input type. Accumulator layout of
+// mma.m16n8k16: lane = 4·g + t holds rows g and g + 8, columns 2t and 2t + 1 of every 8-wide tile.
+// Shared-memory tiles are row-major with a padded row stride kStride = kDp + 8 elements (odd number
+// of 16-byte units → conflict-free ldmatrix).
+#pragma once
+
+#include "ptx_sm80.cuh"
+
+#include <cmath>
+#include <cstdint>
+
+namespace vitkernels {
+namespace mma_attention {
+
+using namespace ptx;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kKeyBlock = 64;           // keys per step
+constexpr int kNT = kKeyBlock / 8;      // score n-tiles per warp
+constexpr int kPK = kKeyBlock / 16;     // k-steps of the P·V GEMM
+
+template <int kDp>
+struct Shape {
+  static constexpr int kStride = kDp + 8;  // padded smem row (elements)
+  static constexpr int kDT = kDp / 8;      // output n-tiles (8 head dims each)
+  static constexpr int kKQ = kDp / 16;     // k-steps of the Q·Kᵀ GEMM
+  // Q fragments stay in registers for the whole key loop for kDp <= 64; larger head dims re-read
+  // them from shared memory per key block (as FA2 does) to stay under 255 registers.
+  static constexpr bool kQInRegs = kDp <= 64;
+  static constexpr int kQRegs = kQInRegs ? kKQ : 1;
+  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
+  static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
+};
+
+// Copies rows [row0, row0 + kRows) × head dims [0, kDp) of one (N, D) matrix into shared memory
+// (row stride kSmemStride elements) with 16-byte cp.async; rows ≥ n_rows and chunks ≥ D are
+// zero-filled. kElems = elements per 16-byte chunk. Rows are split over kThreads threads.
+template <typename T, int kRows, int kDp, int kSmemStride, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t row_stride,
+                                                int row0, int n_rows, int D) {
+  constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+  constexpr int kChunks = kDp / kElems;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile chunks must divide evenly across threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / kThreads; ++it) {
+    const int i = it * kThreads + static_cast<int>(threadIdx.x);
+    const int r = i / kChunks;
+    const int c = i - r * kChunks;
+    const int row = row0 + r;
+    const bool valid = (row < n_rows) && (c * kElems < D);
+    const T* src = valid ? gbase + static_cast<int64_t>(row) * row_stride + c * kElems : gbase;
+    cp_async_16(smem + r * kSmemStride + c * kElems, src, valid ? 16 : 0);
+  }
+}
+
+// Output accumulator and online-softmax statistics of one warp's 16 query rows.
+template <int kDp>
+struct WarpRows {
+  float o[Shape<kDp>::kDT][4];
+  float row_max[2];
+  float row_sum[2];  // per-thread partial sums, reduced across the quad in finish()
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int i = 0; i < Shape<kDp>::kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+  }
+};
+
+// Q fragments of this warp's rows (sQw = first Q row of the warp + ldmatrix lane offset).
+template <typename T, int kDp>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw) {
+  if (Shape<kDp>::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < Shape<kDp>::kQRegs; ++kk) ldmatrix_x4(qf[kk], sQw + kk * 16);
+  }
+}
+
+// s = Q · K[64 keys]ᵀ, fp32. sK points at the first key row of the block.
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4],
+                                            const T* sQw, const T* sK, int lane) {
+  using S = Shape<kDp>;
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < S::kKQ; ++kk) {
+    const int qi = S::kQInRegs ? kk : 0;
+    if (!S::kQInRegs) ldmatrix_x4(qf[qi], sQw + kk * 16);
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S::kStride + kk * 16 +
+                          ((lane >> 3) & 1) * 8);
+      Mma<T>::run(s[2 * np], qf[qi], kb[0], kb[1]);
+      Mma<T>::run(s[2 * np + 1], qf[qi], kb[2], kb[3]);
+    }
+  }
+}
+
+// Scale to the log2 domain, add the bias (rows bias_r0 / bias_r1, nullable, column stride bs3),
+// mask keys ≥ Nk to -inf, update the running max and sum, rescale o; s becomes P (unnormalised).
+// n0 = index of the block's first key. A row with no finite score so far keeps max = -inf and
+// uses 0 as the reference, so exp2 never sees -inf - (-inf).
+template <typename T, int kDp>
+__device__ __forceinline__ void softmax_update(float (&s)[kNT][4], WarpRows<kDp>& w, int n0, int Nk,
+                                               float scale_log2, const T* bias_r0, const T* bias_r1,
+                                               int64_t bs3, int t) {
+  const bool need_mask = n0 + kKeyBlock > Nk;
+  float new_max[2] = {w.row_max[0], w.row_max[1]};
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = n0 + nt * 8 + 2 * t + (e & 1);
+      float x = s[nt][e] * scale_log2;
+      const T* br = (e < 2) ? bias_r0 : bias_r1;
+      if (br != nullptr && col < Nk) x = fmaf(to_float(br[col * bs3]), kLog2e, x);
+      if (need_mask && col >= Nk) x = -INFINITY;
+      s[nt][e] = x;
+      new_max[e >> 1] = fmaxf(new_max[e >> 1], x);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+    new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+  }
+  float alpha[2], m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m_use[r] = (new_max[r] == -INFINITY) ? 0.f : new_max[r];
+    alpha[r] = exp2f(w.row_max[r] - m_use[r]);
+    w.row_max[r] = new_max[r];
+    w.row_sum[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2f(s[nt][e] - m_use[e >> 1]);
+      s[nt][e] = p;
+      w.row_sum[e >> 1] += p;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < Shape<kDp>::kDT; ++i) {
+    w.o[i][0] *= alpha[0];
+    w.o[i][1] *= alpha[0];
+    w.o[i][2] *= alpha[1];
+    w.o[i][3] *= alpha[1];
+  }
+}
+
+// P as A fragments (the accumulator layout of two n-tiles is the A layout of one k-step).
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&pf)[kPK][4], const float (&s)[kNT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kPK; ++kk) {
+    pf[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    pf[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    pf[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pf[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// o += P · V[64 keys]; sV points at the first value row of the block.
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV,
+                                        int lane) {
+  constexpr int kStride = Shape<kDp>::kStride;
+#pragma unroll
+  for (int kk = 0; kk < kPK; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < kDp / 16; ++dp) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + dp * 16 +
+                                (lane >> 4) * 8);
+      Mma<T>::run(w.o[2 * dp], pf[kk], vb[0], vb[1]);
+      Mma<T>::run(w.o[2 * dp + 1], pf[kk], vb[2], vb[3]);
+    }
+  }
+}
+
+// Epilogue of one warp: finish the row sums, write lse (natural log; +inf when every score was
+// -inf) for rows < n_rows, normalise and store the 16 output rows in 16-byte chunks, staged
+// through sO (16 smem rows private to this warp, stride kStride). row0 = the warp's first row;
+// out = (b, h) base of the output (row stride os2); lse = (b, h) base of lse (row stride 1).
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse,
+                                           int row0, int n_rows, int D, int lane) {
+  constexpr int kStride = Shape<kDp>::kStride;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = w.row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = (l == 0.f) ? 0.f : 1.f / l;  // (NaN scores propagate as NaN)
+    const int row = row0 + g + 8 * r;
+    if (t == 0 && row < n_rows) lse[row] = (l == 0.f) ? INFINITY : (w.row_max[r] + log2f(l)) * kLn2;
+  }
+  __syncwarp();  // every lane's last read of these smem rows is done before they are overwritten
+#pragma unroll
+  for (int i = 0; i < Shape<kDp>::kDT; ++i) {
+    *reinterpret_cast<uint32_t*>(sO + g * kStride + i * 8 + 2 * t) =
+        Mma<T>::pack(w.o[i][0] * inv[0], w.o[i][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(sO + (g + 8) * kStride + i * 8 + 2 * t) =
+        Mma<T>::pack(w.o[i][2] * inv[1], w.o[i][3] * inv[1]);
+  }
+  __syncwarp();
+  constexpr int kChunks = kDp / 8;
+#pragma unroll
+  for (int i = lane; i < 16 * kChunks; i += 32) {
+    const int r = i / kChunks;
+    const int c = i - r * kChunks;
+    const int row = row0 + r;
+    if (row < n_rows && c * 8 < D) {
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * os2 + c * 8) =
+          *reinterpret_cast<const uint4*>(sO + r * kStride + c * 8);
+    }
+  }
+}
+
+}  // namespace mma_attention
+}  // namespace vitkernels
