@@ -28,7 +28,7 @@
 //     streams the keys; no tensor cores are used for fp32 (as in attention.cu).
 //   * Limits: 1 ≤ M ≤ 256, D % 8 == 0 with 8 ≤ D ≤ 128, and the shared memory
 //     (2·⌈M/64⌉·64 + 2·64) · (Dp + 8) · 2 bytes must fit the device's opt-in limit
-//     (sr_attention_forward_smem_bytes). M = 256, D = 64: 92 KiB.
+//     (sr_attention_forward_smem_bytes). M = 256, D = 64: 90 KiB.
 //   * Requirements as attention.h: 16-byte aligned pointers, last-dim stride 1, other strides
 //     multiples of 16 bytes (else cudaErrorInvalidValue, nothing launched). Deterministic, no atomics,
 //     no allocation, CUDA-graph capturable. sm_80 or newer.
