@@ -28,7 +28,8 @@
 //   * One CTA per (query block of 64 rows, batch·head). The grid is 1-D: blockIdx.x enumerates
 //     (b·H + h) · num_m_blocks + m_block, so consecutive CTAs share K/V in L2 and no grid y/z
 //     limit (65535) applies. All offsets are int64.
-//   * fp16 / bf16: 4 warps, each owns 16 query rows (warp-level steps in attention_mma.cuh). Q tile → shared memory (cp.async) → registers
+//   * fp16 / bf16: 4 warps, each owns 16 query rows (warp-level steps in attention_mma.cuh).
+//     Q tile → shared memory (cp.async) → registers
 //     (ldmatrix). Loop over key blocks of 64: K and V tiles stream through shared memory with
 //     cp.async, overlapped FA2-style (V[j] loads while S = Q·K[j]ᵀ and the softmax run, K[j+1]
 //     loads while O += P·V[j] runs). Both GEMMs use mma.sync.aligned.m16n8k16 with fp32
