@@ -164,6 +164,13 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                         models["eager"] = ref
                     except Exception as e:
                         why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
+            eager_backend = None
+            if ("eager" in impls and "eager" not in models and "vitkernels" in models
+                    and is_video(name, models["vitkernels"])):
+                # timm has no video transformers: the eager baseline is the same model on the reference
+                # backend (the official codes' eager rearranges + softmax attention, in one module).
+                models["eager"], eager_backend = models["vitkernels"], "reference"
+                why.pop("eager", None)
             shape = input_shape(name, models.get("vitkernels") or ref)
             video = len(shape) == 4
             verify = None
@@ -200,7 +207,13 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                         if impl in ("compile", "vitkernels+compile"):
                             torch._dynamo.reset()
                             model = torch.compile(model)
-                        ctx = use_backend(backend) if src == "vitkernels" else contextlib.nullcontext()
+                        if src == "vitkernels":
+                            ctx = use_backend(backend)
+                        elif eager_backend is not None:
+                            ctx = use_backend(eager_backend)
+                            rec["note"] = "eager = vitkernels model on the reference backend (not in timm)"
+                        else:
+                            ctx = contextlib.nullcontext()
                         with ctx:
                             step = _step(model, inputs, mode)
                             step()  # compile, autotune, allocator warm-up

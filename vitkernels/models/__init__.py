@@ -4,7 +4,8 @@
     model.load_state_dict(timm_model.state_dict(), strict=True)
 
 Families so far: ViT/DeiT (`vit.py`), Swin (`swin.py`), PVTv2 (`pvt_v2.py`), SegFormer (`segformer.py`; Hugging Face
-checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`). TimeSformer and ViViT follow.
+checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`), TimeSformer (`timesformer.py`) and
+ViViT model 3 (`vivit.py`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
     return model
 
 
-from . import pvt_v2, segformer, swin, vit, xcit  # noqa: E402,F401  (register the models)
+from . import pvt_v2, segformer, swin, timesformer, vit, vivit, xcit  # noqa: E402,F401  (register the models)
 from .segformer import convert_hf_segformer  # noqa: E402
 
 __all__ = ["convert_hf_segformer", "create_model", "list_models", "register_model"]

@@ -1,0 +1,127 @@
+"""TimeSformer (Bertasius et al. 2021), divided space-time attention, on `vitkernels.space_time_attention`.
+
+Parameter names follow the official TimeSformer code (facebookresearch/TimeSformer, `VisionTransformer`
+with attention_type "divided_space_time") with the `model.` prefix of its checkpoints stripped:
+`cls_token`, `pos_embed`, `time_embed`, `patch_embed.proj`, `blocks.{i}.{norm1, attn.qkv, attn.proj,
+temporal_norm1, temporal_attn.qkv, temporal_attn.proj, temporal_fc, norm2, mlp.fc1, mlp.fc2}`,
+`norm`, `head`. LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
+
+Token layout: the class token, then the patch tokens with index s·T + t (space outer, time
+fastest): layout "st" of `space_time_attention`. A block is
+    temporal attention over each position's T frames → temporal_fc → residual;
+    spatial attention over each frame's S tokens with the class token prepended to every frame
+    (its per-frame outputs averaged) → residual; MLP → residual.
+The attention ops read the packed qkv projections in place; no rearrange copies are made.
+Input: clips (B, 3, T, H, W); output: logits (B, num_classes).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import space_time_attention
+from . import register_model
+from .vit import Mlp, init_linear
+
+
+class Attention(nn.Module):
+    """The qkv and proj linears of one attention; the attention itself runs in the block."""
+
+    def __init__(self, dim: int, qkv_bias: bool = True):
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, qkv_bias)
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.temporal_attn = Attention(dim, qkv_bias)
+        self.temporal_fc = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, frames: int):
+        cls, xp = x[:, :1], x[:, 1:]
+        # Temporal: every spatial position attends over its frames (a contiguous run in layout "st").
+        qkv = self.temporal_attn.qkv(self.temporal_norm1(xp))
+        t = space_time_attention(qkv, frames, self.num_heads, "time", layout="st")
+        xt = xp + self.temporal_fc(self.temporal_attn.proj(t))
+        # Spatial: every frame attends over its tokens, the class token prepended to each frame.
+        qkv = self.attn.qkv(self.norm1(xt))
+        cls_qkv = self.attn.qkv(self.norm1(cls[:, 0]))
+        out, cls_out = space_time_attention(qkv, frames, self.num_heads, "space", cls_qkv=cls_qkv, layout="st")
+        cls_res = self.attn.proj(cls_out).mean(dim=1, keepdim=True)  # average over frames
+        x = torch.cat((cls + cls_res, xt + self.attn.proj(out)), dim=1)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimeSformer(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, num_frames: int = 8):
+        super().__init__()
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.num_frames = num_frames
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_linear)
+        for blk in list(self.blocks)[1:]:  # as the official init: temporal_fc starts at zero after block 0
+            nn.init.zeros_(blk.temporal_fc.weight)
+            nn.init.zeros_(blk.temporal_fc.bias)
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """pos_embed, its patch grid resized (nearest) to h × w when the input size differs (as the
+        official code does)."""
+        if h * w + 1 == self.pos_embed.shape[1]:
+            return self.pos_embed
+        p = int(round((self.pos_embed.shape[1] - 1) ** 0.5))
+        grid = self.pos_embed[:, 1:].transpose(1, 2).reshape(1, -1, p, p)
+        grid = F.interpolate(grid, size=(h, w), mode="nearest").flatten(2).transpose(1, 2)
+        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
+
+    def _time_embed(self, frames: int) -> torch.Tensor:
+        if frames == self.time_embed.shape[1]:
+            return self.time_embed
+        return F.interpolate(self.time_embed.transpose(1, 2), size=frames, mode="nearest").transpose(1, 2)
+
+    def forward_features(self, x):
+        """Clips (B, 3, T, H, W) → the normalised class token (B, embed_dim)."""
+        if x.dim() != 5:
+            raise ValueError(f"TimeSformer expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        b, c, frames = x.shape[:3]
+        x = self.patch_embed.proj(x.transpose(1, 2).reshape(b * frames, c, *x.shape[3:]))  # (B·T, D, h, w)
+        h, w = x.shape[-2:]
+        pos = self._pos_embed(h, w)
+        x = x.flatten(2).transpose(1, 2) + pos[:, 1:]                        # (B·T, S, D)
+        d = x.shape[-1]
+        x = x.reshape(b, frames, h * w, d).transpose(1, 2) + self._time_embed(frames)  # (B, S, T, D)
+        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+        x = torch.cat((cls, x.reshape(b, h * w * frames, d)), dim=1)        # layout "st"
+        for blk in self.blocks:
+            x = blk(x, frames)
+        return self.norm(x)[:, 0]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+@register_model
+def timesformer_base_patch16_224(**kwargs) -> TimeSformer:
+    """TimeSformer-Base, divided space-time attention, 8 frames at 224 px (Kinetics-400 head by default)."""
+    return TimeSformer(**{"num_frames": 8, "num_classes": 400, **kwargs})
