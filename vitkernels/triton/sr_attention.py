@@ -118,6 +118,16 @@ def _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, 
 
 
 @triton.jit
+def _program_rows(H, N, rows):
+    """(b·h, b, h, first row, end row) of this program; pid = bh·num_chunks + chunk, 1-D grid."""
+    pid = tl.program_id(0)
+    num_chunks = tl.cdiv(N, rows)
+    bh = pid // num_chunks
+    row_start = (pid % num_chunks) * rows
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), row_start, tl.minimum(row_start + rows, N)
+
+
+@triton.jit
 def _sr_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm,
@@ -129,14 +139,7 @@ def _sr_fwd_kernel(
     BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
-    num_chunks = tl.cdiv(N, rows)
-    bh = pid // num_chunks
-    row_start = (pid % num_chunks) * rows
-    row_end = tl.minimum(row_start + rows, N)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
+    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
     k, v = _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, M,
                     HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
     offs_m = tl.arange(0, BLOCK_M)
@@ -182,14 +185,7 @@ def _sr_bwd_kernel(
     BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
-    num_chunks = tl.cdiv(N, rows)
-    bh = pid // num_chunks
-    row_start = (pid % num_chunks) * rows
-    row_end = tl.minimum(row_start + rows, N)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
+    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
     k, v = _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, M,
                     HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
     offs_m = tl.arange(0, BLOCK_M)
@@ -233,7 +229,7 @@ def _sr_bwd_kernel(
         lse_base += BLOCK_M
 
     # This program's partial (dK, dV) slot: Part[0 or 1, pid] is a contiguous (M, HEAD_DIM) fp32 block.
-    slot = Part + pid.to(tl.int64) * M * HEAD_DIM + offs_kv[:, None] * HEAD_DIM + offs_d[None, :]
+    slot = Part + tl.program_id(0).to(tl.int64) * M * HEAD_DIM + offs_kv[:, None] * HEAD_DIM + offs_d[None, :]
     _store_2d(slot, dk * scale, kv_ok, d_ok, not EVEN_KV, MASK_D)
     _store_2d(slot + part_stride, dv, kv_ok, d_ok, not EVEN_KV, MASK_D)
 
