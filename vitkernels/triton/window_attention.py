@@ -94,7 +94,6 @@ Versions
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
