@@ -94,7 +94,6 @@ Versions
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
