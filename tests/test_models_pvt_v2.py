@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from sd_layers import layer_norm as _ln
+from sd_layers import linear as _lin
 
 import vitkernels as vk
 from vitkernels.models import create_model
@@ -53,14 +55,6 @@ def test_state_dict_matches_timm_names(name):
     with torch.device("meta"):  # shapes only: no memory, no init cost for the large sizes
         got = {k: tuple(v.shape) for k, v in create_model(name).state_dict().items()}
     assert got == timm_pvt_keys(*CONFIGS[name])
-
-
-def _ln(x, sd, p, eps):
-    return F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], eps)
-
-
-def _lin(x, sd, p):
-    return F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
 
 
 def eager_pvt_v2(sd, x, depths, heads, sr_ratios, linear):

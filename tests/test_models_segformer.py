@@ -1,12 +1,14 @@
 """SegFormer models: Hugging Face key conversion (strict), outputs vs an independent eager forward
 written from HF's naming (separate query / key / value linears), any input size."""
 import math
-
 import re
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sd_layers import layer_norm
+from sd_layers import linear as _lin
 
 import vitkernels as vk
 from vitkernels.models import convert_hf_segformer, create_model
@@ -172,12 +174,7 @@ def test_converter_reads_transformers_5_names():
         assert torch.equal(got[k], want[k]), k
 
 
-def _ln(x, sd, p):
-    return F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], 1e-5)
-
-
-def _lin(x, sd, p):
-    return F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
+_ln = partial(layer_norm, eps=1e-5)
 
 
 def _heads(z, nh):

@@ -1,9 +1,13 @@
 """TimeSformer and ViViT (model 3): parameter names, outputs vs independent eager forwards written from
 the papers' / official code's structure (plain reshapes and softmax attention, float64), any clip
 size, gradients to every parameter, and the fused Triton path (interpreter on CPU)."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
+from sd_layers import layer_norm, mlp
+from sd_layers import linear as _lin
 
 import vitkernels as vk
 from vitkernels.models import create_model
@@ -11,12 +15,7 @@ from vitkernels.models import create_model
 SMALL = {"embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 7, "img_size": 32}
 
 
-def _ln(x, sd, p):
-    return F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], 1e-6)
-
-
-def _lin(x, sd, p):
-    return F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
+_ln = partial(layer_norm, eps=1e-6)
 
 
 def _mha(x, sd, p, heads):
@@ -25,10 +24,6 @@ def _mha(x, sd, p, heads):
     q, k, v = _lin(x, sd, p + ".qkv").reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     a = torch.softmax(q @ k.transpose(-1, -2) * (c // heads) ** -0.5, -1)
     return _lin((a @ v).transpose(1, 2).reshape(b, n, c), sd, p + ".proj")
-
-
-def _mlp(x, sd, p):
-    return _lin(F.gelu(_lin(x, sd, p + ".fc1")), sd, p + ".fc2")
 
 
 # ----------------------------------------------------------------------------- TimeSformer
@@ -84,7 +79,7 @@ def eager_timesformer(sd, x, depth, heads):
         cls_r = rs[:, 0].reshape(B, T, D).mean(1, keepdim=True)
         rs = rs[:, 1:].reshape(B, T, S, D).transpose(1, 2).reshape(B, S * T, D)
         x = torch.cat((init_cls, xt), 1) + torch.cat((cls_r, rs), 1)
-        x = x + _mlp(_ln(x, sd, p + "norm2"), sd, p + "mlp")
+        x = x + mlp(_ln(x, sd, p + "norm2"), sd, p + "mlp")
     return _lin(_ln(x, sd, "norm")[:, 0], sd, "head")
 
 
@@ -135,7 +130,7 @@ def eager_vivit(sd, x, depth, heads, grid0):
         xt = x.reshape(B, T, S, D).transpose(1, 2).reshape(B * S, T, D)
         rt = _mha(_ln(xt, sd, p + "temporal_norm1"), sd, p + "temporal_attn", heads)
         x = x + rt.reshape(B, S, T, D).transpose(1, 2).reshape(B, T * S, D)
-        x = x + _mlp(_ln(x, sd, p + "norm2"), sd, p + "mlp")
+        x = x + mlp(_ln(x, sd, p + "norm2"), sd, p + "mlp")
     return _lin(_ln(x, sd, "norm").mean(1), sd, "head")
 
 

@@ -48,10 +48,14 @@ def check(q, k, v, dout, got, dtype, scale):
         assert_within(name, g, e, o, dtype)
 
 
+# A query chunk of two blocks (interpreter) or one GPU chunk unit: heads split over several programs.
+SMALL_ROWS = 2 * max(K.INTERPRET_BLOCK_M.values()) if _INTERPRET else 128
+
+
 @pytest.fixture
 def chunks(monkeypatch):
     """Small query chunks so that one head's rows are split over several programs (partial dK/dV)."""
-    monkeypatch.setattr(K, "ROWS_PER_PROGRAM", 2 * max(K.INTERPRET_BLOCK_M.values()) if _INTERPRET else 128)
+    monkeypatch.setattr(K, "ROWS_PER_PROGRAM", SMALL_ROWS)
 
 
 SHAPES = [  # B, H, N, M, D
@@ -88,7 +92,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     results = []
     # 1024: one program per head; 40: a chunk that is not a multiple of BLOCK_M (its last block is
     # cut at the chunk's end, so no query is counted twice in dK/dV).
-    for rows in (1024, 2 * max(K.INTERPRET_BLOCK_M.values()) if _INTERPRET else 128, 40):
+    for rows in (1024, SMALL_ROWS, 40):
         monkeypatch.setattr(K, "ROWS_PER_PROGRAM", rows)
         results.append(run_kernels(q, k, v, 32 ** -0.5, dout))
     for other in results[1:]:
