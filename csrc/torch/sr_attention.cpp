@@ -41,9 +41,10 @@ bool readable_in_place(const at::Tensor& t, int64_t D, int64_t offset, DType dty
   return attention_forward_tensor_aligned(base, s, dtype);
 }
 
-// t itself when the kernel can read its head views in place, else an aligned contiguous copy.
+// t itself when the kernel can read its head views (at element offsets 0 and `offset`) in place,
+// else an aligned contiguous copy.
 at::Tensor readable(const at::Tensor& t, int64_t D, int64_t offset, DType dtype) {
-  if (readable_in_place(t, D, 0, dtype) && readable_in_place(t, D, offset, dtype)) return t;
+  if (readable_in_place(t, D, 0, dtype) && (offset == 0 || readable_in_place(t, D, offset, dtype))) return t;
   return t.clone(at::MemoryFormat::Contiguous);  // fresh allocation: aligned base
 }
 

@@ -35,14 +35,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    """Divided space-time block. Parameters: spatial norm1/attn, temporal_norm1/temporal_attn,
+    temporal_fc (TimeSformer only: ViViT's block subclasses this one without it), norm2/mlp."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 temporal_fc: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, qkv_bias)
         self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.temporal_attn = Attention(dim, qkv_bias)
-        self.temporal_fc = nn.Linear(dim, dim)
+        if temporal_fc:
+            self.temporal_fc = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

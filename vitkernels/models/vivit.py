@@ -20,21 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import space_time_attention
-from . import register_model
-from .timesformer import Attention
-from .vit import Mlp, init_linear
+from . import register_model, timesformer
+from .vit import init_linear
 
 
-class Block(nn.Module):
+class Block(timesformer.Block):
+    """TimeSformer's block parameters without temporal_fc; factorised order space → time → MLP."""
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, qkv_bias)
-        self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.temporal_attn = Attention(dim, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, temporal_fc=False)
 
     def forward(self, x, frames: int):
         s = space_time_attention(self.attn.qkv(self.norm1(x)), frames, self.num_heads, "space", layout="ts")
