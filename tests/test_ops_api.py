@@ -141,7 +141,7 @@ def test_forced_cuda_on_cpu_explains():
 
 def test_forced_backend_without_kernel_explains():
     args = samples()["xca"]
-    with vitkernels.use_backend("triton"), pytest.raises(vitkernels.BackendUnavailableError, match="no kernel for xca"):
+    with vitkernels.use_backend("cuda"), pytest.raises(vitkernels.BackendUnavailableError, match="no kernel for xca"):
         vitkernels.xca(*args)
 
 

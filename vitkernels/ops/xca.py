@@ -2,7 +2,8 @@
 
 Per head, with q, k, v as (D, N): q̂ = q / max(‖q‖₂ over N, 1e-12), same for k;
 A = softmax_row(τ_h · q̂ · k̂ᵀ) (D×D, no D^-1/2); out[n, h·D+i] = Σ_j A[i,j]·v[j,n].
-Backends today: "reference".
+Backends: "triton" (vitkernels/triton/xca.py: two passes over the tokens, fused forward and
+backward, head dim ≤ 64) and "reference".
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from ._common import (
     describe,
     fresh,
     reference_vjp,
+    triton_reasons,
 )
 from ._library import composite
+from .attention import last_dim_contiguous
 
 OP = "xca"
 
@@ -100,3 +103,26 @@ def _reference_backward(dout, qkv, num_heads, temperature):
 
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+
+
+def _triton_reasons(qkv, num_heads, temperature, *_):
+    from ..triton import xca as tk
+    d = qkv.shape[-1] // 3 // num_heads
+    why = triton_reasons(qkv, temperature)
+    if not tk.supports(d):
+        why.append(f"head dim {d} > {tk.MAX_HEAD_DIM} is not supported by the Triton xca kernel "
+                   "(its D×D tiles stay in registers)")
+    return why
+
+
+def _triton_forward(qkv, num_heads, temperature):
+    from ..triton import xca as tk
+    return tk.xca_forward(last_dim_contiguous(qkv), num_heads, temperature)
+
+
+def _triton_backward(dout, qkv, num_heads, temperature):
+    from ..triton import xca as tk
+    return tk.xca_backward(dout, last_dim_contiguous(qkv), num_heads, temperature)
+
+
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)

@@ -1,0 +1,378 @@
+"""Triton kernels for ``vitkernels.xca`` (XCiT cross-covariance attention), forward and backward.
+
+Math
+----
+Per (batch b, head h), with q, k, v the head's (N, D) slices of the packed qkv (token layout) and
+τ = temperature[h]:
+
+    G   = qᵀ k                      (D × D)  reduced over the N tokens
+    r_q = max(‖q_i‖₂, 1e-12), r_k = max(‖k_j‖₂, 1e-12)   (norms over N, per channel)
+    Ĝ   = G / (r_q r_kᵀ)           = q̂ᵀ k̂, the normalised Gram matrix
+    A   = softmax_rows(τ Ĝ)        (D × D)
+    out = v Aᵀ                      out[n, i] = Σ_j A[i, j] v[n, j]
+
+Backward, given dO (N × D), with dĜ = τ dS:
+
+    dA  = dOᵀ v,   dS = A ∘ (dA − rowsum(dA ∘ A)),   dτ = Σ dS ∘ Ĝ
+    dv  = dO A
+    dq  = (k (dĜ / r_kᵀ)ᵀ − q · c/r_q) / r_q    with c_i = Σ_j dĜ_ij Ĝ_ij  (0 where ‖q_i‖ ≤ 1e-12)
+    dk  = (q (dĜ / r_q)   − k · e/r_k) / r_k    with e_j = Σ_i dĜ_ij Ĝ_ij  (0 where ‖k_j‖ ≤ 1e-12)
+
+The projection terms c and e are ⟨dq̂_i, q̂_i⟩ and ⟨dk̂_j, k̂_j⟩ over the tokens; they reduce to the
+D × D sums above, so the backward needs no extra pass for them.
+
+Design
+------
+* Two passes over the tokens: one reduces (G, ‖q‖², ‖k‖² and, backward, dA = dOᵀ v), one writes
+  the per-token results (out; or dq, dk, dv). Nothing N-sized but the inputs and outputs touches
+  HBM: the eager path's normalised q, k and its (B, heads, D, N) transposes are never written.
+* The grid is 1-D over (b·head, chunk of ``rows`` tokens). When b·heads alone fills the GPU there
+  is one chunk per head and one kernel does both passes (ONE_PASS). Otherwise a stats kernel
+  writes each chunk's fp32 partial sums (a BLOCK_D² Gram block and two norm vectors; backward
+  also dA) and the apply kernel sums them over the chunks in a fixed order, so results are
+  deterministic and independent of atomics.
+* The D × D work (softmax, dS, the c/e sums) runs in registers, redone by each chunk of a head;
+  only D ≤ ``MAX_HEAD_DIM`` = 64 (XCiT uses 48; BLOCK_D = 64) keeps those tiles in registers.
+* Precision: the reductions use the input dtype on tensor cores with fp32 accumulation. The
+  per-token products with a D × D matrix (A, dĜ/r) take fp32 operands ("tf32" for fp16/bf16
+  inputs, whose values are exact in tf32; fp32 follows PyTorch's TF32 setting), so 1/r factors
+  never overflow a 16-bit type.
+
+Cost (C = heads·D, e = element size): forward 4·B·N·C·D FLOPs and e·4·B·N·C bytes (q, k read by
+the stats pass, v by the apply pass, out written; a split adds its fp32 partials); backward 10·B·N·C·D FLOPs executed (G is recomputed; the model
+count is 8·B·N·C·D) and e·(4 + 6)·B·N·C bytes (stats pass reads q, k, v, dO; apply pass reads q,
+k, dO and writes dqkv). Memory-bound at every XCiT size.
+
+Versions (GPU timings go in docs/xca.md once measured):
+* v1 — the design above; tested in the interpreter, compiled offline for sm_90a; not yet timed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import device_ctx as _device_ctx
+from ._launch import family as _family
+from ._launch import is_interpreted, sm_count, use_fixed
+from ._launch import precision as _precision
+from .attention import _load_2d, _store_2d
+from .sr_attention import _program_rows
+
+MAX_HEAD_DIM = 64
+EPS = 1e-12
+# Test hooks: tokens per program (None = sized for the GPU) and the interpreter's token block.
+ROWS_PER_PROGRAM = None
+INTERPRET_BLOCK_N = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of token rows, zero past the chunk and past D."""
+    return _load_2d(base + offs_n[:, None] * stride_n + offs_d[None, :], n_ok, d_ok, True, MASK_D)
+
+
+@triton.jit
+def _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DA: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """(G = qᵀk, ‖q‖², ‖k‖², dA = dOᵀv) summed over tokens [n0, n1) of head (b, h), fp32."""
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + h * HEAD_DIM
+    do_base = DO + b * stride_dob + n0.to(tl.int64) * stride_don + h * HEAD_DIM
+    g = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(n0, n1, BLOCK_N):
+        n_ok = start + offs_n < n1
+        q = _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D)
+        k = _tile(base + C, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D)
+        g = tl.dot(tl.trans(q), k, g, input_precision=PRECISION)
+        qf, kf = q.to(tl.float32), k.to(tl.float32)
+        sq += tl.sum(qf * qf, 0)
+        sk += tl.sum(kf * kf, 0)
+        if WITH_DA:
+            v = _tile(base + 2 * C, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D)
+            do = _tile(do_base, offs_n, n_ok, stride_don, offs_d, d_ok, MASK_D)
+            da = tl.dot(tl.trans(do), v, da, input_precision=PRECISION)
+        base += BLOCK_N * stride_n
+        do_base += BLOCK_N * stride_don
+    return g, sq, sk, da
+
+
+@triton.jit
+def _store_stats(Part, pid, g, sq, sk, da, BLOCK_D: tl.constexpr, WITH_DA: tl.constexpr):
+    """One program's partial sums, a contiguous fp32 slot: G, [dA,] ‖q‖², ‖k‖² (BLOCK_D-padded)."""
+    sq_at: tl.constexpr = (2 if WITH_DA else 1) * BLOCK_D * BLOCK_D
+    slot_size: tl.constexpr = sq_at + 2 * BLOCK_D
+    offs_d = tl.arange(0, BLOCK_D)
+    square = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    slot = Part + pid.to(tl.int64) * slot_size
+    tl.store(slot + square, g)
+    if WITH_DA:
+        tl.store(slot + BLOCK_D * BLOCK_D + square, da)
+    tl.store(slot + sq_at + offs_d, sq)
+    tl.store(slot + sq_at + BLOCK_D + offs_d, sk)
+
+
+@triton.jit
+def _sum_stats(Part, bh, chunks, BLOCK_D: tl.constexpr, WITH_DA: tl.constexpr):
+    """The partial sums of head bh's ``chunks`` programs, added in chunk order (deterministic)."""
+    sq_at: tl.constexpr = (2 if WITH_DA else 1) * BLOCK_D * BLOCK_D
+    slot_size: tl.constexpr = sq_at + 2 * BLOCK_D
+    offs_d = tl.arange(0, BLOCK_D)
+    square = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    g = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    slot = Part + (bh * chunks).to(tl.int64) * slot_size
+    for _chunk in range(0, chunks):
+        g += tl.load(slot + square)
+        if WITH_DA:
+            da += tl.load(slot + BLOCK_D * BLOCK_D + square)
+        sq += tl.load(slot + sq_at + offs_d)
+        sk += tl.load(slot + sq_at + BLOCK_D + offs_d)
+        slot += slot_size
+    return g, sq, sk, da
+
+
+@triton.jit
+def _attention_map(g, sq, sk, tau, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(A, Ĝ, r_q, r_k): the row softmax of τ·Ĝ with padded key channels j ≥ D excluded."""
+    j_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    rq = tl.maximum(tl.sqrt(sq), 1e-12)
+    rk = tl.maximum(tl.sqrt(sk), 1e-12)
+    gh = g / rq[:, None] / rk[None, :]
+    s = tl.where(j_ok[None, :], gh * tau, float("-inf"))
+    p = tl.exp(s - tl.max(s, 1)[:, None])
+    return p / tl.sum(p, 1)[:, None], gh, rq, rk
+
+
+@triton.jit
+def _xca_stats_kernel(
+    QKV, DO, Part, stride_b, stride_n, stride_dob, stride_don, H, N, C, rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh, b, h, n0, n1 = _program_rows(H, N, rows)
+    g, sq, sk, da = _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, WITH_DA, PRECISION)
+    _store_stats(Part, tl.program_id(0), g, sq, sk, da, BLOCK_D, WITH_DA)
+
+
+@triton.jit
+def _xca_fwd_kernel(
+    QKV, Temp, Out, Part, stride_b, stride_n, stride_ob, stride_on, H, N, C, rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    bh, b, h, n0, n1 = _program_rows(H, N, rows)
+    if ONE_PASS:
+        g, sq, sk, _ = _stats(QKV, QKV, b, h, C, n0, n1, stride_b, stride_n, 0, 0,
+                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    else:
+        g, sq, sk, _ = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, False)
+    a, _, _, _ = _attention_map(g, sq, sk, tl.load(Temp + h).to(tl.float32), HEAD_DIM, BLOCK_D)
+    at = tl.trans(a)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    v_base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + 2 * C + h * HEAD_DIM
+    o_base = Out + b * stride_ob + n0.to(tl.int64) * stride_on + h * HEAD_DIM
+    for start in range(n0, n1, BLOCK_N):
+        n_ok = start + offs_n < n1
+        v = _tile(v_base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32)
+        out = tl.dot(v, at, input_precision=PRECISION)
+        _store_2d(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+                  n_ok, d_ok, True, MASK_D)
+        v_base += BLOCK_N * stride_n
+        o_base += BLOCK_N * stride_on
+
+
+@triton.jit
+def _xca_bwd_kernel(
+    QKV, DO, Temp, DQKV, DTemp, Part,
+    stride_b, stride_n, stride_dob, stride_don, stride_gb, stride_gn, H, N, C, rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    bh, b, h, n0, n1 = _program_rows(H, N, rows)
+    if ONE_PASS:
+        g, sq, sk, da = _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+    else:
+        g, sq, sk, da = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, True)
+    tau = tl.load(Temp + h).to(tl.float32)
+    a, gh, rq, rk = _attention_map(g, sq, sk, tau, HEAD_DIM, BLOCK_D)
+    ds = a * (da - tl.sum(da * a, 1)[:, None])
+    if n0 == 0:  # one program per head writes dτ of (b, h); the launcher sums over b
+        tl.store(DTemp + bh, tl.sum(tl.sum(ds * gh, 1), 0))
+    dgh = ds * tau
+    dgg = dgh * gh
+    c = tl.where(tl.sqrt(sq) > 1e-12, tl.sum(dgg, 1), 0.0)  # ⟨dq̂_i, q̂_i⟩ (0 where the norm is clamped)
+    e = tl.where(tl.sqrt(sk) > 1e-12, tl.sum(dgg, 0), 0.0)  # ⟨dk̂_j, k̂_j⟩
+    dgh_t = tl.trans(dgh)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + h * HEAD_DIM
+    do_base = DO + b * stride_dob + n0.to(tl.int64) * stride_don + h * HEAD_DIM
+    g_base = DQKV + b * stride_gb + n0.to(tl.int64) * stride_gn + h * HEAD_DIM
+    for start in range(n0, n1, BLOCK_N):
+        n_ok = start + offs_n < n1
+        qh = _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32) / rq[None, :]
+        kh = _tile(base + C, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32) / rk[None, :]
+        do = _tile(do_base, offs_n, n_ok, stride_don, offs_d, d_ok, MASK_D).to(tl.float32)
+        # dq = (dq̂ − q̂·c) / r_q with dq̂ = k̂ dĜᵀ; dk likewise with dk̂ = q̂ dĜ.
+        dq = (tl.dot(kh, dgh_t, input_precision=PRECISION) - qh * c[None, :]) / rq[None, :]
+        dk = (tl.dot(qh, dgh, input_precision=PRECISION) - kh * e[None, :]) / rk[None, :]
+        dv = tl.dot(do, a, input_precision=PRECISION)
+        ptrs = g_base + offs_n[:, None] * stride_gn + offs_d[None, :]
+        _store_2d(ptrs, dq.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
+        _store_2d(ptrs + C, dk.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
+        _store_2d(ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
+        base += BLOCK_N * stride_n
+        do_base += BLOCK_N * stride_don
+        g_base += BLOCK_N * stride_gn
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfgs(shapes):
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for (n, w, s) in shapes]
+
+
+# Configs kept from an offline sm_90a compile (tests/triton_sm90.py) at XCiT-S12's shape: none
+# spills with bf16/fp16 inputs. The backward holds ~4 D×D fp32 tiles besides its token tiles, so
+# 4 warps only fit small token blocks. fp32 inputs take their own, smaller tiles.
+_STATS_CONFIGS = {"half": _cfgs([(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+                  "fp32": _cfgs([(64, 8, 2), (32, 4, 2), (32, 8, 2)])}
+_FWD_CONFIGS = {"half": _cfgs([(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+                "fp32": _cfgs([(64, 8, 2), (32, 4, 2)])}
+_BWD_CONFIGS = {"half": _cfgs([(64, 8, 2), (32, 8, 2), (16, 4, 2), (64, 8, 1)]),
+                "fp32": _cfgs([(32, 8, 2), (16, 8, 2), (16, 4, 2)])}
+_KEY = ["N", "BLOCK_D", "ONE_PASS", "PRECISION"]
+_INTERPRETED = is_interpreted(_xca_fwd_kernel)
+_TUNED = {fam: (triton.autotune(_STATS_CONFIGS[fam], key=["N", "BLOCK_D", "WITH_DA", "PRECISION"])(_xca_stats_kernel),
+                triton.autotune(_FWD_CONFIGS[fam], key=_KEY)(_xca_fwd_kernel),
+                triton.autotune(_BWD_CONFIGS[fam], key=_KEY)(_xca_bwd_kernel))
+          for fam in ("half", "fp32")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def supports(head_dim: int) -> bool:
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def _rows_per_program(n: int, bh: int, device, fixed: bool) -> int:
+    """Tokens per program: all of them when b·heads alone gives ~2 programs per SM, else chunks of
+    ≥ 128 tokens (the interpreter: a few blocks, so tests cover the split path too)."""
+    if ROWS_PER_PROGRAM is not None:
+        return max(1, int(ROWS_PER_PROGRAM))
+    if fixed:
+        return max(n, 1)
+    chunks = max(1, min(triton.cdiv(2 * sm_count(device), max(bh, 1)), triton.cdiv(n, 128)))
+    return triton.cdiv(n, chunks)
+
+
+def _geometry(qkv, num_heads, temperature):
+    B, N, c3 = qkv.shape
+    C = c3 // 3
+    D = C // num_heads
+    if not supports(D):
+        raise ValueError(f"xca Triton kernel: head dim {D} is not supported (1 ≤ D ≤ {MAX_HEAD_DIM})")
+    if qkv.stride(-1) != 1:
+        raise ValueError("xca Triton kernel: qkv's last dim must be contiguous")
+    return B, N, C, D, max(16, triton.next_power_of_2(D)), temperature.reshape(num_heads).contiguous()
+
+
+def _dot_precision(dtype) -> str:
+    """fp32 operands follow PyTorch's TF32 setting; the fp32 copies of 16-bit inputs are exact in tf32."""
+    return _precision(dtype) if dtype == torch.float32 else "tf32"
+
+
+class _Plan:
+    """Grid, chunking and config of one call (shared by forward and backward)."""
+
+    def __init__(self, qkv, num_heads, B, N, D):
+        self.fixed = use_fixed(qkv, _INTERPRETED, "xca")
+        self.rows = _rows_per_program(N, B * num_heads, qkv.device, self.fixed)
+        self.chunks = triton.cdiv(N, self.rows)
+        self.programs = B * num_heads * self.chunks
+        self.one_pass = self.chunks == 1
+        self.launch = dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=4, num_stages=1) if self.fixed else {}
+
+    def stats(self, qkv, dout, num_heads, N, C, D, block_d, with_da):
+        slot = (2 if with_da else 1) * block_d * block_d + 2 * block_d
+        part = torch.empty((self.programs, slot), device=qkv.device, dtype=torch.float32)
+        if not self.one_pass:
+            src = dout if dout is not None else qkv
+            (_xca_stats_kernel if self.fixed else _TUNED[_family(qkv.dtype)][0])[(self.programs,)](
+                qkv, src, part, qkv.stride(0), qkv.stride(1), src.stride(0), src.stride(1),
+                num_heads, N, C, self.rows, HEAD_DIM=D, BLOCK_D=block_d, WITH_DA=with_da,
+                PRECISION=_dot_precision(qkv.dtype), **self.launch)
+        return part
+
+
+def xca_forward(qkv, num_heads, temperature):
+    """out (B, N, C) of XCiT's cross-covariance attention (SPEC op 5) in qkv's dtype.
+
+    qkv (B, N, 3C) with a unit last stride (any batch / token strides); temperature of
+    ``num_heads`` elements."""
+    B, N, C, D, block_d, tau = _geometry(qkv, num_heads, temperature)
+    out = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
+    if out.numel() == 0:
+        return out
+    with _device_ctx(qkv):
+        plan = _Plan(qkv, num_heads, B, N, D)
+        part = plan.stats(qkv, None, num_heads, N, C, D, block_d, False)
+        (_xca_fwd_kernel if plan.fixed else _TUNED[_family(qkv.dtype)][1])[(plan.programs,)](
+            qkv, tau, out, part, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d, ONE_PASS=plan.one_pass,
+            PRECISION=_dot_precision(qkv.dtype), **plan.launch)
+    return out
+
+
+def xca_backward(dout, qkv, num_heads, temperature):
+    """(dqkv (B, N, 3C) in qkv's dtype, dtemperature shaped and typed like ``temperature``).
+
+    Deterministic: chunk partials and the per-batch dτ are summed in a fixed order."""
+    B, N, C, D, block_d, tau = _geometry(qkv, num_heads, temperature)
+    dqkv = torch.empty((B, N, 3 * C), device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0:
+        return dqkv.zero_(), torch.zeros_like(temperature)
+    dout = dout.to(qkv.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    with _device_ctx(qkv):
+        plan = _Plan(qkv, num_heads, B, N, D)
+        part = plan.stats(qkv, dout, num_heads, N, C, D, block_d, True)
+        dtau = torch.empty((B, num_heads), device=qkv.device, dtype=torch.float32)
+        (_xca_bwd_kernel if plan.fixed else _TUNED[_family(qkv.dtype)][2])[(plan.programs,)](
+            qkv, dout, tau, dqkv, dtau, part, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1),
+            dqkv.stride(0), dqkv.stride(1), num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d,
+            ONE_PASS=plan.one_pass,
+            PRECISION=_dot_precision(qkv.dtype), **plan.launch)
+    return dqkv, dtau.sum(0).reshape(temperature.shape).to(temperature.dtype)
+
