@@ -38,10 +38,12 @@ Design
   inputs, whose values are exact in tf32; fp32 follows PyTorch's TF32 setting), so 1/r factors
   never overflow a 16-bit type.
 
-Cost (C = heads·D, e = element size): forward 4·B·N·C·D FLOPs and e·4·B·N·C bytes (q, k read by
-the stats pass, v by the apply pass, out written; a split adds its fp32 partials); backward 10·B·N·C·D FLOPs executed (G is recomputed; the model
-count is 8·B·N·C·D) and e·(4 + 6)·B·N·C bytes (stats pass reads q, k, v, dO; apply pass reads q,
-k, dO and writes dqkv). Memory-bound at every XCiT size.
+Cost (C = heads·D, e = element size):
+* forward: 4·B·N·C·D FLOPs; e·4·B·N·C bytes (q, k read by the stats pass, v by the apply pass, out
+  written; a split head adds its fp32 partials);
+* backward: 10·B·N·C·D FLOPs executed (G is recomputed; the model count is 8·B·N·C·D);
+  e·10·B·N·C bytes (the stats pass reads q, k, v, dO; the apply pass reads q, k, dO, writes dqkv).
+Memory-bound at every XCiT size.
 
 Versions (GPU timings go in docs/xca.md once measured):
 * v1 — the design above; tested in the interpreter, compiled offline for sm_90a; not yet timed.
