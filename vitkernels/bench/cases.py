@@ -23,7 +23,7 @@ Shapes (batch sizes are the defaults; `--batch` overrides them):
   (PVTv2-b2 ratio 8, SegFormer-B2 ratio 4): `dwconv` (GELU) and `mix_ffn`.
 * XCiT-S12/16 (N 196, C 384, 8 heads, B 64): `xca`, and its LPI `dwconv`.
 * TimeSformer-B 8×224 (S 196, T 8, C 768, 12 heads, B 8 clips, layout "st"): `space_time_attention`
-  along time, and along space with the class token.
+  along time, and along space with the class token; ViViT-B (T 16, layout "ts", B 4): both axes.
 
 `representative` marks one or two cases per op (used for the expensive baselines and extra dtypes);
 `tiny` marks the cases run on CPU (at batch 1).
@@ -253,6 +253,9 @@ def _build_catalog():
          representative=True, tiny=True)
     _add(lambda b: space_time_case("timesformer_b 8x224 space+cls", ts, b, 196, 8, 768, 12, "space", True), 8,
          representative=True, tiny=True)
+    vv = "vivit_base_factorized"  # 32 frames, tubelet 2 -> T = 16; layout "ts": time is interleaved
+    _add(lambda b: space_time_case("vivit_b 16x224 time (ts)", vv, b, 196, 16, 768, 12, "time", False, "ts"), 4)
+    _add(lambda b: space_time_case("vivit_b 16x224 space (ts)", vv, b, 196, 16, 768, 12, "space", False, "ts"), 4)
 
     for family, model, ratio in (("pvt_v2_b2", "pvt_v2_b2", 8), ("segformer_b2", "segformer_b2", 4)):
         for res, batch in ((224, 64), (512, 8)):

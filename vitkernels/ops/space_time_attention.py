@@ -5,7 +5,8 @@ or "ts" (token t·S + s, ViViT). axis "time": each spatial position attends over
 "space": each frame over its S tokens, with an optional shared class token (cls_qkv (B, 3C))
 prepended to every frame. The torch op returns (out, cls_out) — cls_out (B, T, C) is the class
 query's output per frame, or an empty (B, 0, C) tensor without a class token; the Python function
-returns `out` alone when there is no class token. Backends today: "reference".
+returns `out` alone when there is no class token. Backends: "triton" (every axis and layout,
+without the class token: the FlashAttention kernels on strided views of qkv) and "reference".
 """
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ from ._common import (
     triton_reasons,
 )
 from ._library import composite
-from .self_attention import _triton_backward as _sa_triton_backward
-from .self_attention import _triton_forward as _sa_triton_forward
+from .attention import last_dim_contiguous
 
 OP = "space_time_attention"
 
@@ -145,51 +145,59 @@ backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_
 
 
 # ----------------------------------------------------------------------------- fused (Triton) path
-# When each attended sequence is a contiguous run of tokens — the time axis of layout "st"
-# (TimeSformer's temporal attention: token s·T + t) and the space axis of layout "ts" (ViViT's
-# spatial attention: token t·S + s) — the op is self_attention on the (B·groups, length, 3C) view of
-# qkv: the FlashAttention kernels read it and write token layout with no copy. The other
-# combinations and the shared class token run on the reference for now.
+# Every (axis, layout) pair is a set of sequences at fixed strides in the token buffer, so the
+# FlashAttention kernels read q, k, v as 5-D (B, groups, heads, length, D) views of qkv and write
+# out / dqkv through the same views of token-layout buffers: no rearrange copies. The shared
+# class token (TimeSformer's space axis) runs on the reference for now.
 
-def _contiguous_runs(qkv, frames, axis, cls_qkv, layout):
-    """(groups, length) of the sequences when they are contiguous token runs, else None."""
-    if cls_qkv is not None:
-        return None
-    s = qkv.shape[1] // frames
-    if axis == "time" and layout == "st":
-        return s, frames
-    if axis == "space" and layout == "ts":
-        return frames, s
-    return None
+def _seq_view(t, frames, axis, layout, parts):
+    """(B, groups, parts, heads?, length, ·) view of a token buffer t (B, S·T, parts·C') whose
+    sequences are those of (axis, layout): groups = S for the time axis, T for the space axis."""
+    b, n, width = t.shape
+    s = n // frames
+    grid = t.view(b, s, frames, width) if layout == "st" else t.view(b, frames, s, width).transpose(1, 2)
+    seqs = grid if axis == "time" else grid.transpose(1, 2)  # (B, groups, length, width)
+    return seqs.unflatten(-1, (parts, -1))                     # (B, groups, length, parts, C')
+
+
+def _heads(seqs, part, num_heads):
+    """The (B, groups, heads, length, D) view of one part (q, k or v) of _seq_view's result."""
+    x = seqs[:, :, :, part]
+    return x.unflatten(-1, (num_heads, -1)).transpose(2, 3)
 
 
 def _triton_reasons(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", *_):
     why = triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
-    if _contiguous_runs(qkv, frames, axis, cls_qkv, layout) is None:
-        why.append(f"the fused kernel covers axis 'time' with layout 'st' and axis 'space' with layout 'ts', "
-                   f"without a class token (got axis {axis!r}, layout {layout!r}, "
-                   f"cls_qkv {'given' if cls_qkv is not None else 'None'})")
+    if cls_qkv is not None:
+        why.append("the fused kernel does not take the shared class token (cls_qkv) yet")
     return why
 
 
-def _runs_view(t, frames, axis, layout, channels):
-    groups, length = _contiguous_runs(t, frames, axis, None, layout)
-    return t.contiguous().view(t.shape[0] * groups, length, channels)
+def _views(qkv, frames, num_heads, axis, layout):
+    seqs = _seq_view(last_dim_contiguous(qkv), frames, axis, layout, 3)
+    return [_heads(seqs, i, num_heads) for i in range(3)]
 
 
 def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    b, n, c3 = qkv.shape
-    out, _ = _sa_triton_forward(_runs_view(qkv, frames, axis, layout, c3), num_heads, scale)
-    return out.view(b, n, c3 // 3), _empty_cls(qkv)
+    from ..triton import attention as tk
+    q, k, v = _views(qkv, frames, num_heads, axis, layout)
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+    tk.attention_forward(q, k, v, None, scale, _heads(_seq_view(out, frames, axis, layout, 1), 0, num_heads))
+    return out, _empty_cls(qkv)
 
 
 def _triton_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     # v1: the forward saves no logsumexp for this op, so the backward recomputes it (one extra forward).
-    c3 = qkv.shape[-1]
-    x = _runs_view(qkv, frames, axis, layout, c3)
-    out, lse = _sa_triton_forward(x, num_heads, scale)
-    dx = _sa_triton_backward(_runs_view(dout, frames, axis, layout, c3 // 3), x, out, lse, num_heads, scale)
-    return dx.view(qkv.shape), None
+    from ..triton import attention as tk
+    q, k, v = _views(qkv, frames, num_heads, axis, layout)
+    o = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+    (oh,) = [_heads(_seq_view(o, frames, axis, layout, 1), 0, num_heads)]
+    lse = tk.attention_forward(q, k, v, None, scale, oh)
+    do = _heads(_seq_view(last_dim_contiguous(dout.to(qkv.dtype)), frames, axis, layout, 1), 0, num_heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _views(dqkv, frames, num_heads, axis, layout)
+    tk.attention_backward(do, q, k, v, None, oh, lse, scale, dq, dk, dv, False)
+    return dqkv, None
 
 
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)

@@ -57,7 +57,9 @@ Design
   fp32 ``tl.atomic_add`` (broadcast batch/head axes are summed by the atomics across programs).
 * Any strides: every tensor is addressed by (b, h, row) strides with the last dim contiguous.
   q/k/v may be slices of a packed (B, N, 3, H, D) projection and out / dq / dk / dv permuted
-  views of (B, N, C) or (B, N, 3C) buffers, so the ops layer never copies. A tile's origin
+  views of (B, N, C) or (B, N, 3C) buffers, so the ops layer never copies. 5-D (B, G, H, N, D)
+  views add a group dim with its own stride (the interleaved sequences of space_time_attention):
+  a program splits its linear (batch, group, head) index and adds g·stride_g to each base. A tile's origin
   (batch, head, first row) is a scalar pointer computed in int64; the tile is addressed with
   small int32 offsets, and streamed tiles advance the scalar pointer. Carrying 2-D pointer
   tensors / int64 offset tiles through the loop instead doubled register use and spilled
@@ -161,6 +163,13 @@ def _store_1d(ptrs, x, ok, MASK: tl.constexpr):
         tl.store(ptrs, x)
 
 
+@triton.jit
+def _split_bh(bh, G, H):
+    """(b, g, h) of a program's linear (batch, group, head) index, in int64. G = 1 for 4-D views."""
+    bg = bh // H
+    return (bg // G).to(tl.int64), (bg % G).to(tl.int64), (bh % H).to(tl.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +208,12 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Bias, Out, Lse,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_qb, stride_qg, stride_qh, stride_qm,
+    stride_kb, stride_kg, stride_kh, stride_kn,
+    stride_vb, stride_vg, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ob, stride_oh, stride_om,
-    H, Nq, Nk, qk_scale,
+    stride_ob, stride_og, stride_oh, stride_om,
+    G, H, Nq, Nk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,8 +224,7 @@ def _attn_fwd_kernel(
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, g, h = _split_bh(bh, G, H)
     row0 = start_m.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -225,10 +233,10 @@ def _attn_fwd_kernel(
     m_ok = start_m + offs_m < Nq
     d_ok = offs_d < HEAD_DIM
 
-    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    q_base = Q + b * stride_qb + g * stride_qg + h * stride_qh + row0 * stride_qm
     q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + g * stride_kg + h * stride_kh
+    v_base = V + b * stride_vb + g * stride_vg + h * stride_vh
     b_base = Bias + b * stride_bb + h * stride_bh + row0 * stride_bm
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -255,7 +263,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
-    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
+    o_base = Out + b * stride_ob + g * stride_og + h * stride_oh + row0 * stride_om
     _store_2d(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
               m_ok, d_ok, not EVEN_M, MASK_D)
     _store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
@@ -269,9 +277,9 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_preprocess(
     Out, DO, Delta,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    H, Nq,
+    stride_ob, stride_og, stride_oh, stride_om,
+    stride_dob, stride_dog, stride_doh, stride_dom,
+    G, H, Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[bh, m] = sum_d dO[m, d] · O[m, d] in fp32."""
@@ -279,15 +287,14 @@ def _attn_bwd_preprocess(
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, g, h = _split_bh(bh, G, H)
     row0 = start_m.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = start_m + offs_m < Nq
     mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
-    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    o_base = Out + b * stride_ob + g * stride_og + h * stride_oh + row0 * stride_om
+    do_base = DO + b * stride_dob + g * stride_dog + h * stride_doh + row0 * stride_dom
     o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -322,14 +329,14 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, off
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DO, Lse, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_qb, stride_qg, stride_qh, stride_qm,
+    stride_kb, stride_kg, stride_kh, stride_kn,
+    stride_vb, stride_vg, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H, Nq, Nk, qk_scale, scale,
+    stride_dob, stride_dog, stride_doh, stride_dom,
+    stride_dkb, stride_dkg, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvg, stride_dvh, stride_dvn,
+    G, H, Nq, Nk, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -340,8 +347,7 @@ def _attn_bwd_dkdv_kernel(
     num_n = tl.cdiv(Nk, BLOCK_N)
     bh = pid // num_n
     start_n = (pid % num_n) * BLOCK_N
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, g, h = _split_bh(bh, G, H)
     col0 = start_n.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -350,13 +356,13 @@ def _attn_bwd_dkdv_kernel(
     n_ok = start_n + offs_n < Nk
     d_ok = offs_d < HEAD_DIM
 
-    k_base = K + b * stride_kb + h * stride_kh + col0 * stride_kn
-    v_base = V + b * stride_vb + h * stride_vh + col0 * stride_vn
+    k_base = K + b * stride_kb + g * stride_kg + h * stride_kh + col0 * stride_kn
+    v_base = V + b * stride_vb + g * stride_vg + h * stride_vh + col0 * stride_vn
     k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
     v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    q_base = Q + b * stride_qb + g * stride_qg + h * stride_qh
+    do_base = DO + b * stride_dob + g * stride_dog + h * stride_doh
     lse_base = Lse + bh.to(tl.int64) * Nq
     delta_base = Delta + bh.to(tl.int64) * Nq
     bT_base = Bias + b * stride_bb + h * stride_bh + col0 * stride_bn
@@ -381,8 +387,8 @@ def _attn_bwd_dkdv_kernel(
                             not EVEN_N, MASK_D, PRECISION)
 
     dk = dk * scale
-    dk_base = DK + b * stride_dkb + h * stride_dkh + col0 * stride_dkn
-    dv_base = DV + b * stride_dvb + h * stride_dvh + col0 * stride_dvn
+    dk_base = DK + b * stride_dkb + g * stride_dkg + h * stride_dkh + col0 * stride_dkn
+    dv_base = DV + b * stride_dvb + g * stride_dvg + h * stride_dvh + col0 * stride_dvn
     _store_2d(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
               n_ok, d_ok, not EVEN_N, MASK_D)
     _store_2d(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -433,14 +439,14 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, of
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_qb, stride_qg, stride_qh, stride_qm,
+    stride_kb, stride_kg, stride_kh, stride_kn,
+    stride_vb, stride_vg, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
+    stride_dob, stride_dog, stride_doh, stride_dom,
+    stride_dqb, stride_dqg, stride_dqh, stride_dqm,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    H, Nq, Nk, qk_scale, scale,
+    G, H, Nq, Nk, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     DBIAS: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
     DB_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
@@ -452,8 +458,7 @@ def _attn_bwd_dq_kernel(
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, g, h = _split_bh(bh, G, H)
     row0 = start_m.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -462,8 +467,8 @@ def _attn_bwd_dq_kernel(
     m_ok = start_m + offs_m < Nq
     d_ok = offs_d < HEAD_DIM
 
-    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
-    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    q_base = Q + b * stride_qb + g * stride_qg + h * stride_qh + row0 * stride_qm
+    do_base = DO + b * stride_dob + g * stride_dog + h * stride_doh + row0 * stride_dom
     q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
     do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M,
                   MASK_D)
@@ -471,8 +476,8 @@ def _attn_bwd_dq_kernel(
     lse2 = _load_1d(Lse + row_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
     delta = _load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + g * stride_kg + h * stride_kh
+    v_base = V + b * stride_vb + g * stride_vg + h * stride_vh
     b_base = Bias + b * stride_bb + h * stride_bh + row0 * stride_bm
     db_base = DBias + b * stride_dbb + h * stride_dbh + row0 * stride_dbm
 
@@ -494,7 +499,7 @@ def _attn_bwd_dq_kernel(
                       DB_SUM_N, DB_ATOMIC, not EVEN_M, True, MASK_D, PRECISION)
 
     dq = dq * scale
-    dq_base = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm
+    dq_base = DQ + b * stride_dqb + g * stride_dqg + h * stride_dqh + row0 * stride_dqm
     _store_2d(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
               m_ok, d_ok, not EVEN_M, MASK_D)
 
@@ -586,8 +591,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check4(name, t, shape=None, dtype=None):
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    if t.dim() not in (4, 5):
+        raise ValueError(f"{name} must be 4-D (B, H, N, D) or 5-D (B, G, H, N, D), got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype is not None and t.dtype != dtype:
@@ -613,30 +618,35 @@ class _Dest:
 
 
 def _check_common(q, k, v, bias):
+    """(B, G, H, Nq, Nk, D); G = 1 for 4-D views. 5-D views (B, G, H, N, D) add a group dim with
+    its own stride (e.g. the interleaved sequences of space_time_attention); they take no bias."""
     _check4("q", q)
     _check4("k", k)
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    B, G, H, Nq, D = q.shape if q.dim() == 5 else (q.shape[0], 1, *q.shape[1:])
+    Nk = k.shape[-2]
     if q.dtype not in _DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)}")
     _check4("k", k, dtype=q.dtype)
     _check4("v", v, shape=k.shape, dtype=q.dtype)
     if D > MAX_HEAD_DIM or D < 1:
         raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported by the Triton "
                          f"attention kernels (1 <= D <= {MAX_HEAD_DIM})")
+    if bias is not None and q.dim() == 5:
+        raise ValueError("bias is not supported with 5-D (B, G, H, N, D) views")
     if bias is not None and (bias.dim() != 4 or tuple(bias.shape) != (B, H, Nq, Nk)):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected it expanded to "
                          f"{(B, H, Nq, Nk)}")
     for name, t in (("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    return B, H, Nq, Nk, D
+    return B, G, H, Nq, Nk, D
 
 
-def _strides3(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t):
+    """(batch, group, head, row) strides; the group stride is 0 for a 4-D view."""
+    return t.stride()[:4] if t.dim() == 5 else (t.stride(0), 0, t.stride(1), t.stride(2))
 
 
 def _bias_strides(bias):
@@ -647,16 +657,17 @@ def attention_forward(q, k, v, bias, scale, out):
     """softmax(q kᵀ·scale + bias) v written into ``out``; returns lse (B, H, Nq) float32.
 
     q (B,H,Nq,D); k, v (B,H,Nk,D): strided views (stride(-1) == 1 expected; otherwise copied).
+    5-D views (B, G, H, N, D) are accepted too (no bias); lse is then (B, G, H, Nq).
     bias: None or a tensor expanded to (B,H,Nq,Nk) (any strides, 0 on broadcast dims).
     out: preallocated (B,H,Nq,D) view of q's dtype with any strides. lse is the natural-log
     logsumexp of the scaled+biased scores; a row whose every score is -inf gives out = 0 and
     lse = +inf.
     """
-    B, H, Nq, Nk, D = _check_common(q, k, v, bias)
+    B, G, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("out", out, shape=q.shape, dtype=q.dtype)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    if B * H * Nq == 0:
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+    if B * G * H * Nq == 0:
         return lse
     if Nk == 0:
         out.zero_()
@@ -667,19 +678,19 @@ def attention_forward(q, k, v, bias, scale, out):
     has_bias = bias is not None
     args = (
         q, k, v, bias if has_bias else q, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias), *_strides3(o),
-        H, Nq, Nk, float(scale) * _LOG2E,
+        *_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(o),
+        G, H, Nq, Nk, float(scale) * _LOG2E,
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_BIAS=has_bias,
                 PRECISION=_precision(q.dtype))
     with _device_ctx(q):
         if _use_fixed(q):
             bm, bn = INTERPRET_BLOCKS["fwd"]
-            _fwd_fixed[(triton.cdiv(Nq, bm) * B * H,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+            _fwd_fixed[(triton.cdiv(Nq, bm) * B * G * H,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                        num_warps=4, num_stages=1)
         else:
             kernel = _TUNED[_family(q.dtype)][0]
-            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)](*args, **meta)
+            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * G * H,)](*args, **meta)
     dest.finish()
     return lse
 
@@ -699,7 +710,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     dim where bias.stride(dim) == 0 and size > 1 replaced by 1, holding dS = P∘(dP - delta)
     summed over those dims.
     """
-    B, H, Nq, Nk, D = _check_common(q, k, v, bias)
+    B, G, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("dout", dout, shape=q.shape)
     _check4("out", out, shape=q.shape)
     _check4("dq", dq, shape=q.shape, dtype=q.dtype)
@@ -707,8 +718,8 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     _check4("dv", dv, shape=v.shape, dtype=q.dtype)
     if bias_requires_grad and bias is None:
         raise ValueError("bias_requires_grad=True but bias is None")
-    if tuple(lse.shape) != (B, H, Nq):
-        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, Nq)}")
+    if tuple(lse.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:-1])}")
     lse = lse.to(torch.float32).contiguous()
     # dO may come in another dtype (autocast) or with 0 strides (grad of a sum): the kernels need
     # it in the operands' dtype with a unit last stride.
@@ -720,7 +731,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     if bias_requires_grad:
         db_shape, reduced = _dbias_layout(bias)
         dbias = torch.zeros(db_shape, device=q.device, dtype=torch.float32)
-    if B * H == 0 or Nq == 0 or Nk == 0:
+    if B * G * H == 0 or Nq == 0 or Nk == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
@@ -734,43 +745,43 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     family = _family(q.dtype)
     qk_scale = float(scale) * _LOG2E
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype))
-    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_bias_strides(bias), *_strides3(dout))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(dout))
     bias_arg = bias if has_bias else q
 
     with _device_ctx(q):
-        delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+        delta = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         bm_pre = 32 if fixed else 64
-        _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * H,)](
-            out, dout, delta, *_strides3(out), *_strides3(dout), H, Nq,
+        _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * G * H,)](
+            out, dout, delta, *_strides(out), *_strides(dout), G, H, Nq,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre)
 
         # dK, dV: one program per key block.
         dkdv_args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *common,
-                     *_strides3(dk_), *_strides3(dv_), H, Nq, Nk, qk_scale, float(scale))
+                     *_strides(dk_), *_strides(dv_), G, H, Nq, Nk, qk_scale, float(scale))
         if fixed:
             bm, bn = INTERPRET_BLOCKS["dkdv"]
-            _dkdv_fixed[(triton.cdiv(Nk, bn) * B * H,)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+            _dkdv_fixed[(triton.cdiv(Nk, bn) * B * G * H,)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                         num_warps=4, num_stages=1)
         else:
             kernel = _TUNED[family][1]
-            kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * H,)](*dkdv_args, **meta)
+            kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * G * H,)](*dkdv_args, **meta)
 
         # dQ (+ dbias): one program per query block.
         if dbias is not None:
             db_arg, db_strides = dbias, [0 if reduced[d] else dbias.stride(d) for d in range(4)]
         else:
             db_arg, db_strides = delta, [0, 0, 0, 0]  # dummy fp32 pointer, never touched
-        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, *common, *_strides3(dq_),
-                   *db_strides, H, Nq, Nk, qk_scale, float(scale))
+        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, *common, *_strides(dq_),
+                   *db_strides, G, H, Nq, Nk, qk_scale, float(scale))
         dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
                      DB_ATOMIC=any(reduced))
         if fixed:
             bm, bn = INTERPRET_BLOCKS["dq"]
-            _dq_fixed[(triton.cdiv(Nq, bm) * B * H,)](*dq_args, **dmeta, BLOCK_M=bm, BLOCK_N=bn,
+            _dq_fixed[(triton.cdiv(Nq, bm) * B * G * H,)](*dq_args, **dmeta, BLOCK_M=bm, BLOCK_N=bn,
                                                       num_warps=4, num_stages=1)
         else:
             kernel = _TUNED[family][2]
-            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * H,)](*dq_args, **dmeta)
+            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * G * H,)](*dq_args, **dmeta)
     for d in dests:
         d.finish()
     return dbias
