@@ -1,6 +1,7 @@
 """space_time_attention on the fused (Triton) path: every axis / layout pair runs the FlashAttention
 kernels on zero-copy (B, groups, heads, length, D) views of qkv — contiguous token runs (time axis
-of "st", space axis of "ts") and interleaved sequences (time axis of "ts", space axis of "st").
+of "st", space axis of "ts") and interleaved sequences (time axis of "ts", space axis of "st") —
+and the space axis with TimeSformer's shared class token (a prefix key row + a class query row).
 Oracle: the float64 reference; rule: tolerance.assert_within (via test_attention's helper)."""
 import pytest
 import torch
@@ -45,11 +46,53 @@ def test_non_contiguous_qkv(backend, dtype, device):
         torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
 
 
-def test_class_token_explains_and_runs_on_the_reference():
-    qkv = torch.randn(1, 6, 3 * 8)
-    cls_qkv = torch.randn(1, 3 * 8)
-    reasons = vk.not_supported_reasons("space_time_attention", "triton", qkv, 3, 1, "space", cls_qkv, "st")
-    assert any("class token" in r for r in reasons), reasons
+def eager_space_cls(qkv, cls_qkv, frames, heads, layout):
+    """TimeSformer's spatial attention as users write it: the class token's q/k/v concatenated
+    in front of every frame's tokens; returns (out, cls_out) flattened into one tensor."""
+    b, n, c3 = qkv.shape
+    c, s = c3 // 3, n // frames
+    x = qkv.reshape(b, s, frames, c3).transpose(1, 2) if layout == "st" else qkv.reshape(b, frames, s, c3)
+    seq = torch.cat([cls_qkv[:, None, None, :].expand(b, frames, 1, c3), x], 2)  # (B, T, 1+S, 3C)
+    q, k, v = seq.reshape(b, frames, s + 1, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
+    o = eager_attention(q, k, v).transpose(2, 3).reshape(b, frames, s + 1, c)
+    out = o[:, :, 1:]
+    out = out.transpose(1, 2) if layout == "st" else out
+    return torch.cat([out.reshape(b, n * c), o[:, :, 0].reshape(b, frames * c)], 1)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False))
+@pytest.mark.parametrize("layout", ["st", "ts"])
+@pytest.mark.parametrize("s,t,heads,d", [(7, 3, 2, 16), (1, 4, 1, 32), (33, 2, 2, 48)])
+def test_fused_space_axis_with_class_token(backend, dtype, device, layout, s, t, heads, d):
+    """The class token as a prefix key/value of every frame plus one query row per frame: out,
+    cls_out and the grads of qkv and cls_qkv against the float64 reference (2× eager rule)."""
+    qkv, cls_qkv = torch.randn(2, s * t, 3 * heads * d), torch.randn(2, 3 * heads * d)
+
+    def fused(x, c):
+        out, cls_out = vk.space_time_attention(x, t, heads, "space", c, layout)
+        return torch.cat([out.flatten(1), cls_out.flatten(1)], 1)
+
+    check_against_oracle(fused, lambda x, c: eager_space_cls(x, c, t, heads, layout), [qkv, cls_qkv],
+                         backend, dtype, device)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False)[:1])
+def test_class_token_runs_the_kernels(backend, dtype, device, monkeypatch):
+    """The fused class-token path calls the FlashAttention kernels (with the prefix row) rather
+    than falling back, and cls_out only (no out gradient) still gives the cls_qkv gradient."""
+    from vitkernels.triton import attention as K
+    calls = []
+    for name in ("attention_forward", "attention_backward"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name, **kw: calls.append((_n, "prefix" in kw)) or _r(*a, **kw))
+    qkv = torch.randn(1, 12, 3 * 32, device=device, dtype=dtype, requires_grad=True)
+    cls_qkv = torch.randn(1, 3 * 32, device=device, dtype=dtype, requires_grad=True)
+    with vk.use_backend(backend):
+        _, cls_out = vk.space_time_attention(qkv, 3, 2, "space", cls_qkv, "st")
+        cls_out.sum().backward()
+    assert ("attention_forward", True) in calls and ("attention_backward", True) in calls
+    q64, c64 = qkv.detach().double().requires_grad_(), cls_qkv.detach().double().requires_grad_()
     with vk.use_backend("reference"):
-        out, cls_out = vk.space_time_attention(qkv, 3, 1, "space", cls_qkv, "st")
-    assert out.shape == (1, 6, 8) and cls_out.shape == (1, 3, 8)
+        vk.space_time_attention(q64, 3, 2, "space", c64, "st")[1].sum().backward()
+    torch.testing.assert_close(cls_qkv.grad.double(), c64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(qkv.grad.double(), q64.grad, atol=1e-4, rtol=1e-4)

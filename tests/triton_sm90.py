@@ -17,6 +17,7 @@ tests/test_triton_compile.py; outputs of the launches are never computed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -128,6 +129,15 @@ def _xca(dt, B, N, C, heads):
     t_xca.xca_backward(out, qkv, heads, temp)
 
 
+def _space_time(dt, B, S, T, C, heads, axis, layout, cls):
+    op = importlib.import_module("vitkernels.ops.space_time_attention")  # the module, not the function
+    qkv = torch.empty(B, S * T, 3 * C, dtype=dt)
+    cls_qkv = torch.empty(B, 3 * C, dtype=dt) if cls else None
+    args = (qkv, T, heads, axis, cls_qkv, layout, (C // heads) ** -0.5)
+    out, cls_out = op._triton_forward(*args)
+    op._triton_backward(out, cls_out if cls else None, *args)
+
+
 def scenarios(quick: bool):
     """(name, callable) at the shapes of the reference models: bf16 (the half-precision configs,
     fp16 shares them) and fp32 (its own configs)."""
@@ -145,6 +155,8 @@ def scenarios(quick: bool):
             (f"dwconv segformer k3 gelu {n}", lambda dt=dt: _dwconv(dt, 2, (128, 128), 256, 3, "gelu")),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
+            (f"space_time timesformer space+cls {n}",
+             lambda dt=dt: _space_time(dt, 1, 196, 8, 768, 12, "space", "st", True)),
             (f"xca xcit-s12 b64 (one pass) {n}", lambda dt=dt: _xca(dt, 64, 196, 384, 8)),
             (f"xca xcit-s12 b4 (split) {n}", lambda dt=dt: _xca(dt, 4, 196, 384, 8)),
         ]
@@ -159,6 +171,8 @@ def scenarios(quick: bool):
                 (f"dwconv k7 none {n}", lambda dt=dt: _dwconv(dt, 2, (32, 32), 320, 7, None)),
                 (f"sr pvtv2-b2 s2 {n}", lambda dt=dt: _sr(dt, 4, 2, 784, 49, 64)),
                 (f"sr segformer-512 s2 d64 {n}", lambda dt=dt: _sr(dt, 2, 2, 4096, 256, 64)),
+                (f"space_time vivit time (ts) {n}",
+                 lambda dt=dt: _space_time(dt, 1, 196, 16, 768, 12, "time", "ts", False)),
                 (f"xca d64 {n}", lambda dt=dt: _xca(dt, 8, 1000, 512, 8)),
                 (f"xca d16 {n}", lambda dt=dt: _xca(dt, 2, 300, 64, 4)),
             ]

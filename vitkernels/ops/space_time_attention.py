@@ -5,8 +5,8 @@ or "ts" (token t·S + s, ViViT). axis "time": each spatial position attends over
 "space": each frame over its S tokens, with an optional shared class token (cls_qkv (B, 3C))
 prepended to every frame. The torch op returns (out, cls_out) — cls_out (B, T, C) is the class
 query's output per frame, or an empty (B, 0, C) tensor without a class token; the Python function
-returns `out` alone when there is no class token. Backends: "triton" (every axis and layout,
-without the class token: the FlashAttention kernels on strided views of qkv) and "reference".
+returns `out` alone when there is no class token. Backends: "triton" (every axis, layout and the
+class token: the FlashAttention kernels on strided views of qkv) and "reference".
 """
 from __future__ import annotations
 
@@ -147,57 +147,91 @@ backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_
 # ----------------------------------------------------------------------------- fused (Triton) path
 # Every (axis, layout) pair is a set of sequences at fixed strides in the token buffer, so the
 # FlashAttention kernels read q, k, v as 5-D (B, groups, heads, length, D) views of qkv and write
-# out / dqkv through the same views of token-layout buffers: no rearrange copies. The shared
-# class token (TimeSformer's space axis) runs on the reference for now.
+# out / dqkv through the same views of token-layout buffers: no rearrange copies.
+# The shared class token (space axis) is not in the buffer. Its key and value are a "prefix" row
+# that starts every frame's online softmax; its query's output per frame (cls_out) is a second,
+# one-row launch against the same keys. In the backward the class query's share of dK / dV is an
+# extra query row of the key-side kernel, and the prefix row's dK / dV come back as fp32 sums.
 
 def _seq_view(t, frames, axis, layout, parts):
-    """(B, groups, parts, heads?, length, ·) view of a token buffer t (B, S·T, parts·C') whose
-    sequences are those of (axis, layout): groups = S for the time axis, T for the space axis."""
+    """(B, groups, length, parts, C') view of a token buffer t (B, S·T, parts·C') whose sequences
+    are those of (axis, layout): groups = S for the time axis, T for the space axis."""
     b, n, width = t.shape
     s = n // frames
     grid = t.view(b, s, frames, width) if layout == "st" else t.view(b, frames, s, width).transpose(1, 2)
     seqs = grid if axis == "time" else grid.transpose(1, 2)  # (B, groups, length, width)
-    return seqs.unflatten(-1, (parts, -1))                     # (B, groups, length, parts, C')
+    return seqs.unflatten(-1, (parts, -1))
 
 
 def _heads(seqs, part, num_heads):
     """The (B, groups, heads, length, D) view of one part (q, k or v) of _seq_view's result."""
-    x = seqs[:, :, :, part]
-    return x.unflatten(-1, (num_heads, -1)).transpose(2, 3)
+    return seqs[:, :, :, part].unflatten(-1, (num_heads, -1)).transpose(2, 3)
+
+
+def _views(t, frames, num_heads, axis, layout, parts=3):
+    seqs = _seq_view(last_dim_contiguous(t), frames, axis, layout, parts)
+    return [_heads(seqs, i, num_heads) for i in range(parts)]
+
+
+def _cls_rows(cls_qkv, frames, num_heads):
+    """The class token's q, k, v as (B, T, heads, D) views, stride 0 over the T frames."""
+    b, c3 = cls_qkv.shape
+    x = last_dim_contiguous(cls_qkv).view(b, 1, 3, num_heads, c3 // 3 // num_heads)
+    return x.expand(b, frames, -1, -1, -1).unbind(2)
 
 
 def _triton_reasons(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", *_):
-    why = triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
-    if cls_qkv is not None:
-        why.append("the fused kernel does not take the shared class token (cls_qkv) yet")
-    return why
+    return triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
 
 
-def _views(qkv, frames, num_heads, axis, layout):
-    seqs = _seq_view(last_dim_contiguous(qkv), frames, axis, layout, 3)
-    return [_heads(seqs, i, num_heads) for i in range(3)]
+def _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+    """Run the forward kernels; returns (out, cls_out, and the views / lse the backward needs)."""
+    from ..triton import attention as tk
+    b, n, c3 = qkv.shape
+    q, k, v = _views(qkv, frames, num_heads, axis, layout)
+    out = qkv.new_empty(b, n, c3 // 3)
+    (o,) = _views(out, frames, num_heads, axis, layout, 1)
+    if cls_qkv is None:
+        return out, _empty_cls(qkv), (q, k, v, o, tk.attention_forward(q, k, v, None, scale, o), None)
+    cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
+    lse = tk.attention_forward(q, k, v, None, scale, o, prefix=(ck, cv))
+    cls_out = qkv.new_empty(b, frames, c3 // 3)
+    co = cls_out.view(b, frames, num_heads, 1, -1)
+    cls_lse = tk.attention_forward(cq.unsqueeze(-2), k, v, None, scale, co, prefix=(ck, cv))
+    return out, cls_out, (q, k, v, o, lse, (cq, ck, cv, co, cls_lse))
 
 
 def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    from ..triton import attention as tk
-    q, k, v = _views(qkv, frames, num_heads, axis, layout)
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
-    tk.attention_forward(q, k, v, None, scale, _heads(_seq_view(out, frames, axis, layout, 1), 0, num_heads))
-    return out, _empty_cls(qkv)
+    out, cls_out, _ = _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
+    return out, cls_out
 
 
 def _triton_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     # v1: the forward saves no logsumexp for this op, so the backward recomputes it (one extra forward).
     from ..triton import attention as tk
-    q, k, v = _views(qkv, frames, num_heads, axis, layout)
-    o = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
-    (oh,) = [_heads(_seq_view(o, frames, axis, layout, 1), 0, num_heads)]
-    lse = tk.attention_forward(q, k, v, None, scale, oh)
-    do = _heads(_seq_view(last_dim_contiguous(dout.to(qkv.dtype)), frames, axis, layout, 1), 0, num_heads)
+    _, cls_out, (q, k, v, o, lse, cls) = _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
+    (do,) = _views(dout.to(qkv.dtype), frames, num_heads, axis, layout, 1)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _views(dqkv, frames, num_heads, axis, layout)
-    tk.attention_backward(do, q, k, v, None, oh, lse, scale, dq, dk, dv, False)
-    return dqkv, None
+    if cls is None:
+        tk.attention_backward(do, q, k, v, None, o, lse, scale, dq, dk, dv, False)
+        return dqkv, None
+    cq, ck, cv, co, cls_lse = cls
+    b, t, h, d = cq.shape
+    dco = (torch.zeros_like(cls_out) if dcls_out is None else dcls_out.to(qkv.dtype)).contiguous()
+    dco4 = dco.view(b, t, h, d)
+    cls_delta = (cls_out.float() * dco.float()).view(b, t, h, d).sum(-1)
+    # Patch queries: dq, dk, dv, with the class query's share of dk / dv as an extra query row.
+    d_pre = [torch.empty(b, t, h, d, device=qkv.device, dtype=torch.float32) for _ in range(4)]
+    tk.attention_backward(do, q, k, v, None, o, lse, scale, dq, dk, dv, False, prefix=(ck, cv),
+                          dprefix=d_pre[:2], extra_q=(cq, dco4, cls_lse[..., 0], cls_delta))
+    # The class query (one row per frame): its dq, and its share of the prefix row's dk / dv.
+    dcq = torch.empty(b, t, h, 1, d, device=qkv.device, dtype=qkv.dtype)
+    tk.attention_backward(dco.view(b, t, h, 1, d), cq.unsqueeze(-2), k, v, None, co, cls_lse, scale, dcq,
+                          None, None, False, prefix=(ck, cv), dprefix=d_pre[2:])
+    dcls = torch.cat([dcq.float().sum(1).flatten(1), (d_pre[0] + d_pre[2]).sum(1).flatten(1),
+                      (d_pre[1] + d_pre[3]).sum(1).flatten(1)], 1)
+    return dqkv, dcls.to(cls_qkv.dtype)
 
 
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)

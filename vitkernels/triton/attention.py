@@ -170,6 +170,13 @@ def _split_bh(bh, G, H):
     return (bg // G).to(tl.int64), (bg % G).to(tl.int64), (bh % H).to(tl.int64)
 
 
+@triton.jit
+def _extra_row(X, b, g, h, stride_b, stride_g, stride_h, offs_d, d_ok):
+    """One D-vector per (b, g, h) in fp32: the extra key / value / query row of a class token,
+    which is not in the token buffer (space_time_attention's shared class token)."""
+    return tl.load(X + b * stride_b + g * stride_g + h * stride_h + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -207,17 +214,18 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, Out, Lse, PK, PV,
     stride_qb, stride_qg, stride_qh, stride_qm,
     stride_kb, stride_kg, stride_kh, stride_kn,
     stride_vb, stride_vg, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_og, stride_oh, stride_om,
+    stride_pb, stride_pg, stride_ph,
     G, H, Nq, Nk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_PREFIX: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -242,6 +250,13 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_PREFIX:
+        # A prefix key / value (PK, PV) before the Nk keys: the online softmax starts from it,
+        # with running max = its score, sum = 1 and accumulator = its value row.
+        pk = _extra_row(PK, b, g, h, stride_pb, stride_pg, stride_ph, offs_d, d_ok)
+        m_i = tl.sum(q.to(tl.float32) * pk[None, :], 1) * qk_scale
+        l_i += 1.0
+        acc += _extra_row(PV, b, g, h, stride_pb, stride_pg, stride_ph, offs_d, d_ok)[None, :]
 
     # Full key blocks without masks, then the ragged tail (if any) with out-of-range keys at -inf.
     n_full = (Nk // BLOCK_N) * BLOCK_N
@@ -328,7 +343,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, off
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DK, DV,
+    Q, K, V, Bias, DO, Lse, Delta, DK, DV, XQ, XDO, XLse, XDelta,
     stride_qb, stride_qg, stride_qh, stride_qm,
     stride_kb, stride_kg, stride_kh, stride_kn,
     stride_vb, stride_vg, stride_vh, stride_vn,
@@ -336,11 +351,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dog, stride_doh, stride_dom,
     stride_dkb, stride_dkg, stride_dkh, stride_dkn,
     stride_dvb, stride_dvg, stride_dvh, stride_dvn,
+    stride_xqb, stride_xqg, stride_xqh, stride_xdob, stride_xdog, stride_xdoh,
     G, H, Nq, Nk, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_EXTRA_Q: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -385,6 +401,16 @@ def _attn_bwd_dkdv_kernel(
                             offs_n, offs_d, stride_qm, stride_dom, stride_bm, stride_bn,
                             m_full + offs_m < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, True,
                             not EVEN_N, MASK_D, PRECISION)
+    if HAS_EXTRA_Q:
+        # One more query row of this (b, g, h) that is not in Q (a class token's query, with its
+        # own lse and delta): its contribution to dK / dV in vector form.
+        xq = _extra_row(XQ, b, g, h, stride_xqb, stride_xqg, stride_xqh, offs_d, d_ok)
+        xdo = _extra_row(XDO, b, g, h, stride_xdob, stride_xdog, stride_xdoh, offs_d, d_ok)
+        xp = tl.math.exp2(tl.sum(k.to(tl.float32) * xq[None, :], 1) * qk_scale
+                          - tl.load(XLse + bh) * 1.4426950408889634)
+        dv += xp[:, None] * xdo[None, :]
+        xds = xp * (tl.sum(v.to(tl.float32) * xdo[None, :], 1) - tl.load(XDelta + bh))
+        dk += xds[:, None] * xq[None, :]
 
     dk = dk * scale
     dk_base = DK + b * stride_dkb + g * stride_dkg + h * stride_dkh + col0 * stride_dkn
@@ -438,7 +464,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, of
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
+    Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, PK, PV, PPart,
     stride_qb, stride_qg, stride_qh, stride_qm,
     stride_kb, stride_kg, stride_kh, stride_kn,
     stride_vb, stride_vg, stride_vh, stride_vn,
@@ -446,12 +472,13 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dog, stride_doh, stride_dom,
     stride_dqb, stride_dqg, stride_dqh, stride_dqm,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    stride_pb, stride_pg, stride_ph, slots,
     G, H, Nq, Nk, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     DBIAS: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
     DB_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_PREFIX: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -482,6 +509,18 @@ def _attn_bwd_dq_kernel(
     db_base = DBias + b * stride_dbb + h * stride_dbh + row0 * stride_dbm
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_PREFIX:
+        # The prefix key: its part of dQ, and this block's share of its dK / dV as an fp32
+        # partial (PPart[bh, query block] = [dK, dV] rows of BLOCK_D), summed by the launcher.
+        pk = _extra_row(PK, b, g, h, stride_pb, stride_pg, stride_ph, offs_d, d_ok)
+        pv = _extra_row(PV, b, g, h, stride_pb, stride_pg, stride_ph, offs_d, d_ok)
+        qf, dof = q.to(tl.float32), do.to(tl.float32)
+        p0 = tl.math.exp2(tl.sum(qf * pk[None, :], 1) * qk_scale - lse2)
+        ds0 = p0 * (tl.sum(dof * pv[None, :], 1) - delta)
+        dq += ds0[:, None] * pk[None, :]
+        part = PPart + (bh.to(tl.int64) * slots + pid % num_m) * (2 * BLOCK_D) + offs_d
+        tl.store(part, tl.sum(ds0[:, None] * qf, 0) * scale)
+        tl.store(part + BLOCK_D, tl.sum(p0[:, None] * dof, 0))
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n,
@@ -521,6 +560,10 @@ def _prune(configs, named_args, **kwargs):
     cap_m = max(32, triton.next_power_of_2(nq))
     cap_n = max(32, triton.next_power_of_2(nk))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+    if kwargs.get("BLOCK_D", 0) >= 128:
+        # 128×128 tiles at D = 128 need 256 KiB of shared memory in the 3-stage forward (offline
+        # sm_90a compile), over the 227 KiB a block may have on H100/H200.
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
     if not kept:
         kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return kept
@@ -560,13 +603,16 @@ _dkdv_fixed = triton.heuristics(_EVEN)(_attn_bwd_dkdv_kernel)
 _dq_fixed = triton.heuristics(_EVEN)(_attn_bwd_dq_kernel)
 
 
-def _tuned(kernel, configs, key=_KEY, **kw):
+def _tuned(kernel, configs, key, **kw):
     return triton.autotune(configs, key=key, prune_configs_by=_PRUNE, **kw)(kernel)
 
 
 # The dQ kernel may accumulate dbias with atomics: restore the (zeroed) buffer after each
 # benchmarking run so tuning does not leak into the result.
-_DQ_KW = dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N"], restore_value=["DBias"])
+# The prefix row's dK/dV slots (PPart) are restored too: a smaller BLOCK_M fills more of them.
+_FWD_KW = dict(key=_KEY + ["HAS_PREFIX"])
+_DKDV_KW = dict(key=_KEY + ["HAS_EXTRA_Q"])
+_DQ_KW = dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N", "HAS_PREFIX"], restore_value=["DBias", "PPart"])
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
 _INTERPRETED = is_interpreted(_attn_fwd_kernel)
 
@@ -576,10 +622,10 @@ def _use_fixed(t: torch.Tensor) -> bool:
 
 
 _TUNED = {
-    "half": (_tuned(_fwd_fixed, _FWD_CONFIGS), _tuned(_dkdv_fixed, _DKDV_CONFIGS),
+    "half": (_tuned(_fwd_fixed, _FWD_CONFIGS, **_FWD_KW), _tuned(_dkdv_fixed, _DKDV_CONFIGS, **_DKDV_KW),
              _tuned(_dq_fixed, _DQ_CONFIGS, **_DQ_KW)),
-    "fp32": (_tuned(_fwd_fixed, _FWD_CONFIGS_FP32), _tuned(_dkdv_fixed, _DKDV_CONFIGS_FP32),
-             _tuned(_dq_fixed, _DQ_CONFIGS_FP32, **_DQ_KW)),
+    "fp32": (_tuned(_fwd_fixed, _FWD_CONFIGS_FP32, **_FWD_KW),
+             _tuned(_dkdv_fixed, _DKDV_CONFIGS_FP32, **_DKDV_KW), _tuned(_dq_fixed, _DQ_CONFIGS_FP32, **_DQ_KW)),
 }
 
 
@@ -653,7 +699,19 @@ def _bias_strides(bias):
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
 
-def attention_forward(q, k, v, bias, scale, out):
+def _row_strides(t):
+    """(batch, group, head) strides of a (B, H, D) or (B, G, H, D) view of extra rows."""
+    return tuple(t.stride()[:3]) if t.dim() == 4 else (t.stride(0), 0, t.stride(1))
+
+
+def _check_rows(name, t, q):
+    shape = tuple(q.shape[:-2]) + (q.shape[-1],)
+    if tuple(t.shape) != shape or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a {shape} view of q's dtype and device with a unit last stride, "
+                         f"got {tuple(t.shape)} {t.dtype} {t.device} strides {t.stride()}")
+
+
+def attention_forward(q, k, v, bias, scale, out, prefix=None):
     """softmax(q kᵀ·scale + bias) v written into ``out``; returns lse (B, H, Nq) float32.
 
     q (B,H,Nq,D); k, v (B,H,Nk,D): strided views (stride(-1) == 1 expected; otherwise copied).
@@ -662,27 +720,33 @@ def attention_forward(q, k, v, bias, scale, out):
     out: preallocated (B,H,Nq,D) view of q's dtype with any strides. lse is the natural-log
     logsumexp of the scaled+biased scores; a row whose every score is -inf gives out = 0 and
     lse = +inf.
+    prefix: None or (pk, pv), one extra key and value row per (b, [g,] h) placed before the Nk
+    keys (q's shape without the row dim; e.g. a class token shared by every frame, stride 0 on g).
     """
     B, G, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("out", out, shape=q.shape, dtype=q.dtype)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    for name, t in zip(("pk", "pv"), prefix or ()):
+        _check_rows(name, t, q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     if B * G * H * Nq == 0:
         return lse
-    if Nk == 0:
+    if Nk == 0 and prefix is None:
         out.zero_()
         lse.fill_(float("inf"))
         return lse
     dest = _Dest(out)
     o = dest.buf
     has_bias = bias is not None
+    pk, pv = prefix if prefix is not None else (q, q)
     args = (
-        q, k, v, bias if has_bias else q, o, lse,
+        q, k, v, bias if has_bias else q, o, lse, pk, pv,
         *_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(o),
+        *(_row_strides(pk) if prefix is not None else (0, 0, 0)),
         G, H, Nq, Nk, float(scale) * _LOG2E,
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_BIAS=has_bias,
-                PRECISION=_precision(q.dtype))
+                PRECISION=_precision(q.dtype), HAS_PREFIX=prefix is not None)
     with _device_ctx(q):
         if _use_fixed(q):
             bm, bn = INTERPRET_BLOCKS["fwd"]
@@ -702,20 +766,56 @@ def _dbias_layout(bias):
     return shape, reduced
 
 
-def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad):
+def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, family,
+                 sizes, qk_scale, scale):
+    B, G, H, Nq, Nk = sizes
+    if extra_q is not None:
+        xq, xdo, xlse, xdelta = extra_q
+        x_args = (xq, xdo, xlse.to(torch.float32).contiguous(), xdelta.to(torch.float32).contiguous())
+        x_strides = (*_row_strides(xq), *_row_strides(xdo))
+    else:
+        x_args, x_strides = (q, q, lse, lse), (0,) * 6
+    args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *x_args, *common,
+            *_strides(dk_), *_strides(dv_), *x_strides, G, H, Nq, Nk, qk_scale, float(scale))
+    kmeta = dict(meta, HAS_EXTRA_Q=extra_q is not None)
+    if fixed:
+        bm, bn = INTERPRET_BLOCKS["dkdv"]
+        _dkdv_fixed[(triton.cdiv(Nk, bn) * B * G * H,)](*args, **kmeta, BLOCK_M=bm, BLOCK_N=bn,
+                                                        num_warps=4, num_stages=1)
+    else:
+        kernel = _TUNED[family][1]
+        kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * G * H,)](*args, **kmeta)
+
+
+def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad,
+                       prefix=None, dprefix=None, extra_q=None):
     """Write dq, dk, dv (preallocated views of q/k/v's shapes and q's dtype) and return dbias.
 
     dout, out: (B,H,Nq,D), any strides. lse: (B,H,Nq) from ``attention_forward``.
     Returns None unless ``bias_requires_grad``; then a float32 tensor of bias's shape with every
     dim where bias.stride(dim) == 0 and size > 1 replaced by 1, holding dS = P∘(dP - delta)
     summed over those dims.
+    dk = dv = None skips the key-side kernel (only dq is wanted).
+    prefix (pk, pv) as in ``attention_forward``; dprefix (dpk, dpv): float32 (B, [G,] H, D)
+    tensors that receive the prefix row's gradients from these queries.
+    extra_q (xq, xdo, xlse, xdelta): one more query row per (b, [g,] h) that is not in q — its
+    q and dO rows (views like pk) and its lse and delta = rowsum(dO ∘ O) (float32, q's shape
+    without the last two dims); its contribution is added to dk and dv.
     """
     B, G, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("dout", dout, shape=q.shape)
     _check4("out", out, shape=q.shape)
     _check4("dq", dq, shape=q.shape, dtype=q.dtype)
-    _check4("dk", dk, shape=k.shape, dtype=q.dtype)
-    _check4("dv", dv, shape=v.shape, dtype=q.dtype)
+    if (dk is None) != (dv is None) or (dk is None and extra_q is not None):
+        raise ValueError("dk and dv are both given or both None (and extra_q needs them)")
+    if dk is not None:
+        _check4("dk", dk, shape=k.shape, dtype=q.dtype)
+        _check4("dv", dv, shape=v.shape, dtype=q.dtype)
+    if (prefix is None) != (dprefix is None):
+        raise ValueError("prefix and dprefix go together")
+    for name, t in zip(("pk", "pv", "xq", "xdo"), (prefix or (None, None)) + tuple((extra_q or ())[:2])):
+        if t is not None:
+            _check_rows(name, t, q)
     if bias_requires_grad and bias is None:
         raise ValueError("bias_requires_grad=True but bias is None")
     if tuple(lse.shape) != tuple(q.shape[:-1]):
@@ -731,14 +831,14 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     if bias_requires_grad:
         db_shape, reduced = _dbias_layout(bias)
         dbias = torch.zeros(db_shape, device=q.device, dtype=torch.float32)
-    if B * G * H == 0 or Nq == 0 or Nk == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
+    if B * G * H == 0 or Nq == 0 or (Nk == 0 and prefix is None):
+        for t in (dq, dk, dv, *(dprefix or ())):
+            if t is not None:
+                t.zero_()
         return dbias
 
-    dests = [_Dest(dq), _Dest(dk), _Dest(dv)]
-    dq_, dk_, dv_ = (d.buf for d in dests)
+    dests = [_Dest(t) for t in (dq, dk, dv) if t is not None]
+    dq_, dk_, dv_ = (d.buf for d in dests) if dk is not None else (dests[0].buf, None, None)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     has_bias = bias is not None
     fixed = _use_fixed(q)
@@ -756,25 +856,26 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre)
 
         # dK, dV: one program per key block.
-        dkdv_args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *common,
-                     *_strides(dk_), *_strides(dv_), G, H, Nq, Nk, qk_scale, float(scale))
-        if fixed:
-            bm, bn = INTERPRET_BLOCKS["dkdv"]
-            _dkdv_fixed[(triton.cdiv(Nk, bn) * B * G * H,)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                        num_warps=4, num_stages=1)
-        else:
-            kernel = _TUNED[family][1]
-            kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * G * H,)](*dkdv_args, **meta)
+        if dk is not None and Nk > 0:
+            _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, family,
+                         (B, G, H, Nq, Nk), qk_scale, scale)
 
         # dQ (+ dbias): one program per query block.
         if dbias is not None:
             db_arg, db_strides = dbias, [0 if reduced[d] else dbias.stride(d) for d in range(4)]
         else:
             db_arg, db_strides = delta, [0, 0, 0, 0]  # dummy fp32 pointer, never touched
-        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, *common, *_strides(dq_),
-                   *db_strides, G, H, Nq, Nk, qk_scale, float(scale))
+        # The prefix row's dK / dV: one fp32 slot per (b·g·h, query block of ≥ 16 rows), zeroed,
+        # so whatever BLOCK_M the tuner picks the launcher can sum the slots.
+        slots = triton.cdiv(Nq, 16)
+        ppart = torch.zeros((B * G * H, slots, 2, BLOCK_D) if prefix is not None else (1,),
+                            device=q.device, dtype=torch.float32)
+        pk, pv = prefix if prefix is not None else (q, q)
+        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, pk, pv, ppart, *common, *_strides(dq_),
+                   *db_strides, *(_row_strides(pk) if prefix is not None else (0, 0, 0)), slots,
+                   G, H, Nq, Nk, qk_scale, float(scale))
         dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
-                     DB_ATOMIC=any(reduced))
+                     DB_ATOMIC=any(reduced), HAS_PREFIX=prefix is not None)
         if fixed:
             bm, bn = INTERPRET_BLOCKS["dq"]
             _dq_fixed[(triton.cdiv(Nq, bm) * B * G * H,)](*dq_args, **dmeta, BLOCK_M=bm, BLOCK_N=bn,
@@ -784,6 +885,10 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
             kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * G * H,)](*dq_args, **dmeta)
     for d in dests:
         d.finish()
+    if prefix is not None:
+        sums = ppart.sum(1)[..., :D].view(*q.shape[:-2], 2, D)
+        for dst, i in zip(dprefix, (0, 1)):
+            dst.copy_(sums[..., i, :].view(dst.shape))
     return dbias
 
 
