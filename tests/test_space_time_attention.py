@@ -83,8 +83,10 @@ def test_class_token_runs_the_kernels(backend, dtype, device, monkeypatch):
     from vitkernels.triton import attention as K
     calls = []
     for name in ("attention_forward", "attention_backward"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name, **kw: calls.append((_n, "prefix" in kw)) or _r(*a, **kw))
+        def spy(*a, _real=getattr(K, name), _name=name, **kw):
+            calls.append((_name, "prefix" in kw))
+            return _real(*a, **kw)
+        monkeypatch.setattr(K, name, spy)
     qkv = torch.randn(1, 12, 3 * 32, device=device, dtype=dtype, requires_grad=True)
     cls_qkv = torch.randn(1, 3 * 32, device=device, dtype=dtype, requires_grad=True)
     with vk.use_backend(backend):
