@@ -98,3 +98,23 @@ def test_class_token_runs_the_kernels(backend, dtype, device, monkeypatch):
         vk.space_time_attention(q64, 3, 2, "space", c64, "st")[1].sum().backward()
     torch.testing.assert_close(cls_qkv.grad.double(), c64.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(qkv.grad.double(), q64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False)[:1])
+@pytest.mark.parametrize("axis,layout,cls", [("time", "ts", False), ("space", "st", True)])
+def test_opcheck_on_triton(backend, dtype, device, axis, layout, cls):
+    """The private ops pass opcheck with the Triton kernels behind them: the forward's saved
+    logsumexp (lse, cls_lse) has the fake kernel's shapes, and the backward consumes it."""
+    qkv = torch.randn(2, 12, 3 * 32, device=device, dtype=dtype)
+    cls_qkv = torch.randn(2, 3 * 32, device=device, dtype=dtype) if cls else None
+    args = (qkv, 3, 2, axis, cls_qkv, layout, 0.25)
+    with vk.use_backend(backend):
+        torch.library.opcheck(torch.ops.vitkernels._space_time_attention_fwd.default, args)
+        out, cls_out, lse, cls_lse = torch.ops.vitkernels._space_time_attention_fwd(*args)
+        with vk.use_backend("reference"):
+            ref = torch.ops.vitkernels._space_time_attention_fwd(*args)
+        torch.testing.assert_close(lse, ref[2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cls_lse, ref[3], atol=1e-4, rtol=1e-4)
+        bwd_args = (torch.randn_like(out), torch.randn_like(cls_out), qkv, cls_qkv, out, cls_out, lse, cls_lse,
+                    3, 2, axis, layout, 0.25)
+        torch.library.opcheck(torch.ops.vitkernels._space_time_attention_bwd.default, bwd_args)

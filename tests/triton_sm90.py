@@ -134,8 +134,8 @@ def _space_time(dt, B, S, T, C, heads, axis, layout, cls):
     qkv = torch.empty(B, S * T, 3 * C, dtype=dt)
     cls_qkv = torch.empty(B, 3 * C, dtype=dt) if cls else None
     args = (qkv, T, heads, axis, cls_qkv, layout, (C // heads) ** -0.5)
-    out, cls_out = op._triton_forward(*args)
-    op._triton_backward(out, cls_out if cls else None, *args)
+    saved = op._triton_forward(*args)
+    op._triton_backward(saved[0], saved[1] if cls else None, saved, *args)
 
 
 def scenarios(quick: bool):

@@ -65,8 +65,9 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
 @composite(OP)
 def _space_time_attention(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", scale=None):
     d = validate(qkv, frames, num_heads, axis, cls_qkv, layout)
-    return torch.ops.vitkernels._space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv, layout,
-                                                          default_scale(scale, d))
+    out, cls_out, _, _ = torch.ops.vitkernels._space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv,
+                                                                        layout, default_scale(scale, d))
+    return out, cls_out
 
 
 def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
@@ -82,9 +83,18 @@ def _empty_cls(qkv: Tensor) -> Tensor:
     return qkv.new_empty(qkv.shape[0], 0, qkv.shape[2] // 3)
 
 
+def _lse_shapes(qkv, frames, num_heads, axis, cls_qkv):
+    """lse (B, groups, heads, length) of the patch queries and cls_lse (B, T or 0, heads, 1)."""
+    b, n = qkv.shape[:2]
+    groups, length = (n // frames, frames) if axis == "time" else (frames, n // frames)
+    return (b, groups, num_heads, length), (b, 0 if cls_qkv is None else frames, num_heads, 1)
+
+
+# The private forward returns (out, cls_out, lse, cls_lse): the float32 logsumexp of every query
+# row is saved for the backward, which then needs no second forward.
 @torch.library.custom_op("vitkernels::_space_time_attention_fwd", mutates_args=())
 def _space_time_attention_fwd(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor],
-                              layout: str, scale: float) -> tuple[Tensor, Tensor]:
+                              layout: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     return backends.select(OP, *args).forward(*args)
 
@@ -93,34 +103,38 @@ def _space_time_attention_fwd(qkv: Tensor, frames: int, num_heads: int, axis: st
 def _(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     b, n, c3 = qkv.shape
     cls_out = _empty_cls(qkv) if cls_qkv is None else qkv.new_empty(b, frames, c3 // 3)
-    return qkv.new_empty(b, n, c3 // 3), cls_out
+    lse, cls_lse = (qkv.new_empty(shape, dtype=torch.float32)
+                    for shape in _lse_shapes(qkv, frames, num_heads, axis, cls_qkv))
+    return qkv.new_empty(b, n, c3 // 3), cls_out, lse, cls_lse
 
 
 @torch.library.custom_op("vitkernels::_space_time_attention_bwd", mutates_args=())
-def _space_time_attention_bwd(dout: Tensor, dcls_out: Tensor, qkv: Tensor, frames: int, num_heads: int, axis: str,
-                              cls_qkv: Optional[Tensor], layout: str, scale: float) -> tuple[Tensor, Tensor]:
+def _space_time_attention_bwd(dout: Tensor, dcls_out: Tensor, qkv: Tensor, cls_qkv: Optional[Tensor], out: Tensor,
+                              cls_out: Tensor, lse: Tensor, cls_lse: Tensor, frames: int, num_heads: int, axis: str,
+                              layout: str, scale: float) -> tuple[Tensor, Tensor]:
     args = (qkv, frames, num_heads, axis, cls_qkv, layout, scale)
-    dqkv, dcls = backends.select(OP, *args, backward=True).backward(dout, dcls_out, *args)
+    kernel = backends.select(OP, *args, backward=True)
+    dqkv, dcls = kernel.backward(dout, dcls_out, (out, cls_out, lse, cls_lse), *args)
     return dqkv.contiguous(), empty_if_none(dcls, qkv)
 
 
 @_space_time_attention_bwd.register_fake
-def _(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+def _(dout, dcls_out, qkv, cls_qkv, out, cls_out, lse, cls_lse, frames, num_heads, axis, layout, scale):
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
             qkv.new_empty(0) if cls_qkv is None else torch.empty_like(cls_qkv, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
     qkv, frames, num_heads, axis, cls_qkv, layout, scale = inputs
-    ctx.save_for_backward(qkv, cls_qkv)
+    ctx.save_for_backward(qkv, cls_qkv, *output)
     ctx.config = (frames, num_heads, axis, layout, scale)
 
 
-def _backward(ctx, dout, dcls_out):
-    qkv, cls_qkv = ctx.saved_tensors
+def _backward(ctx, dout, dcls_out, _dlse, _dcls_lse):
+    qkv, cls_qkv, *saved = ctx.saved_tensors
     frames, num_heads, axis, layout, scale = ctx.config
-    dqkv, dcls = torch.ops.vitkernels._space_time_attention_bwd(dout, dcls_out, qkv, frames, num_heads, axis,
-                                                                cls_qkv, layout, scale)
+    dqkv, dcls = torch.ops.vitkernels._space_time_attention_bwd(dout, dcls_out, qkv, cls_qkv, *saved, frames,
+                                                                num_heads, axis, layout, scale)
     return dqkv, None, None, None, (None if cls_qkv is None else dcls), None, None
 
 
@@ -128,11 +142,15 @@ _space_time_attention_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 
 def _reference_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    out, cls_out = ref.space_time_attention(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
-    return fresh(out), (_empty_cls(qkv) if cls_out is None else fresh(cls_out))
+    out, cls_out, lse, cls_lse = ref.space_time_attention_with_lse(qkv, frames, num_heads, axis, cls_qkv, layout,
+                                                                   scale)
+    cls_out = _empty_cls(qkv) if cls_out is None else fresh(cls_out)
+    no_cls = qkv.new_empty(_lse_shapes(qkv, frames, num_heads, axis, None)[1], dtype=torch.float32)
+    cls_lse = no_cls if cls_lse is None else fresh(cls_lse.to(torch.float32))
+    return fresh(out), cls_out, fresh(lse.to(torch.float32)), cls_lse
 
 
-def _reference_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+def _reference_backward(dout, dcls_out, _saved, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     def f(x, cls):
         out, cls_out = ref.space_time_attention(x, frames, num_heads, axis, cls, layout, scale)
         return out if cls is None else (out, cls_out)
@@ -184,40 +202,38 @@ def _triton_reasons(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", *_)
     return triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
 
 
-def _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    """Run the forward kernels; returns (out, cls_out, and the views / lse the backward needs)."""
+def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     from ..triton import attention as tk
     b, n, c3 = qkv.shape
     q, k, v = _views(qkv, frames, num_heads, axis, layout)
     out = qkv.new_empty(b, n, c3 // 3)
     (o,) = _views(out, frames, num_heads, axis, layout, 1)
     if cls_qkv is None:
-        return out, _empty_cls(qkv), (q, k, v, o, tk.attention_forward(q, k, v, None, scale, o), None)
+        lse = tk.attention_forward(q, k, v, None, scale, o)
+        no_cls = qkv.new_empty(_lse_shapes(qkv, frames, num_heads, axis, None)[1], dtype=torch.float32)
+        return out, _empty_cls(qkv), lse, no_cls
     cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
     lse = tk.attention_forward(q, k, v, None, scale, o, prefix=(ck, cv))
     cls_out = qkv.new_empty(b, frames, c3 // 3)
-    co = cls_out.view(b, frames, num_heads, 1, -1)
-    cls_lse = tk.attention_forward(cq.unsqueeze(-2), k, v, None, scale, co, prefix=(ck, cv))
-    return out, cls_out, (q, k, v, o, lse, (cq, ck, cv, co, cls_lse))
+    cls_lse = tk.attention_forward(cq.unsqueeze(-2), k, v, None, scale, cls_out.view(b, frames, num_heads, 1, -1),
+                                   prefix=(ck, cv))
+    return out, cls_out, lse, cls_lse
 
 
-def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    out, cls_out, _ = _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
-    return out, cls_out
-
-
-def _triton_backward(dout, dcls_out, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    # v1: the forward saves no logsumexp for this op, so the backward recomputes it (one extra forward).
+def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     from ..triton import attention as tk
-    _, cls_out, (q, k, v, o, lse, cls) = _forward_views(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
+    out, cls_out, lse, cls_lse = saved
+    q, k, v = _views(qkv, frames, num_heads, axis, layout)
+    (o,) = _views(out, frames, num_heads, axis, layout, 1)
     (do,) = _views(dout.to(qkv.dtype), frames, num_heads, axis, layout, 1)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _views(dqkv, frames, num_heads, axis, layout)
-    if cls is None:
+    if cls_qkv is None:
         tk.attention_backward(do, q, k, v, None, o, lse, scale, dq, dk, dv, False)
         return dqkv, None
-    cq, ck, cv, co, cls_lse = cls
+    cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
     b, t, h, d = cq.shape
+    co = last_dim_contiguous(cls_out).view(b, t, h, 1, d)
     dco = (torch.zeros_like(cls_out) if dcls_out is None else dcls_out.to(qkv.dtype)).contiguous()
     dco4 = dco.view(b, t, h, d)
     cls_delta = (cls_out.float() * dco.float()).view(b, t, h, d).sum(-1)

@@ -7,10 +7,10 @@ from .attention import attention, attention_with_lse
 from .dwconv import dwconv
 from .mix_ffn import mix_ffn
 from .self_attention import self_attention, self_attention_with_lse
-from .space_time_attention import space_time_attention
+from .space_time_attention import space_time_attention, space_time_attention_with_lse
 from .sr_attention import sr_attention, sr_attention_with_lse
 from .window_attention import window_attention
 from .xca import xca
 
 __all__ = ["attention", "attention_with_lse", "self_attention", "self_attention_with_lse", "window_attention",
-           "sr_attention", "sr_attention_with_lse", "xca", "space_time_attention", "dwconv", "mix_ffn"]
+           "sr_attention", "sr_attention_with_lse", "xca", "space_time_attention", "space_time_attention_with_lse", "dwconv", "mix_ffn"]
