@@ -4,24 +4,18 @@ Without a GPU they run in the Triton interpreter on CPU (float32, float16); with
 bfloat16 too. Oracle: the math in float64; pass rule: error ≤ 2 × the same math's error in the
 input dtype + floor (tolerance.assert_within), for the output and every gradient.
 """
-import os
-
 import pytest
 import torch
 from tolerance import assert_within
+from triton_env import require_triton
 
 import vitkernels as vk
 
-pytest.importorskip("triton")
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not _INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+_INTERPRET, DEVICE, DTYPES = require_triton()
 
 from vitkernels.triton import attention as general  # noqa: E402
 from vitkernels.triton import sr_attention as K  # noqa: E402
 
-DEVICE = "cpu" if _INTERPRET else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if _INTERPRET else [torch.bfloat16])
 
 
 def math(q, k, v, scale, dout):

@@ -8,21 +8,14 @@ Oracle: the attention math written here in float64. Pass rule (flash-attention /
     max|fused - oracle| <= 2 * max|eager - oracle| + floor
 where eager is the same math run in the input dtype. Outputs and every gradient are checked.
 """
-import os
-
 import pytest
 import torch
+from triton_env import require_triton
 
-triton = pytest.importorskip("triton")
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not _INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+_INTERPRET, DEVICE, DTYPES = require_triton()
 
 from vitkernels.triton import attention as K  # noqa: E402
 
-DEVICE = "cpu" if _INTERPRET else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if _INTERPRET else [torch.bfloat16])
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -4,24 +4,18 @@ Without a GPU they run in the Triton interpreter on CPU (float32, float16); with
 bfloat16 too. Oracle: tests/oracles.py's xca in float64. Pass rule: error ≤ 2 × the same math's
 error in the input dtype + floor (tolerance.assert_within), for out, dqkv and dtemperature.
 """
-import os
-
 import oracles
 import pytest
 import torch
 from tolerance import assert_within
+from triton_env import require_triton
 
 import vitkernels as vk
 
-pytest.importorskip("triton")
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not _INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+_INTERPRET, DEVICE, DTYPES = require_triton()
 
 from vitkernels.triton import xca as K  # noqa: E402
 
-DEVICE = "cpu" if _INTERPRET else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if _INTERPRET else [torch.bfloat16])
 
 
 def math(qkv, heads, temperature, dout):

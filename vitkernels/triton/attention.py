@@ -633,6 +633,22 @@ _TUNED = {
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+# kernel name -> (index in _TUNED[family], heuristics-wrapped kernel, the block that tiles the grid)
+_KERNELS = {"fwd": (0, _fwd_fixed, "BLOCK_M"), "dkdv": (1, _dkdv_fixed, "BLOCK_N"), "dq": (2, _dq_fixed, "BLOCK_M")}
+
+
+def _launch(name, args, meta, fixed, family, rows, heads):
+    """One program per (batch·group·head = ``heads``, block of ``rows``): the interpreter's fixed
+    blocks (``INTERPRET_BLOCKS[name]``) or the autotuned GPU kernel."""
+    index, fixed_kernel, block = _KERNELS[name]
+    if fixed:
+        bm, bn = INTERPRET_BLOCKS[name]
+        blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
+        fixed_kernel[(triton.cdiv(rows, blocks[block]) * heads,)](*args, **meta, **blocks, num_warps=4, num_stages=1)
+    else:
+        _TUNED[family][index][lambda META: (triton.cdiv(rows, META[block]) * heads,)](*args, **meta)
+
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -748,13 +764,7 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_BIAS=has_bias,
                 PRECISION=_precision(q.dtype), HAS_PREFIX=prefix is not None)
     with _device_ctx(q):
-        if _use_fixed(q):
-            bm, bn = INTERPRET_BLOCKS["fwd"]
-            _fwd_fixed[(triton.cdiv(Nq, bm) * B * G * H,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                       num_warps=4, num_stages=1)
-        else:
-            kernel = _TUNED[_family(q.dtype)][0]
-            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * G * H,)](*args, **meta)
+        _launch("fwd", args, meta, _use_fixed(q), _family(q.dtype), Nq, B * G * H)
     dest.finish()
     return lse
 
@@ -777,14 +787,7 @@ def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common,
         x_args, x_strides = (q, q, lse, lse), (0,) * 6
     args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *x_args, *common,
             *_strides(dk_), *_strides(dv_), *x_strides, G, H, Nq, Nk, qk_scale, float(scale))
-    kmeta = dict(meta, HAS_EXTRA_Q=extra_q is not None)
-    if fixed:
-        bm, bn = INTERPRET_BLOCKS["dkdv"]
-        _dkdv_fixed[(triton.cdiv(Nk, bn) * B * G * H,)](*args, **kmeta, BLOCK_M=bm, BLOCK_N=bn,
-                                                        num_warps=4, num_stages=1)
-    else:
-        kernel = _TUNED[family][1]
-        kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]) * B * G * H,)](*args, **kmeta)
+    _launch("dkdv", args, dict(meta, HAS_EXTRA_Q=extra_q is not None), fixed, family, Nk, B * G * H)
 
 
 def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad,
@@ -876,13 +879,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
                    G, H, Nq, Nk, qk_scale, float(scale))
         dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
                      DB_ATOMIC=any(reduced), HAS_PREFIX=prefix is not None)
-        if fixed:
-            bm, bn = INTERPRET_BLOCKS["dq"]
-            _dq_fixed[(triton.cdiv(Nq, bm) * B * G * H,)](*dq_args, **dmeta, BLOCK_M=bm, BLOCK_N=bn,
-                                                      num_warps=4, num_stages=1)
-        else:
-            kernel = _TUNED[family][2]
-            kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * B * G * H,)](*dq_args, **dmeta)
+        _launch("dq", dq_args, dmeta, fixed, family, Nq, B * G * H)
     for d in dests:
         d.finish()
     if prefix is not None:

@@ -1,0 +1,18 @@
+"""Where the Triton kernel tests run: the interpreter on CPU tensors (TRITON_INTERPRET=1, set by
+conftest.py on CPU builds of torch; float32 and float16, as the interpreter's bfloat16 dot is
+wrong) or a CUDA GPU (bfloat16 too)."""
+import os
+
+import pytest
+import torch
+
+
+def require_triton():
+    """(interpreted, device, dtypes) for a Triton kernel test module; skips the module when the
+    kernels can run neither in the interpreter nor on a GPU."""
+    pytest.importorskip("triton")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    dtypes = [torch.float32, torch.float16] + ([] if interpreted else [torch.bfloat16])
+    return interpreted, ("cpu" if interpreted else "cuda"), dtypes
