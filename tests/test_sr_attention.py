@@ -7,11 +7,12 @@ input dtype + floor (tolerance.assert_within), for the output and every gradient
 import pytest
 import torch
 from tolerance import assert_within
-from triton_env import require_triton
+from triton_env import device_marks, require_triton
 
 import vitkernels as vk
 
 _INTERPRET, DEVICE, DTYPES = require_triton()
+pytestmark = device_marks(DEVICE)
 
 from vitkernels.triton import attention as general  # noqa: E402
 from vitkernels.triton import sr_attention as K  # noqa: E402

@@ -10,9 +10,10 @@ where eager is the same math run in the input dtype. Outputs and every gradient 
 """
 import pytest
 import torch
-from triton_env import require_triton
+from triton_env import device_marks, require_triton
 
 _INTERPRET, DEVICE, DTYPES = require_triton()
+pytestmark = device_marks(DEVICE)
 
 from vitkernels.triton import attention as K  # noqa: E402
 

@@ -13,16 +13,16 @@ import oracles
 import pytest
 import torch
 from tolerance import assert_within
+from triton_env import device_marks
 
 import vitkernels as vk
 from vitkernels.backends import BackendUnavailableError
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CAN_RUN = _INTERPRET or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not _CAN_RUN, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), *device_marks(DEVICE)]
 CPU_DTYPES = [torch.float32, torch.float16]
 
 

@@ -8,11 +8,12 @@ import oracles
 import pytest
 import torch
 from tolerance import assert_within
-from triton_env import require_triton
+from triton_env import device_marks, require_triton
 
 import vitkernels as vk
 
 _INTERPRET, DEVICE, DTYPES = require_triton()
+pytestmark = device_marks(DEVICE)
 
 from vitkernels.triton import xca as K  # noqa: E402
 

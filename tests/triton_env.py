@@ -16,3 +16,9 @@ def require_triton():
         pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
     dtypes = [torch.float32, torch.float16] + ([] if interpreted else [torch.bfloat16])
     return interpreted, ("cpu" if interpreted else "cuda"), dtypes
+
+
+def device_marks(device: str) -> list:
+    """Marks for a module whose tests run the kernels on ``device``: on a GPU they are GPU tests,
+    so `pytest -m gpu` (bench/gpu_suite.sh --part tests) runs them there too."""
+    return [pytest.mark.gpu] if device == "cuda" else []
