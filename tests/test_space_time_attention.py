@@ -118,3 +118,27 @@ def test_opcheck_on_triton(backend, dtype, device, axis, layout, cls):
         bwd_args = (torch.randn_like(out), torch.randn_like(cls_out), qkv, cls_qkv, out, cls_out, lse, cls_lse,
                     3, 2, axis, layout, 0.25)
         torch.library.opcheck(torch.ops.vitkernels._space_time_attention_bwd.default, bwd_args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis,layout,cls,t", [("time", "st", False, 8), ("space", "st", True, 8),
+                                               ("time", "ts", False, 16), ("space", "ts", False, 16)],
+                         ids=["timesformer-time", "timesformer-space-cls", "vivit-time", "vivit-space"])
+def test_real_shapes_gpu(dtype, axis, layout, cls, t):
+    """TimeSformer-B (S 196, T 8, class token on the space axis) and ViViT-B (T 16, layout "ts")
+    with the autotuned GPU configs, against the float64 reference (2× eager rule)."""
+    s, heads, d = 196, 12, 64
+    qkv = torch.randn(2, s * t, 3 * heads * d)
+    if cls:
+        cls_qkv = torch.randn(2, 3 * heads * d)
+
+        def fused(x, c):
+            out, cls_out = vk.space_time_attention(x, t, heads, axis, c, layout)
+            return torch.cat([out.flatten(1), cls_out.flatten(1)], 1)
+
+        check_against_oracle(fused, lambda x, c: eager_space_cls(x, c, t, heads, layout), [qkv, cls_qkv],
+                             "triton", dtype, "cuda")
+    else:
+        check_against_oracle(lambda x: vk.space_time_attention(x, t, heads, axis, layout=layout),
+                             lambda x: eager_space_time(x, t, heads, axis, layout), [qkv], "triton", dtype, "cuda")
