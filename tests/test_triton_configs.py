@@ -1,0 +1,117 @@
+"""Every autotune config of every Triton kernel computes the right result, not just the one the
+tuner happens to pick on the machine at hand.
+
+On a GPU the launchers autotune: each call benchmarks the configs its pruner keeps and runs the
+fastest, so the others are never checked. Here ``Autotuner.run`` is replaced by a forcer that runs
+config ``i`` of every tuner an op calls (``i`` modulo that tuner's count), and the op runs once per
+``i`` until every config of every tuner has run; outputs and gradients are compared with the
+float64 reference (2× eager rule, the reference backend in the same dtype being "eager").
+
+Without a GPU the same configs run in the Triton interpreter: the launchers are made to take
+their GPU path on CPU tensors (``use_fixed`` → False, a 2-SM ``sm_count`` so that heads split
+into chunks), so each config's block sizes, masks and EVEN_* paths are exercised on CPU too.
+"""
+import pytest
+import torch
+from tolerance import assert_within
+from triton_env import device_marks, require_triton
+
+import vitkernels as vk
+
+_INTERPRET, DEVICE, DTYPES = require_triton()
+pytestmark = device_marks(DEVICE)
+
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from vitkernels.triton import attention, dwconv, sr_attention, window_attention, xca  # noqa: E402
+
+
+class Forcer:
+    """Replaces Autotuner.run: runs pruned config ``index`` (mod the count) of each tuner."""
+
+    def __init__(self):
+        self.index = 0
+        self.counts = {}
+
+    def install(self, monkeypatch):
+        forcer = self
+
+        def run(tuner, *args, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs)
+            tuner.nargs = None
+            forcer.counts[id(tuner)] = max(len(configs), forcer.counts.get(id(tuner), 0))
+            config = configs[forcer.index % len(configs)]
+            return tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+        monkeypatch.setattr(Autotuner, "run", run)
+
+
+@pytest.fixture
+def forcer(monkeypatch):
+    f = Forcer()
+    f.install(monkeypatch)
+    if _INTERPRET:  # take the autotuned GPU path in the interpreter
+        for mod in (attention, dwconv, sr_attention, window_attention, xca):
+            monkeypatch.setattr(mod, "use_fixed", lambda t, interpreted, what: False)
+        for mod in (sr_attention, window_attention, xca):
+            monkeypatch.setattr(mod, "sm_count", lambda device: 2)
+    return f
+
+
+def _grads(fn, inputs, cot):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, cot.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def check_every_config(forcer, fn, inputs, dtype):
+    """Run ``fn`` (an op on the "triton" backend) once per config index; compare each run."""
+    with vk.use_backend("reference"):
+        cot = torch.randn(fn(*[t.double() for t in inputs]).shape, dtype=torch.float64)
+        oracle = _grads(fn, [t.double() for t in inputs], cot)
+        eager = _grads(fn, [t.to(dtype) for t in inputs], cot)
+    low = [t.to(device=DEVICE, dtype=dtype) for t in inputs]
+    index, total = 0, 1
+    while index < total:
+        forcer.index, forcer.counts = index, {}
+        with vk.use_backend("triton"):
+            got = _grads(fn, low, cot.to(DEVICE))
+        assert forcer.counts, "no autotuned kernel ran"
+        total = max(forcer.counts.values())
+        for name, g, e, o in zip(["out"] + [f"grad{i}" for i in range(len(inputs))], got, eager, oracle):
+            assert_within(f"config {index} {name}", g, e, o, dtype)
+        index += 1
+    return total
+
+
+CASES = {
+    # op: (function of the differentiable inputs, input shapes); shapes big enough that the pruners
+    # keep the large tiles (N ≥ 128 for attention, M = 12 windows) and heads split into chunks.
+    "attention+bias": (lambda q, k, v, b: vk.attention(q, k, v, b), [(1, 2, 130, 32), (1, 2, 150, 32),
+                                                                       (1, 2, 150, 32), (1, 150)]),
+    "self_attention": (lambda x: vk.self_attention(x, 2), [(1, 200, 3 * 64)]),
+    "window_attention M7": (lambda x, t, b: vk.window_attention(x, (14, 13), 2, 7, 3, t, b),
+                            [(1, 14 * 13, 3 * 64), (169, 2), (3 * 64,)]),
+    "window_attention M12": (lambda x, t, b: vk.window_attention(x, (12, 12), 1, 12, 6, t, b),
+                             [(1, 144, 3 * 32), (529, 1), (3 * 32,)]),
+    "sr_attention": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 49, 128)]),
+    "xca split": (lambda x, t: vk.xca(x, 1, t), [(1, 300, 3 * 48), (1, 1, 1)]),
+    "space_time cls": (lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
+                       [(1, 2 * 70, 3 * 64), (1, 3 * 64)]),
+    "dwconv": (lambda x, w, b: vk.dwconv(x, (20, 18), w, b, "gelu"), [(1, 360, 64), (64, 1, 3, 3), (64,)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_autotune_config(case, dtype, forcer):
+    fn, shapes = CASES[case]
+    inputs = [torch.randn(s) for s in shapes]
+    if case == "attention+bias":
+        inputs[3] = inputs[3][:, None, None, :]  # a key-padding style (B, 1, 1, Nk) bias
+    if case.startswith("xca"):
+        inputs[1] = inputs[1].abs() + 0.5
+    configs = check_every_config(forcer, fn, inputs, dtype)
+    assert configs >= 2, f"only {configs} config(s) ran: the shapes no longer reach the tuned tiles"
