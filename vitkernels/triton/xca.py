@@ -62,7 +62,6 @@ from .attention import _load_2d, _store_2d
 from .sr_attention import _program_rows
 
 MAX_HEAD_DIM = 64
-EPS = 1e-12
 # Test hooks: tokens per program (None = sized for the GPU) and the interpreter's token block.
 ROWS_PER_PROGRAM = None
 INTERPRET_BLOCK_N = 16
@@ -289,7 +288,7 @@ def supports(head_dim: int) -> bool:
 
 def _rows_per_program(n: int, bh: int, device, fixed: bool) -> int:
     """Tokens per program: all of them when b·heads alone gives ~2 programs per SM, else chunks of
-    ≥ 128 tokens (the interpreter: a few blocks, so tests cover the split path too)."""
+    ≥ 128 tokens. The interpreter takes one chunk; tests set ROWS_PER_PROGRAM for the split path."""
     if ROWS_PER_PROGRAM is not None:
         return max(1, int(ROWS_PER_PROGRAM))
     if fixed:
@@ -326,14 +325,15 @@ class _Plan:
         self.launch = dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=4, num_stages=1) if self.fixed else {}
 
     def stats(self, qkv, dout, num_heads, N, C, D, block_d, with_da):
+        if self.one_pass:  # the fused kernel reduces in registers: a placeholder pointer
+            return torch.empty(1, device=qkv.device, dtype=torch.float32)
         slot = (2 if with_da else 1) * block_d * block_d + 2 * block_d
         part = torch.empty((self.programs, slot), device=qkv.device, dtype=torch.float32)
-        if not self.one_pass:
-            src = dout if dout is not None else qkv
-            (_xca_stats_kernel if self.fixed else _TUNED[_family(qkv.dtype)][0])[(self.programs,)](
-                qkv, src, part, qkv.stride(0), qkv.stride(1), src.stride(0), src.stride(1),
-                num_heads, N, C, self.rows, HEAD_DIM=D, BLOCK_D=block_d, WITH_DA=with_da,
-                PRECISION=_dot_precision(qkv.dtype), **self.launch)
+        src = dout if dout is not None else qkv
+        (_xca_stats_kernel if self.fixed else _TUNED[_family(qkv.dtype)][0])[(self.programs,)](
+            qkv, src, part, qkv.stride(0), qkv.stride(1), src.stride(0), src.stride(1),
+            num_heads, N, C, self.rows, HEAD_DIM=D, BLOCK_D=block_d, WITH_DA=with_da,
+            PRECISION=_dot_precision(qkv.dtype), **self.launch)
         return part
 
 
