@@ -6,7 +6,8 @@
 #
 # OUT_DIR defaults to $OUT (set on the lent machines), else ./out. Each part but `all` fits in one
 # 10-minute call (install included) and brings back at most 5 files:
-#   tests    pytest -m gpu (tests/), `vitkernels-bench check` (every dtype), the pytest-benchmark suite
+#   tests    pytest -m gpu: the CUDA C++ kernel tests, then the rest of tests/ (the Triton kernels);
+#            then `vitkernels-bench check` (every dtype)
 #   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
 #            representative cases in fp16 and fp32; peaks measured on the card
 #   kernels  one kernel against another, bf16: every op forward on the forced "cuda" backend (the
@@ -102,13 +103,17 @@ part_tests() {
   local log="$OUT/tests.log"
   nvidia-smi >>"$log" 2>&1
   run "$log" 60 $PY -m vitkernels.info
+  # The CUDA C++ kernels first (never executed before the first GPU run), then the Triton kernel
+  # modules (marked gpu on a GPU; every autotune config included), so that a timeout in the
+  # second step still leaves the first step's answer in the log.
   if [ "$QUICK" = 1 ]; then
-    run "$log" 240 $PY -m pytest -q -x -m gpu tests
+    run "$log" 150 $PY -m pytest -q -x -m gpu tests/test_cuda_*.py
+    run "$log" 200 $PY -m pytest -q -x -m gpu tests --ignore-glob='tests/test_cuda_*.py'
     run "$log" 120 $BENCH check --quick
   else
-    run "$log" 360 $PY -m pytest -q -m gpu tests
-    run "$log" 180 $BENCH check
-    run "$log" 150 $PY -m pytest -q bench/test_bench_ops.py --benchmark-only --benchmark-json "$OUT/$NAME-pytest-bench.json"
+    run "$log" 180 $PY -m pytest -q -m gpu tests/test_cuda_*.py
+    run "$log" 300 $PY -m pytest -q -m gpu tests --ignore-glob='tests/test_cuda_*.py'
+    run "$log" 150 $BENCH check
   fi
 }
 
