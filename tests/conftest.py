@@ -14,6 +14,19 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/toleran
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """On a GPU the Triton launchers autotune: every new shape would benchmark every config, and
+    the tests would spend their time compiling. There each tuner runs the first config its pruner
+    keeps instead (tests/test_triton_configs.py checks every config);
+    VITKERNELS_TEST_AUTOTUNE=1 keeps the real tuner."""
+    if torch.cuda.is_available() and os.environ.get("VITKERNELS_TEST_AUTOTUNE", "0") != "1":
+        try:
+            from triton_env import ConfigForcer
+            ConfigForcer(0).install(setattr)
+        except ImportError:  # no triton: nothing autotunes
+            pass
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

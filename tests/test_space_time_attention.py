@@ -127,7 +127,8 @@ def test_opcheck_on_triton(backend, dtype, device, axis, layout, cls):
                          ids=["timesformer-time", "timesformer-space-cls", "vivit-time", "vivit-space"])
 def test_real_shapes_gpu(dtype, axis, layout, cls, t):
     """TimeSformer-B (S 196, T 8, class token on the space axis) and ViViT-B (T 16, layout "ts")
-    with the autotuned GPU configs, against the float64 reference (2× eager rule)."""
+    on the GPU tiles (the first config each tuner keeps: conftest.py), against the float64 reference
+    (2× eager rule)."""
     s, heads, d = 196, 12, 64
     qkv = torch.randn(2, s * t, 3 * heads * d)
     if cls:

@@ -175,6 +175,6 @@ def test_head_dim_limit_is_explained():
                          ids=["xcit-s12-b64", "xcit-s12-b4-split", "d64-long"])
 def test_real_shapes_gpu(B, N, heads, D, dtype):
     """XCiT-S12 at batch 64 (one pass per head) and 4 (heads split over chunks), and D = 64 with
-    many tokens, with the autotuned GPU configs."""
+    many tokens, on the GPU tiles (tests run the first config each tuner keeps: conftest.py)."""
     qkv, temperature, dout = inputs(B, N, heads, D, dtype)
     check(qkv, heads, temperature, dout, run_kernels(qkv, heads, temperature, dout), dtype)
