@@ -228,6 +228,72 @@ def _bin_ds(ds, pi, ci, oki, j0, part, M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _program(heads, WPG, BW, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(head, first window, end window, head's channel offset, d, d_ok) of this program."""
+    pid = tl.program_id(0)
+    head = pid % heads
+    w0 = (pid // heads) * WPG
+    d = tl.arange(0, BLOCK_D)
+    return head, w0, tl.minimum(w0 + WPG, BW), head * HEAD_DIM, d, d < HEAD_DIM
+
+
+@triton.jit
+def _window_origin(w, nW, nWw):
+    """(batch as int64, window row, window column) of window w of the B·nW windows."""
+    b = w // nW
+    win = w - b * nW
+    wh = win // nWw
+    return b.to(tl.int64), wh, win - wh * nWw
+
+
+@triton.jit
+def _padding_kv(QKVBias, C, hd, d, d_ok, HAS_QB: tl.constexpr):
+    """k and v of a padded slot: the qkv linear of a zero token, i.e. qkv_bias (zeros without)."""
+    if HAS_QB:
+        bk = tl.load(QKVBias + C + hd + d, mask=d_ok, other=0.0)
+        bv = tl.load(QKVBias + 2 * C + hd + d, mask=d_ok, other=0.0)
+    else:
+        bk = tl.zeros_like(d).to(tl.float32)
+        bv = bk
+    return bk, bv
+
+
+@triton.jit
+def _load_kv(x_base, C, offj, realj, d, d_ok, bk, bv, HAS_QB: tl.constexpr, MASK_D: tl.constexpr):
+    """The key block's k and v rows; padded slots hold the qkv of a zero token."""
+    k = _load_rows(x_base + C, offj, realj, d, d_ok, MASK_D)
+    v = _load_rows(x_base + 2 * C, offj, realj, d, d_ok, MASK_D)
+    if HAS_QB:
+        k = tl.where(realj[:, None], k, bk[None, :])
+        v = tl.where(realj[:, None], v, bv[None, :])
+    return k, v
+
+
+@triton.jit
+def _window_bias(tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The relative-position bias tile of a window held in one (BLOCK_M, BLOCK_N) tile: it does
+    not depend on the window, so a program gathers it once."""
+    ok0, _r0, _t0, p0, c0, _l0 = _slots(tl.arange(0, BLOCK_M), 0, 0, H, W, Hp, Wp, M, SHIFT)
+    okk, _r1, _t1, pk0, ck0, _l1 = _slots(tl.arange(0, BLOCK_N), 0, 0, H, W, Hp, Wp, M, SHIFT)
+    return _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+
+
+@triton.jit
+def _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr,
+                HAS_TABLE: tl.constexpr, SINGLE: tl.constexpr):
+    """The bias of one (query block, key block): the program's tile, a gather, or none."""
+    if HAS_TABLE:
+        if SINGLE:
+            rel = rel0
+        else:
+            rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
+    else:
+        rel = 0.0
+    return rel
+
+
+@triton.jit
 def _wa_fwd_kernel(
     QKV, Table, QKVBias, Out, Lse,
     stride_xb, stride_xl, stride_tr, stride_th, stride_ob, stride_ol,
@@ -243,30 +309,17 @@ def _wa_fwd_kernel(
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
 
-    pid = tl.program_id(0)
-    head = pid % heads
-    w0 = (pid // heads) * WPG
-    w1 = tl.minimum(w0 + WPG, BW)
-    hd = head * HEAD_DIM
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
+    head, w0, w1, hd, d, d_ok = _program(heads, WPG, BW, HEAD_DIM, BLOCK_D)
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
     tab = Table + head * stride_th
-    if HAS_QB:
-        bk = tl.load(QKVBias + C + hd + d, mask=d_ok, other=0.0)
-        bv = tl.load(QKVBias + 2 * C + hd + d, mask=d_ok, other=0.0)
-    if HAS_TABLE and SINGLE:  # the bias tile does not depend on the window: gather it once
-        ok0, _r0, _t0, p0, c0, _l0 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
-        okk, _r1, _t1, pk0, ck0, _l1 = _slots(ar_n, 0, 0, H, W, Hp, Wp, M, SHIFT)
-        rel0 = _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+    bk, bv = _padding_kv(QKVBias, C, hd, d, d_ok, HAS_QB)
+    rel0 = 0.0
+    if HAS_TABLE and SINGLE:
+        rel0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, BLOCK_M, BLOCK_N)
 
     for w in range(w0, w1):
-        b = w // nW
-        win = w - b * nW
-        wh = win // nWw
-        ww = win - wh * nWw
-        b64 = b.to(tl.int64)
+        b64, wh, ww = _window_origin(w, nW, nWw)
         x_base = QKV + b64 * stride_xb + hd
         o_base = Out + b64 * stride_ob + hd
         for i in range(NUM_M):
@@ -279,19 +332,8 @@ def _wa_fwd_kernel(
             for j in range(NUM_N):
                 tj = j * BLOCK_N + ar_n
                 okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
-                offj = _row_off(tokj, stride_xl, BIG)
-                k = _load_rows(x_base + C, offj, realj, d, d_ok, MASK_D)
-                v = _load_rows(x_base + 2 * C, offj, realj, d, d_ok, MASK_D)
-                if HAS_QB:  # padded slots hold the qkv of a zero token
-                    k = tl.where(realj[:, None], k, bk[None, :])
-                    v = tl.where(realj[:, None], v, bv[None, :])
-                if HAS_TABLE:
-                    if SINGLE:
-                        rel = rel0
-                    else:
-                        rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
-                else:
-                    rel = 0.0
+                k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
+                rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
                 s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
                             PRECISION)
                 # Every key block holds at least one in-window slot, so m_new is finite.
@@ -336,23 +378,15 @@ def _wa_bwd_kernel(
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
 
     pid = tl.program_id(0)
-    head = pid % heads
-    w0 = (pid // heads) * WPG
-    w1 = tl.minimum(w0 + WPG, BW)
-    hd = head * HEAD_DIM
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
+    head, w0, w1, hd, d, d_ok = _program(heads, WPG, BW, HEAD_DIM, BLOCK_D)
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
     tab = Table + head * stride_th
     part = TablePart + pid.to(tl.int64) * E
-    if HAS_QB:
-        bk = tl.load(QKVBias + C + hd + d, mask=d_ok, other=0.0)
-        bv = tl.load(QKVBias + 2 * C + hd + d, mask=d_ok, other=0.0)
-    if HAS_TABLE and SINGLE:  # the bias tile does not depend on the window: gather it once
-        ok0, _r0, _t0, p0, c0, _l0 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
-        okk, _r1, _t1, pk0, ck0, _l1 = _slots(ar_n, 0, 0, H, W, Hp, Wp, M, SHIFT)
-        rel0 = _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+    bk, bv = _padding_kv(QKVBias, C, hd, d, d_ok, HAS_QB)
+    rel0 = 0.0
+    if HAS_TABLE and SINGLE:
+        rel0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, BLOCK_M, BLOCK_N)
     if TABLE_GRAD and SINGLE:  # dS summed over this program's windows, binned once at the end
         ds_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if QB_GRAD:  # this program's row of the qkv_bias partial sums, accumulated in place
@@ -361,23 +395,14 @@ def _wa_bwd_kernel(
         tl.store(bpart + BLOCK_D + d, tl.zeros([BLOCK_D], dtype=tl.float32))
 
     for w in range(w0, w1):
-        b = w // nW
-        win = w - b * nW
-        wh = win // nWw
-        ww = win - wh * nWw
-        b64 = b.to(tl.int64)
+        b64, wh, ww = _window_origin(w, nW, nWw)
         x_base = QKV + b64 * stride_xb + hd
         do_base = DO + b64 * stride_dob + hd
         g_base = DQKV + b64 * stride_gb + hd
         for j in range(NUM_N):
             tj = j * BLOCK_N + ar_n
             okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
-            offj = _row_off(tokj, stride_xl, BIG)
-            k = _load_rows(x_base + C, offj, realj, d, d_ok, MASK_D)
-            v = _load_rows(x_base + 2 * C, offj, realj, d, d_ok, MASK_D)
-            if HAS_QB:
-                k = tl.where(realj[:, None], k, bk[None, :])
-                v = tl.where(realj[:, None], v, bv[None, :])
+            k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for i in range(NUM_M):
@@ -386,13 +411,7 @@ def _wa_bwd_kernel(
                 q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
                 # Padded (cropped) query slots get dO = 0: they contribute nothing below.
                 do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
-                if HAS_TABLE:
-                    if SINGLE:
-                        rel = rel0
-                    else:
-                        rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
-                else:
-                    rel = 0.0
+                rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
                 s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
                             PRECISION)
                 if KEYS_RESIDENT:  # complete rows: recompute the softmax, no saved lse
