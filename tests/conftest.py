@@ -41,14 +41,50 @@ def _seed():
     torch.manual_seed(0)
 
 
+class CudaKernels:
+    """`torch.ops.vitkernels_C` plus where its kernels run: the compiled extension on a CUDA GPU
+    (device "cuda"), or the same csrc/ built for the vkemu CPU emulator (tests/cuda_emu) on a
+    machine without one (device "cpu", `emulated` True). Attribute access falls through to the ops."""
+
+    def __init__(self, device: str, emulated: bool):
+        self.device = device
+        self.emulated = emulated
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.vitkernels_C, name)
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def _emulated_kernels():
+    try:
+        from cuda_emu.build import EmulatorUnavailable, build
+        lib = build()
+    except EmulatorUnavailable as e:
+        return None, f"CUDA emulator unavailable: {e}"
+    torch.ops.load_library(lib)
+    return CudaKernels("cpu", emulated=True), None
+
+
 @pytest.fixture(scope="session")
 def ops():
-    """torch.ops.vitkernels_C from the compiled (or JIT-built) CUDA extension; skips without it
-    (fails instead with VITKERNELS_REQUIRE_CUDA_EXT=1, as on a GPU run that must test it)."""
-    from vitkernels import _ext
-    if _ext.load_cuda_ext() is None:
-        msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
-        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return torch.ops.vitkernels_C
+    """The CUDA C++ kernels' ops (CudaKernels). On a GPU: the compiled (or JIT-built) extension;
+    skips without it (fails with VITKERNELS_REQUIRE_CUDA_EXT=1, as on a GPU run that must test it).
+    Without a GPU: csrc/ built for the CPU emulator; skips when g++ or the CUDA headers are missing
+    (fails with VITKERNELS_REQUIRE_CUDA_EMU=1, as in CI)."""
+    if torch.cuda.is_available():
+        from vitkernels import _ext
+        if _ext.load_cuda_ext() is None:
+            msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
+            if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
+                pytest.fail(msg)
+            pytest.skip(msg)
+        return CudaKernels("cuda", emulated=False)
+    kernels, reason = _emulated_kernels()
+    if kernels is None:
+        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EMU", "0") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return kernels

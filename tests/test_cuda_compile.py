@@ -13,6 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+# The CPU emulator's self-test kernels (tests/test_cuda_emulator.py) must be real CUDA too.
+SELFTEST = os.path.join(ROOT, "tests", "cuda_emu", "selftest.cu")
 ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
 # What torch.utils.cpp_extension adds for every .cu file (half/bf16 operators disabled).
 TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -31,7 +33,8 @@ def _nvcc():
 def _compile(nvcc, src, out_dir):
     obj = os.path.join(out_dir, os.path.basename(src) + ".o")
     cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
-           "-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings", "--threads", "2"]
+           "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "csrc", "kernels"),
+           "-Werror", "all-warnings", "--threads", "2"]
     cmd += TORCH_NVCC_DEFINES + ARCH_FLAGS
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return src, cmd, proc, obj
@@ -44,7 +47,7 @@ def compiled(tmp_path_factory):
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     out_dir = str(tmp_path_factory.mktemp("nvcc"))
     with ThreadPoolExecutor(max_workers=max(1, min(len(KERNELS), (os.cpu_count() or 2) // 2))) as pool:
-        results = list(pool.map(lambda s: _compile(nvcc, s, out_dir), KERNELS))
+        results = list(pool.map(lambda s: _compile(nvcc, s, out_dir), KERNELS + [SELFTEST]))
     return {os.path.basename(src): (cmd, proc, obj) for src, cmd, proc, obj in results}
 
 
@@ -52,7 +55,7 @@ def test_kernel_sources_exist():
     assert KERNELS, "no csrc/kernels/*.cu files found"
 
 
-@pytest.mark.parametrize("name", [os.path.basename(k) for k in KERNELS])
+@pytest.mark.parametrize("name", [os.path.basename(k) for k in KERNELS + [SELFTEST]])
 def test_nvcc_compiles_for_sm80_and_sm90a(compiled, name):
     cmd, proc, obj = compiled[name]
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"

@@ -15,24 +15,22 @@ from tolerance import assert_within
 
 import vitkernels as vk
 
-pytestmark = pytest.mark.gpu
-
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACT_CODE = {None: 0, "gelu": 1, "relu": 2}
 
 
-def make(b, h, w, c, k, with_bias, dtype, seed=0):
+def make(b, h, w, c, k, with_bias, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, h * w, c, generator=g)
     wt = torch.randn(c, 1, k, k, generator=g) / k
     bias = torch.randn(c, generator=g) if with_bias else None
-    cast = (lambda t: None if t is None else t.to(device="cuda", dtype=dtype))
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
     return cast(x), cast(wt), cast(bias)
 
 
 def check(ops, x, hw, wt, bias, activation, dtype, name):
     out = ops.dwconv_fwd(x, list(hw), wt, bias, ACT_CODE[activation])
-    torch.cuda.synchronize()
+    ops.sync()
     assert out.shape == (x.shape[0], hw[0] * hw[1], wt.shape[0])
     assert out.dtype == dtype and out.is_contiguous() and out.device == x.device
     want = oracles.dwconv(x.double().cpu(), hw, wt.double().cpu(),
@@ -65,7 +63,7 @@ CASES = [  # B, H, W, C, k, activation, bias
     c[0], c[1], c[2], c[3], c[4], c[5], "bias" if c[6] else "nobias"))
 def test_dwconv_fwd(ops, dtype, case):
     b, h, w, c, k, act, with_bias = case
-    x, wt, bias = make(b, h, w, c, k, with_bias, dtype)
+    x, wt, bias = make(b, h, w, c, k, with_bias, dtype, ops.device)
     check(ops, x, (h, w), wt, bias, act, dtype, f"cuda dwconv {case} {dtype}")
 
 
@@ -83,7 +81,7 @@ REAL_SHAPES = [  # B, H, W, C (k = 3, Mix-FFN hidden features)
 @pytest.mark.parametrize("activation", ["gelu", None])
 def test_dwconv_fwd_real_shapes(ops, dtype, shape, activation):
     b, h, w, c = shape
-    x, wt, bias = make(b, h, w, c, 3, True, dtype)
+    x, wt, bias = make(b, h, w, c, 3, True, dtype, ops.device)
     check(ops, x, (h, w), wt, bias, activation, dtype, f"cuda dwconv {shape} {dtype} {activation}")
 
 
@@ -93,10 +91,10 @@ def test_strided_inputs(ops, dtype):
     aligned, scalar when not) and a transposed view (channel stride != 1, copied) match the
     contiguous result exactly."""
     h, w, c = 9, 10, 64
-    _, wt, bias = make(1, h, w, c, 3, True, dtype)
-    base = torch.randn(2, h * w, c + 24, device="cuda", dtype=dtype)
+    _, wt, bias = make(1, h, w, c, 3, True, dtype, ops.device)
+    base = torch.randn(2, h * w, c + 24, device=ops.device, dtype=dtype)
     views = [base[..., 8:8 + c], base[..., 3:3 + c],
-             torch.randn(2, c, h * w, device="cuda", dtype=dtype).transpose(1, 2)]
+             torch.randn(2, c, h * w, device=ops.device, dtype=dtype).transpose(1, 2)]
     for x in views:
         got = ops.dwconv_fwd(x, [h, w], wt, bias, 1)
         want = ops.dwconv_fwd(x.contiguous(), [h, w], wt, bias, 1)
@@ -104,36 +102,37 @@ def test_strided_inputs(ops, dtype):
 
 
 def test_output_not_poisoned(ops):
-    x, wt, bias = make(2, 13, 11, 72, 3, True, torch.float16)
+    x, wt, bias = make(2, 13, 11, 72, 3, True, torch.float16, ops.device)
     for _ in range(2):
-        filler = torch.full((1 << 20,), float("nan"), device="cuda", dtype=torch.float16)
+        filler = torch.full((1 << 20,), float("nan"), device=ops.device, dtype=torch.float16)
         del filler
         assert torch.isfinite(ops.dwconv_fwd(x, [13, 11], wt, bias, 2)).all()
 
 
 def test_empty_batch(ops):
-    x, wt, bias = make(0, 3, 5, 8, 3, True, torch.float16)
+    x, wt, bias = make(0, 3, 5, 8, 3, True, torch.float16, ops.device)
     out = ops.dwconv_fwd(x, [3, 5], wt, bias, 1)
     assert out.shape == (0, 15, 8)
 
 
 def test_bad_inputs(ops):
-    x, wt, bias = make(1, 3, 5, 8, 3, True, torch.float16)
+    x, wt, bias = make(1, 3, 5, 8, 3, True, torch.float16, ops.device)
     with pytest.raises(RuntimeError, match="hw = \\(3, 4\\)"):
         ops.dwconv_fwd(x, [3, 4], wt, bias, 0)
     with pytest.raises(RuntimeError, match="k = 9 is not supported"):
-        ops.dwconv_fwd(x, [3, 5], torch.randn(8, 1, 9, 9, device="cuda", dtype=torch.float16), None, 0)
+        ops.dwconv_fwd(x, [3, 5], torch.randn(8, 1, 9, 9, device=ops.device, dtype=torch.float16), None, 0)
     with pytest.raises(RuntimeError, match="activation must be"):
         ops.dwconv_fwd(x, [3, 5], wt, bias, 3)
     with pytest.raises(RuntimeError, match="weight has dtype"):
         ops.dwconv_fwd(x, [3, 5], wt.float(), bias, 0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_backend_through_op(ops, dtype):
     """vk.dwconv on the forced "cuda" backend: forward from csrc, grads from the "auto" backward."""
     b, h, w, c = 2, 9, 7, 24
-    x, wt, bias = make(b, h, w, c, 3, True, dtype)
+    x, wt, bias = make(b, h, w, c, 3, True, dtype, ops.device)
     x.requires_grad_()
     with vk.use_backend("cuda"):
         out = vk.dwconv(x, (h, w), wt, bias, "gelu")
@@ -148,6 +147,7 @@ def test_cuda_backend_through_op(ops, dtype):
     torch.testing.assert_close(dx, dx_ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.gpu
 def test_k_not_built_is_reported():
     from vitkernels import backends
     x = torch.randn(1, 12, 4, device="cuda")

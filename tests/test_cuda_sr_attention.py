@@ -12,8 +12,6 @@ from tolerance import assert_within
 import vitkernels as vk
 from vitkernels import reference as ref
 
-pytestmark = pytest.mark.gpu
-
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [  # B, N, M, C, heads
     (4, 3136, 49, 64, 1),     # PVTv2-b2 stage 1 at 224
@@ -29,11 +27,11 @@ SHAPES = [  # B, N, M, C, heads
 
 def check(ops, shape, dtype):
     b, n, m, c, heads = shape
-    q = torch.randn(b, n, c, device="cuda", dtype=dtype)
-    kv = torch.randn(b, m, 2 * c, device="cuda", dtype=dtype)
+    q = torch.randn(b, n, c, device=ops.device, dtype=dtype)
+    kv = torch.randn(b, m, 2 * c, device=ops.device, dtype=dtype)
     scale = (c // heads) ** -0.5
     out, lse = ops.sr_attention_fwd(q, kv, heads, scale)
-    torch.cuda.synchronize()
+    ops.sync()
     assert out.shape == (b, n, c) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (b, heads, n) and lse.dtype == torch.float32
     want, want_lse = ref.sr_attention_with_lse(q.double().cpu(), kv.double().cpu(), heads, scale)
@@ -51,8 +49,8 @@ def test_sr_attention_fwd_matches_reference(ops, shape, dtype):
 def test_strided_inputs(ops):
     """q sliced out of a wider buffer and kv as a slice: read in place or copied, same result."""
     b, n, m, c, heads = 2, 300, 49, 64, 2
-    q_wide = torch.randn(b, n, c + 64, device="cuda", dtype=torch.bfloat16)
-    kv_wide = torch.randn(b, m, 2 * c + 8, device="cuda", dtype=torch.bfloat16)
+    q_wide = torch.randn(b, n, c + 64, device=ops.device, dtype=torch.bfloat16)
+    kv_wide = torch.randn(b, m, 2 * c + 8, device=ops.device, dtype=torch.bfloat16)
     q, kv = q_wide[..., 64:], kv_wide[..., 8:]  # kv base 16-byte aligned, q base too
     out, _ = ops.sr_attention_fwd(q, kv, heads, 0.125)
     want, _ = ops.sr_attention_fwd(q.contiguous(), kv.contiguous(), heads, 0.125)
@@ -64,20 +62,21 @@ def test_strided_inputs(ops):
 
 
 def test_unsupported_sizes_are_refused(ops):
-    q = torch.randn(1, 8, 64, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 8, 64, device=ops.device, dtype=torch.float16)
     assert not ops.sr_attention_supports(257, 64, torch.float16)
     assert not ops.sr_attention_supports(49, 12, torch.float16)
     assert ops.sr_attention_supports(49, 64, torch.bfloat16)
     with pytest.raises(RuntimeError, match="not supported"):
-        ops.sr_attention_fwd(q, torch.randn(1, 300, 128, device="cuda", dtype=torch.float16), 1, 0.1)
+        ops.sr_attention_fwd(q, torch.randn(1, 300, 128, device=ops.device, dtype=torch.float16), 1, 0.1)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_backend_through_the_op(ops, dtype):
     """vk.sr_attention on the forced "cuda" backend: forward from the CUDA kernel, backward via auto."""
     b, n, m, c, heads = 2, 3136, 49, 64, 1
-    q = torch.randn(b, n, c, device="cuda", dtype=dtype, requires_grad=True)
-    kv = torch.randn(b, m, 2 * c, device="cuda", dtype=dtype, requires_grad=True)
+    q = torch.randn(b, n, c, device=ops.device, dtype=dtype, requires_grad=True)
+    kv = torch.randn(b, m, 2 * c, device=ops.device, dtype=dtype, requires_grad=True)
     with vk.use_backend("cuda"):
         out = vk.sr_attention(q, kv, heads)
         out.float().square().sum().backward()

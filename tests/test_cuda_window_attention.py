@@ -14,8 +14,6 @@ from tolerance import assert_within
 import vitkernels as vk
 from vitkernels import reference as ref
 
-pytestmark = pytest.mark.gpu
-
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (B, H, W, C, heads, M, s)
 SHAPES = [
@@ -32,19 +30,19 @@ SHAPES = [
 ]
 
 
-def make(b, h, w, c, heads, m, table, qkv_bias, dtype):
-    qkv = torch.randn(b, h * w, 3 * c, device="cuda", dtype=dtype)
-    tab = torch.randn((2 * m - 1) ** 2, heads, device="cuda", dtype=dtype) if table else None
-    bias = torch.randn(3 * c, device="cuda", dtype=dtype) if qkv_bias else None
+def make(b, h, w, c, heads, m, table, qkv_bias, dtype, device):
+    qkv = torch.randn(b, h * w, 3 * c, device=device, dtype=dtype)
+    tab = torch.randn((2 * m - 1) ** 2, heads, device=device, dtype=dtype) if table else None
+    bias = torch.randn(3 * c, device=device, dtype=dtype) if qkv_bias else None
     return qkv, tab, bias
 
 
 def check(ops, shape, dtype, table=True, qkv_bias=True, scale=None):
     b, h, w, c, heads, m, s = shape
-    qkv, tab, bias = make(b, h, w, c, heads, m, table, qkv_bias, dtype)
+    qkv, tab, bias = make(b, h, w, c, heads, m, table, qkv_bias, dtype, ops.device)
     scale = (c // heads) ** -0.5 if scale is None else scale
     out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, scale)
-    torch.cuda.synchronize()
+    ops.sync()
     assert out.shape == (b, h * w, c) and out.dtype == dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
     d64 = [None if t is None else t.double().cpu() for t in (qkv, tab, bias)]
@@ -68,12 +66,13 @@ def test_optional_table_and_bias(ops, shape, dtype, table, qkv_bias):
     check(ops, shape, dtype, table=table, qkv_bias=qkv_bias)
 
 
+@pytest.mark.gpu
 def test_many_windows(ops):
     """B·nW·heads = 1040·64·1 = 66,560 > 65,535 CTAs on the 1-D grid (checked on a few batches)."""
     b, h, w, c, heads, m, s = 1040, 56, 56, 32, 1, 7, 3
-    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.bfloat16)
+    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.bfloat16, ops.device)
     out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, 32 ** -0.5)
-    torch.cuda.synchronize()
+    ops.sync()
     for i in (0, 517, b - 1):
         want = ref.window_attention(qkv[i:i + 1].float(), (h, w), heads, m, s, tab.float(), bias.float(), 32 ** -0.5)
         assert (out[i:i + 1].float() - want).abs().max().item() <= 3e-2 * max(1.0, want.abs().max().item())
@@ -82,13 +81,13 @@ def test_many_windows(ops):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_qkv(ops, dtype):
     b, h, w, c, heads, m, s = 2, 21, 19, 96, 3, 7, 3
-    big = torch.randn(b, h * w, 4 * c, device="cuda", dtype=dtype)
+    big = torch.randn(b, h * w, 4 * c, device=ops.device, dtype=dtype)
     qkv = big[..., c:]  # token stride 4C, 16-byte aligned: read in place
-    tab = torch.randn(2 * ((2 * m - 1) ** 2), heads, device="cuda", dtype=dtype)[::2]  # strided table
-    bias = torch.randn(3 * c, device="cuda", dtype=dtype)
+    tab = torch.randn(2 * ((2 * m - 1) ** 2), heads, device=ops.device, dtype=dtype)[::2]  # strided table
+    bias = torch.randn(3 * c, device=ops.device, dtype=dtype)
     out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, 0.2)
     want = ref.window_attention(qkv.contiguous(), (h, w), heads, m, s, tab.contiguous(), bias, 0.2)
-    torch.cuda.synchronize()
+    ops.sync()
     tol = 2e-2 if dtype != torch.float32 else 1e-5
     assert (out.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
@@ -100,14 +99,15 @@ def test_supports_query(ops):
 
 
 def test_unsupported_window_raises(ops):
-    qkv = torch.randn(1, 17 * 17, 96, device="cuda", dtype=torch.float16)
+    qkv = torch.randn(1, 17 * 17, 96, device=ops.device, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="not supported"):
         ops.window_attention_fwd(qkv, [17, 17], 1, 17, 0, None, None, 0.2)
 
 
+@pytest.mark.gpu
 def test_cuda_backend_forward_and_auto_backward(ops):
     b, h, w, c, heads, m, s = 2, 14, 14, 96, 3, 7, 3
-    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.float16)
+    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.float16, ops.device)
     leaves = [t.detach().requires_grad_() for t in (qkv, tab, bias)]
     with vk.use_backend("cuda"):
         out = vk.window_attention(leaves[0], (h, w), heads, m, s, leaves[1], leaves[2])

@@ -1,0 +1,69 @@
+// vkemu's stand-in for csrc/kernels/ptx_sm80.cuh: the same functions, with the inline PTX
+// replaced by the emulator's implementation of each instruction (vkemu.cpp). The translator puts
+// this file in place of the original in the translated source tree; everything else in the
+// kernels is compiled unchanged.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#define VK_SM80 1
+
+namespace vitkernels {
+namespace ptx {
+
+inline uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p));  // only used to form PTX operands
+}
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  ::vkemu::cp_async_16(dst, src, src_bytes);
+}
+inline void cp_async_commit() { ::vkemu::cp_async_commit(); }
+inline void cp_async_wait_all() { ::vkemu::cp_async_wait(0); }  // cp.async.wait_group 0
+template <int kPending>
+inline void cp_async_wait() {
+  ::vkemu::cp_async_wait(kPending);
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ::vkemu::ldmatrix_x4(r, p, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ::vkemu::ldmatrix_x4(r, p, true); }
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ::vkemu::mma_m16n8k16(d, a, b0, b1, ::vkemu::MmaType::kF16);
+  }
+  static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    std::memcpy(&u, &h, 4);
+    return u;
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ::vkemu::mma_m16n8k16(d, a, b0, b1, ::vkemu::MmaType::kBF16);
+  }
+  static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    std::memcpy(&u, &h, 4);
+    return u;
+  }
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(__half x) { return __half2float(x); }
+inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+}  // namespace ptx
+}  // namespace vitkernels
