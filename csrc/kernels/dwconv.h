@@ -36,7 +36,8 @@
 //
 // Versions:
 //   v1 — the design above. Written on a machine without a GPU: compiles for sm_80/sm_90a without
-//        spills; unmeasured.
+//        spills, and runs on the vkemu CPU emulator (tests/cuda_emu): tests/test_cuda_dwconv.py
+//        passes there in fp16, bf16 and fp32. Not yet run on a GPU; unmeasured.
 #pragma once
 
 #include <cstdint>

@@ -35,7 +35,9 @@
 //
 // Versions:
 //   v1 — the design above. Written on a machine without a GPU: compiled for sm_80/sm_90a with
-//        -Werror; not yet run or timed on a GPU (tests/test_cuda_sr_attention.py, docs/sr_attention.md).
+//        -Werror, and run on the vkemu CPU emulator (tests/cuda_emu):
+//        tests/test_cuda_sr_attention.py passes there in fp16, bf16 and fp32. Not yet run or timed
+//        on a GPU (docs/sr_attention.md).
 #pragma once
 
 #include <cstdint>

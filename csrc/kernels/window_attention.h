@@ -47,8 +47,9 @@
 //     > 48 KiB dynamic shared memory, plus the launch, on the given stream). Requires sm_80+.
 //
 // Versions:
-//   v1 — unmeasured. Written on a machine without a GPU: compiled for sm_80 / sm_90a only; the
-//        slot / label / rel-index math was checked by a host-side emulation against the reference.
+//   v1 — unmeasured. Written on a machine without a GPU: compiled for sm_80 / sm_90a, and run on
+//        the vkemu CPU emulator (tests/cuda_emu): tests/test_cuda_window_attention.py passes there
+//        in fp16, bf16 and fp32 (M = 4…16, shifts, padding, D = 32…128). Not yet run on a GPU.
 #pragma once
 
 #include <cstdint>
