@@ -46,9 +46,10 @@ class CudaKernels:
     (device "cuda"), or the same csrc/ built for the vkemu CPU emulator (tests/cuda_emu) on a
     machine without one (device "cpu", `emulated` True). Attribute access falls through to the ops."""
 
-    def __init__(self, device: str, emulated: bool):
+    def __init__(self, device: str, emulated: bool, library=None):
         self.device = device
         self.emulated = emulated
+        self.library = library  # the emulated build's path
 
     def __getattr__(self, name):
         return getattr(torch.ops.vitkernels_C, name)
@@ -65,7 +66,7 @@ def _emulated_kernels():
     except EmulatorUnavailable as e:
         return None, f"CUDA emulator unavailable: {e}"
     torch.ops.load_library(lib)
-    return CudaKernels("cpu", emulated=True), None
+    return CudaKernels("cpu", emulated=True, library=lib), None
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +89,16 @@ def ops():
             pytest.fail(reason)
         pytest.skip(reason)
     return kernels
+
+
+@pytest.fixture
+def cuda_backend(ops, monkeypatch):
+    """The op layer's "cuda" backend for this test; returns its device. On a GPU: the compiled
+    extension on CUDA tensors. Without one: the emulated build, made the extension through
+    VITKERNELS_CUDA_EMULATOR (vitkernels/_ext.py) for this test only, on CPU tensors."""
+    if ops.emulated:
+        from vitkernels import _ext
+        monkeypatch.setenv("VITKERNELS_CUDA_EMULATOR", ops.library)
+        for name, value in (("_done", False), ("_ext", None), ("_reason", None)):
+            monkeypatch.setattr(_ext, name, value)
+    return ops.device

@@ -127,12 +127,11 @@ def test_bad_inputs(ops):
         ops.dwconv_fwd(x, [3, 5], wt.float(), bias, 0)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_backend_through_op(ops, dtype):
+def test_cuda_backend_through_op(ops, cuda_backend, dtype):
     """vk.dwconv on the forced "cuda" backend: forward from csrc, grads from the "auto" backward."""
     b, h, w, c = 2, 9, 7, 24
-    x, wt, bias = make(b, h, w, c, 3, True, dtype, ops.device)
+    x, wt, bias = make(b, h, w, c, 3, True, dtype, cuda_backend)
     x.requires_grad_()
     with vk.use_backend("cuda"):
         out = vk.dwconv(x, (h, w), wt, bias, "gelu")
@@ -147,10 +146,9 @@ def test_cuda_backend_through_op(ops, dtype):
     torch.testing.assert_close(dx, dx_ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.gpu
-def test_k_not_built_is_reported():
+def test_k_not_built_is_reported(cuda_backend):
     from vitkernels import backends
-    x = torch.randn(1, 12, 4, device="cuda")
-    reasons = backends.not_supported_reasons("dwconv", "cuda", x, (3, 4), torch.randn(4, 1, 9, 9, device="cuda"),
+    x = torch.randn(1, 12, 4, device=cuda_backend)
+    reasons = backends.not_supported_reasons("dwconv", "cuda", x, (3, 4), torch.randn(4, 1, 9, 9, device=cuda_backend),
                                              None, None)
     assert any("k = 9" in r for r in reasons)

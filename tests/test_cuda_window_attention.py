@@ -104,10 +104,9 @@ def test_unsupported_window_raises(ops):
         ops.window_attention_fwd(qkv, [17, 17], 1, 17, 0, None, None, 0.2)
 
 
-@pytest.mark.gpu
-def test_cuda_backend_forward_and_auto_backward(ops):
+def test_cuda_backend_forward_and_auto_backward(cuda_backend):
     b, h, w, c, heads, m, s = 2, 14, 14, 96, 3, 7, 3
-    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.float16, ops.device)
+    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.float16, cuda_backend)
     leaves = [t.detach().requires_grad_() for t in (qkv, tab, bias)]
     with vk.use_backend("cuda"):
         out = vk.window_attention(leaves[0], (h, w), heads, m, s, leaves[1], leaves[2])

@@ -3,6 +3,10 @@
 `load_cuda_ext()` returns a `CudaExt` handle (ops live under `torch.ops.vitkernels_C`) or None,
 with the reason available from `cuda_ext_unavailable_reason()`. Order of attempts:
 
+0. `$VITKERNELS_CUDA_EMULATOR` — the path of an ops library built for the vkemu CPU emulator
+   (`python tests/cuda_emu/build.py` in a source checkout). It registers the same ops for CPU
+   tensors, and the "cuda" backend then runs its kernels on CPU tensors, as the "triton" backend
+   does with TRITON_INTERPRET=1. A development and test aid: slow, and never picked by "auto".
 1. `import vitkernels._C` — the extension built by setup.py (`pip install --no-build-isolation .`
    with a CUDA build of torch and nvcc).
 2. JIT build with `torch.utils.cpp_extension.load` (ninja) for the archs of the visible GPUs,
@@ -36,10 +40,11 @@ _reason: Optional[str] = None
 class CudaExt:
     """Handle on the loaded extension. The ops themselves are `torch.ops.vitkernels_C.<name>`."""
 
-    def __init__(self, name: str, path: Optional[str], module=None):
+    def __init__(self, name: str, path: Optional[str], module=None, emulated: bool = False):
         self.__name__ = name
         self.path = path
         self.module = module
+        self.emulated = emulated  # the vkemu CPU build: its kernels take CPU tensors
 
     @property
     def ops(self):
@@ -135,6 +140,16 @@ def _load():
         import torch
     except Exception as e:  # pragma: no cover - torch is a hard dependency
         return None, f"torch is not importable: {e}"
+
+    emulator = os.environ.get("VITKERNELS_CUDA_EMULATOR")
+    if emulator:
+        if torch.version.cuda is not None:
+            return None, "VITKERNELS_CUDA_EMULATOR is for CPU builds of torch (this one has CUDA)"
+        try:
+            torch.ops.load_library(emulator)
+        except Exception as e:
+            return None, f"VITKERNELS_CUDA_EMULATOR={emulator} could not be loaded: {type(e).__name__}: {_tail(e)}"
+        return CudaExt("vkemu", emulator, emulated=True), None
 
     import_error = None
     try:

@@ -106,10 +106,24 @@ def triton_reasons(*tensors: Optional[Tensor]) -> list:
     return why
 
 
+def cuda_emulated() -> bool:
+    """Whether the "cuda" backend is the vkemu CPU build (VITKERNELS_CUDA_EMULATOR, see _ext)."""
+    return bool(os.environ.get("VITKERNELS_CUDA_EMULATOR"))
+
+
 def cuda_reasons(*tensors: Optional[Tensor]) -> list:
     """Why the compiled CUDA extension cannot run on these tensors."""
     from .. import _ext
     ts = [t for t in tensors if t is not None]
+    if cuda_emulated() and torch.version.cuda is None:
+        # The emulated kernels run on CPU tensors (like the Triton interpreter).
+        if any(t.device.type != "cpu" for t in ts):
+            return ["the emulated cuda backend (VITKERNELS_CUDA_EMULATOR) runs on CPU tensors"]
+        if any(t.dtype == torch.float64 for t in ts):
+            return ["float64 runs on the reference backend only"]
+        if _ext.load_cuda_ext() is None:
+            return [f"the CUDA extension is unavailable: {_ext.cuda_ext_unavailable_reason()}"]
+        return []
     if any(not t.is_cuda for t in ts):
         return ["the cuda backend needs CUDA tensors"]
     if any(t.dtype == torch.float64 for t in ts):

@@ -1,0 +1,110 @@
+"""The op layer and the models on the forced "cuda" backend (the CUDA C++ forwards; their backward
+runs on the "auto" choice). On a GPU the compiled extension; without one the same csrc/ on the
+vkemu CPU emulator, through VITKERNELS_CUDA_EMULATOR (the `cuda_backend` fixture, conftest.py).
+
+What this adds to tests/test_cuda_<op>.py, which call torch.ops.vitkernels_C directly: the
+`_cuda_forward` wrappers in vitkernels/ops (argument preparation, bias broadcasting, packed qkv
+views), backend selection and error reasons, and whole models whose attention and Mix-FFN
+calls all go through the CUDA kernels.
+"""
+import pytest
+import torch
+from tolerance import assert_within
+
+import vitkernels as vk
+from vitkernels import backends
+from vitkernels.models import create_model
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def reference(fn, *args, **kwargs):
+    """fn in float64 on the reference backend (CPU): the oracle."""
+    with vk.use_backend("reference"):
+        return fn(*[a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+
+
+def eager(fn, *args, **kwargs):
+    """fn in the input precision on the reference backend: the error the 2x rule allows."""
+    with vk.use_backend("reference"):
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_shape", [None, (3, 77, 77), (2, 1, 1, 77), (77, 1)], ids=str)
+def test_attention(cuda_backend, dtype, bias_shape):
+    q, k, v = (torch.randn(2, 3, 77, 40, device=cuda_backend, dtype=dtype) for _ in range(3))
+    bias = None if bias_shape is None else torch.randn(bias_shape, device=cuda_backend, dtype=dtype)
+    with vk.use_backend("cuda"):
+        out = vk.attention(q, k, v, bias, scale=0.2)
+    assert_within(f"attention cuda {dtype} bias {bias_shape}", out, eager(vk.attention, q, k, v, bias, scale=0.2),
+                  reference(vk.attention, q, k, v, bias, scale=0.2), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_self_attention_packed_view(cuda_backend, dtype):
+    """qkv as a channel slice of a wider activation (token stride 3C + 16): read through views."""
+    b, n, c, heads = 2, 50, 96, 3
+    wide = torch.randn(b, n, 3 * c + 16, device=cuda_backend, dtype=dtype)
+    qkv = wide[..., 16:]
+    with vk.use_backend("cuda"):
+        out = vk.self_attention(qkv, heads)
+    assert out.shape == (b, n, c)
+    assert_within(f"self_attention cuda {dtype}", out, eager(vk.self_attention, qkv, heads),
+                  reference(vk.self_attention, qkv, heads), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_mix_ffn(cuda_backend, dtype):
+    """The composite runs its dwconv+GELU on the CUDA kernel; the linears stay F.linear."""
+    b, h, w, c, hidden = 2, 9, 11, 32, 64
+    dev = cuda_backend
+    args = (torch.randn(b, h * w, c, device=dev, dtype=dtype), (h, w),
+            torch.randn(hidden, c, device=dev, dtype=dtype) / 6, torch.randn(hidden, device=dev, dtype=dtype),
+            torch.randn(hidden, 1, 3, 3, device=dev, dtype=dtype) / 3, torch.randn(hidden, device=dev, dtype=dtype),
+            torch.randn(c, hidden, device=dev, dtype=dtype) / 8, torch.randn(c, device=dev, dtype=dtype))
+    with vk.use_backend("cuda"):
+        out = vk.mix_ffn(*args)
+    assert_within(f"mix_ffn cuda {dtype}", out, eager(vk.mix_ffn, *args), reference(vk.mix_ffn, *args), dtype)
+
+
+def test_reasons_name_what_the_cuda_kernels_lack(cuda_backend):
+    x = torch.randn(1, 16, 3 * 64, device=cuda_backend, dtype=torch.float16)
+    assert backends.not_supported_reasons("self_attention", "cuda", x, 2) == []
+    assert any("head dim" in r for r in backends.not_supported_reasons("self_attention", "cuda", x[..., :3 * 36], 1))
+    assert any("float64" in r for r in backends.not_supported_reasons("self_attention", "cuda", x.double(), 2))
+    with vk.use_backend("cuda"), pytest.raises(vk.BackendUnavailableError, match="no kernel for xca"):
+        vk.xca(x, 2, torch.ones(2, 1, 1, device=cuda_backend, dtype=torch.float16))
+
+
+MODELS = [  # name, kwargs, input (B, C, H, W), the fused ops it calls (each has a CUDA forward)
+    ("vit_tiny_patch16_224", {"img_size": 64}, (2, 3, 64, 64), {"self_attention"}),
+    ("swin_tiny_patch4_window7_224", {}, (1, 3, 100, 76), {"window_attention"}),
+    ("pvt_v2_b0", {}, (1, 3, 96, 64), {"sr_attention", "dwconv"}),
+    ("segformer_b0", {"num_classes": 19}, (1, 3, 64, 96), {"sr_attention", "dwconv"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,shape,fused", MODELS, ids=[m[0] for m in MODELS])
+def test_model_forward(cuda_backend, monkeypatch, name, kwargs, shape, fused):
+    """fp32 model outputs with every fused call on the CUDA kernels equal the reference backend's."""
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).eval().to(cuda_backend)
+    x = torch.randn(shape, device=cuda_backend)
+    with torch.no_grad():
+        with vk.use_backend("reference"):
+            want = model(x)
+        chosen = set()
+        select = backends.select
+
+        def spy(op, *args, **kw):
+            kernel = select(op, *args, **kw)
+            chosen.add((op, kernel.backend))
+            return kernel
+
+        monkeypatch.setattr(backends, "select", spy)
+        with vk.use_backend("cuda"):
+            got = model(x)
+    assert chosen == {(op, "cuda") for op in fused}
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-3 * max(1.0, want.abs().max().item()), rtol=1e-3)
