@@ -83,3 +83,32 @@ def test_cuda_backend_through_the_op(cuda_backend, dtype):
         want = vk.sr_attention(q.detach(), kv.detach(), heads)
     torch.testing.assert_close(out.detach(), want, atol=2e-2, rtol=2e-2)
     assert torch.isfinite(q.grad).all() and torch.isfinite(kv.grad).all()
+
+
+@pytest.mark.parametrize("sm_count", [1, 7, 1000])
+def test_rows_per_cta_follow_the_sm_count(ops, monkeypatch, sm_count):
+    """The launcher sizes each CTA's run of query tiles from the SM count (about 4 CTAs per SM):
+    one SM gives every CTA many tiles (the double-buffered loop), 1000 SMs one tile each. The
+    emulator's device reports VKEMU_SM_COUNT SMs; on a GPU the real count is the only case."""
+    if not ops.emulated:
+        pytest.skip("the SM count is the device's own on a GPU")
+    monkeypatch.setenv("VKEMU_SM_COUNT", str(sm_count))
+    check(ops, (2, 1000, 49, 64, 2), torch.bfloat16)
+
+
+def test_shared_memory_limit_of_the_device(ops, monkeypatch):
+    """K/V (M rounded up to 64 keys) and two 64-row Q tiles must fit the device's opt-in shared
+    memory: at M = 256, D = 128 that is 174,080 bytes, which fits an H100 (227 KiB) and not an
+    A100 (163 KiB), where the op is refused with the sizes in the message."""
+    if not ops.emulated:
+        pytest.skip("the limit is the device's own on a GPU")
+    shape = (1, 300, 256, 256, 2)
+    monkeypatch.setenv("VKEMU_SMEM_OPTIN", str(227 * 1024))
+    assert ops.sr_attention_supports(256, 128, torch.float16)
+    check(ops, shape, torch.float16)
+    monkeypatch.setenv("VKEMU_SMEM_OPTIN", str(163 * 1024))
+    assert not ops.sr_attention_supports(256, 128, torch.float16)
+    assert ops.sr_attention_supports(256, 64, torch.float16)  # 92,160 bytes
+    q = torch.randn(1, 300, 256, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"174080 bytes; this device allows 166912"):
+        ops.sr_attention_fwd(q, torch.randn(1, 256, 512, dtype=torch.float16), 2, 0.1)
