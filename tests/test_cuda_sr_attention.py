@@ -112,3 +112,15 @@ def test_shared_memory_limit_of_the_device(ops, monkeypatch):
     q = torch.randn(1, 300, 256, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"174080 bytes; this device allows 166912"):
         ops.sr_attention_fwd(q, torch.randn(1, 256, 512, dtype=torch.float16), 2, 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reverse_thread_order(ops, monkeypatch, dtype):
+    """Emulator only: a block's threads run in the opposite order between barriers, so a shared-memory
+    read that lacks a barrier or a cp.async wait sees different (poisoned) data than in the default
+    order (tests/test_cuda_emulator.py shows both orders catch such reads)."""
+    if not ops.emulated:
+        pytest.skip("thread order is the hardware's own on a GPU")
+    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")
+    monkeypatch.setenv("VKEMU_SM_COUNT", "1")  # many query tiles per CTA: the double buffer
+    check(ops, (1, 1000, 130, 128, 2), dtype)
