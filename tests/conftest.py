@@ -102,3 +102,14 @@ def cuda_backend(ops, monkeypatch):
         for name, value in (("_done", False), ("_ext", None), ("_reason", None)):
             monkeypatch.setattr(_ext, name, value)
     return ops.device
+
+
+@pytest.fixture
+def reverse_thread_order(ops, monkeypatch):
+    """Emulator only (skips on a GPU, where the order is the hardware's): a block's threads run in
+    the opposite order between barriers, so a shared-memory read that lacks a barrier or a
+    cp.async wait sees other (poisoned) data than in the default order
+    (tests/test_cuda_emulator.py shows that both orders catch such reads)."""
+    if not ops.emulated:
+        pytest.skip("thread order is the hardware's own on a GPU")
+    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")

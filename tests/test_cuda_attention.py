@@ -216,14 +216,9 @@ def test_built_archs_cover_this_gpu(ops):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reverse_thread_order(ops, monkeypatch, dtype):
-    """Emulator only: a block's threads run in the opposite order between barriers, so a shared-memory
-    read that lacks a barrier or a cp.async wait sees different (poisoned) data than in the default
-    order (tests/test_cuda_emulator.py shows both orders catch such reads)."""
-    if not ops.emulated:
-        pytest.skip("thread order is the hardware's own on a GPU")
-    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")
+def test_reverse_thread_order(ops, reverse_thread_order, dtype):
     B, H, Nq, Nk, D = 2, 2, 130, 77, 48
     q = torch.randn(B, H, Nq, D, dtype=dtype)
     k, v = (torch.randn(B, H, Nk, D, dtype=dtype) for _ in range(2))
-    check(ops, q, k, v, make_bias("heads", B, H, Nq, Nk, dtype, "cpu"), D ** -0.5, dtype, f"reverse order {dtype}")
+    bias = make_bias("heads", B, H, Nq, Nk, dtype, "cpu")
+    check(ops, q, k, v, bias, D ** -0.5, dtype, f"reverse order {dtype}")

@@ -156,12 +156,6 @@ def test_k_not_built_is_reported(cuda_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,c", [(3, 72), (7, 13)])
-def test_reverse_thread_order(ops, monkeypatch, dtype, k, c):
-    """Emulator only: a block's threads run in the opposite order between barriers, so a shared-memory
-    read that lacks a barrier or a cp.async wait sees different (poisoned) data than in the default
-    order (tests/test_cuda_emulator.py shows both orders catch such reads)."""
-    if not ops.emulated:
-        pytest.skip("thread order is the hardware's own on a GPU")
-    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")
+def test_reverse_thread_order(ops, reverse_thread_order, dtype, k, c):
     x, wt, bias = make(2, 17, 19, c, k, True, dtype, ops.device)
     check(ops, x, (17, 19), wt, bias, "gelu", dtype, f"reverse order k={k} C={c} {dtype}")

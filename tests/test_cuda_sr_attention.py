@@ -115,12 +115,6 @@ def test_shared_memory_limit_of_the_device(ops, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reverse_thread_order(ops, monkeypatch, dtype):
-    """Emulator only: a block's threads run in the opposite order between barriers, so a shared-memory
-    read that lacks a barrier or a cp.async wait sees different (poisoned) data than in the default
-    order (tests/test_cuda_emulator.py shows both orders catch such reads)."""
-    if not ops.emulated:
-        pytest.skip("thread order is the hardware's own on a GPU")
-    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")
+def test_reverse_thread_order(ops, reverse_thread_order, monkeypatch, dtype):
     monkeypatch.setenv("VKEMU_SM_COUNT", "1")  # many query tiles per CTA: the double buffer
     check(ops, (1, 1000, 130, 128, 2), dtype)

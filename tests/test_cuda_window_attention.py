@@ -117,12 +117,6 @@ def test_cuda_backend_forward_and_auto_backward(cuda_backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reverse_thread_order(ops, monkeypatch, dtype):
-    """Emulator only: a block's threads run in the opposite order between barriers, so a shared-memory
-    read that lacks a barrier or a cp.async wait sees different (poisoned) data than in the default
-    order (tests/test_cuda_emulator.py shows both orders catch such reads)."""
-    if not ops.emulated:
-        pytest.skip("thread order is the hardware's own on a GPU")
-    monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")
+def test_reverse_thread_order(ops, reverse_thread_order, dtype):
     check(ops, (2, 50, 38, 96, 3, 7, 3), dtype)
     check(ops, (1, 30, 30, 64, 2, 12, 5), dtype)

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #define VK_SM80 1
 
@@ -32,31 +33,20 @@ inline void cp_async_wait() {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ::vkemu::ldmatrix_x4(r, p, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ::vkemu::ldmatrix_x4(r, p, true); }
 
+// D(16x8 f32) += A(16x16) · B(16x8), A row-major, B column-major, fp16 or bf16 inputs.
 template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
+struct Mma {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
+                "mma.m16n8k16 takes fp16 or bf16");
   static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ::vkemu::mma_m16n8k16(d, a, b0, b1, ::vkemu::MmaType::kF16);
+    ::vkemu::mma_m16n8k16(d, a, b0, b1,
+                          std::is_same<T, __half>::value ? ::vkemu::MmaType::kF16 : ::vkemu::MmaType::kBF16);
   }
+  // Two values rounded to nearest-even into one register, lo in the low 16 bits.
   static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
+    const T pair[2] = {T(lo), T(hi)};
     uint32_t u;
-    std::memcpy(&u, &h, 4);
-    return u;
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ::vkemu::mma_m16n8k16(d, a, b0, b1, ::vkemu::MmaType::kBF16);
-  }
-  static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t u;
-    std::memcpy(&u, &h, 4);
+    std::memcpy(&u, pair, 4);
     return u;
   }
 };
