@@ -34,7 +34,10 @@ def report() -> str:
         lines.append("GPU: none (ops run the reference backend on CPU; Triton kernels only with TRITON_INTERPRET=1)")
         device, dtype = "cpu", torch.float32
     ext = _ext.load_cuda_ext()
-    if ext is not None:
+    if ext is not None and ext.emulated:
+        lines.append(f"CUDA extension: the vkemu CPU emulation of the CUDA kernels ({ext.path}; "
+                     "VITKERNELS_CUDA_EMULATOR), cuda backend on CPU tensors")
+    elif ext is not None:
         lines.append(f"CUDA extension: loaded ({ext.__name__}), built for {_ext.built_cuda_archs()}")
     else:
         lines.append(f"CUDA extension: unavailable ({_ext.cuda_ext_unavailable_reason()})")
