@@ -11,6 +11,9 @@ import pytest
 import torch
 from tolerance import FLOOR, assert_within
 
+# On a GPU every test here is a GPU test, so `pytest -m gpu` (bench/gpu_suite.sh) runs them all there.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (B, H, Nq, Nk, D): 1, 49, 50, 197, 577 tokens; every head dim the ViT families use.
 SHAPES = [

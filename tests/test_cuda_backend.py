@@ -15,6 +15,9 @@ import vitkernels as vk
 from vitkernels import backends
 from vitkernels.models import create_model
 
+# On a GPU every test here is a GPU test, so `pytest -m gpu` (bench/gpu_suite.sh) runs them all there.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 

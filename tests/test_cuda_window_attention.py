@@ -14,6 +14,9 @@ from tolerance import assert_within
 import vitkernels as vk
 from vitkernels import reference as ref
 
+# On a GPU every test here is a GPU test, so `pytest -m gpu` (bench/gpu_suite.sh) runs them all there.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (B, H, W, C, heads, M, s)
 SHAPES = [
