@@ -115,20 +115,15 @@ def cuda_reasons(*tensors: Optional[Tensor]) -> list:
     """Why the compiled CUDA extension cannot run on these tensors."""
     from .. import _ext
     ts = [t for t in tensors if t is not None]
-    if cuda_emulated() and torch.version.cuda is None:
-        # The emulated kernels run on CPU tensors (like the Triton interpreter).
-        if any(t.device.type != "cpu" for t in ts):
-            return ["the emulated cuda backend (VITKERNELS_CUDA_EMULATOR) runs on CPU tensors"]
-        if any(t.dtype == torch.float64 for t in ts):
-            return ["float64 runs on the reference backend only"]
-        if _ext.load_cuda_ext() is None:
-            return [f"the CUDA extension is unavailable: {_ext.cuda_ext_unavailable_reason()}"]
-        return []
-    if any(not t.is_cuda for t in ts):
+    # The emulated kernels run on CPU tensors (like the Triton interpreter), the compiled ones on CUDA.
+    emulated = cuda_emulated() and torch.version.cuda is None
+    if emulated and any(t.device.type != "cpu" for t in ts):
+        return ["the emulated cuda backend (VITKERNELS_CUDA_EMULATOR) runs on CPU tensors"]
+    if not emulated and any(not t.is_cuda for t in ts):
         return ["the cuda backend needs CUDA tensors"]
     if any(t.dtype == torch.float64 for t in ts):
         return ["float64 runs on the reference backend only"]
-    if any(torch.cuda.get_device_capability(t.device) < (8, 0) for t in ts):
+    if not emulated and any(torch.cuda.get_device_capability(t.device) < (8, 0) for t in ts):
         return ["the CUDA kernels need compute capability 8.0 (sm_80) or newer"]
     if _ext.load_cuda_ext() is None:
         return [f"the CUDA extension is unavailable: {_ext.cuda_ext_unavailable_reason()}"]
