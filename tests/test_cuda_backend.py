@@ -9,7 +9,7 @@ calls all go through the CUDA kernels.
 """
 import pytest
 import torch
-from tolerance import assert_within
+from tolerance import FLOOR, assert_within
 
 import vitkernels as vk
 from vitkernels import backends
@@ -71,6 +71,33 @@ def test_mix_ffn(cuda_backend, dtype):
     assert_within(f"mix_ffn cuda {dtype}", out, eager(vk.mix_ffn, *args), reference(vk.mix_ffn, *args), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("axis,layout,cls", [("time", "st", False), ("time", "ts", False), ("space", "st", True),
+                                             ("space", "ts", False)])
+def test_space_time_attention_and_its_grads(cuda_backend, dtype, axis, layout, cls):
+    """Forward on the CUDA kernel; its saved lse feeds the backward that "auto" picks."""
+    b, s, t, heads, c = 2, 10, 3, 2, 64
+    dev = cuda_backend
+    qkv = torch.randn(b, s * t, 3 * c, device=dev, dtype=dtype, requires_grad=True)
+    cls_qkv = torch.randn(b, 3 * c, device=dev, dtype=dtype, requires_grad=True) if cls else None
+    args = (qkv, t, heads, axis, cls_qkv, layout)
+    with vk.use_backend("cuda"):
+        got = vk.space_time_attention(*args)
+    got = got if cls else (got,)
+    want = eager(vk.space_time_attention, *args)
+    want = want if cls else (want,)
+    oracle = reference(vk.space_time_attention, *args)
+    oracle = oracle if cls else (oracle,)
+    for g, w, o in zip(got, want, oracle):
+        assert_within(f"space_time_attention cuda {axis}/{layout} {dtype}", g, w, o, dtype)
+    grads = [torch.randn_like(g) for g in got]
+    inputs = [qkv] + ([cls_qkv] if cls else [])
+    d_got = torch.autograd.grad(got, inputs, grads)
+    d_want = torch.autograd.grad(want, inputs, grads)
+    for g, w in zip(d_got, d_want):
+        torch.testing.assert_close(g, w, atol=20 * FLOOR[dtype], rtol=20 * FLOOR[dtype])
+
+
 def test_reasons_name_what_the_cuda_kernels_lack(cuda_backend):
     x = torch.randn(1, 16, 3 * 64, device=cuda_backend, dtype=torch.float16)
     assert backends.not_supported_reasons("self_attention", "cuda", x, 2) == []
@@ -80,11 +107,14 @@ def test_reasons_name_what_the_cuda_kernels_lack(cuda_backend):
         vk.xca(x, 2, torch.ones(2, 1, 1, device=cuda_backend, dtype=torch.float16))
 
 
-MODELS = [  # name, kwargs, input (B, C, H, W), the fused ops it calls (each has a CUDA forward)
+VIDEO = {"embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 7, "img_size": 32, "num_frames": 4}
+MODELS = [  # name, kwargs, input (B, C, [T,] H, W), the fused ops it calls (each has a CUDA forward)
     ("vit_tiny_patch16_224", {"img_size": 64}, (2, 3, 64, 64), {"self_attention"}),
     ("swin_tiny_patch4_window7_224", {}, (1, 3, 100, 76), {"window_attention"}),
     ("pvt_v2_b0", {}, (1, 3, 96, 64), {"sr_attention", "dwconv"}),
     ("segformer_b0", {"num_classes": 19}, (1, 3, 64, 96), {"sr_attention", "dwconv"}),
+    ("timesformer_base_patch16_224", VIDEO, (1, 3, 4, 32, 48), {"space_time_attention"}),
+    ("vivit_base_factorized", {"num_frames": 8, **VIDEO}, (1, 3, 8, 32, 48), {"space_time_attention"}),
 ]
 
 

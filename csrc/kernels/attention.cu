@@ -15,7 +15,8 @@ namespace {
 using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>, to_float (ptx_sm80.cuh)
 using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, kLog2e, kLn2
 
-// Kernel arguments, already resolved to one dtype.
+// Kernel arguments, already resolved to one dtype. Strides are (B, G, H, N, D), the prefix
+// rows' (B, G, H).
 struct KernelArgs {
   const void* q;
   const void* k;
@@ -23,11 +24,42 @@ struct KernelArgs {
   const void* bias;
   void* out;
   float* lse;
-  int64_t qs[4], ks[4], vs[4], bs[4], os[4];
-  int H, Nq, Nk, D;
+  const void* k_prefix;  // nullable (then v_prefix is null too)
+  const void* v_prefix;
+  const void* q_prefix;  // nullable (then out_prefix and lse_prefix are null too)
+  void* out_prefix;
+  float* lse_prefix;
+  int64_t qs[5], ks[5], vs[5], bs[5], os[5];
+  int64_t kps[3], vps[3], qps[3], ops[3];
+  int G, H, Nq, Nk, D;
   int num_m_blocks;
   float scale_log2;  // scale · log2(e)
 };
+
+// The CTA's sequence (b, g, h) and query block, from the 1-D grid.
+struct Sequence {
+  int64_t bgh;  // (b·G + g)·H + h: the row of lse
+  int b, g, h;
+  int m_block;
+
+  __device__ __forceinline__ explicit Sequence(const KernelArgs& a) {
+    m_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.num_m_blocks));
+    const int s = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.num_m_blocks));
+    bgh = s;
+    h = s % a.H;
+    g = (s / a.H) % a.G;
+    b = s / a.H / a.G;
+  }
+  // Element offset of this sequence in a tensor with (B, G, H, ...) strides s.
+  __device__ __forceinline__ int64_t offset(const int64_t* s) const {
+    return b * s[0] + g * s[1] + h * s[2];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ const T* seq_ptr(const void* base, const Sequence& sq, const int64_t* s) {
+  return base == nullptr ? nullptr : static_cast<const T*>(base) + sq.offset(s);
+}
 
 // ---------------------------------------------------------------------------------------------
 // fp16 / bf16 tensor-core kernel.
@@ -63,30 +95,31 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
   const int g = lane >> 2;  // accumulator row within the 8-row group
   const int t = lane & 3;   // accumulator column pair
 
-  const int m_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(args.num_m_blocks));
-  const int bh = static_cast<int>(blockIdx.x / static_cast<unsigned>(args.num_m_blocks));
-  const int b = bh / args.H;
-  const int h = bh - b * args.H;
+  const Sequence sq(args);
   const int Nq = args.Nq, Nk = args.Nk, D = args.D;
-  const int m0 = m_block * kBlockM;
+  const int m0 = sq.m_block * kBlockM;
 
-  const T* q = static_cast<const T*>(args.q) + b * args.qs[0] + h * args.qs[1];
-  const T* k = static_cast<const T*>(args.k) + b * args.ks[0] + h * args.ks[1];
-  const T* v = static_cast<const T*>(args.v) + b * args.vs[0] + h * args.vs[1];
+  const T* q = seq_ptr<T>(args.q, sq, args.qs);
+  const T* k = seq_ptr<T>(args.k, sq, args.ks);
+  const T* v = seq_ptr<T>(args.v, sq, args.vs);
+  const T* q_prefix = seq_ptr<T>(args.q_prefix, sq, args.qps);
 
-  // Prologue: Q tile and K[0] in one cp.async group.
+  // Prologue: Q tile (with the prefix query as row Nq) and K[0] in one cp.async group.
   const int n_blocks = (Nk + kBlockN - 1) / kBlockN;
-  load_tile_async<T, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[2], m0, Nq, D);
+  load_tile_async<T, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[3], m0, Nq, D, q_prefix);
   if (n_blocks > 0) {
-    load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[2], 0, Nk, D);
+    load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], 0, Nk, D);
   }
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
 
+  // A warp whose 16 rows are all past the last query row (the prefix query included) only helps
+  // load tiles and keeps the barriers: a short sequence (8 frames) does not pay for 64 rows.
+  const bool active = m0 + warp * 16 < Nq + (q_prefix != nullptr ? 1 : 0);
   const T* sQw = sQ + (warp * 16 + (lane & 15)) * kStride + (lane >> 4) * 8;
   uint32_t qf[Shape<kDp>::kQRegs][4];
-  load_q_fragments<T, kDp>(qf, sQw);
+  if (active) load_q_fragments<T, kDp>(qf, sQw);
 
   // Bias row pointers for the two rows this thread owns (nullptr when the row is out of range).
   const int row0 = m0 + warp * 16 + g;
@@ -94,43 +127,53 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
   const T* bias_r0 = nullptr;
   const T* bias_r1 = nullptr;
   if (args.bias != nullptr) {
-    const T* bb = static_cast<const T*>(args.bias) + b * args.bs[0] + h * args.bs[1];
-    if (row0 < Nq) bias_r0 = bb + static_cast<int64_t>(row0) * args.bs[2];
-    if (row1 < Nq) bias_r1 = bb + static_cast<int64_t>(row1) * args.bs[2];
+    const T* bb = seq_ptr<T>(args.bias, sq, args.bs);
+    if (row0 < Nq) bias_r0 = bb + static_cast<int64_t>(row0) * args.bs[3];
+    if (row1 < Nq) bias_r1 = bb + static_cast<int64_t>(row1) * args.bs[3];
   }
 
   WarpRows<kDp> w;
   w.reset();
+  if (active && args.k_prefix != nullptr) {
+    warp_prefix_key<T, kDp>(w, sQ + warp * 16 * kStride, seq_ptr<T>(args.k_prefix, sq, args.kps),
+                            seq_ptr<T>(args.v_prefix, sq, args.vps), D, args.scale_log2, lane);
+  }
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * kBlockN;
     if (j > 0) {
       cp_async_wait_all();  // K[j] has landed
       __syncthreads();      // ... for every thread, and every warp is done reading V[j-1]
     }
-    load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[2], n0, Nk, D);
+    load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[3], n0, Nk, D);
     cp_async_commit();
 
-    float s[kNT][4];
-    warp_scores<T, kDp>(s, qf, sQw, sK, lane);
-    softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[3], t);
+    const int n_valid = Nk - n0;
     uint32_t pf[kPK][4];
-    pack_p<T>(pf, s);
+    if (active) {
+      float s[kNT][4];
+      warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
+      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t);
+      pack_p<T>(pf, s);
+    }
 
     cp_async_wait_all();  // V[j] has landed
     __syncthreads();      // ... for every thread, and every warp is done reading K[j]
     if (j + 1 < n_blocks) {
-      load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[2], n0 + kBlockN, Nk,
+      load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0 + kBlockN, Nk,
                                                               D);
       cp_async_commit();
     }
-    warp_pv<T, kDp>(w, pf, sV, lane);
+    if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
   }
 
   // Epilogue: this warp's 16 rows are staged through its own rows of sQ (no other warp touches
   // them, and Q was consumed into registers by this warp).
-  T* out = static_cast<T*>(args.out) + b * args.os[0] + h * args.os[1];
-  warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, args.os[2],
-                     args.lse + static_cast<int64_t>(bh) * Nq, m0 + warp * 16, Nq, D, lane);
+  T* out = static_cast<T*>(args.out) + sq.offset(args.os);
+  T* out_prefix = args.out_prefix == nullptr ? nullptr : static_cast<T*>(args.out_prefix) + sq.offset(args.ops);
+  if (active) {
+    warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, args.os[3], args.lse + sq.bgh * Nq, m0 + warp * 16,
+                       Nq, D, lane, out_prefix, out_prefix == nullptr ? nullptr : args.lse_prefix + sq.bgh);
+  }
 #else
   __trap();  // built for an arch older than sm_80: unsupported
 #endif
@@ -174,26 +217,23 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
   const int r = tid >> 2;  // query row within the tile
   const int c = tid & 3;   // lane within the row's quad
 
-  const int m_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(args.num_m_blocks));
-  const int bh = static_cast<int>(blockIdx.x / static_cast<unsigned>(args.num_m_blocks));
-  const int b = bh / args.H;
-  const int h = bh - b * args.H;
+  const Sequence sq(args);
   const int Nq = args.Nq, Nk = args.Nk, D = args.D;
-  const int m0 = m_block * kBlockM;
+  const int m0 = sq.m_block * kBlockM;
   const int row = m0 + r;
 
-  const float* q = static_cast<const float*>(args.q) + b * args.qs[0] + h * args.qs[1];
-  const float* k = static_cast<const float*>(args.k) + b * args.ks[0] + h * args.ks[1];
-  const float* v = static_cast<const float*>(args.v) + b * args.vs[0] + h * args.vs[1];
+  const float* q = seq_ptr<float>(args.q, sq, args.qs);
+  const float* k = seq_ptr<float>(args.k, sq, args.ks);
+  const float* v = seq_ptr<float>(args.v, sq, args.vs);
 
   const float* bias_r = nullptr;
   if (args.bias != nullptr && row < Nq) {
-    bias_r = static_cast<const float*>(args.bias) + b * args.bs[0] + h * args.bs[1] +
-             static_cast<int64_t>(row) * args.bs[2];
+    bias_r = seq_ptr<float>(args.bias, sq, args.bs) + static_cast<int64_t>(row) * args.bs[3];
   }
-  const int64_t bs3 = args.bs[3];
+  const int64_t bs4 = args.bs[4];
 
-  load_tile_async<float, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[2], m0, Nq, D);
+  load_tile_async<float, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[3], m0, Nq, D,
+                                                              seq_ptr<float>(args.q_prefix, sq, args.qps));
   cp_async_commit();
 
   float o[kI][4];
@@ -201,13 +241,35 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
   for (int i = 0; i < kI; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max = -INFINITY;
   float row_sum = 0.f;  // partial over this thread's keys
+  if (args.k_prefix != nullptr) {
+    // The prefix key/value starts the softmax (see attention.h): max = its score, sum = 1 (held
+    // by lane c = 0 of the row's quad), o = its value. Lane c takes head dims c, c + 4, ...
+    const float* kp = seq_ptr<float>(args.k_prefix, sq, args.kps);
+    const float* vp = seq_ptr<float>(args.v_prefix, sq, args.vps);
+    cp_async_wait_all();
+    __syncthreads();  // the Q tile has landed for every thread
+    float sp = 0.f;
+    for (int d = c; d < D; d += 4) sp = fmaf(sQ[r * kStride + d], kp[d], sp);
+    sp += __shfl_xor_sync(0xffffffffu, sp, 1);
+    sp += __shfl_xor_sync(0xffffffffu, sp, 2);
+    row_max = sp * args.scale_log2;
+    row_sum = (c == 0) ? 1.f : 0.f;
+#pragma unroll
+    for (int i = 0; i < kI; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int d = 16 * i + 4 * c + e;
+        o[i][e] = d < D ? vp[d] : 0.f;
+      }
+    }
+  }
 
   const int n_blocks = (Nk + kBlockN - 1) / kBlockN;
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * kBlockN;
     __syncthreads();  // every thread is done with the previous K/V tiles
-    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[2], n0, Nk, D);
-    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[2], n0, Nk, D);
+    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0, Nk, D);
+    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[3], n0, Nk, D);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -234,7 +296,7 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
     for (int jj = 0; jj < kJ; ++jj) {
       const int col = n0 + c + 4 * jj;
       float x = s[jj] * args.scale_log2;
-      if (bias_r != nullptr && col < Nk) x = fmaf(bias_r[col * bs3], kLog2e, x);
+      if (bias_r != nullptr && col < Nk) x = fmaf(bias_r[col * bs4], kLog2e, x);
       if (col >= Nk) x = -INFINITY;
       s[jj] = x;
       new_max = fmaxf(new_max, x);
@@ -286,13 +348,19 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   const float inv = (l == 0.f) ? 0.f : 1.f / l;  // l == 0: fully masked row
-  if (row < Nq) {
+  const bool prefix_row = row == Nq && args.q_prefix != nullptr;
+  if (row < Nq || prefix_row) {
+    const float lse_row = (l == 0.f) ? INFINITY : (row_max + log2f(l)) * kLn2;
     if (c == 0) {
-      args.lse[static_cast<int64_t>(bh) * Nq + row] =
-          (l == 0.f) ? INFINITY : (row_max + log2f(l)) * kLn2;
+      if (prefix_row) {
+        args.lse_prefix[sq.bgh] = lse_row;
+      } else {
+        args.lse[sq.bgh * Nq + row] = lse_row;
+      }
     }
-    float* out = static_cast<float*>(args.out) + b * args.os[0] + h * args.os[1] +
-                 static_cast<int64_t>(row) * args.os[2];
+    float* out = prefix_row ? static_cast<float*>(args.out_prefix) + sq.offset(args.ops)
+                            : static_cast<float*>(args.out) + sq.offset(args.os) +
+                                  static_cast<int64_t>(row) * args.os[3];
 #pragma unroll
     for (int i = 0; i < kI; ++i) {
       const int d = 16 * i + 4 * c;
@@ -323,7 +391,7 @@ cudaError_t launch(Kernel kernel, int threads, int smem_bytes, unsigned grid, cu
 }
 
 template <int kDp>
-cudaError_t dispatch_dtype(DType dtype, const KernelArgs& base, int64_t bh, int Nq,
+cudaError_t dispatch_dtype(DType dtype, const KernelArgs& base, int64_t sequences, int rows,
                            cudaStream_t stream) {
   KernelArgs args = base;
   int block_m;
@@ -332,8 +400,8 @@ cudaError_t dispatch_dtype(DType dtype, const KernelArgs& base, int64_t bh, int 
   } else {
     block_m = MmaTraits<kDp>::kBlockM;
   }
-  const int64_t m_blocks = (static_cast<int64_t>(Nq) + block_m - 1) / block_m;
-  const int64_t grid = m_blocks * bh;
+  const int64_t m_blocks = (static_cast<int64_t>(rows) + block_m - 1) / block_m;
+  const int64_t grid = m_blocks * sequences;
   if (grid > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
   args.num_m_blocks = static_cast<int>(m_blocks);
   const unsigned g = static_cast<unsigned>(grid);
@@ -360,12 +428,12 @@ int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 bool attention_forward_supports_head_dim(int D) { return D >= 8 && D <= 128 && D % 8 == 0; }
 
-bool attention_forward_tensor_aligned(const void* ptr, const int64_t stride[4], DType dtype) {
-  if (ptr == nullptr) return false;
+bool attention_forward_tensor_aligned(const void* ptr, const int64_t* stride, int ndim, DType dtype) {
+  if (ptr == nullptr || ndim < 1) return false;
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  if (stride[3] != 1) return false;
+  if (stride[ndim - 1] != 1) return false;
   const int64_t per16 = 16 / element_size(dtype);
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < ndim - 1; ++i) {
     if (stride[i] % per16 != 0) return false;
   }
   return true;
@@ -379,21 +447,43 @@ const char* attention_built_archs() {
 #endif
 }
 
+namespace {
+
+// A prefix row: its pointer (null = absent) meets the vector-load requirements, with the head dim
+// contiguous and (B, G, H) strides.
+bool prefix_aligned(const void* ptr, const int64_t (&s)[3], DType dtype) {
+  const int64_t st[4] = {s[0], s[1], s[2], 1};
+  return ptr == nullptr || attention_forward_tensor_aligned(ptr, st, 4, dtype);
+}
+
+}  // namespace
+
 cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) {
-  if (p.B < 0 || p.H < 0 || p.Nq < 0 || p.Nk < 0 || p.D <= 0) return cudaErrorInvalidValue;
+  if (p.B < 0 || p.G < 0 || p.H < 0 || p.Nq < 0 || p.Nk < 0 || p.D <= 0) return cudaErrorInvalidValue;
   if (!attention_forward_supports_head_dim(p.D)) return cudaErrorInvalidValue;
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
     return cudaErrorInvalidValue;
   }
-  const int64_t bh = static_cast<int64_t>(p.B) * p.H;
-  if (bh == 0 || p.Nq == 0) return cudaSuccess;  // nothing to compute
-  if (p.lse == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
-  if (!attention_forward_tensor_aligned(p.q, p.q_stride, p.dtype) ||
-      !attention_forward_tensor_aligned(p.out, p.out_stride, p.dtype)) {
+  // Prefix rows come whole: key with value, query with its output and lse.
+  if ((p.k_prefix == nullptr) != (p.v_prefix == nullptr)) return cudaErrorInvalidValue;
+  const bool q_prefix = p.q_prefix != nullptr;
+  if (q_prefix != (p.out_prefix != nullptr) || q_prefix != (p.lse_prefix != nullptr)) {
     return cudaErrorInvalidValue;
   }
-  if (p.Nk > 0 && (!attention_forward_tensor_aligned(p.k, p.k_stride, p.dtype) ||
-                   !attention_forward_tensor_aligned(p.v, p.v_stride, p.dtype))) {
+  if (p.Nq == INT_MAX && q_prefix) return cudaErrorInvalidValue;
+  const int64_t sequences = static_cast<int64_t>(p.B) * p.G * p.H;
+  const int rows = p.Nq + (q_prefix ? 1 : 0);  // query rows per sequence, the prefix query last
+  if (sequences == 0 || rows == 0) return cudaSuccess;  // nothing to compute
+  if (p.Nq > 0 && (p.lse == nullptr || !attention_forward_tensor_aligned(p.q, p.q_stride, 5, p.dtype) ||
+                   !attention_forward_tensor_aligned(p.out, p.out_stride, 5, p.dtype))) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.Nk > 0 && (!attention_forward_tensor_aligned(p.k, p.k_stride, 5, p.dtype) ||
+                   !attention_forward_tensor_aligned(p.v, p.v_stride, 5, p.dtype))) {
+    return cudaErrorInvalidValue;
+  }
+  if (!prefix_aligned(p.k_prefix, p.kp_stride, p.dtype) || !prefix_aligned(p.v_prefix, p.vp_stride, p.dtype) ||
+      !prefix_aligned(p.q_prefix, p.qp_stride, p.dtype) || !prefix_aligned(p.out_prefix, p.op_stride, p.dtype)) {
     return cudaErrorInvalidValue;
   }
   if (p.bias != nullptr &&
@@ -408,25 +498,37 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
   args.bias = p.bias;
   args.out = p.out;
   args.lse = p.lse;
-  for (int i = 0; i < 4; ++i) {
+  args.k_prefix = p.k_prefix;
+  args.v_prefix = p.v_prefix;
+  args.q_prefix = p.q_prefix;
+  args.out_prefix = p.out_prefix;
+  args.lse_prefix = p.lse_prefix;
+  for (int i = 0; i < 5; ++i) {
     args.qs[i] = p.q_stride[i];
     args.ks[i] = p.k_stride[i];
     args.vs[i] = p.v_stride[i];
     args.bs[i] = p.bias != nullptr ? p.bias_stride[i] : 0;
     args.os[i] = p.out_stride[i];
   }
+  for (int i = 0; i < 3; ++i) {
+    args.kps[i] = p.kp_stride[i];
+    args.vps[i] = p.vp_stride[i];
+    args.qps[i] = p.qp_stride[i];
+    args.ops[i] = p.op_stride[i];
+  }
+  args.G = p.G;
   args.H = p.H;
   args.Nq = p.Nq;
   args.Nk = p.Nk;
   args.D = p.D;
   args.scale_log2 = p.scale * kLog2e;
 
-  if (p.D <= 32) return dispatch_dtype<32>(p.dtype, args, bh, p.Nq, stream);
-  if (p.D <= 48) return dispatch_dtype<48>(p.dtype, args, bh, p.Nq, stream);
-  if (p.D <= 64) return dispatch_dtype<64>(p.dtype, args, bh, p.Nq, stream);
-  if (p.D <= 80) return dispatch_dtype<80>(p.dtype, args, bh, p.Nq, stream);
-  if (p.D <= 96) return dispatch_dtype<96>(p.dtype, args, bh, p.Nq, stream);
-  return dispatch_dtype<128>(p.dtype, args, bh, p.Nq, stream);
+  if (p.D <= 32) return dispatch_dtype<32>(p.dtype, args, sequences, rows, stream);
+  if (p.D <= 48) return dispatch_dtype<48>(p.dtype, args, sequences, rows, stream);
+  if (p.D <= 64) return dispatch_dtype<64>(p.dtype, args, sequences, rows, stream);
+  if (p.D <= 80) return dispatch_dtype<80>(p.dtype, args, sequences, rows, stream);
+  if (p.D <= 96) return dispatch_dtype<96>(p.dtype, args, sequences, rows, stream);
+  return dispatch_dtype<128>(p.dtype, args, sequences, rows, stream);
 }
 
 }  // namespace vitkernels

@@ -1,10 +1,10 @@
 // vitkernels — fused multi-head attention forward (plain CUDA, no torch headers).
 //
-// Math (per batch b, head h):
+// Math (per sequence (b, g, h): batch, group, head; G = 1 for plain attention):
 //   S   = q · kᵀ · scale + bias                 (Nq × Nk; never written to HBM)
 //   P   = softmax(S) along keys                  (online softmax, FlashAttention-2 style)
 //   out = P · v                                  (Nq × D)
-//   lse = log Σ_j exp(S_ij)                      (natural log, float32, contiguous (B, H, Nq))
+//   lse = log Σ_j exp(S_ij)                      (natural log, float32, contiguous (B, G, H, Nq))
 //   A row whose every score is -inf gives out = 0 and lse = +inf (so exp(S - lse) = 0 in backward).
 //
 // Work and traffic:
@@ -25,9 +25,12 @@
 //   tops out well below the wgmma peak on H100; see docs/ for measured numbers.
 //
 // Design:
-//   * One CTA per (query block of 64 rows, batch·head). The grid is 1-D: blockIdx.x enumerates
-//     (b·H + h) · num_m_blocks + m_block, so consecutive CTAs share K/V in L2 and no grid y/z
-//     limit (65535) applies. All offsets are int64.
+//   * One CTA per (query block of 64 rows, sequence). The grid is 1-D: blockIdx.x enumerates
+//     ((b·G + g)·H + h) · num_m_blocks + m_block, so consecutive CTAs share K/V in L2 and no grid
+//     y/z limit (65535) applies. All offsets are int64.
+//   * Prefix rows (see AttentionFwdParams): a prefix key/value starts the online softmax of every
+//     row (max = its score, sum = 1, o = its value) instead of the empty state; a prefix query is
+//     row Nq of the last query block, loaded from and stored to its own pointers.
 //   * fp16 / bf16: 4 warps, each owns 16 query rows (warp-level steps in attention_mma.cuh).
 //     Q tile → shared memory (cp.async) → registers
 //     (ldmatrix). Loop over key blocks of 64: K and V tiles stream through shared memory with
@@ -66,21 +69,43 @@ namespace vitkernels {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
+// Sequences are indexed (b, g, h): batch, group, head. Plain multi-head attention has G = 1;
+// divided space-time attention (space_time_attention.cpp) runs every frame (space axis) or every
+// spatial position (time axis) as a group, reading q, k, v, out with strides straight from the
+// token-layout buffers.
+//
+// Optional prefix rows, one per (b, g, h) sequence, each D contiguous elements at its own
+// (B, G, H) strides (TimeSformer's class token, shared by the frames with a group stride of 0):
+//   * k_prefix / v_prefix (both or neither): one more key/value that every query of the sequence
+//     attends to, before key 0. It gets no bias.
+//   * q_prefix / out_prefix / lse_prefix (all three or none): one more query row, numbered Nq,
+//     that attends to the same keys (prefix key included); its output goes to out_prefix and its
+//     lse to lse_prefix (float32, contiguous (B, G, H)). It gets no bias.
 struct AttentionFwdParams {
   const void* q;
   const void* k;
   const void* v;
-  const void* bias;  // nullable; same dtype as q; logical shape (B, H, Nq, Nk)
+  const void* bias;  // nullable; same dtype as q; logical shape (B, G, H, Nq, Nk)
   void* out;
-  float* lse;  // float32, contiguous (B, H, Nq)
-  // Element strides for (B, H, N, D) (bias: (B, H, Nq, Nk)). Last dim of q, k, v, out must have
-  // stride 1. Bias strides may be 0 (broadcast) or anything else.
-  int64_t q_stride[4];
-  int64_t k_stride[4];
-  int64_t v_stride[4];
-  int64_t bias_stride[4];
-  int64_t out_stride[4];
-  int B, H, Nq, Nk, D;
+  float* lse;  // float32, contiguous (B, G, H, Nq)
+  const void* k_prefix = nullptr;
+  const void* v_prefix = nullptr;
+  const void* q_prefix = nullptr;
+  void* out_prefix = nullptr;
+  float* lse_prefix = nullptr;
+  // Element strides for (B, G, H, N, D) (bias: (B, G, H, Nq, Nk)). Last dim of q, k, v, out must
+  // have stride 1. Bias strides may be 0 (broadcast) or anything else.
+  int64_t q_stride[5];
+  int64_t k_stride[5];
+  int64_t v_stride[5];
+  int64_t bias_stride[5];
+  int64_t out_stride[5];
+  // (B, G, H) element strides of the prefix rows (their last dim is contiguous).
+  int64_t kp_stride[3] = {0, 0, 0};
+  int64_t vp_stride[3] = {0, 0, 0};
+  int64_t qp_stride[3] = {0, 0, 0};
+  int64_t op_stride[3] = {0, 0, 0};
+  int B, G = 1, H, Nq, Nk, D;
   float scale;
   DType dtype;
 };
@@ -92,9 +117,13 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream);
 // Head dims the fused kernel handles: D % 8 == 0 and 8 <= D <= 128.
 bool attention_forward_supports_head_dim(int D);
 
-// True when `ptr` with these (B, H, N, D) element strides meets the kernel's vector-load
-// requirements (16-byte aligned base, stride[3] == 1, stride[0..2] multiples of 16 bytes).
-bool attention_forward_tensor_aligned(const void* ptr, const int64_t stride[4], DType dtype);
+// True when `ptr` with these `ndim` element strides (the last one the head dim's) meets the
+// kernel's vector-load requirements: 16-byte aligned base, stride[ndim - 1] == 1, the others
+// multiples of 16 bytes.
+bool attention_forward_tensor_aligned(const void* ptr, const int64_t* stride, int ndim, DType dtype);
+inline bool attention_forward_tensor_aligned(const void* ptr, const int64_t (&stride)[4], DType dtype) {
+  return attention_forward_tensor_aligned(ptr, stride, 4, dtype);
+}
 
 // Archs this translation unit was compiled for, e.g. "sm_80;sm_90a" (from __CUDA_ARCH_LIST__ when
 // nvcc provides it; otherwise "unknown").

@@ -41,10 +41,13 @@ struct Shape {
 
 // Copies rows [row0, row0 + kRows) × head dims [0, kDp) of one (N, D) matrix into shared memory
 // (row stride kSmemStride elements) with 16-byte cp.async; rows ≥ n_rows and chunks ≥ D are
-// zero-filled. kElems = elements per 16-byte chunk. Rows are split over kThreads threads.
+// zero-filled, except that row n_rows reads `extra_row` when it is given (a "prefix" query that
+// lives outside the matrix, see attention.h). kElems = elements per 16-byte chunk. Rows are split
+// over kThreads threads.
 template <typename T, int kRows, int kDp, int kSmemStride, int kThreads>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t row_stride,
-                                                int row0, int n_rows, int D) {
+                                                int row0, int n_rows, int D,
+                                                const T* extra_row = nullptr) {
   constexpr int kElems = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunks = kDp / kElems;
   constexpr int kTotal = kRows * kChunks;
@@ -55,8 +58,11 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t
     const int r = i / kChunks;
     const int c = i - r * kChunks;
     const int row = row0 + r;
-    const bool valid = (row < n_rows) && (c * kElems < D);
-    const T* src = valid ? gbase + static_cast<int64_t>(row) * row_stride + c * kElems : gbase;
+    const bool extra = extra_row != nullptr && row == n_rows;
+    const bool valid = (row < n_rows || extra) && (c * kElems < D);
+    const T* src = !valid ? gbase
+                   : extra ? extra_row + c * kElems
+                           : gbase + static_cast<int64_t>(row) * row_stride + c * kElems;
     cp_async_16(smem + r * kSmemStride + c * kElems, src, valid ? 16 : 0);
   }
 }
@@ -76,6 +82,41 @@ struct WarpRows {
   }
 };
 
+// Starts the online softmax of this warp's two rows (g, g + 8) with one "prefix" key/value row
+// kp / vp (global memory, D contiguous) instead of an empty state: score s = q·kp (fp32, from the
+// Q tile in shared memory, sQrow0 = the warp's first Q row), running max = s·scale·log2 e, running
+// sum = 1 (held by the quad's lane t = 0; the sum is reduced over the quad at the end) and
+// o = vp, so the prefix is exactly one more key of the softmax. Call once Q has landed in smem.
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_prefix_key(WarpRows<kDp>& w, const T* sQrow0, const T* kp,
+                                                const T* vp, int D, float scale_log2, int lane) {
+  constexpr int kStride = Shape<kDp>::kStride;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  float s[2] = {0.f, 0.f};
+  // Lane t of the quad takes head dims t, t + 4, ...; smem pad lanes (≥ D) hold zeros.
+  for (int d = t; d < D; d += 4) {
+    const float kd = to_float(kp[d]);
+    s[0] = fmaf(to_float(sQrow0[g * kStride + d]), kd, s[0]);
+    s[1] = fmaf(to_float(sQrow0[(g + 8) * kStride + d]), kd, s[1]);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    s[r] += __shfl_xor_sync(0xffffffffu, s[r], 1);
+    s[r] += __shfl_xor_sync(0xffffffffu, s[r], 2);
+    w.row_max[r] = s[r] * scale_log2;
+    w.row_sum[r] = (t == 0) ? 1.f : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < Shape<kDp>::kDT; ++i) {
+    const int d = i * 8 + 2 * t;
+    const float v0 = d < D ? to_float(vp[d]) : 0.f;      // D % 8 == 0: d and d + 1 are both in
+    const float v1 = d < D ? to_float(vp[d + 1]) : 0.f;  // range or both out
+    w.o[i][0] = w.o[i][2] = v0;
+    w.o[i][1] = w.o[i][3] = v1;
+  }
+}
+
 // Q fragments of this warp's rows (sQw = first Q row of the warp + ldmatrix lane offset).
 template <typename T, int kDp>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw) {
@@ -85,10 +126,13 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[Shape<kDp>::kQRe
   }
 }
 
-// s = Q · K[64 keys]ᵀ, fp32. sK points at the first key row of the block.
+// s = Q · K[64 keys]ᵀ, fp32. sK points at the first key row of the block; n_valid = keys of the
+// block that exist (the block's last key index + 1 - its first, or more). 16-key groups past n_valid
+// are skipped (their scores stay 0 and softmax_update masks them to -inf): a block of a short
+// sequence (a TimeSformer time-axis sequence has 8 keys) does not pay for 64.
 template <typename T, int kDp>
 __device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4],
-                                            const T* sQw, const T* sK, int lane) {
+                                            const T* sQw, const T* sK, int lane, int n_valid = kKeyBlock) {
   using S = Shape<kDp>;
 #pragma unroll
   for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -98,6 +142,7 @@ __device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[S
     if (!S::kQInRegs) ldmatrix_x4(qf[qi], sQw + kk * 16);
 #pragma unroll
     for (int np = 0; np < kNT / 2; ++np) {
+      if (np * 16 >= n_valid) break;  // uniform across the CTA
       uint32_t kb[4];
       ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S::kStride + kk * 16 +
                           ((lane >> 3) & 1) * 8);
@@ -173,13 +218,15 @@ __device__ __forceinline__ void pack_p(uint32_t (&pf)[kPK][4], const float (&s)[
   }
 }
 
-// o += P · V[64 keys]; sV points at the first value row of the block.
+// o += P · V[64 keys]; sV points at the first value row of the block. 16-key steps past n_valid
+// (as in warp_scores) are skipped: their P is exactly 0.
 template <typename T, int kDp>
 __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV,
-                                        int lane) {
+                                        int lane, int n_valid = kKeyBlock) {
   constexpr int kStride = Shape<kDp>::kStride;
 #pragma unroll
   for (int kk = 0; kk < kPK; ++kk) {
+    if (kk * 16 >= n_valid) break;  // uniform across the CTA
 #pragma unroll
     for (int dp = 0; dp < kDp / 16; ++dp) {
       uint32_t vb[4];
@@ -195,9 +242,11 @@ __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[k
 // -inf) for rows < n_rows, normalise and store the 16 output rows in 16-byte chunks, staged
 // through sO (16 smem rows private to this warp, stride kStride). row0 = the warp's first row;
 // out = (b, h) base of the output (row stride os2); lse = (b, h) base of lse (row stride 1).
+// When extra_out is given, row n_rows (the prefix query) goes to extra_out and *extra_lse.
 template <typename T, int kDp>
 __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse,
-                                           int row0, int n_rows, int D, int lane) {
+                                           int row0, int n_rows, int D, int lane,
+                                           T* extra_out = nullptr, float* extra_lse = nullptr) {
   constexpr int kStride = Shape<kDp>::kStride;
   const int g = lane >> 2;
   const int t = lane & 3;
@@ -209,7 +258,9 @@ __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int6
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[r] = (l == 0.f) ? 0.f : 1.f / l;  // (NaN scores propagate as NaN)
     const int row = row0 + g + 8 * r;
-    if (t == 0 && row < n_rows) lse[row] = (l == 0.f) ? INFINITY : (w.row_max[r] + log2f(l)) * kLn2;
+    const float lse_row = (l == 0.f) ? INFINITY : (w.row_max[r] + log2f(l)) * kLn2;
+    if (t == 0 && row < n_rows) lse[row] = lse_row;
+    if (t == 0 && row == n_rows && extra_out != nullptr) *extra_lse = lse_row;
   }
   __syncwarp();  // every lane's last read of these smem rows is done before they are overwritten
 #pragma unroll
@@ -226,9 +277,11 @@ __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int6
     const int r = i / kChunks;
     const int c = i - r * kChunks;
     const int row = row0 + r;
-    if (row < n_rows && c * 8 < D) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * os2 + c * 8) =
-          *reinterpret_cast<const uint4*>(sO + r * kStride + c * 8);
+    T* dst = row < n_rows                              ? out + static_cast<int64_t>(row) * os2
+             : (row == n_rows && extra_out != nullptr) ? extra_out
+                                                       : nullptr;
+    if (dst != nullptr && c * 8 < D) {
+      *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(sO + r * kStride + c * 8);
     }
   }
 }

@@ -90,11 +90,12 @@ __global__ void __launch_bounds__(kThreads) sr_attention_fwd_kernel(const SrArgs
     // K and V are resident: no barrier in this loop.
     for (int j = 0; j < n_key_blocks; ++j) {
       float s[kNT][4];
-      warp_scores<T, kDp>(s, qf, sQw, sK + j * kKeyBlock * kStride, lane);
+      const int n_valid = a.M - j * kKeyBlock;
+      warp_scores<T, kDp>(s, qf, sQw, sK + j * kKeyBlock * kStride, lane, n_valid);
       softmax_update<T, kDp>(s, w, j * kKeyBlock, a.M, a.scale_log2, nullptr, nullptr, 0, lane & 3);
       uint32_t pf[kPK][4];
       pack_p<T>(pf, s);
-      warp_pv<T, kDp>(w, pf, sV + j * kKeyBlock * kStride, lane);
+      warp_pv<T, kDp>(w, pf, sV + j * kKeyBlock * kStride, lane, n_valid);
     }
     // Output staged through this warp's own 16 rows of the current query buffer.
     warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, a.os[2], lse, m0 + warp * 16, r_end, a.D, lane);
@@ -148,14 +149,18 @@ cudaError_t forward_fp32(const SrAttentionFwdParams& p, cudaStream_t stream) {
   g.bias = nullptr;
   g.out = p.out;
   g.lse = p.lse;
+  // (B, H, N, D) strides → the kernel's (B, G, H, N, D) with one group.
   for (int i = 0; i < 4; ++i) {
-    g.q_stride[i] = p.q_stride[i];
-    g.k_stride[i] = p.k_stride[i];
-    g.v_stride[i] = p.v_stride[i];
-    g.bias_stride[i] = 0;
-    g.out_stride[i] = p.out_stride[i];
+    const int j = i == 0 ? 0 : i + 1;
+    g.q_stride[j] = p.q_stride[i];
+    g.k_stride[j] = p.k_stride[i];
+    g.v_stride[j] = p.v_stride[i];
+    g.out_stride[j] = p.out_stride[i];
   }
+  g.q_stride[1] = g.k_stride[1] = g.v_stride[1] = g.out_stride[1] = 0;
+  for (int i = 0; i < 5; ++i) g.bias_stride[i] = 0;
   g.B = p.B;
+  g.G = 1;
   g.H = p.H;
   g.Nq = p.N;
   g.Nk = p.M;

@@ -26,18 +26,20 @@ namespace {
 
 constexpr const char* kOp = "vitkernels attention_fwd: ";
 
-// (B, H, N, D) strides with the strides of size-1 dims replaced by 0 (they are never used to
-// step, and may be arbitrary in a view).
-void fill_strides(const at::Tensor& t, int64_t (&out)[4]) {
-  for (int i = 0; i < 4; ++i) out[i] = t.size(i) == 1 ? 0 : t.stride(i);
+// The kernel's (B, G, H, N, D) strides of a (B, H, N, D) tensor (one group, G stride 0), with the
+// strides of size-1 dims replaced by 0 (they are never used to step, and may be arbitrary in a
+// view).
+void fill_strides(const at::Tensor& t, int64_t (&out)[5]) {
+  out[1] = 0;
+  for (int i = 0; i < 4; ++i) out[i < 1 ? i : i + 1] = t.size(i) == 1 ? 0 : t.stride(i);
 }
 
 bool kernel_can_read(const at::Tensor& t, DType dtype) {
   if (t.numel() == 0) return true;
-  int64_t s[4];
+  int64_t s[5];
   fill_strides(t, s);
-  if (t.size(3) == 1) s[3] = 1;
-  return attention_forward_tensor_aligned(t.data_ptr(), s, dtype);
+  if (t.size(3) == 1) s[4] = 1;
+  return attention_forward_tensor_aligned(t.data_ptr(), s, 5, dtype);
 }
 
 // Returns t itself when the kernel can read it in place (last-dim stride 1, 16-byte aligned
@@ -131,13 +133,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   fill_strides(kc, p.k_stride);
   fill_strides(vc, p.v_stride);
   fill_strides(out, p.out_stride);
-  p.q_stride[3] = p.k_stride[3] = p.v_stride[3] = p.out_stride[3] = 1;  // D >= 8
-  for (int i = 0; i < 4; ++i) p.bias_stride[i] = 0;
+  p.q_stride[4] = p.k_stride[4] = p.v_stride[4] = p.out_stride[4] = 1;  // D >= 8
+  for (int i = 0; i < 5; ++i) p.bias_stride[i] = 0;
   if (bias_t.defined() && Nk > 0) {
     p.bias = bias_t.data_ptr();
     fill_strides(bias_t, p.bias_stride);
   }
   p.B = static_cast<int>(B);
+  p.G = 1;
   p.H = static_cast<int>(H);
   p.Nq = static_cast<int>(Nq);
   p.Nk = static_cast<int>(Nk);

@@ -6,7 +6,9 @@ or "ts" (token t·S + s, ViViT). axis "time": each spatial position attends over
 prepended to every frame. The torch op returns (out, cls_out) — cls_out (B, T, C) is the class
 query's output per frame, or an empty (B, 0, C) tensor without a class token; the Python function
 returns `out` alone when there is no class token. Backends: "triton" (every axis, layout and the
-class token: the FlashAttention kernels on strided views of qkv) and "reference".
+class token: the FlashAttention kernels on strided views of qkv), "cuda" (forward: the CUDA C++
+attention kernel with a group dim and the class token as prefix rows; its backward runs on the
+"auto" choice) and "reference".
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ._common import (
     check_int,
     check_same,
     check_tensor,
+    cuda_reasons,
     default_scale,
     describe,
     empty_if_none,
@@ -31,7 +34,7 @@ from ._common import (
     triton_reasons,
 )
 from ._library import composite
-from .attention import last_dim_contiguous
+from .attention import cuda_head_dim_reasons, last_dim_contiguous
 
 OP = "space_time_attention"
 
@@ -251,3 +254,18 @@ def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qk
 
 
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+
+
+def _cuda_reasons(qkv, frames, num_heads, axis, cls_qkv=None, *_):
+    return cuda_reasons(qkv, cls_qkv) or cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
+
+
+def _cuda_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
+    # One launch: every (batch, group, head) sequence read with strides from qkv, the class token as
+    # a prefix key/value and a prefix query (csrc/torch/space_time_attention.cpp). The lse layouts
+    # are the Triton forward's, so the backward runs on whichever backend "auto" picks.
+    return tuple(torch.ops.vitkernels_C.space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv, layout,
+                                                                  scale))
+
+
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
