@@ -59,6 +59,10 @@
 //        spills; ≤ 185 registers/thread). It has run on the vkemu CPU emulator (tests/cuda_emu):
 //        tests/test_cuda_attention.py passes there in fp16, bf16 and fp32. It has not yet been
 //        run or timed on a GPU (record timings here and in docs/).
+//   v2 — a group dim and prefix rows (space_time_attention); warps whose rows are all past the
+//        last query skip their work, and 16-key groups past the last key skip their MMAs
+//        (warp_scores / warp_pv n_valid). sm_90a: no spills, ≤ 182 registers. Passes
+//        test_cuda_attention.py and test_cuda_space_time_attention.py on vkemu; not yet on a GPU.
 #pragma once
 
 #include <cstdint>
