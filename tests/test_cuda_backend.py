@@ -98,13 +98,31 @@ def test_space_time_attention_and_its_grads(cuda_backend, dtype, axis, layout, c
         torch.testing.assert_close(g, w, atol=20 * FLOOR[dtype], rtol=20 * FLOOR[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_xca_and_its_grads(cuda_backend, dtype):
+    """Forward on the CUDA kernel; the backward runs on the "auto" choice."""
+    b, n, heads, d = 2, 77, 4, 48
+    qkv = torch.randn(b, n, 3 * heads * d, device=cuda_backend, dtype=dtype, requires_grad=True)
+    temperature = (torch.rand(heads, 1, 1, device=cuda_backend, dtype=dtype) + 0.5).requires_grad_()
+    with vk.use_backend("cuda"):
+        got = vk.xca(qkv, heads, temperature)
+    want = eager(vk.xca, qkv, heads, temperature)
+    assert_within(f"xca cuda {dtype}", got, want, reference(vk.xca, qkv, heads, temperature), dtype)
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (qkv, temperature), grad),
+                    torch.autograd.grad(want, (qkv, temperature), grad)):
+        torch.testing.assert_close(g, w, atol=20 * FLOOR[dtype], rtol=20 * FLOOR[dtype])
+
+
 def test_reasons_name_what_the_cuda_kernels_lack(cuda_backend):
     x = torch.randn(1, 16, 3 * 64, device=cuda_backend, dtype=torch.float16)
     assert backends.not_supported_reasons("self_attention", "cuda", x, 2) == []
     assert any("head dim" in r for r in backends.not_supported_reasons("self_attention", "cuda", x[..., :3 * 36], 1))
     assert any("float64" in r for r in backends.not_supported_reasons("self_attention", "cuda", x.double(), 2))
-    with vk.use_backend("cuda"), pytest.raises(vk.BackendUnavailableError, match="no kernel for xca"):
-        vk.xca(x, 2, torch.ones(2, 1, 1, device=cuda_backend, dtype=torch.float16))
+    assert backends.not_supported_reasons("xca", "cuda", x, 2, torch.ones(2, device=cuda_backend)) == []
+    with vk.use_backend("cuda"), pytest.raises(vk.BackendUnavailableError, match="CUDA xca kernel"):
+        vk.xca(torch.randn(1, 16, 3 * 72, device=cuda_backend, dtype=torch.float16), 1,
+               torch.ones(1, 1, 1, device=cuda_backend, dtype=torch.float16))
 
 
 VIDEO = {"embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 7, "img_size": 32, "num_frames": 4}
@@ -113,6 +131,7 @@ MODELS = [  # name, kwargs, input (B, C, [T,] H, W), the fused ops it calls (eac
     ("swin_tiny_patch4_window7_224", {}, (1, 3, 100, 76), {"window_attention"}),
     ("pvt_v2_b0", {}, (1, 3, 96, 64), {"sr_attention", "dwconv"}),
     ("segformer_b0", {"num_classes": 19}, (1, 3, 64, 96), {"sr_attention", "dwconv"}),
+    ("xcit_tiny_12_p16_224", {"depth": 2}, (1, 3, 48, 64), {"xca", "dwconv", "attention"}),
     ("timesformer_base_patch16_224", VIDEO, (1, 3, 4, 32, 48), {"space_time_attention"}),
     ("vivit_base_factorized", {"num_frames": 8, **VIDEO}, (1, 3, 8, 32, 48), {"space_time_attention"}),
 ]

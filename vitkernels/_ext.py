@@ -55,6 +55,10 @@ class CudaExt:
         """Whether the CUDA attention kernel handles this head dim (asks the C++ side)."""
         return bool(self.ops.attention_supports_head_dim(int(head_dim)))
 
+    def xca_supports_head_dim(self, head_dim: int) -> bool:
+        """Whether the CUDA xca kernel handles this head dim (asks the C++ side)."""
+        return bool(self.ops.xca_supports_head_dim(int(head_dim)))
+
     def built_archs(self) -> str:
         """Compiled GPU archs, e.g. 'sm_80, sm_90' (from nvcc's __CUDA_ARCH_LIST__)."""
         raw = str(self.ops.built_archs())

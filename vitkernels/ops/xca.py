@@ -3,7 +3,8 @@
 Per head, with q, k, v as (D, N): q̂ = q / max(‖q‖₂ over N, 1e-12), same for k;
 A = softmax_row(τ_h · q̂ · k̂ᵀ) (D×D, no D^-1/2); out[n, h·D+i] = Σ_j A[i,j]·v[j,n].
 Backends: "triton" (vitkernels/triton/xca.py: two passes over the tokens, fused forward and
-backward, head dim ≤ 64) and "reference".
+backward, head dim ≤ 64), "cuda" (csrc/kernels/xca.cu: the same two passes, forward; its backward
+runs on the "auto" choice; head dim % 8 == 0, ≤ 64) and "reference".
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ._common import (
     check_int,
     check_same,
     check_tensor,
+    cuda_reasons,
     describe,
     fresh,
     reference_vjp,
@@ -126,3 +128,21 @@ def _triton_backward(dout, qkv, num_heads, temperature):
 
 
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+
+
+def _cuda_reasons(qkv, num_heads, temperature, *_):
+    from .. import _ext
+    why = cuda_reasons(qkv, temperature)
+    if why:
+        return why
+    d = qkv.shape[-1] // 3 // num_heads
+    if not _ext.load_cuda_ext().xca_supports_head_dim(d):  # cuda_reasons checked it loads
+        why.append(f"head dim {d} is not supported by the CUDA xca kernel (it needs D % 8 == 0 and D <= 64)")
+    return why
+
+
+def _cuda_forward(qkv, num_heads, temperature):
+    return torch.ops.vitkernels_C.xca_fwd(qkv, num_heads, temperature)
+
+
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
