@@ -15,8 +15,9 @@ CONFIGS = {  # name: (embed_dim, depths, heads, window, img)
 }
 
 
-def timm_swin_keys(dim, depths, heads, window, num_classes=1000):
-    """timm (>= 0.9) SwinTransformer state_dict keys and shapes."""
+def timm_swin_keys(dim, depths, heads, window, num_classes=1000, img_size=None):
+    """timm (>= 0.9) SwinTransformer state_dict keys and shapes; a stage whose map at img_size is no
+    larger than the window has a window, and a bias table, of that map's size."""
     keys = {"patch_embed.proj.weight": (dim, 3, 4, 4), "patch_embed.proj.bias": (dim,),
             "patch_embed.norm.weight": (dim,), "patch_embed.norm.bias": (dim,)}
     for i, (depth, h) in enumerate(zip(depths, heads)):
@@ -24,10 +25,11 @@ def timm_swin_keys(dim, depths, heads, window, num_classes=1000):
         if i > 0:
             keys.update({f"layers.{i}.downsample.norm.weight": (2 * c,), f"layers.{i}.downsample.norm.bias": (2 * c,),
                          f"layers.{i}.downsample.reduction.weight": (c, 2 * c)})
+        w = window if img_size is None else min(window, -(-img_size // 4 // 2 ** i))  # ceil: padded merges
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}."
             keys.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,),
-                         p + "attn.relative_position_bias_table": ((2 * window - 1) ** 2, h),
+                         p + "attn.relative_position_bias_table": ((2 * w - 1) ** 2, h),
                          p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,),
                          p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
                          p + "norm2.weight": (c,), p + "norm2.bias": (c,),
@@ -108,6 +110,28 @@ def test_training_step_gradients_reach_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     table = model.layers[0].blocks[1].attn.relative_position_bias_table
     assert table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("img_size", [32, 64, 96, 160])
+def test_state_dict_matches_timm_at_other_img_sizes(img_size):
+    dim, depths, heads, window, _ = CONFIGS["swin_tiny_patch4_window7_224"]
+    got = {k: tuple(v.shape) for k, v in create_model("swin_tiny_patch4_window7_224", img_size=img_size)
+           .state_dict().items()}
+    assert got == timm_swin_keys(dim, depths, heads, window, img_size=img_size)
+
+
+# Every stage map a multiple of the window or no larger than it: where a map needs padding, timm
+# shifts before padding and SPEC.md (like the original Swin) pads first, so outputs differ there.
+@pytest.mark.parametrize("img_size", [56, 112])
+def test_timm_swin_at_other_img_sizes_loads_and_matches(img_size):
+    timm = pytest.importorskip("timm")
+    name = "swin_tiny_patch4_window7_224"
+    ref = timm.create_model(name, pretrained=False, img_size=img_size).eval()
+    ours = create_model(name, img_size=img_size).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, img_size, img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=2e-4)
 
 
 def test_timm_swin_state_dict_loads_and_matches():

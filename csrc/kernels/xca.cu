@@ -149,6 +149,13 @@ __device__ __forceinline__ void stats_pass(const XcaArgs& a, const T* q, const T
   }
 }
 
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 // --------------------------------------------------------------------------------------- softmax
 // A = softmax_j(τ G_ij / (r_q,i r_k,j)) over j < D, from sG and sNorm; rows and columns ≥ D are 0.
 // A quad of threads per row (lane c takes columns c, c + 4, ...). fp16/bf16: A goes to sA (input
@@ -190,7 +197,7 @@ __device__ __forceinline__ void softmax_rows(const XcaArgs& a, float tau, float*
     for (int jj = 0; jj < kDp / 4; ++jj) {
       const int j = c + 4 * jj;
       if constexpr (Tr::kMma) {
-        sA[i * Tr::kStride + j] = static_cast<T>(x[jj] * inv);
+        sA[i * Tr::kStride + j] = from_float<T>(x[jj] * inv);
       } else {
         sG[i * Tr::kGStride + j] = x[jj] * inv;
       }

@@ -216,7 +216,11 @@ def build(verbose: bool = False) -> str:
     from torch.utils import cpp_extension
 
     def make_units(work):
-        kernel_flags = ["-include", os.path.join(HERE, "vkemu.h")]
+        # The macros torch's extension builds give nvcc, so code that relies on an implicit
+        # half/bfloat16 conversion fails here as it would there.
+        kernel_flags = ["-include", os.path.join(HERE, "vkemu.h"), "-D__CUDA_NO_HALF_OPERATORS__",
+                        "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                        "-D__CUDA_NO_HALF2_OPERATORS__"]
         units = [(u, kernel_flags) for u in _write_kernel_tree(work, [])]
         os.makedirs(os.path.join(work, "torch"))
         glue_flags = ["-I", os.path.join(HERE, "include")] + [a for p in cpp_extension.include_paths()

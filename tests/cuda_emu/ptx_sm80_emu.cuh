@@ -42,9 +42,16 @@ struct Mma {
     ::vkemu::mma_m16n8k16(d, a, b0, b1,
                           std::is_same<T, __half>::value ? ::vkemu::MmaType::kF16 : ::vkemu::MmaType::kBF16);
   }
+  static T round(float x) {  // explicit: kernels build with __CUDA_NO_HALF_CONVERSIONS__, as torch's do
+    if constexpr (std::is_same<T, __half>::value) {
+      return __float2half_rn(x);
+    } else {
+      return __float2bfloat16_rn(x);
+    }
+  }
   // Two values rounded to nearest-even into one register, lo in the low 16 bits.
   static uint32_t pack(float lo, float hi) {
-    const T pair[2] = {T(lo), T(hi)};
+    const T pair[2] = {round(lo), round(hi)};
     uint32_t u;
     std::memcpy(&u, pair, 4);
     return u;

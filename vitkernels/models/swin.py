@@ -7,7 +7,9 @@ relative-position-bias gather all happen inside the op (SPEC.md op 3: pad, then 
 original Swin / HF order; timm shifts before padding, identical when H and W are multiples of M).
 Any input size works: the image is zero-padded to a multiple of the patch size, odd maps are padded
 before patch merging, and a stage whose map is not larger than the window uses one window of
-min(H, W) with no shift (as timm and the original do).
+min(H, W) with no shift (as timm and the original do). As in timm, `img_size` fixes each block's
+window at construction: a stage whose map at img_size is no larger than the window is built with a
+window (and a relative-position-bias table) of that map's size, unshifted.
 """
 from __future__ import annotations
 
@@ -55,8 +57,14 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0,
+                 resolution: int | None = None):
         super().__init__()
+        if resolution is not None and resolution <= window_size:
+            # As timm (and the original Swin) build it: a block whose map at the model's img_size is
+            # no larger than the window gets a window of that size, unshifted, and a bias table sized
+            # to it, so a timm model built at the same img_size loads with strict=True.
+            window_size, shift_size = max(resolution, 1), 0
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = WindowAttention(dim, num_heads, window_size)
@@ -86,11 +94,13 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool):
+    def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool,
+                 mlp_ratio: float = 4.0, resolution: int | None = None):
         super().__init__()
         self.downsample = PatchMerging(dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList([
-            SwinBlock(out_dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2) for i in range(depth)])
+            SwinBlock(out_dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, resolution)
+            for i in range(depth)])
 
     def forward(self, x, hw):
         if not isinstance(self.downsample, nn.Identity):
@@ -134,8 +144,14 @@ class SwinTransformer(nn.Module):
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        # The map of each stage at img_size (the shorter side for an (H, W) size): the patch grid,
+        # halved (rounding up, as the padded patch merging does) at every stage after the first.
+        res = [(min(img_size) if isinstance(img_size, (tuple, list)) else img_size) // patch_size]
+        for _ in depths[1:]:
+            res.append((res[-1] + 1) // 2)
         self.layers = nn.Sequential(*[
-            SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0)
+            SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0,
+                      mlp_ratio=mlp_ratio, resolution=res[i])
             for i in range(len(depths))])
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
