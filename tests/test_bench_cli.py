@@ -296,4 +296,34 @@ def test_check_writes_stamped_json_and_csv(tmp_path):
     assert doc["kind"] == "check" and doc["passed"] is True
     assert {"gpu", "commit", "timestamp", "torch", "triton"} <= set(doc)
     assert {r["backend"] for r in doc["checks"]} == {"triton", "cuda"}
-    assert (tmp_path / "c.csv").read_text().splitlines()[0] == "op,backend,dtype,device,status,detail"
+    header, first = (tmp_path / "c.csv").read_text().splitlines()[:2]
+    assert header == "op,backend,dtype,device,batch,status,worst,detail,gpu,commit,dirty,timestamp,torch,triton,cuda"
+    assert doc["commit"] in first and doc["timestamp"] in first  # every row carries the stamp
+
+
+def test_check_batch_plot_and_progress(tmp_path, capsys, monkeypatch):
+    from vitkernels.bench import cli, results
+    plotted = {}
+    monkeypatch.setattr(cli, "_check_plot", lambda path: None)  # matplotlib may be missing here
+    monkeypatch.setattr(results, "plot_check", lambda rows, path, title: plotted.update(rows=rows, path=path))
+    rc = cli.main(["check", "--quick", "--op", "dwconv", "--batch", "3", "--plot", str(tmp_path / "c.png")])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert "commit" in out.splitlines()[0]  # the stamp line heads the output
+    assert "[1/2" in err and "dwconv triton" in err  # progress on stderr
+    assert plotted["path"] == str(tmp_path / "c.png")
+    rows = plotted["rows"]
+    assert {r["batch"] for r in rows} == {3}
+    assert [r["status"] for r in rows if r["backend"] == "triton"] == ["pass"]
+    assert 0 <= [r["worst"] for r in rows if r["backend"] == "triton"][0] < 1
+    with pytest.raises(SystemExit, match="unknown op"):
+        cli.main(["check", "--op", "nope"])
+
+
+def test_plot_check_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vitkernels.bench import results
+    rows = [{"op": "attention", "backend": "triton", "dtype": "float32", "status": "pass", "worst": 0.2},
+            {"op": "xca", "backend": "cuda", "dtype": "float32", "status": "skip", "worst": None}]
+    results.plot_check(rows, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

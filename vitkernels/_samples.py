@@ -2,13 +2,13 @@
 import torch
 
 
-def samples(dtype=torch.float32, device="cpu", requires_grad=False):
+def samples(dtype=torch.float32, device="cpu", requires_grad=False, batch=2):
     g = torch.Generator().manual_seed(1)
 
     def t(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
 
-    b, heads, d = 2, 2, 8
+    b, heads, d = batch, 2, 8
     c = heads * d
     return {
         "attention": (t(b, heads, 5, d), t(b, heads, 7, d), t(b, heads, 7, d), t(heads, 5, 7), None),

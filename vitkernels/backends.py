@@ -107,8 +107,29 @@ def use_backend(name: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- choosing a kernel
 
+def _with_defaults(op: str, args: tuple, kwargs: dict) -> tuple:
+    """args completed from kwargs and the defaults of the public op's schema
+    (torch.ops.vitkernels.<op>), so callers may leave optional arguments out as in the op itself."""
+    import torch
+    try:
+        schema = getattr(torch.ops.vitkernels, op).default._schema
+    except (AttributeError, RuntimeError):
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for a in schema.arguments[len(args):]:
+        if a.name in kwargs:
+            args.append(kwargs.pop(a.name))
+        elif a.has_default_value():
+            args.append(a.default_value)
+        else:
+            break
+    return tuple(args), kwargs
+
+
 def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list:
-    """Why `backend` cannot run `op` on these arguments ([] when it can)."""
+    """Why `backend` cannot run `op` on these arguments ([] when it can). Arguments follow the
+    public op (`vitkernels.<op>`); optional ones may be left out."""
+    args, kwargs = _with_defaults(op, args, kwargs)
     if op in COMPOSITES:
         return [f"{op} runs {part}: {reason}" for part, part_args in COMPOSITES[op](*args, **kwargs)
                 for reason in not_supported_reasons(part, backend, *part_args)]

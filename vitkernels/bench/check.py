@@ -34,14 +34,15 @@ def _err(x, oracle):
     return (x.double().cpu() - oracle).abs().max().item() if x.numel() else 0.0
 
 
-def check_op(name: str, backend: str, dtype: torch.dtype, device: str):
-    """Returns (status, detail): status "pass", "FAIL" or "skip"."""
+def check_op(name: str, backend: str, dtype: torch.dtype, device: str, batch: int = 2):
+    """Returns (status, detail, worst): status "pass", "FAIL" or "skip"; worst = the largest error as a
+    fraction of its bound (None when skipped)."""
     import vitkernels
     fn = getattr(vitkernels, name)
-    args = samples(dtype=dtype, device=device)[name]
+    args = samples(dtype=dtype, device=device, batch=batch)[name]
     reasons = backends.not_supported_reasons(name, backend, *args)
     if reasons:
-        return "skip", "; ".join(reasons)
+        return "skip", "; ".join(reasons), None
     with use_backend("reference"):
         oracle = [t.double().cpu() for t in _run(fn, [a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])]
         eager = _run(fn, args)
@@ -52,29 +53,38 @@ def check_op(name: str, backend: str, dtype: torch.dtype, device: str):
         bound = 2 * _err(e, o) + FLOOR[dtype] * max(1.0, o.abs().max().item() if o.numel() else 1.0)
         err = _err(g, o)
         if not torch.isfinite(g).all() or err > bound:
-            return "FAIL", f"tensor {i}: error {err:.2e} > bound {bound:.2e}"
+            return "FAIL", f"tensor {i}: error {err:.2e} > bound {bound:.2e}", err / bound if bound else float("inf")
         worst = max(worst, err / bound if bound else 0.0)
-    return "pass", f"worst error at {worst:.0%} of its bound"
+    return "pass", f"worst error at {worst:.0%} of its bound", worst
 
 
-def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | None = None) -> bool:
-    """Prints one line per op x fused backend x dtype; appends them as dicts to `rows` if given."""
+def default_dtypes(device: str, quick: bool = False) -> list:
+    """float32 on CPU (the interpreter's bfloat16 dots are wrong); every dtype on a GPU, bf16 with quick."""
+    if device == "cpu":
+        return [torch.float32]
+    return [torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | None = None, batch: int = 2,
+        progress=None) -> bool:
+    """Prints one line per op x fused backend x dtype; appends them as dicts to `rows` if given.
+    `batch` is the leading dim of every sample; `progress` (harness.Progress) is stepped per check."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtypes is None:
-        dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
-        if quick and device != "cpu":
-            dtypes = [torch.bfloat16]
+    dtypes = dtypes or default_dtypes(device, quick)
     ok = True
     print(f"vitkernels check on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}): "
           "fused backends vs the float64 reference")
     for name in ops or list(samples()):
         for backend in FUSED:
             for dtype in dtypes:
-                status, detail = check_op(name, backend, dtype, device)
+                status, detail, worst = check_op(name, backend, dtype, device, batch)
                 ok &= status != "FAIL"
+                if progress is not None:
+                    progress.step(f"{name} {backend} {str(dtype).replace('torch.', '')}: {status}")
                 if rows is not None:
                     rows.append({"op": name, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                                 "device": device, "status": status, "detail": detail})
+                                 "device": device, "batch": batch, "status": status, "detail": detail,
+                                 "worst": None if worst is None else round(worst, 4)})
                 print(f"  {name:22s} {backend:10s} {str(dtype).replace('torch.', ''):9s} {status:5s} {detail}")
     print("check: all passed" if ok else "check: FAILURES")
     return ok

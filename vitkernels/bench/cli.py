@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one dtype (bf16 on GPU, fp32 on CPU); under a minute on CPU")
     check.add_argument("--op", action="append", metavar="NAME", help="only these ops")
     check.add_argument("--dtype", action="append", metavar="DTYPE", help="bf16, fp16, fp32")
+    check.add_argument("--batch", type=int, default=2, metavar="B", help="leading dim of every sample (default 2)")
     check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     check.add_argument("--json", metavar="PATH", help="write the results (stamped with GPU, versions, commit, time)")
     check.add_argument("--csv", metavar="PATH", help="write one CSV row per op x backend x dtype")
+    check.add_argument("--plot", metavar="PNG", help="bar chart of each check's error / bound (needs matplotlib)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
     from .results import add_report_args
     report = sub.add_parser("report", help="merge results files; regenerate docs/benchmarks.md",
                             description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
@@ -222,7 +225,7 @@ class _Writer:
         if self.args.json:
             results.write_json(self.args.json, dict(self.meta, records=records, skipped=skipped))
         if self.args.csv:
-            results.write_csv(self.args.csv, records)
+            results.write_csv(self.args.csv, records, stamp=self.meta)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -292,6 +295,7 @@ def cmd_ops(args) -> int:
     finally:
         progress.close()
     writer(records, skipped)
+    print(results.stamp_line(meta))
     print_ops_table(records, skipped, cpu)
     print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
           + (f"; wrote {args.json}" if args.json else "") + (f", {args.csv}" if args.csv else ""))
@@ -379,8 +383,10 @@ def cmd_models(args) -> int:
     finally:
         progress.close()
     writer(records, skipped)
+    print(results.stamp_line(meta))
     print_models_table(records, skipped, cpu)
-    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s" + (f"; wrote {args.json}" if args.json else ""))
+    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
+          + (f"; wrote {args.json}" if args.json else "") + (f", {args.csv}" if args.csv else ""))
     if args.plot and records:
         try:
             results.plot(records, args.plot, title=f"vitkernels model speedup, {meta['device']}")
@@ -402,17 +408,39 @@ def cmd_check(args) -> int:
         dtypes = harness.parse_dtypes(args.dtype) or None
     except ValueError as e:
         raise SystemExit(f"vitkernels-bench check: {e}") from None
-    if dtypes is None and args.quick:
-        dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16]
+    from .._samples import samples
+    from .results import metadata, plot_check, stamp_line, write_csv, write_json
+    _check_plot(args.plot)
+    if args.batch < 1:
+        raise SystemExit("vitkernels-bench check: --batch must be >= 1")
+    ops = _split(args.op) or list(samples())
+    unknown = [o for o in ops if o not in samples()]
+    if unknown:
+        raise SystemExit(f"vitkernels-bench check: unknown op(s) {unknown}; ops: {', '.join(samples())}")
+    dtypes = dtypes or check.default_dtypes(device, args.quick)
+    meta = metadata(device)
+    print(stamp_line(meta))
     rows: list = []
-    ok = check.run(quick=args.quick, dtypes=dtypes, ops=_split(args.op) or None, device=device, rows=rows)
-    from .results import metadata, write_csv, write_json
+    progress = harness.Progress(len(ops) * len(check.FUSED) * len(dtypes), enabled=not args.no_progress,
+                                desc="check")
+    try:
+        ok = check.run(quick=args.quick, dtypes=dtypes, ops=ops, device=device, rows=rows, batch=args.batch,
+                       progress=progress)
+    finally:
+        progress.close()
     if args.json:
-        write_json(args.json, {**metadata(device), "kind": "check", "passed": ok, "checks": rows})
+        write_json(args.json, {**meta, "kind": "check", "passed": ok, "checks": rows})
         print(f"wrote {args.json}")
     if args.csv:
-        write_csv(args.csv, rows, fields=("op", "backend", "dtype", "device", "status", "detail"))
+        write_csv(args.csv, rows, fields=("op", "backend", "dtype", "device", "batch", "status", "worst", "detail"),
+                  stamp=meta)
         print(f"wrote {args.csv}")
+    if args.plot:
+        try:
+            plot_check(rows, args.plot, title=f"vitkernels check, {meta['device']}")
+            print(f"wrote {args.plot}")
+        except RuntimeError as e:
+            print(f"plot skipped: {e}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -188,14 +188,28 @@ def write_json(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(path: str, records: Iterable[dict], fields: Sequence[str] = CSV_FIELDS) -> None:
+# The stamp every CSV row carries (the JSON carries it once, at the top).
+STAMP_FIELDS = ("gpu", "commit", "dirty", "timestamp", "torch", "triton", "cuda")
+
+
+def stamp_line(meta: dict) -> str:
+    """One line naming where and when results were taken, printed above the tables."""
+    commit = str(meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
+    return (f"{meta.get('device', meta.get('gpu'))} | torch {meta.get('torch')} | triton {meta.get('triton')} | "
+            f"CUDA {meta.get('cuda')} | vitkernels {meta.get('vitkernels')} commit {commit} | {meta.get('timestamp')}")
+
+
+def write_csv(path: str, records: Iterable[dict], fields: Sequence[str] = CSV_FIELDS,
+              stamp: Optional[dict] = None) -> None:
+    """One row per record with `fields`, then the STAMP_FIELDS of `stamp` (a metadata() dict) when given."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = list(fields) + (list(STAMP_FIELDS) if stamp else [])
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in records:
-            row = dict(r)
+            row = {**{k: stamp.get(k) for k in STAMP_FIELDS}, **r} if stamp else dict(r)
             row["shape"] = " ".join(f"{k}={v}" for k, v in (r.get("shape") or {}).items())
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     os.replace(tmp, path)
@@ -377,17 +391,46 @@ def _models_table(models: list) -> list:
     return lines + ["", "(×) = vitkernels' speedup over that implementation.", ""]
 
 
-def plot(records: list, path: str, title: str = "vitkernels speedup") -> None:
-    """Horizontal bar chart: per case (or model) and mode, vitkernels' speedup over eager and over the
-    fastest other baseline. Needs matplotlib."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib "
                            "(or pip install 'vitkernels[bench]')") from e
+    return plt
+
+
+def plot_check(rows: list, path: str, title: str = "vitkernels check") -> None:
+    """Horizontal bar chart of `check`: per op x backend x dtype, the largest error as a fraction of
+    its bound (2 x eager's error + floor); bars past 1 failed, skipped checks are left out."""
+    plt = _pyplot()
+    done = [r for r in rows if r.get("worst") is not None]
+    if not done:
+        raise RuntimeError("nothing to plot: every check was skipped")
+    labels = [f"{r['op']} {r['backend']} {r['dtype']}" for r in done]
+    values = [min(r["worst"], 2.0) for r in done]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.25 * len(done) + 1.5)))
+    ys = range(len(done))
+    ax.barh(list(ys), values, color=["tab:red" if r["status"] == "FAIL" else "tab:green" for r in done])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 2.0)
+    ax.set_xlabel("largest error / its bound (2 x eager error + floor); > 1 fails")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot(records: list, path: str, title: str = "vitkernels speedup") -> None:
+    """Horizontal bar chart: per case (or model) and mode, vitkernels' speedup over eager and over the
+    fastest other baseline. Needs matplotlib."""
+    plt = _pyplot()
+    import matplotlib.ticker
     groups = {}
     for r in records:
         if r["impl"] == "vitkernels" or not r.get("vk_speedup"):
