@@ -397,7 +397,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_check(args) -> int:
-    import torch
     device = _device(args.device)
     if device == "cpu" and "triton" not in sys.modules:
         # No GPU: the Triton kernels can only be checked in the interpreter, which must be chosen
