@@ -23,6 +23,7 @@ SHAPES = [
     (3, 65, 2, 40),
     (1, 197, 3, 16),
     (1, 33, 2, 8),
+    (36, 64, 8, 48),  # B·heads = 288 ≥ 2 CTAs per SM on a 132-SM H100/H200: one CTA per head there too
 ]
 
 
