@@ -22,4 +22,24 @@ inline DType kernel_dtype(at::ScalarType t, const char* op) {
   return DType::kFloat32;  // unreachable
 }
 
+// (B, heads, rows, D) element strides of the per-head view of a (B, rows, width) token tensor whose
+// heads are consecutive D-wide channel groups (strides of size-1 dims are 0: never stepped).
+inline void head_view_strides(const at::Tensor& t, int64_t D, int64_t (&s)[4]) {
+  s[0] = t.size(0) == 1 ? 0 : t.stride(0);
+  s[1] = D;
+  s[2] = t.size(1) == 1 ? 0 : t.stride(1);
+  s[3] = 1;
+}
+
+// Whether the kernels' 16-byte vector loads can read the head views of token tensor t starting
+// `offset` elements in (e.g. the k part of a packed [q | k | v]) in place.
+inline bool head_view_readable(const at::Tensor& t, int64_t D, int64_t offset, DType dtype) {
+  if (t.numel() == 0) return true;
+  if (t.stride(2) != 1) return false;
+  int64_t s[4];
+  head_view_strides(t, D, s);
+  const char* base = static_cast<const char*>(t.data_ptr()) + offset * t.element_size();
+  return attention_forward_tensor_aligned(base, s, dtype);
+}
+
 }  // namespace vitkernels

@@ -24,27 +24,10 @@ namespace {
 
 constexpr const char* kOp = "vitkernels sr_attention_fwd: ";
 
-// (B, heads, rows, D) element strides of the head view of a (B, rows, width) token tensor.
-void head_view_strides(const at::Tensor& t, int64_t D, int64_t (&s)[4]) {
-  s[0] = t.size(0) == 1 ? 0 : t.stride(0);
-  s[1] = D;
-  s[2] = t.size(1) == 1 ? 0 : t.stride(1);
-  s[3] = 1;
-}
-
-bool readable_in_place(const at::Tensor& t, int64_t D, int64_t offset, DType dtype) {
-  if (t.numel() == 0) return true;
-  if (t.stride(2) != 1) return false;
-  int64_t s[4];
-  head_view_strides(t, D, s);
-  const char* base = static_cast<const char*>(t.data_ptr()) + offset * t.element_size();
-  return attention_forward_tensor_aligned(base, s, dtype);
-}
-
 // t itself when the kernel can read its head views (at element offsets 0 and `offset`) in place,
 // else an aligned contiguous copy.
 at::Tensor readable(const at::Tensor& t, int64_t D, int64_t offset, DType dtype) {
-  if (readable_in_place(t, D, 0, dtype) && (offset == 0 || readable_in_place(t, D, offset, dtype))) return t;
+  if (head_view_readable(t, D, 0, dtype) && (offset == 0 || head_view_readable(t, D, offset, dtype))) return t;
   return t.clone(at::MemoryFormat::Contiguous);  // fresh allocation: aligned base
 }
 

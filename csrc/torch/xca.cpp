@@ -24,21 +24,6 @@ namespace {
 
 constexpr const char* kOp = "vitkernels xca_fwd: ";
 
-// (B, heads, N, D) element strides of the head view of a (B, N, width) token tensor.
-void head_view_strides(const at::Tensor& t, int64_t D, int64_t (&s)[4]) {
-  s[0] = t.size(0) == 1 ? 0 : t.stride(0);
-  s[1] = D;
-  s[2] = t.size(1) == 1 ? 0 : t.stride(1);
-  s[3] = 1;
-}
-
-bool readable_in_place(const at::Tensor& t, int64_t D, DType dtype) {
-  if (t.stride(2) != 1) return false;
-  int64_t s[4];
-  head_view_strides(t, D, s);
-  return attention_forward_tensor_aligned(t.data_ptr(), s, dtype);
-}
-
 }  // namespace
 
 at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::Tensor& temperature) {
@@ -65,7 +50,7 @@ at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::T
   at::Tensor out = at::empty({B, N, C}, qkv_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor qkv =
-      readable_in_place(qkv_in, D, dtype) ? qkv_in : qkv_in.clone(at::MemoryFormat::Contiguous);
+      head_view_readable(qkv_in, D, 0, dtype) ? qkv_in : qkv_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor tau = temperature.reshape({H}).to(at::kFloat).contiguous();
 
   XcaFwdParams p{};
