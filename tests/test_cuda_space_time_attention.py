@@ -113,6 +113,18 @@ def test_reverse_thread_order(ops, reverse_thread_order, dtype):
     check(ops, qkv, 3, 2, "time", None, "st", dtype, f"reverse order time {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_class_token_without_patch_tokens(ops, dtype):
+    # S = 0: each frame's sequence is the class token alone, so cls_out is its value in every frame.
+    qkv, cls_qkv = make(2, 0, 3, 2, 32, dtype, ops.device)
+    out, cls_out, lse, cls_lse = ops.space_time_attention_fwd(qkv, 3, 2, "space", cls_qkv, "st", 0.2)
+    ops.sync()
+    assert out.shape == (2, 0, 64) and lse.shape == (2, 3, 2, 0)
+    torch.testing.assert_close(cls_out, cls_qkv[:, None, 128:].expand(2, 3, 64))
+    want = (cls_qkv[:, :64].float() * cls_qkv[:, 64:128].float()).view(2, 1, 2, 32).sum(-1, keepdim=True) * 0.2
+    torch.testing.assert_close(cls_lse, want.expand(2, 3, 2, 1), atol=1e-2, rtol=1e-2)
+
+
 def test_bad_arguments(ops):
     qkv, cls_qkv = make(1, 4, 2, 2, 32, torch.float16, ops.device)
     with pytest.raises(RuntimeError, match="axis must be"):

@@ -159,3 +159,11 @@ def test_auto_on_cpu_is_reference():
     from vitkernels import backends
     q = torch.randn(1, 1, 4, 8)
     assert backends.select("attention", q, q, q, None).backend == "reference"
+
+
+def test_cuda_reason_helpers():
+    from vitkernels.ops._common import ext_op_reasons, int32_reasons
+    # An extension built from older sources lacks newer ops: the reason says to rebuild, "auto" moves on.
+    assert "rebuild" in ext_op_reasons("no_such_op_in_any_build")[0]
+    assert int32_reasons(tokens=2 ** 31 - 1) == []
+    assert "32-bit" in int32_reasons(tokens=2 ** 31)[0]

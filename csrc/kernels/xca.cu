@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -342,7 +343,10 @@ cudaError_t make_plan(const XcaFwdParams& p, Plan* plan) {
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   int64_t per_chunk = tiles;
   if (bh < 2 * static_cast<int64_t>(sms) && tiles > 1) {
-    const int64_t want = (4 * static_cast<int64_t>(sms) + bh - 1) / bh;  // chunks per head
+    // Chunks per head: about 4 CTAs per SM, at most kMaxChunks, because every apply CTA sums all
+    // of its head's partials (chunks² · (Dp² + 2·Dp) floats of L2 reads per head).
+    constexpr int64_t kMaxChunks = 8;
+    const int64_t want = std::min((4 * static_cast<int64_t>(sms) + bh - 1) / bh, kMaxChunks);
     per_chunk = (tiles + want - 1) / want;
   }
   const int64_t chunks = (tiles + per_chunk - 1) / per_chunk;

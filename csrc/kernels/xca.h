@@ -22,9 +22,11 @@
 //       eager `attn @ v` does); each warp owns 16 tokens. Staged through shared memory, stored
 //       in 16-byte chunks.
 //   * One CTA per head does both passes when B·H alone fills the GPU (≥ 2 CTAs per SM) or N fits
-//     one tile. Otherwise the tokens are split in chunks: a stats kernel writes each chunk's fp32
-//     partial G and norms to a workspace (xca_forward_workspace_floats) and an apply kernel sums
-//     them over the chunks in a fixed order, so results are deterministic without atomics.
+//     one tile. Otherwise the tokens are split in chunks (about 4 CTAs per SM, at most 8 chunks per
+//     head): a stats kernel writes each chunk's fp32 partial G and norms to a workspace
+//     (xca_forward_workspace_floats) and an apply kernel sums them over the chunks in a fixed
+//     order, so results are deterministic without atomics. Every apply CTA re-reads its head's
+//     partials (L2 hits), hence the cap.
 //   * Nothing N-sized but the inputs and the output touches HBM: the eager path's normalised q, k,
 //     their transposes and the (B, H, D, N) output are never written.
 //   * Head dims: D % 8 == 0, 8 ≤ D ≤ 64, padded to 32, 48 or 64 (pad channels are zero-filled,

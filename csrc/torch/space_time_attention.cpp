@@ -99,7 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
   at::Tensor cls_out = at::empty({B, has_cls ? T : 0, C}, opts);
   at::Tensor lse = at::empty({B, G, H, L}, opts.dtype(at::kFloat));
   at::Tensor cls_lse = at::empty({B, has_cls ? T : 0, H, 1}, opts.dtype(at::kFloat));
-  if (out.numel() == 0) return {out, cls_out, lse, cls_lse};
+  // Nothing to compute without batch or heads, or without tokens and class token (with a class
+  // token and no patch tokens, cls_out is the class value of every frame: the kernel computes it).
+  if (B == 0 || C == 0 || (N == 0 && !has_cls)) return {out, cls_out, lse, cls_lse};
 
   const at::Tensor qkv = readable(qkv_in, dtype);
   const int64_t row = N == 1 ? 0 : qkv.stride(1);

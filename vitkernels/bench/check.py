@@ -7,6 +7,7 @@ backend + a dtype floor, for the output and the gradient of every float input.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -52,10 +53,19 @@ def check_op(name: str, backend: str, dtype: torch.dtype, device: str, batch: in
     for i, (g, e, o) in enumerate(zip(got, eager, oracle)):
         bound = 2 * _err(e, o) + FLOOR[dtype] * max(1.0, o.abs().max().item() if o.numel() else 1.0)
         err = _err(g, o)
-        if not torch.isfinite(g).all() or err > bound:
+        if not torch.isfinite(g).all():
+            return "FAIL", f"tensor {i}: non-finite values", float("inf")
+        if err > bound:
             return "FAIL", f"tensor {i}: error {err:.2e} > bound {bound:.2e}", err / bound if bound else float("inf")
         worst = max(worst, err / bound if bound else 0.0)
     return "pass", f"worst error at {worst:.0%} of its bound", worst
+
+
+def _ratio(worst):
+    """error / bound for the rows: None when skipped, "inf" for a non-finite result (valid JSON)."""
+    if worst is None:
+        return None
+    return round(worst, 4) if math.isfinite(worst) else "inf"
 
 
 def default_dtypes(device: str, quick: bool = False) -> list:
@@ -84,7 +94,7 @@ def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | No
                 if rows is not None:
                     rows.append({"op": name, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
                                  "device": device, "batch": batch, "status": status, "detail": detail,
-                                 "worst": None if worst is None else round(worst, 4)})
+                                 "worst": _ratio(worst)})
                 print(f"  {name:22s} {backend:10s} {str(dtype).replace('torch.', ''):9s} {status:5s} {detail}")
     print("check: all passed" if ok else "check: FAILURES")
     return ok

@@ -410,7 +410,7 @@ def plot_check(rows: list, path: str, title: str = "vitkernels check") -> None:
     if not done:
         raise RuntimeError("nothing to plot: every check was skipped")
     labels = [f"{r['op']} {r['backend']} {r['dtype']}" for r in done]
-    values = [min(r["worst"], 2.0) for r in done]
+    values = [2.0 if r["worst"] == "inf" else min(r["worst"], 2.0) for r in done]  # "inf": non-finite
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.25 * len(done) + 1.5)))
     ys = range(len(done))
     ax.barh(list(ys), values, color=["tab:red" if r["status"] == "FAIL" else "tab:green" for r in done])

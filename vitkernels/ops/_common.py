@@ -130,6 +130,21 @@ def cuda_reasons(*tensors: Optional[Tensor]) -> list:
     return []
 
 
+def ext_op_reasons(name: str) -> list:
+    """[] when the loaded CUDA extension registers torch.ops.vitkernels_C.<name>; else why not (an
+    extension built from older sources lacks the newer ops)."""
+    try:
+        getattr(torch.ops.vitkernels_C, name)
+    except Exception:  # AttributeError / RuntimeError depending on the torch version
+        return [f"the loaded CUDA extension has no {name} (built from older sources; rebuild it)"]
+    return []
+
+
+def int32_reasons(**sizes: int) -> list:
+    """The CUDA kernels index with 32-bit ints: one reason per size past INT_MAX."""
+    return [f"{name} = {v} exceeds the CUDA kernel's 32-bit limit" for name, v in sizes.items() if v > 2 ** 31 - 1]
+
+
 def head_dim_reasons(d: int, limit: int = FUSED_MAX_HEAD_DIM) -> list:
     return [] if d <= limit else [f"head dim {d} > {limit} is not supported by the fused kernel"]
 

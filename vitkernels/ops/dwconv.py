@@ -22,6 +22,7 @@ from ._common import (
     cuda_reasons,
     describe,
     empty_if_none,
+    ext_op_reasons,
     fresh,
     reference_vjp,
     triton_reasons,
@@ -139,17 +140,7 @@ def _cuda_reasons(x, hw, weight, bias, activation, *_):
     k = weight.shape[-1]
     if k not in CUDA_KERNEL_SIZES:
         why.append(f"kernel size k = {k} is not built into the CUDA dwconv kernel (k in {CUDA_KERNEL_SIZES})")
-    if not why and not _ext_has_dwconv():
-        why.append("the loaded CUDA extension has no dwconv_fwd (built from older sources; rebuild it)")
-    return why
-
-
-def _ext_has_dwconv() -> bool:
-    try:
-        torch.ops.vitkernels_C.dwconv_fwd
-    except Exception:  # AttributeError / RuntimeError depending on the torch version
-        return False
-    return True
+    return why or ext_op_reasons("dwconv_fwd")
 
 
 def _cuda_forward(x, hw, weight, bias, activation):

@@ -28,8 +28,10 @@ from ._common import (
     default_scale,
     describe,
     empty_if_none,
+    ext_op_reasons,
     fresh,
     head_dim_reasons,
+    int32_reasons,
     reference_vjp,
     triton_reasons,
 )
@@ -257,7 +259,11 @@ backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton
 
 
 def _cuda_reasons(qkv, frames, num_heads, axis, cls_qkv=None, *_):
-    return cuda_reasons(qkv, cls_qkv) or cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
+    b, n = qkv.shape[:2]
+    groups = n // frames if axis == "time" else frames
+    return (cuda_reasons(qkv, cls_qkv) or ext_op_reasons("space_time_attention_fwd")
+            or cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
+            + int32_reasons(sequences=b * groups * num_heads, tokens=n))
 
 
 def _cuda_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):

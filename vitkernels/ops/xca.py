@@ -20,7 +20,9 @@ from ._common import (
     check_tensor,
     cuda_reasons,
     describe,
+    ext_op_reasons,
     fresh,
+    int32_reasons,
     reference_vjp,
     triton_reasons,
 )
@@ -132,13 +134,14 @@ backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton
 
 def _cuda_reasons(qkv, num_heads, temperature, *_):
     from .. import _ext
-    why = cuda_reasons(qkv, temperature)
+    why = cuda_reasons(qkv, temperature) or ext_op_reasons("xca_fwd")
     if why:
         return why
-    d = qkv.shape[-1] // 3 // num_heads
+    b, n, c3 = qkv.shape
+    d = c3 // 3 // num_heads
     if not _ext.load_cuda_ext().xca_supports_head_dim(d):  # cuda_reasons checked it loads
         why.append(f"head dim {d} is not supported by the CUDA xca kernel (it needs D % 8 == 0 and D <= 64)")
-    return why
+    return why + int32_reasons(tokens=n, batch_x_heads=b * num_heads)
 
 
 def _cuda_forward(qkv, num_heads, temperature):
