@@ -130,9 +130,14 @@ def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list:
     """Why `backend` cannot run `op` on these arguments ([] when it can). Arguments follow the
     public op (`vitkernels.<op>`); optional ones may be left out."""
     args, kwargs = _with_defaults(op, args, kwargs)
+    return _reasons(op, backend, args, kwargs)
+
+
+def _reasons(op: str, backend: str, args: tuple, kwargs: dict) -> list:
+    """not_supported_reasons for complete arguments (select's path: no schema lookup per call)."""
     if op in COMPOSITES:
         return [f"{op} runs {part}: {reason}" for part, part_args in COMPOSITES[op](*args, **kwargs)
-                for reason in not_supported_reasons(part, backend, *part_args)]
+                for reason in _reasons(part, backend, tuple(part_args), {})]
     kernels = _KERNELS.get(op)
     if kernels is None:
         raise ValueError(f"unknown op {op!r}; ops: {ops()}")
@@ -157,7 +162,7 @@ def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
     kernels = _KERNELS[op]
     choice = get_backend()
     if choice != "auto" and not (backward and (choice not in kernels or kernels[choice].backward is None)):
-        reasons = not_supported_reasons(op, choice, *args, **kwargs)
+        reasons = _reasons(op, choice, args, kwargs)
         if reasons:
             raise BackendUnavailableError(
                 f"vitkernels.{op}: backend {choice!r} cannot run these arguments: " + "; ".join(reasons))

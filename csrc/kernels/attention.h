@@ -114,6 +114,15 @@ struct AttentionFwdParams {
   DType dtype;
 };
 
+// (B, H, N, D) strides as the kernel's (B, G, H, N, D) strides of a single group (G stride 0).
+inline void attention_one_group_strides(const int64_t (&bhnd)[4], int64_t (&bghnd)[5]) {
+  bghnd[0] = bhnd[0];
+  bghnd[1] = 0;
+  bghnd[2] = bhnd[1];
+  bghnd[3] = bhnd[2];
+  bghnd[4] = bhnd[3];
+}
+
 // Launches the forward kernel on `stream`. Returns cudaErrorInvalidValue (and launches nothing)
 // on unsupported head dim, misaligned pointers/strides or bad sizes; otherwise the launch status.
 cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream);

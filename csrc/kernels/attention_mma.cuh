@@ -39,6 +39,17 @@ struct Shape {
   static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
 };
 
+// The head dim a kernel is compiled for: D rounded up to 32, 48, 64, 80, 96 or 128 (the pad lanes
+// are zero-filled and never stored).
+inline int padded_head_dim(int D) {
+  if (D <= 32) return 32;
+  if (D <= 48) return 48;
+  if (D <= 64) return 64;
+  if (D <= 80) return 80;
+  if (D <= 96) return 96;
+  return 128;
+}
+
 // Copies rows [row0, row0 + kRows) × head dims [0, kDp) of one (N, D) matrix into shared memory
 // (row stride kSmemStride elements) with 16-byte cp.async; rows ≥ n_rows and chunks ≥ D are
 // zero-filled, except that row n_rows reads `extra_row` when it is given (a "prefix" query that

@@ -106,15 +106,6 @@ __global__ void __launch_bounds__(kThreads) sr_attention_fwd_kernel(const SrArgs
 #endif
 }
 
-int padded_head_dim(int D) {
-  if (D <= 32) return 32;
-  if (D <= 48) return 48;
-  if (D <= 64) return 64;
-  if (D <= 80) return 80;
-  if (D <= 96) return 96;
-  return 128;
-}
-
 template <typename T, int kDp>
 cudaError_t launch(const SrArgs& args, unsigned grid, int smem_bytes, cudaStream_t stream) {
   auto kernel = sr_attention_fwd_kernel<T, kDp>;
@@ -149,15 +140,10 @@ cudaError_t forward_fp32(const SrAttentionFwdParams& p, cudaStream_t stream) {
   g.bias = nullptr;
   g.out = p.out;
   g.lse = p.lse;
-  // (B, H, N, D) strides → the kernel's (B, G, H, N, D) with one group.
-  for (int i = 0; i < 4; ++i) {
-    const int j = i == 0 ? 0 : i + 1;
-    g.q_stride[j] = p.q_stride[i];
-    g.k_stride[j] = p.k_stride[i];
-    g.v_stride[j] = p.v_stride[i];
-    g.out_stride[j] = p.out_stride[i];
-  }
-  g.q_stride[1] = g.k_stride[1] = g.v_stride[1] = g.out_stride[1] = 0;
+  attention_one_group_strides(p.q_stride, g.q_stride);
+  attention_one_group_strides(p.k_stride, g.k_stride);
+  attention_one_group_strides(p.v_stride, g.v_stride);
+  attention_one_group_strides(p.out_stride, g.out_stride);
   for (int i = 0; i < 5; ++i) g.bias_stride[i] = 0;
   g.B = p.B;
   g.G = 1;

@@ -14,7 +14,8 @@ namespace vitkernels {
 namespace {
 
 using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>, to_float
-using namespace mma_attention;  // load_tile_async, load_q_fragments, warp_scores, Shape, kNT, kLog2e
+using namespace mma_attention;  // load_tile_async, load_q_fragments, warp_scores, Shape, kNT, kLog2e,
+                                // padded_head_dim
 
 // kOnePass: one CTA per head runs stats, softmax and apply. kStats / kApply: the two halves of a
 // split head, one CTA per (head, chunk of tokens), joined by the fp32 workspace.
@@ -321,8 +322,6 @@ __global__ void __launch_bounds__(kThreads) xca_fwd_kernel(const XcaArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------- host
-int padded_head_dim(int D) { return D <= 32 ? 32 : D <= 48 ? 48 : 64; }
-
 bool is_16bit(DType dtype) { return dtype != DType::kFloat32; }
 
 struct Plan {

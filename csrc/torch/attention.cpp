@@ -30,8 +30,9 @@ constexpr const char* kOp = "vitkernels attention_fwd: ";
 // strides of size-1 dims replaced by 0 (they are never used to step, and may be arbitrary in a
 // view).
 void fill_strides(const at::Tensor& t, int64_t (&out)[5]) {
-  out[1] = 0;
-  for (int i = 0; i < 4; ++i) out[i < 1 ? i : i + 1] = t.size(i) == 1 ? 0 : t.stride(i);
+  int64_t bhnd[4];
+  for (int i = 0; i < 4; ++i) bhnd[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  attention_one_group_strides(bhnd, out);
 }
 
 bool kernel_can_read(const at::Tensor& t, DType dtype) {

@@ -42,4 +42,11 @@ inline bool head_view_readable(const at::Tensor& t, int64_t D, int64_t offset, D
   return attention_forward_tensor_aligned(base, s, dtype);
 }
 
+// t itself when the kernels can read its head views (starting at element offsets 0 and `offset`)
+// in place, else a contiguous copy in a fresh, aligned buffer.
+inline at::Tensor readable_head_views(const at::Tensor& t, int64_t D, DType dtype, int64_t offset = 0) {
+  if (head_view_readable(t, D, 0, dtype) && (offset == 0 || head_view_readable(t, D, offset, dtype))) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 }  // namespace vitkernels

@@ -18,7 +18,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -47,16 +46,6 @@ void sequence_strides(int64_t batch_stride, int64_t row, int64_t S, int64_t T, b
   s[4] = 1;
 }
 
-// t itself when the kernel can read it in place (last dim contiguous, 16-byte aligned base and
-// row/batch strides), else a contiguous copy in a fresh (aligned) buffer.
-at::Tensor readable(const at::Tensor& t, DType dtype) {
-  if (t.numel() == 0) return t;
-  const int64_t s[4] = {t.size(0) == 1 ? 0 : t.stride(0), t.dim() == 3 && t.size(1) > 1 ? t.stride(1) : 0, 0,
-                        t.stride(-1)};
-  if (attention_forward_tensor_aligned(t.data_ptr(), s, 4, dtype)) return t;
-  return t.clone(at::MemoryFormat::Contiguous);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_fwd_cuda(
@@ -72,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
               " is not 3 * num_heads * D for num_heads = ", num_heads);
   TORCH_CHECK(frames > 0 && N % frames == 0, kOp, "frames = ", frames, " does not divide the token count ", N);
   const int64_t C = C3 / 3, H = num_heads, D = C / H, T = frames, S = N / frames;
-  TORCH_CHECK(attention_forward_supports_head_dim(static_cast<int>(std::min<int64_t>(D, 1 << 20))), kOp,
+  TORCH_CHECK(D <= 128 && attention_forward_supports_head_dim(static_cast<int>(D)), kOp,
               "head dim D = ", D, " is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
   const bool time_axis = axis == "time";
   const bool has_cls = cls_in.has_value() && cls_in->defined();
@@ -103,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
   // token and no patch tokens, cls_out is the class value of every frame: the kernel computes it).
   if (B == 0 || C == 0 || (N == 0 && !has_cls)) return {out, cls_out, lse, cls_lse};
 
-  const at::Tensor qkv = readable(qkv_in, dtype);
+  const at::Tensor qkv = readable_head_views(qkv_in, D, dtype);
   const int64_t row = N == 1 ? 0 : qkv.stride(1);
   const char* base = static_cast<const char*>(qkv.data_ptr());
   const int64_t esize = qkv.element_size();
@@ -126,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
   if (has_cls) {
     // The class token is the same row for every frame (group stride 0): a prefix key/value of
     // every frame's sequence, and a prefix query whose output row per frame is cls_out[b, t].
-    cls_r = readable(cls, dtype);
+    cls_r = readable_head_views(cls.unsqueeze(1), D, dtype);  // as (B, 1, 3C)
     const char* cbase = static_cast<const char*>(cls_r.data_ptr());
     const int64_t cls_strides[3] = {B == 1 ? 0 : cls_r.stride(0), 0, D};
     p.q_prefix = cbase;

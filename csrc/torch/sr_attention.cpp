@@ -24,13 +24,6 @@ namespace {
 
 constexpr const char* kOp = "vitkernels sr_attention_fwd: ";
 
-// t itself when the kernel can read its head views (at element offsets 0 and `offset`) in place,
-// else an aligned contiguous copy.
-at::Tensor readable(const at::Tensor& t, int64_t D, int64_t offset, DType dtype) {
-  if (head_view_readable(t, D, 0, dtype) && (offset == 0 || head_view_readable(t, D, offset, dtype))) return t;
-  return t.clone(at::MemoryFormat::Contiguous);  // fresh allocation: aligned base
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& kv,
@@ -66,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, co
   at::Tensor lse = at::empty({B, num_heads, N}, q.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return {out, lse};
 
-  const at::Tensor qc = readable(q, D, 0, dtype);
-  const at::Tensor kvc = readable(kv, D, C, dtype);
+  const at::Tensor qc = readable_head_views(q, D, dtype);
+  const at::Tensor kvc = readable_head_views(kv, D, dtype, C);
   SrAttentionFwdParams p{};
   p.q = qc.data_ptr();
   p.k = kvc.data_ptr();

@@ -49,8 +49,7 @@ at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::T
   c10::cuda::CUDAGuard device_guard(qkv_in.device());
   at::Tensor out = at::empty({B, N, C}, qkv_in.options());
   if (out.numel() == 0) return out;
-  const at::Tensor qkv =
-      head_view_readable(qkv_in, D, 0, dtype) ? qkv_in : qkv_in.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor qkv = readable_head_views(qkv_in, D, dtype);
   const at::Tensor tau = temperature.reshape({H}).to(at::kFloat).contiguous();
 
   XcaFwdParams p{};
