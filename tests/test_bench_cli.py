@@ -279,6 +279,42 @@ def test_models_tiny(tmp_path, monkeypatch):
             assert r["verify_err"] is not None and r["verify_err"] < 1e-4
 
 
+def test_models_default_batch_is_the_speed_targets_batch():
+    from vitkernels.bench.models import default_batch, input_shape
+    # Issues' targets: Swin-T and PVTv2-b2 at batch 64 (224 px), SegFormer-B2 at batch 8 (512 px).
+    for name, b in [("swin_tiny_patch4_window7_224", 64), ("pvt_v2_b2", 64), ("segformer_b2", 8),
+                    ("swin_base_patch4_window12_384", 32), ("timesformer_base_patch16_224", 8)]:
+        for mode in ("inference", "train"):
+            assert default_batch(input_shape(name), mode, cpu=False) == b, (name, mode)
+            assert default_batch(input_shape(name), mode, cpu=True) == 1
+
+
+def _small_segformer_zoo():
+    from vitkernels.models import create_model
+    return types.SimpleNamespace(create_model=lambda name: create_model(name, depths=(1, 1, 1, 1), num_classes=7))
+
+
+def test_models_segformer_baseline_without_transformers(monkeypatch):
+    from vitkernels.bench.models import run_models
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    monkeypatch.setitem(sys.modules, "timm", None)
+    records, skipped = run_models(["segformer_b0"], _small_segformer_zoo(), device="cpu", dtypes=[torch.float32],
+                                  modes=["inference"], impls=("vitkernels", "eager"), cpu_reps=1)
+    assert [r["impl"] for r in records] == ["vitkernels"]
+    assert [s["impl"] for s in skipped] == ["eager"] and "transformers" in skipped[0]["reason"]
+
+
+def test_models_segformer_baseline_is_hugging_face():
+    pytest.importorskip("transformers")
+    from vitkernels.bench.models import run_models
+    records, skipped = run_models(["segformer_b0"], _small_segformer_zoo(), device="cpu", dtypes=[torch.float32],
+                                  modes=["inference"], impls=("vitkernels", "eager"), cpu_reps=1)
+    assert skipped == []
+    eager = [r for r in records if r["impl"] == "eager"]
+    assert len(eager) == 1 and "transformers" in eager[0]["note"]
+    assert eager[0]["verify_err"] is not None and eager[0]["verify_err"] < 1e-4  # HF weights converted
+
+
 @pytest.mark.skipif(os.environ.get("VITKERNELS_BENCH_SLOW") != "1", reason="set VITKERNELS_BENCH_SLOW=1")
 def test_ops_every_tiny_case(tmp_path):
     assert _main(["ops", "--device", "cpu", "--cpu-reps", "1", "--json", str(tmp_path / "all.json"),

@@ -6,11 +6,14 @@ For each name of `vitkernels.models.list_models()` (or `--model`), inference and
 * ``vitkernels``          `vitkernels.models.create_model(name)` under the chosen backend;
 * ``eager``               `timm.create_model(name)` in eager PyTorch (timm's default attention path,
                           which is SDPA where timm uses it), when timm is importable and knows the name;
-* ``compile``             `torch.compile` of that timm model;
+                          for SegFormer (not in timm), Hugging Face transformers'
+                          `SegformerForSemanticSegmentation` of the same size; for the video models (in
+                          neither), the vitkernels model on the reference backend;
+* ``compile``             `torch.compile` of that eager model;
 * ``vitkernels+compile``  `torch.compile` of the vitkernels model (only when asked for with --impl).
 
-When both exist, the timm weights are loaded into the vitkernels model (strict) and the inference
-outputs compared, so both run the same function. Models run in the benchmark dtype (weights
+When both exist, the eager model's weights are loaded into the vitkernels model (strict; SegFormer's
+through `convert_hf_segformer`) and the inference outputs compared, so both run the same function. Models run in the benchmark dtype (weights
 included). Video models take (B, 3, T, H, W).
 """
 from __future__ import annotations
@@ -73,11 +76,30 @@ def input_shape(name: str, model=None) -> tuple:
 
 
 def default_batch(shape: tuple, mode: str, cpu: bool) -> int:
+    """The batch sizes the speed targets name, for inference and training alike: 64 images at 224 px
+    (Swin-T, PVTv2-b2), 32 at 384 px, 8 at 512 px (SegFormer-B2) and 8 clips for video; 1 on CPU."""
     if cpu:
         return 1
     res = shape[-1]
-    b = 8 if len(shape) == 4 else (128 if res <= 224 else 32 if res <= 384 else 16)
-    return b if mode == "inference" else max(1, b // 2)
+    return 8 if len(shape) == 4 else (64 if res <= 224 else 32 if res <= 384 else 8)
+
+
+def hf_segformer(name: str, vk_model):
+    """(Hugging Face `SegformerForSemanticSegmentation` with the vitkernels SegFormer's sizes, None) or
+    (None, why not)."""
+    cfg = getattr(vk_model, "config", None)
+    if not name.startswith("segformer") or not isinstance(cfg, dict):
+        return None, f"neither timm nor transformers has {name!r}"
+    try:
+        import transformers
+        config = transformers.SegformerConfig(
+            num_channels=cfg["in_chans"], hidden_sizes=list(cfg["embed_dims"]), depths=list(cfg["depths"]),
+            num_attention_heads=list(cfg["num_heads"]), sr_ratios=list(cfg["sr_ratios"]),
+            mlp_ratios=[int(cfg["mlp_ratio"])] * len(cfg["depths"]), decoder_hidden_size=cfg["decoder_hidden_size"],
+            num_labels=cfg["num_classes"])
+        return transformers.SegformerForSemanticSegmentation(config), None
+    except Exception as e:
+        return None, f"transformers' SegformerForSemanticSegmentation is not available ({_short(e)})"
 
 
 def _loss(out):
@@ -154,7 +176,7 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                 models["vitkernels"] = vk
             except Exception as e:
                 why["vitkernels"] = f"create_model: {_short(e)}"
-            ref = None
+            ref, ref_note, ref_weights = None, None, None
             if any(i in impls for i in ("eager", "compile")):
                 if timm is None:
                     why["eager"] = why["compile"] = timm_why
@@ -164,6 +186,15 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                         models["eager"] = ref
                     except Exception as e:
                         why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
+                if ref is None and "vitkernels" in models and name.startswith("segformer"):
+                    hf, hf_why = hf_segformer(name, models["vitkernels"])
+                    if hf is None:
+                        why["eager"] = why["compile"] = hf_why
+                    else:
+                        from ..models.segformer import convert_hf_segformer
+                        ref = models["eager"] = hf.to(device=dev, dtype=dtype)
+                        ref_note = "timm has no SegFormer: the baseline is transformers' SegformerForSemanticSegmentation"
+                        ref_weights = convert_hf_segformer
             eager_backend = None
             if ("eager" in impls and "eager" not in models and "vitkernels" in models
                     and is_video(name, models["vitkernels"])):
@@ -175,8 +206,9 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
             video = len(shape) == 4
             verify = None
             if "vitkernels" in models and ref is not None:
-                try:  # same weights: the checkpoint key names match timm's (SPEC)
-                    models["vitkernels"].load_state_dict(ref.state_dict(), strict=True)
+                try:  # same weights: the checkpoint key names match timm's, or convert HF's (SPEC)
+                    sd = ref.state_dict()
+                    models["vitkernels"].load_state_dict(ref_weights(sd) if ref_weights else sd, strict=True)
                     x = torch.randn(2, *shape, device=dev, dtype=dtype)
                     with torch.inference_mode():
                         models["vitkernels"].eval(), ref.eval()
@@ -184,7 +216,7 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                             a = _first_tensor(models["vitkernels"](x))
                         verify = _rel_err((a,), (_first_tensor(ref(x)),))
                 except Exception as e:
-                    print(f"note: {name}: timm weights not loaded into the vitkernels model ({_short(e)})",
+                    print(f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
                           file=sys.stderr)
             for mode in modes:
                 b = batch or default_batch(shape, mode, cpu)
@@ -214,6 +246,8 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                             rec["note"] = "eager = vitkernels model on the reference backend (not in timm)"
                         else:
                             ctx = contextlib.nullcontext()
+                            if ref_note:
+                                rec["note"] = ref_note
                         with ctx:
                             step = _step(model, inputs, mode)
                             step()  # compile, autotune, allocator warm-up

@@ -67,6 +67,10 @@ class SegFormer(nn.Module):
                  decoder_hidden_size: int = 256, classifier_dropout: float = 0.1, norm_eps: float = 1e-5):
         super().__init__()
         self.num_classes = num_classes
+        # The sizes, as a Hugging Face SegformerConfig spells them out (the benchmark builds one).
+        self.config = dict(num_classes=num_classes, in_chans=in_chans, embed_dims=tuple(embed_dims),
+                           depths=tuple(depths), num_heads=tuple(num_heads), sr_ratios=tuple(sr_ratios),
+                           mlp_ratio=mlp_ratio, decoder_hidden_size=decoder_hidden_size)
         self.encoder = PyramidVisionTransformerV2(
             in_chans=in_chans, num_classes=0, depths=depths, embed_dims=embed_dims, num_heads=num_heads,
             sr_ratios=sr_ratios, mlp_ratios=(mlp_ratio,) * len(depths), norm_eps=norm_eps)
