@@ -170,3 +170,78 @@ def test_patch_timm_pvt_v2_fuses_and_matches(name, monkeypatch):
         torch.testing.assert_close(patched(x), ref(x), atol=2e-4, rtol=2e-4)
     blocks = sum(len(stage.blocks) for stage in ref.stages)
     assert calls == {"sr_attention": blocks, "mix_ffn": blocks}
+
+
+def _fake_timm_pvt_classes():
+    """Stand-ins with the structure of timm's pvt_v2 `Attention` and `MlpWithDepthwiseConv` (eager code,
+    timm's attribute names), under timm's module name: patch_timm's glue runs where timm is absent."""
+    nn = torch.nn
+
+    class Attention(nn.Module):
+        def __init__(self, dim, num_heads, sr_ratio, linear):
+            super().__init__()
+            self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+            self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+            self.pool = nn.AdaptiveAvgPool2d(7) if linear else None
+            self.sr = nn.Conv2d(dim, dim, 1 if linear else sr_ratio, 1 if linear else sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU() if linear else None
+
+        def forward(self, x, feat_size):
+            b, n, c = x.shape
+            hd = c // self.num_heads
+            q = self.q(x).reshape(b, n, self.num_heads, hd).transpose(1, 2)
+            y = x.transpose(1, 2).reshape(b, c, *feat_size)
+            y = self.sr(self.pool(y) if self.pool is not None else y).flatten(2).transpose(1, 2)
+            y = self.norm(y)
+            y = self.act(y) if self.act is not None else y
+            k, v = self.kv(y).reshape(b, -1, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1)
+            return self.proj_drop(self.proj((a @ v).transpose(1, 2).reshape(b, n, c)))
+
+    class MlpWithDepthwiseConv(nn.Module):
+        def __init__(self, dim, hidden, extra_relu):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+            self.relu = nn.ReLU() if extra_relu else nn.Identity()
+            self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+            self.act, self.drop = nn.GELU(), nn.Dropout(0.0)
+
+        def forward(self, x, feat_size):
+            b, n, _ = x.shape
+            x = self.relu(self.fc1(x))
+            x = self.dwconv(x.transpose(1, 2).reshape(b, -1, *feat_size)).flatten(2).transpose(1, 2)
+            return self.fc2(self.drop(self.act(x)))
+
+    for cls in (Attention, MlpWithDepthwiseConv):
+        cls.__module__ = "timm.models.pvt_v2"
+    return Attention, MlpWithDepthwiseConv
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["sr_conv", "li"])
+def test_patch_timm_swaps_pvt_modules_without_timm(linear, monkeypatch):
+    import vitkernels.integrations.timm as integration
+    calls = {"sr_attention": 0, "mix_ffn": 0}
+    for op in calls:
+        real = getattr(integration, op)
+        monkeypatch.setattr(integration, op, lambda *a, _op=op, _real=real: calls.__setitem__(_op, calls[_op] + 1)
+                            or _real(*a))
+    attn_cls, mlp_cls = _fake_timm_pvt_classes()
+    attn, mlp = attn_cls(64, 2, 2, linear).eval(), mlp_cls(64, 96, linear).eval()
+    for m in (attn, mlp):  # non-trivial norm affine parameters
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    holder = torch.nn.ModuleDict({"attn": attn, "mlp": mlp})
+    keys = list(holder.state_dict())
+    x, hw = torch.randn(2, 14 * 10, 64), (14, 10)
+    with torch.no_grad():
+        want = attn(x, hw), mlp(x, hw)
+        assert vk.patch_timm(holder) is holder
+        got = holder["attn"](x, hw), holder["mlp"](x, hw)
+    assert type(holder["attn"]).__name__ == "FusedAttention"
+    assert type(holder["mlp"]).__name__ == "FusedMlpWithDepthwiseConv"
+    assert list(holder.state_dict()) == keys
+    assert calls == {"sr_attention": 1, "mix_ffn": 1}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -239,6 +239,22 @@ def test_small_segformer_matches_eager_hf_forward(size):
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("size", [(512, 512), (1024, 1024)])
+def test_segformer_b0_at_full_resolution_matches_eager_hf_forward(size):
+    """The real b0 (150 classes) at SegFormer's 512 and 1024 px: N = 16,384 / 65,536 stage-1 queries
+    against M = 256 / 1,024 reduced keys; logits at 1/4 resolution."""
+    dims, depths, dec = CONFIGS["segformer_b0"]
+    hf = random_hf_state_dict(hf_segformer_shapes(dims, depths, dec), dtype=torch.float32)
+    model = create_model("segformer_b0").eval()
+    model.load_state_dict(convert_hf_segformer(hf), strict=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        ref = eager_hf_segformer(hf, x, depths)
+    assert out.shape == (1, 150, size[0] // 4, size[1] // 4)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (97, 131), (33, 40)])
 def test_any_input_size(size):
     model = create_model("segformer_b1", embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), decoder_hidden_size=16,

@@ -169,3 +169,62 @@ def test_patch_timm_swin_matches_timm():
     finally:
         integration.window_attention = real
     assert len(calls) == 12, "every Swin-T block must run the fused op"
+
+
+def _fake_timm_swin_block_class():
+    """A stand-in with the structure of timm's SwinTransformerBlock (its `_attn` on (B, H, W, C) and the
+    `attn` submodule's names), under timm's module name: patch_timm's glue runs where timm is absent."""
+
+    class WindowAttention(torch.nn.Module):
+        def __init__(self, dim, num_heads, m):
+            super().__init__()
+            self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+            self.relative_position_bias_table = torch.nn.Parameter(torch.randn((2 * m - 1) ** 2, num_heads))
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+            self.attn_drop = torch.nn.Dropout(0.0)
+            self.proj = torch.nn.Linear(dim, dim)
+            self.proj_drop = torch.nn.Dropout(0.0)
+
+    class SwinTransformerBlock(torch.nn.Module):
+        def __init__(self, dim, num_heads, window_size, shift_size):
+            super().__init__()
+            self.window_size, self.shift_size = (window_size, window_size), (shift_size, shift_size)
+            self.attn = WindowAttention(dim, num_heads, window_size)
+
+        def _attn(self, x):  # timm's eager composition (the oracle: roll, partition, mask, bias, reverse)
+            b, h, w, c = x.shape
+            a, m, s = self.attn, self.window_size[0], self.shift_size[0]
+            out = oracles.window_attention(a.qkv(x.reshape(b, h * w, c)), (h, w), a.num_heads, m, s,
+                                           a.relative_position_bias_table, a.qkv.bias, a.scale)
+            return a.proj(out).reshape(b, h, w, c)
+
+        def forward(self, x):
+            return x + self._attn(x)
+
+    SwinTransformerBlock.__module__ = "timm.models.swin_transformer"
+    return SwinTransformerBlock
+
+
+def test_patch_timm_swaps_swin_blocks_without_timm(monkeypatch):
+    import vitkernels.integrations.timm as integration
+    calls = []
+    real = integration.window_attention
+    monkeypatch.setattr(integration, "window_attention", lambda *a: calls.append(a[1:5]) or real(*a))
+    block_cls = _fake_timm_swin_block_class()
+    model = torch.nn.Sequential(block_cls(32, 2, 7, 0), block_cls(32, 2, 7, 3)).eval()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 14, 21, 32)
+    with torch.no_grad():
+        before = model(x)
+        assert vk.patch_timm(model) is model
+        after = model(x)
+    assert [type(b).__name__ for b in model] == ["FusedSwinTransformerBlock"] * 2
+    assert list(model.state_dict()) == keys
+    assert calls == [((14, 21), 2, 7, 0), ((14, 21), 2, 7, 3)]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    # timm shifts before padding, the op pads first: a map that needs padding keeps timm's own path.
+    calls.clear()
+    x = torch.randn(1, 9, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model[1](x), x + model[1]._timm_attn(x))
+    assert calls == []

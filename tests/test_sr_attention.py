@@ -162,9 +162,11 @@ def test_op_dispatch(monkeypatch, m, d, switch, specialised_bwd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_op_pvt_like(dtype, chunks):
-    """vitkernels.sr_attention on the triton backend, PVTv2-like (M = 49, 2 heads of 32), vs float64."""
-    B, N, M, H, D = 2, 98, 49, 2, 32
+@pytest.mark.parametrize("B,N,M,H,D", [(2, 98, 49, 2, 32), (1, 20, 20, 8, 64)],
+                         ids=["pvt_M49_2x32", "stage4_8x64"])
+def test_op_pvt_like(dtype, chunks, B, N, M, H, D):
+    """vitkernels.sr_attention on the triton backend vs float64: PVTv2-like (M = 49, 2 heads of 32), and
+    stage 4's 8 heads of 64 (sr ratio 1: M = N)."""
     q = torch.randn(B, N, H * D)
     kv = torch.randn(B, M, 2 * H * D)
     cot = torch.randn(B, N, H * D)

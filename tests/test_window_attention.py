@@ -106,6 +106,11 @@ def test_head_dim_64_and_scale(dtype):
 
 
 @needs_triton
+def test_48_heads():
+    check_case(1, 3, 2, 48 * 32, 48, 2, 1, dtype=torch.float32)  # Swin-L stage 4's 48 heads of D = 32, padded + shifted
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_non_power_of_two_head_dim(dtype):
     check_case(1, 5, 5, 36, 3, 3, 2, dtype=dtype)  # D = 12 -> BLOCK_D 16, masked columns
