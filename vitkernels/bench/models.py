@@ -13,8 +13,8 @@ For each name of `vitkernels.models.list_models()` (or `--model`), inference and
 * ``vitkernels+compile``  `torch.compile` of the vitkernels model (only when asked for with --impl).
 
 When both exist, the eager model's weights are loaded into the vitkernels model (strict; SegFormer's
-through `convert_hf_segformer`) and the inference outputs compared, so both run the same function. Models run in the benchmark dtype (weights
-included). Video models take (B, 3, T, H, W).
+through `convert_hf_segformer`) and the inference outputs compared, so both run the same function.
+Models run in the benchmark dtype (weights included). Video models take (B, 3, T, H, W).
 """
 from __future__ import annotations
 
@@ -193,7 +193,8 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                     else:
                         from ..models.segformer import convert_hf_segformer
                         ref = models["eager"] = hf.to(device=dev, dtype=dtype)
-                        ref_note = "timm has no SegFormer: the baseline is transformers' SegformerForSemanticSegmentation"
+                        ref_note = ("timm has no SegFormer: the baseline is transformers' "
+                                    "SegformerForSemanticSegmentation")
                         ref_weights = convert_hf_segformer
             eager_backend = None
             if ("eager" in impls and "eager" not in models and "vitkernels" in models
