@@ -84,12 +84,10 @@ def default_batch(shape: tuple, mode: str, cpu: bool) -> int:
     return 8 if len(shape) == 4 else (64 if res <= 224 else 32 if res <= 384 else 8)
 
 
-def hf_segformer(name: str, vk_model):
-    """(Hugging Face `SegformerForSemanticSegmentation` with the vitkernels SegFormer's sizes, None) or
-    (None, why not)."""
-    cfg = getattr(vk_model, "config", None)
-    if not name.startswith("segformer") or not isinstance(cfg, dict):
-        return None, f"neither timm nor transformers has {name!r}"
+def hf_segformer(vk_model):
+    """(Hugging Face `SegformerForSemanticSegmentation` with the sizes of the vitkernels SegFormer
+    `vk_model` (its `config`), None) or (None, why not)."""
+    cfg = vk_model.config
     try:
         import transformers
         config = transformers.SegformerConfig(
@@ -187,7 +185,7 @@ def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batc
                     except Exception as e:
                         why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
                 if ref is None and "vitkernels" in models and name.startswith("segformer"):
-                    hf, hf_why = hf_segformer(name, models["vitkernels"])
+                    hf, hf_why = hf_segformer(models["vitkernels"])
                     if hf is None:
                         why["eager"] = why["compile"] = hf_why
                     else:
