@@ -86,8 +86,9 @@ def _cuda_extension():
         extra_compile_args={
             # The torch glue gets torch's own default C++ standard (C++17 or C++20 by version).
             "cxx": ["-O3", "-DVITKERNELS_BUILD_PYTHON_MODULE"],
-            # csrc/kernels never include torch headers: plain C++17 CUDA.
-            "nvcc": ["-O3", "-lineinfo", "-std=c++17"] + cuda_arch_flags(archs),
+            # nvcc also gets torch's default standard (torch 2.14 passes -std=c++20 itself and nvcc
+            # refuses a second -std); csrc/kernels are plain CUDA C++17 that compile under either.
+            "nvcc": ["-O3", "-lineinfo"] + cuda_arch_flags(archs),
         },
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -1,12 +1,12 @@
-"""Test set-up. Without a CUDA build of torch the Triton kernels run in the interpreter on CPU
-tensors: TRITON_INTERPRET must be set before triton is first imported, so it is decided here from
-the torch build (no device query at import)."""
+"""Test set-up. Without a CUDA GPU the Triton kernels run in the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here (a CPU build of
+torch, or a CUDA build on a machine with no GPU, as in CI)."""
 import os
 import sys
 
 import torch
 
-if torch.version.cuda is None:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/tolerance.py
@@ -14,7 +14,21 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/toleran
 import pytest  # noqa: E402
 
 
+def _require_parity_deps():
+    """VITKERNELS_REQUIRE_PARITY_DEPS=1 (CI): timm and transformers must import, so the parity
+    tests against them run instead of skipping."""
+    if os.environ.get("VITKERNELS_REQUIRE_PARITY_DEPS", "0") != "1":
+        return
+    for name in ("timm", "transformers"):
+        try:
+            __import__(name)
+        except Exception as e:  # ImportError, or torchvision's operator errors
+            raise pytest.UsageError(f"VITKERNELS_REQUIRE_PARITY_DEPS=1 but {name} does not import: "
+                                    f"{type(e).__name__}: {e}") from e
+
+
 def pytest_configure(config):
+    _require_parity_deps()
     """On a GPU the Triton launchers autotune: every new shape would benchmark every config, and
     the tests would spend their time compiling. There each tuner runs the first config its pruner
     keeps instead (tests/test_triton_configs.py checks every config);

@@ -113,7 +113,7 @@ def glue_cmd(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#pragma once\n" + text)
     # The real headers win where they exist (a full CUDA toolkit, a CUDA build of torch).
-    return [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", torch_inc,
+    return [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", torch_inc,
             "-isystem", os.path.join(torch_inc, "torch", "csrc", "api", "include"), "-isystem", cuda_inc,
             "-idirafter", str(stubs), "-I", os.path.join(ROOT, "csrc")]
 

@@ -147,8 +147,8 @@ def _load():
 
     emulator = os.environ.get("VITKERNELS_CUDA_EMULATOR")
     if emulator:
-        if torch.version.cuda is not None:
-            return None, "VITKERNELS_CUDA_EMULATOR is for CPU builds of torch (this one has CUDA)"
+        if torch.cuda.is_available():
+            return None, "VITKERNELS_CUDA_EMULATOR is for machines without a CUDA GPU (this one has one)"
         try:
             torch.ops.load_library(emulator)
         except Exception as e:
@@ -182,7 +182,7 @@ def _load():
             name=_JIT_NAME,
             sources=sources,
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++17"] + arch_flags,
+            extra_cuda_cflags=["-O3", "-lineinfo"] + arch_flags,
             extra_include_paths=[os.path.dirname(os.path.dirname(sources[0]))],
             build_directory=build_dir,
             is_python_module=False,  # a plain shared library: torch.ops.load_library

@@ -187,7 +187,7 @@ def _build(tag: str, files: List[str], verbose: bool, make_units) -> str:
     units, link_flags = make_units(work)
     units.append((os.path.join(HERE, "vkemu.cpp"), []))
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    common = [cxx, "-std=c++17", "-O2", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I", HERE, "-I", cuda_inc]
+    common = [cxx, "-std=c++20", "-O2", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I", HERE, "-I", cuda_inc]
 
     def compile_one(unit):
         src, extra = unit
@@ -198,7 +198,10 @@ def _build(tag: str, files: List[str], verbose: bool, make_units) -> str:
     jobs = max(1, min(len(units), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         objs = list(pool.map(compile_one, units))
-    _run([cxx, "-shared", "-o", os.path.join(work, os.path.basename(lib))] + objs + link_flags, work, verbose)
+    # -Bsymbolic: the library's calls to the CUDA runtime API bind to vkemu's own definitions, not to a
+    # libcudart already loaded in the process (a CUDA build of torch on a machine with no GPU).
+    _run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", os.path.join(work, os.path.basename(lib))] + objs + link_flags,
+         work, verbose)
     if os.path.isdir(out_dir):  # another process finished first
         shutil.rmtree(work, ignore_errors=True)
     else:
