@@ -14,9 +14,12 @@ measured, its fused kernels are tried in the order below.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+import torch
 
 BACKENDS = ("triton", "cuda", "reference")
 _CHOICES = ("auto",) + BACKENDS
@@ -50,8 +53,25 @@ def register_kernel(op: str, backend: str, *, forward: Callable, backward: Optio
                     reasons: Optional[Callable[..., list]] = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
-    _KERNELS.setdefault(op, {})[backend] = Kernel(op, backend, forward, backward,
-                                                  reasons or (lambda *a, **k: []))
+    _KERNELS.setdefault(op, {})[backend] = Kernel(
+        op, backend, without_autocast(forward), None if backward is None else without_autocast(backward),
+        reasons or (lambda *a, **k: []))
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """`fn` (a backend kernel) run with autocast off: the kernels compute in their inputs' dtypes with
+    float32 accumulation, and torch ops inside them (the reference math, small index tensors) must
+    not be re-cast by a surrounding autocast region, which stays active inside custom ops."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not active:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in active:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return fn(*args, **kwargs)
+    return run
 
 
 def ops() -> list[str]:
@@ -110,7 +130,6 @@ def use_backend(name: str) -> Iterator[None]:
 def _with_defaults(op: str, args: tuple, kwargs: dict) -> tuple:
     """args completed from kwargs and the defaults of the public op's schema
     (torch.ops.vitkernels.<op>), so callers may leave optional arguments out as in the op itself."""
-    import torch
     try:
         schema = getattr(torch.ops.vitkernels, op).default._schema
     except (AttributeError, RuntimeError):
@@ -148,7 +167,6 @@ def _reasons(op: str, backend: str, args: tuple, kwargs: dict) -> list:
 
 
 def _on_cuda(args) -> bool:
-    import torch
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 

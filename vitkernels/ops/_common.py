@@ -73,6 +73,36 @@ def default_scale(scale: Optional[float], head_dim: int) -> float:
     return float(head_dim) ** -0.5 if scale is None else float(scale)
 
 
+# ----------------------------------------------------------------------------- autocast
+
+def autocast_inputs(*tensors):
+    """The op's inputs as `torch.autocast` hands them to F.scaled_dot_product_attention and F.linear.
+
+    Inside an autocast region of the inputs' device type, every floating input except float64
+    (weights, biases, bias tables and temperatures included) is cast to the autocast dtype; other
+    inputs (None, boolean masks) pass unchanged. Outside autocast the inputs are returned as given,
+    so mixed dtypes still reach the clear error of `check_same`. The public ops call this first, in
+    their CompositeImplicitAutograd body, above autograd: the casts are recorded, so each input's
+    gradient comes back in that input's own dtype (float32 parameters get float32 grads), and
+    torch.compile / torch.export trace them as ordinary casts.
+    """
+    ref = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if ref is None:
+        return tensors
+    device_type = ref.device.type
+    if not _autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 and t.device.type == device_type else t for t in tensors)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    if device_type not in ("cpu", "cuda"):  # meta and others: no autocast region of their own
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 # ----------------------------------------------------------------------------- backend capabilities
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +146,7 @@ def cuda_reasons(*tensors: Optional[Tensor]) -> list:
     from .. import _ext
     ts = [t for t in tensors if t is not None]
     # The emulated kernels run on CPU tensors (like the Triton interpreter), the compiled ones on CUDA.
-    emulated = cuda_emulated() and torch.version.cuda is None
+    emulated = cuda_emulated() and not torch.cuda.is_available()
     if emulated and any(t.device.type != "cpu" for t in ts):
         return ["the emulated cuda backend (VITKERNELS_CUDA_EMULATOR) runs on CPU tensors"]
     if not emulated and any(not t.is_cuda for t in ts):

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_hw,
     check_same,
     check_tensor,
@@ -53,6 +54,7 @@ def validate(x, hw, weight, bias, activation) -> None:
 
 @composite(OP)
 def _dwconv(x, hw, weight, bias=None, activation=None):
+    x, weight, bias = autocast_inputs(x, weight, bias)
     validate(x, hw, weight, bias, activation)
     return torch.ops.vitkernels._dwconv_fwd(x, list(hw), weight, bias, activation)
 

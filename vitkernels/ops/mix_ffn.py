@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import check_hw, check_same, check_tensor, describe
+from ._common import autocast_inputs, check_hw, check_same, check_tensor, describe
 from ._library import composite
 
 OP = "mix_ffn"
@@ -43,6 +43,8 @@ def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
 
 @composite(OP)
 def _mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu=False):
+    x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias = autocast_inputs(
+        x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
     validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
     y = F.linear(x, fc1_weight, fc1_bias)
     if extra_relu:

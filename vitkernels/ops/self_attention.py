@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_heads,
     check_int,
     check_tensor,
@@ -40,6 +41,7 @@ def validate(qkv: Tensor, num_heads: int) -> int:
 
 @composite(OP)
 def _self_attention(qkv, num_heads, scale=None):
+    (qkv,) = autocast_inputs(qkv)
     d = validate(qkv, num_heads)
     return torch.ops.vitkernels._self_attention_fwd(qkv, num_heads, default_scale(scale, d))[0]
 

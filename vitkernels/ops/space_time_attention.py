@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_heads,
     check_int,
     check_same,
@@ -69,6 +70,7 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
 
 @composite(OP)
 def _space_time_attention(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", scale=None):
+    qkv, cls_qkv = autocast_inputs(qkv, cls_qkv)
     d = validate(qkv, frames, num_heads, axis, cls_qkv, layout)
     out, cls_out, _, _ = torch.ops.vitkernels._space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv,
                                                                         layout, default_scale(scale, d))

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_heads,
     check_int,
     check_same,
@@ -46,6 +47,7 @@ def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
 
 @composite(OP)
 def _sr_attention(q, kv, num_heads, scale=None):
+    q, kv = autocast_inputs(q, kv)
     d = validate(q, kv, num_heads)
     return torch.ops.vitkernels._sr_attention_fwd(q, kv, num_heads, default_scale(scale, d))[0]
 

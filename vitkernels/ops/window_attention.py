@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_heads,
     check_hw,
     check_same,
@@ -68,6 +69,7 @@ def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qk
 @composite(OP)
 def _window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
                       scale=None):
+    qkv, rel_pos_bias_table, qkv_bias = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias)
     d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias)
     return torch.ops.vitkernels._window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size,
                                                       rel_pos_bias_table, qkv_bias, default_scale(scale, d))

@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_heads,
     check_int,
     check_same,
@@ -48,6 +49,7 @@ def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
 
 @composite(OP)
 def _xca(qkv, num_heads, temperature):
+    qkv, temperature = autocast_inputs(qkv, temperature)
     validate(qkv, num_heads, temperature)
     return torch.ops.vitkernels._xca_fwd(qkv, num_heads, temperature)
 
