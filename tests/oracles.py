@@ -40,11 +40,15 @@ def attention(q, k, v, bias=None, scale=None):
     """softmax(q kᵀ scale + bias) v; q (B,Hh,Nq,D), k/v (B,Hh,Nk,D).
 
     A row whose every score is -inf gives output 0; its scores get zero gradient (so every
-    gradient is finite).
+    gradient is finite). A boolean bias is a mask as in SDPA: True = the key takes part,
+    False = -inf.
     """
     scale = _default_scale(q.shape[-1], scale)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, Hh, Nq, Nk)
-    if bias is not None:
+    if bias is not None and bias.dtype == torch.bool:
+        minus_inf = torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
+        scores = torch.where(bias, scores, minus_inf)  # broadcast
+    elif bias is not None:
         scores = scores + bias  # broadcast; autograd reduces bias's grad over broadcast dims
     if scores.shape[-1] == 0:
         # no keys at all: every row is "fully masked"

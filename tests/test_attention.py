@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tolerance import assert_within
 
 import vitkernels as vk
@@ -90,6 +91,62 @@ def test_attention_fully_masked_rows(backend, dtype, device):
     with vk.use_backend("reference"):
         expect = vk.attention(*(t.detach().double().cpu() for t in (q, k, v, bias)))
     torch.testing.assert_close(out.double().cpu(), expect, atol=2e-3, rtol=2e-3)
+
+
+def _keep_mask(shape, generator=None):
+    """A random boolean keep-mask (True = the key takes part) of `shape`."""
+    return torch.rand(shape, generator=generator) > 0.4
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here() + [("reference", torch.float32, "cpu")])
+@pytest.mark.parametrize("mask_shape", ["full", "heads", "keys", "rows"])
+def test_attention_bool_mask(backend, dtype, device, mask_shape):
+    """A boolean bias is SDPA's keep-mask (False = -inf), in every broadcast shape; rows with no True
+    key give 0 and finite grads. Checked against SDPA itself (float64) and the oracle rule."""
+    b, h, nq, nk, d = 2, 3, 37, 29, 32
+    q, k, v = torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d)
+    shape = {"full": (b, h, nq, nk), "heads": (h, nq, nk), "keys": (b, 1, 1, nk), "rows": (nq, 1)}[mask_shape]
+    mask = _keep_mask(shape)
+    if mask_shape == "full":
+        mask[0, 1, 4] = False  # a row with no key at all
+    if mask_shape == "rows":
+        mask[5] = False
+
+    def fn(q, k, v):
+        return vk.attention(q, k, v, mask.to(q.device))
+
+    def sdpa(q, k, v):
+        return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device)), nan=0.0)
+
+    check_against_oracle(fn, sdpa, [q, k, v], backend, dtype, device)
+    with vk.use_backend(backend):
+        qd, kd, vd = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+        out = fn(qd, kd, vd)
+        out.float().sum().backward()
+    dead = ~mask.expand(b, h, nq, nk).any(-1)
+    assert (out.cpu()[dead] == 0).all()
+    for t in (qd, kd, vd):
+        assert torch.isfinite(t.grad).all()
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out.double().cpu()[~dead], ref[~dead], atol=5e-3, rtol=5e-3)
+
+
+def test_attention_bool_mask_opcheck_and_compile():
+    q, k, v = (torch.randn(2, 2, n, 8, requires_grad=True) for n in (5, 6, 6))
+    mask = _keep_mask((2, 1, 5, 6))
+    torch.library.opcheck(torch.ops.vitkernels.attention.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.vitkernels._attention_fwd.default, (q, k, v, mask, 0.3))
+    torch._dynamo.reset()
+    compiled = torch.compile(vk.attention, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(compiled, vk.attention(q, k, v, mask))
+
+
+def test_attention_bool_mask_errors():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"bias must broadcast to \(B, heads, Nq, Nk\)"):
+        vk.attention(q, q, q, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bias must be float32, float16 or bfloat16"):
+        vk.attention(q, q, q, torch.ones(5, 5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend,dtype,device", backends_here())

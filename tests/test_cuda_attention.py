@@ -33,7 +33,9 @@ def oracle(q, k, v, bias, scale):
     """float64 CPU math; fully -inf rows give 0 output and +inf lse."""
     q, k, v = (t.detach().double().cpu() for t in (q, k, v))
     s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
+    if bias is not None and bias.dtype == torch.bool:
+        s = s.masked_fill(~bias.cpu(), -math.inf)
+    elif bias is not None:
         s = s + bias.detach().double().cpu()
     lse = torch.logsumexp(s, dim=-1)
     dead = torch.isinf(lse) & (lse < 0)
@@ -45,9 +47,11 @@ def oracle(q, k, v, bias, scale):
 def eager(q, k, v, bias, scale):
     """timm's composition in the input precision (on the GPU)."""
     s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
+    if bias is not None and bias.dtype == torch.bool:
+        s = s.masked_fill(~bias, -math.inf)
+    elif bias is not None:
         s = s + bias
-    return s.softmax(dim=-1) @ v
+    return torch.nan_to_num(s.softmax(dim=-1), nan=0.0) @ v
 
 
 def make_bias(kind, B, H, Nq, Nk, dtype, device):
@@ -66,8 +70,11 @@ def check(ops, q, k, v, bias, scale, dtype, name):
     # Memory layout (B, Nq, H, D): the token-layout view is free.
     assert out.transpose(1, 2).is_contiguous()
     assert_within(name, out, eager(q, k, v, bias, scale), ref_out, dtype)
-    lse_err = (lse.double().cpu() - ref_lse).abs().max().item()
-    assert lse_err <= 1e-3 * max(1.0, ref_lse.abs().max().item()), f"{name}: lse error {lse_err:.3e}"
+    live = torch.isfinite(ref_lse)  # rows with no key (a boolean mask) have lse = +inf
+    assert torch.equal(torch.isposinf(lse.cpu()), ~live), f"{name}: lse is +inf on other rows than the oracle's"
+    if live.any():
+        lse_err = (lse.double().cpu()[live] - ref_lse[live]).abs().max().item()
+        assert lse_err <= 1e-3 * max(1.0, ref_lse[live].abs().max().item()), f"{name}: lse error {lse_err:.3e}"
     return out, lse
 
 
@@ -102,6 +109,24 @@ def test_fully_masked_rows(ops, dtype):
     tol = FLOOR[dtype] * 20
     assert (out.double().cpu() - ref_out).abs().max().item() <= tol
     assert (lse.double().cpu()[live] - ref_lse[live]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 50, 77, 64), (1, 2, 197, 49, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_kind", ["full", "heads", "keys", "rows"])
+def test_bool_mask(ops, dtype, shape, mask_kind):
+    """A boolean keep-mask is read as bytes at its broadcast strides (no float copy); rows with no
+    True key give 0 and lse = +inf."""
+    B, H, Nq, Nk, D = shape
+    dev = ops.device
+    q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=dtype) for n in (Nq, Nk, Nk))
+    mshape = {"full": (B, H, Nq, Nk), "heads": (H, Nq, Nk), "keys": (B, 1, 1, Nk), "rows": (Nq, 1)}[mask_kind]
+    mask = torch.rand(mshape, device=dev) > 0.5
+    if mask_kind in ("full", "heads"):
+        mask[..., 3, :] = False  # rows with no key at all
+    out, lse = check(ops, q, k, v, mask, D ** -0.5, dtype, f"attention_fwd {shape} {dtype} mask={mask_kind}")
+    dead = ~mask.expand(B, H, Nq, Nk).any(-1)
+    assert (out[dead] == 0).all() and torch.isposinf(lse[dead]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

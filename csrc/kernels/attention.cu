@@ -22,6 +22,7 @@ struct KernelArgs {
   const void* k;
   const void* v;
   const void* bias;
+  const unsigned char* mask;  // nullable boolean keep-mask at the bias strides (bs)
   void* out;
   float* lse;
   const void* k_prefix;  // nullable (then v_prefix is null too)
@@ -131,6 +132,13 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
     if (row0 < Nq) bias_r0 = bb + static_cast<int64_t>(row0) * args.bs[3];
     if (row1 < Nq) bias_r1 = bb + static_cast<int64_t>(row1) * args.bs[3];
   }
+  const unsigned char* mask_r0 = nullptr;
+  const unsigned char* mask_r1 = nullptr;
+  if (args.mask != nullptr) {
+    const unsigned char* mb = args.mask + sq.offset(args.bs);
+    if (row0 < Nq) mask_r0 = mb + static_cast<int64_t>(row0) * args.bs[3];
+    if (row1 < Nq) mask_r1 = mb + static_cast<int64_t>(row1) * args.bs[3];
+  }
 
   WarpRows<kDp> w;
   w.reset();
@@ -152,7 +160,8 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
     if (active) {
       float s[kNT][4];
       warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
-      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t);
+      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t, mask_r0,
+                             mask_r1);
       pack_p<T>(pf, s);
     }
 
@@ -230,6 +239,10 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
   if (args.bias != nullptr && row < Nq) {
     bias_r = seq_ptr<float>(args.bias, sq, args.bs) + static_cast<int64_t>(row) * args.bs[3];
   }
+  const unsigned char* mask_r = nullptr;
+  if (args.mask != nullptr && row < Nq) {
+    mask_r = args.mask + sq.offset(args.bs) + static_cast<int64_t>(row) * args.bs[3];
+  }
   const int64_t bs4 = args.bs[4];
 
   load_tile_async<float, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[3], m0, Nq, D,
@@ -297,6 +310,7 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
       const int col = n0 + c + 4 * jj;
       float x = s[jj] * args.scale_log2;
       if (bias_r != nullptr && col < Nk) x = fmaf(bias_r[col * bs4], kLog2e, x);
+      if (mask_r != nullptr && col < Nk && mask_r[col * bs4] == 0) x = -INFINITY;
       if (col >= Nk) x = -INFINITY;
       s[jj] = x;
       new_max = fmaxf(new_max, x);
@@ -490,12 +504,14 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
       reinterpret_cast<uintptr_t>(p.bias) % static_cast<uintptr_t>(element_size(p.dtype)) != 0) {
     return cudaErrorInvalidValue;
   }
+  if (p.bias != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;  // one or the other
 
   KernelArgs args{};
   args.q = p.q;
   args.k = p.k;
   args.v = p.v;
   args.bias = p.bias;
+  args.mask = p.mask;
   args.out = p.out;
   args.lse = p.lse;
   args.k_prefix = p.k_prefix;
@@ -507,7 +523,7 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
     args.qs[i] = p.q_stride[i];
     args.ks[i] = p.k_stride[i];
     args.vs[i] = p.v_stride[i];
-    args.bs[i] = p.bias != nullptr ? p.bias_stride[i] : 0;
+    args.bs[i] = (p.bias != nullptr || p.mask != nullptr) ? p.bias_stride[i] : 0;
     args.os[i] = p.out_stride[i];
   }
   for (int i = 0; i < 3; ++i) {

@@ -90,6 +90,9 @@ struct AttentionFwdParams {
   const void* k;
   const void* v;
   const void* bias;  // nullable; same dtype as q; logical shape (B, G, H, Nq, Nk)
+  // nullable; a boolean keep-mask (one byte per element, nonzero = the key takes part, zero =
+  // score -inf) of logical shape (B, G, H, Nq, Nk) at the bias strides. At most one of bias / mask.
+  const unsigned char* mask = nullptr;
   void* out;
   float* lse;  // float32, contiguous (B, G, H, Nq)
   const void* k_prefix = nullptr;
@@ -97,8 +100,8 @@ struct AttentionFwdParams {
   const void* q_prefix = nullptr;
   void* out_prefix = nullptr;
   float* lse_prefix = nullptr;
-  // Element strides for (B, G, H, N, D) (bias: (B, G, H, Nq, Nk)). Last dim of q, k, v, out must
-  // have stride 1. Bias strides may be 0 (broadcast) or anything else.
+  // Element strides for (B, G, H, N, D) (bias or mask: (B, G, H, Nq, Nk)). Last dim of q, k, v,
+  // out must have stride 1. Bias / mask strides may be 0 (broadcast) or anything else.
   int64_t q_stride[5];
   int64_t k_stride[5];
   int64_t v_stride[5];

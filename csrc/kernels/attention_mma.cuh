@@ -164,13 +164,15 @@ __device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[S
 }
 
 // Scale to the log2 domain, add the bias (rows bias_r0 / bias_r1, nullable, column stride bs3),
-// mask keys ≥ Nk to -inf, update the running max and sum, rescale o; s becomes P (unnormalised).
+// set the scores of keys a boolean mask excludes (rows mask_r0 / mask_r1, nullable, zero bytes; the
+// same column stride) and of keys ≥ Nk to -inf, update the running max and sum, rescale o; s becomes P (unnormalised).
 // n0 = index of the block's first key. A row with no finite score so far keeps max = -inf and
 // uses 0 as the reference, so exp2 never sees -inf - (-inf).
 template <typename T, int kDp>
 __device__ __forceinline__ void softmax_update(float (&s)[kNT][4], WarpRows<kDp>& w, int n0, int Nk,
                                                float scale_log2, const T* bias_r0, const T* bias_r1,
-                                               int64_t bs3, int t) {
+                                               int64_t bs3, int t, const unsigned char* mask_r0 = nullptr,
+                                               const unsigned char* mask_r1 = nullptr) {
   const bool need_mask = n0 + kKeyBlock > Nk;
   float new_max[2] = {w.row_max[0], w.row_max[1]};
 #pragma unroll
@@ -181,6 +183,8 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNT][4], WarpRows<kDp>
       float x = s[nt][e] * scale_log2;
       const T* br = (e < 2) ? bias_r0 : bias_r1;
       if (br != nullptr && col < Nk) x = fmaf(to_float(br[col * bs3]), kLog2e, x);
+      const unsigned char* mr = (e < 2) ? mask_r0 : mask_r1;
+      if (mr != nullptr && col < Nk && mr[col * bs3] == 0) x = -INFINITY;
       if (need_mask && col >= Nk) x = -INFINITY;
       s[nt][e] = x;
       new_max[e >> 1] = fmaxf(new_max[e >> 1], x);

@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.device() == q.device(), kOp, "bias is on ", b.device(), " but q is on ",
                 q.device());
-    TORCH_CHECK(at::isFloatingType(b.scalar_type()), kOp, "bias must be a floating tensor, got ",
-                b.scalar_type());
+    TORCH_CHECK(at::isFloatingType(b.scalar_type()) || b.scalar_type() == at::kBool, kOp,
+                "bias must be a floating tensor or a boolean mask, got ", b.scalar_type());
     TORCH_CHECK(b.dim() <= 4, kOp, "bias must have at most 4 dims (broadcastable to (B, H, Nq, Nk)"
                 " = (", B, ", ", H, ", ", Nq, ", ", Nk, ")), got shape ", b.sizes());
     const int64_t target[4] = {B, H, Nq, Nk};
@@ -107,8 +107,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                   " is not broadcastable to (B, H, Nq, Nk) = (", B, ", ", H, ", ", Nq, ", ", Nk,
                   ")");
     }
-    // The kernel reads the bias in the input dtype (as SDPA requires of attn_mask).
-    bias_t = b.scalar_type() == q.scalar_type() ? b : b.to(q.scalar_type());
+    // The kernel reads a float bias in the input dtype (as SDPA requires of attn_mask), and a
+    // boolean mask as it is (one byte per element, broadcast dims at stride 0: no expanded copy).
+    const bool is_mask = b.scalar_type() == at::kBool;
+    bias_t = (is_mask || b.scalar_type() == q.scalar_type()) ? b : b.to(q.scalar_type());
     bias_t = bias_t.expand({B, H, Nq, Nk});
   }
 
@@ -137,7 +139,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.q_stride[4] = p.k_stride[4] = p.v_stride[4] = p.out_stride[4] = 1;  // D >= 8
   for (int i = 0; i < 5; ++i) p.bias_stride[i] = 0;
   if (bias_t.defined() && Nk > 0) {
-    p.bias = bias_t.data_ptr();
+    if (bias_t.scalar_type() == at::kBool) {
+      p.mask = static_cast<const unsigned char*>(bias_t.data_ptr());
+    } else {
+      p.bias = bias_t.data_ptr();
+    }
     fill_strides(bias_t, p.bias_stride);
   }
   p.B = static_cast<int>(B);

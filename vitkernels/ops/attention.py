@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ._common import (
+    autocast_inputs,
     check_same,
     check_tensor,
     cuda_reasons,
@@ -42,9 +43,13 @@ def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"vitkernels.attention: k must be (B, heads, Nk, D) = ({b}, {h}, Nk, {d}) to match q "
                          f"{tuple(q.shape)}, got k {tuple(k.shape)}")
-    if bias is not None:
+    if bias is not None and bias.dtype == torch.bool:  # a keep-mask: any dtype of q, same device
+        if bias.device != q.device:
+            raise ValueError(f"vitkernels.attention: bias must be on the device of q ({q.device}), got {describe(bias)}")
+    elif bias is not None:
         check_tensor(OP, "bias", bias)
         check_same(OP, "q", q, bias=bias)
+    if bias is not None:
         target = (b, h, q.shape[2], k.shape[2])
         try:
             torch.broadcast_shapes(bias.shape, target)
@@ -58,6 +63,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
 
 @composite(OP)
 def _attention(q, k, v, bias=None, scale=None):
+    q, k, v, bias = autocast_inputs(q, k, v, bias)
     d = validate(q, k, v, bias)
     return torch.ops.vitkernels._attention_fwd(q, k, v, bias, default_scale(scale, d))[0]
 

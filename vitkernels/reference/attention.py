@@ -1,4 +1,5 @@
-"""softmax(q·kᵀ·scale + bias)·v, with rows whose every score is -inf giving 0."""
+"""softmax(q·kᵀ·scale + bias)·v, with rows whose every score is -inf giving 0. A boolean bias is a
+keep-mask (False = -inf), as in F.scaled_dot_product_attention."""
 from typing import Optional
 
 import torch
@@ -15,7 +16,9 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] =
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = compute_dtype(q.dtype)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
-    if bias is not None:
+    if bias is not None and bias.dtype == torch.bool:  # a keep-mask, as in SDPA: False -> -inf
+        s = s.masked_fill(~bias, float("-inf"))
+    elif bias is not None:
         s = s + bias.to(ct)
     # The row max only shifts the exponent (softmax is shift invariant), so it carries no gradient.
     m = s.detach().amax(dim=-1, keepdim=True)

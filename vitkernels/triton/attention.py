@@ -164,6 +164,17 @@ def _store_1d(ptrs, x, ok, MASK: tl.constexpr):
 
 
 @triton.jit
+def _apply_bias(s, bias, KIND: tl.constexpr):
+    """Scores s (log2 units) with the bias tile applied. KIND (the kernels' HAS_BIAS) 1: an additive
+    bias in natural-log units; 2: a boolean keep-mask read as bytes (0 = the key is excluded: -inf)."""
+    if KIND == 2:
+        s = tl.where(bias != 0, s, float("-inf"))
+    else:
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _split_bh(bh, G, H):
     """(b, g, h) of a program's linear (batch, group, head) index, in int64. G = 1 for 4-D views."""
     bg = bh // H
@@ -197,7 +208,7 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
     if HAS_BIAS:
         bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                         m_ok, n_ok, MASK_M, MASK_N)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s = _apply_bias(s, bias, HAS_BIAS)
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -332,7 +343,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, off
     if HAS_BIAS:
         biasT = _load_2d(bT_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm,
                          n_ok, m_ok, MASK_N, MASK_M)
-        sT += biasT.to(tl.float32) * 1.4426950408889634
+        sT = _apply_bias(sT, biasT, HAS_BIAS)
     pT = tl.math.exp2(sT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -435,7 +446,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, of
     if HAS_BIAS:
         bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                         m_ok, n_ok, MASK_M, MASK_N)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s = _apply_bias(s, bias, HAS_BIAS)
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
@@ -711,6 +722,16 @@ def _strides(t):
     return t.stride()[:4] if t.dim() == 5 else (t.stride(0), 0, t.stride(1), t.stride(2))
 
 
+def _bias_kind(bias):
+    """The kernels' HAS_BIAS: 0 no bias, 1 an additive float bias, 2 a boolean keep-mask."""
+    return 0 if bias is None else 2 if bias.dtype == torch.bool else 1
+
+
+def _bias_bytes(bias):
+    """A boolean mask as the same bytes typed uint8 (a view: strides kept, no copy); else as given."""
+    return bias.view(torch.uint8) if bias is not None and bias.dtype == torch.bool else bias
+
+
 def _bias_strides(bias):
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
@@ -732,7 +753,8 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
 
     q (B,H,Nq,D); k, v (B,H,Nk,D): strided views (stride(-1) == 1 expected; otherwise copied).
     5-D views (B, G, H, N, D) are accepted too (no bias); lse is then (B, G, H, Nq).
-    bias: None or a tensor expanded to (B,H,Nq,Nk) (any strides, 0 on broadcast dims).
+    bias: None or a tensor expanded to (B,H,Nq,Nk) (any strides, 0 on broadcast dims): a float
+    bias added to the scores, or a boolean mask (False = the key is excluded), read as bytes.
     out: preallocated (B,H,Nq,D) view of q's dtype with any strides. lse is the natural-log
     logsumexp of the scaled+biased scores; a row whose every score is -inf gives out = 0 and
     lse = +inf.
@@ -753,7 +775,7 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
         return lse
     dest = _Dest(out)
     o = dest.buf
-    has_bias = bias is not None
+    has_bias, bias = _bias_kind(bias), _bias_bytes(bias)
     pk, pv = prefix if prefix is not None else (q, q)
     args = (
         q, k, v, bias if has_bias else q, o, lse, pk, pv,
@@ -819,8 +841,8 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     for name, t in zip(("pk", "pv", "xq", "xdo"), (prefix or (None, None)) + tuple((extra_q or ())[:2])):
         if t is not None:
             _check_rows(name, t, q)
-    if bias_requires_grad and bias is None:
-        raise ValueError("bias_requires_grad=True but bias is None")
+    if bias_requires_grad and (bias is None or bias.dtype == torch.bool):
+        raise ValueError("bias_requires_grad=True needs a float bias (a boolean mask has no gradient)")
     if tuple(lse.shape) != tuple(q.shape[:-1]):
         raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:-1])}")
     lse = lse.to(torch.float32).contiguous()
@@ -843,7 +865,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     dests = [_Dest(t) for t in (dq, dk, dv) if t is not None]
     dq_, dk_, dv_ = (d.buf for d in dests) if dk is not None else (dests[0].buf, None, None)
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    has_bias = bias is not None
+    has_bias, bias = _bias_kind(bias), _bias_bytes(bias)
     fixed = _use_fixed(q)
     family = _family(q.dtype)
     qk_scale = float(scale) * _LOG2E
