@@ -15,6 +15,11 @@ embeddings (7×7 stride 4, then 3×3 stride 2, zero padding k//2) take any input
 spatial-reduction conv (kernel = stride = sr_ratio) needs every stage map to be at least sr_ratio
 on each side, as in timm (>= 32 px inputs for the default ratios 8, 4, 2, 1).
 
+Training features as in timm: `drop_path_rate` (stochastic depth on both residual branches, rising
+linearly over all blocks of all stages; default 0 as timm), `set_grad_checkpointing()`,
+`forward_features` (the last stage's (B, C, H/32, W/32) map) and `forward_head(x, pre_logits=False)`
+(global average pool -> head).
+
 The encoder is reused by SegFormer's MiT (`segformer.py`) through `forward_stages`.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 
 from ..ops import mix_ffn, sr_attention
 from . import register_model
+from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
 from .vit import init_linear
 
 
@@ -111,25 +117,31 @@ class MlpWithDepthwiseConv(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, linear_attn: bool = False,
-                 qkv_bias: bool = True, norm_eps: float = 1e-6):
+                 qkv_bias: bool = True, norm_eps: float = 1e-6, drop_path: float = 0.0, drop_path_style: str = "timm"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, sr_ratio, linear_attn, qkv_bias)
+        self.drop_path1 = DropPath(drop_path, drop_path_style)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MlpWithDepthwiseConv(dim, int(dim * mlp_ratio), extra_relu=linear_attn)
+        self.drop_path2 = DropPath(drop_path, drop_path_style)
 
     def forward(self, x, hw):
-        x = x + self.attn(self.norm1(x), hw)
-        return x + self.mlp(self.norm2(x), hw)
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+        return x + self.drop_path2(self.mlp(self.norm2(x), hw))
 
 
-class PyramidVisionTransformerStage(nn.Module):
+class PyramidVisionTransformerStage(GradCheckpointMixin, nn.Module):
     def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, num_heads: int, sr_ratio: int,
-                 mlp_ratio: float, linear_attn: bool = False, qkv_bias: bool = True, norm_eps: float = 1e-6):
+                 mlp_ratio: float, linear_attn: bool = False, qkv_bias: bool = True, norm_eps: float = 1e-6,
+                 drop_path=0.0, drop_path_style: str = "timm"):
         super().__init__()
+        self.grad_checkpointing = False
+        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out) if downsample else None
         self.blocks = nn.ModuleList([
-            Block(dim_out, num_heads, mlp_ratio, sr_ratio, linear_attn, qkv_bias, norm_eps) for _ in range(depth)])
+            Block(dim_out, num_heads, mlp_ratio, sr_ratio, linear_attn, qkv_bias, norm_eps, dpr[i], drop_path_style)
+            for i in range(depth)])
         self.norm = nn.LayerNorm(dim_out, eps=norm_eps)
 
     def forward(self, x, hw):
@@ -137,16 +149,20 @@ class PyramidVisionTransformerStage(nn.Module):
         if self.downsample is not None:
             x, hw = self.downsample(tokens_to_map(x, hw))
         for block in self.blocks:
-            x = block(x, hw)
+            x = self.run_block(block, x, hw)
         return self.norm(x), hw
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(GradCheckpointMixin, nn.Module):
+    """`drop_path_style` "timm" (default) or "hf": how the stochastic-depth masks are drawn (see
+    `_layers.DropPath`); SegFormer uses "hf" to draw as transformers' SegFormer does."""
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths=(3, 4, 6, 3),
                  embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1),
                  mlp_ratios=(8.0, 8.0, 4.0, 4.0), qkv_bias: bool = True, linear: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, drop_path_rate: float = 0.0, drop_path_style: str = "timm"):
         super().__init__()
+        self.grad_checkpointing = False
         n = len(depths)
         if not all(len(t) == n for t in (embed_dims, num_heads, sr_ratios, mlp_ratios)):
             raise ValueError("PyramidVisionTransformerV2: depths, embed_dims, num_heads, sr_ratios and mlp_ratios "
@@ -154,9 +170,11 @@ class PyramidVisionTransformerV2(nn.Module):
         self.num_classes = num_classes
         self.embed_dims = tuple(embed_dims)
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0])
+        dpr = split_rates(drop_path_rates(drop_path_rate, sum(depths)), depths)
         self.stages = nn.Sequential(*[
             PyramidVisionTransformerStage(embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], i > 0, num_heads[i],
-                                          sr_ratios[i], mlp_ratios[i], linear, qkv_bias, norm_eps)
+                                          sr_ratios[i], mlp_ratios[i], linear, qkv_bias, norm_eps, dpr[i],
+                                          drop_path_style)
             for i in range(n)])
         self.num_features = embed_dims[-1]
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -190,9 +208,7 @@ class PyramidVisionTransformerV2(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        x, _ = self.forward_stages(x)[-1]
-        x = x.mean(dim=1)  # global average pool over tokens
-        return self.head(x)
+        return self.forward_head(self.forward_features(x))
 
 
 def _pvt(defaults: dict, kwargs: dict) -> PyramidVisionTransformerV2:

@@ -13,6 +13,13 @@ Parameter names: `encoder.*` are the timm PVTv2 names, `decode_head.*` are HF's.
 checkpoint with `model.load_state_dict(convert_hf_segformer(hf_state_dict), strict=True)`; the
 converter packs HF's separate key and value linears into the [k | v] head-major kv linear that
 `sr_attention` reads.
+
+Training features as in transformers' SegFormer: `drop_path_rate` (stochastic depth on both residual
+branches of every encoder block, rising linearly over all blocks of all stages; default 0.1, the
+default of `SegformerConfig` and of the released nvidia/mit-b* and segformer-b* configs; masks drawn
+as transformers draws them, so a seeded training step matches it), `set_grad_checkpointing()` (the
+encoder blocks), `forward_features` (the four stage maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32, as
+transformers' `hidden_states`) and `forward_head(features)` (the decode head's logits).
 """
 from __future__ import annotations
 
@@ -23,18 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
+from ._layers import GradCheckpointMixin
 from .pvt_v2 import PyramidVisionTransformerV2, tokens_to_map
 
 
 class MLP(nn.Module):
-    """HF `SegformerMLP`: a linear on the stage's tokens."""
+    """HF `SegformerMLP`: a linear on a stage map's pixels, (B, C, H, W) -> (B, C', H, W) (views, no copies)."""
 
     def __init__(self, input_dim: int, output_dim: int):
         super().__init__()
         self.proj = nn.Linear(input_dim, output_dim)
 
     def forward(self, x):
-        return self.proj(x)
+        hw = x.shape[-2:]
+        return tokens_to_map(self.proj(x.flatten(2).transpose(1, 2)), hw)
 
 
 class DecodeHead(nn.Module):
@@ -47,33 +56,36 @@ class DecodeHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(decoder_hidden_size, num_classes, 1)
 
-    def forward(self, features):
-        """features: per stage ((B, H·W, C) tokens, (H, W)), stride 4 first."""
-        size = features[0][1]
+    def forward(self, features, pre_logits: bool = False):
+        """features: the stage maps (B, C_i, H_i, W_i), stride 4 first."""
+        size = tuple(features[0].shape[-2:])
         maps = []
-        for (x, hw), mlp in zip(features, self.linear_c):
-            y = tokens_to_map(mlp(x), hw)
-            if tuple(hw) != tuple(size):  # resizing to the same size is the identity
+        for x, mlp in zip(features, self.linear_c):
+            y = mlp(x)
+            if tuple(y.shape[-2:]) != size:  # resizing to the same size is the identity
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             maps.append(y)
-        y = self.linear_fuse(torch.cat(maps[::-1], dim=1))
-        y = self.dropout(self.activation(self.batch_norm(y)))
-        return self.classifier(y)
+        y = self.activation(self.batch_norm(self.linear_fuse(torch.cat(maps[::-1], dim=1))))
+        return y if pre_logits else self.classifier(self.dropout(y))
 
 
-class SegFormer(nn.Module):
+class SegFormer(GradCheckpointMixin, nn.Module):
     def __init__(self, num_classes: int = 150, in_chans: int = 3, embed_dims=(32, 64, 160, 256),
                  depths=(2, 2, 2, 2), num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio: float = 4.0,
-                 decoder_hidden_size: int = 256, classifier_dropout: float = 0.1, norm_eps: float = 1e-5):
+                 decoder_hidden_size: int = 256, classifier_dropout: float = 0.1, norm_eps: float = 1e-5,
+                 drop_path_rate: float = 0.1):
         super().__init__()
+        self.grad_checkpointing = False
         self.num_classes = num_classes
         # The sizes, as a Hugging Face SegformerConfig spells them out (the benchmark builds one).
         self.config = dict(num_classes=num_classes, in_chans=in_chans, embed_dims=tuple(embed_dims),
                            depths=tuple(depths), num_heads=tuple(num_heads), sr_ratios=tuple(sr_ratios),
-                           mlp_ratio=mlp_ratio, decoder_hidden_size=decoder_hidden_size)
+                           mlp_ratio=mlp_ratio, decoder_hidden_size=decoder_hidden_size,
+                           drop_path_rate=drop_path_rate, classifier_dropout=classifier_dropout)
         self.encoder = PyramidVisionTransformerV2(
             in_chans=in_chans, num_classes=0, depths=depths, embed_dims=embed_dims, num_heads=num_heads,
-            sr_ratios=sr_ratios, mlp_ratios=(mlp_ratio,) * len(depths), norm_eps=norm_eps)
+            sr_ratios=sr_ratios, mlp_ratios=(mlp_ratio,) * len(depths), norm_eps=norm_eps,
+            drop_path_rate=drop_path_rate, drop_path_style="hf")
         self.decode_head = DecodeHead(embed_dims, decoder_hidden_size, num_classes, classifier_dropout)
         for m in self.decode_head.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -82,12 +94,18 @@ class SegFormer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
-        """Per-stage ((B, H·W, C) tokens, (H, W)) of the MiT encoder."""
-        return self.encoder.forward_stages(x)
+        """Images (B, 3, H, W) -> the MiT encoder's four normalised stage maps (B, C_i, H_i, W_i), stride
+        4, 8, 16, 32 (views of its token-layout outputs)."""
+        return [tokens_to_map(t, hw) for t, hw in self.encoder.forward_stages(x)]
+
+    def forward_head(self, features, pre_logits: bool = False):
+        """Stage maps -> logits (B, num_classes, H_1, W_1); with pre_logits the fused decoder features
+        (B, decoder_hidden_size, H_1, W_1) before the dropout and the classifier."""
+        return self.decode_head(features, pre_logits)
 
     def forward(self, x):
         """Images (B, 3, H, W) -> logits (B, num_classes, H', W') at the stride-4 resolution."""
-        return self.decode_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------- HF key conversion

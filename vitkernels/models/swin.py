@@ -10,6 +10,11 @@ before patch merging, and a stage whose map is not larger than the window uses o
 min(H, W) with no shift (as timm and the original do). As in timm, `img_size` fixes each block's
 window at construction: a stage whose map at img_size is no larger than the window is built with a
 window (and a relative-position-bias table) of that map's size, unshifted.
+
+Training features as in timm: `drop_path_rate` (stochastic depth on both residual branches, rising
+linearly over all blocks of all stages; default 0.1 as timm's SwinTransformer),
+`set_grad_checkpointing()`, `forward_features` (the normalised last-stage map, (B, H, W, C) as timm)
+and `forward_head(x, pre_logits=False)` (global average pool -> head.fc).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import nn
 
 from ..ops import window_attention
 from . import register_model
+from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
 from .vit import Mlp, init_linear
 
 
@@ -58,7 +64,7 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0,
-                 resolution: int | None = None):
+                 resolution: int | None = None, drop_path: float = 0.0):
         super().__init__()
         if resolution is not None and resolution <= window_size:
             # As timm (and the original Swin) build it: a block whose map at the model's img_size is
@@ -68,12 +74,14 @@ class SwinBlock(nn.Module):
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = WindowAttention(dim, num_heads, window_size)
+        self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x, hw):
-        x = x + self.attn(self.norm1(x), hw, self.shift_size)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw, self.shift_size))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -93,20 +101,23 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x)), (h2, w2)
 
 
-class SwinStage(nn.Module):
+class SwinStage(GradCheckpointMixin, nn.Module):
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool,
-                 mlp_ratio: float = 4.0, resolution: int | None = None):
+                 mlp_ratio: float = 4.0, resolution: int | None = None, drop_path=0.0):
         super().__init__()
+        self.grad_checkpointing = False
+        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.downsample = PatchMerging(dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList([
-            SwinBlock(out_dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, resolution)
+            SwinBlock(out_dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, resolution,
+                      dpr[i])
             for i in range(depth)])
 
     def forward(self, x, hw):
         if not isinstance(self.downsample, nn.Identity):
             x, hw = self.downsample(x, hw)
         for block in self.blocks:
-            x = block(x, hw)
+            x = self.run_block(block, x, hw)
         return x, hw
 
 
@@ -131,15 +142,17 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x, pre_logits: bool = False):
-        x = x.mean(dim=1)  # global average pool over tokens
+        # global average pool: over the (H, W) of an NHWC map (timm's forward_features output) or over tokens
+        x = x.mean(dim=(1, 2)) if x.dim() == 4 else x.mean(dim=1)
         return x if pre_logits else self.fc(x)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(GradCheckpointMixin, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.1):
         super().__init__()
+        self.grad_checkpointing = False
         self.img_size = img_size
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -149,9 +162,10 @@ class SwinTransformer(nn.Module):
         res = [(min(img_size) if isinstance(img_size, (tuple, list)) else img_size) // patch_size]
         for _ in depths[1:]:
             res.append((res[-1] + 1) // 2)
+        dpr = split_rates(drop_path_rates(drop_path_rate, sum(depths)), depths)
         self.layers = nn.Sequential(*[
             SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0,
-                      mlp_ratio=mlp_ratio, resolution=res[i])
+                      mlp_ratio=mlp_ratio, resolution=res[i], drop_path=dpr[i])
             for i in range(len(depths))])
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
@@ -159,10 +173,11 @@ class SwinTransformer(nn.Module):
         self.apply(init_linear)
 
     def forward_features(self, x):
+        """Images (B, 3, H, W) -> the normalised last-stage map (B, H/32, W/32, C), NHWC as timm."""
         x, hw = self.patch_embed(x)
         for stage in self.layers:
             x, hw = stage(x, hw)
-        return self.norm(x)
+        return self.norm(x).reshape(x.shape[0], hw[0], hw[1], -1)
 
     def forward_head(self, x, pre_logits: bool = False):
         return self.head(x, pre_logits)

@@ -13,6 +13,16 @@ fastest): layout "st" of `space_time_attention`. A block is
     (its per-frame outputs averaged) → residual; MLP → residual.
 The attention ops read the packed qkv projections in place; no rearrange copies are made.
 Input: clips (B, 3, T, H, W); output: logits (B, num_classes).
+
+Training features: `drop_path_rate` — stochastic depth exactly as the official code and transformers'
+`TimesformerLayer` apply it: rates rising linearly from 0 at the first block to the rate at the last
+(default 0, transformers' default; the official TimeSformer-Base recipe uses 0.1), one DropPath per
+block on its three residual branches, and, as there, the temporal branch drops per (clip, spatial
+position) and the spatial branch per (clip, frame) (the class token's per-frame outputs with their
+frame) — the references apply it to their rearranged (B·S, T, C) and (B·T, 1+S, C) batches — while
+the MLP branch drops per clip; masks are drawn as transformers draws them. `set_grad_checkpointing()`;
+`forward_features` (the normalised tokens (B, 1 + S·T, C), class token first) and
+`forward_head(x, pre_logits=False)` (class token -> head).
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from torch import nn
 
 from ..ops import space_time_attention
 from . import register_model
+from ._layers import DropPath, GradCheckpointMixin, drop_path_rates
 from .vit import Mlp, init_linear
 
 
@@ -39,7 +50,7 @@ class Block(nn.Module):
     temporal_fc (TimeSformer only: ViViT's block subclasses this one without it), norm2/mlp."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 temporal_fc: bool = True):
+                 temporal_fc: bool = True, drop_path: float = 0.0, drop_path_style: str = "hf"):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -50,27 +61,39 @@ class Block(nn.Module):
             self.temporal_fc = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path, drop_path_style)
 
     def forward(self, x, frames: int):
         cls, xp = x[:, :1], x[:, 1:]
+        b, n, c = xp.shape
+        s = n // frames
         # Temporal: every spatial position attends over its frames (a contiguous run in layout "st").
         qkv = self.temporal_attn.qkv(self.temporal_norm1(xp))
-        t = space_time_attention(qkv, frames, self.num_heads, "time", layout="st")
-        xt = xp + self.temporal_fc(self.temporal_attn.proj(t))
+        t = self.temporal_attn.proj(space_time_attention(qkv, frames, self.num_heads, "time", layout="st"))
+        m = self.drop_path.mask((b, s, 1, 1), t)  # one draw per (clip, position)
+        if m is not None:
+            t = (t.view(b, s, frames, c) * m).view(b, n, c)
+        xt = xp + self.temporal_fc(t)
         # Spatial: every frame attends over its tokens, the class token prepended to each frame.
         qkv = self.attn.qkv(self.norm1(xt))
         cls_qkv = self.attn.qkv(self.norm1(cls[:, 0]))
         out, cls_out = space_time_attention(qkv, frames, self.num_heads, "space", cls_qkv=cls_qkv, layout="st")
-        cls_res = self.attn.proj(cls_out).mean(dim=1, keepdim=True)  # average over frames
-        x = torch.cat((cls + cls_res, xt + self.attn.proj(out)), dim=1)
-        return x + self.mlp(self.norm2(x))
+        out, cls_out = self.attn.proj(out), self.attn.proj(cls_out)
+        m = self.drop_path.mask((b, 1, frames, 1), out)  # one draw per (clip, frame)
+        if m is not None:
+            out = (out.view(b, s, frames, c) * m).view(b, n, c)
+            cls_out = cls_out * m.view(b, frames, 1)
+        cls_res = cls_out.mean(dim=1, keepdim=True)  # average over frames
+        x = torch.cat((cls + cls_res, xt + out), dim=1)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class TimeSformer(nn.Module):
+class TimeSformer(GradCheckpointMixin, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, num_frames: int = 8):
+                 qkv_bias: bool = True, num_frames: int = 8, drop_path_rate: float = 0.0):
         super().__init__()
+        self.grad_checkpointing = False
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.num_frames = num_frames
@@ -80,7 +103,9 @@ class TimeSformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i])
+                                     for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -106,7 +131,8 @@ class TimeSformer(nn.Module):
         return F.interpolate(self.time_embed.transpose(1, 2), size=frames, mode="nearest").transpose(1, 2)
 
     def forward_features(self, x):
-        """Clips (B, 3, T, H, W) → the normalised class token (B, embed_dim)."""
+        """Clips (B, 3, T, H, W) → the normalised tokens (B, 1 + S·T, embed_dim): the class token, then
+        the patch tokens in layout "st" (index s·T + t)."""
         if x.dim() != 5:
             raise ValueError(f"TimeSformer expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
         b, c, frames = x.shape[:3]
@@ -119,11 +145,15 @@ class TimeSformer(nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
         x = torch.cat((cls, x.reshape(b, h * w * frames, d)), dim=1)        # layout "st"
         for blk in self.blocks:
-            x = blk(x, frames)
-        return self.norm(x)[:, 0]
+            x = self.run_block(blk, x, frames)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

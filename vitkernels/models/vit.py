@@ -2,6 +2,11 @@
 
 Parameter names and shapes follow timm's VisionTransformer (class token, global_pool="token",
 qkv_bias, LayerNorm eps 1e-6, exact-erf GELU), so a timm `state_dict()` loads with strict=True.
+
+Training features as in timm: `drop_path_rate` (stochastic depth on both residual branches of every
+block, rising linearly from 0 at the first block to the rate at the last; default 0 as timm),
+`set_grad_checkpointing()`, `forward_features` (normalised tokens, class token first) and
+`forward_head(x, pre_logits=False)` (class token -> head).
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import nn
 
 from ..ops import self_attention
 from . import register_model
+from ._layers import DropPath, GradCheckpointMixin, drop_path_rates
 
 
 class PatchEmbed(nn.Module):
@@ -58,16 +64,19 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid, num_prefix: int = 1) -> torch.Tensor:
@@ -82,10 +91,10 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid, num_prefix: 
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, -1, c)], dim=1)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(GradCheckpointMixin, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -93,7 +102,9 @@ class VisionTransformer(nn.Module):
         n = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, embed_dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.grad_checkpointing = False
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_linear)
@@ -103,7 +114,9 @@ class VisionTransformer(nn.Module):
         x, grid = self.patch_embed(x)
         pos = resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, grid)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
-        return self.norm(self.blocks(x))
+        for blk in self.blocks:
+            x = self.run_block(blk, x)
+        return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
         x = x[:, 0]

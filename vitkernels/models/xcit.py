@@ -14,8 +14,13 @@ per-channel affine on the tokens, in training mode by `nn.BatchNorm2d` on a (B, 
 The Fourier positional encoding has parameters (its 1×1 `token_projection` conv); its features are
 computed in float32 (float64 for float64 models) from the patch grid, so any input size runs.
 The class-attention blocks follow timm's `ClassAttentionBlock` with `tokens_norm=True` (both named
-models), including its residual on the patch tokens (x + norm2(x) for them). Dropout and drop path
-(stochastic depth) are not implemented.
+models), including its residual on the patch tokens (x + norm2(x) for them). Dropout is not implemented.
+
+Training features as in timm: `drop_path_rate` (stochastic depth, the same rate on the three residual
+branches of every XCA block — timm's XCiT does not ramp it over depth — and none in the
+class-attention blocks; default 0), `set_grad_checkpointing()` (XCA and class-attention blocks; as in
+timm, a checkpointed block's BatchNorm updates its running statistics again when it is recomputed),
+`forward_features` (normalised tokens, class token first) and `forward_head(x, pre_logits=False)`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch import nn
 
 from ..ops import attention, dwconv, xca
 from . import register_model
+from ._layers import DropPath, GradCheckpointMixin
 from .vit import Mlp, init_linear
 
 
@@ -138,22 +144,26 @@ class LPI(nn.Module):
 
 
 class XCABlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eta: float = 1.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eta: float = 1.0,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = XCA(dim, num_heads, qkv_bias)
+        self.drop_path1 = DropPath(drop_path)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
         self.local_mp = LPI(dim)
+        self.drop_path3 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma3 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
 
     def forward(self, x, hw):
-        x = x + self.gamma1 * self.attn(self.norm1(x))
-        x = x + self.gamma3 * self.local_mp(self.norm3(x), hw)
-        return x + self.gamma2 * self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path3(self.gamma3 * self.local_mp(self.norm3(x), hw))
+        return x + self.drop_path2(self.gamma2 * self.mlp(self.norm2(x)))
 
 
 class ClassAttn(nn.Module):
@@ -187,6 +197,9 @@ class ClassAttentionBlock(nn.Module):
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.tokens_norm = tokens_norm
+        # timm builds class-attention blocks without stochastic depth: rate 0, kept for its module layout
+        self.drop_path1 = DropPath(0.0)
+        self.drop_path2 = DropPath(0.0)
 
     def forward(self, x):
         y = self.norm1(x)
@@ -200,18 +213,21 @@ class ClassAttentionBlock(nn.Module):
         return torch.cat([cls, 2 * x[:, 1:]], dim=1)  # timm: x_res + [gamma2·mlp(cls) | patches]
 
 
-class Xcit(nn.Module):
+class Xcit(GradCheckpointMixin, nn.Module):
     def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 cls_attn_layers: int = 2, eta: float = 1.0, tokens_norm: bool = True, img_size: int = 224):
+                 cls_attn_layers: int = 2, eta: float = 1.0, tokens_norm: bool = True, img_size: int = 224,
+                 drop_path_rate: float = 0.0):
         super().__init__()
+        self.grad_checkpointing = False
         # img_size is accepted for timm-style calls; the model runs on any input size (multiples of the patch size)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = ConvPatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = PositionalEncodingFourier(embed_dim)
-        self.blocks = nn.ModuleList([XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta) for _ in range(depth)])
+        self.blocks = nn.ModuleList([XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, drop_path_rate)
+                                     for _ in range(depth)])
         self.cls_attn_blocks = nn.ModuleList([
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, tokens_norm)
             for _ in range(cls_attn_layers)])
@@ -224,10 +240,10 @@ class Xcit(nn.Module):
         x, hw = self.patch_embed(x)
         x = x + self.pos_embed(hw)
         for blk in self.blocks:
-            x = blk(x, hw)
+            x = self.run_block(blk, x, hw)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.cls_attn_blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
