@@ -239,7 +239,7 @@ def test_patch_timm_swaps_pvt_modules_without_timm(linear, monkeypatch):
         want = attn(x, hw), mlp(x, hw)
         assert vk.patch_timm(holder) is holder
         got = holder["attn"](x, hw), holder["mlp"](x, hw)
-    assert type(holder["attn"]).__name__ == "FusedAttention"
+    assert type(holder["attn"]).__name__ == "FusedPvtV2Attention"  # unique names: importable, picklable
     assert type(holder["mlp"]).__name__ == "FusedMlpWithDepthwiseConv"
     assert list(holder.state_dict()) == keys
     assert calls == {"sr_attention": 1, "mix_ffn": 1}

@@ -191,12 +191,28 @@ def _fake_timm_swin_block_class():
             self.window_size, self.shift_size = (window_size, window_size), (shift_size, shift_size)
             self.attn = WindowAttention(dim, num_heads, window_size)
 
-        def _attn(self, x):  # timm's eager composition (the oracle: roll, partition, mask, bias, reverse)
+        def _attn(self, x):  # timm's eager order: roll the unpadded map, pad, partition, mask, bias, reverse
             b, h, w, c = x.shape
             a, m, s = self.attn, self.window_size[0], self.shift_size[0]
-            out = oracles.window_attention(a.qkv(x.reshape(b, h * w, c)), (h, w), a.num_heads, m, s,
-                                           a.relative_position_bias_table, a.qkv.bias, a.scale)
-            return a.proj(out).reshape(b, h, w, c)
+            hp, wp, n = -(-h // m) * m, -(-w // m) * m, m * m
+            y = F.pad(torch.roll(x, (-s, -s), (1, 2)), (0, 0, 0, wp - w, 0, hp - h))
+            win = y.reshape(b, hp // m, m, wp // m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, c)
+            q, k, v = a.qkv(win).reshape(win.shape[0], n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+            pos = torch.stack(torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")).flatten(1)
+            rel = pos[:, :, None] - pos[:, None, :] + m - 1
+            scores = q * a.scale @ k.transpose(-1, -2) + a.relative_position_bias_table[
+                rel[0] * (2 * m - 1) + rel[1]].permute(2, 0, 1)
+            if s:  # region labels over the padded grid, -100 between different regions of a window
+                label = torch.zeros(hp, wp)
+                for i, (hs, ws) in enumerate((hs, ws) for hs in (slice(0, -m), slice(-m, -s), slice(-s, None))
+                                             for ws in (slice(0, -m), slice(-m, -s), slice(-s, None))):
+                    label[hs, ws] = i
+                label = label.reshape(hp // m, m, wp // m, m).permute(0, 2, 1, 3).reshape(-1, n)
+                mask = (label[:, None, :] != label[:, :, None]).float() * -100.0
+                scores = (scores.view(b, -1, a.num_heads, n, n) + mask[None, :, None]).view(-1, a.num_heads, n, n)
+            out = a.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, q.shape[1] * q.shape[-1]))
+            out = out.reshape(b, hp // m, wp // m, m, m, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+            return torch.roll(out[:, :h, :w], (s, s), (1, 2))
 
         def forward(self, x):
             return x + self._attn(x)
@@ -222,9 +238,10 @@ def test_patch_timm_swaps_swin_blocks_without_timm(monkeypatch):
     assert list(model.state_dict()) == keys
     assert calls == [((14, 21), 2, 7, 0), ((14, 21), 2, 7, 3)]
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    # timm shifts before padding, the op pads first: a map that needs padding keeps timm's own path.
+    # timm shifts before padding, the op pads first: a shifted map that needs padding reaches the op
+    # in the op's order (padded to 14 x 14), with timm's result.
     calls.clear()
     x = torch.randn(1, 9, 9, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model[1](x), x + model[1]._timm_attn(x))
-    assert calls == []
+        torch.testing.assert_close(model[1](x), x + model[1]._timm_attn(x), atol=1e-5, rtol=1e-5)
+    assert calls == [((14, 14), 2, 7, 3)]

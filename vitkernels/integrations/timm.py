@@ -1,135 +1,321 @@
 """`vitkernels.patch_timm(model)`: swap, in place, timm attention modules for fused ones.
 
-A swapped module is the same object with the same parameters (so `state_dict()` keys are unchanged):
-only its class becomes a subclass `Fused<Name>` that overrides one method. Where a module is configured in
-a way the fused op does not cover (q/k norm, attention dropout while training, an attention mask)
-it runs timm's own forward.
+A swapped module is the same object with the same parameters (so `state_dict()` keys, hooks and
+optimizer state are unchanged): only its class becomes `Fused<Name>`, a subclass of timm's class that
+overrides one method and keeps timm's own as `_timm_<method>`. The Fused classes are importable from
+this module by name (built on first lookup against the installed timm), so a patched model pickles
+(`torch.save(model)`), deep-copies and loads in a fresh process.
 
 Covered today:
 - VisionTransformer / DeiT: timm's ViT `Attention` (`timm.layers.attention`, or
-  `timm.models.vision_transformer` before timm 1.0) -> `self_attention`;
-- SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` gets a fused `_attn`
-  (roll, pad, partition, mask, bias gather, attention, reverse in one `window_attention` call).
-- PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `sr_attention` after timm's own
-  spatial reduction, and `MlpWithDepthwiseConv` -> one `mix_ffn` call.
-- XCiT: `timm.models.xcit.XCA` -> `xca` (cross-covariance attention on the packed qkv).
+  `timm.models.vision_transformer` before timm 1.0) -> `FusedAttention`: qkv -> `self_attention`
+  (an attention mask or `is_causal` -> `attention` with the mask as bias) -> [scale norm, gate] -> proj;
+- SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` -> `FusedSwinTransformerBlock`
+  whose `_attn` is one `window_attention` call (roll, pad, partition, mask, bias gather, attention,
+  reverse). timm shifts before padding, the op pads first: where a shifted map is not a multiple of the
+  window, the fused path hands the op the map in the op's order (a roll and pad of qkv, no module call),
+  so every input size runs fused;
+- PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `FusedPvtV2Attention`: timm's own
+  spatial reduction, then `sr_attention`; `MlpWithDepthwiseConv` -> `FusedMlpWithDepthwiseConv`: one
+  `mix_ffn` call;
+- XCiT: `timm.models.xcit.XCA` -> `FusedXCA`: qkv -> `xca` -> proj.
+
+What is decided when:
+- at patch time (static configuration): a module the op does not cover keeps its class and timm's
+  forward, and the log says why (q/k norm, a non-square Swin window, a non-erf Mix-FFN activation,
+  Mix-FFN linears/conv that are not plain `nn.Linear`/`nn.Conv2d` such as LoRA wrappers, ...);
+- at run time, only `self.training` and dropout p: attention dropout while training runs timm's own
+  forward (the fused ops have no dropout) and warns once per reason (`FusedFallbackWarning`).
+
+The fused forwards are TorchScript-able (typed signatures, they call `torch.ops.vitkernels.*` through
+the small typed functions below) and fx-traceable: those functions are `torch.fx.wrap`-ped leaves, so
+`torch.fx.symbolic_trace`, timm's `features_only=True, feature_cls='fx'` and torchvision's
+`create_feature_extractor` record one call per fused op and never branch on traced values.
 """
-from __future__ import annotations
+from typing import List, Optional, Tuple
 
-from torch import nn
+import torch
+import torch.fx
+from torch import Tensor, nn
 
-from ..ops import mix_ffn, self_attention, sr_attention, window_attention, xca
+from ._patching import FusedFallbackWarning, FusedSpec, patch_modules, resolve, warn_fallback
 
+# The Fused classes (FusedAttention, FusedSwinTransformerBlock, FusedPvtV2Attention,
+# FusedMlpWithDepthwiseConv, FusedXCA) are importable from here too; they need timm, so `import *` skips them.
+__all__ = ["patch_timm", "FusedFallbackWarning"]
+
+_ORIG = "_timm_"
+
+
+# ----------------------------------------------------------------------------- ops, as the fused forwards call them
+# Typed, scriptable wrappers of the public ops (the Python functions of vitkernels.ops validate with
+# Python-only code). Tests count fused calls by replacing these module attributes.
+
+def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+    return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    return torch.ops.vitkernels.attention(q, k, v, bias, scale)
+
+
+def window_attention(qkv: Tensor, hw: Tuple[int, int], num_heads: int, window_size: int, shift_size: int = 0,
+                     rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Tensor:
+    return torch.ops.vitkernels.window_attention(qkv, [hw[0], hw[1]], num_heads, window_size, shift_size,
+                                                 rel_pos_bias_table, qkv_bias, scale)
+
+
+def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+    return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
+
+
+def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
+    return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
+
+
+def mix_ffn(x: Tensor, hw: List[int], fc1_weight: Tensor, fc1_bias: Optional[Tensor], dw_weight: Tensor,
+            dw_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+            extra_relu: bool = False) -> Tensor:
+    return torch.ops.vitkernels.mix_ffn(x, [hw[0], hw[1]], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight,
+                                        fc2_bias, extra_relu)
+
+
+# ----------------------------------------------------------------------------- fx leaves
+# Each fused forward calls exactly one of these with its tensors and static config; torch.fx records
+# them as single call_function nodes (torch.fx.wrap below), so shape-dependent choices made inside run
+# at run time on real shapes, in eager, TorchScript, fx and torch.compile alike.
+
+def _vit_attention(qkv: Tensor, num_heads: int, scale: float, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """(B, N, 3C) -> (B, N, C). timm's mask semantics: `is_causal` wins over `attn_mask`; a boolean mask
+    marks the keys that take part (SDPA's convention), a float mask is added to the scores."""
+    if attn_mask is None and not is_causal:
+        return self_attention(qkv, num_heads, scale)
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    # The op reads a boolean mask as it is (bytes, no float copy), as SDPA does.
+    if is_causal:
+        bias = torch.ones((n, n), dtype=torch.bool, device=qkv.device).tril()
+    else:
+        bias = attn_mask
+    return attention(q, k, v, bias, scale).transpose(1, 2).reshape(b, n, c)
+
+
+def _timm_window_attention(qkv: Tensor, h: int, w: int, num_heads: int, window: int, shift: int,
+                           table: Tensor, qkv_bias: Optional[Tensor], scale: float) -> Tensor:
+    """timm's `SwinTransformerBlock._attn` core on qkv (B, H·W, 3C) -> (B, H·W, C), for every H, W.
+
+    The op pads, then shifts (SPEC.md); timm shifts the unpadded map, then pads. They agree without a
+    shift or when H and W are multiples of the window. Otherwise the op gets the map in its own order:
+    P = pad(roll(qkv, -s)) (padded tokens' qkv is the qkv bias, the qkv linear of a zero token), rolled
+    by +s so the op's shift gives back P; its output rolled by -s is timm's attention on P, which timm
+    crops and shifts back."""
+    if shift == 0 or (h % window == 0 and w % window == 0):
+        return window_attention(qkv, (h, w), num_heads, window, shift, table, qkv_bias, scale)
+    b, _, c3 = qkv.shape
+    hp, wp = (h + window - 1) // window * window, (w + window - 1) // window * window
+    t = torch.roll(qkv.reshape(b, h, w, c3), [-shift, -shift], [1, 2])
+    fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)  # timm: linear(0) in qkv's dtype
+    if wp > w:
+        t = torch.cat([t, fill.expand(b, h, wp - w, c3)], 2)
+    if hp > h:
+        t = torch.cat([t, fill.expand(b, hp - h, wp, c3)], 1)
+    t = torch.roll(t, [shift, shift], [1, 2]).reshape(b, hp * wp, c3)
+    out = window_attention(t, (hp, wp), num_heads, window, shift, table, qkv_bias, scale)
+    out = torch.roll(out.reshape(b, hp, wp, c3 // 3), [-shift, -shift], [1, 2])[:, :h, :w]
+    return torch.roll(out, [shift, shift], [1, 2]).reshape(b, h * w, c3 // 3)
+
+
+torch.fx.wrap("_vit_attention")
+torch.fx.wrap("_timm_window_attention")
+torch.fx.wrap("sr_attention")
+torch.fx.wrap("xca")
+torch.fx.wrap("mix_ffn")
+
+
+# ----------------------------------------------------------------------------- fused forwards
+# Methods of the Fused classes. TorchScript compiles them (and timm's own `_timm_*` methods they fall
+# back to); `warn_fallback` is Python-only, hence under `not torch.jit.is_scripting()`.
+
+def _fused_vit_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """timm ViT Attention: qkv -> fused attention -> [scale norm] [gate] -> proj."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        if is_causal:
+            return self._timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None:
+            return self._timm_forward(x, attn_mask=attn_mask)
+        return self._timm_forward(x)
+    out = _vit_attention(self.qkv(x), self.num_heads, self.scale, attn_mask, is_causal)
+    if hasattr(self, "norm"):  # timm's optional scale_norm (absent before timm 1.0)
+        out = self.norm(out)
+    if hasattr(self, "gate"):  # timm's optional sigmoid gate on the attention output
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+    return self.proj_drop(self.proj(out))
+
+
+def _fused_swin_attn(self, x: Tensor) -> Tensor:
+    """timm SwinTransformerBlock._attn on (B, H, W, C) with one fused window_attention call."""
+    attn = self.attn
+    if attn.training and attn.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_attn(x)
+    if self.window_size[0] != self.window_size[1] or self.shift_size[0] != self.shift_size[1]:
+        if not torch.jit.is_scripting():  # set_input_size() may have made the window non-square
+            warn_fallback(self, "a non-square window or shift (the op takes square windows)")
+        return self._timm_attn(x)
+    b, h, w, c = x.shape
+    qkv = attn.qkv(x.reshape(b, h * w, c))
+    out = _timm_window_attention(qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0],
+                                 attn.relative_position_bias_table, attn.qkv.bias, attn.scale)
+    return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
+
+
+def _fused_pvt_forward(self, x: Tensor, feat_size: List[int]) -> Tensor:
+    """timm PVTv2 Attention: the spatial reduction stays timm's code, the attention core is fused."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x, feat_size)
+    b, n, c = x.shape
+    q = self.q(x)
+    if self.pool is not None:
+        y = x.permute(0, 2, 1).reshape(b, c, feat_size[0], feat_size[1])
+        y = self.sr(self.pool(y)).reshape(b, c, -1).permute(0, 2, 1)
+        y = self.norm(y)
+        y = self.act(y)
+        kv = self.kv(y)
+    elif self.sr is not None:
+        y = x.permute(0, 2, 1).reshape(b, c, feat_size[0], feat_size[1])
+        y = self.sr(y).reshape(b, c, -1).permute(0, 2, 1)
+        y = self.norm(y)
+        kv = self.kv(y)
+    else:
+        kv = self.kv(x)
+    return self.proj_drop(self.proj(sr_attention(q, kv, self.num_heads, self.scale)))
+
+
+def _fused_pvt_mlp_forward(self, x: Tensor, feat_size: List[int]) -> Tensor:
+    """timm MlpWithDepthwiseConv: fc1 -> [ReLU] -> dwconv3x3 -> GELU -> fc2 as one mix_ffn call."""
+    if self.training and self.drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x, feat_size)
+    return mix_ffn(x, feat_size, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                   self.fc2.weight, self.fc2.bias, self._vk_extra_relu)
+
+
+def _fused_xca_forward(self, x: Tensor) -> Tensor:
+    """timm XCiT XCA: qkv -> `xca` (normalise, temperature, channel softmax, apply to v) -> proj."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x)
+    return self.proj_drop(self.proj(xca(self.qkv(x), self.num_heads, self.temperature)))
+
+
+# ----------------------------------------------------------------------------- patch-time checks
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def _fused_vit_attention(self, x, attn_mask=None, is_causal: bool = False, **kwargs):
-    """timm ViT Attention: qkv -> fused self_attention -> [scale norm] -> proj."""
-    if (kwargs or attn_mask is not None or is_causal or getattr(self, "gate", None) is not None
-            or not _is_identity(getattr(self, "q_norm", None)) or not _is_identity(getattr(self, "k_norm", None))
-            or _dropping(self, "attn_drop")):
-        if attn_mask is not None:
-            kwargs["attn_mask"] = attn_mask
-        if is_causal:
-            kwargs["is_causal"] = is_causal
-        return self._timm_forward(x, **kwargs)
-    out = self_attention(self.qkv(x), self.num_heads, getattr(self, "scale", None))
-    norm = getattr(self, "norm", None)  # timm's optional scale_norm after attention
-    if not _is_identity(norm):
-        out = norm(out)
-    return self.proj_drop(self.proj(out))
+def _vit_reason(m: nn.Module) -> Optional[str]:
+    if not (_is_identity(getattr(m, "q_norm", None)) and _is_identity(getattr(m, "k_norm", None))):
+        return "q/k norm (the op has none yet)"
+    for name in ("qkv", "proj", "attn_drop", "proj_drop"):
+        if not hasattr(m, name):
+            return f"no `{name}` submodule (an unknown variant of the class)"
+    return None
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _swin_reason(m: nn.Module) -> Optional[str]:
+    attn = getattr(m, "attn", None)
+    for name in ("qkv", "proj", "relative_position_bias_table", "attn_drop", "proj_drop"):
+        if not hasattr(attn, name):
+            return f"no `attn.{name}` (an unknown variant of the class)"
+    (m0, m1), (s0, s1) = tuple(m.window_size), tuple(m.shift_size)
+    if m0 != m1 or s0 != s1:
+        return f"non-square window {tuple(m.window_size)} / shift {tuple(m.shift_size)} (the op takes square windows)"
+    if tuple(attn.relative_position_bias_table.shape[:1]) != ((2 * m0 - 1) ** 2,):
+        return (f"relative position bias table of shape {tuple(attn.relative_position_bias_table.shape)} "
+                f"does not fit window {m0}")
+    if not isinstance(attn.qkv, nn.Linear):
+        return f"attn.qkv is a {type(attn.qkv).__name__}, not nn.Linear (padded tokens need its bias)"
+    return None
 
 
-def _fused_swin_attn(self, x):
-    """timm SwinTransformerBlock._attn on (B, H, W, C) with one fused window_attention call.
-
-    timm shifts before padding while the op pads first (SPEC.md); the two agree when H and W are
-    multiples of the window, so other shapes (and non-square windows/shifts, attention dropout while
-    training) keep timm's own path."""
-    b, h, w, c = x.shape
-    attn = self.attn
-    (m, m2), (s, s2) = _pair(self.window_size), _pair(self.shift_size)
-    if (m != m2 or s != s2 or h % m or w % m or _dropping(attn, "attn_drop")
-            or attn.relative_position_bias_table.shape[0] != (2 * m - 1) ** 2):
-        return self._timm_attn(x)
-    qkv = attn.qkv(x.reshape(b, h * w, c))
-    out = window_attention(qkv, (h, w), attn.num_heads, m, s, attn.relative_position_bias_table, attn.qkv.bias,
-                           getattr(attn, "scale", None))
-    return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
+def _pvt_reason(m: nn.Module) -> Optional[str]:
+    for name in ("q", "kv", "proj", "pool", "sr", "norm", "act", "attn_drop", "proj_drop"):
+        if not hasattr(m, name):
+            return f"no `{name}` attribute (an unknown variant of the class)"
+    return None
 
 
-def _dropping(module: nn.Module, *names: str) -> bool:
-    """True while training with a non-zero dropout among `names` (the fused paths have none)."""
-    return module.training and any(getattr(getattr(module, n, None), "p", 0.0) > 0 for n in names)
+def _pvt_mlp_reason(m: nn.Module) -> Optional[str]:
+    act = getattr(m, "act", None)
+    if not (type(act) is nn.GELU and act.approximate == "none"):
+        return f"activation {act!r} (the op fuses exact-erf GELU)"
+    if not isinstance(getattr(m, "relu", None), (nn.ReLU, nn.Identity)):
+        return f"extra activation {getattr(m, 'relu', None)!r} (the op fuses ReLU or none)"
+    for name in ("fc1", "fc2"):
+        if type(getattr(m, name, None)) is not nn.Linear:
+            return (f"{name} is a {type(getattr(m, name, None)).__name__}, not a plain nn.Linear "
+                    f"(the op reads its weights; a wrapped linear, e.g. LoRA, keeps timm's forward)")
+    dw = getattr(m, "dwconv", None)
+    if not (type(dw) is nn.Conv2d and dw.kernel_size == (3, 3) and dw.stride == (1, 1) and dw.padding == (1, 1)
+            and dw.dilation == (1, 1) and dw.groups == dw.in_channels == dw.out_channels
+            and dw.padding_mode == "zeros"):
+        return f"dwconv {dw!r} is not a plain depthwise 3x3 conv"
+    return None
 
 
-def _fused_pvt_attention(self, x, feat_size):
-    """timm PVTv2 Attention: the spatial reduction stays timm's code, the attention core is fused."""
-    if _dropping(self, "attn_drop"):
-        return self._timm_forward(x, feat_size)
-    b, n, c = x.shape
-    h, w = feat_size
-    q = self.q(x)
-    if self.pool is not None or self.sr is not None:
-        y = x.transpose(1, 2).reshape(b, c, h, w)
-        y = self.sr(self.pool(y) if self.pool is not None else y).flatten(2).transpose(1, 2)
-        x = self.norm(y)
-        if self.act is not None:
-            x = self.act(x)
-    return self.proj_drop(self.proj(sr_attention(q, self.kv(x), self.num_heads, self.scale)))
+def _pvt_mlp_prepare(m: nn.Module) -> None:
+    m._vk_extra_relu = isinstance(m.relu, nn.ReLU)  # static: a plain bool attribute, scripted as a constant
 
 
-def _fused_pvt_mlp(self, x, feat_size):
-    """timm MlpWithDepthwiseConv: fc1 -> [ReLU] -> dwconv3x3 -> GELU -> fc2 as one mix_ffn call."""
-    act = self.act
-    if _dropping(self, "drop") or not (type(act) is nn.GELU and act.approximate == "none"):
-        return self._timm_forward(x, feat_size)
-    return mix_ffn(x, feat_size, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
-                   self.fc2.weight, self.fc2.bias, isinstance(self.relu, nn.ReLU))
+def _xca_reason(m: nn.Module) -> Optional[str]:
+    for name in ("qkv", "proj", "temperature", "attn_drop", "proj_drop"):
+        if not hasattr(m, name):
+            return f"no `{name}` attribute (an unknown variant of the class)"
+    return None
 
 
-def _fused_xca(self, x):
-    """timm XCiT XCA: qkv -> `xca` (normalise, temperature, channel softmax, apply to v) -> proj."""
-    if _dropping(self, "attn_drop"):
-        return self._timm_forward(x)
-    return self.proj_drop(self.proj(xca(self.qkv(x), self.num_heads, self.temperature)))
+_SPECS = [
+    FusedSpec("FusedAttention",
+              [("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention")],
+              "forward", _fused_vit_forward, "vitkernels.self_attention; with a mask: vitkernels.attention",
+              _vit_reason),
+    FusedSpec("FusedSwinTransformerBlock", [("timm.models.swin_transformer", "SwinTransformerBlock")],
+              "_attn", _fused_swin_attn, "vitkernels.window_attention", _swin_reason),
+    FusedSpec("FusedPvtV2Attention", [("timm.models.pvt_v2", "Attention")],
+              "forward", _fused_pvt_forward, "vitkernels.sr_attention", _pvt_reason),
+    FusedSpec("FusedMlpWithDepthwiseConv", [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
+              "forward", _fused_pvt_mlp_forward, "vitkernels.mix_ffn", _pvt_mlp_reason, _pvt_mlp_prepare),
+    FusedSpec("FusedXCA", [("timm.models.xcit", "XCA")], "forward", _fused_xca_forward, "vitkernels.xca", _xca_reason),
+]
+_NAMES = {spec.name for spec in _SPECS}
 
 
-_FUSED_CLASSES: dict = {}
+def __getattr__(name: str):
+    # `FusedAttention` & co. are built on first lookup against the installed timm (timm is optional;
+    # importing it here would slow `import vitkernels`). Pickle looks them up this way too.
+    if name in _NAMES:
+        cls = resolve(name, _SPECS, __name__, _ORIG, "timm")
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _swap_class(module: nn.Module, method: str, fused) -> nn.Module:
-    """Same object, same parameters: only its class becomes a subclass whose `method` is `fused`
-    (timm's own stays reachable as `_timm_<method>` for the configurations the fused path skips)."""
-    cls = type(module)
-    if cls not in _FUSED_CLASSES:
-        timm_name = "_timm_" + method.lstrip("_")
-        _FUSED_CLASSES[cls] = type("Fused" + cls.__name__, (cls,), {method: fused, timm_name: getattr(cls, method)})
-    module.__class__ = _FUSED_CLASSES[cls]
-    return module
-
-
-_SWAPS = {
-    ("timm.models.vision_transformer", "Attention"): lambda m: _swap_class(m, "forward", _fused_vit_attention),
-    ("timm.layers.attention", "Attention"): lambda m: _swap_class(m, "forward", _fused_vit_attention),  # timm >= 1.0
-    ("timm.models.swin_transformer", "SwinTransformerBlock"): lambda m: _swap_class(m, "_attn", _fused_swin_attn),
-    ("timm.models.pvt_v2", "Attention"): lambda m: _swap_class(m, "forward", _fused_pvt_attention),
-    ("timm.models.pvt_v2", "MlpWithDepthwiseConv"): lambda m: _swap_class(m, "forward", _fused_pvt_mlp),
-    ("timm.models.xcit", "XCA"): lambda m: _swap_class(m, "forward", _fused_xca),
-}
+def __dir__():
+    return sorted(set(globals()) | _NAMES)
 
 
 def patch_timm(model: nn.Module) -> nn.Module:
-    """Replace the supported timm attention modules of `model` in place; returns `model`."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            swap = _SWAPS.get((type(child).__module__, type(child).__name__))
-            if swap is not None:
-                setattr(parent, name, swap(child))
-    return model
+    """Swap, in place, the supported timm attention / Mix-FFN modules of `model` for fused ones and
+    return `model`. Logs (logger "vitkernels", INFO) what was fused and what keeps timm's forward and why."""
+    return patch_modules(model, _SPECS, __name__, _ORIG, "timm", "patch_timm")
