@@ -3,6 +3,13 @@
 # the correctness sweep and the benchmarks, and leave logs and results JSON under OUT.
 #
 #   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|compile|flex|models|all] [--quick] [--no-install]
+#   bash bench/gpu_suite.sh [OUT_DIR] --part proof [--dry-run] [--deadline S] [--steps A,B] [--skip A,B]
+#
+# --part proof hands over to bench/gpu_proof.py (its other arguments go with it): the one-call GPU
+# proof for a 15-minute device session. Build for this card, CUDA C++ and Triton GPU tests, check,
+# the headline op cases and 3 models (AMP) in ONE command of at most 9 minutes, at most 8 files under
+# OUT, every step under its own timeout; a tiny CPU dry run without a GPU. See docs/benchmarks.md,
+# "One-call GPU proof". The parts below were cut for 30-minute sessions.
 #
 # OUT_DIR defaults to $OUT (set on the lent machines), else ./out. Each part but `all` fits in one
 # 10-minute call (install included) and brings back at most 5 files:
@@ -15,8 +22,8 @@
 #            FlashAttention kernels (VITKERNELS_SR_KERNEL=general) next to its N >> M kernels
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
-#   models   `models` (every model in vitkernels.models), bf16: vitkernels and timm eager, then
-#            torch.compile of timm for a few models
+#   models   `models` (every model in vitkernels.models), bf16 mixed precision (AMP: float32 weights,
+#            autocast): vitkernels and timm eager, then torch.compile of timm for a few models
 #   all      every part in turn (longer than one call: for machines without the 10-minute limit)
 # --quick shrinks every part to a smoke test (about a minute of benchmarking each).
 # Each benchmark step has a time budget (--budget) and a hard timeout; results are written after every
@@ -30,6 +37,22 @@
 set -u
 cd "$(dirname "$0")/.."
 
+# --part proof: bench/gpu_proof.py takes over with the other arguments (its own timeouts and files).
+ARGS=("$@")
+REST=()
+PROOF=0
+i=0
+while [ "$i" -lt "${#ARGS[@]}" ]; do
+  a=${ARGS[$i]}
+  if [ "$a" = "--part" ] && [ "${ARGS[$((i + 1))]:-}" = proof ]; then PROOF=1; i=$((i + 2)); continue; fi
+  if [ "$a" = "--part=proof" ]; then PROOF=1; i=$((i + 1)); continue; fi
+  REST+=("$a")
+  i=$((i + 1))
+done
+if [ "$PROOF" = 1 ]; then
+  exec "${PYTHON:-python3}" bench/gpu_proof.py ${REST[@]+"${REST[@]}"}
+fi
+
 PART=all
 QUICK=0
 INSTALL=1
@@ -40,12 +63,12 @@ while [ $# -gt 0 ]; do
     --part=*) PART="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
     --no-install) INSTALL=0; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG="$1"; shift ;;
   esac
 done
-case "$PART" in tests|ops|kernels|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be tests, ops, kernels, compile, flex, models or all" >&2; exit 2 ;; esac
+case "$PART" in tests|ops|kernels|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be proof, tests, ops, kernels, compile, flex, models or all" >&2; exit 2 ;; esac
 
 OUT=${OUT_ARG:-${OUT:-out}}
 mkdir -p "$OUT"

@@ -279,6 +279,75 @@ def test_models_tiny(tmp_path, monkeypatch):
             assert r["verify_err"] is not None and r["verify_err"] < 1e-4
 
 
+def test_models_amp_by_default_and_pure_on_request(tmp_path, monkeypatch, capsys):
+    """Every row says its precision (JSON, CSV, stdout): amp keeps float32 weights and runs the forward
+    under torch.autocast; pure casts the weights. (bf16 on CPU: the vitkernels ops under autocast.)"""
+    zoo = _zoo()
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained=False, **kw: zoo.create_model(name, **kw)
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    jpath, cpath = tmp_path / "models.json", tmp_path / "models.csv"
+    rc = _main(["models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch", "1", "--cpu-reps", "1",
+                "--dtype", "bf16", "--precision", "amp,pure", "--mode", "train", "--impl", "vitkernels,eager",
+                "--json", str(jpath), "--csv", str(cpath), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "precision" in out.splitlines()[2] and " amp " in out and " pure " in out
+    doc = json.loads(jpath.read_text())
+    assert results.validate(doc) == [] and doc["precision"] == ["amp", "pure"]
+    got = {(r["precision"], r["impl"]): r for r in doc["records"]}
+    assert set(got) == {("amp", "vitkernels"), ("amp", "eager"), ("pure", "vitkernels"), ("pure", "eager")}
+    for (precision, impl), r in got.items():
+        assert r["mode"] == "train" and r["dtype"] == "bfloat16"
+        assert r["weights"] == ("float32" if precision == "amp" else "bfloat16")
+        assert r["autocast"] == ("bfloat16" if precision == "amp" else None)
+        if impl == "eager":  # speedups within one precision
+            assert r["vk_speedup"] == pytest.approx(r["ms"] / got[(precision, "vitkernels")]["ms"])
+    with open(cpath) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["precision"] for r in rows) == ["amp", "amp", "pure", "pure"]
+    with pytest.raises(SystemExit, match="unknown precision"):
+        _main(["models", "--device", "cpu", "--precision", "fp8"])
+
+
+def test_amp_training_step_keeps_float32_weights():
+    from vitkernels.bench.models import _step, autocast_for, effective_precision, grad_scaler
+    assert effective_precision(torch.float32, "amp") == "pure"  # no autocast in float32
+    assert grad_scaler("cpu", torch.bfloat16, "amp") is None and grad_scaler("cpu", torch.float16, "pure") is None
+    for dtype in (torch.bfloat16, torch.float16):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+        before = [p.detach().clone() for p in model.parameters()]
+        seen = []
+        model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        scaler = grad_scaler("cpu", dtype, "amp")
+        assert (scaler is not None) == (dtype == torch.float16)
+        step = _step(model, [torch.randn(4, 8)], "train", autocast=autocast_for("cpu", dtype, "amp"), scaler=scaler)
+        step()
+        assert seen == [dtype]  # the forward ran in the autocast dtype
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
+        assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none)
+        with torch.no_grad():
+            assert _step(model, [torch.randn(2, 8)], "inference", autocast=autocast_for("cpu", dtype, "amp"))().dtype \
+                == dtype
+
+
+def test_report_keeps_precisions_apart():
+    base = {"kind": "model", "name": "vit_base_patch16_224", "mode": "train", "dtype": "bfloat16",
+            "shape": {"batch": 64, "input": [3, 224, 224]}, "tflops": None, "gbps": None, "unit": "images/s"}
+    recs = [dict(base, impl=i, precision=p, ms=ms, throughput=64 / ms * 1e3)
+            for i, p, ms in (("vitkernels", "amp", 100.0), ("eager", "amp", 150.0), ("vitkernels", "pure", 80.0),
+                             ("eager", "pure", 160.0))]
+    results.add_speedups(recs)
+    assert [r["vk_speedup"] for r in recs] == [None, pytest.approx(1.5), None, pytest.approx(2.0)]
+    merged = results.merge([_doc(records=recs)])
+    assert len(merged["records"]) == 4  # amp and pure rows are different records
+    text = results.markdown(merged)
+    assert "| precision |" in text
+    assert "| vit_base_patch16_224 | train | bfloat16 | amp | 64 |" in text and "(1.50×)" in text
+    assert "| vit_base_patch16_224 | train | bfloat16 | pure | 64 |" in text and "(2.00×)" in text
+
+
 def test_models_default_batch_is_the_speed_targets_batch():
     from vitkernels.bench.models import default_batch, input_shape
     # Issues' targets: Swin-T and PVTv2-b2 at batch 64 (224 px), SegFormer-B2 at batch 8 (512 px).
@@ -363,3 +432,28 @@ def test_plot_check_draws_a_png(tmp_path):
             {"op": "xca", "backend": "cuda", "dtype": "float32", "status": "skip", "worst": None}]
     results.plot_check(rows, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_config_only_runs_the_first_pruned_config():
+    pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    from vitkernels.bench.harness import first_config_only
+
+    class Cfg:
+        pre_hook = None
+
+        def __init__(self, block):
+            self.block = block
+
+        def all_kwargs(self):
+            return {"BLOCK": self.block}
+
+    calls = []
+    tuner = types.SimpleNamespace(arg_names=["x"], prune_configs=lambda kwargs: [Cfg(64), Cfg(128)],
+                                  fn=types.SimpleNamespace(run=lambda *a, **kw: calls.append((a, kw)) or "ran"))
+    original = Autotuner.run
+    with first_config_only():
+        assert Autotuner.run(tuner, 1, grid=2) == "ran"  # no benchmarking of the other configs
+    assert Autotuner.run is original
+    assert calls == [((1,), {"grid": 2, "BLOCK": 64})] and tuner.best_config.block == 64

@@ -4,7 +4,8 @@ Subcommands:
   ops      every op at shapes from the real models, fwd and fwd+bwd, vs eager / SDPA / FlexAttention /
            torch.compile baselines: ms (median), speedup, TFLOP/s, GB/s, % of peak.
   models   images/s (clips/s) of every model in vitkernels.models, inference and a training step,
-           vs timm eager and torch.compile.
+           vs timm eager and torch.compile; mixed precision by default (--precision amp: float32
+           weights, torch.autocast, GradScaler for fp16), or --precision pure (weights in the dtype).
   check    correctness sweep of every op x fused backend on this device vs the float64 reference.
   report   merge results files and regenerate docs/benchmarks.md from them.
 
@@ -14,6 +15,7 @@ On a machine without a GPU, `ops` and `models` run tiny shapes on the reference 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -41,6 +43,11 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--model", action="append", metavar="NAME",
                        help="only these models (repeatable or comma-separated; a substring selects every match)")
         g.add_argument("--mode", action="append", choices=("inference", "train"), help="default: both")
+        g.add_argument("--precision", action="append", metavar="amp|pure",
+                       help="amp (default): float32 weights and inputs, forward and loss under "
+                            "torch.autocast(dtype), GradScaler for fp16, AdamW on the float32 weights; inference "
+                            "under the same autocast. pure: weights and inputs cast to the dtype, no autocast. "
+                            "Repeatable or comma-separated (amp,pure runs both). float32 rows are always pure")
     g.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="bf16, fp16, fp32 (repeatable or comma-separated). Default: "
                         + ("bf16,fp16,fp32" if kind == "ops" else "bf16") + " on GPU, fp32 on CPU")
@@ -103,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--op", action="append", metavar="NAME", help="only these ops")
     check.add_argument("--dtype", action="append", metavar="DTYPE", help="bf16, fp16, fp32")
     check.add_argument("--batch", type=int, default=2, metavar="B", help="leading dim of every sample (default 2)")
+    check.add_argument("--one-config", action="store_true",
+                       help="each Triton autotuner runs the first config its pruner keeps, unbenchmarked (one "
+                            "compile per kernel: much faster on a fresh GPU; tests/test_triton_configs.py covers "
+                            "every config)")
     check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     check.add_argument("--json", metavar="PATH", help="write the results (stamped with GPU, versions, commit, time)")
     check.add_argument("--csv", metavar="PATH", help="write one CSV row per op x backend x dtype")
@@ -204,13 +215,18 @@ def print_models_table(records: list, skipped: list, cpu: bool, file=None) -> No
     file = file or sys.stdout
     if cpu:
         print("CPU timing: batch 1, vitkernels on its reference backend; not GPU performance.", file=file)
-    cols = [("model", "name", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("batch", "batch", ">"),
-            ("impl", "impl", "<"), ("ms/step", "ms", ">"), ("throughput", "tp", ">"), ("vk speedup", "speedup", ">")]
-    rows = [{"name": r["name"], "mode": r["mode"], "dtype": r["dtype"], "batch": r.get("batch", ""), "impl": r["impl"],
+    cols = [("model", "name", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("precision", "precision", "<"),
+            ("batch", "batch", ">"), ("impl", "impl", "<"), ("ms/step", "ms", ">"), ("throughput", "tp", ">"),
+            ("vk speedup", "speedup", ">")]
+    rows = [{"name": r["name"], "mode": r["mode"], "dtype": r["dtype"], "precision": r.get("precision") or "",
+             "batch": r.get("batch", ""), "impl": r["impl"],
              "ms": _num(r["ms"], ".4g"), "tp": f"{r['throughput']:.1f} {r['unit']}",
              "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else ""} for r in records]
     if rows:
         print(_table(rows, cols), file=file)
+        if any(r.get("precision") == "amp" for r in records):
+            print("precision amp: float32 weights, forward under torch.autocast(dtype) (GradScaler for float16); "
+                  "pure: weights and inputs in the dtype", file=file)
     _print_skipped(skipped, file)
 
 
@@ -358,6 +374,10 @@ def cmd_models(args) -> int:
     bad = [i for i in impls if i not in models.IMPLS]
     if bad:
         raise SystemExit(f"vitkernels-bench models: unknown impl(s) {bad}; impls: {', '.join(models.IMPLS)}")
+    precisions = _split(args.precision) or ["amp"]
+    bad = [p for p in precisions if p not in models.PRECISIONS]
+    if bad:
+        raise SystemExit(f"vitkernels-bench models: unknown precision(s) {bad}; use {' or '.join(models.PRECISIONS)}")
     names, msgs = models.choose_models(zoo, _split(args.model), cpu and not args.full)
     for m in msgs:
         print(f"note: {m}", file=sys.stderr)
@@ -370,8 +390,9 @@ def cmd_models(args) -> int:
             print(f"{n:40s} input {models.input_shape(n)}")
         return 0
     meta = results.metadata(device)
-    meta.update(command="models", argv=sys.argv[1:], cpu_timing=cpu)
-    progress = harness.Progress(len(names) * len(dtypes) * len(modes) * len(impls), enabled=not args.no_progress,
+    meta.update(command="models", argv=sys.argv[1:], cpu_timing=cpu, precision=precisions)
+    n_runs = sum(len({models.effective_precision(d, p) for p in precisions}) for d in dtypes)
+    progress = harness.Progress(len(names) * n_runs * len(modes) * len(impls), enabled=not args.no_progress,
                                 desc="models")
     writer = _Writer(args, meta)
     t0 = time.time()
@@ -379,7 +400,7 @@ def cmd_models(args) -> int:
         records, skipped = models.run_models(names, zoo, device=device, dtypes=dtypes, modes=modes, impls=impls,
                                              backend=args.backend, batch=args.batch, reps=args.reps,
                                              cpu_reps=args.cpu_reps or 3, budget_s=args.budget, progress=progress,
-                                             on_done=writer)
+                                             on_done=writer, precisions=precisions)
     finally:
         progress.close()
     writer(records, skipped)
@@ -422,13 +443,15 @@ def cmd_check(args) -> int:
     rows: list = []
     progress = harness.Progress(len(ops) * len(check.FUSED) * len(dtypes), enabled=not args.no_progress,
                                 desc="check")
+    tuning = harness.first_config_only() if args.one_config else contextlib.nullcontext()
     try:
-        ok = check.run(quick=args.quick, dtypes=dtypes, ops=ops, device=device, rows=rows, batch=args.batch,
-                       progress=progress)
+        with tuning:
+            ok = check.run(quick=args.quick, dtypes=dtypes, ops=ops, device=device, rows=rows, batch=args.batch,
+                           progress=progress)
     finally:
         progress.close()
     if args.json:
-        write_json(args.json, {**meta, "kind": "check", "passed": ok, "checks": rows})
+        write_json(args.json, {**meta, "kind": "check", "passed": ok, "one_config": args.one_config, "checks": rows})
         print(f"wrote {args.json}")
     if args.csv:
         write_csv(args.csv, rows, fields=("op", "backend", "dtype", "device", "batch", "status", "worst", "detail"),

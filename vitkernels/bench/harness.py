@@ -176,6 +176,36 @@ def time_cpu(fn: Callable, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# ----------------------------------------------------------------------------- autotuning
+
+@contextlib.contextmanager
+def first_config_only():
+    """Within the block, every Triton autotuner runs the first config its pruner keeps, without
+    benchmarking the others: a correctness sweep then compiles one config per kernel instead of all
+    of them (tests/test_triton_configs.py checks every config). Nothing happens without triton."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        yield
+        return
+    original = Autotuner.run
+
+    def run(tuner, *args, **kwargs):
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        config = tuner.prune_configs(kwargs)[0]
+        if config.pre_hook is not None:
+            config.pre_hook({**tuner.nargs, **kwargs, **config.all_kwargs()})
+        tuner.nargs = None
+        tuner.best_config = config
+        return tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    Autotuner.run = run
+    try:
+        yield
+    finally:
+        Autotuner.run = original
+
+
 # ----------------------------------------------------------------------------- progress
 
 class Progress:

@@ -14,7 +14,17 @@ For each name of `vitkernels.models.list_models()` (or `--model`), inference and
 
 When both exist, the eager model's weights are loaded into the vitkernels model (strict; SegFormer's
 through `convert_hf_segformer`) and the inference outputs compared, so both run the same function.
-Models run in the benchmark dtype (weights included). Video models take (B, 3, T, H, W).
+Video models take (B, 3, T, H, W).
+
+Precision (`--precision`, recorded as "precision" in every row; the same for every implementation):
+
+* ``amp`` (default) mixed precision as users train: float32 weights (the master copy the optimizer
+  updates) and float32 inputs; forward and loss under `torch.autocast(device, dtype)`; for float16 a
+  `torch.amp.GradScaler` scales the loss and unscales the grads before the optimizer step (bfloat16
+  needs none). Inference runs under the same autocast, in `torch.inference_mode`.
+* ``pure`` the weights and inputs cast to the dtype (`model.to(dtype)`), no autocast, no scaler.
+
+With float32 the two coincide (no autocast): such rows read "pure".
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import itertools
 import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,6 +44,22 @@ from .results import add_speedups
 IMPLS = ("vitkernels", "eager", "compile", "vitkernels+compile")
 DEFAULT_IMPLS = ("vitkernels", "eager", "compile")
 MODES = ("inference", "train")
+PRECISIONS = ("amp", "pure")
+
+
+def effective_precision(dtype: torch.dtype, precision: str) -> str:
+    """The precision a row runs in: "amp" or "pure"; float32 has no autocast, so it is always "pure"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return "pure" if dtype == torch.float32 else precision
+
+
+def autocast_for(device_type: str, dtype: torch.dtype, precision: str):
+    """A factory of the context a step's forward runs in: `torch.autocast(device_type, dtype)` for
+    "amp" in a low-precision dtype, else a null context."""
+    if effective_precision(dtype, precision) == "amp":
+        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+    return contextlib.nullcontext
 
 
 def load_zoo():
@@ -118,24 +145,39 @@ def _first_tensor(out):
     return getattr(out, "logits", out)
 
 
-def _step(model, inputs, mode):
+def _step(model, inputs, mode, autocast=contextlib.nullcontext, scaler=None):
+    """One inference or training step on the next input. Training: forward and loss under
+    `autocast()`, backward, AdamW step (through `scaler`, a torch.amp.GradScaler, when given), zero_grad."""
     order = itertools.cycle(inputs)
     if mode == "inference":
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return model(next(order))
         return step
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
-        loss = _loss(model(next(order)))
-        loss.backward()
-        opt.step()
+        with autocast():
+            loss = _loss(model(next(order)))
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def grad_scaler(device_type: str, dtype: torch.dtype, precision: str):
+    """A `torch.amp.GradScaler` for float16 mixed precision (as users train it), else None."""
+    if effective_precision(dtype, precision) == "amp" and dtype == torch.float16:
+        return torch.amp.GradScaler(device_type)
+    return None
 
 
 def choose_models(zoo, wanted, cpu: bool) -> tuple:
@@ -158,122 +200,160 @@ def choose_models(zoo, wanted, cpu: bool) -> tuple:
 
 
 def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batch=None, reps=10, cpu_reps=3,
-               budget_s=None, progress: Optional[Progress] = None, on_done=None) -> tuple:
-    from .. import use_backend
+               budget_s=None, progress: Optional[Progress] = None, on_done=None, precisions=("amp",)) -> tuple:
+    """Time every model x dtype x precision x mode x impl. Returns (records, skipped); every record
+    and skipped row carries "precision" ("amp" or "pure", see the module doc)."""
     records, skipped = [], []
     dev = torch.device(device)
-    cpu = dev.type != "cuda"
     timm, timm_why = _timm()
-    t0 = time.time()
+    o = _Options(dev=dev, cpu=dev.type != "cuda", modes=tuple(modes), impls=tuple(impls), backend=backend, batch=batch,
+                 reps=reps, cpu_reps=cpu_reps, budget_s=budget_s, t0=time.time(), progress=progress, timm=timm,
+                 timm_why=timm_why)
     for name in names:
         for dtype in dtypes:
-            group = []
-            models, why = {}, {}
-            try:
-                vk = zoo.create_model(name).to(device=dev, dtype=dtype)
-                models["vitkernels"] = vk
-            except Exception as e:
-                why["vitkernels"] = f"create_model: {_short(e)}"
-            ref, ref_note, ref_weights = None, None, None
-            if any(i in impls for i in ("eager", "compile")):
-                if timm is None:
-                    why["eager"] = why["compile"] = timm_why
-                else:
-                    try:
-                        ref = timm.create_model(name, pretrained=False).to(device=dev, dtype=dtype)
-                        models["eager"] = ref
-                    except Exception as e:
-                        why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
-                if ref is None and "vitkernels" in models and name.startswith("segformer"):
-                    hf, hf_why = hf_segformer(models["vitkernels"])
-                    if hf is None:
-                        why["eager"] = why["compile"] = hf_why
-                    else:
-                        from ..models.segformer import convert_hf_segformer
-                        ref = models["eager"] = hf.to(device=dev, dtype=dtype)
-                        ref_note = ("timm has no SegFormer: the baseline is transformers' "
-                                    "SegformerForSemanticSegmentation")
-                        ref_weights = convert_hf_segformer
-            eager_backend = None
-            if ("eager" in impls and "eager" not in models and "vitkernels" in models
-                    and is_video(name, models["vitkernels"])):
-                # timm has no video transformers: the eager baseline is the same model on the reference
-                # backend (the official codes' eager rearranges + softmax attention, in one module).
-                models["eager"], eager_backend = models["vitkernels"], "reference"
-                why.pop("eager", None)
-            shape = input_shape(name, models.get("vitkernels") or ref)
-            video = len(shape) == 4
-            verify = None
-            if "vitkernels" in models and ref is not None:
-                try:  # same weights: the checkpoint key names match timm's, or convert HF's (SPEC)
-                    sd = ref.state_dict()
-                    models["vitkernels"].load_state_dict(ref_weights(sd) if ref_weights else sd, strict=True)
-                    x = torch.randn(2, *shape, device=dev, dtype=dtype)
-                    with torch.inference_mode():
-                        models["vitkernels"].eval(), ref.eval()
-                        with use_backend(backend):
-                            a = _first_tensor(models["vitkernels"](x))
-                        verify = _rel_err((a,), (_first_tensor(ref(x)),))
-                except Exception as e:
-                    print(f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
-                          file=sys.stderr)
-            for mode in modes:
-                b = batch or default_batch(shape, mode, cpu)
-                g = torch.Generator().manual_seed(0)
-                inputs = [torch.randn(b, *shape, generator=g).to(device=dev, dtype=dtype) for _ in range(2)]
-                for impl in impls:
-                    rec = {"kind": "model", "name": name, "mode": mode, "dtype": dtype_name(dtype),
-                           "shape": {"batch": b, "input": list(shape)}, "impl": impl}
-                    if progress:
-                        progress.step(f"{name} {dtype_name(dtype)} {mode} {impl}")
-                    if budget_s is not None and time.time() - t0 > budget_s:
-                        skipped.append(dict(rec, reason="time budget exhausted"))
-                        continue
-                    src = "vitkernels" if impl.startswith("vitkernels") else "eager"
-                    if src not in models:
-                        skipped.append(dict(rec, reason=why.get(impl) or why.get(src, "not available")))
-                        continue
-                    model = models[src]
-                    try:
-                        if impl in ("compile", "vitkernels+compile"):
-                            torch._dynamo.reset()
-                            model = torch.compile(model)
-                        if src == "vitkernels":
-                            ctx = use_backend(backend)
-                        elif eager_backend is not None:
-                            ctx = use_backend(eager_backend)
-                            rec["note"] = "eager = vitkernels model on the reference backend (not in timm)"
-                        else:
-                            ctx = contextlib.nullcontext()
-                            if ref_note:
-                                rec["note"] = ref_note
-                        with ctx:
-                            step = _step(model, inputs, mode)
-                            step()  # compile, autotune, allocator warm-up
-                            if cpu:
-                                ms = time_cpu(step, reps=cpu_reps, warmup=0)
-                            else:
-                                torch.cuda.synchronize()
-                                ms = time_cuda_calls(step, warmup=2, reps=reps)
-                    except Exception as e:
-                        skipped.append(dict(rec, reason=_short(e)))
-                        if not cpu:
-                            with contextlib.suppress(Exception):
-                                torch.cuda.synchronize()
-                                torch.cuda.empty_cache()
-                        continue
-                    rec.update(ms=ms, tflops=None, gbps=None, throughput=b / (ms * 1e-3),
-                               unit="clips/s" if video else "images/s", batch=b,
-                               backend_choice=backend if src == "vitkernels" else None,
-                               verify_err=verify if impl == "eager" else None,
-                               timing="CPU timing" if cpu else "cuda-events")
-                    group.append(rec)
-                del inputs
-            add_speedups(group)
-            records.extend(group)
-            del models, ref
-            if not cpu:
-                torch.cuda.empty_cache()
-            if on_done:
-                on_done(records, skipped)
+            runs = []
+            for p in precisions:
+                eff = effective_precision(dtype, p)
+                if eff not in runs:
+                    runs.append(eff)
+            for precision in runs:
+                records.extend(_run_one(name, zoo, dtype, precision, o, skipped))
+                if not o.cpu:
+                    torch.cuda.empty_cache()
+                if on_done:
+                    on_done(records, skipped)
     return records, skipped
+
+
+@dataclass
+class _Options:
+    dev: torch.device
+    cpu: bool
+    modes: tuple
+    impls: tuple
+    backend: str
+    batch: Optional[int]
+    reps: int
+    cpu_reps: int
+    budget_s: Optional[float]
+    t0: float
+    progress: Optional[Progress]
+    timm: object
+    timm_why: Optional[str]
+
+
+def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
+    """One model in one dtype and precision: build the models, verify, time every mode x impl.
+    Returns the records (with speedups); appends what did not run to `skipped`."""
+    from .. import use_backend
+    dev, cpu, impls, backend, timm = o.dev, o.cpu, o.impls, o.backend, o.timm
+    # "amp": float32 master weights and inputs, autocast to `dtype`; "pure": everything in `dtype`.
+    weight_dtype = torch.float32 if precision == "amp" else dtype
+    autocast = autocast_for(dev.type, dtype, precision)
+    group = []
+    models, why = {}, {}
+    try:
+        vk = zoo.create_model(name).to(device=dev, dtype=weight_dtype)
+        models["vitkernels"] = vk
+    except Exception as e:
+        why["vitkernels"] = f"create_model: {_short(e)}"
+    ref, ref_note, ref_weights = None, None, None
+    if any(i in impls for i in ("eager", "compile")):
+        if timm is None:
+            why["eager"] = why["compile"] = o.timm_why
+        else:
+            try:
+                ref = timm.create_model(name, pretrained=False).to(device=dev, dtype=weight_dtype)
+                models["eager"] = ref
+            except Exception as e:
+                why["eager"] = why["compile"] = f"timm has no {name!r} ({_short(e)})"
+        if ref is None and "vitkernels" in models and name.startswith("segformer"):
+            hf, hf_why = hf_segformer(models["vitkernels"])
+            if hf is None:
+                why["eager"] = why["compile"] = hf_why
+            else:
+                from ..models.segformer import convert_hf_segformer
+                ref = models["eager"] = hf.to(device=dev, dtype=weight_dtype)
+                ref_note = ("timm has no SegFormer: the baseline is transformers' "
+                            "SegformerForSemanticSegmentation")
+                ref_weights = convert_hf_segformer
+    eager_backend = None
+    if ("eager" in impls and "eager" not in models and "vitkernels" in models
+            and is_video(name, models["vitkernels"])):
+        # timm has no video transformers: the eager baseline is the same model on the reference
+        # backend (the official codes' eager rearranges + softmax attention, in one module).
+        models["eager"], eager_backend = models["vitkernels"], "reference"
+        why.pop("eager", None)
+    shape = input_shape(name, models.get("vitkernels") or ref)
+    video = len(shape) == 4
+    verify = None
+    if "vitkernels" in models and ref is not None:
+        try:  # same weights: the checkpoint key names match timm's, or convert HF's (SPEC)
+            sd = ref.state_dict()
+            models["vitkernels"].load_state_dict(ref_weights(sd) if ref_weights else sd, strict=True)
+            x = torch.randn(2, *shape, device=dev, dtype=weight_dtype)
+            with torch.inference_mode(), autocast():
+                models["vitkernels"].eval(), ref.eval()
+                with use_backend(backend):
+                    a = _first_tensor(models["vitkernels"](x))
+                verify = _rel_err((a,), (_first_tensor(ref(x)),))
+        except Exception as e:
+            print(f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
+                  file=sys.stderr)
+    for mode in o.modes:
+        b = o.batch or default_batch(shape, mode, cpu)
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(b, *shape, generator=g).to(device=dev, dtype=weight_dtype) for _ in range(2)]
+        for impl in impls:
+            rec = {"kind": "model", "name": name, "mode": mode, "dtype": dtype_name(dtype), "precision": precision,
+                   "shape": {"batch": b, "input": list(shape)}, "impl": impl}
+            if o.progress:
+                o.progress.step(f"{name} {dtype_name(dtype)} {precision} {mode} {impl}")
+            if o.budget_s is not None and time.time() - o.t0 > o.budget_s:
+                skipped.append(dict(rec, reason="time budget exhausted"))
+                continue
+            src = "vitkernels" if impl.startswith("vitkernels") else "eager"
+            if src not in models:
+                skipped.append(dict(rec, reason=why.get(impl) or why.get(src, "not available")))
+                continue
+            model = models[src]
+            try:
+                if impl in ("compile", "vitkernels+compile"):
+                    torch._dynamo.reset()
+                    model = torch.compile(model)
+                if src == "vitkernels":
+                    ctx = use_backend(backend)
+                elif eager_backend is not None:
+                    ctx = use_backend(eager_backend)
+                    rec["note"] = "eager = vitkernels model on the reference backend (not in timm)"
+                else:
+                    ctx = contextlib.nullcontext()
+                    if ref_note:
+                        rec["note"] = ref_note
+                with ctx:
+                    step = _step(model, inputs, mode, autocast=autocast,
+                                 scaler=grad_scaler(dev.type, dtype, precision) if mode == "train" else None)
+                    step()  # compile, autotune, allocator warm-up
+                    if cpu:
+                        ms = time_cpu(step, reps=o.cpu_reps, warmup=0)
+                    else:
+                        torch.cuda.synchronize()
+                        ms = time_cuda_calls(step, warmup=2, reps=o.reps)
+            except Exception as e:
+                skipped.append(dict(rec, reason=_short(e)))
+                if not cpu:
+                    with contextlib.suppress(Exception):
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                continue
+            rec.update(ms=ms, tflops=None, gbps=None, throughput=b / (ms * 1e-3),
+                       unit="clips/s" if video else "images/s", batch=b,
+                       autocast=dtype_name(dtype) if precision == "amp" else None,
+                       weights=dtype_name(weight_dtype),
+                       backend_choice=backend if src == "vitkernels" else None,
+                       verify_err=verify if impl == "eager" else None,
+                       timing="CPU timing" if cpu else "cuda-events")
+            group.append(rec)
+        del inputs
+    add_speedups(group)
+    return group
