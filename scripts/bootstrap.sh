@@ -32,7 +32,9 @@ fi
 # Every later install is constrained to the torch now present, so no dependency can swap it.
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+# (the distribution's version: torch.__version__ may carry a local label, e.g. +cu130, that pip's
+# metadata for the installed wheel does not.)
+"$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$constraints"
 
 need=()
 for mod in triton:triton ninja:ninja numpy:numpy packaging:packaging; do
