@@ -68,6 +68,20 @@ def test_compile_inductor(name):
 
 
 @pytest.mark.parametrize("name", OPS)
+def test_forward_backward_under_a_dispatch_mode(name):
+    """A TorchDispatchMode (FlopCounterMode, debug modes) sees the ops and their backward run: the
+    reference backward records autograd inside its kernel, which such a mode does not break."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args = samples(requires_grad=True)[name]
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    expect = torch.autograd.grad(sum(o.float().sum() for o in _outputs(getattr(vitkernels, name)(*args))), leaves)
+    with FlopCounterMode(display=False):
+        got = torch.autograd.grad(sum(o.float().sum() for o in _outputs(getattr(vitkernels, name)(*args))), leaves)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("name", OPS)
 def test_export(name):
     args = samples()[name]
     fn = getattr(vitkernels, name)

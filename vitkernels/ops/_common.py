@@ -1,6 +1,7 @@
 """Helpers shared by the op files: argument checks, backend capability checks, reference backward."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable, Optional, Sequence
@@ -181,27 +182,47 @@ def head_dim_reasons(d: int, limit: int = FUSED_MAX_HEAD_DIM) -> list:
 
 # ----------------------------------------------------------------------------- reference backward
 
+@contextlib.contextmanager
+def _autograd_in_kernel():
+    """Autograd recording inside a custom op's kernel. The dispatcher runs a kernel below the autograd
+    keys (they are in the thread's excluded set), so ops there record no graph; this re-admits them
+    for the block. torch.func.vjp would also work there, but not under a TorchDispatchMode such as
+    FlopCounterMode (which excludes functorch's keys too)."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+_AUTOGRAD_KEYS = [k for name, k in torch._C.DispatchKey.__members__.items()
+                  if name.startswith("Autograd") or name == "ADInplaceOrView"]
+
+
 def reference_vjp(fn: Callable, args: Sequence, diff: Sequence[int], grads: Sequence[Optional[Tensor]]) -> list:
     """Gradients of `fn(*args)` w.r.t. args[i] for i in `diff`, given the output gradients.
 
-    Runs through torch.func.vjp, which works inside a custom op's kernel (plain autograd is disabled
-    there). Returns one entry per index in `diff`: the gradient, or None where that argument is None.
+    Records `fn` with autograd inside the backward op's kernel (_autograd_in_kernel). Returns one entry
+    per argument: the gradient for the indices in `diff`, None elsewhere and where the argument is None.
     """
     diff = [i for i in diff if args[i] is not None]
-
-    def f(*prim):
+    with _autograd_in_kernel():
+        prim = [args[i].detach().requires_grad_() for i in diff]
         full = list(args)
         for i, p in zip(diff, prim):
             full[i] = p
-        out = fn(*full)
-        return out if isinstance(out, tuple) else (out,)
-
-    outs, vjp = torch.func.vjp(f, *[args[i] for i in diff])
-    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs, grads))
-    # vjp may hand back views of one buffer (e.g. slices of a cat's gradient); a custom op's outputs
-    # must not alias each other or its inputs, so each gradient gets its own memory.
-    got = {i: g.clone(memory_format=torch.contiguous_format) for i, g in zip(diff, vjp(cot))}
-    return [got.get(i) for i in range(len(args))]
+        outs = fn(*full)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads)
+                 if g is not None and isinstance(o, Tensor) and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], prim, [g for _, g in pairs], allow_unused=True) \
+            if pairs else [None] * len(prim)
+    # A gradient may be a view of another buffer; a custom op's outputs must not alias each other or
+    # its inputs, so each gets its own memory. An input no output depends on gets zeros.
+    out = {i: (torch.zeros_like(p) if g is None else g).clone(memory_format=torch.contiguous_format)
+           for i, p, g in zip(diff, prim, got)}
+    return [out.get(i) for i in range(len(args))]
 
 
 def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
