@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitkernels.models._layers as layers
-from vitkernels.models import convert_hf_segformer, create_model
+from vitkernels.models import convert_hf_segformer, convert_hf_timesformer, create_model
 from vitkernels.models._layers import DropPath, drop_path_rates
 
 # family: (model name, tiny overrides, input shape)
@@ -219,30 +219,6 @@ def test_train_step_with_drop_path_equals_transformers_segformer():
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
 
 
-def hf_timesformer_to_ours(sd):
-    """transformers TimesformerForVideoClassification state_dict -> vitkernels TimeSformer names."""
-    names = {"attention.attention.qkv": "attn.qkv", "attention.output.dense": "attn.proj",
-             "temporal_attention.attention.qkv": "temporal_attn.qkv",
-             "temporal_attention.output.dense": "temporal_attn.proj", "temporal_dense": "temporal_fc",
-             "layernorm_before": "norm1", "layernorm_after": "norm2", "temporal_layernorm": "temporal_norm1",
-             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
-    top = {"timesformer.embeddings.cls_token": "cls_token", "timesformer.embeddings.position_embeddings": "pos_embed",
-           "timesformer.embeddings.time_embeddings": "time_embed",
-           "timesformer.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-           "timesformer.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-           "timesformer.layernorm.weight": "norm.weight", "timesformer.layernorm.bias": "norm.bias",
-           "classifier.weight": "head.weight", "classifier.bias": "head.bias"}
-    out = {}
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v
-            continue
-        i, rest = k[len("timesformer.encoder.layer."):].split(".", 1)
-        mod, p = rest.rsplit(".", 1)
-        out[f"blocks.{i}.{names[mod]}.{p}"] = v
-    return out
-
-
 def test_train_step_with_drop_path_equals_transformers_timesformer():
     """TimeSformer drops per (clip, position) in its temporal branch and per (clip, frame) in its spatial
     branch, as the official code and transformers do; same seed -> same masks -> same step."""
@@ -257,9 +233,9 @@ def test_train_step_with_drop_path_equals_transformers_timesformer():
     for layer, rate in zip(ref.timesformer.encoder.layer, drop_path_rates(0.6, 2)):
         layer.drop_path = mod.TimesformerDropPath(rate) if rate > 0 else torch.nn.Identity()
     ours = create_model("timesformer_base_patch16_224", drop_path_rate=0.6, **kw)
-    ours.load_state_dict(hf_timesformer_to_ours(ref.state_dict()), strict=True)
+    ours.load_state_dict(convert_hf_timesformer(ref.state_dict()), strict=True)
     x = torch.randn(*shape)
-    y = _same_step(ours, ref, x, lambda m, t: m(pixel_values=t.transpose(1, 2)).logits, hf_timesformer_to_ours)
+    y = _same_step(ours, ref, x, lambda m, t: m(pixel_values=t.transpose(1, 2)).logits, convert_hf_timesformer)
     ours.eval()
     with torch.no_grad():
         assert not torch.allclose(y, ours(x), atol=1e-4)

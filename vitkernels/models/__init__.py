@@ -4,8 +4,9 @@
     model.load_state_dict(timm_model.state_dict(), strict=True)
 
 Families so far: ViT/DeiT (`vit.py`), Swin (`swin.py`), PVTv2 (`pvt_v2.py`), SegFormer (`segformer.py`; Hugging Face
-checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`), TimeSformer (`timesformer.py`) and
-ViViT model 3 (`vivit.py`).
+checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`), TimeSformer (`timesformer.py`; Hugging Face
+checkpoints through `convert_hf_timesformer`) and ViViT models 1 and 3 (`vivit.py`; Hugging Face
+google/vivit-b-16x2-kinetics400 through `convert_hf_vivit`).
 """
 from __future__ import annotations
 
@@ -42,5 +43,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
 
 from . import pvt_v2, segformer, swin, timesformer, vit, vivit, xcit  # noqa: E402,F401  (register the models)
 from .segformer import convert_hf_segformer  # noqa: E402
+from .timesformer import convert_hf_timesformer  # noqa: E402
+from .vivit import convert_hf_vivit  # noqa: E402
 
-__all__ = ["convert_hf_segformer", "create_model", "list_models", "register_model"]
+__all__ = ["convert_hf_segformer", "convert_hf_timesformer", "convert_hf_vivit", "create_model", "list_models",
+           "register_model"]

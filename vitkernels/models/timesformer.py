@@ -4,7 +4,13 @@ Parameter names follow the official TimeSformer code (facebookresearch/TimeSform
 with attention_type "divided_space_time") with the `model.` prefix of its checkpoints stripped:
 `cls_token`, `pos_embed`, `time_embed`, `patch_embed.proj`, `blocks.{i}.{norm1, attn.qkv, attn.proj,
 temporal_norm1, temporal_attn.qkv, temporal_attn.proj, temporal_fc, norm2, mlp.fc1, mlp.fc2}`,
-`norm`, `head`. LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
+`norm`, `head`. LayerNorm eps 1e-6 (`layer_norm_eps`), exact-erf GELU, qkv bias.
+
+Hugging Face: `convert_hf_timesformer(state_dict)` renames a transformers
+`TimesformerForVideoClassification` state_dict (e.g. facebook/timesformer-base-finetuned-k400) to
+these names (strict load). transformers runs the same divided space-time block (token order "st",
+time embedding added per position, the class token's spatial outputs averaged over frames, drop path
+before `temporal_dense`); it takes clips (B, T, 3, H, W), this model (B, 3, T, H, W).
 
 Token layout: the class token, then the patch tokens with index s·T + t (space outer, time
 fastest): layout "st" of `space_time_attention`. A block is
@@ -50,16 +56,16 @@ class Block(nn.Module):
     temporal_fc (TimeSformer only: ViViT's block subclasses this one without it), norm2/mlp."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 temporal_fc: bool = True, drop_path: float = 0.0, drop_path_style: str = "hf"):
+                 temporal_fc: bool = True, drop_path: float = 0.0, drop_path_style: str = "hf", eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, qkv_bias)
-        self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)
         self.temporal_attn = Attention(dim, qkv_bias)
         if temporal_fc:
             self.temporal_fc = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path, drop_path_style)
 
@@ -91,7 +97,8 @@ class Block(nn.Module):
 class TimeSformer(GradCheckpointMixin, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, num_frames: int = 8, drop_path_rate: float = 0.0):
+                 qkv_bias: bool = True, num_frames: int = 8, drop_path_rate: float = 0.0,
+                 layer_norm_eps: float = 1e-6):
         super().__init__()
         self.grad_checkpointing = False
         self.num_classes = num_classes
@@ -104,9 +111,9 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i])
-                                     for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i],
+                                           eps=layer_norm_eps) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -160,3 +167,76 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
 def timesformer_base_patch16_224(**kwargs) -> TimeSformer:
     """TimeSformer-Base, divided space-time attention, 8 frames at 224 px (Kinetics-400 head by default)."""
     return TimeSformer(**{"num_frames": 8, "num_classes": 400, **kwargs})
+
+
+# ----------------------------------------------------------------------------- Hugging Face weights
+
+# transformers TimesformerLayer submodule -> our Block submodule (the same in transformers 4.x and 5.x)
+_HF_TIMESFORMER_LAYER = {
+    "layernorm_before": "norm1",
+    "attention.attention.qkv": "attn.qkv",
+    "attention.output.dense": "attn.proj",
+    "temporal_layernorm": "temporal_norm1",
+    "temporal_attention.attention.qkv": "temporal_attn.qkv",
+    "temporal_attention.output.dense": "temporal_attn.proj",
+    "temporal_dense": "temporal_fc",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_TIMESFORMER_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.time_embeddings": "time_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
+def _hf_timesformer_key(key: str) -> str | None:
+    if key in ("classifier.weight", "classifier.bias"):
+        return "head." + key.split(".", 1)[1]
+    k = key[len("timesformer."):] if key.startswith("timesformer.") else key
+    if k in _HF_TIMESFORMER_TOP:
+        return _HF_TIMESFORMER_TOP[k]
+    if k.startswith("encoder.layer."):
+        idx, _, rest = k[len("encoder.layer."):].partition(".")
+        module, _, param = rest.rpartition(".")
+        if idx.isdigit() and param in ("weight", "bias") and module in _HF_TIMESFORMER_LAYER:
+            return f"blocks.{idx}.{_HF_TIMESFORMER_LAYER[module]}.{param}"
+    return None
+
+
+def convert_hf_timesformer(state_dict) -> dict[str, torch.Tensor]:
+    """transformers `TimesformerForVideoClassification` state_dict (e.g. facebook/timesformer-base-finetuned-k400)
+    -> `timesformer_base_patch16_224` names, for `load_state_dict(..., strict=True)`.
+
+    Every key is renamed, none is dropped: `timesformer.embeddings.{cls_token, position_embeddings,
+    time_embeddings, patch_embeddings.projection}` -> `cls_token`, `pos_embed`, `time_embed`,
+    `patch_embed.proj`; `timesformer.encoder.layer.{i}.{layernorm_before, attention.attention.qkv,
+    attention.output.dense, temporal_layernorm, temporal_attention.attention.qkv,
+    temporal_attention.output.dense, temporal_dense, layernorm_after, intermediate.dense, output.dense}`
+    -> `blocks.{i}.{norm1, attn.qkv, attn.proj, temporal_norm1, temporal_attn.qkv, temporal_attn.proj,
+    temporal_fc, norm2, mlp.fc1, mlp.fc2}`; `timesformer.layernorm` -> `norm`; `classifier` -> `head`.
+    transformers packs q, k, v in one linear exactly as this model does, so tensors are used unchanged.
+    A `TimesformerModel` state_dict (no `timesformer.` prefix, no classifier) converts too: load it into
+    a model built with `num_classes=0`. Raises ValueError naming any key it does not recognise. Only
+    attention_type "divided_space_time" is this model: a "space_only" / "joint_space_time" state_dict
+    lacks the temporal_* weights, so the strict load reports them missing."""
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        new = _hf_timesformer_key(key)
+        if new is None:
+            unknown.append(key)
+        elif new in out:
+            raise ValueError(f"convert_hf_timesformer: keys {key!r} and another one both map to {new!r}")
+        else:
+            out[new] = value
+    if unknown:
+        more = f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else ""
+        raise ValueError(f"convert_hf_timesformer: unrecognised key(s) {unknown[:8]}{more}; expected a transformers "
+                         "TimesformerForVideoClassification (or TimesformerModel) state_dict with "
+                         'attention_type="divided_space_time"')
+    return out
