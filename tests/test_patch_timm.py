@@ -26,23 +26,39 @@ timm = pytest.importorskip("timm")
 integration = pytest.importorskip("vitkernels.integrations.timm")
 from vitkernels.integrations import _patching  # noqa: E402
 
-# name -> (timm model, create kwargs, input H, W, the fused classes it gets, the private fwd ops that must run)
+# name -> (timm model, create kwargs, input H, W, the fused classes it gets, the private fwd ops that must run
+# and how often per forward)
 CASES = {
     "vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3), (32, 32),
-                 {"FusedAttention": 3}, {"_self_attention_fwd"}),
+                 {"FusedAttention": 3}, {"_self_attention_fwd": 3}),
     "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=3), (32, 32),
-                            {"FusedAttention": 3}, {"_self_attention_fwd"}),
+                            {"FusedAttention": 3}, {"_self_attention_fwd": 3}),
     # 72 px: maps 18, 9, 5, 3 with window 4 -> shifted windows on padded maps (timm's shift-then-pad order)
     "swin_tiny_pad": ("swin_tiny_patch4_window7_224", dict(img_size=72, window_size=4, depths=(2, 2, 2, 1)),
-                      (72, 72), {"FusedSwinTransformerBlock": 7}, {"_window_attention_fwd"}),
+                      (72, 72), {"FusedSwinTransformerBlock": 7}, {"_window_attention_fwd": 7}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(2, 2, 1, 1)), (64, 64),
-                  {"FusedSwinTransformerBlock": 6}, {"_window_attention_fwd"}),
+                  {"FusedSwinTransformerBlock": 6}, {"_window_attention_fwd": 6}),
     "pvt_v2_b0": ("pvt_v2_b0", dict(depths=(1, 1, 1, 1)), (64, 64),
                   # mix_ffn is composite on CPU: its fused part is the dwconv (+GELU) op
-                  {"FusedPvtV2Attention": 4, "FusedMlpWithDepthwiseConv": 4}, {"_sr_attention_fwd", "_dwconv_fwd"}),
+                  {"FusedPvtV2Attention": 4, "FusedMlpWithDepthwiseConv": 4}, {"_sr_attention_fwd": 4, "_dwconv_fwd": 4}),
+    # XCA blocks, then two class-attention blocks (CaiT's ClassAttn: one query row)
     "xcit_nano": ("xcit_nano_12_p16_224", dict(img_size=32, patch_size=8, depth=3), (32, 32),
-                  {"FusedXCA": 3}, {"_xca_fwd"}),
-    "test_vit": ("test_vit", dict(img_size=32), (32, 32), {"FusedAttention": 6}, {"_self_attention_fwd"}),
+                  {"FusedXCA": 3, "FusedClassAttn": 2}, {"_xca_fwd": 3, "_attention_fwd": 2}),
+    "test_vit": ("test_vit", dict(img_size=32), (32, 32), {"FusedAttention": 6}, {"_self_attention_fwd": 6}),
+    # the rest of the zoo: q/k norm, CaiT class attention, BEiT and relpos biases, Twins sub-sampling
+    "vit_qk_norm": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, qk_norm=True), (32, 32),
+                    {"FusedAttention": 2}, {"_attention_fwd": 2}),
+    "cait": ("cait_xxs24_224", dict(img_size=32, patch_size=8, depth=1, depth_token_only=2), (32, 32),
+             {"FusedClassAttn": 2}, {"_attention_fwd": 2}),
+    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), (32, 32),
+             {"FusedBeitAttention": 2}, {"_attention_fwd": 2}),
+    "beit_shared_bias": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                                       use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                         (32, 32), {"FusedBeitAttention": 2}, {"_attention_fwd": 2}),
+    "vit_relpos": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, depth=2), (32, 32),
+                   {"FusedRelPosAttention": 2}, {"_attention_fwd": 2}),
+    "twins_pcpvt": ("twins_pcpvt_small", dict(depths=(1, 1, 1, 1)), (64, 64),
+                    {"FusedGlobalSubSampleAttn": 4}, {"_sr_attention_fwd": 4}),
 }
 IDS = list(CASES)
 
@@ -92,12 +108,15 @@ def _close(a, b, tol=1e-5):
 
 
 def _grads_close(model, ref_grads, tol=1e-5):
-    """Every parameter's grad within tol x the largest |grad| of that tensor (float32 sums reorder)."""
+    """Every parameter's grad within tol x the largest |grad| of that tensor (float32 sums reorder), with a
+    floor of tol x 1e-2 x the model's largest |grad| for gradients that are zero in exact arithmetic (a key
+    bias shifts every score of a row equally: softmax ignores it)."""
+    floor = tol * 1e-2 * max(g.abs().max().item() for g in ref_grads.values())
     for name, p in model.named_parameters():
         want = ref_grads[name]
         assert p.grad is not None, name
         err = (p.grad - want).abs().max().item()
-        assert err <= tol * want.abs().max().item() + 1e-8, f"{name}: max error {err:.3g}, max |grad| " \
+        assert err <= tol * want.abs().max().item() + floor, f"{name}: max error {err:.3g}, max |grad| " \
             f"{want.abs().max().item():.3g}"
 
 
@@ -125,8 +144,7 @@ def test_patched_matches_timm_outputs_and_grads(case):
     want = _seeded(ref, x)
     (want * w).sum().backward()
     _close(out, want)
-    n = sum(fused.values()) // len(ops)
-    assert counter.counts == {op: n for op in ops}
+    assert counter.counts == ops
     _grads_close(patched, {n: p.grad for n, p in ref.named_parameters()})
 
 
@@ -306,8 +324,11 @@ def test_forward_intermediates_and_grad_checkpointing(case):
         _close(a, b)
     _close(patched.forward_features(x), out, tol=1e-6)
     # grad checkpointing (timm's checkpoint_seq / per-block checkpoint) recomputes the fused ops
+    try:
+        ref.set_grad_checkpointing(True)
+    except AssertionError:  # timm's Twins has none
+        return
     patched.set_grad_checkpointing(True)
-    ref.set_grad_checkpointing(True)
     patched.train(), ref.train()
     _seeded(patched, x).square().mean().backward()
     _seeded(ref, x).square().mean().backward()
@@ -334,15 +355,19 @@ def test_features_only(case):
 
 @pytest.mark.parametrize("case", IDS)
 def test_torchscript(case):
-    _, patched, x = _pair(case)
+    ref, patched, x = _pair(case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
+        try:
+            torch.jit.script(ref)
+        except RuntimeError as e:  # the fused class scripts timm's forward too (its fallback)
+            pytest.skip(f"timm's own model does not script: {str(e).splitlines()[1:2]}")
         scripted = torch.jit.script(patched)
     with torch.no_grad(), OpCounter() as counter:
         got = scripted(x)
     with torch.no_grad():
         _close(got, patched(x), tol=1e-6)
-    assert set(counter.counts) == CASES[case][4]
+    assert set(counter.counts) == set(CASES[case][4])
 
 
 def _timm_fx_extractor(model):
@@ -376,10 +401,11 @@ def test_fx_symbolic_trace_forward_and_backward(case):
         graph = torch.fx.GraphModule(patched, tracer.trace(patched))
     leaves = {n.target.__name__ for n in graph.graph.nodes if n.op == "call_function"
               and getattr(n.target, "__module__", "") == integration.__name__}
-    assert leaves and leaves <= {"_vit_attention", "_timm_window_attention", "sr_attention", "mix_ffn", "xca"}
+    assert leaves and leaves <= {"_vit_attention", "_heads_attention", "_timm_window_attention", "sr_attention",
+                                 "mix_ffn", "xca"}
     with torch.no_grad(), OpCounter() as counter:
         got = graph(x)
-    assert set(counter.counts) == CASES[case][4]
+    assert set(counter.counts) == set(CASES[case][4])
     with torch.no_grad():
         want = patched(x)
         _close(got, want, tol=0)
@@ -415,7 +441,7 @@ def test_fx_feature_graph_net(case):
         scripted = torch.jit.script(got)
     with torch.no_grad(), OpCounter() as counter:
         got_out = got(x)
-    assert set(counter.counts) == CASES[case][4]
+    assert counter.counts and set(counter.counts) <= set(CASES[case][4])  # (XCiT's features end before class attention)
     for g, w, s in zip(got_out, want, scripted(x)):
         _close(g, w)
         _close(s, g, tol=1e-6)
@@ -491,13 +517,15 @@ def test_patch_log_says_what_was_fused_and_what_was_kept(caplog):
     with caplog.at_level(logging.INFO, logger="vitkernels"):
         vk.patch_timm(timm.create_model("xcit_nano_12_p16_224", img_size=32, patch_size=8, depth=2))
     assert ("patch_timm(Xcit): fused 2 × timm.models.xcit.XCA -> FusedXCA (vitkernels.xca)" in caplog.text)
-    assert ("kept the original forward of 2 × timm.models.cait.ClassAttn: no fused op covers this module class"
+    assert "patch_timm(Xcit): fused 2 × timm.models.cait.ClassAttn -> FusedClassAttn" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vitkernels"):
+        vk.patch_timm(timm.create_model("cait_xxs24_224", img_size=32, patch_size=8, depth=1, depth_token_only=1))
+    assert ("kept the original forward of 1 × timm.models.cait.TalkingHeadAttn: no fused op covers this module class"
             in caplog.text)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vitkernels"):
-        model = vk.patch_timm(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
-                                                qk_norm=True))
-    assert "kept the original forward of 2 × timm.layers.attention.Attention: q/k norm" in caplog.text
+        model = vk.patch_timm(timm.create_model("resnet10t"))
     assert "nothing fused" in caplog.text and _fused_names(model) == {}
     caplog.clear()
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=(40, 56), window_size=4,

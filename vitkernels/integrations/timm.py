@@ -9,7 +9,15 @@ this module by name (built on first lookup against the installed timm), so a pat
 Covered today:
 - VisionTransformer / DeiT: timm's ViT `Attention` (`timm.layers.attention`, or
   `timm.models.vision_transformer` before timm 1.0) -> `FusedAttention`: qkv -> `self_attention`
-  (an attention mask or `is_causal` -> `attention` with the mask as bias) -> [scale norm, gate] -> proj;
+  (q/k norm, an attention mask or `is_causal` -> timm's norms on the head views, then `attention` with
+  the mask as bias) -> [scale norm, gate] -> proj;
+- CaiT and XCiT class attention: `timm.models.cait.ClassAttn` -> `FusedClassAttn`: `attention` with the
+  class token's one query row on head views of the model's q, k, v linears;
+- BEiT: `timm.models.beit.Attention` -> `FusedBeitAttention`: `attention` with timm's relative-position
+  bias (plus a shared one), `self_attention` without; `vision_transformer_relpos.RelPosAttention` ->
+  `FusedRelPosAttention`: `attention` with its rel_pos module's bias;
+- Twins: `timm.models.twins.GlobalSubSampleAttn` -> `FusedGlobalSubSampleAttn`: `sr_attention` after
+  timm's own sub-sampling conv and norm (LocallyGroupedAttn keeps timm's forward);
 - SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` -> `FusedSwinTransformerBlock`
   whose `_attn` is one `window_attention` call (roll, pad, partition, mask, bias gather, attention,
   reverse). timm shifts before padding, the op pads first: where a shifted map is not a multiple of the
@@ -36,6 +44,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._patching import FusedFallbackWarning, FusedSpec, patch_modules, resolve, warn_fallback
@@ -102,6 +111,16 @@ def _vit_attention(qkv: Tensor, num_heads: int, scale: float, attn_mask: Optiona
     return attention(q, k, v, bias, scale).transpose(1, 2).reshape(b, n, c)
 
 
+def _heads_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor], is_causal: bool) -> Tensor:
+    """Head views q (B, H, Nq, D), k, v (B, H, Nk, D) -> token layout (B, Nq, H·D). `bias`: None, a float
+    bias or a boolean keep-mask broadcastable to (B, H, Nq, Nk); `is_causal` wins over it (timm's rule).
+    The op stores its output (B, Nq, H, D), so the reshape to tokens is free."""
+    b, h, n, d = q.shape
+    if is_causal:
+        bias = torch.ones((n, k.shape[2]), dtype=torch.bool, device=q.device).tril()
+    return attention(q, k, v, bias, scale).transpose(1, 2).reshape(b, n, h * d)
+
+
 def _timm_window_attention(qkv: Tensor, h: int, w: int, num_heads: int, window: int, shift: int,
                            table: Tensor, qkv_bias: Optional[Tensor], scale: float) -> Tensor:
     """timm's `SwinTransformerBlock._attn` core on qkv (B, H·W, 3C) -> (B, H·W, C), for every H, W.
@@ -128,6 +147,7 @@ def _timm_window_attention(qkv: Tensor, h: int, w: int, num_heads: int, window: 
 
 
 torch.fx.wrap("_vit_attention")
+torch.fx.wrap("_heads_attention")
 torch.fx.wrap("_timm_window_attention")
 torch.fx.wrap("sr_attention")
 torch.fx.wrap("xca")
@@ -148,7 +168,13 @@ def _fused_vit_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
         if attn_mask is not None:
             return self._timm_forward(x, attn_mask=attn_mask)
         return self._timm_forward(x)
-    out = _vit_attention(self.qkv(x), self.num_heads, self.scale, attn_mask, is_causal)
+    qkv = self.qkv(x)
+    if self._vk_qk_norm:  # timm's norms on the head views of q and k, then the fused core
+        b, n, c3 = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = _heads_attention(self.q_norm(q), self.k_norm(k), v, self.scale, attn_mask, is_causal)
+    else:
+        out = _vit_attention(qkv, self.num_heads, self.scale, attn_mask, is_causal)
     if hasattr(self, "norm"):  # timm's optional scale_norm (absent before timm 1.0)
         out = self.norm(out)
     if hasattr(self, "gate"):  # timm's optional sigmoid gate on the attention output
@@ -218,6 +244,81 @@ def _fused_xca_forward(self, x: Tensor) -> Tensor:
     return self.proj_drop(self.proj(xca(self.qkv(x), self.num_heads, self.temperature)))
 
 
+def _fused_class_attn_forward(self, x: Tensor) -> Tensor:
+    """CaiT / XCiT `ClassAttn`: the class token's query against every token: `attention` with one query
+    row on head views of the model's own q, k, v linears (no copies) -> proj. Returns (B, 1, C)."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x)
+    b, n, c = x.shape
+    h = self.num_heads
+    q = self.q(x[:, 0:1]).reshape(b, 1, h, c // h).transpose(1, 2)
+    k = self.k(x).reshape(b, n, h, c // h).transpose(1, 2)
+    v = self.v(x).reshape(b, n, h, c // h).transpose(1, 2)
+    return self.proj_drop(self.proj(_heads_attention(q, k, v, self.scale, None, False)))
+
+
+def _fused_beit_forward(self, x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
+    """timm BEiT Attention: qkv (with its q/v biases) -> `attention` with the relative-position bias
+    (timm's gather of its table, plus a shared bias) -> proj; no bias at all -> `self_attention`."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x, shared_rel_pos_bias)
+    b, n, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x) + qkv_bias
+        else:
+            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    bias: Optional[Tensor] = shared_rel_pos_bias
+    if self.relative_position_bias_table is not None:
+        bias = self._get_rel_pos_bias()
+        if shared_rel_pos_bias is not None:
+            bias = bias + shared_rel_pos_bias
+    if bias is None:
+        out = self_attention(qkv, self.num_heads, self.scale)
+    else:
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = _heads_attention(q, k, v, self.scale, bias, False)
+    return self.proj_drop(self.proj(out))
+
+
+def _fused_relpos_forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+    """timm `vision_transformer_relpos.RelPosAttention`: qkv -> [q/k norm] -> `attention` with the
+    bias of its rel_pos module (or the shared one) -> proj, as timm's fused path."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x, shared_rel_pos)
+    b, n, _ = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    bias: Optional[Tensor] = shared_rel_pos
+    if self.rel_pos is not None:
+        bias = self.rel_pos.get_bias()
+    return self.proj_drop(self.proj(_heads_attention(q, k, v, self.scale, bias, False)))
+
+
+def _fused_twins_gsa_forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """timm Twins `GlobalSubSampleAttn`: q(x) against kv of the sub-sampled map (timm's own sr conv and
+    norm) -> `sr_attention` on the packed token-layout projections (no head permutes) -> proj."""
+    if self.training and self.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_forward(x, size)
+    b, n, c = x.shape
+    q = self.q(x)
+    if self.sr is not None:
+        y = x.permute(0, 2, 1).reshape(b, c, size[0], size[1])
+        x = self.norm(self.sr(y).reshape(b, c, -1).permute(0, 2, 1))
+    return self.proj_drop(self.proj(sr_attention(q, self.kv(x), self.num_heads, self.scale)))
+
+
 # ----------------------------------------------------------------------------- patch-time checks
 
 def _is_identity(m) -> bool:
@@ -225,12 +326,26 @@ def _is_identity(m) -> bool:
 
 
 def _vit_reason(m: nn.Module) -> Optional[str]:
-    if not (_is_identity(getattr(m, "q_norm", None)) and _is_identity(getattr(m, "k_norm", None))):
-        return "q/k norm (the op has none yet)"
     for name in ("qkv", "proj", "attn_drop", "proj_drop"):
         if not hasattr(m, name):
             return f"no `{name}` submodule (an unknown variant of the class)"
     return None
+
+
+def _vit_prepare(m: nn.Module) -> None:
+    # static: a plain bool attribute (TorchScript sees a constant), so the q/k norms are only applied
+    # where the model has them
+    m._vk_qk_norm = not (_is_identity(getattr(m, "q_norm", None)) and _is_identity(getattr(m, "k_norm", None)))
+
+
+def _needs(*names: str):
+    """A patch-time reason: the first attribute of `names` the module lacks (an unknown variant)."""
+    def reason(m: nn.Module) -> Optional[str]:
+        for name in names:
+            if not hasattr(m, name):
+                return f"no `{name}` attribute (an unknown variant of the class)"
+        return None
+    return reason
 
 
 def _swin_reason(m: nn.Module) -> Optional[str]:
@@ -288,8 +403,8 @@ def _xca_reason(m: nn.Module) -> Optional[str]:
 _SPECS = [
     FusedSpec("FusedAttention",
               [("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention")],
-              "forward", _fused_vit_forward, "vitkernels.self_attention; with a mask: vitkernels.attention",
-              _vit_reason),
+              "forward", _fused_vit_forward,
+              "vitkernels.self_attention; with q/k norm or a mask: vitkernels.attention", _vit_reason, _vit_prepare),
     FusedSpec("FusedSwinTransformerBlock", [("timm.models.swin_transformer", "SwinTransformerBlock")],
               "_attn", _fused_swin_attn, "vitkernels.window_attention", _swin_reason),
     FusedSpec("FusedPvtV2Attention", [("timm.models.pvt_v2", "Attention")],
@@ -297,6 +412,16 @@ _SPECS = [
     FusedSpec("FusedMlpWithDepthwiseConv", [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
               "forward", _fused_pvt_mlp_forward, "vitkernels.mix_ffn", _pvt_mlp_reason, _pvt_mlp_prepare),
     FusedSpec("FusedXCA", [("timm.models.xcit", "XCA")], "forward", _fused_xca_forward, "vitkernels.xca", _xca_reason),
+    FusedSpec("FusedClassAttn", [("timm.models.cait", "ClassAttn")], "forward", _fused_class_attn_forward,
+              "vitkernels.attention (one query)", _needs("q", "k", "v", "proj", "attn_drop", "proj_drop")),
+    FusedSpec("FusedBeitAttention", [("timm.models.beit", "Attention")], "forward", _fused_beit_forward,
+              "vitkernels.attention with the relative-position bias; without one vitkernels.self_attention",
+              _needs("qkv", "q_bias", "qkv_bias_separate", "relative_position_bias_table", "proj", "attn_drop")),
+    FusedSpec("FusedRelPosAttention", [("timm.models.vision_transformer_relpos", "RelPosAttention")], "forward",
+              _fused_relpos_forward, "vitkernels.attention with the relative-position bias",
+              _needs("qkv", "q_norm", "k_norm", "rel_pos", "head_dim", "proj", "attn_drop")),
+    FusedSpec("FusedGlobalSubSampleAttn", [("timm.models.twins", "GlobalSubSampleAttn")], "forward",
+              _fused_twins_gsa_forward, "vitkernels.sr_attention", _needs("q", "kv", "sr", "norm", "proj", "attn_drop")),
 ]
 _NAMES = {spec.name for spec in _SPECS}
 
