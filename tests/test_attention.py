@@ -222,3 +222,30 @@ def test_attention_real_shapes_gpu(backend, dtype, shape):
     inputs = [torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d), torch.randn(1, h, nq, nk)]
     check_against_oracle(lambda q, k, v, bias: vk.attention(q, k, v, bias), eager_attention, inputs, backend, dtype,
                          "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias_kind", [None, "float", "bool"])
+def test_reference_cpu_fast_path_equals_the_literal_math(dtype, bias_kind):
+    """The reference forward on CPU (ATen's tiled attention, no Nq×Nk scores) gives the literal math's
+    output and logsumexp, rows with no key included (output 0, lse +inf), for any leading dims."""
+    import importlib
+    ra = importlib.import_module("vitkernels.reference.attention")  # the module (the package exports a function of that name)
+    q, k, v = (torch.randn(2, 3, 2, n, 16, dtype=dtype) for n in (9, 11, 11))
+    bias = None
+    if bias_kind == "float":
+        bias = torch.randn(3, 1, 9, 11, dtype=dtype)
+        bias[1, 0, 4] = -math.inf
+    elif bias_kind == "bool":
+        bias = torch.rand(3, 1, 9, 11) > 0.3
+        bias[0, 0, 2] = False
+    assert ra._flash_cpu_applies(q, k, v, bias)
+    out, lse = ra.attention_with_lse(q, k, v, bias, 0.3)
+    literal = [t.detach().requires_grad_() for t in (q, k, v)]  # a differentiated input: the literal math
+    assert not ra._flash_cpu_applies(*literal, bias)
+    want_out, want_lse = ra.attention_with_lse(*literal, bias, 0.3)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, want_out.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3)  # (+inf rows compare equal)
+    if bias is not None:
+        assert torch.isposinf(lse).any() and (out[torch.isposinf(lse)] == 0).all()
