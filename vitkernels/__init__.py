@@ -10,12 +10,19 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention",
            "dwconv", "mix_ffn", "set_backend", "get_backend", "use_backend", "not_supported_reasons",
-           "BackendUnavailableError", "HAS_CUDA_EXT", "patch_timm", "__version__"]
+           "BackendUnavailableError", "HAS_CUDA_EXT", "patch_timm", "patch_hf", "__version__"]
 
 
 def patch_timm(model):
     """Swap, in place, the attention modules of a timm model for fused ones; returns the model."""
     from .integrations.timm import patch_timm as _patch
+    return _patch(model)
+
+
+def patch_hf(model):
+    """Swap, in place, the attention (and conv-FFN) modules of a transformers model for fused ones; returns
+    the model. (Importing `vitkernels` does not import transformers; this does.)"""
+    from .integrations.hf import patch_hf as _patch
     return _patch(model)
 
 

@@ -1,4 +1,4 @@
-"""Shared machinery of `patch_timm` (and, later, `patch_hf`): class swap, importable Fused classes,
+"""Shared machinery of `patch_timm` and `patch_hf`: class swap, importable Fused classes,
 patch-time logging and run-time fallback warnings.
 
 A patched module stays the same object with the same parameters, buffers, hooks and `state_dict()`
@@ -47,7 +47,10 @@ class FusedSpec:
     ops:       the vitkernels ops it runs (for the log);
     reason:    module -> None when the fused path covers the module's configuration, else why not
                (checked at patch time; the module then keeps its class and its original forward);
-    prepare:   optional module -> None, stores static decisions on the instance at patch time.
+    prepare:   optional module -> None, stores static decisions on the instance at patch time;
+    applies:   module -> bool; False when a class of the targeted name is another layout the spec does not
+               describe (e.g. a transformers 4.x wrapper that shares its 5.x name): the module is then treated
+               as untargeted (no swap, no "kept" line; its fused children speak for it).
     """
     name: str
     targets: List[Tuple[str, str]]
@@ -56,6 +59,7 @@ class FusedSpec:
     ops: str
     reason: Callable[[nn.Module], Optional[str]] = lambda module: None
     prepare: Optional[Callable[[nn.Module], None]] = None
+    applies: Callable[[nn.Module], bool] = lambda module: True
 
 
 def _renamed(fn: Callable, name: str) -> Callable:
@@ -126,18 +130,25 @@ _WARNED = set()
 
 
 @torch.jit.unused
+def warn_once(key, message: str, stacklevel: int = 3) -> None:
+    """`warnings.warn(message, FusedFallbackWarning)` the first time `key` is seen in this process
+    (never while torch.compile traces: a warning is not worth a graph break)."""
+    if torch.compiler.is_compiling() or key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, FusedFallbackWarning, stacklevel=stacklevel)
+
+
+@torch.jit.unused
 def warn_fallback(module: nn.Module, reason: str, library: str = "timm") -> None:
     """Warn once per (Fused class, reason) per process that `module` runs its original forward."""
     if torch.compiler.is_compiling():
         return  # a warning is not worth a graph break; eager runs and patch-time logs say it
-    key = (type(module).__name__, reason)
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
     base = type(module).__mro__[1]
-    msg = (f"vitkernels: {type(module).__name__} ({base.__module__}.{base.__qualname__}) runs {library}'s own "
+    owner = library + ("'" if library.endswith("s") else "'s")
+    msg = (f"vitkernels: {type(module).__name__} ({base.__module__}.{base.__qualname__}) runs {owner} own "
            f"forward: {reason}. (Shown once per reason.)")
-    warnings.warn(msg, FusedFallbackWarning, stacklevel=2)
+    warn_once((type(module).__name__, reason), msg, stacklevel=3)
 
 
 def _is_attention_like(module: nn.Module) -> bool:
@@ -153,14 +164,16 @@ def patch_modules(model: nn.Module, specs: List[FusedSpec], module_name: str, or
     fused: Counter = Counter()        # (fused name, library class, ops) -> count
     kept: Counter = Counter()         # (library class, reason) -> count
     covered = set()                   # ids of swapped (or already fused) modules and their descendants
+    swapped = set()                   # ids of swapped (or already fused) modules
     for mod_name, module in model.named_modules():
         cls = type(module)
         if getattr(cls, "_vk_spec_name", None) is not None:  # already patched
             fused[(cls.__name__, f"{cls.__mro__[1].__module__}.{cls.__mro__[1].__qualname__}", "already fused")] += 1
             covered.update(id(m) for m in module.modules())
+            swapped.add(id(module))
             continue
         spec = by_target.get((cls.__module__, cls.__name__))
-        if spec is None:
+        if spec is None or not spec.applies(module):
             continue
         full = f"{cls.__module__}.{cls.__qualname__}"
         reason = spec.reason(module)
@@ -173,11 +186,14 @@ def patch_modules(model: nn.Module, specs: List[FusedSpec], module_name: str, or
         swap_class(module, fused_class(spec, cls, module_name, orig_prefix))
         fused[(spec.name, full, spec.ops)] += 1
         covered.update(id(m) for m in module.modules())
-    # Attention-like modules no spec targets: they keep their forward; say so (innermost ones only).
+        swapped.add(id(module))
+    # Attention-like modules no spec targets: they keep their forward; say so (innermost ones only; a
+    # wrapper around a fused module, e.g. transformers 4.x `ViTAttention` around `ViTSelfAttention`, is not).
     for mod_name, module in model.named_modules():
         if id(module) in covered or not _is_attention_like(module):
             continue
-        if any(_is_attention_like(m) and id(m) not in covered for m in list(module.modules())[1:]):
+        inner = list(module.modules())[1:]
+        if any(_is_attention_like(m) and id(m) not in covered for m in inner) or any(id(m) in swapped for m in inner):
             continue
         cls = type(module)
         kept[(f"{cls.__module__}.{cls.__qualname__}", "no fused op covers this module class")] += 1
