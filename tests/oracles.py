@@ -128,7 +128,12 @@ def window_shift_mask(Hp: int, Wp: int, M: int, s: int):
 
 
 def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None,
-                     qkv_bias=None, scale=None):
+                     qkv_bias=None, scale=None, logit_scale=None, shift_first=False):
+    """SPEC op 3, step by step. Default order: pad, then shift the padded map. shift_first=True
+    (timm): shift the unpadded H×W map, then pad; the region labels / mask are those of the padded
+    grid either way, and the reverse is (shift back, crop) or (crop, shift back) respectively.
+    logit_scale (heads,) or (heads, 1, 1): cosine attention, scores = (q̂·k̂ᵀ)·exp(min(ls_h, ln 100))
+    with q̂ = q / max(‖q‖₂ over D, 1e-12) (likewise k̂); `scale` unused."""
     B, L, C3 = qkv.shape
     H, W = int(hw[0]), int(hw[1])
     M, s = int(window_size), int(shift_size)
@@ -139,8 +144,12 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
     Hp = -(-H // M) * M
     Wp = -(-W // M) * M
 
-    # 1. feature map, padded bottom/right with the qkv of a zero token (= qkv_bias, or zeros)
+    # 1. feature map, padded bottom/right with the qkv of a zero token (= qkv_bias, or zeros);
+    #    with shift_first the unpadded map is first shifted cyclically: x[h, w] <- x[(h+s) mod H, (w+s) mod W]
     x = qkv.reshape(B, H, W, C3)
+    if shift_first:
+        x = x.index_select(1, torch.tensor([(h + s) % H for h in range(H)], device=qkv.device))
+        x = x.index_select(2, torch.tensor([(w + s) % W for w in range(W)], device=qkv.device))
     fill = qkv_bias if qkv_bias is not None else torch.zeros(C3, dtype=qkv.dtype, device=qkv.device)
     fill = fill.reshape(1, 1, 1, C3)
     if Wp > W:
@@ -148,10 +157,13 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
     if Hp > H:
         x = torch.cat([x, fill.expand(B, Hp - H, Wp, C3)], dim=1)
 
-    # 2. cyclic shift y[h, w] = x[(h+s) mod Hp, (w+s) mod Wp]
-    ih = torch.tensor([(h + s) % Hp for h in range(Hp)], device=qkv.device)
-    iw = torch.tensor([(w + s) % Wp for w in range(Wp)], device=qkv.device)
-    y = x.index_select(1, ih).index_select(2, iw)
+    # 2. cyclic shift y[h, w] = x[(h+s) mod Hp, (w+s) mod Wp] (already done with shift_first)
+    if shift_first:
+        y = x
+    else:
+        ih = torch.tensor([(h + s) % Hp for h in range(Hp)], device=qkv.device)
+        iw = torch.tensor([(w + s) % Wp for w in range(Wp)], device=qkv.device)
+        y = x.index_select(1, ih).index_select(2, iw)
 
     # 3. partition into MxM windows, window token t = p*M + q; windows row-major, batch-major
     nWh, nWw = Hp // M, Wp // M
@@ -177,6 +189,15 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
         bias = bias + mask.repeat(B, 1, 1).unsqueeze(1)
 
     q, k, v = _split_packed(win, 3, num_heads)
+    if logit_scale is not None:
+        # cosine attention: q̂ = q / max(‖q‖, 1e-12), k̂ likewise; τ_h = exp(min(ls_h, ln 100)), whose
+        # gradient is zero where the clamp holds (ls_h >= ln 100, as torch.clamp)
+        ls = logit_scale.reshape(num_heads)
+        ln100 = math.log(100.0)
+        tau = torch.exp(torch.where(ls < ln100, ls, torch.full_like(ls, ln100))).reshape(1, num_heads, 1, 1)
+        qn = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+        kn = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+        q, k, scale = qn * tau, kn, 1.0  # (τ·q̂)·k̂ᵀ = τ·(q̂·k̂ᵀ)
     o = _merge_heads(attention(q, k, v, bias, scale))  # (B*nW, N, C)
 
     # 5. reverse the partition
@@ -192,6 +213,13 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
         out_y = torch.stack(rows, 0)
     else:
         out_y = out_y + 0 * o.sum()
+
+    if shift_first:
+        # 6'. crop, then shift back over the unpadded map: out_x[(h+s) mod H, (w+s) mod W] = out_y[h, w]
+        out_y = out_y[:, :H, :W, :]
+        jh = torch.tensor([(h - s) % H for h in range(H)], device=qkv.device)
+        jw = torch.tensor([(w - s) % W for w in range(W)], device=qkv.device)
+        return out_y.index_select(1, jh).index_select(2, jw).reshape(B, H * W, C)
 
     # 6. shift back: out_x[(h+s) mod Hp, (w+s) mod Wp] = out_y[h, w]
     jh = torch.tensor([(h - s) % Hp for h in range(Hp)], device=qkv.device)

@@ -5,6 +5,11 @@ Pass rule (tests/tolerance.py): error vs the float64 CPU reference <= 2 x the er
 same-precision eager reference composition on the GPU + a small floor. Skipped without a CUDA GPU
 (conftest) or when the extension cannot be built/loaded (VITKERNELS_REQUIRE_CUDA_EXT=1 makes that a
 failure).
+
+The options of SPEC op 3 (shift_first: timm's shift-then-pad order; logit_scale: Swin V2 cosine
+attention) run through the same rule, alone and together, on odd padded maps, with a head whose
+logit scale is clamped at ln 100, without table / qkv_bias, with strided inputs and in both thread
+orders of the emulator; and through the op layer's "cuda" backend with the "auto" backward.
 """
 
 import pytest
@@ -40,18 +45,35 @@ def make(b, h, w, c, heads, m, table, qkv_bias, dtype, device):
     return qkv, tab, bias
 
 
-def check(ops, shape, dtype, table=True, qkv_bias=True, scale=None):
+def logit_scale(heads, dtype, device, shape="h11"):
+    """Around Swin V2's init ln 10; with several heads, head 0 is past ln 100 (clamped to τ = 100)."""
+    ls = torch.randn(heads) * 0.5 + 2.3
+    if heads > 1:
+        ls[0] = 4.9
+    return (ls.reshape(heads, 1, 1) if shape == "h11" else ls).to(device=device, dtype=dtype)
+
+
+def check(ops, shape, dtype, table=True, qkv_bias=True, scale=None, shift_first=False, cosine=False,
+          oracle=None):
     b, h, w, c, heads, m, s = shape
     qkv, tab, bias = make(b, h, w, c, heads, m, table, qkv_bias, dtype, ops.device)
+    ls = logit_scale(heads, dtype, ops.device) if cosine else None
     scale = (c // heads) ** -0.5 if scale is None else scale
-    out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, scale)
+    if cosine or shift_first:
+        out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, scale, ls, shift_first)
+    else:  # the schema's defaults: the call an extension built before the options also takes
+        out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, scale)
     ops.sync()
     assert out.shape == (b, h * w, c) and out.dtype == dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
-    d64 = [None if t is None else t.double().cpu() for t in (qkv, tab, bias)]
-    want = ref.window_attention(d64[0], (h, w), heads, m, s, d64[1], d64[2], scale)
-    eager = ref.window_attention(qkv, (h, w), heads, m, s, tab, bias, scale)
-    assert_within(f"window_attention_fwd {shape} {dtype} table={table} bias={qkv_bias}", out, eager, want, dtype)
+    d64 = [None if t is None else t.double().cpu() for t in (qkv, tab, bias, ls)]
+    if oracle is not None:  # the independent oracle (tests/oracles.py) instead of the package's reference
+        want = oracle.window_attention(d64[0], (h, w), heads, m, s, d64[1], d64[2], scale, d64[3], shift_first)
+    else:
+        want = ref.window_attention(d64[0], (h, w), heads, m, s, d64[1], d64[2], scale, d64[3], shift_first)
+    eager = ref.window_attention(qkv, (h, w), heads, m, s, tab, bias, scale, ls, shift_first)
+    assert_within(f"window_attention_fwd {shape} {dtype} table={table} bias={qkv_bias} shift_first={shift_first} "
+                  f"cosine={cosine}", out, eager, want, dtype)
     return out
 
 
@@ -67,6 +89,128 @@ def test_window_attention_fwd_matches_reference(ops, shape, dtype):
                          ids=lambda c: "B{}_{}x{}_C{}_h{}_M{}_s{}".format(*c))
 def test_optional_table_and_bias(ops, shape, dtype, table, qkv_bias):
     check(ops, shape, dtype, table=table, qkv_bias=qkv_bias)
+
+
+# (shape, shift_first, cosine)
+OPTION_CASES = [
+    ((2, 50, 38, 96, 3, 7, 3), True, True),    # odd map: padding + shift, timm's order, Swin V2 attention
+    ((1, 9, 13, 64, 2, 7, 3), True, False),    # timm's odd case, D = 32
+    ((1, 5, 5, 32, 1, 7, 3), True, True),      # window bigger than the map: s > H, W
+    ((1, 13, 9, 64, 1, 5, 2), False, True),    # cosine, pad-first order, N = 25
+    ((1, 17, 20, 128, 1, 16, 7), True, True),  # M = 16 (N = 256), D = 128
+    ((2, 14, 14, 96, 3, 7, 3), True, True),    # no padding: both orders are one function
+    ((1, 9, 11, 120, 3, 4, 1), False, True),   # D = 40 (padded head dim)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", OPTION_CASES,
+                         ids=lambda c: "B{}_{}x{}_C{}_h{}_M{}_s{}".format(*c[0]) + f"_sf{c[1]:d}_cos{c[2]:d}")
+def test_options_match_reference(ops, case, dtype):
+    shape, shift_first, cosine = case
+    check(ops, shape, dtype, shift_first=shift_first, cosine=cosine)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_options_match_oracle(ops, dtype):
+    """Against tests/oracles.py (explicit roll-free shift, pad, partition, F.normalize-free cosine)."""
+    import oracles
+    check(ops, (1, 9, 13, 32, 2, 7, 3), dtype, shift_first=True, cosine=True, oracle=oracles)
+
+
+@pytest.mark.parametrize("table,qkv_bias", [(False, False), (True, False), (False, True)])
+def test_options_without_table_or_bias(ops, table, qkv_bias):
+    """Padded slots without qkv_bias are zero rows: q̂ = k̂ = 0 (F.normalize's eps)."""
+    check(ops, (2, 50, 38, 96, 3, 7, 3), torch.float16, table=table, qkv_bias=qkv_bias, shift_first=True,
+          cosine=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_options_strided_inputs(ops, dtype):
+    """A strided qkv view, a strided table and a non-contiguous (heads,) logit_scale view."""
+    b, h, w, c, heads, m, s = 2, 21, 19, 96, 3, 7, 3
+    big = torch.randn(b, h * w, 4 * c, device=ops.device, dtype=dtype)
+    qkv = big[..., c:]
+    tab = torch.randn(2 * ((2 * m - 1) ** 2), heads, device=ops.device, dtype=dtype)[::2]
+    bias = torch.randn(3 * c, device=ops.device, dtype=dtype)
+    ls = logit_scale(heads, dtype, ops.device, "h").repeat_interleave(2)[::2]
+    assert not ls.is_contiguous()
+    out = ops.window_attention_fwd(qkv, [h, w], heads, m, s, tab, bias, 0.2, ls, True)
+    want = ref.window_attention(qkv.contiguous(), (h, w), heads, m, s, tab.contiguous(), bias, 0.2, ls.contiguous(),
+                                True)
+    ops.sync()
+    tol = 3e-2 if dtype != torch.float32 else 1e-5
+    assert (out.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+def test_options_errors(ops):
+    qkv = torch.randn(1, 49, 96, device=ops.device, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"logit_scale must be \(heads,\) or \(heads, 1, 1\) with heads = 2"):
+        ops.window_attention_fwd(qkv, [7, 7], 2, 7, 3, None, None, 0.2,
+                                 torch.zeros(3, device=ops.device, dtype=torch.float16), False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_options_reverse_thread_order(ops, reverse_thread_order, dtype):
+    check(ops, (2, 50, 38, 96, 3, 7, 3), dtype, shift_first=True, cosine=True)
+
+
+def test_cuda_backend_options_forward_and_auto_backward(cuda_backend):
+    """vk.window_attention with both options forced onto "cuda": the forward runs the C++ kernel, the
+    backward the "auto" choice; grads reach qkv, table, qkv_bias and logit_scale (0 on the clamped head)."""
+    from vitkernels import backends
+    b, h, w, c, heads, m, s = 2, 9, 13, 96, 3, 7, 3
+    qkv, tab, bias = make(b, h, w, c, heads, m, True, True, torch.float16, cuda_backend)
+    ls = logit_scale(heads, torch.float16, cuda_backend)
+    calls = []
+    real_select = backends.select
+
+    def spy(*args, **kwargs):
+        kernel = real_select(*args, **kwargs)
+        calls.append((kwargs.get("backward", False), kernel.backend))
+        return kernel
+
+    leaves = [t.detach().requires_grad_() for t in (qkv, tab, bias, ls)]
+    with vk.use_backend("cuda"), pytest.MonkeyPatch.context() as mp:
+        assert not vk.not_supported_reasons("window_attention", "cuda", qkv, [h, w], heads, m, s, tab, bias, 0.1,
+                                            ls, True)
+        mp.setattr(backends, "select", spy)
+        out = vk.window_attention(leaves[0], (h, w), heads, m, s, leaves[1], leaves[2], None, leaves[3], True)
+    out.float().square().sum().backward()
+    assert (False, "cuda") in calls, calls
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    assert leaves[3].grad.shape == ls.shape and leaves[3].grad[0].item() == 0
+    want = ref.window_attention(qkv.float(), (h, w), heads, m, s, tab.float(), bias.float(), None, ls.float(), True)
+    assert (out.float() - want).abs().max().item() <= 2e-2 * max(1.0, want.abs().max().item())
+
+
+def test_cuda_backend_option_reasons(ops, monkeypatch):
+    """An extension built before the options lacks them in its schema: "cuda" then declines them
+    (with a reason saying to rebuild), and still runs the default path."""
+    import importlib
+    wa = importlib.import_module("vitkernels.ops.window_attention")
+
+    class _Arg:
+        def __init__(self, name):
+            self.name = name
+
+    class _Schema:
+        arguments = [_Arg(n) for n in ("qkv", "hw", "num_heads", "window_size", "shift_size", "table", "qkv_bias",
+                                       "scale")]
+
+    class _Op:
+        class default:  # noqa: N801
+            _schema = _Schema()
+
+    class _Ns:
+        window_attention_fwd = _Op
+
+    assert wa.cuda_window_option_reasons(None, False) == []
+    assert wa.cuda_window_option_reasons(torch.zeros(2), True) == []
+    monkeypatch.setattr(torch.ops, "vitkernels_C", _Ns(), raising=False)
+    assert wa.cuda_window_option_reasons(None, False) == []
+    assert "rebuild" in wa.cuda_window_option_reasons(torch.zeros(2), False)[0]
+    assert "rebuild" in wa.cuda_window_option_reasons(None, True)[0]
 
 
 @pytest.mark.gpu

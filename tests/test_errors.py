@@ -27,6 +27,16 @@ CASES = [
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 0), ValueError, r"window_size must be an int >= 1"),
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, r(4, 2)), ValueError, r"rel_pos_bias_table must be \(\(2M-1\)\^2, heads\) = \(9, 2\), got shape \(4, 2\)"),
     (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, None, r(8)), ValueError, r"qkv_bias must be \(3C,\) = \(24,\)"),
+    (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(3)), ValueError,
+     r"logit_scale must be \(heads,\) or \(heads, 1, 1\) with heads = 2, got shape \(3,\)"),
+    (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2, 1)), ValueError,
+     r"logit_scale must be \(heads,\) or \(heads, 1, 1\) with heads = 2, got shape \(2, 1\)"),
+    (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2, dtype=torch.float16)), TypeError,
+     r"logit_scale must have the dtype of qkv \(torch.float32\), got shape \(2,\), dtype torch.float16"),
+    (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2).int()), TypeError,
+     r"logit_scale must be float32, float16 or bfloat16"),
+    (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=torch.empty(2, device="meta")), ValueError,
+     r"logit_scale must be on the device of qkv"),
     (lambda: vk.sr_attention(r(2, 10, 8), r(2, 4, 8), 2), ValueError, r"kv must be \(B, M, 2C\)"),
     (lambda: vk.sr_attention(r(2, 10, 9), r(2, 4, 18), 2), ValueError, r"C = 9 \(from q shape \(2, 10, 9\)\) is not divisible by num_heads = 2"),
     (lambda: vk.xca(r(2, 10, 24), 2, r(3, 1, 1)), ValueError, r"temperature must be \(heads, 1, 1\) or \(heads,\) with heads = 2"),
@@ -72,6 +82,11 @@ def test_device_mismatch_message():
 def test_int_arguments_reject_bools_and_floats(call):
     with pytest.raises(TypeError, match="must be an int"):
         call()
+
+
+def test_window_attention_shift_first_must_be_bool():
+    with pytest.raises((TypeError, RuntimeError), match="shift_first"):
+        vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, shift_first=1)
 
 
 def test_mix_ffn_names_its_own_arguments():

@@ -3,9 +3,15 @@ import pytest
 import torch
 
 import vitkernels
-from vitkernels._samples import samples
+from vitkernels._samples import samples, variant_samples
 
 OPS = list(samples())
+# Argument sets that switch optional features on (window_attention's shift_first / logit_scale).
+VARIANTS = [(name, label) for name, labels in variant_samples().items() for label in labels]
+
+
+def _variant(name, label, **kw):
+    return variant_samples(**kw)[name][label]
 
 
 def test_all_ops_registered():
@@ -20,10 +26,15 @@ def test_opcheck_public(name):
     torch.library.opcheck(getattr(torch.ops.vitkernels, name).default, args)
 
 
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_opcheck_public_variants(name, label):
+    torch.library.opcheck(getattr(torch.ops.vitkernels, name).default, _variant(name, label, requires_grad=True))
+
+
 PRIVATE = {
     "attention": lambda a: (a[0], a[1], a[2], a[3], 0.3),
     "self_attention": lambda a: (a[0], a[1], 0.3),
-    "window_attention": lambda a: (*a[:7], 0.3),
+    "window_attention": lambda a: (*a[:7], 0.3, *a[8:]),
     "sr_attention": lambda a: (a[0], a[1], a[2], 0.3),
     "xca": lambda a: a,
     "space_time_attention": lambda a: (*a[:6], 0.3),
@@ -37,13 +48,27 @@ def test_opcheck_private_fwd(name):
     torch.library.opcheck(getattr(torch.ops.vitkernels, f"_{name}_fwd").default, args)
 
 
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_opcheck_private_fwd_variants(name, label):
+    args = PRIVATE[name](_variant(name, label, requires_grad=True))
+    torch.library.opcheck(getattr(torch.ops.vitkernels, f"_{name}_fwd").default, args)
+
+
 def _outputs(out):
     return out if isinstance(out, tuple) else (out,)
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_compile_fullgraph_matches_eager(name):
-    args = samples(requires_grad=True)[name]
+    _check_compile_fullgraph(name, samples(requires_grad=True)[name])
+
+
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_compile_fullgraph_matches_eager_variants(name, label):
+    _check_compile_fullgraph(name, _variant(name, label, requires_grad=True))
+
+
+def _check_compile_fullgraph(name, args):
     fn = getattr(vitkernels, name)
     eager = _outputs(fn(*args))
     torch._dynamo.reset()
@@ -67,12 +92,27 @@ def test_compile_inductor(name):
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args))
 
 
+def test_compile_inductor_window_options():
+    args = _variant("window_attention", "shift_first+logit_scale")
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(vitkernels.window_attention, fullgraph=True)(*args),
+                               vitkernels.window_attention(*args))
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_forward_backward_under_a_dispatch_mode(name):
     """A TorchDispatchMode (FlopCounterMode, debug modes) sees the ops and their backward run: the
     reference backward records autograd inside its kernel, which such a mode does not break."""
+    _check_dispatch_mode(name, samples(requires_grad=True)[name])
+
+
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_forward_backward_under_a_dispatch_mode_variants(name, label):
+    _check_dispatch_mode(name, _variant(name, label, requires_grad=True))
+
+
+def _check_dispatch_mode(name, args):
     from torch.utils.flop_counter import FlopCounterMode
-    args = samples(requires_grad=True)[name]
     leaves = [a for a in args if isinstance(a, torch.Tensor)]
     expect = torch.autograd.grad(sum(o.float().sum() for o in _outputs(getattr(vitkernels, name)(*args))), leaves)
     with FlopCounterMode(display=False):
@@ -83,7 +123,15 @@ def test_forward_backward_under_a_dispatch_mode(name):
 
 @pytest.mark.parametrize("name", OPS)
 def test_export(name):
-    args = samples()[name]
+    _check_export(name, samples()[name])
+
+
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_export_variants(name, label):
+    _check_export(name, _variant(name, label))
+
+
+def _check_export(name, args):
     fn = getattr(vitkernels, name)
 
     class M(torch.nn.Module):
@@ -110,7 +158,15 @@ BATCHED = {"attention": (0, 1, 2), "sr_attention": (0, 1), "space_time_attention
 
 @pytest.mark.parametrize("name", OPS)
 def test_empty_batch(name):
-    args = list(samples(requires_grad=True)[name])
+    _check_empty_batch(name, list(samples(requires_grad=True)[name]))
+
+
+@pytest.mark.parametrize("name,label", VARIANTS)
+def test_empty_batch_variants(name, label):
+    _check_empty_batch(name, list(_variant(name, label, requires_grad=True)))
+
+
+def _check_empty_batch(name, args):
     for i in BATCHED.get(name, (0,)):
         args[i] = args[i][:0].detach().requires_grad_()
     out = _outputs(getattr(vitkernels, name)(*args))

@@ -271,6 +271,204 @@ def test_window_empty_batch(g):
 
 
 # ------------------------------------------------------------------------------------------
+# window_attention options: shift_first (timm's order) and logit_scale (Swin V2 cosine attention)
+# ------------------------------------------------------------------------------------------
+def _timm():
+    try:
+        import timm.models.swin_transformer as v1
+        import timm.models.swin_transformer_v2 as v2
+    except Exception as e:  # ImportError, or torchvision operator errors
+        pytest.skip(f"timm does not import: {type(e).__name__}: {e}")
+    return v1, v2
+
+
+# (H, W, heads, D, M, s): odd maps with padding on both sides, a window bigger than the map, no shift
+TIMM_CASES = [(9, 13, 2, 3, 7, 3), (5, 5, 2, 3, 7, 3), (7, 10, 3, 2, 4, 2), (6, 6, 2, 2, 3, 1),
+              (9, 13, 2, 3, 7, 0), (3, 8, 1, 4, 3, 2)]
+
+
+def _timm_block(cls, C, H, W, heads, M, s, **kw):
+    torch.manual_seed(0)
+    blk = cls(C, (H, W), heads, window_size=M, shift_size=s, always_partition=True, dynamic_mask=True,
+              **kw).double()
+    assert tuple(blk.window_size) == (M, M) and tuple(blk.shift_size) == (s, s)  # nothing clipped
+    return blk
+
+
+@pytest.mark.parametrize("case", TIMM_CASES, ids=lambda c: "{}x{}_h{}_D{}_M{}_s{}".format(*c))
+def test_window_shift_first_equals_timm_swin_block(g, case):
+    """timm >= 1.0 SwinTransformerBlock._attn (roll the unpadded map, pad, partition, a mask built on
+    the padded grid, window attention, reverse, crop, roll back) == the oracle with shift_first=True,
+    output and gradients of the input and every attention parameter."""
+    v1, _ = _timm()
+    H, W, heads, D, M, s = case
+    C = heads * D
+    blk = _timm_block(v1.SwinTransformerBlock, C, H, W, heads, M, s)
+    attn = blk.attn
+    with torch.no_grad():
+        attn.relative_position_bias_table.copy_(rnd(*attn.relative_position_bias_table.shape, gen=g))
+        attn.qkv.bias.copy_(rnd(3 * C, gen=g))
+    x = rnd(2, H, W, C, gen=g).requires_grad_()
+    ref = blk._attn(x)
+
+    def ours(x):
+        qkv = F.linear(x.reshape(2, H * W, C), attn.qkv.weight, attn.qkv.bias)
+        o = oracles.window_attention(qkv, (H, W), heads, M, s, attn.relative_position_bias_table,
+                                     attn.qkv.bias, shift_first=True)
+        return F.linear(o, attn.proj.weight, attn.proj.bias).reshape(2, H, W, C)
+
+    out = ours(x)
+    torch.testing.assert_close(out, ref, **TOL)
+    leaves = [x, attn.qkv.weight, attn.qkv.bias, attn.relative_position_bias_table]
+    go = rnd(*out.shape, gen=g)
+    for a, b in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(a, b, **TOL)
+    if s > 0 and (H % M or W % M):  # the order matters here: pad-then-shift is a different function
+        other = oracles.window_attention(F.linear(x.reshape(2, H * W, C), attn.qkv.weight, attn.qkv.bias),
+                                         (H, W), heads, M, s, attn.relative_position_bias_table, attn.qkv.bias)
+        assert (F.linear(other, attn.proj.weight, attn.proj.bias).reshape(2, H, W, C) - ref).abs().max() > 1e-3
+
+
+def test_window_timm_mask_slices_are_spec_regions():
+    """timm's get_attn_mask labels the *padded* grid with slices (0, -M), (-M, -s), (-s, None), which
+    are SPEC's [0, Hp-M), [Hp-M, Hp-s), [Hp-s, Hp): its mask equals the oracle's (nW, N, N) mask."""
+    v1, _ = _timm()
+    for H, W, M, s in [(9, 13, 7, 3), (5, 5, 7, 3), (7, 10, 4, 2), (8, 8, 4, 2)]:
+        blk = _timm_block(v1.SwinTransformerBlock, 4, H, W, 1, M, s)
+        Hp, Wp = -(-H // M) * M, -(-W // M) * M
+        mask = blk.get_attn_mask(torch.zeros(1, Hp, Wp, 4, dtype=DT))
+        torch.testing.assert_close(mask, oracles.window_shift_mask(Hp, Wp, M, s), atol=0, rtol=0)
+
+
+def _swinv2_table(cpb_mlp, coords_table, index, heads):
+    """Swin V2's bias table as the caller passes it: 16·sigmoid(cpb_mlp(coords)) per table entry (the
+    gather by relative_position_index is the op's own; check that index is SPEC's)."""
+    M2 = index.shape[0]
+    M = int(round(M2 ** 0.5))
+    assert torch.equal(index, oracles.window_rel_pos_index(M))
+    return 16 * torch.sigmoid(cpb_mlp(coords_table).reshape(-1, heads))
+
+
+@pytest.mark.parametrize("case", [(9, 13, 2, 3, 7, 3), (5, 5, 2, 3, 7, 3), (8, 8, 2, 4, 4, 2), (6, 7, 3, 2, 3, 0)],
+                         ids=lambda c: "{}x{}_h{}_D{}_M{}_s{}".format(*c))
+def test_window_cosine_equals_timm_swinv2_block(g, case):
+    """timm SwinTransformerV2Block._attn (shift first, cosine attention with the clamped logit scale,
+    16·sigmoid cpb table, q/v biases with a zero k bias) == the oracle with logit_scale and
+    shift_first=True; gradients of the input, logit_scale (0 for the clamped head) and the cpb MLP."""
+    _, v2 = _timm()
+    H, W, heads, D, M, s = case
+    C = heads * D
+    blk = _timm_block(v2.SwinTransformerV2Block, C, H, W, heads, M, s)
+    attn = blk.attn
+    with torch.no_grad():
+        attn.logit_scale.copy_(rnd(heads, 1, 1, gen=g) * 0.5 + 2.0)
+        attn.logit_scale[0] = 4.9  # above ln 100: clamped, zero gradient
+        attn.q_bias.copy_(rnd(C, gen=g))
+        attn.v_bias.copy_(rnd(C, gen=g))
+    x = rnd(2, H, W, C, gen=g).requires_grad_()
+    ref = blk._attn(x)
+
+    def ours(x):
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x.reshape(2, H * W, C), attn.qkv.weight, qkv_bias)
+        table = _swinv2_table(attn.cpb_mlp, attn.relative_coords_table, attn.relative_position_index, heads)
+        o = oracles.window_attention(qkv, (H, W), heads, M, s, table, qkv_bias, scale=123.0,  # unused
+                                     logit_scale=attn.logit_scale, shift_first=True)
+        return F.linear(o, attn.proj.weight, attn.proj.bias).reshape(2, H, W, C)
+
+    out = ours(x)
+    torch.testing.assert_close(out, ref, **TOL)
+    leaves = [x, attn.logit_scale, attn.q_bias, attn.v_bias, attn.qkv.weight, attn.cpb_mlp[0].weight,
+              attn.cpb_mlp[2].weight]
+    go = rnd(*out.shape, gen=g)
+    ga = torch.autograd.grad(out, leaves, go)
+    gb = torch.autograd.grad(ref, leaves, go)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, **TOL)
+    assert ga[1][0].item() == 0 and ga[1][1:].abs().min() > 0
+
+
+def test_window_cosine_equals_hf_swinv2_self_attention(g):
+    """transformers Swinv2SelfAttention on partitioned windows == the oracle with logit_scale (pad-first
+    order; the map is a multiple of M so nothing is padded). HF adds its (nW, N, N) mask to the scores
+    twice (attention_scores + mask, then + mask again), so it is given half of SPEC's −100 mask."""
+    try:
+        from transformers import Swinv2Config
+        from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+    except Exception as e:
+        pytest.skip(f"transformers does not import: {type(e).__name__}: {e}")
+    B, H, W, heads, D, M = 2, 8, 12, 2, 3, 4
+    C, N = heads * D, M * M
+    torch.manual_seed(0)
+    attn = Swinv2SelfAttention(Swinv2Config(qkv_bias=True, attention_probs_dropout_prob=0.0), C, heads, M).double()
+    attn.eval()
+    with torch.no_grad():
+        attn.logit_scale.copy_(rnd(heads, 1, 1, gen=g) * 0.5 + 2.0)
+        attn.logit_scale[1] = 5.0
+        attn.query.bias.copy_(rnd(C, gen=g))
+        attn.value.bias.copy_(rnd(C, gen=g))
+    for s in (0, 2):
+        table = _swinv2_table(attn.continuous_position_bias_mlp, attn.relative_coords_table,
+                              attn.relative_position_index, heads)
+        weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+        qkv_bias = torch.cat([attn.query.bias, torch.zeros(C, dtype=DT), attn.value.bias])
+        x = rnd(B, H, W, C, gen=g).requires_grad_()
+        y = torch.roll(x, (-s, -s), (1, 2)) if s else x
+        win = y.reshape(B, H // M, M, W // M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
+        mask = oracles.window_shift_mask(H, W, M, s) / 2 if s else None
+        o = attn(win, mask)[0].reshape(B, H // M, W // M, M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        ref = (torch.roll(o, (s, s), (1, 2)) if s else o).reshape(B, H * W, C)
+        qkv = F.linear(x.reshape(B, H * W, C), weight, qkv_bias)
+        out = oracles.window_attention(qkv, (H, W), heads, M, s, table, qkv_bias, logit_scale=attn.logit_scale)
+        torch.testing.assert_close(out, ref, **TOL)
+        leaves = [x, attn.logit_scale, attn.query.bias, attn.continuous_position_bias_mlp[2].weight]
+        go = rnd(*out.shape, gen=g)
+        ga = torch.autograd.grad(out, leaves, go)
+        gb = torch.autograd.grad(ref, leaves, go)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, **TOL)
+        assert ga[1][1].item() == 0
+
+
+def test_window_shift_first_equals_pad_first_without_padding(g):
+    """When H and W are multiples of M both orders are the same function (SPEC)."""
+    qkv = rnd(2, 8 * 12, 3 * 6, gen=g)
+    table, qb, ls = rnd(49, 2, gen=g), rnd(18, gen=g), rnd(2, gen=g)
+    for kw in ({}, {"logit_scale": ls}):
+        a = oracles.window_attention(qkv, (8, 12), 2, 4, 3, table, qb, **kw)
+        b = oracles.window_attention(qkv, (8, 12), 2, 4, 3, table, qb, shift_first=True, **kw)
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_window_cosine_by_hand(g):
+    """One window, one head, from the words: scores = (q̂·k̂ᵀ)·exp(min(ls, ln 100)) + bias, scale unused;
+    a zero q row normalises to 0 (F.normalize's eps)."""
+    qkv = rnd(1, 4, 6, gen=g)
+    qkv[0, 1, :2] = 0.0
+    table = rnd(9, 1, gen=g)
+    for ls_val, tau in ((1.5, torch.exp(torch.tensor(1.5, dtype=DT))), (7.0, torch.tensor(100.0, dtype=DT))):
+        ls = torch.tensor([ls_val], dtype=DT)
+        out = oracles.window_attention(qkv, (2, 2), 1, 2, 0, table, scale=0.01, logit_scale=ls)
+        q, k, v = qkv[0, :, :2], qkv[0, :, 2:4], qkv[0, :, 4:]
+        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        kn = k / k.norm(dim=-1, keepdim=True)
+        b = table[oracles.window_rel_pos_index(2).reshape(-1), 0].reshape(4, 4)
+        ref = torch.softmax(qn @ kn.T * tau + b, -1) @ v
+        torch.testing.assert_close(out[0], ref, **TOL)
+    torch.testing.assert_close(out[0, 1], (torch.softmax(b, -1) @ v)[1], **TOL)  # q̂ = 0: bias only
+
+
+def test_window_options_gradcheck(g):
+    qkv = rnd(1, 10, 6, gen=g).requires_grad_()
+    table = rnd(9, 1, gen=g).requires_grad_()
+    qb = rnd(6, gen=g).requires_grad_()
+    ls = torch.tensor([1.3], dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: oracles.window_attention(a, (2, 5), 1, 2, 1, b, c, logit_scale=d, shift_first=True),
+        (qkv, table, qb, ls))
+
+
+# ------------------------------------------------------------------------------------------
 # xca
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tshape", ["hw11", "h"])

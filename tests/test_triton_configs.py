@@ -74,6 +74,11 @@ CASES = {
                             [(1, 14 * 13, 3 * 64), (169, 2), (3 * 64,)]),
     "window_attention M12": (lambda x, t, b: vk.window_attention(x, (12, 12), 1, 12, 6, t, b),
                              [(1, 144, 3 * 32), (529, 1), (3 * 32,)]),
+    # Swin V2 cosine attention in timm's shift-then-pad order on a padded map (the COSINE and
+    # SHIFT_FIRST kernel variants); logit_scale (heads,) around ln 10, one head clamped.
+    "window_attention M7 cosine shift_first": (
+        lambda x, t, b, ls: vk.window_attention(x, (14, 13), 2, 7, 3, t, b, logit_scale=ls, shift_first=True),
+        [(1, 14 * 13, 3 * 64), (169, 2), (3 * 64,), (2,)]),
     "sr_attention": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 49, 128)]),
     "xca split": (lambda x, t: vk.xca(x, 1, t), [(1, 300, 3 * 48), (1, 1, 1)]),
     "space_time cls": (lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
@@ -96,5 +101,9 @@ def test_every_autotune_config(case, dtype, forcer):
         inputs[3] = inputs[3][:, None, None, :]  # a key-padding style (B, 1, 1, Nk) bias
     if case.startswith("xca"):
         inputs[1] = inputs[1].abs() + 0.5
+    if "cosine" in case:
+        if _INTERPRET and dtype == torch.float16:
+            pytest.skip("float32 covers the cosine variant's configs in the interpreter (CPU time)")
+        inputs[3] = torch.tensor([2.3, 4.9])
     configs = check_every_config(forcer, fn, inputs, dtype)
     assert configs >= 2, f"only {configs} config(s) ran: the shapes no longer reach the tuned tiles"

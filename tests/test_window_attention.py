@@ -5,7 +5,12 @@ of torch) in float32 and float16; GPU tests (marked gpu) add bfloat16 and real S
 Oracle: tests/oracles.window_attention (explicit pad, shift, partition, (nW, N, N) mask) in float64
 on CPU, with autograd for the gradients. Eager: the same timm-style composition run in the tested
 dtype. Rule: tolerance.assert_within (fused error <= 2 x eager error + floor) for out and the grads
-of qkv, rel_pos_bias_table and qkv_bias.
+of qkv, rel_pos_bias_table and qkv_bias (and logit_scale).
+
+The two options of SPEC op 3 run through the same checks: shift_first (timm's shift-then-pad order)
+and logit_scale (Swin V2 cosine attention, with a head clamped at ln 100 whose gradient must be 0),
+alone and together, on odd padded maps, with and without table / qkv_bias, on the multi-block
+tilings; plus the package's reference against the oracle in float64 and the op under autocast.
 """
 import os
 
@@ -38,6 +43,14 @@ def _make(b, h, w, c, heads, m, table, qkv_bias, scale_table=1.0):
     return qkv, tab, bias
 
 
+def _logit_scale(heads, shape="h11"):
+    """Swin V2 logit scales around its init ln 10; with several heads, head 0 is past ln 100 (clamped)."""
+    ls = torch.randn(heads, dtype=torch.float64) * 0.5 + 2.3
+    if heads > 1:
+        ls[0] = 4.9
+    return ls.reshape(heads, 1, 1) if shape == "h11" else ls
+
+
 def _grads(fn, inputs, cot):
     """(out, grad of every non-None input; zeros where the input does not reach the output)."""
     leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
@@ -48,28 +61,36 @@ def _grads(fn, inputs, cot):
 
 
 def check_case(b, h, w, c, heads, m, s, table=True, qkv_bias=True, dtype=torch.float32, device=DEVICE,
-               scale=None):
+               scale=None, shift_first=False, cosine=False, ls_shape="h11"):
     qkv, tab, bias = _make(b, h, w, c, heads, m, table, qkv_bias)
+    ls = _logit_scale(heads, ls_shape) if cosine else None
     hw = (h, w)
 
-    def oracle_fn(x, t, bb):
-        return oracles.window_attention(x, hw, heads, m, s, t, bb, scale)
+    def oracle_fn(x, t, bb, lsc):
+        return oracles.window_attention(x, hw, heads, m, s, t, bb, scale, lsc, shift_first)
 
-    def fused_fn(x, t, bb):
-        return vk.window_attention(x, hw, heads, m, s, t, bb, scale)
+    def fused_fn(x, t, bb, lsc):
+        return vk.window_attention(x, hw, heads, m, s, t, bb, scale, lsc, shift_first)
 
-    inputs64 = [qkv, tab, bias]
+    inputs64 = [qkv, tab, bias, ls]
     cot = torch.randn(b, h * w, c, dtype=torch.float64)
     oracle = _grads(oracle_fn, inputs64, cot)
     low = [None if t is None else t.to(device=device, dtype=dtype) for t in inputs64]
     eager = _grads(oracle_fn, low, cot.to(device))
     with vk.use_backend("triton"):
         fused = _grads(fused_fn, low, cot.to(device))
-    names = ["out", "dqkv"] + (["dtable"] if table else []) + (["dqkv_bias"] if qkv_bias else [])
+    names = (["out", "dqkv"] + (["dtable"] if table else []) + (["dqkv_bias"] if qkv_bias else [])
+             + (["dlogit_scale"] if cosine else []))
     for name, f, e, o in zip(names, fused, eager, oracle):
         assert f.dtype == dtype, name
-        assert_within(f"triton {dtype} {name} (B={b}, {h}x{w}, C={c}, heads={heads}, M={m}, s={s})",
-                      f, e, o, dtype)
+        assert_within(f"triton {dtype} {name} (B={b}, {h}x{w}, C={c}, heads={heads}, M={m}, s={s}, "
+                      f"shift_first={shift_first}, cosine={cosine})", f, e, o, dtype)
+    if cosine:
+        dls = fused[-1]
+        assert dls.shape == ls.shape
+        if heads > 1:
+            assert dls.reshape(-1)[0].item() == 0.0, "the clamped head's logit_scale must get no gradient"
+            assert (dls.reshape(-1)[1:] != 0).all()
 
 
 # B, H, W, C, heads, M, s
@@ -140,6 +161,159 @@ def test_windows_per_program(monkeypatch, wpg):
     """Programs walking several windows (across an image boundary) give the same result."""
     monkeypatch.setattr(_kernels(), "WINDOWS_PER_PROGRAM", wpg)
     check_case(3, 6, 7, 16, 2, 3, 1, dtype=torch.float32)  # 3 images x 6 windows, groups cross images
+
+
+# ----------------------------------------------------------------------------- shift_first / logit_scale
+
+# B, H, W, C, heads, M, s, shift_first, cosine
+OPTION_CASES = [
+    (2, 9, 13, 32, 2, 7, 3, True, True),    # timm's odd Swin case: padding right and bottom, both options
+    (1, 9, 11, 24, 3, 4, 2, False, True),   # cosine alone, pad-first order, D = 8
+    (1, 5, 5, 16, 2, 7, 3, True, False),    # window bigger than the map: s > H, W wraps more than once
+    (1, 9, 11, 24, 3, 4, 2, True, False),   # shift first alone
+    (2, 8, 8, 32, 2, 4, 2, True, True),     # no padding: both orders agree
+    (1, 6, 7, 16, 1, 3, 0, False, True),    # cosine, no shift, one head
+]
+# On CPU the first two cases run in float16 too (the interpreter's time is the limit); a GPU runs
+# every case in every dtype.
+OPTION_PARAMS = [(case, dtype) for i, case in enumerate(OPTION_CASES)
+                 for dtype in ([torch.float32, torch.float16, torch.bfloat16] if torch.cuda.is_available()
+                               else CPU_DTYPES if i < 2 else [torch.float32])]
+
+
+@needs_triton
+@pytest.mark.parametrize("case,dtype", OPTION_PARAMS, ids=[
+    "B{}_{}x{}_C{}_h{}_M{}_s{}_sf{:d}_cos{:d}".format(*c) + f"-{d}" for c, d in OPTION_PARAMS])
+def test_options_vs_oracle(case, dtype):
+    *shape, shift_first, cosine = case
+    check_case(*shape, dtype=dtype, shift_first=shift_first, cosine=cosine)
+
+
+@needs_triton
+@pytest.mark.parametrize("table,qkv_bias,ls_shape", [(False, False, "h"), (True, False, "h11")])
+def test_options_without_table_or_bias(table, qkv_bias, ls_shape):
+    """Padded slots without qkv_bias are zero vectors: q̂ = k̂ = 0 (F.normalize's eps), finite grads."""
+    check_case(1, 9, 11, 24, 3, 4, 2, table=table, qkv_bias=qkv_bias, shift_first=True, cosine=True,
+               ls_shape=ls_shape)
+
+
+@needs_triton
+def test_options_large_window():
+    check_case(1, 8, 8, 64, 2, 12, 5, dtype=torch.float32, shift_first=True, cosine=True)  # N = 144, padded
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [
+    {"fwd": (16, 16), "bwd": 16, "bwd_keys": None, "wpg": 1},
+    {"fwd": (16, 32), "bwd": 16, "bwd_keys": 16, "wpg": 3},    # key blocks: dq̂ in the workspace
+], ids=["query_blocks", "key_blocks"])
+def test_options_multi_block_paths(monkeypatch, blocks):
+    if not _INTERPRET:
+        pytest.skip("the fixed interpreter tiling is only used under TRITON_INTERPRET=1")
+    K = _kernels()
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "fwd", blocks["fwd"])
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "bwd", blocks["bwd"])
+    monkeypatch.setitem(K.INTERPRET_BLOCKS, "bwd_keys", blocks["bwd_keys"])
+    monkeypatch.setattr(K, "WINDOWS_PER_PROGRAM", blocks["wpg"])
+    check_case(2, 9, 6, 32, 2, 5, 2, dtype=torch.float32, shift_first=True, cosine=True)
+
+
+@needs_triton
+def test_cosine_large_logit_scale_fp16():
+    """τ = 100 on every head (all clamped): scores span ±100 + bias, the fp16 path stays within the rule."""
+    qkv, tab, bias = _make(1, 7, 9, 32, 2, 4, True, True)
+    ls = torch.full((2,), 6.0, dtype=torch.float64, requires_grad=True)
+    leaves = [t.half().detach().requires_grad_() for t in (qkv, tab, bias, ls)]
+    with vk.use_backend("triton"):
+        out = vk.window_attention(leaves[0], (7, 9), 2, 4, 2, leaves[1], leaves[2], logit_scale=leaves[3],
+                                  shift_first=True)
+    out.float().square().sum().backward()
+    want = oracles.window_attention(qkv, (7, 9), 2, 4, 2, tab, bias, logit_scale=ls.detach(), shift_first=True)
+    eager = oracles.window_attention(*[t.half() for t in (qkv, )], (7, 9), 2, 4, 2, tab.half(), bias.half(),
+                                     logit_scale=ls.detach().half(), shift_first=True)
+    assert_within("fp16 out, tau = 100", out.detach(), eager, want, torch.float16)
+    assert (leaves[3].grad == 0).all() and torch.isfinite(leaves[0].grad).all()
+
+
+@needs_triton
+def test_options_deterministic():
+    qkv, tab, bias = (t.float().to(DEVICE) for t in _make(2, 9, 10, 32, 2, 4, True, True))
+    ls = _logit_scale(2).float().to(DEVICE)
+    cot = torch.randn(2, 90, 32, device=DEVICE)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (qkv, tab, bias, ls)]
+        with vk.use_backend("triton"):
+            out = vk.window_attention(leaves[0], (9, 10), 2, 4, 2, leaves[1], leaves[2], None, leaves[3], True)
+        out.backward(cot)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    first = run()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = run()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b_ in zip(first, det):
+        assert torch.equal(a, b_)
+
+
+# B, H, W, heads, D, M, s
+REF_CASES = [(2, 9, 13, 2, 3, 7, 3), (1, 5, 5, 2, 2, 7, 3), (1, 7, 9, 3, 2, 4, 2), (1, 6, 6, 2, 2, 3, 0)]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=lambda c: "B{}_{}x{}_h{}_D{}_M{}_s{}".format(*c))
+@pytest.mark.parametrize("shift_first,cosine", [(True, False), (False, True), (True, True)],
+                         ids=["shift_first", "cosine", "both"])
+def test_reference_options_vs_oracle(case, shift_first, cosine):
+    """The package's reference backend (float64) against the independent oracle, to 1e-10: outputs and
+    the gradients of qkv, table, qkv_bias and logit_scale (the clamped head's is exactly 0)."""
+    b, h, w, heads, d, m, s = case
+    qkv, tab, bias = _make(b, h, w, heads * d, heads, m, True, True)
+    ls = _logit_scale(heads, "h") if cosine else None
+    cot = torch.randn(b, h * w, heads * d, dtype=torch.float64)
+    want = _grads(lambda *a: oracles.window_attention(a[0], (h, w), heads, m, s, a[1], a[2], 0.7, a[3], shift_first),
+                  [qkv, tab, bias, ls], cot)
+    with vk.use_backend("reference"):
+        got = _grads(lambda *a: vk.window_attention(a[0], (h, w), heads, m, s, a[1], a[2], 0.7, a[3], shift_first),
+                     [qkv, tab, bias, ls], cot)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+    if cosine:
+        assert got[-1][0].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_options_under_autocast(backend):
+    """float32 qkv, table, qkv_bias and logit_scale under autocast(float16): the op runs in float16
+    (logit_scale cast too), its output is float16, every grad has its input's float32 dtype, and out and
+    grads are within the rule of the eager composition under the same autocast."""
+    if backend == "triton" and not (_INTERPRET and DEVICE == "cpu"):
+        pytest.skip("the CPU leg of the Triton autocast test")
+    qkv, tab, bias = (t.float() for t in _make(2, 5, 7, 16, 2, 3, True, True))
+    ls = _logit_scale(2).float()
+    leaves = [t.detach().requires_grad_() for t in (qkv, tab, bias, ls)]
+    cot = torch.randn(2, 35, 16)
+
+    def call(fn, ts):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return fn(ts[0], (5, 7), 2, 3, 1, ts[1], ts[2], None, ts[3], True)
+
+    with vk.use_backend(backend):
+        out = call(vk.window_attention, leaves)
+    assert out.dtype == torch.float16
+    grads = torch.autograd.grad((out.float() * cot).sum(), leaves)
+    assert all(g.dtype == torch.float32 for g in grads)
+    e_leaves = [t.detach().requires_grad_() for t in leaves]
+    eager = call(oracles.window_attention, e_leaves)
+    e_grads = torch.autograd.grad((eager.float() * cot).sum(), e_leaves)
+    o_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want = oracles.window_attention(o_leaves[0], (5, 7), 2, 3, 1, o_leaves[1], o_leaves[2], None, o_leaves[3], True)
+    o_grads = torch.autograd.grad((want * cot.double()).sum(), o_leaves)
+    assert_within("autocast out", out, eager, want, torch.float16)
+    for name, g, e, o in zip(["dqkv", "dtable", "dqkv_bias", "dlogit_scale"], grads, e_grads, o_grads):
+        assert_within(f"autocast {name}", g, e, o, torch.float16)
 
 
 # ----------------------------------------------------------------------------- layouts and edge cases
@@ -215,6 +389,16 @@ def test_output_fully_written():
             out.sum().backward()
         assert torch.isfinite(out).all() and torch.isfinite(qkv.grad).all()
         qkv.grad = None
+
+
+@needs_triton
+def test_empty_batch_options():
+    qkv = torch.randn(0, 5 * 7, 3 * 32, device=DEVICE, requires_grad=True)
+    ls = torch.randn(2, 1, 1, device=DEVICE, requires_grad=True)
+    with vk.use_backend("triton"):
+        out = vk.window_attention(qkv, (5, 7), 2, 3, 1, logit_scale=ls, shift_first=True)
+        out.sum().backward()
+    assert out.shape == (0, 35, 32) and (ls.grad == 0).all() and ls.grad.shape == ls.shape
 
 
 def test_triton_unavailable_reasons():

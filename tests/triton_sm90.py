@@ -101,12 +101,13 @@ def _attention(dt, B, H, Nq, Nk, D, bias_kind=None):
                               torch.empty_like(k), torch.empty_like(v), bias is not None)
 
 
-def _window(dt, B, hw, C, heads, m, s):
+def _window(dt, B, hw, C, heads, m, s, cosine=False, shift_first=False):
     qkv = torch.empty(B, hw[0] * hw[1], 3 * C, dtype=dt)
     table, qb = torch.empty((2 * m - 1) ** 2, heads, dtype=dt), torch.empty(3 * C, dtype=dt)
-    t_wa.window_attention_forward(qkv, hw, heads, m, s, table, qb, (C // heads) ** -0.5)
+    opts = {"logit_scale": torch.empty(heads, 1, 1, dtype=dt) if cosine else None, "shift_first": shift_first}
+    t_wa.window_attention_forward(qkv, hw, heads, m, s, table, qb, (C // heads) ** -0.5, **opts)
     t_wa.window_attention_backward(torch.empty(B, hw[0] * hw[1], C, dtype=dt), qkv, hw, heads, m, s,
-                                   table, qb, (C // heads) ** -0.5)
+                                   table, qb, (C // heads) ** -0.5, **opts)
 
 
 def _dwconv(dt, B, hw, C, k, act):
@@ -154,6 +155,9 @@ def scenarios(quick: bool):
             (f"attention segformer-1024 {n}", lambda dt=dt: _attention(dt, 1, 1, 4096, 1024, 64)),
             (f"window swin-t s1 {n}", lambda dt=dt: _window(dt, 2, (56, 56), 96, 3, 7, 3)),
             (f"window swin-b384 s1 {n}", lambda dt=dt: _window(dt, 1, (96, 96), 128, 4, 12, 6)),
+            # Swin V2 (cosine attention) in timm's order on an odd map: the COSINE + SHIFT_FIRST kernels
+            (f"window swinv2 cosine shift-first 60x60 M8 {n}",
+             lambda dt=dt: _window(dt, 2, (60, 60), 96, 3, 8, 4, cosine=True, shift_first=True)),
             (f"dwconv segformer k3 gelu {n}", lambda dt=dt: _dwconv(dt, 2, (128, 128), 256, 3, "gelu")),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
@@ -169,6 +173,12 @@ def scenarios(quick: bool):
                 (f"attention time {n}", lambda dt=dt: _attention(dt, 196, 12, 8, 8, 64)),
                 (f"window swin-t s1 no-shift {n}", lambda dt=dt: _window(dt, 2, (56, 56), 96, 3, 7, 0)),
                 (f"window d64 {n}", lambda dt=dt: _window(dt, 2, (28, 28), 256, 4, 7, 3)),
+                (f"window swinv2 cosine s1 64x64 M8 {n}",
+                 lambda dt=dt: _window(dt, 2, (64, 64), 96, 3, 8, 4, cosine=True)),
+                (f"window swinv2 cosine shift-first M12 {n}",
+                 lambda dt=dt: _window(dt, 1, (90, 90), 128, 4, 12, 6, cosine=True, shift_first=True)),
+                (f"window shift-first swin-t odd {n}",
+                 lambda dt=dt: _window(dt, 2, (50, 38), 96, 3, 7, 3, shift_first=True)),
                 (f"dwconv k5 relu {n}", lambda dt=dt: _dwconv(dt, 2, (64, 64), 128, 5, "relu")),
                 (f"dwconv k7 none {n}", lambda dt=dt: _dwconv(dt, 2, (32, 32), 320, 7, None)),
                 (f"sr pvtv2-b2 s2 {n}", lambda dt=dt: _sr(dt, 4, 2, 784, 49, 64)),
@@ -221,9 +231,11 @@ def _compile_index(i: int) -> dict:
     return compile_one(list(_LAUNCHES.values())[i])
 
 
-def capture(quick: bool) -> list:
+def capture(quick: bool, only: str | None = None) -> list:
     _gpu_path_on_cpu()
     for name, run in scenarios(quick):
+        if only and only not in name:
+            continue
         try:
             run()
         except Exception as e:
@@ -236,8 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="bf16 and the main model shapes only")
     ap.add_argument("--json", help="write one row per compiled launch here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--only", help="only the scenarios whose name contains this text")
     a = ap.parse_args(argv)
-    launches = capture(a.quick)
+    launches = capture(a.quick, a.only)
     # Forked workers inherit the recorded launches (JIT functions do not pickle); only indices travel.
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile_index, range(len(launches))))

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace vitkernels {
 namespace {
@@ -17,6 +18,8 @@ constexpr float kLog2eW = 1.4426950408889634f;
 constexpr float kMaskLog2 = -100.0f * 1.4426950408889634f;  // the −100 shift mask, log2 domain
 constexpr int kMaxWindow = 16;                               // N = M² <= 256 slots
 constexpr int kThreads = 128;                                // 4 warps per CTA, both kernels
+constexpr float kLogitScaleMax = 4.605170185988092f;         // Swin V2 clamps logit_scale at ln 100
+constexpr float kNormEps = 1e-12f;                           // F.normalize's eps
 
 using namespace ptx;  // smem_addr, ldmatrix_x4_trans, Mma<T>, to_float (ptx_sm80.cuh)
 
@@ -29,8 +32,15 @@ struct WaArgs {
   int64_t s_b, s_t;      // qkv element strides (batch, token); channel stride is 1
   int64_t tab_s0, tab_s1;
   int H, W, Hp, Wp, nWw, nW, C, heads, D, M, shift, N;
-  float scale_log2;  // scale · log2(e)
+  float scale_log2;  // scale · log2(e); 1 with logit_scale (unused: τ_h·log2 e is read on the device)
+  // The options, appended so that the default path's parameter layout (and ptxas's register
+  // allocation of its kernels) stays as before: shift_first in bit 0, (s mod H, s mod W) in bits
+  // 8-15 / 16-23 (s < M <= 16); logit_scale (heads,) contiguous, nullable (cosine attention).
+  int opts;
+  const void* logit_scale;
 };
+
+__device__ __forceinline__ bool opt_shift_first(const WaArgs& a) { return (a.opts & 1) != 0; }
 
 // Per-slot metadata, shared by all threads of a CTA:
 //   info[t] = rel_t | (label_t << 12) with rel_t = p·(2M−1) + c (< 961), or −1 for t ≥ N;
@@ -50,10 +60,21 @@ __device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, 
     const int c = t - p * a.M;
     const int y = wh * a.M + p;
     const int x = ww * a.M + c;
-    int row = y + a.shift;
-    int col = x + a.shift;
-    if (row >= a.Hp) row -= a.Hp;
-    if (col >= a.Wp) col -= a.Wp;
+    int row, col;
+    bool real;
+    if (opt_shift_first(a)) {  // shifted unpadded map, padded after (s mod H, s mod W: s may exceed H, W)
+      real = y < a.H && x < a.W;
+      row = y + ((a.opts >> 8) & 0xff);
+      col = x + ((a.opts >> 16) & 0xff);
+      if (row >= a.H) row -= a.H;
+      if (col >= a.W) col -= a.W;
+    } else {  // shifted padded map
+      row = y + a.shift;
+      col = x + a.shift;
+      if (row >= a.Hp) row -= a.Hp;
+      if (col >= a.Wp) col -= a.Wp;
+      real = row < a.H && col < a.W;
+    }
     int label = 0;
     if (a.shift > 0) {
       const int rh = (y >= a.Hp - a.M ? 1 : 0) + (y >= a.Hp - a.shift ? 1 : 0);
@@ -61,7 +82,7 @@ __device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, 
       label = 3 * rh + rw;
     }
     s_info[t] = (p * (2 * a.M - 1) + c) | (label << 12);
-    s_tok[t] = (row < a.H && col < a.W) ? row * a.W + col : -1;
+    s_tok[t] = real ? row * a.W + col : -1;
   }
 }
 
@@ -74,6 +95,63 @@ __device__ __forceinline__ void fill_table(const WaArgs& a, int h, float* s_tab)
     s_tab[e] = to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2eW;
   }
 }
+
+// Cosine attention: τ_h · log2(e), τ_h = exp(min(logit_scale[h], ln 100)).
+template <typename T>
+__device__ __forceinline__ float cosine_scale_log2(const WaArgs& a, int h) {
+  const float ls = to_float(static_cast<const T*>(a.logit_scale)[h]);
+  return expf(fminf(ls, kLogitScaleMax)) * kLog2eW;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+__device__ __forceinline__ __half wa_round(float x, __half) { return __float2half_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 wa_round(float x, __nv_bfloat16) {
+  return __float2bfloat16_rn(x);
+}
+__device__ __forceinline__ float wa_round(float x, float) { return x; }
+
+// Cosine attention, a warp per row of a shared-memory tile (row stride `stride` elements, `cols`
+// columns): inv[r] = 1 / max(‖row r‖₂, 1e-12) in fp32 (inv == nullptr: the rows are replaced by
+// x·inv instead, rounded back to T). The caller synchronises before and after.
+template <typename T>
+__device__ __forceinline__ void row_inv_norms(T* tile, int rows, int stride, int cols, float* inv_out) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int r = warp; r < rows; r += kThreads / 32) {
+    T* row = tile + r * stride;
+    float ss = 0.0f;
+    for (int c = lane; c < cols; c += 32) {
+      const float v = to_float(row[c]);
+      ss += v * v;
+    }
+    const float inv = 1.0f / fmaxf(sqrtf(warp_sum(ss)), kNormEps);
+    if (inv_out != nullptr) {
+      if (lane == 0) inv_out[r] = inv;
+    } else {
+      for (int c = lane; c < cols; c += 32) row[c] = wa_round(to_float(row[c]) * inv, T());
+    }
+  }
+}
+
+// The two T values packed in u (lo = low 16 bits), as floats.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  T v[2];
+  memcpy(v, &u, sizeof(v));
+  return make_float2(to_float(v[0]), to_float(v[1]));
+}
+
+template <typename T>
+__device__ __forceinline__ float sq2(uint32_t u) {
+  const float2 f = unpack2<T>(u);
+  return f.x * f.x + f.y * f.y;
+}
+
 
 // Row `part` (0 = q, 1 = k, 2 = v) of slot `tok` for head h: a real token row, the qkv_bias row
 // (padded slot) or nullptr (zeros: padded slot without qkv_bias, or a slot ≥ N).
@@ -107,7 +185,7 @@ struct MmaTraits {
   static_assert(((kStride * 2 / 16) & 1) == 1, "row stride in 16B units must be odd");
 };
 
-template <typename T, int kDp>
+template <typename T, int kDp, bool kCosine>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(const WaArgs a) {
 #if VK_SM80
   constexpr int kStride = MmaTraits<kDp>::kStride;
@@ -125,6 +203,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
   float* sTab = reinterpret_cast<float*>(sV + NP * kStride);
   int* sInfo = reinterpret_cast<int*>(sTab + tab_n);
   int* sTok = sInfo + NP;
+  float* sKn = reinterpret_cast<float*>(sTok + NP);  // kCosine: 1 / max(‖k_j‖, 1e-12)
 
   const unsigned bid = blockIdx.x;
   const int h = static_cast<int>(bid % static_cast<unsigned>(a.heads));
@@ -156,6 +235,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
     }
   }
   __syncthreads();
+  if constexpr (kCosine) {  // exact inputs to the MMAs; the norms scale the fp32 scores
+    row_inv_norms<T>(sK, NP, kStride, kDp, sKn);
+    __syncthreads();
+  }
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -191,6 +274,25 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
         qa[kk][3] = (q1 != nullptr && in1) ? *reinterpret_cast<const uint32_t*>(q1 + c1) : 0u;
       }
     }
+    // Score scale of rows r0 / r1: scale·log2 e, or (cosine) τ·log2 e / max(‖q‖, 1e-12), applied
+    // to the fp32 score with the key's 1 / max(‖k‖, 1e-12): q̂·k̂ᵀ without rounding q̂ or k̂ to T.
+    // The quad's four lanes hold all columns of their two rows.
+    [[maybe_unused]] float sc0 = a.scale_log2, sc1 = a.scale_log2;
+    if constexpr (kCosine) {
+      const float cos_scale = cosine_scale_log2<T>(a, h);
+      float ss0 = 0.0f, ss1 = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kKQ; ++kk) {
+        ss0 += sq2<T>(qa[kk][0]) + sq2<T>(qa[kk][2]);
+        ss1 += sq2<T>(qa[kk][1]) + sq2<T>(qa[kk][3]);
+      }
+      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
+      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
+      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
+      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
+      sc0 = cos_scale / fmaxf(sqrtf(ss0), kNormEps);
+      sc1 = cos_scale / fmaxf(sqrtf(ss1), kNormEps);
+    }
 
     float o[kDT][4];
 #pragma unroll
@@ -214,8 +316,14 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int info_j = sInfo[key0 + 2 * t + e];
-            s[nt][e] = s[nt][e] * a.scale_log2 + score_extra(a, sTab, base0, lab0, info_j);
-            s[nt][2 + e] = s[nt][2 + e] * a.scale_log2 + score_extra(a, sTab, base1, lab1, info_j);
+            if constexpr (kCosine) {
+              const float kn = sKn[key0 + 2 * t + e];
+              s[nt][e] = s[nt][e] * sc0 * kn + score_extra(a, sTab, base0, lab0, info_j);
+              s[nt][2 + e] = s[nt][2 + e] * sc1 * kn + score_extra(a, sTab, base1, lab1, info_j);
+            } else {
+              s[nt][e] = s[nt][e] * a.scale_log2 + score_extra(a, sTab, base0, lab0, info_j);
+              s[nt][2 + e] = s[nt][2 + e] * a.scale_log2 + score_extra(a, sTab, base1, lab1, info_j);
+            }
           }
         } else {
           s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = -INFINITY;
@@ -309,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
 constexpr int kF32Rows = kThreads / 4;  // 32 query rows per pass
 constexpr int kF32Keys = 32;            // keys per chunk
 
-template <int kDp>
+template <int kDp, bool kCosine>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(const WaArgs a) {
   static_assert(kDp % 32 == 0 && kDp <= 128, "fp32 padded head dim must be a multiple of 32");
   constexpr int kPer = kDp / 4;
@@ -353,6 +461,16 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
         q[ii] = (qrow != nullptr && d < a.D) ? qrow[d] : 0.0f;
         o[ii] = 0.0f;
       }
+      if constexpr (kCosine) {  // q̂·τ·log2 e in registers (scale_log2 = 1); the row's 4 threads are adjacent lanes
+        float ss = 0.0f;
+#pragma unroll
+        for (int ii = 0; ii < kPer; ++ii) ss = fmaf(q[ii], q[ii], ss);
+        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+        const float f = cosine_scale_log2<float>(a, h) / fmaxf(sqrtf(ss), kNormEps);
+#pragma unroll
+        for (int ii = 0; ii < kPer; ++ii) q[ii] *= f;
+      }
     }
     float m = -INFINITY, l = 0.0f;
 
@@ -372,6 +490,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
         *reinterpret_cast<float4*>((part == 0 ? sK : sV) + j * kDp + c * 4) = val;
       }
       __syncthreads();
+      if constexpr (kCosine) {  // k̂ of this chunk, in place
+        row_inv_norms<float>(sK, kF32Keys, kDp, kDp, nullptr);
+        __syncthreads();
+      }
 
       float s[kF32Keys];
       float mx = -INFINITY;
@@ -434,12 +556,16 @@ template <int kDp>
 cudaError_t wa_dispatch_mma(DType dtype, const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int np = (args.N + 15) & ~15;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
+  const bool cosine = args.logit_scale != nullptr;
   const size_t smem = static_cast<size_t>(2) * np * MmaTraits<kDp>::kStride * 2 +
-                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * np * 4;
+                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(cosine ? 3 : 2) * np * 4;
   if (dtype == DType::kFloat16) {
-    return wa_launch(window_attention_fwd_mma_kernel<__half, kDp>, smem, grid, stream, args);
+    return cosine ? wa_launch(window_attention_fwd_mma_kernel<__half, kDp, true>, smem, grid, stream, args)
+                  : wa_launch(window_attention_fwd_mma_kernel<__half, kDp, false>, smem, grid, stream, args);
   }
-  return wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp>, smem, grid, stream, args);
+  return cosine
+             ? wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp, true>, smem, grid, stream, args)
+             : wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp, false>, smem, grid, stream, args);
 }
 
 template <int kDp>
@@ -448,7 +574,9 @@ cudaError_t wa_dispatch_f32(const WaArgs& args, unsigned grid, cudaStream_t stre
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
   const size_t smem = static_cast<size_t>(2) * kF32Keys * kDp * 4 +
                       static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * nq * 4;
-  return wa_launch(window_attention_fwd_f32_kernel<kDp>, smem, grid, stream, args);
+  return args.logit_scale != nullptr
+             ? wa_launch(window_attention_fwd_f32_kernel<kDp, true>, smem, grid, stream, args)
+             : wa_launch(window_attention_fwd_f32_kernel<kDp, false>, smem, grid, stream, args);
 }
 
 int wa_element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
@@ -497,11 +625,16 @@ cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStre
       reinterpret_cast<uintptr_t>(p.table) % static_cast<uintptr_t>(wa_element_size(p.dtype)) != 0) {
     return cudaErrorInvalidValue;
   }
+  if (p.logit_scale != nullptr &&
+      reinterpret_cast<uintptr_t>(p.logit_scale) % static_cast<uintptr_t>(wa_element_size(p.dtype)) != 0) {
+    return cudaErrorInvalidValue;
+  }
 
   WaArgs args{};
   args.qkv = p.qkv;
   args.table = p.table;
   args.qkv_bias = p.qkv_bias;
+  args.logit_scale = p.logit_scale;
   args.out = p.out;
   args.s_b = p.qkv_stride[0];
   args.s_t = p.qkv_stride[1];
@@ -518,8 +651,12 @@ cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStre
   args.D = p.head_dim;
   args.M = M;
   args.shift = p.shift;
+  // Both orders are one function when nothing is padded (or nothing shifted).
+  const bool shift_first = p.shift_first && p.shift > 0 && (Hp != p.H || Wp != p.W);
+  args.opts = shift_first ? (1 | ((p.shift % p.H) << 8) | ((p.shift % p.W) << 16)) : 0;
   args.N = M * M;
-  args.scale_log2 = p.scale * kLog2eW;
+  // Cosine attention: the kernels scale by τ_h·log2 e / (‖q‖·‖k‖) instead (τ is read on the device).
+  args.scale_log2 = p.logit_scale != nullptr ? 1.0f : p.scale * kLog2eW;
   const unsigned g = static_cast<unsigned>(grid);
   const int D = p.head_dim;
 

@@ -13,6 +13,13 @@
 //   S = q·kᵀ·scale + table[idx(i, j), h] − 100·[s > 0 and label_i ≠ label_j]       (N × N)
 //   P = softmax_rows(S),  O = P·v;  out[b, token(i), h·D : h·D + D] = O[i] for real slots i only.
 //
+// Options (SPEC op 3):
+//   shift_first (timm's order: shift the unpadded map, then pad) changes only the slot → token map:
+//     token = ((y + s) mod H)·W + (x + s) mod W when y < H and x < W, else a padded slot; the region
+//     labels stay those of the padded grid.
+//   logit_scale (Swin V2 cosine attention) replaces q·kᵀ·scale by τ_h·q̂·k̂ᵀ, τ_h =
+//     exp(min(logit_scale[h], ln 100)), q̂ = q / max(‖q‖₂, 1e-12) over D (likewise k̂); `scale` unused.
+//
 // Work and traffic:
 //   FLOPs = 4 · B · nW · heads · N² · D        (q·kᵀ and P·v; executed on N rounded up to 16)
 //   Bytes ≈ e · B · L · (3C + C) + table      (qkv read once, out written once; e = element size)
@@ -38,6 +45,15 @@
 //     (thread r owns head dims r, r + 4, …), 32 query rows per pass, keys streamed through shared
 //     memory in chunks of 32 (gathered by index), online softmax per chunk.
 //   * Scores of key slots ≥ N are −inf; query slots ≥ N or padded are computed and dropped.
+//   * Options. shift_first is a runtime flag read only where the slot table is built (once per
+//     CTA). Cosine attention is a template switch (kCosine), so the default kernels are unchanged:
+//     fp16 / bf16 keep q and k exact in the MMAs and scale each fp32 score instead,
+//     s = (q·k)·τ_h·log2 e / (max(‖q‖, 1e-12)·max(‖k‖, 1e-12)): 1/‖k‖ of every staged key row in
+//     shared memory (a warp per row, +NP floats), 1/‖q‖ of each query row from its own Q
+//     fragments (the quad's four lanes hold all its columns); fp32 normalises q in registers and
+//     each staged 32-key chunk in place. No global traffic beyond the heads' logit scales.
+//     The option fields sit at the end of the kernel-argument struct: placed before the
+//     existing fields they changed ptxas's register allocation of the default kernels.
 //   * Supported: 1 ≤ M ≤ 16 (N ≤ 256), D % 8 == 0 and 8 ≤ D ≤ 128
 //     (window_attention_forward_supports). Requirements checked by window_attention_forward
 //     (else cudaErrorInvalidValue, nothing launched): channel stride 1, qkv / qkv_bias / out
@@ -47,6 +63,8 @@
 //     > 48 KiB dynamic shared memory, plus the launch, on the given stream). Requires sm_80+.
 //
 // Versions:
+//   v1.1 — logit_scale (Swin V2 cosine attention) and shift_first (timm's order); default-path
+//        kernels compile to the same registers / spills as v1 (sm_80, sm_90a). Unmeasured.
 //   v1 — unmeasured. Written on a machine without a GPU: compiled for sm_80 / sm_90a, and run on
 //        the vkemu CPU emulator (tests/cuda_emu): tests/test_cuda_window_attention.py passes there
 //        in fp16, bf16 and fp32 (M = 4…16, shifts, padding, D = 32…128). Not yet run on a GPU.
@@ -67,8 +85,10 @@ struct WindowAttentionFwdParams {
   int64_t table_stride[2];    // element strides of the table (any)
   const void* qkv_bias;       // nullable; (3C,) contiguous, dtype `dtype`
   void* out;                  // (B, H·W, C) contiguous, dtype `dtype`
+  const void* logit_scale;    // nullable: cosine attention; (heads,) contiguous, dtype `dtype`
+  bool shift_first;           // timm's order: cyclic shift of the unpadded H×W map, then padding
   int B, H, W, C, heads, head_dim, window, shift;
-  float scale;
+  float scale;               // unused with logit_scale
   DType dtype;
 };
 

@@ -4,7 +4,8 @@
 // Only compiled where a CUDA build of PyTorch exists (setup.py / JIT via vitkernels._ext /
 // CMakeLists.txt). Registers (the namespace itself is defined by TORCH_LIBRARY in attention.cpp):
 //   torch.ops.vitkernels_C.window_attention_fwd(qkv, hw, num_heads, window_size, shift_size,
-//                                               table?, qkv_bias?, scale) -> out (B, H·W, C)
+//                                               table?, qkv_bias?, scale, logit_scale?=None,
+//                                               shift_first=False) -> out (B, H·W, C)
 //   torch.ops.vitkernels_C.window_attention_supports(int window, int head_dim) -> bool
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -49,7 +50,8 @@ void wa_check_fits_int(int64_t v, const char* what) {
 at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, int64_t num_heads,
                                      int64_t window_size, int64_t shift_size,
                                      const std::optional<at::Tensor>& table,
-                                     const std::optional<at::Tensor>& qkv_bias, double scale) {
+                                     const std::optional<at::Tensor>& qkv_bias, double scale,
+                                     const std::optional<at::Tensor>& logit_scale, bool shift_first) {
   TORCH_CHECK(qkv.dim() == 3, kWaOp, "qkv must be 3-D (B, H*W, 3C), got shape ", qkv.sizes());
   TORCH_CHECK(qkv.is_cuda(), kWaOp, "qkv must be a CUDA tensor, got device ", qkv.device());
   const DType dtype = kernel_dtype(qkv.scalar_type(), kWaOp);
@@ -100,6 +102,20 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
     }
   }
 
+  at::Tensor ls_t;
+  if (logit_scale.has_value() && logit_scale->defined()) {
+    ls_t = *logit_scale;
+    TORCH_CHECK(ls_t.device() == qkv.device(), kWaOp, "logit_scale is on ", ls_t.device(),
+                " but qkv is on ", qkv.device());
+    const bool shape_ok = (ls_t.dim() == 1 && ls_t.size(0) == num_heads) ||
+                          (ls_t.dim() == 3 && ls_t.size(0) == num_heads && ls_t.size(1) == 1 &&
+                           ls_t.size(2) == 1);
+    TORCH_CHECK(shape_ok, kWaOp, "logit_scale must be (heads,) or (heads, 1, 1) with heads = ",
+                num_heads, ", got ", ls_t.sizes());
+    if (ls_t.scalar_type() != qkv.scalar_type()) ls_t = ls_t.to(qkv.scalar_type());
+    ls_t = ls_t.reshape({num_heads}).contiguous();  // (heads,) values, stride 1
+  }
+
   c10::cuda::CUDAGuard device_guard(qkv.device());
 
   at::Tensor out = at::empty({B, L, C}, qkv.options());
@@ -122,6 +138,8 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
     p.table_stride[1] = table_t.stride(1);
   }
   p.qkv_bias = bias_t.defined() ? bias_t.data_ptr() : nullptr;
+  p.logit_scale = ls_t.defined() ? ls_t.data_ptr() : nullptr;
+  p.shift_first = shift_first;
   p.out = out.data_ptr();
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(H);
@@ -137,7 +155,8 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = window_attention_forward(p, stream);
   TORCH_CHECK(err == cudaSuccess, kWaOp, "kernel launch failed for qkv ", qkv.sizes(), " hw ", hw,
-              " heads ", num_heads, " window ", window_size, " shift ", shift_size, " dtype ",
+              " heads ", num_heads, " window ", window_size, " shift ", shift_size,
+              shift_first ? " (shift first)" : "", ls_t.defined() ? " cosine" : "", " dtype ",
               qkv.scalar_type(), ": ", cudaGetErrorString(err));
   return out;
 }
@@ -152,7 +171,8 @@ bool window_attention_supports(int64_t window, int64_t head_dim) {
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("window_attention_fwd(Tensor qkv, int[2] hw, int num_heads, int window_size, "
-        "int shift_size, Tensor? table, Tensor? qkv_bias, float scale) -> Tensor");
+        "int shift_size, Tensor? table, Tensor? qkv_bias, float scale, Tensor? logit_scale=None, "
+        "bool shift_first=False) -> Tensor");
   m.def("window_attention_supports(int window, int head_dim) -> bool",
         &vitkernels::window_attention_supports);
 }

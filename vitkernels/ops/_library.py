@@ -14,7 +14,8 @@ SCHEMAS = {
     "self_attention": "self_attention(Tensor qkv, int num_heads, float? scale=None) -> Tensor",
     "window_attention": (
         "window_attention(Tensor qkv, int[2] hw, int num_heads, int window_size, int shift_size=0, "
-        "Tensor? rel_pos_bias_table=None, Tensor? qkv_bias=None, float? scale=None) -> Tensor"),
+        "Tensor? rel_pos_bias_table=None, Tensor? qkv_bias=None, float? scale=None, Tensor? logit_scale=None, "
+        "bool shift_first=False) -> Tensor"),
     "sr_attention": "sr_attention(Tensor q, Tensor kv, int num_heads, float? scale=None) -> Tensor",
     "xca": "xca(Tensor qkv, int num_heads, Tensor temperature) -> Tensor",
     "space_time_attention": (

@@ -1,9 +1,13 @@
 """vitkernels.window_attention: Swin W-MSA / SW-MSA on un-shifted, un-partitioned tokens.
 
 qkv (B, H·W, 3C) -> (B, H·W, C); padding, cyclic shift, window partition, relative-position bias and
-shift mask are defined in SPEC.md op 3. Backends: "triton" (fused forward and backward:
-shift, partition, padding, bias gather and mask are index math in the kernels, see
-triton/window_attention.py) and "reference" (index-gather math, see reference/window_attention.py).
+shift mask are defined in SPEC.md op 3, with its two options: `shift_first` (timm's order: shift the
+unpadded map, then pad) and `logit_scale` (Swin V2 cosine attention, scores (q̂·k̂ᵀ)·exp(min(ls_h,
+ln 100)) with q and k L2-normalised over D; `scale` unused). Backends: "triton" (fused forward and
+backward: shift, partition, padding, bias gather, mask and the cosine normalisation are index math /
+in-register work in the kernels, see triton/window_attention.py), "cuda" (csrc/kernels/
+window_attention.cu: forward only, both options; its backward runs on the "auto" choice) and
+"reference" (index-gather math, see reference/window_attention.py).
 
 The private ops keep the simplest contract: `_window_attention_fwd` returns only `out` and autograd
 saves only the inputs. The fused backward recomputes the softmax of each window (N = M² <= 256 keys
@@ -38,7 +42,8 @@ from ._library import composite
 OP = "window_attention"
 
 
-def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias) -> int:
+def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale=None,
+             shift_first=False) -> int:
     check_tensor(OP, "qkv", qkv, ndim=3)
     if qkv.shape[-1] % 3:
         raise ValueError(f"vitkernels.window_attention: qkv must be (B, H*W, 3C), its last dim {qkv.shape[-1]} "
@@ -63,37 +68,57 @@ def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qk
         check_same(OP, "qkv", qkv, qkv_bias=qkv_bias)
         if qkv_bias.shape[0] != 3 * c:
             raise ValueError(f"vitkernels.window_attention: qkv_bias must be (3C,) = ({3 * c},), got {describe(qkv_bias)}")
+    if logit_scale is not None:
+        check_tensor(OP, "logit_scale", logit_scale)
+        check_same(OP, "qkv", qkv, logit_scale=logit_scale)
+        if tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1)):
+            raise ValueError(f"vitkernels.window_attention: logit_scale must be (heads,) or (heads, 1, 1) with "
+                             f"heads = {num_heads}, got {describe(logit_scale)}")
+    if not isinstance(shift_first, bool):
+        raise TypeError(f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
+                        f"({type(shift_first).__name__})")
     return d
 
 
 @composite(OP)
 def _window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
-                      scale=None):
-    qkv, rel_pos_bias_table, qkv_bias = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias)
-    d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias)
+                      scale=None, logit_scale=None, shift_first=False):
+    qkv, rel_pos_bias_table, qkv_bias, logit_scale = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias, logit_scale)
+    d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale, shift_first)
     return torch.ops.vitkernels._window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size,
-                                                      rel_pos_bias_table, qkv_bias, default_scale(scale, d))
+                                                      rel_pos_bias_table, qkv_bias, default_scale(scale, d),
+                                                      logit_scale, shift_first)
 
 
 def window_attention(qkv: Tensor, hw, num_heads: int, window_size: int, shift_size: int = 0,
                      rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
+                     shift_first: bool = False) -> Tensor:
     """Swin (shifted-)window attention. qkv (B, H·W, 3C) is the qkv linear of the un-shifted tokens;
     returns (B, H·W, C) ready for proj. hw = (H, W); window_size M; 0 <= shift_size < M;
-    rel_pos_bias_table ((2M-1)², heads); qkv_bias (3C,) is the qkv of a padded (zero) token."""
+    rel_pos_bias_table ((2M-1)², heads); qkv_bias (3C,) is the qkv of a padded (zero) token.
+    logit_scale (heads,) or (heads, 1, 1): Swin V2 cosine attention, scores (q̂·k̂ᵀ)·exp(min(ls, ln 100))
+    (scale unused; pass Swin V2's 16·sigmoid(cpb_mlp(coords)) table as rel_pos_bias_table).
+    shift_first: timm's order (cyclic shift of the unpadded H×W map, then pad); default: pad, then shift."""
+    if not isinstance(shift_first, bool):  # the torch op would take 0 / 1 silently
+        raise TypeError(f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
+                        f"({type(shift_first).__name__})")
     return torch.ops.vitkernels.window_attention(qkv, list(hw), num_heads, window_size, shift_size,
-                                                 rel_pos_bias_table, qkv_bias, scale)
+                                                 rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
 
 
 @torch.library.custom_op("vitkernels::_window_attention_fwd", mutates_args=())
 def _window_attention_fwd(qkv: Tensor, hw: list[int], num_heads: int, window_size: int, shift_size: int,
-                          rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: float) -> Tensor:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale)
+                          rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: float,
+                          logit_scale: Optional[Tensor] = None, shift_first: bool = False) -> Tensor:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale,
+            shift_first)
     return backends.select(OP, *args).forward(*args)
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale):
+def _(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale=None,
+      shift_first=False):
     b, n, c3 = qkv.shape
     return qkv.new_empty(b, n, c3 // 3)
 
@@ -101,33 +126,37 @@ def _(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias,
 @torch.library.custom_op("vitkernels::_window_attention_bwd", mutates_args=())
 def _window_attention_bwd(dout: Tensor, qkv: Tensor, hw: list[int], num_heads: int, window_size: int,
                           shift_size: int, rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor],
-                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale)
-    dqkv, dtable, dbias = backends.select(OP, *args, backward=True).backward(dout, *args)
-    return dqkv.contiguous(), empty_if_none(dtable, qkv), empty_if_none(dbias, qkv)
+                          scale: float, logit_scale: Optional[Tensor] = None,
+                          shift_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale,
+            shift_first)
+    dqkv, dtable, dbias, dls = backends.select(OP, *args, backward=True).backward(dout, *args)
+    return dqkv.contiguous(), empty_if_none(dtable, qkv), empty_if_none(dbias, qkv), empty_if_none(dls, qkv)
 
 
 @_window_attention_bwd.register_fake
-def _(dout, qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale):
+def _(dout, qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale=None,
+      shift_first=False):
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
             qkv.new_empty(0) if rel_pos_bias_table is None else torch.empty_like(rel_pos_bias_table),
-            qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias))
+            qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias),
+            qkv.new_empty(0) if logit_scale is None else torch.empty_like(logit_scale))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale = inputs
-    ctx.save_for_backward(qkv, table, qkv_bias)
-    ctx.config = (hw, num_heads, window_size, shift_size)
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first = inputs
+    ctx.save_for_backward(qkv, table, qkv_bias, logit_scale)
+    ctx.config = (hw, num_heads, window_size, shift_size, shift_first)
     ctx.scale = scale
 
 
 def _backward(ctx, dout):
-    qkv, table, qkv_bias = ctx.saved_tensors
-    hw, num_heads, window_size, shift_size = ctx.config
-    dqkv, dtable, dbias = torch.ops.vitkernels._window_attention_bwd(
-        dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, ctx.scale)
+    qkv, table, qkv_bias, logit_scale = ctx.saved_tensors
+    hw, num_heads, window_size, shift_size, shift_first = ctx.config
+    dqkv, dtable, dbias, dls = torch.ops.vitkernels._window_attention_bwd(
+        dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, ctx.scale, logit_scale, shift_first)
     return (dqkv, None, None, None, None, None if table is None else dtable, None if qkv_bias is None else dbias,
-            None)
+            None, None if logit_scale is None else dls, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,29 +164,39 @@ _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- kernels
 
-def _reference_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
-    return fresh(ref.window_attention(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale))
+# Kernel signature: (qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+# shift_first=False); backward returns (dqkv, dtable, dqkv_bias, dlogit_scale), None where absent.
+
+def _reference_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                       shift_first=False):
+    return fresh(ref.window_attention(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
+                                      logit_scale, shift_first))
 
 
-def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
-    def f(x, t, bias):
-        return ref.window_attention(x, hw, num_heads, window_size, shift_size, t, bias, scale)
-    return tuple(reference_vjp(f, (qkv, table, qkv_bias), (0, 1, 2), (dout,)))
+def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
+                        logit_scale=None, shift_first=False):
+    def f(x, t, bias, ls):
+        return ref.window_attention(x, hw, num_heads, window_size, shift_size, t, bias, scale, ls, shift_first)
+    return tuple(reference_vjp(f, (qkv, table, qkv_bias, logit_scale), (0, 1, 2, 3), (dout,)))
 
 
-def _triton_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
-    return triton_reasons(qkv, table, qkv_bias) + head_dim_reasons((qkv.shape[-1] // 3) // num_heads)
+def _triton_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                    shift_first=False):
+    return triton_reasons(qkv, table, qkv_bias, logit_scale) + head_dim_reasons((qkv.shape[-1] // 3) // num_heads)
 
 
-def _triton_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+def _triton_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                    shift_first=False):
     from ..triton import window_attention as tk
-    return tk.window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale)
+    return tk.window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
+                                       logit_scale=logit_scale, shift_first=shift_first)
 
 
-def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                     shift_first=False):
     from ..triton import window_attention as tk
     return tk.window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
-                                        scale)
+                                        scale, logit_scale=logit_scale, shift_first=shift_first)
 
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
@@ -176,13 +215,35 @@ def cuda_window_reasons(window_size: int, d: int) -> list:
     return []
 
 
-def _cuda_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
-    return cuda_reasons(qkv, table, qkv_bias) or cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads)
+def cuda_window_option_reasons(logit_scale, shift_first) -> list:
+    """An extension built from sources older than the logit_scale / shift_first options registers
+    window_attention_fwd without them: then only the default path can run on it."""
+    if logit_scale is None and not shift_first:
+        return []
+    try:
+        names = {a.name for a in torch.ops.vitkernels_C.window_attention_fwd.default._schema.arguments}
+    except Exception:  # no such op: ext_op_reasons' wording
+        return ["the loaded CUDA extension has no window_attention_fwd (built from older sources; rebuild it)"]
+    if not {"logit_scale", "shift_first"} <= names:
+        return ["the loaded CUDA extension's window_attention_fwd has no logit_scale / shift_first "
+                "(built from older sources; rebuild it)"]
+    return []
 
 
-def _cuda_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale):
+def _cuda_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                  shift_first=False):
+    return (cuda_reasons(qkv, table, qkv_bias, logit_scale)
+            or cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads)
+            or cuda_window_option_reasons(logit_scale, shift_first))
+
+
+def _cuda_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                  shift_first=False):
+    if logit_scale is None and not shift_first:  # also runs on an extension built before the options
+        return torch.ops.vitkernels_C.window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size, table,
+                                                           qkv_bias, scale)
     return torch.ops.vitkernels_C.window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size, table,
-                                                       qkv_bias, scale)
+                                                       qkv_bias, scale, logit_scale, shift_first)
 
 
 # Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (as for attention).

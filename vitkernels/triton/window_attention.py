@@ -29,6 +29,24 @@ Backward, given dO (padded query slots are cropped, so their dO = 0 and they add
 Every real token fills exactly one slot of one window, so dq / dk / dv are plain stores into a
 packed (B, L, 3C) buffer; no atomics anywhere (the backward is deterministic).
 
+Options (constexpr switches: the default path compiles to the same kernels as without them)
+-------
+SHIFT_FIRST (timm's order: cyclic shift of the unpadded map, then padding) changes only the
+slot → token map; labels, bias and mask are the padded grid's as above:
+
+    token = ((y + s) mod H)·W + (x + s) mod W   if y < H and x < W, else a padded token
+
+(the launcher sets it only when s > 0 and the map is padded: otherwise both orders are one
+function). COSINE (``logit_scale``, Swin V2) normalises the q and k rows of each tile in the
+kernel (fp32 norm, rounded once to the input dtype like F.normalize in that dtype), and the
+score scale is the head's τ = exp(min(logit_scale_h, ln 100)), read on the device:
+
+    S = τ·q̂ k̂ᵀ + bias + mask,   q̂ = q / max(‖q‖, 1e-12),  k̂ likewise
+    backward (r = 1 / max(‖q‖, 1e-12), kept per row from the recompute):
+    dq̂ = τ·dS k̂,  dq = (dq̂ − q̂ (q̂·dq̂))·r  (no projection where the norm is clamped), dk likewise
+    dlogit_scale_h = Σ_rows q̂·dq̂  (= τ·Σ dS∘q̂k̂ᵀ), summed per program (one fp32 partial each,
+                     added by torch: deterministic), 0 where logit_scale_h ≥ ln 100.
+
 Cost
 ----
     forward  FLOPs = 4·B·nW·heads·N²·D   (QKᵀ and PV; the tiles run padded: N = 49 → 64)
@@ -110,6 +128,7 @@ MAX_HEAD_DIM = 128
 # Backward: the key set stays resident (one block) up to this many slots (M <= 16).
 MAX_RESIDENT_KEYS = 256
 _LOG2E = 1.4426950408889634
+LOGIT_SCALE_MAX = 4.605170185988092  # ln 100: Swin V2 clamps the logit scale there
 
 # Interpreter (CPU) configuration; tests patch these to exercise the multi-block paths.
 # "fwd": (BLOCK_M, BLOCK_N) or None (BLOCK_M = min(64, next_pow2(N)), keys in one block);
@@ -125,18 +144,27 @@ WINDOWS_PER_PROGRAM = None
 
 
 @triton.jit
-def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr):
-    """Window slots t (vector) of window (wh, ww) → (in-window, real token, token, p, c, label)."""
+def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr):
+    """Window slots t (vector) of window (wh, ww) → (in-window, real token, token, p, c, label).
+
+    Pad first (default): the shifted grid position (y, x) reads the padded map at
+    ((y + s) mod Hp, (x + s) mod Wp). SHIFT_FIRST (timm): positions past H or W are padding, the
+    others read the unpadded map at ((y + s) mod H, (x + s) mod W) (s may exceed H or W)."""
     ok = t < M * M
     p = t // M
     c = t - p * M
     y = wh * M + p
     x = ww * M + c
-    row = y + SHIFT
-    row = tl.where(row >= Hp, row - Hp, row)
-    col = x + SHIFT
-    col = tl.where(col >= Wp, col - Wp, col)
-    real = ok & (row < H) & (col < W)
+    if SHIFT_FIRST:
+        real = ok & (y < H) & (x < W)
+        row = (y + SHIFT) % H
+        col = (x + SHIFT) % W
+    else:
+        row = y + SHIFT
+        row = tl.where(row >= Hp, row - Hp, row)
+        col = x + SHIFT
+        col = tl.where(col >= Wp, col - Wp, col)
+        real = ok & (row < H) & (col < W)
     tok = tl.where(real, row * W + col, 0)
     if SHIFT > 0:
         lab = (3 * ((y >= Hp - M).to(tl.int32) + (y >= Hp - SHIFT).to(tl.int32))
@@ -144,6 +172,33 @@ def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr):
     else:
         lab = t * 0
     return ok, real, tok, p, c, lab
+
+
+@triton.jit
+def _unit_rows(x):
+    """Swin V2 cosine attention: rows of x over D as F.normalize computes them, x / max(‖x‖₂, 1e-12)
+    (fp32 norm, the result rounded once to x's dtype for the tensor-core dots), and 1 / max(‖x‖₂,
+    1e-12) per row, which the backward keeps for the normalisation's gradient."""
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
+    return (xf * inv[:, None]).to(x.dtype), inv
+
+
+@triton.jit
+def _unit_rows_grad(xn, inv, g):
+    """Gradient through x̂ = x / max(‖x‖, 1e-12): (g − x̂·(x̂·g))·inv where the norm exceeds eps,
+    g·inv where it is clamped (as autograd of F.normalize). Also returns the rows' x̂·g."""
+    xf = xn.to(tl.float32)
+    c = tl.sum(xf * g, 1)
+    proj = tl.where(inv < 1e12, c, 0.0)
+    return (g - xf * proj[:, None]) * inv[:, None], c
+
+
+@triton.jit
+def _logit_scale(LogitScale, head, stride_ls):
+    """τ_h = exp(min(logit_scale_h, ln 100)) in fp32."""
+    ls = tl.load(LogitScale + head * stride_ls).to(tl.float32)
+    return tl.exp(tl.minimum(ls, 4.605170185988092))
 
 
 @triton.jit
@@ -274,8 +329,8 @@ def _window_bias(tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.conste
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The relative-position bias tile of a window held in one (BLOCK_M, BLOCK_N) tile: it does
     not depend on the window, so a program gathers it once."""
-    ok0, _r0, _t0, p0, c0, _l0 = _slots(tl.arange(0, BLOCK_M), 0, 0, H, W, Hp, Wp, M, SHIFT)
-    okk, _r1, _t1, pk0, ck0, _l1 = _slots(tl.arange(0, BLOCK_N), 0, 0, H, W, Hp, Wp, M, SHIFT)
+    ok0, _r0, _t0, p0, c0, _l0 = _slots(tl.arange(0, BLOCK_M), 0, 0, H, W, Hp, Wp, M, SHIFT, False)
+    okk, _r1, _t1, pk0, ck0, _l1 = _slots(tl.arange(0, BLOCK_N), 0, 0, H, W, Hp, Wp, M, SHIFT, False)
     return _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
 
 
@@ -295,10 +350,11 @@ def _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr,
 
 @triton.jit
 def _wa_fwd_kernel(
-    QKV, Table, QKVBias, Out, Lse,
-    stride_xb, stride_xl, stride_tr, stride_th, stride_ob, stride_ol,
+    QKV, Table, QKVBias, LogitScale, Out, Lse,
+    stride_xb, stride_xl, stride_tr, stride_th, stride_ls, stride_ob, stride_ol,
     L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale,
-    M: tl.constexpr, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr, COSINE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, STORE_LSE: tl.constexpr, BIG: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -317,6 +373,8 @@ def _wa_fwd_kernel(
     rel0 = 0.0
     if HAS_TABLE and SINGLE:
         rel0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, BLOCK_M, BLOCK_N)
+    if COSINE:  # the launcher passed log2 e: the head's τ is the score scale
+        qk_scale = qk_scale * _logit_scale(LogitScale, head, stride_ls)
 
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
@@ -324,15 +382,19 @@ def _wa_fwd_kernel(
         o_base = Out + b64 * stride_ob + hd
         for i in range(NUM_M):
             ti = i * BLOCK_M + ar_m
-            oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT)
+            oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
             q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
+            if COSINE:
+                q, _rq = _unit_rows(q)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for j in range(NUM_N):
                 tj = j * BLOCK_N + ar_n
-                okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
+                okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
                 k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
+                if COSINE:
+                    k, _rk = _unit_rows(k)
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
                 s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
                             PRECISION)
@@ -347,9 +409,10 @@ def _wa_fwd_kernel(
             out = acc * (1.0 / l_i)[:, None]
             _store_rows(o_base, _row_off(toki, stride_ol, BIG), out.to(Out.dtype.element_ty), reali,
                         d, d_ok, MASK_D)
-            if STORE_LSE:
-                lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-                tl.store(Lse + (b64 * heads + head) * L + toki, lse, mask=reali)
+            if STORE_LSE:  # row statistics in base 2, kept apart: (max m, log2 Σ exp2(s − m))
+                st = Lse + ((b64 * heads + head) * L + toki) * 2
+                tl.store(st, m_i, mask=reali)
+                tl.store(st + 1, tl.math.log2(l_i), mask=reali)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +422,12 @@ def _wa_fwd_kernel(
 
 @triton.jit
 def _wa_bwd_kernel(
-    QKV, Table, QKVBias, DO, DQKV, Out, Lse, DQW, TablePart, BiasPart,
-    stride_xb, stride_xl, stride_tr, stride_th, stride_dob, stride_dol, stride_gb, stride_gl,
+    QKV, Table, QKVBias, LogitScale, DO, DQKV, Out, Lse, DQW, TablePart, BiasPart, LSPart,
+    stride_xb, stride_xl, stride_tr, stride_th, stride_ls, stride_dob, stride_dol, stride_gb, stride_gl,
     stride_ob, stride_ol, stride_wb, stride_wl,
     L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale, scale,
-    M: tl.constexpr, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr, COSINE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, TABLE_GRAD: tl.constexpr,
     QB_GRAD: tl.constexpr, BIG: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -393,6 +457,11 @@ def _wa_bwd_kernel(
         bpart = BiasPart + pid.to(tl.int64) * (2 * BLOCK_D)
         tl.store(bpart + d, tl.zeros([BLOCK_D], dtype=tl.float32))
         tl.store(bpart + BLOCK_D + d, tl.zeros([BLOCK_D], dtype=tl.float32))
+    if COSINE:  # scores τ·q̂·k̂ᵀ: the launcher passed log2 e and 1, the head's τ scales both
+        tau = _logit_scale(LogitScale, head, stride_ls)
+        qk_scale = qk_scale * tau
+        scale = scale * tau
+        ls_acc = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ over query rows of q̂·dq̂ = dlogit_scale
 
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
@@ -401,14 +470,18 @@ def _wa_bwd_kernel(
         g_base = DQKV + b64 * stride_gb + hd
         for j in range(NUM_N):
             tj = j * BLOCK_N + ar_n
-            okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT)
+            okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
             k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
+            if COSINE:
+                k, rk = _unit_rows(k)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for i in range(NUM_M):
                 ti = i * BLOCK_M + ar_m
-                oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT)
+                oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
                 q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
+                if COSINE:
+                    q, rq = _unit_rows(q)
                 # Padded (cropped) query slots get dO = 0: they contribute nothing below.
                 do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
@@ -419,9 +492,12 @@ def _wa_bwd_kernel(
                     p = tl.math.exp2(s - m_i[:, None])
                     p = p * (1.0 / tl.sum(p, 1))[:, None]
                 else:
-                    lse2 = tl.load(Lse + (b64 * heads + head) * L + toki, mask=reali,
-                                   other=float("inf")) * 1.4426950408889634
-                    p = tl.math.exp2(s - lse2[:, None])
+                    # (s − m) − log2 l: no rounding of a large m + log2 l (scores reach ±144 in
+                    # base 2 with Swin V2's τ = 100)
+                    st = Lse + ((b64 * heads + head) * L + toki) * 2
+                    m_row = tl.load(st, mask=reali, other=0.0)
+                    l_row = tl.load(st + 1, mask=reali, other=float("inf"))
+                    p = tl.math.exp2((s - m_row[:, None]) - l_row[:, None])
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 if KEYS_RESIDENT:
@@ -433,6 +509,9 @@ def _wa_bwd_kernel(
                 ds = p * (dp - delta[:, None])
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
                 dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                if COSINE and KEYS_RESIDENT:  # dq̂ is complete: through the normalisation
+                    dq, cq = _unit_rows_grad(q, rq, dq)
+                    ls_acc += cq
                 if KEYS_RESIDENT:
                     _store_rows(g_base, _row_off(toki, stride_gl, BIG),
                                 dq.to(DQKV.dtype.element_ty), reali, d, d_ok, MASK_D)
@@ -448,6 +527,8 @@ def _wa_bwd_kernel(
                         _bin_ds(ds, pi, ci, oki, j * BLOCK_N, part, M, BLOCK_N, True)
                         tl.debug_barrier()
             dk = dk * scale
+            if COSINE:
+                dk, _ck = _unit_rows_grad(k, rk, dk)
             offg = _row_off(tokj, stride_gl, BIG)
             _store_rows(g_base + C, offg, dk.to(DQKV.dtype.element_ty), realj, d, d_ok, MASK_D)
             _store_rows(g_base + 2 * C, offg, dv.to(DQKV.dtype.element_ty), realj, d, d_ok, MASK_D)
@@ -465,8 +546,10 @@ def _wa_bwd_kernel(
                 tl.debug_barrier()
 
     if TABLE_GRAD and SINGLE:
-        okb, _r2, _t2, pb, cb, _l2 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT)
+        okb, _r2, _t2, pb, cb, _l2 = _slots(ar_m, 0, 0, H, W, Hp, Wp, M, SHIFT, False)
         _bin_ds(ds_sum, pb, cb, okb, 0, part, M, BLOCK_N, False)
+    if COSINE:  # this program's share of dlogit_scale (before the clamp mask and τ: see the launcher)
+        tl.store(LSPart + pid, tl.sum(ls_acc, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,9 +612,9 @@ _BWD_CONFIGS = _cfgs([
 _BWD_CONFIGS_FP32 = _cfgs([(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)],
                           ("BLOCK_M",))
 
-_FWD_KEY = ["M", "SHIFT", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]
-_BWD_KEY = ["M", "SHIFT", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GRAD", "PRECISION",
-            "BLOCK_N"]
+_FWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]
+_BWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GRAD",
+            "PRECISION", "BLOCK_N"]
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
 _INTERPRETED = is_interpreted(_wa_fwd_kernel)
@@ -576,7 +659,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Geometry:
-    def __init__(self, qkv, hw, heads, m, s):
+    def __init__(self, qkv, hw, heads, m, s, shift_first=False, cosine=False):
         if qkv.dim() != 3 or qkv.shape[-1] % 3:
             raise ValueError(f"qkv must be (B, H*W, 3C), got shape {tuple(qkv.shape)}")
         if qkv.dtype not in _DTYPES:
@@ -604,13 +687,17 @@ class _Geometry:
         self.N = self.M * self.M
         self.E = (2 * self.M - 1) ** 2
         self.BLOCK_D = max(16, triton.next_power_of_2(self.D))
+        # Both orders are one function unless a shifted map is padded: compile the variant only then.
+        self.shift_first = bool(shift_first) and self.s > 0 and (self.Hp != self.H or self.Wp != self.W)
+        self.cosine = bool(cosine)
 
     def ints(self, wpg):
         return (self.L, self.H, self.W, self.Hp, self.Wp, self.nWw, self.nW, self.BW, self.heads,
                 self.C, wpg)
 
     def consts(self, qkv, table, qkv_bias, big):
-        return {"M": self.M, "SHIFT": self.s, "HEAD_DIM": self.D, "BLOCK_D": self.BLOCK_D,
+        return {"M": self.M, "SHIFT": self.s, "SHIFT_FIRST": self.shift_first, "COSINE": self.cosine,
+                "HEAD_DIM": self.D, "BLOCK_D": self.BLOCK_D,
                 "HAS_TABLE": table is not None, "HAS_QB": qkv_bias is not None, "BIG": big,
                 "PRECISION": _precision(qkv.dtype)}
 
@@ -621,7 +708,13 @@ def _needs_int64(*tensors) -> bool:
                and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[2] >= 2 ** 31 for t in tensors)
 
 
-def _check_params(g: _Geometry, qkv, table, qkv_bias):
+def _check_params(g: _Geometry, qkv, table, qkv_bias, logit_scale=None):
+    if logit_scale is not None:
+        if tuple(logit_scale.shape) not in ((g.heads,), (g.heads, 1, 1)):
+            raise ValueError(f"logit_scale has shape {tuple(logit_scale.shape)}, expected {(g.heads,)} or "
+                             f"{(g.heads, 1, 1)}")
+        if logit_scale.dtype != qkv.dtype or logit_scale.device != qkv.device:
+            raise ValueError("logit_scale must have qkv's dtype and device")
     if table is not None:
         if tuple(table.shape) != (g.E, g.heads):
             raise ValueError(f"rel_pos_bias_table has shape {tuple(table.shape)}, expected {(g.E, g.heads)}")
@@ -644,15 +737,16 @@ def _fwd_blocks(g: _Geometry):
     return (min(cap, 64), min(cap, 256))
 
 
-def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse):
+def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
     big = _needs_int64(qkv, out)
     wpg = _windows_per_program(g.BW, g.heads, qkv.device)
     grid = (triton.cdiv(g.BW, wpg) * g.heads,)
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
-    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, out, lse if lse is not None else qkv,
-            qkv.stride(0), qkv.stride(1), tr, th, out.stride(0), out.stride(1),
-            *g.ints(wpg), float(scale) * _LOG2E)
+    ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
+    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, ls, out, lse if lse is not None else qkv,
+            qkv.stride(0), qkv.stride(1), tr, th, sls, out.stride(0), out.stride(1),
+            *g.ints(wpg), (1.0 if g.cosine else float(scale)) * _LOG2E)
     meta = dict(g.consts(qkv, table, qkv_bias, big), STORE_LSE=lse is not None)
     with _device_ctx(qkv):
         if _use_fixed(qkv):
@@ -663,17 +757,28 @@ def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse):
 
 
 def window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
-                             return_lse: bool = False):
+                             return_lse: bool = False, logit_scale=None, shift_first: bool = False):
     """out (B, H·W, C) of Swin window attention (SPEC op 3); with ``return_lse`` also the float32
-    natural-log logsumexp of every real token's score row, (B, heads, H·W)."""
-    g = _Geometry(qkv, hw, num_heads, window_size, shift_size)
+    natural-log logsumexp of every real token's score row, (B, heads, H·W). ``logit_scale``
+    (heads,) / (heads, 1, 1): Swin V2 cosine attention (``scale`` unused); ``shift_first``: timm's
+    shift-then-pad order."""
+    g = _Geometry(qkv, hw, num_heads, window_size, shift_size, shift_first, logit_scale is not None)
     qkv = _unit_last(qkv)
-    qkv_bias = _check_params(g, qkv, table, qkv_bias)
+    qkv_bias = _check_params(g, qkv, table, qkv_bias, logit_scale)
     out = torch.empty((g.B, g.L, g.C), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((g.B, g.heads, g.L), device=qkv.device, dtype=torch.float32) if return_lse else None
+    stats = _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, return_lse)
+    if not return_lse:
+        return out
+    return out, (stats[..., 0] + stats[..., 1]) * 0.6931471805599453
+
+
+def _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, stats: bool):
+    """Launches the forward into `out`; with `stats` returns the fp32 (B, heads, H·W, 2) base-2 row
+    statistics (max, log2 of the sum) that the key-block backward reads."""
+    st = torch.empty((g.B, g.heads, g.L, 2), device=qkv.device, dtype=torch.float32) if stats else None
     if g.B > 0:
-        _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse)
-    return (out, lse) if return_lse else out
+        _launch_fwd(g, qkv, table, qkv_bias, scale, out, st, logit_scale)
+    return st
 
 
 def _bwd_blocks(g: _Geometry):
@@ -688,14 +793,16 @@ def _bwd_blocks(g: _Geometry):
 
 
 def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
-                              scale, table_grad: bool = True, bias_grad: bool = True):
-    """Gradients (dqkv, dtable, dqkv_bias) of ``window_attention_forward``.
+                              scale, table_grad: bool = True, bias_grad: bool = True, logit_scale=None,
+                              shift_first: bool = False):
+    """Gradients (dqkv, dtable, dqkv_bias, dlogit_scale) of ``window_attention_forward``.
 
-    dqkv (B, H·W, 3C) in qkv's dtype; dtable ((2M−1)², heads) and dqkv_bias (3C,) in their own
-    dtype, or None when that input is None or its gradient was not asked for. Deterministic."""
-    g = _Geometry(qkv, hw, num_heads, window_size, shift_size)
+    dqkv (B, H·W, 3C) in qkv's dtype; dtable ((2M−1)², heads), dqkv_bias (3C,) and dlogit_scale
+    (logit_scale's shape) in their own dtype, or None when that input is None or (table, bias) its
+    gradient was not asked for. Deterministic: per-program partial sums added by torch."""
+    g = _Geometry(qkv, hw, num_heads, window_size, shift_size, shift_first, logit_scale is not None)
     qkv = _unit_last(qkv)
-    qkv_bias = _check_params(g, qkv, table, qkv_bias)
+    qkv_bias = _check_params(g, qkv, table, qkv_bias, logit_scale)
     if tuple(dout.shape) != (g.B, g.L, g.C):
         raise ValueError(f"dout has shape {tuple(dout.shape)}, expected {(g.B, g.L, g.C)}")
     dout = _unit_last(dout.to(qkv.dtype))
@@ -705,14 +812,15 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     if g.B == 0:
         dqkv.zero_()
         return (dqkv, torch.zeros_like(table) if table_grad else None,
-                torch.zeros_like(qkv_bias) if bias_grad else None)
+                torch.zeros_like(qkv_bias) if bias_grad else None,
+                torch.zeros_like(logit_scale) if g.cosine else None)
 
     bm, bn = _bwd_blocks(g)
     resident = bn >= g.N
     out = lse = dqw = None
-    if not resident:  # key blocks: needs the row lse and out (delta), dq accumulated in fp32
-        out, lse = window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table,
-                                            qkv_bias, scale, return_lse=True)
+    if not resident:  # key blocks: needs the row statistics and out (delta), dq accumulated in fp32
+        out = torch.empty((g.B, g.L, g.C), device=qkv.device, dtype=qkv.dtype)
+        lse = _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, True)
         dqw = torch.zeros((g.B, g.L, g.C), device=qkv.device, dtype=torch.float32)
     big = _needs_int64(qkv, dout, dqkv, dqw)
     wpg = _windows_per_program(g.BW, g.heads, qkv.device)
@@ -720,16 +828,19 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
     bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device,
                         dtype=torch.float32)
+    lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
+    ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
     o_ = out if out is not None else qkv
     w_ = dqw if dqw is not None else tpart
-    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, dout, dqkv, o_,
-            lse if lse is not None else tpart, w_, tpart, bpart,
-            qkv.stride(0), qkv.stride(1), tr, th, dout.stride(0), dout.stride(1),
+    scale = 1.0 if g.cosine else float(scale)  # cosine: the kernels scale by the head's τ
+    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, ls, dout, dqkv, o_,
+            lse if lse is not None else tpart, w_, tpart, bpart, lpart,
+            qkv.stride(0), qkv.stride(1), tr, th, sls, dout.stride(0), dout.stride(1),
             dqkv.stride(0), dqkv.stride(1), o_.stride(0), o_.stride(1),
             w_.stride(0) if dqw is not None else 0, w_.stride(1) if dqw is not None else 0,
-            *g.ints(wpg), float(scale) * _LOG2E, float(scale))
+            *g.ints(wpg), scale * _LOG2E, scale)
     meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad,
                 BLOCK_N=bn)
     with _device_ctx(qkv):
@@ -737,8 +848,17 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
             _wa_bwd_kernel[(programs,)](*args, **meta, BLOCK_M=bm, num_warps=4, num_stages=1)
         else:
             _TUNED[_family(qkv.dtype)][1][(programs,)](*args, **meta)
+    dls = None
+    if g.cosine:  # Σ over a head's programs; zero where the clamp at ln 100 holds (as torch.clamp)
+        dls = lpart.view(-1, g.heads).sum(0)
     if dqw is not None:
+        if g.cosine:  # the workspace holds dq̂ (summed over key blocks): through the normalisation here
+            dqw, extra = _unit_rows_grad_torch(qkv[..., :g.C], dqw, g.heads)
+            dls = dls + extra
         dqkv[..., :g.C].copy_(dqw)
+    if dls is not None:
+        dls = torch.where(logit_scale.reshape(g.heads).float() < LOGIT_SCALE_MAX, dls, 0.0)
+        dls = dls.reshape(logit_scale.shape).to(logit_scale.dtype)
 
     dtable = dbias = None
     if table_grad:
@@ -748,7 +868,20 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
         dbias = torch.zeros(3 * g.C, device=qkv.device, dtype=torch.float32)
         dbias[g.C:] = kv.permute(1, 0, 2).reshape(2 * g.C)
         dbias = dbias.to(qkv_bias.dtype)
-    return dqkv, dtable, dbias
+    return dqkv, dtable, dbias, dls
+
+
+def _unit_rows_grad_torch(q, dqn, heads):
+    """(dq, per-head Σ q̂·dq̂) from dq̂ (B, L, C) fp32 and q (B, L, C): the normalisation's gradient
+    of the key-block backward (N > 256), where dq̂ is only complete after the kernel."""
+    b, n, c = dqn.shape
+    qf = q.float().reshape(b, n, heads, c // heads)
+    inv = 1.0 / torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_min(1e-12)
+    qn = qf * inv
+    g = dqn.reshape(b, n, heads, c // heads)
+    cq = (qn * g).sum(-1, keepdim=True)
+    dq = (g - qn * torch.where(inv < 1e12, cq, 0.0)) * inv
+    return dq.reshape(b, n, c), cq.sum((0, 1, 3))
 
 
 def window_attention_flops(B, H, W, C, heads, window_size, backward=False):
