@@ -38,6 +38,13 @@ CASES = {
                       (72, 72), {"FusedSwinTransformerBlock": 7}, {"_window_attention_fwd": 7}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(2, 2, 1, 1)), (64, 64),
                   {"FusedSwinTransformerBlock": 6}, {"_window_attention_fwd": 6}),
+    # Swin V2 (cosine attention, continuous position bias), on maps that are and are not window multiples
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, depths=(2, 2, 1, 1)), (64, 64),
+               {"FusedSwinTransformerV2Block": 6}, {"_window_attention_fwd": 6}),
+    "swinv2_pad": ("swinv2_tiny_window8_256", dict(img_size=72, window_size=4, depths=(2, 2, 2, 1)), (72, 72),
+                   {"FusedSwinTransformerV2Block": 7}, {"_window_attention_fwd": 7}),
+    "swinv2_cr": ("swinv2_cr_tiny_224", dict(img_size=(72, 72), window_size=4, depths=(2, 2, 1, 1)), (72, 72),
+                  {"FusedSwinTransformerV2CrBlock": 6}, {"_window_attention_fwd": 6}),
     "pvt_v2_b0": ("pvt_v2_b0", dict(depths=(1, 1, 1, 1)), (64, 64),
                   # mix_ffn is composite on CPU: its fused part is the dwconv (+GELU) op
                   {"FusedPvtV2Attention": 4, "FusedMlpWithDepthwiseConv": 4}, {"_sr_attention_fwd": 4, "_dwconv_fwd": 4}),
@@ -88,11 +95,18 @@ def _pair(case, **overrides):
     """(unpatched, patched) timm models with the same weights, eval mode, and an input."""
     name, kwargs, hw, _, _ = CASES[case]
     ref = timm.create_model(name, pretrained=False, **{**kwargs, **overrides}).eval()
+    for m in ref.modules():  # v2_cr's meta MLP drops out in training (its fused path then falls back: tested below)
+        if isinstance(m, torch.nn.Dropout) and "meta_mlp" in _module_names(ref).get(id(m), ""):
+            m.p = 0.0
     with torch.no_grad():
         for p in ref.parameters():  # non-trivial weights everywhere (biases, norms, temperatures, bias tables)
             p.add_(0.02 * torch.randn_like(p))
     patched = vk.patch_timm(copy.deepcopy(ref))
     return ref, patched, torch.randn(2, 3, *hw)
+
+
+def _module_names(model):
+    return {id(m): n for n, m in model.named_modules()}
 
 
 def _fused_names(model):
@@ -149,8 +163,8 @@ def test_patched_matches_timm_outputs_and_grads(case):
 
 
 def test_swin_shifted_windows_on_padded_maps_match_timm_at_several_sizes():
-    """timm shifts before padding, the op pads first: the fused path hands the op the map in its own
-    order, so every size matches timm (and runs the op in every block)."""
+    """timm shifts before padding: the fused path runs the op with shift_first=True, so every size
+    matches timm (and runs the op once in every block)."""
     for hw in [(40, 40), (44, 52), (36, 60)]:
         ref, patched, _ = _pair("swin_tiny_pad", img_size=hw, depths=(2, 2, 1, 1))
         x = torch.randn(1, 3, *hw)
@@ -575,3 +589,20 @@ def test_dropout_while_training_falls_back_and_warns_once_per_reason(monkeypatch
         torch.manual_seed(1)
         want = ref(x)
     _close(got, want)
+
+
+def test_swinv2_cr_meta_mlp_dropout_while_training_falls_back():
+    """timm's v2_cr draws its meta-MLP dropout per pair of tokens; the fused table has one entry per
+    offset, so training with that dropout runs timm's forward (warned once); eval stays fused."""
+    ref = timm.create_model("swinv2_cr_tiny_224", img_size=(32, 32), window_size=4, depths=(2, 1, 1, 1)).eval()
+    patched = vk.patch_timm(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), OpCounter() as counter:
+        _close(patched(x), ref(x))
+    assert counter.counts
+    patched.train(), ref.train()
+    with warnings.catch_warnings(record=True) as caught, OpCounter() as counter:
+        warnings.simplefilter("always")
+        _close(_seeded(patched, x), _seeded(ref, x))
+    assert not counter.counts
+    assert any("meta MLP's dropout" in str(w.message) for w in caught)

@@ -19,10 +19,13 @@ Covered today:
 - Twins: `timm.models.twins.GlobalSubSampleAttn` -> `FusedGlobalSubSampleAttn`: `sr_attention` after
   timm's own sub-sampling conv and norm (LocallyGroupedAttn keeps timm's forward);
 - SwinTransformer: `timm.models.swin_transformer.SwinTransformerBlock` -> `FusedSwinTransformerBlock`
-  whose `_attn` is one `window_attention` call (roll, pad, partition, mask, bias gather, attention,
-  reverse). timm shifts before padding, the op pads first: where a shifted map is not a multiple of the
-  window, the fused path hands the op the map in the op's order (a roll and pad of qkv, no module call),
-  so every input size runs fused;
+  whose `_attn` is one `window_attention(..., shift_first=True)` call (timm's roll, pad, partition,
+  mask, bias gather, attention and reverse, as index math), at every input size;
+- SwinTransformerV2: `timm.models.swin_transformer_v2.SwinTransformerV2Block` ->
+  `FusedSwinTransformerV2Block`: V2's q/v biases and its continuous position bias (timm's cpb MLP,
+  16·sigmoid) as the table, then one cosine `window_attention(..., logit_scale, shift_first=True)`;
+  `swin_transformer_v2_cr.SwinTransformerV2CrBlock` -> `FusedSwinTransformerV2CrBlock` likewise, its
+  meta MLP evaluated once per relative offset as the table;
 - PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `FusedPvtV2Attention`: timm's own
   spatial reduction, then `sr_attention`; `MlpWithDepthwiseConv` -> `FusedMlpWithDepthwiseConv`: one
   `mix_ffn` call;
@@ -70,9 +73,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
 
 def window_attention(qkv: Tensor, hw: Tuple[int, int], num_heads: int, window_size: int, shift_size: int = 0,
                      rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
+                     shift_first: bool = False) -> Tensor:
     return torch.ops.vitkernels.window_attention(qkv, [hw[0], hw[1]], num_heads, window_size, shift_size,
-                                                 rel_pos_bias_table, qkv_bias, scale)
+                                                 rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
 
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -122,28 +126,13 @@ def _heads_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Option
 
 
 def _timm_window_attention(qkv: Tensor, h: int, w: int, num_heads: int, window: int, shift: int,
-                           table: Tensor, qkv_bias: Optional[Tensor], scale: float) -> Tensor:
-    """timm's `SwinTransformerBlock._attn` core on qkv (B, H·W, 3C) -> (B, H·W, C), for every H, W.
-
-    The op pads, then shifts (SPEC.md); timm shifts the unpadded map, then pads. They agree without a
-    shift or when H and W are multiples of the window. Otherwise the op gets the map in its own order:
-    P = pad(roll(qkv, -s)) (padded tokens' qkv is the qkv bias, the qkv linear of a zero token), rolled
-    by +s so the op's shift gives back P; its output rolled by -s is timm's attention on P, which timm
-    crops and shifts back."""
-    if shift == 0 or (h % window == 0 and w % window == 0):
-        return window_attention(qkv, (h, w), num_heads, window, shift, table, qkv_bias, scale)
-    b, _, c3 = qkv.shape
-    hp, wp = (h + window - 1) // window * window, (w + window - 1) // window * window
-    t = torch.roll(qkv.reshape(b, h, w, c3), [-shift, -shift], [1, 2])
-    fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)  # timm: linear(0) in qkv's dtype
-    if wp > w:
-        t = torch.cat([t, fill.expand(b, h, wp - w, c3)], 2)
-    if hp > h:
-        t = torch.cat([t, fill.expand(b, hp - h, wp, c3)], 1)
-    t = torch.roll(t, [shift, shift], [1, 2]).reshape(b, hp * wp, c3)
-    out = window_attention(t, (hp, wp), num_heads, window, shift, table, qkv_bias, scale)
-    out = torch.roll(out.reshape(b, hp, wp, c3 // 3), [-shift, -shift], [1, 2])[:, :h, :w]
-    return torch.roll(out, [shift, shift], [1, 2]).reshape(b, h * w, c3 // 3)
+                           table: Tensor, qkv_bias: Optional[Tensor], scale: Optional[float],
+                           logit_scale: Optional[Tensor]) -> Tensor:
+    """timm's `SwinTransformerBlock._attn` / `SwinTransformerV2Block._attn` core on qkv (B, H·W, 3C) ->
+    (B, H·W, C), for every H, W: timm shifts the unpadded map, then pads (`shift_first=True`); a padded
+    token's qkv is `qkv_bias` (timm pads the block's input with zeros before its qkv linear).
+    `logit_scale` selects V2's cosine attention (then `scale` is unused)."""
+    return window_attention(qkv, (h, w), num_heads, window, shift, table, qkv_bias, scale, logit_scale, True)
 
 
 torch.fx.wrap("_vit_attention")
@@ -197,7 +186,72 @@ def _fused_swin_attn(self, x: Tensor) -> Tensor:
     b, h, w, c = x.shape
     qkv = attn.qkv(x.reshape(b, h * w, c))
     out = _timm_window_attention(qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0],
-                                 attn.relative_position_bias_table, attn.qkv.bias, attn.scale)
+                                 attn.relative_position_bias_table, attn.qkv.bias, attn.scale, None)
+    return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
+
+
+def _fused_swinv2_attn(self, x: Tensor) -> Tensor:
+    """timm SwinTransformerV2Block._attn on (B, H, W, C): qkv with V2's q/v biases, the continuous
+    position bias (timm's cpb MLP, 16·sigmoid) as the table, then one cosine `window_attention` with the
+    block's logit_scale in timm's shift-then-pad order."""
+    attn = self.attn
+    if attn.training and attn.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_attn(x)
+    if self.window_size[0] != self.window_size[1] or self.shift_size[0] != self.shift_size[1]:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "a non-square window or shift (the op takes square windows)")
+        return self._timm_attn(x)
+    b, h, w, c = x.shape
+    tokens = x.reshape(b, h * w, c)
+    qkv_bias: Optional[Tensor] = attn.qkv.bias
+    if attn.q_bias is None:
+        qkv = attn.qkv(tokens)
+    else:
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        if attn.qkv_bias_separate:
+            qkv = attn.qkv(tokens) + qkv_bias
+        else:
+            qkv = F.linear(tokens, weight=attn.qkv.weight, bias=qkv_bias)
+    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
+    out = _timm_window_attention(qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0], table,
+                                 qkv_bias, None, attn.logit_scale)
+    return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
+
+
+def _log_spaced_offsets(m: int, like: Tensor) -> Tensor:
+    """((2M-1)², 2) relative offsets (dy, dx), dy outer (the table order of SPEC op 3), log-spaced as
+    timm's `swin_transformer_v2_cr` spaces its pairwise ones: sign(c)·log(1 + |c|)."""
+    r = torch.arange(-(m - 1), m, device=like.device, dtype=torch.float32)
+    c = torch.stack([r.repeat_interleave(2 * m - 1), r.repeat(2 * m - 1)], 1)
+    return (torch.sign(c) * torch.log(1.0 + c.abs())).to(like.dtype)
+
+
+def _fused_swinv2cr_attn(self, x: Tensor) -> Tensor:
+    """timm SwinTransformerV2CrBlock._shifted_window_attn on (B, H, W, C): its meta MLP evaluated once per
+    relative offset gives the ((2M-1)², heads) table (timm evaluates it per pair of tokens: the same
+    values, gathered), then one cosine `window_attention` in timm's shift-then-pad order."""
+    attn = self.attn
+    if attn.training and attn.attn_drop.p > 0.0:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "attention dropout while training (the fused op has no dropout)")
+        return self._timm_shifted_window_attn(x)
+    if attn.training and self._vk_meta_dropout:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "the meta MLP's dropout while training (timm draws it per pair of tokens, the fused "
+                                "table has one entry per relative offset)")
+        return self._timm_shifted_window_attn(x)
+    if self.window_size[0] != self.window_size[1] or self.shift_size[0] != self.shift_size[1]:
+        if not torch.jit.is_scripting():
+            warn_fallback(self, "a non-square window or shift (the op takes square windows)")
+        return self._timm_shifted_window_attn(x)
+    b, h, w, c = x.shape
+    m = self.window_size[0]
+    qkv = attn.qkv(x.reshape(b, h * w, c))
+    table = attn.meta_mlp(_log_spaced_offsets(m, attn.relative_coordinates_log))
+    out = _timm_window_attention(qkv, h, w, attn.num_heads, m, self.shift_size[0], table, attn.qkv.bias, None,
+                                 attn.logit_scale)
     return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
 
 
@@ -364,6 +418,40 @@ def _swin_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _swinv2cr_reason(m: nn.Module) -> Optional[str]:
+    attn = getattr(m, "attn", None)
+    for name in ("qkv", "proj", "meta_mlp", "relative_coordinates_log", "logit_scale", "attn_drop", "proj_drop"):
+        if not hasattr(attn, name):
+            return f"no `attn.{name}` (an unknown variant of the class)"
+    (m0, m1), (s0, s1) = tuple(m.window_size), tuple(m.shift_size)
+    if m0 != m1 or s0 != s1:
+        return f"non-square window {tuple(m.window_size)} / shift {tuple(m.shift_size)} (the op takes square windows)"
+    if not isinstance(attn.qkv, nn.Linear):
+        return f"attn.qkv is a {type(attn.qkv).__name__}, not nn.Linear (padded tokens need its bias)"
+    return None
+
+
+def _swinv2cr_prepare(m: nn.Module) -> None:
+    # static: whether timm's meta MLP drops out while training (v2_cr's default: 0.125 after fc1)
+    m._vk_meta_dropout = any(isinstance(d, nn.Dropout) and d.p > 0 for d in m.attn.meta_mlp.modules())
+
+
+def _swinv2_reason(m: nn.Module) -> Optional[str]:
+    attn = getattr(m, "attn", None)
+    for name in ("qkv", "proj", "cpb_mlp", "relative_coords_table", "logit_scale", "q_bias", "qkv_bias_separate",
+                 "attn_drop", "proj_drop"):
+        if not hasattr(attn, name):
+            return f"no `attn.{name}` (an unknown variant of the class)"
+    (m0, m1), (s0, s1) = tuple(m.window_size), tuple(m.shift_size)
+    if m0 != m1 or s0 != s1:
+        return f"non-square window {tuple(m.window_size)} / shift {tuple(m.shift_size)} (the op takes square windows)"
+    if tuple(attn.relative_coords_table.shape[1:3]) != (2 * m0 - 1, 2 * m0 - 1):
+        return f"coordinate table of shape {tuple(attn.relative_coords_table.shape)} does not fit window {m0}"
+    if not isinstance(attn.qkv, nn.Linear):
+        return f"attn.qkv is a {type(attn.qkv).__name__}, not nn.Linear (padded tokens need its bias)"
+    return None
+
+
 def _pvt_reason(m: nn.Module) -> Optional[str]:
     for name in ("q", "kv", "proj", "pool", "sr", "norm", "act", "attn_drop", "proj_drop"):
         if not hasattr(m, name):
@@ -406,7 +494,12 @@ _SPECS = [
               "forward", _fused_vit_forward,
               "vitkernels.self_attention; with q/k norm or a mask: vitkernels.attention", _vit_reason, _vit_prepare),
     FusedSpec("FusedSwinTransformerBlock", [("timm.models.swin_transformer", "SwinTransformerBlock")],
-              "_attn", _fused_swin_attn, "vitkernels.window_attention", _swin_reason),
+              "_attn", _fused_swin_attn, "vitkernels.window_attention (shift_first)", _swin_reason),
+    FusedSpec("FusedSwinTransformerV2Block", [("timm.models.swin_transformer_v2", "SwinTransformerV2Block")],
+              "_attn", _fused_swinv2_attn, "vitkernels.window_attention (logit_scale, shift_first)", _swinv2_reason),
+    FusedSpec("FusedSwinTransformerV2CrBlock", [("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock")],
+              "_shifted_window_attn", _fused_swinv2cr_attn, "vitkernels.window_attention (logit_scale, shift_first)",
+              _swinv2cr_reason, _swinv2cr_prepare),
     FusedSpec("FusedPvtV2Attention", [("timm.models.pvt_v2", "Attention")],
               "forward", _fused_pvt_forward, "vitkernels.sr_attention", _pvt_reason),
     FusedSpec("FusedMlpWithDepthwiseConv", [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
