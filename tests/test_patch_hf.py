@@ -1,7 +1,9 @@
 """patch_hf and the "vitkernels" attention backend on real transformers models.
 
 For tiny random configurations of ViT, DeiT (distilled), Swin (padded and shifted windows, and a stage
-whose window is clamped to its resolution), SegFormer, PVTv2 (and its linear-attention variant),
+whose window is clamped to its resolution), Swin V2 (the same, with cosine attention and the continuous
+position bias; a shifted layer whose logit scale is too large for transformers' doubled shift mask to be
+negligible keeps HF's forward), SegFormer, PVTv2 (and its linear-attention variant),
 TimeSformer (divided space-time, space_only, joint_space_time) and ViViT: patched == unpatched outputs
 and every parameter gradient (float32, training mode with stochastic depth where the config has it)
 while a dispatch mode counts the vitkernels ops that ran; the Triton kernels (interpreter on CPU) for one
@@ -19,6 +21,7 @@ attention-backend tests skip where 4.x has no AttentionInterface).
 import copy
 import inspect
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +69,15 @@ CASES = {
                    dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 2],
                         window_size=4),
                    _image(32, 32), {"_window_attention_fwd": 6}),
+    # Swin V2, maps 20x28, 10x14 and 5x7 (padded to 12x16 and 8x8, shifted; HF pads, then shifts): cosine
+    # attention at the initial logit scale (τ ≈ 10), HF's continuous position bias as the op's table
+    "swinv2": ("Swinv2ForImageClassification", "Swinv2Config",
+               dict(image_size=(40, 56), patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 2],
+                    window_size=4, num_labels=3), _image(40, 56), {"_window_attention_fwd": 6}),
+    # maps 16 (shifted), 8 (= the window 8: unshifted) and 4 (window clamped to 4, with its own coordinate table)
+    "swinv2_clamp": ("Swinv2Model", "Swinv2Config",
+                     dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 2],
+                          window_size=8), _image(32, 32), {"_window_attention_fwd": 6}),
     "segformer": ("SegformerForSemanticSegmentation", "SegformerConfig",
                   dict(decoder_hidden_size=16, num_labels=3, **MIT), _image(64, 64),
                   # mix_ffn is composite on CPU: its fused part is the dwconv (+GELU) op
@@ -245,6 +257,7 @@ def test_swin_window_too_large_for_its_table_runs_hf_forward():
 TRITON_CASES = {  # one small model per family, tiny enough for the interpreter
     "vit": dict(num_hidden_layers=1),
     "swin": dict(image_size=(24, 20), depths=[2, 1], num_heads=[1, 2]),  # 12x10: padded, shifted
+    "swinv2": dict(image_size=(24, 20), depths=[2, 1], num_heads=[1, 2]),  # 12x10: padded, shifted; cosine
     "segformer": dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
                       sr_ratios=[2, 1], strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2]),
     "pvt_v2_li": dict(num_encoder_blocks=1, depths=[1], hidden_sizes=[16], num_attention_heads=[2],
@@ -263,7 +276,7 @@ def test_triton_path_in_the_interpreter(case):
     ref = _build(case, **overrides)
     patched = vk.patch_hf(copy.deepcopy(ref))
     size = overrides.get("image_size", None)
-    if case == "swin":
+    if case in ("swin", "swinv2"):
         x = torch.randn(1, 3, 24, 20)
     elif case in ("timesformer", "vivit"):
         x = torch.randn(1, overrides.get("num_frames", CASES[case][2]["num_frames"]), 3, size, size)
@@ -286,6 +299,8 @@ REAL = {  # family -> (model class, config kwargs: the class defaults, depth red
     "vit": ("ViTModel", dict(num_hidden_layers=2), (1, 3, 224, 224)),  # ViT-B/16 at 224: N = 197, D = 64
     "deit": ("DeiTModel", dict(num_hidden_layers=2), (1, 3, 224, 224)),
     "swin": ("SwinModel", dict(), (1, 3, 224, 224)),  # Swin-T, window 7 (last stage clamped: 7x7)
+    # Swin V2-T, window 8 at 256 (microsoft/swinv2-tiny-patch4-window8-256's config; last stage 8x8, unshifted)
+    "swinv2": ("Swinv2Model", dict(image_size=256, window_size=8), (1, 3, 256, 256)),
     "segformer": ("SegformerModel", dict(), (1, 3, 224, 224)),  # MiT-b0
     "pvt_v2": ("PvtV2Model", dict(), (1, 3, 224, 224)),  # PVTv2-b0
     "timesformer": ("TimesformerModel", dict(num_hidden_layers=1), (1, 8, 3, 224, 224)),  # 8 x 196 tokens + cls
@@ -314,10 +329,10 @@ def _fallback_warnings(caught):
     return [str(w.message) for w in caught if issubclass(w.category, hf.FusedFallbackWarning)]
 
 
-@pytest.mark.parametrize("case", ["vit", "swin", "segformer", "pvt_v2", "timesformer", "vivit"])
+@pytest.mark.parametrize("case", ["vit", "swin", "swinv2", "segformer", "pvt_v2", "timesformer", "vivit"])
 def test_output_attentions_runs_the_original_forward_and_warns_once(case, monkeypatch):
     monkeypatch.setattr(_patching, "_WARNED", set())
-    impl = {} if case in ("pvt_v2", "timesformer") else {"attn_implementation": "eager"}
+    impl = {} if case in ("pvt_v2", "timesformer", "swinv2") else {"attn_implementation": "eager"}
     ref = _build(case, **impl)
     patched = vk.patch_hf(copy.deepcopy(ref))
     x = CASES[case][3](1)
@@ -337,7 +352,7 @@ def test_output_attentions_runs_the_original_forward_and_warns_once(case, monkey
 
 def test_attention_dropout_while_training_runs_the_original_forward(monkeypatch):
     monkeypatch.setattr(_patching, "_WARNED", set())
-    for case in ("vit", "swin", "pvt_v2", "timesformer"):
+    for case in ("vit", "swin", "swinv2", "pvt_v2", "timesformer"):
         ref, patched, x = _pair(case, attention_probs_dropout_prob=0.1)
         ref.train(), patched.train()
         with warnings.catch_warnings(record=True) as caught, OpCounter() as counter:
@@ -404,11 +419,12 @@ class LoraLike(torch.nn.Module):
                                                 "vit.layers.0.attention.q_proj"),
                                         ("swin", "swin.encoder.layers.1.blocks.1.attention.self.query|"
                                                  "swin.encoder.layers.1.blocks.1.attention.q_proj"),
+                                        ("swinv2", "swinv2.encoder.layers.1.blocks.1.attention.self.query"),
                                         ("segformer", "segformer.encoder.block.0.0.mlp.dense1|"
                                                       "segformer.stages.0.blocks.0.mlp.fc1")])
 def test_lora_wrapped_linears_keep_working(case, where):
-    """The fused forwards call the model's own linears: a wrapper replacing `q_proj` (Swin: on a padded,
-    shifted stage, where padded tokens go through it too; SegFormer: the Mix-FFN's fc1, which then runs
+    """The fused forwards call the model's own linears: a wrapper replacing `q_proj` (Swin and Swin V2: on a
+    padded, shifted stage, where padded tokens go through it too; SegFormer: the Mix-FFN's fc1, which then runs
     its own linears around the fused dwconv) changes the patched model exactly as the unpatched one."""
     ref, patched, x = _pair(case)
     path = next(p for p in where.split("|") if _has_module(ref, p))
@@ -440,7 +456,7 @@ def _has_module(model, path):
 
 # ----------------------------------------------------------------------------- ordinary-model behaviour
 
-PICKLE_CASES = ["vit", "swin", "segformer", "pvt_v2_li", "timesformer", "vivit"]
+PICKLE_CASES = ["vit", "swin", "swinv2", "segformer", "pvt_v2_li", "timesformer", "vivit"]
 
 
 def test_pickle_roundtrip_in_a_fresh_process(tmp_path):
@@ -501,7 +517,7 @@ def test_fused_classes_importable_by_name():
         hf.FusedNothing  # noqa: B018
 
 
-@pytest.mark.parametrize("case", ["vit", "swin", "timesformer"])
+@pytest.mark.parametrize("case", ["vit", "swin", "swinv2", "timesformer"])
 def test_deepcopy(case):
     _, patched, x = _pair(case)
     twin = copy.deepcopy(patched)
@@ -515,7 +531,7 @@ def test_deepcopy(case):
 AUTOCAST_FLOOR = 1e-2
 
 
-@pytest.mark.parametrize("case", ["vit", "swin", "segformer", "pvt_v2", "timesformer", "vivit"])
+@pytest.mark.parametrize("case", ["vit", "swin", "swinv2", "segformer", "pvt_v2", "timesformer", "vivit"])
 def test_autocast_bf16_close_to_unpatched(case):
     """Under autocast(cpu, bfloat16): outputs and gradients as close to the float32 unpatched model as the
     unpatched model under the same autocast (2x its error + a floor); float32 parameters get float32 grads."""
@@ -547,7 +563,7 @@ def test_autocast_bf16_close_to_unpatched(case):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.25 deprecates the name, still supported
-@pytest.mark.parametrize("case", ["vit", "swin", "segformer", "timesformer"])
+@pytest.mark.parametrize("case", ["vit", "swin", "swinv2", "segformer", "timesformer"])
 def test_gradient_checkpointing_enable(case):
     ref, patched, x = _pair(case)
     if not ref.supports_gradient_checkpointing:
@@ -587,13 +603,13 @@ def _graph_capturing_backend(graphs):
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
-@pytest.mark.parametrize("case", ["vit", "swin", "timesformer"])
+@pytest.mark.parametrize("case", ["vit", "swin", "swinv2", "timesformer"])
 def test_torch_compile_fullgraph(case):
     """One graph (no break in the fused forwards), with the vitkernels op in it; forward and backward.
     (transformers 5's SegformerForSemanticSegmentation does not compile with fullgraph=True even unpatched:
     its output-capture hooks are installed under a lock.)"""
     torch._dynamo.reset()
-    ref, patched, x = _pair(case, **({"depths": [2, 1, 1]} if case == "swin" else {"num_hidden_layers": 1}))
+    ref, patched, x = _pair(case, **({"depths": [2, 1, 1]} if case in ("swin", "swinv2") else {"num_hidden_layers": 1}))
     graphs = []
     compiled = torch.compile(patched, fullgraph=True, backend=_graph_capturing_backend(graphs))
     out = _out(compiled(x))
@@ -604,6 +620,86 @@ def test_torch_compile_fullgraph(case):
     _out(ref(x)).sum().backward()
     _grads_close(patched, ref)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- Swin V2: the doubled shift mask
+
+def _set_tau(layer, tau):
+    with torch.no_grad():
+        layer.attention.self.logit_scale.fill_(math.log(tau))
+
+
+def test_swinv2_large_logit_scale_on_a_shifted_layer_keeps_hf_forward(caplog):
+    """transformers' Swinv2SelfAttention adds its shift mask twice (−200; the op −100): a shifted layer whose
+    τ exceeds `swinv2_tau_bound` keeps HF's forward, and the patch log says why; unshifted layers fuse at any
+    τ. Outputs and gradients still equal the unpatched model's."""
+    ref = _build("swinv2")
+    blocks = ref.swinv2.encoder.layers[1].blocks
+    assert blocks[1].shift_size == 2 and blocks[0].shift_size == 0
+    _set_tau(blocks[1], 60.0)  # shifted: kept
+    _set_tau(blocks[0], 100.0)  # unshifted: no mask, fused
+    bound = hf.swinv2_tau_bound(4)
+    assert 32.5 < bound < 33 and 31.8 < hf.swinv2_tau_bound(8) < 32 and 31 < hf.swinv2_tau_bound(16) < 31.3
+    with caplog.at_level(logging.INFO, logger="vitkernels"):
+        patched = vk.patch_hf(copy.deepcopy(ref))
+    text = caplog.text
+    assert "fused 5 × transformers.models.swinv2.modeling_swinv2.Swinv2Layer -> FusedSwinv2Layer" in text
+    assert ("kept the original forward of 1 × transformers.models.swinv2.modeling_swinv2.Swinv2Layer: shifted "
+            f"windows (window 4, shift 2) with logit scale τ = 60.0 (max over heads) > {bound:.1f}: transformers' "
+            "Swinv2SelfAttention adds its shift mask twice (masked scores −200") in text, text
+    assert type(patched.swinv2.encoder.layers[1].blocks[1]) is type(blocks[1])
+    assert type(patched.swinv2.encoder.layers[1].blocks[0]).__name__ == "FusedSwinv2Layer"
+    x = CASES["swinv2"][3](2)
+    with torch.no_grad(), OpCounter() as counter:
+        got = _out(patched(x))
+    assert counter.counts == {"_window_attention_fwd": 5}
+    _close(got, _out(ref(x)))
+    ref.train(), patched.train()
+    out, w = _backward(patched, x)
+    want, _ = _backward(ref, x, w)
+    _close(out, want)
+    _grads_close(patched, ref)
+
+
+def _swinv2_worst_case(tau):
+    """A shifted Swinv2Layer (8x8 map, window 4, shift 2) and an input built so that the shift mask decides
+    the result: keys = −queries, and the tokens' sign flips between the row regions of the shifted grid, so
+    every masked key is aligned with its query (q̂·k̂ = +1) and every unmasked one opposed (−1). Returns
+    (HF's output, the fused forward's output) of that layer."""
+    torch.manual_seed(1)
+    config = T.Swinv2Config(image_size=16, patch_size=2, embed_dim=16, depths=[2], num_heads=[1], window_size=4)
+    layer = T.Swinv2Model(config).eval().encoder.layers[0].blocks[1]
+    attn = layer.attention.self
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        attn.key.weight.copy_(-attn.query.weight)
+        attn.query.bias.zero_()
+    _set_tau(layer, tau)
+    rows = (torch.arange(8) - 2) % 8  # shifted-grid row of each map row (pad-then-shift, no padding)
+    region = (rows >= 4).long() + (rows >= 6).long()
+    x = torch.where(region == 2, -1.0, 1.0)[:, None].expand(8, 8).reshape(1, 64, 1) * torch.randn(1, 1, 16)
+    layer._vk_hf4 = "head_mask" in inspect.signature(type(layer).forward).parameters
+    with torch.no_grad():
+        return layer(x, (8, 8))[0], hf._fused_swinv2_layer_forward(layer, x, (8, 8))[0]
+
+
+def test_swinv2_tau_bound_is_needed_and_safe():
+    """On the worst-case input, the op's −100 mask reproduces HF's −200 at τ = the bound, and not at τ = 60
+    (there the masked keys take over the softmax): the fallback is necessary, the bound conservative."""
+    want, got = _swinv2_worst_case(hf.swinv2_tau_bound(4))
+    _close(got, want)
+    want, got = _swinv2_worst_case(60.0)
+    assert (got - want).abs().max() > 1.0
+
+
+def test_fused_swinv2_class_importable_by_name():
+    from vitkernels.integrations.hf import FusedSwinv2Layer
+
+    assert issubclass(FusedSwinv2Layer, T.models.swinv2.modeling_swinv2.Swinv2Layer)
+    assert FusedSwinv2Layer.__module__ == "vitkernels.integrations.hf"
+    _, patched, _ = _pair("swinv2")
+    assert type(patched.swinv2.encoder.layers[0].blocks[0]) is FusedSwinv2Layer
 
 
 # ----------------------------------------------------------------------------- logging

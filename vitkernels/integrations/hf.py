@@ -1,7 +1,7 @@
 """Hugging Face transformers: `vitkernels.patch_hf(model)` and the "vitkernels" attention backend.
 
 `patch_hf(model)` swaps, in place, the attention (and conv-FFN) modules of transformers ViT, DeiT,
-Swin, SegFormer, PVTv2, TimeSformer and ViViT models for fused ones, as `patch_timm` does for timm (the
+Swin, Swinv2, SegFormer, PVTv2, TimeSformer and ViViT models for fused ones, as `patch_timm` does for timm (the
 machinery is shared, see `_patching.py`): a swapped module is the same object with the same parameters
 (`state_dict()` keys unchanged); only its class becomes `Fused<Name>`, a subclass of the transformers
 class that overrides `forward` and keeps the original as `_hf_forward`. The fused forwards call the
@@ -13,6 +13,9 @@ working) and feed the op the layout those produce, without permute/partition cop
   linears' outputs (no concatenation); the output is already in token layout for the output linear;
 - Swin `SwinLayer`: one `window_attention` per block on [q|k|v] of the un-padded tokens (HF pads, then
   shifts: the op's default order; a padded token's q/k/v is the linears applied to a zero token);
+- Swin V2 `Swinv2Layer`: the same, with cosine attention (`logit_scale`) and HF's continuous position bias
+  (its own MLP, 16·sigmoid) as the table; a shifted layer whose logit scale is too large for transformers'
+  doubled shift mask to be negligible keeps HF's forward (see `swinv2_tau_bound`);
 - SegFormer attention and PVTv2 `PvtV2SelfAttention`: HF's own sequence reduction, then `sr_attention`
   (a stage without reduction: `attention` on views); Mix-FFN (`SegformerMixMLP` / 4.x `SegformerMixFFN`,
   `PvtV2ConvFeedForwardNetwork`, its ReLU variant too): `mix_ffn`, or, when the linears are wrapped (LoRA)
@@ -33,7 +36,9 @@ builder under the same name in `AttentionMaskInterface`, so padding masks are bu
 runs `vitkernels.attention` inside every model that goes through the registry. `import vitkernels`
 alone does not register it (it never imports transformers).
 """
+import inspect
 import logging
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -65,9 +70,10 @@ def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -
 
 
 def window_attention(qkv: Tensor, hw: List[int], num_heads: int, window_size: int, shift_size: int,
-                     rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: float) -> Tensor:
+                     rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: Optional[float],
+                     logit_scale: Optional[Tensor] = None, shift_first: bool = False) -> Tensor:
     return torch.ops.vitkernels.window_attention(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table,
-                                                 qkv_bias, scale)
+                                                 qkv_bias, scale, logit_scale, shift_first)
 
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -333,6 +339,80 @@ def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tup
     return hidden_states, None
 
 
+# ----------------------------------------------------------------------------- fused forwards: Swin V2
+
+def swinv2_tau_bound(window_size: int, eps: float = 1e-7) -> float:
+    """The largest logit scale τ = exp(min(logit_scale, ln 100)) at which a shifted `Swinv2Layer` is fused.
+
+    transformers' `Swinv2SelfAttention` adds its shift mask twice, so its masked scores get −200 where the
+    original Swin V2, timm and the op use −100. The two differ only by the softmax weight the masked keys
+    keep under −100. In a window of N = M² keys, a (real) query row's scores are τ·(q̂·k̂) + b + mask with
+    |q̂·k̂| ≤ 1 and Swin V2's bias b = 16·sigmoid(·) ∈ (0, 16). The query's own key is never masked and scores
+    above −τ, a masked key below τ + 16 − 100, so each masked key's weight is below exp(2τ + 16 − 100) and
+    all of them together below W = (N − 1)·exp(2τ − 84) (under −200: below (N − 1)·exp(2τ − 184), negligible).
+    Both outputs are the unmasked average moved by at most W of the way towards the masked values, so they
+    differ by at most 2·W·max|v|. The bound is the τ at which W = eps (1e-7: float32 rounding):
+    τ ≤ (84 + ln(eps / (N − 1))) / 2 — 32.6 for M = 4, 32.0 for M = 7, 31.9 for M = 8, 31.2 for M = 16,
+    30.8 for M = 24. At initialisation τ = 10."""
+    n = window_size * window_size
+    return (100.0 - 16.0 + math.log(eps / max(n - 1, 1))) / 2.0
+
+
+_DOUBLE_MASK = {}
+
+
+def _swinv2_double_mask(cls: type) -> bool:
+    """Whether this transformers' `Swinv2SelfAttention.forward` adds the shift mask twice (4.46, 4.56 and 5.25
+    do: `+ attention_mask.unsqueeze(1).unsqueeze(0)` on two lines). Assumed so unless its source shows
+    exactly one addition (e.g. a later release that fixes it)."""
+    if cls not in _DOUBLE_MASK:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _DOUBLE_MASK[cls] = src.count("attention_mask.unsqueeze(1).unsqueeze(0)") != 1
+    return _DOUBLE_MASK[cls]
+
+
+def _fused_swinv2_layer_forward(self, hidden_states: Tensor, input_dimensions: Tuple[int, int], *args, **kwargs):
+    """HF `Swinv2Layer` (res-post-norm): own q/k/v linears on the un-padded tokens -> one `window_attention`
+    with cosine attention (`logit_scale`) and HF's continuous position bias (its own MLP on its coordinate
+    table, 16·sigmoid) as the table, in HF's pad-then-shift order (the op's default) -> output linear ->
+    layernorm_before -> drop path -> residual -> HF's MLP -> layernorm_after -> drop path -> residual.
+    The mask is the op's −100 (HF adds its own twice: −200); patch time decides that this does not matter
+    for this layer (`swinv2_tau_bound`)."""
+    if self._vk_hf4:  # forward(hidden_states, input_dimensions, head_mask=None, output_attentions=False)
+        head_mask = args[0] if len(args) > 0 else kwargs.get("head_mask")
+        output_attentions = args[1] if len(args) > 1 else kwargs.get("output_attentions", False)
+    else:  # forward(hidden_states, input_dimensions, output_attentions=False)
+        head_mask = None
+        output_attentions = args[0] if len(args) > 0 else kwargs.get("output_attentions", False)
+    attn = self.attention.self
+    window, shift = self.window_size, self.shift_size
+    why = _why_original(self, bool(output_attentions), _p(attn.dropout), head_mask)
+    if why is None and tuple(attn.relative_coords_table.shape[1:3]) != (2 * window - 1, 2 * window - 1):
+        why = (f"window {window} does not fit the coordinate table {tuple(attn.relative_coords_table.shape)} "
+               f"of its attention")
+    if why is not None:
+        warn_fallback(self, why, _LIB)
+        return self._hf_forward(hidden_states, input_dimensions, *args, **kwargs)
+    height, width = input_dimensions
+    heads = attn.num_attention_heads
+    x = hidden_states  # V2 has no norm before attention: HF pads the block input itself with zeros
+    qkv = torch.cat([attn.query(x), attn.key(x), attn.value(x)], -1)  # the op takes packed [q|k|v] (one copy)
+    qkv_bias = None
+    if height % window or width % window:  # a padded token's q/k/v: the linears of a zero token
+        zero = x.new_zeros((1, x.shape[-1]))
+        qkv_bias = torch.cat([attn.query(zero), attn.key(zero), attn.value(zero)], -1)[0]
+    table = 16 * torch.sigmoid(attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads))
+    out = window_attention(qkv, [height, width], heads, window, int(shift), table, qkv_bias, None,
+                           attn.logit_scale)
+    out = self.attention.output(out, x)  # dense, dropout
+    hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
+    layer_output = self.output(self.intermediate(hidden_states))
+    return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
+
+
 # ----------------------------------------------------------------------------- fused forwards: SegFormer, PVTv2
 
 def _fused_segformer_attention_forward(self, hidden_states: Tensor, height: int, width: int,
@@ -528,6 +608,41 @@ def _swin_reason(m: nn.Module) -> Optional[str]:
     return why or _missing(m, ("mlp", "dropout", "drop_path", "layernorm_after", "set_shift_and_window_size"))
 
 
+def _swinv2_prepare(m: nn.Module) -> None:
+    m._vk_hf4 = "head_mask" in inspect.signature(type(m).forward).parameters  # 4.x: forward(..., head_mask, ...)
+
+
+def _swinv2_reason(m: nn.Module) -> Optional[str]:
+    why = _missing(m, ("attention", "window_size", "shift_size", "layernorm_before", "layernorm_after", "drop_path",
+                       "intermediate", "output"))
+    why = why or _missing(m.attention, ("self", "output"))
+    if why:
+        return why
+    attn = m.attention.self
+    why = _missing(attn, ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp",
+                          "relative_coords_table", "num_attention_heads", "dropout"))
+    if why:
+        return why
+    window, shift = m.window_size, m.shift_size
+    if not (isinstance(window, int) and isinstance(shift, int)):
+        return f"window {window!r} / shift {shift!r} are not ints (the op takes square windows)"
+    if shift > 0 and _swinv2_double_mask(type(attn)):
+        scale = attn.logit_scale.detach()
+        if scale.is_meta:
+            return ("shifted windows, logit scale on the meta device: τ unknown at patch time (transformers' "
+                    "Swinv2SelfAttention adds its shift mask twice; see swinv2_tau_bound)")
+        tau = float(scale.float().clamp(max=math.log(100.0)).exp().max())
+        bound = swinv2_tau_bound(window)
+        if tau > bound:
+            weight = (window * window - 1) * math.exp(2 * tau - 84.0)
+            return (f"shifted windows (window {window}, shift {shift}) with logit scale τ = {tau:.1f} (max over "
+                    f"heads) > {bound:.1f}: transformers' Swinv2SelfAttention adds its shift mask twice (masked "
+                    f"scores −200; the op, the original Swin V2 and timm use −100), and at this τ the bound "
+                    f"(M²−1)·exp(2τ + 16 − 100) = {weight:.2g} on the masked keys' softmax weight under −100 "
+                    f"exceeds 1e-7: the fused layer might not reproduce HF's output")
+    return None
+
+
 def _exact_gelu(act) -> bool:
     if type(act) is nn.GELU:
         return act.approximate == "none"
@@ -617,6 +732,8 @@ _SPECS = [
     # both layouts
     _spec("SwinLayer", "swin.modeling_swin", _fused_swin_layer_forward, "vitkernels.window_attention", _swin_reason,
           _swin_prepare),
+    _spec("Swinv2Layer", "swinv2.modeling_swinv2", _fused_swinv2_layer_forward,
+          "vitkernels.window_attention with logit_scale", _swinv2_reason, _swinv2_prepare),
     _spec("PvtV2SelfAttention", "pvt_v2.modeling_pvt_v2", _fused_pvt_attention_forward, _SR, _pvt_reason),
     _spec("PvtV2ConvFeedForwardNetwork", "pvt_v2.modeling_pvt_v2", _fused_dense_ffn_forward, _FFN,
           _ffn_reason("dense1", "intermediate_act_fn", "dense2")),
