@@ -62,6 +62,8 @@ TIMM_FAMILIES = [
     ("vit_tiny_patch16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5), (2, 3, 32, 32)),
     ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7,
                                           num_classes=5), (2, 3, 56, 56)),
+    ("swinv2_tiny_window8_256", dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+                                     num_classes=5), (2, 3, 64, 64)),
     ("pvt_v2_b0", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_classes=5), (2, 3, 64, 64)),
     ("pvt_v2_b2_li", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_classes=5), (2, 3, 64, 64)),
     ("xcit_tiny_12_p16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=4, num_classes=5), (2, 3, 32, 32)),
