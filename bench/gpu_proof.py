@@ -21,18 +21,22 @@ their share. Steps, in order (the earlier answers matter more):
   check         vitkernels-bench check --quick --one-config -> check.json
   ops           headline op cases, bf16, fwd and fwd+bwd, vitkernels vs eager and SDPA -> *-proof-ops.json
   models        3 models, inference and AMP training step, vitkernels vs timm eager -> *-proof-models.json
+  hf-models     Swin-T, SegFormer-B2, TimeSformer-B as Hugging Face transformers models: eager, sdpa
+                and patched by vitkernels.patch_hf, same steps (optional: what is left) -> appended to
+                *-proof-models.json (no file of its own)
   flex          self/window attention vs compiled FlexAttention (what fits) -> *-proof-flex.json
 
 Files under OUT_DIR (default $OUT, else out/proof): proof.log (every step's output, its wall time and
 exit code), build.log, summary.json (rewritten after every step: the stamp, each step's command,
 timeout, wall time, exit code, status and parsed outcome; "complete" once the run ended without being
 interrupted, "ok" when every step that ran passed), check.json,
-and the three results files <gpu>-<date>-<sha>-proof-{ops,models,flex}.json, which
-`vitkernels-bench report` merges into bench/results/ (docs/benchmarks.md, "One-call GPU proof").
+and the three results files <gpu>-<date>-<sha>-proof-{ops,models,flex}.json (the hf-models rows go
+into the models file, `vitkernels-bench models --append`), which `vitkernels-bench report` merges
+into bench/results/ (docs/benchmarks.md, "One-call GPU proof").
 
 Without a CUDA GPU (or with --dry-run) every step runs a tiny CPU version of itself, to prove the
 script end to end and time it: pip install --dry-run, a few CPU tests, check on three ops in the
-Triton interpreter, ops/models/flex at tiny shapes.
+Triton interpreter, ops/models/flex at tiny shapes, hf-models as transformers ViT-Tiny (inference).
 
 The commit: $VITKERNELS_COMMIT (40 hex), else `git rev-parse HEAD`, else the first line of
 $VITKERNELS_COMMIT_FILE or .vitkernels-commit; the copy of the tree on a lent machine has no .git.
@@ -63,6 +67,10 @@ PY = sys.executable or "python3"
 DEFAULT_DEADLINE = 540  # s: 9 minutes, inside a 570-s timeout_s of the device tool
 MAX_FILES = 8           # what the device tool brings back from $OUT
 MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "segformer_b2")
+# The hf-models step: the transformers counterparts (eager, sdpa, patched) of these, appended to the
+# models results file (Swin and SegFormer get their vitkernels speedups from the models step's rows).
+HF_MODELS = ("swin_tiny_patch4_window7_224", "segformer_b2", "timesformer_base_patch16_224")
+HF_IMPLS = "hf-eager,hf-sdpa,hf+patch_hf"
 # The headline op cases: --representative keeps ViT-B self-attention, Swin-T stage 1, PVTv2/SegFormer
 # stage 1 at 224 and 512, XCiT, TimeSformer time and space+cls, SegFormer-B2 stage 1 dwconv and mix_ffn.
 OPS = ("self_attention", "window_attention", "sr_attention", "xca", "space_time_attention", "dwconv", "mix_ffn")
@@ -192,8 +200,10 @@ class Step:
 
 
 class Ctx:
-    def __init__(self, out: str, dry: bool, probe: dict, prefix: str, models: tuple, env: Optional[dict] = None):
+    def __init__(self, out: str, dry: bool, probe: dict, prefix: str, models: tuple, env: Optional[dict] = None,
+                 hf_models: tuple = HF_MODELS):
         self.out, self.dry, self.probe, self.prefix, self.models = out, dry, probe, prefix, models
+        self.hf_models = hf_models
         self.env = env if env is not None else {}
 
     def path(self, name: str) -> str:
@@ -267,24 +277,32 @@ def check_outcome(ctx, text: str) -> dict:
     return {"passed": doc.get("passed"), "counts": statuses, **({"failures": fails} if fails else {})}
 
 
-def bench_outcome(part: str) -> Callable:
+def bench_outcome(part: str, impls: Optional[tuple] = None) -> Callable:
+    """The outcome of a benchmark step from its results file; `impls`: only the rows of these (the
+    hf-models step appends to the models file)."""
     def outcome(ctx, text: str) -> dict:
         doc = _load(ctx.result(part))
         if doc is None:
             return {}
-        recs = doc.get("records", [])
-        out = {"file": os.path.basename(ctx.result(part)), "records": len(recs), "skipped": len(doc.get("skipped", []))}
-        speedups = {}
+        recs = [r for r in doc.get("records", []) if impls is None or r.get("impl") in impls]
+        skipped = [s for s in doc.get("skipped", []) if impls is None or s.get("impl") in impls]
+        out = {"file": os.path.basename(ctx.result(part)), "records": len(recs), "skipped": len(skipped)}
+        speedups, patched = {}, {}
         for r in recs:
+            key = f"{r['name']} {r['mode']}" + (f" {r['precision']}" if r.get("precision") else "")
             if r.get("vk_speedup"):
-                key = f"{r['name']} {r['mode']}" + (f" {r['precision']}" if r.get("precision") else "")
                 speedups.setdefault(key, {}).setdefault(r["impl"], []).append(r["vk_speedup"])
+            if r.get("patch_hf_speedup"):
+                patched.setdefault(key, {}).setdefault(r["impl"], []).append(r["patch_hf_speedup"])
         out["vk_speedup_geomean"] = {k: {i: round(geomean(v), 3) for i, v in d.items()} for k, d in speedups.items()}
+        if patched:
+            out["patch_hf_speedup_geomean"] = {k: {i: round(geomean(v), 3) for i, v in d.items()}
+                                               for k, d in patched.items()}
         if part == "models":
             out["throughput"] = {f"{r['name']} {r['mode']} {r.get('precision', '')} {r['impl']}".replace("  ", " "):
                                  f"{r['throughput']:.1f} {r.get('unit', '')}" for r in recs}
         reasons = {}
-        for s in doc.get("skipped", []):
+        for s in skipped:
             reasons[s.get("reason", "?")[:120]] = reasons.get(s.get("reason", "?")[:120], 0) + 1
         if reasons:
             out["skip_reasons"] = reasons
@@ -359,6 +377,17 @@ def make_steps() -> list:
                       "--precision", "amp", "--impl", "vitkernels,eager", "--cpu-reps", "1",
                       "--budget", _budget(t, 20), "--json", ctx.result("models"))
 
+    def hf_gpu(ctx, t):
+        return _bench("models", "--model", ",".join(ctx.hf_models), "--dtype", "bf16", "--precision", "amp",
+                      "--impl", HF_IMPLS, "--reps", "5", "--budget", _budget(t, 35), "--json", ctx.result("models"),
+                      "--append")
+
+    def hf_dry(ctx, t):
+        # inference only: a bf16 training step of three transformers ViTs takes ~10 s each on 2 CPU cores
+        return _bench("models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch", "1", "--dtype", "bf16",
+                      "--precision", "amp", "--mode", "inference", "--impl", HF_IMPLS, "--cpu-reps", "1",
+                      "--budget", _budget(t, 20), "--json", ctx.result("models"), "--append")
+
     def flex_gpu(ctx, t):
         return _bench("ops", "--op", "self_attention,window_attention", "--representative", "--dtype", "bf16",
                       "--impl", "vitkernels,flex", "--budget", _budget(t, 50), "--json", ctx.result("flex"))
@@ -382,6 +411,9 @@ def make_steps() -> list:
              gpu=ops_gpu, dry=ops_dry, outcome=bench_outcome("ops")),
         Step("models", "models: inference and AMP training vs timm eager", cap=120, floor=45, estimate=90,
              gpu=models_gpu, dry=models_dry, outcome=bench_outcome("models")),
+        Step("hf-models", "transformers Swin/SegFormer/TimeSformer: eager, sdpa, patch_hf", cap=100, floor=40,
+             estimate=70, gpu=hf_gpu, dry=hf_dry, required=False,
+             outcome=bench_outcome("models", tuple(HF_IMPLS.split(",")))),
         Step("flex", "self/window attention vs compiled FlexAttention", cap=90, floor=40, estimate=80, gpu=flex_gpu,
              dry=flex_dry, required=False, outcome=bench_outcome("flex")),
     ]
@@ -557,7 +589,8 @@ class Proof:
             probe = self.probe()
             stamp = self.summary["stamp"]
             prefix = f"{slugify(stamp['gpu'])}-{self.summary['started'][:10]}-{stamp['commit'][:7]}"
-            ctx = Ctx(self.out, self.dry, probe, prefix, tuple(self.args.models), self.env)
+            ctx = Ctx(self.out, self.dry, probe, prefix, tuple(self.args.models), self.env,
+                      tuple(getattr(self.args, "hf_models", None) or HF_MODELS))
             steps = [s for s in make_steps() if self.selected(s.name)]
             for i, step in enumerate(steps):
                 rec = self.run_step(step, ctx, steps[i + 1:])
@@ -618,7 +651,10 @@ def render(summary: dict) -> str:
     cpu = " (CPU timing: not GPU performance)" if summary.get("dry_run") else ""
     for s in summary.get("steps", []):
         for key, d in ((s.get("outcome") or {}).get("vk_speedup_geomean") or {}).items():
-            lines.append(f"  {s['name']:7s} {key:36s} " + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu)
+            lines.append(f"  {s['name']:9s} {key:36s} " + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu)
+        for key, d in ((s.get("outcome") or {}).get("patch_hf_speedup_geomean") or {}).items():
+            lines.append(f"  {s['name']:9s} {key:36s} hf+patch_hf "
+                         + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu)
     lines.append(f"elapsed {summary.get('elapsed_s')}s of {summary.get('deadline_s'):.0f}s; "
                  + ("all steps ok" if summary.get("ok") else
                     f"failed: {', '.join(summary.get('failed_steps') or []) or '-'}; "
@@ -634,9 +670,13 @@ def plan_text(dry: bool = False) -> str:
     for s in steps:
         argv = (s.dry if dry else s.gpu)(ctx, s.cap)
         cmd = shlex.join(argv).replace(PY, "python3")
-        lines.append(f"{s.name:13s} {s.cap:5d} {s.floor:5d} {s.estimate:8d}  {cmd}")
-    lines.append(f"sum of estimates {sum(s.estimate for s in steps)}s (+ env ~5s); deadline {DEFAULT_DEADLINE}s; "
-                 f"files: {', '.join(PLANNED_FILES)}")
+        lines.append(f"{s.name:13s} {s.cap:5d} {s.floor:5d} {s.estimate:8d}  {cmd}"
+                     + ("" if s.required else "  (optional)"))
+    optional = [s for s in steps if not s.required]
+    lines.append(f"sum of estimates {sum(s.estimate for s in steps if s.required)}s for the required steps (+ env "
+                 f"~5s); optional, in order, on what is left: "
+                 + ", ".join(f"{s.name} {s.estimate}s" for s in optional)
+                 + f"; deadline {DEFAULT_DEADLINE}s; files: {', '.join(PLANNED_FILES)}")
     return "\n".join(lines)
 
 
@@ -651,11 +691,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", action="append", help=f"only these steps ({', '.join(STEP_NAMES[1:-1])})")
     p.add_argument("--skip", action="append", help="leave these steps out (e.g. --skip build on a warm machine)")
     p.add_argument("--models", default=",".join(MODELS), help=f"models of the models step (default {','.join(MODELS)})")
+    p.add_argument("--hf-models", default=",".join(HF_MODELS),
+                   help=f"models of the hf-models step (default {','.join(HF_MODELS)})")
     p.add_argument("--plan", action="store_true", help="print the steps, their time caps and commands, and exit")
     p.add_argument("--fingerprint", action="store_true", help="print this tree's fingerprint and exit")
     args = p.parse_args(argv)
     args.out = args.out_opt or args.out
     args.models = _split([args.models])
+    args.hf_models = _split([args.hf_models])
     unknown = [s for s in _split(args.steps) + _split(args.skip) if s not in STEP_NAMES[1:-1]]
     if unknown:
         p.error(f"unknown step(s) {unknown}; steps: {', '.join(STEP_NAMES[1:-1])}")

@@ -2,7 +2,7 @@
 # One command for a lent GPU: install the package (building the CUDA extension), run the GPU tests,
 # the correctness sweep and the benchmarks, and leave logs and results JSON under OUT.
 #
-#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|compile|flex|models|all] [--quick] [--no-install]
+#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|compile|flex|models|hf|all] [--quick] [--no-install]
 #   bash bench/gpu_suite.sh [OUT_DIR] --part proof [--dry-run] [--deadline S] [--steps A,B] [--skip A,B]
 #
 # --part proof hands over to bench/gpu_proof.py (its other arguments go with it): the one-call GPU
@@ -24,6 +24,8 @@
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16 mixed precision (AMP: float32 weights,
 #            autocast): vitkernels and timm eager, then torch.compile of timm for a few models
+#   hf       `models` vs Hugging Face transformers (bf16 AMP): every model with a transformers
+#            counterpart as hf-eager, hf-sdpa and hf+patch_hf next to vitkernels
 #   all      every part in turn (longer than one call: for machines without the 10-minute limit)
 # --quick shrinks every part to a smoke test (about a minute of benchmarking each).
 # Each benchmark step has a time budget (--budget) and a hard timeout; results are written after every
@@ -63,12 +65,12 @@ while [ $# -gt 0 ]; do
     --part=*) PART="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
     --no-install) INSTALL=0; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG="$1"; shift ;;
   esac
 done
-case "$PART" in tests|ops|kernels|compile|flex|models|all) ;; *) echo "gpu_suite.sh: --part must be proof, tests, ops, kernels, compile, flex, models or all" >&2; exit 2 ;; esac
+case "$PART" in tests|ops|kernels|compile|flex|models|hf|all) ;; *) echo "gpu_suite.sh: --part must be proof, tests, ops, kernels, compile, flex, models, hf or all" >&2; exit 2 ;; esac
 
 OUT=${OUT_ARG:-${OUT:-out}}
 mkdir -p "$OUT"
@@ -193,6 +195,21 @@ part_models() {
   fi
 }
 
+part_hf() {
+  local log="$OUT/hf.log"
+  nvidia-smi >>"$log" 2>&1
+  if [ "$QUICK" = 1 ]; then
+    run "$log" 200 $BENCH models --model swin_tiny_patch4_window7_224 --dtype bf16 \
+      --impl vitkernels,hf-eager,hf-sdpa,hf+patch_hf --budget 150 --json "$OUT/$NAME-models-hf.json"
+  else
+    # the models with a transformers counterpart (absent names are skipped); XCiT and ViViT model 3 have none
+    run "$log" 420 $BENCH models --dtype bf16 --impl vitkernels,hf-eager,hf-sdpa,hf+patch_hf --budget 330 \
+      --model vit_base_patch16_224,swin_tiny_patch4_window7_224,swin_base_patch4_window7_224,pvt_v2_b2,pvt_v2_b2_li \
+      --model segformer_b2,timesformer_base_patch16_224,vivit_b_16x2_kinetics400 \
+      --json "$OUT/$NAME-models-hf.json" --csv "$OUT/$NAME-models-hf.csv"
+  fi
+}
+
 case "$PART" in
   tests) part_tests ;;
   ops) part_ops ;;
@@ -200,7 +217,8 @@ case "$PART" in
   compile) part_compiled compile ;;
   flex) part_compiled flex ;;
   models) part_models ;;
-  all) part_tests; part_ops; part_kernels; part_compiled compile; part_compiled flex; part_models ;;
+  hf) part_hf ;;
+  all) part_tests; part_ops; part_kernels; part_compiled compile; part_compiled flex; part_models; part_hf ;;
 esac
 
 echo "files in $OUT:"

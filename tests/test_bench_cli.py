@@ -377,11 +377,15 @@ def test_models_segformer_baseline_is_hugging_face():
     pytest.importorskip("transformers")
     from vitkernels.bench.models import run_models
     records, skipped = run_models(["segformer_b0"], _small_segformer_zoo(), device="cpu", dtypes=[torch.float32],
-                                  modes=["inference"], impls=("vitkernels", "eager"), cpu_reps=1)
+                                  modes=["inference"], impls=("vitkernels", "eager", "hf-eager"), cpu_reps=1)
     assert skipped == []
     eager = [r for r in records if r["impl"] == "eager"]
     assert len(eager) == 1 and "transformers" in eager[0]["note"]
     assert eager[0]["verify_err"] is not None and eager[0]["verify_err"] < 1e-4  # HF weights converted
+    # the hf-eager row shares those weights (converted by convert_hf_segformer): same outputs
+    hf = next(r for r in records if r["impl"] == "hf-eager")
+    assert hf["hf_class"] == "SegformerForSemanticSegmentation" and hf["hf_attn"] == "eager"
+    assert hf["verify_err"] is not None and hf["verify_err"] < 1e-4 and "speed only" not in hf["note"]
 
 
 @pytest.mark.skipif(os.environ.get("VITKERNELS_BENCH_SLOW") != "1", reason="set VITKERNELS_BENCH_SLOW=1")
@@ -457,3 +461,220 @@ def test_first_config_only_runs_the_first_pruned_config():
         assert Autotuner.run(tuner, 1, grid=2) == "ran"  # no benchmarking of the other configs
     assert Autotuner.run is original
     assert calls == [((1,), {"grid": 2, "BLOCK": 64})] and tuner.best_config.block == 64
+
+
+# ----------------------------------------------------------------------------- models: Hugging Face baselines
+
+# Tiny versions of the models (the bench reads the transformers sizes off the built vitkernels model).
+_HF_SMALL = {
+    "vit_tiny_patch16_224": dict(depth=2),
+    "pvt_v2_b0": dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 1, 2)),
+    "timesformer_base_patch16_224": dict(embed_dim=32, depth=1, num_heads=2, num_frames=2, num_classes=5),
+    "vivit_b_16x2_kinetics400": dict(embed_dim=32, depth=1, num_heads=2, num_frames=4, num_classes=5),
+    "vivit_base_factorized": dict(embed_dim=32, depth=1, num_heads=2, num_frames=4, num_classes=5),
+    "xcit_tiny_12_p16_224": dict(depth=1),
+}
+
+
+def _hf_zoo():
+    from vitkernels.models import create_model
+    return types.SimpleNamespace(create_model=lambda name: create_model(name, **_HF_SMALL[name]),
+                                 list_models=lambda: list(_HF_SMALL))
+
+
+class _OpCounter:
+    """Counts the torch.ops.vitkernels.* calls inside the block (independently of the bench's own count)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.counts = counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ns, _, name = str(func.overloadpacket).partition(".")
+                if ns == "vitkernels":
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_models_hf_impls_and_defaults():
+    from vitkernels.bench import models
+    assert set(models.IMPLS) >= {"hf-eager", "hf-sdpa", "hf+patch_hf", "hf+compile"}
+    # GPU default: today's three plus the HF ones that need no compile; CPU default unchanged
+    assert models.DEFAULT_IMPLS == ("vitkernels", "eager", "compile", "hf-eager", "hf-sdpa", "hf+patch_hf")
+    assert models.CPU_DEFAULT_IMPLS == ("vitkernels", "eager")
+    with pytest.raises(SystemExit, match="unknown impl"):
+        _main(["models", "--device", "cpu", "--impl", "hf-magic"])
+    with pytest.raises(SystemExit, match="--append needs --json"):
+        _main(["models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--impl", "vitkernels", "--append"])
+
+
+def test_hf_configs_have_the_vitkernels_sizes():
+    """Every vitkernels model with a transformers counterpart maps to a config of exactly its sizes: the
+    same parameter count (meta device), and the named sizes where they differ between models."""
+    transformers = pytest.importorskip("transformers")
+    from vitkernels.bench import hf
+    from vitkernels.models import create_model, list_models
+    specs = {}
+    for name in list_models():
+        with torch.device("meta"):
+            vk = create_model(name)
+        spec, why = hf.counterpart(vk)
+        if name.startswith(("xcit", "vivit_base_factorized")):
+            assert spec is None and why, name
+            continue
+        if name.startswith(("vit_", "swin_", "pvt_v2", "segformer", "timesformer", "vivit_b_16x2")):
+            assert spec is not None, (name, why)
+        elif spec is None:  # a family added later without a mapping: skipped with the reason
+            assert why, name
+            continue
+        with torch.device("meta"):
+            model = getattr(transformers, spec.model_cls)(getattr(transformers, spec.config_cls)(**spec.config))
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in vk.parameters()), name
+        specs[name] = spec
+    assert {s.model_cls for s in specs.values()} >= {
+        "ViTForImageClassification", "SwinForImageClassification", "PvtV2ForImageClassification",
+        "SegformerForSemanticSegmentation", "TimesformerForVideoClassification", "VivitForVideoClassification"}
+    c = specs["vit_small_patch16_224"].config
+    assert (c["hidden_size"], c["num_attention_heads"], c["intermediate_size"], c["layer_norm_eps"]) == \
+        (384, 6, 1536, 1e-6)
+    c = specs["swin_base_patch4_window12_384"].config
+    assert (c["image_size"], c["window_size"], c["embed_dim"], c["depths"], c["num_heads"], c["drop_path_rate"]) == \
+        (384, 12, 128, [2, 2, 18, 2], [4, 8, 16, 32], 0.1)
+    c = specs["pvt_v2_b2_li"].config
+    assert c["linear_attention"] and c["mlp_ratios"] == [8, 8, 4, 4] and c["sr_ratios"] == [8, 4, 2, 1]
+    assert specs["pvt_v2_b5"].config["mlp_ratios"] == [4, 4, 4, 4]
+    c = specs["segformer_b2"].config
+    assert (c["depths"], c["decoder_hidden_size"], c["num_labels"]) == ([3, 4, 6, 3], 768, 150)
+    c = specs["timesformer_base_patch16_224"].config
+    assert (c["num_frames"], c["image_size"], c["attention_type"], c["num_labels"]) == \
+        (8, 224, "divided_space_time", 400)
+    c = specs["vivit_b_16x2_kinetics400"].config
+    assert (c["num_frames"], c["tubelet_size"], c["hidden_act"]) == (32, [2, 16, 16], "gelu_fast")
+    assert [n for n, s in specs.items() if s.convert is not None] == [
+        n for n in specs if n.startswith(("segformer", "timesformer", "vivit"))]
+    assert all(s.video == n.startswith(("timesformer", "vivit")) for n, s in specs.items())
+
+
+def test_models_hf_rows_cli_append(tmp_path, monkeypatch, capsys):
+    """`--impl` selects the HF rows; they carry their labels (class, attention, note), hf+patch_hf runs
+    fused modules and vitkernels ops, speedups are computed against each baseline, and --append merges
+    a second run into the first file."""
+    pytest.importorskip("transformers")
+    from vitkernels.bench import models
+    monkeypatch.setattr(models, "load_zoo", lambda: (_hf_zoo(), None))
+    monkeypatch.setitem(sys.modules, "timm", None)
+    jpath, cpath = tmp_path / "m.json", tmp_path / "m.csv"
+    common = ["models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--mode", "inference", "--cpu-reps", "1",
+              "--json", str(jpath), "--no-progress"]
+    assert _main(common + ["--impl", "vitkernels,hf-eager"]) == 0
+    assert _main(common + ["--impl", "hf-sdpa,hf+patch_hf", "--append", "--csv", str(cpath)]) == 0
+    out = capsys.readouterr().out
+    assert "patch_hf speedup" in out  # the column of the stdout table
+    doc = json.loads(jpath.read_text())
+    assert results.validate(doc) == [] and len(doc["appended_to"]) == 1
+    by = {r["impl"]: r for r in doc["records"]}
+    assert set(by) == {"vitkernels", "hf-eager", "hf-sdpa", "hf+patch_hf"}
+    for impl, attn in (("hf-eager", "eager"), ("hf-sdpa", "sdpa"), ("hf+patch_hf", "sdpa")):
+        r = by[impl]
+        assert r["hf_class"] == "ViTForImageClassification" and r["hf_attn"] == attn
+        assert f"attn_implementation={attn!r}" in r["note"] and "speed only" in r["note"]  # no HF <-> timm map
+        assert r["verify_err"] is None and r["shape"] == {"batch": 1, "input": [3, 224, 224]}
+        assert r["vk_speedup"] == pytest.approx(r["ms"] / by["vitkernels"]["ms"])  # across the two runs
+    patched = by["hf+patch_hf"]
+    assert patched["fused"] == {"FusedViTAttention": 2} and patched["vk_ops"] == {"attention": 2}
+    assert patched["patch_err"] < 1e-5 and patched["backend_choice"] == "auto"
+    assert "patch_hf_speedup" not in patched or patched["patch_hf_speedup"] is None
+    for impl in ("hf-eager", "hf-sdpa"):
+        assert by[impl]["patch_hf_speedup"] == pytest.approx(by[impl]["ms"] / patched["ms"])
+    with open(cpath) as f:
+        rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(by) and float(rows["hf-eager"]["patch_hf_speedup"]) > 0
+    text = results.markdown(dict(doc, gpu="NVIDIA H100"))
+    assert "| hf+patch_hf | hf-eager | hf-sdpa |" in text and "patch_hf " in text
+    with pytest.raises(SystemExit, match="holds results of"):
+        bad = dict(doc, gpu="NVIDIA H100")
+        jpath.write_text(json.dumps(bad))
+        _main(common + ["--impl", "hf-eager", "--append"])
+
+
+def test_models_hf_patch_runs_vitkernels_ops(monkeypatch):
+    """hf+patch_hf times the patched model: vitkernels ops run; hf-eager alone runs none."""
+    pytest.importorskip("transformers")
+    from vitkernels.bench.models import run_models
+    monkeypatch.setitem(sys.modules, "timm", None)
+    kw = dict(device="cpu", dtypes=[torch.float32], modes=["inference"], cpu_reps=1)
+    with _OpCounter() as c:
+        records, skipped = run_models(["vit_tiny_patch16_224"], _hf_zoo(), impls=("hf-eager",), **kw)
+    assert [r["impl"] for r in records] == ["hf-eager"] and skipped == [] and c.counts == {}
+    with _OpCounter() as c:
+        records, skipped = run_models(["vit_tiny_patch16_224"], _hf_zoo(), impls=("hf+patch_hf",), **kw)
+    assert [r["impl"] for r in records] == ["hf+patch_hf"] and skipped == []
+    # verification forward (batch 2) + first call + 1 timed call, 2 layers each
+    assert c.counts == {"attention": 2 * 3}
+
+
+def test_models_hf_skips_give_reasons(monkeypatch):
+    pytest.importorskip("transformers")
+    from vitkernels.bench.models import run_models
+    monkeypatch.setitem(sys.modules, "timm", None)
+    kw = dict(device="cpu", dtypes=[torch.float32], modes=["inference"], cpu_reps=1)
+    records, skipped = run_models(["pvt_v2_b0", "xcit_tiny_12_p16_224", "vivit_base_factorized"], _hf_zoo(),
+                                  impls=("hf-sdpa",), **kw)
+    assert records == []
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    assert {s["impl"] for s in skipped} == {"hf-sdpa"} and len(skipped) == 3
+    assert "PvtV2ForImageClassification" in reasons["pvt_v2_b0"] and "_supports_sdpa" in reasons["pvt_v2_b0"]
+    assert reasons["xcit_tiny_12_p16_224"] == "transformers has no XCiT"
+    assert "model 3" in reasons["vivit_base_factorized"]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    records, skipped = run_models(["vit_tiny_patch16_224"], _hf_zoo(), impls=("vitkernels", "hf-eager", "hf+patch_hf"),
+                                  **kw)
+    assert [r["impl"] for r in records] == ["vitkernels"]
+    assert [s["impl"] for s in skipped] == ["hf-eager", "hf+patch_hf"]
+    assert all("transformers is not importable" in s["reason"] for s in skipped)
+
+
+def test_models_hf_video_input_and_amp(monkeypatch):
+    """The video classes get pixel_values (B, T, 3, H, W): the bench's clips transposed; with the weights
+    converted into the vitkernels model the outputs agree (bf16 AMP, as every impl runs)."""
+    pytest.importorskip("transformers")
+    from vitkernels.bench import hf
+    from vitkernels.bench.models import run_models
+    monkeypatch.setitem(sys.modules, "timm", None)
+    seen = {}
+    build = hf.build
+
+    def recording_build(transformers, spec, attn, state_dict=None):
+        model = build(transformers, spec, attn, state_dict)
+        model.register_forward_pre_hook(
+            lambda m, args: seen.setdefault(spec.model_cls, set()).add((tuple(args[0].shape), args[0].is_contiguous())))
+        return model
+    monkeypatch.setattr(hf, "build", recording_build)
+    records, skipped = run_models(["timesformer_base_patch16_224", "vivit_b_16x2_kinetics400"], _hf_zoo(),
+                                  device="cpu", dtypes=[torch.bfloat16], precisions=("amp",),
+                                  modes=["inference", "train"], impls=("vitkernels", "hf-eager", "hf-sdpa",
+                                                                        "hf+patch_hf"), cpu_reps=1)
+    # batch 2 (verification) and batch 1 (CPU default): frames second, then 3 channels; contiguous
+    assert seen["TimesformerForVideoClassification"] == {((2, 2, 3, 224, 224), True), ((1, 2, 3, 224, 224), True)}
+    assert seen["VivitForVideoClassification"] == {((2, 4, 3, 224, 224), True), ((1, 4, 3, 224, 224), True)}
+    assert [(s["name"], s["impl"]) for s in skipped] == [("timesformer_base_patch16_224", "hf-sdpa")] * 2
+    assert "_supports_sdpa" in skipped[0]["reason"]
+    got = {(r["name"], r["mode"], r["impl"]): r for r in records}
+    assert len(got) == 3 * 2 + 4 * 2  # TimeSformer: 3 impls x 2 modes (no sdpa), ViViT: 4 x 2
+    for (name, mode, impl), r in got.items():
+        assert r["unit"] == "clips/s" and r["precision"] == "amp" and r["autocast"] == "bfloat16"
+        assert r["weights"] == "float32" and r["shape"]["input"][0] == 3  # the bench's (3, T, H, W)
+        if impl.startswith("hf"):
+            assert r["verify_err"] is not None and r["verify_err"] < 3e-2, r  # same weights (converters)
+            assert "speed only" not in r["note"] and r["vk_speedup"] > 0
+        if impl == "hf+patch_hf":
+            assert r["patch_err"] < 3e-2 and r["vk_ops"]
+    assert got[("timesformer_base_patch16_224", "train", "hf+patch_hf")]["vk_ops"] == {"space_time_attention": 2}
+    assert got[("vivit_b_16x2_kinetics400", "train", "hf+patch_hf")]["vk_ops"] == {"attention": 1}

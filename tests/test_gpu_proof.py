@@ -29,7 +29,8 @@ gp = _load()
 def test_plan_fits_one_device_call():
     steps = gp.make_steps()
     assert [s.name for s in steps] == ["build", "info", "cuda-tests", "triton-tests", "check", "ops", "models",
-                                       "flex"]
+                                       "hf-models", "flex"]
+    assert [s.name for s in steps if not s.required] == ["hf-models", "flex"]  # run on what is left, in order
     assert gp.DEFAULT_DEADLINE <= 560  # inside a 570-s timeout_s, itself under the 600-s command limit
     required = [s for s in steps if s.required]
     assert sum(s.floor for s in required) + 10 < gp.DEFAULT_DEADLINE  # every required step can start
@@ -42,6 +43,10 @@ def test_plan_fits_one_device_call():
     assert gp._cuda_test_files() and not any(f in gp.CUDA_TEST_SKIP for f in gp._cuda_test_files())
     text = gp.plan_text()
     assert "--precision amp" in text and "--one-config" in text and "-m gpu" in text and "--dtype bf16" in text
+    # the HF rows go into the models results file (no file of their own: the 8-file limit)
+    hf = next(line for line in text.splitlines() if line.startswith("hf-models"))
+    assert "--impl hf-eager,hf-sdpa,hf+patch_hf" in hf and "-proof-models.json" in hf and "--append" in hf
+    assert all(m in hf for m in ("swin_tiny_patch4_window7_224", "segformer_b2", "timesformer_base_patch16_224"))
     assert "--dry-run" in gp.plan_text(dry=True)
 
 
@@ -51,7 +56,7 @@ def test_bench_cases_of_the_plan_exist():
     picked = cases.select_cases(cases.all_cases(), list(gp.OPS), None, representative=True)
     assert {c.op for c in picked} == set(gp.OPS)
     assert len(picked) <= 10  # the ops step's time estimate counts on about nine cases
-    assert set(gp.MODELS) <= set(list_models())
+    assert set(gp.MODELS) <= set(list_models()) and set(gp.HF_MODELS) <= set(list_models())
 
 
 def test_timeouts_come_from_one_deadline():
@@ -149,7 +154,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert len(files) <= gp.MAX_FILES
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] and summary["dry_run"]
-    assert [s["name"] for s in summary["steps"]] == ["env", "cuda-tests", "check", "ops", "models", "flex"]
+    assert [s["name"] for s in summary["steps"]] == ["env", "cuda-tests", "check", "ops", "models", "hf-models",
+                                                     "flex"]
     for s in summary["steps"]:
         assert s["status"] == "ok" and s["wall_s"] >= 0, s
     st = summary["stamp"]
@@ -163,6 +169,12 @@ def test_dry_run_end_to_end(tmp_path):
     except ImportError:
         n_models = 2  # no eager baseline without timm
     assert by["models"]["outcome"]["records"] == n_models
+    try:
+        import transformers  # noqa: F401
+        n_hf = 3  # inference (the dry run's hf-models step): hf-eager, hf-sdpa, hf+patch_hf
+    except ImportError:
+        n_hf = 0  # skipped, with the reason
+    assert by["hf-models"]["outcome"]["records"] == n_hf
     results = [f for f in files if f.endswith(("-proof-ops.json", "-proof-models.json", "-proof-flex.json"))]
     assert len(results) == 3
     from vitkernels.bench import results as res
@@ -170,4 +182,11 @@ def test_dry_run_end_to_end(tmp_path):
     models = next(d for d in docs if d["command"] == "models")
     assert {r["precision"] for r in models["records"]} == {"amp"}
     assert {r["dtype"] for r in models["records"]} == {"bfloat16"}
-    assert (tmp_path / "proof.log").read_text().count("===== ") == 2 * 5  # start and end of each step
+    # the hf-models step appended its rows to the models file: speedups vs the models step's vitkernels rows
+    assert len(models["records"]) == n_models + n_hf and len(models["appended_to"]) == 1
+    for r in models["records"]:
+        if r["impl"].startswith("hf"):
+            assert r["vk_speedup"] > 0, r
+    if n_hf:
+        assert "patch_hf_speedup_geomean" in by["hf-models"]["outcome"]
+    assert (tmp_path / "proof.log").read_text().count("===== ") == 2 * 6  # start and end of each step

@@ -4,8 +4,9 @@ Subcommands:
   ops      every op at shapes from the real models, fwd and fwd+bwd, vs eager / SDPA / FlexAttention /
            torch.compile baselines: ms (median), speedup, TFLOP/s, GB/s, % of peak.
   models   images/s (clips/s) of every model in vitkernels.models, inference and a training step,
-           vs timm eager and torch.compile; mixed precision by default (--precision amp: float32
-           weights, torch.autocast, GradScaler for fp16), or --precision pure (weights in the dtype).
+           vs timm eager and torch.compile, and vs Hugging Face transformers' counterpart (eager,
+           sdpa, patched by vitkernels.patch_hf, compiled); mixed precision by default (--precision
+           amp: float32 weights, torch.autocast, GradScaler for fp16), or --precision pure.
   check    correctness sweep of every op x fused backend on this device vs the float64 reference.
   report   merge results files and regenerate docs/benchmarks.md from them.
 
@@ -55,8 +56,9 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument("--impl", action="append", metavar="IMPL",
                    help="implementations to time (repeatable or comma-separated); default: all that apply on GPU, "
                         "vitkernels,eager,sdpa on CPU" if kind == "ops" else
-                        "implementations to time: vitkernels, eager, compile, vitkernels+compile "
-                        "(default: the first three on GPU, vitkernels,eager on CPU)")
+                        "implementations to time: vitkernels, eager, compile, vitkernels+compile, and the Hugging "
+                        "Face transformers baselines hf-eager, hf-sdpa, hf+patch_hf, hf+compile (default on GPU: "
+                        "vitkernels,eager,compile,hf-eager,hf-sdpa,hf+patch_hf; on CPU: vitkernels,eager)")
     if kind == "ops":
         g.add_argument("--no-compile", action="store_true", help="drop the compiled baselines (flex, compile)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "reference"),
@@ -82,6 +84,10 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the results file (schema: docs/benchmarks.md)")
     o.add_argument("--csv", metavar="PATH", help="write one CSV row per measurement")
+    o.add_argument("--append", action="store_true",
+                   help="keep the records of an existing --json file (same GPU; a record of this run replaces "
+                        "one with the same name, mode, dtype, precision, impl and shape) and recompute speedups "
+                        "across both")
     o.add_argument("--plot", metavar="PNG", help="bar chart of vitkernels' speedups (needs matplotlib)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
     o.add_argument("--list", action="store_true", help="list what would run (and which backend) without timing")
@@ -97,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "vs the eager timm composition, SDPA (each backend), FlexAttention and "
                                      "torch.compile.")
     _common(ops, "ops")
-    models = sub.add_parser("models", help="images/s of every model in vitkernels.models vs timm / torch.compile",
+    models = sub.add_parser("models", help="images/s of every model in vitkernels.models vs timm / torch.compile / "
+                                           "Hugging Face transformers",
                             description="Throughput of each model family in vitkernels.models, inference and a "
-                                        "training step, vs timm eager and torch.compile.")
+                                        "training step, vs timm eager and torch.compile, and vs the Hugging Face "
+                                        "transformers model of the same sizes (eager, sdpa, patched by "
+                                        "vitkernels.patch_hf, compiled).")
     _common(models, "models")
     check = sub.add_parser("check", help="correctness sweep of every op x backend on this device",
                            description="Every op x fused backend that can run on this device vs the float64 "
@@ -218,12 +227,19 @@ def print_models_table(records: list, skipped: list, cpu: bool, file=None) -> No
     cols = [("model", "name", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("precision", "precision", "<"),
             ("batch", "batch", ">"), ("impl", "impl", "<"), ("ms/step", "ms", ">"), ("throughput", "tp", ">"),
             ("vk speedup", "speedup", ">")]
+    patched = any(r.get("patch_hf_speedup") for r in records)
+    if patched:
+        cols.append(("patch_hf speedup", "patch", ">"))
     rows = [{"name": r["name"], "mode": r["mode"], "dtype": r["dtype"], "precision": r.get("precision") or "",
              "batch": r.get("batch", ""), "impl": r["impl"],
              "ms": _num(r["ms"], ".4g"), "tp": f"{r['throughput']:.1f} {r['unit']}",
-             "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else ""} for r in records]
+             "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else "",
+             "patch": f"{r['patch_hf_speedup']:.2f}x" if r.get("patch_hf_speedup") else ""} for r in records]
     if rows:
         print(_table(rows, cols), file=file)
+        if patched:
+            print("patch_hf speedup = that transformers baseline's ms / the patched model's (hf+patch_hf) ms",
+                  file=file)
         if any(r.get("precision") == "amp" for r in records):
             print("precision amp: float32 weights, forward under torch.autocast(dtype) (GradScaler for float16); "
                   "pure: weights and inputs in the dtype", file=file)
@@ -231,13 +247,46 @@ def print_models_table(records: list, skipped: list, cpu: bool, file=None) -> No
 
 
 class _Writer:
-    """Writes the JSON/CSV after every case, so a run that is cut off still leaves its results."""
+    """Writes the JSON/CSV after every case, so a run that is cut off still leaves its results. With
+    --append, the records of the existing --json file (same GPU) are kept, those of this run replacing
+    any with the same key, and the speedups recomputed across both."""
 
     def __init__(self, args, meta: dict):
         self.args, self.meta = args, meta
+        self.old_records, self.old_skipped = [], []
+        if not getattr(args, "append", False):
+            return
+        if not args.json:
+            raise SystemExit("vitkernels-bench: --append needs --json PATH")
+        if not os.path.exists(args.json):
+            return
+        from . import results
+        try:
+            old = results.load([args.json])[0]
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"vitkernels-bench: --append: cannot read {args.json} ({e})") from None
+        if old.get("gpu") != meta.get("gpu"):
+            raise SystemExit(f"vitkernels-bench: --append: {args.json} holds results of {old.get('gpu')!r}, "
+                             f"this run is on {meta.get('gpu')!r}")
+        if old.get("commit") != meta.get("commit"):
+            print(f"note: --append: {args.json} is of commit {str(old.get('commit'))[:12]}, this run of "
+                  f"{str(meta.get('commit'))[:12]}", file=sys.stderr)
+        self.old_records, self.old_skipped = old["records"], old.get("skipped", [])
+        previous = old.get("appended_to", []) + [{"argv": old.get("argv"), "timestamp": old.get("timestamp")}]
+        self.meta = dict(meta, appended_to=previous)
+
+    def merged(self, records, skipped) -> tuple:
+        if not self.old_records and not self.old_skipped:
+            return records, skipped
+        from .results import _record_key, add_speedups
+        keys = {_record_key(r) for r in records}
+        out = [r for r in self.old_records if _record_key(r) not in keys] + list(records)
+        add_speedups(out)
+        return out, self.old_skipped + list(skipped)
 
     def __call__(self, records, skipped) -> None:
         from . import results
+        records, skipped = self.merged(records, skipped)
         if self.args.json:
             results.write_json(self.args.json, dict(self.meta, records=records, skipped=skipped))
         if self.args.csv:
@@ -370,7 +419,7 @@ def cmd_models(args) -> int:
         dtypes = harness.parse_dtypes(args.dtype) or ([torch.float32] if cpu else [torch.bfloat16])
     except ValueError as e:
         raise SystemExit(f"vitkernels-bench models: {e}") from None
-    impls = _split(args.impl) or (["vitkernels", "eager"] if cpu else list(models.DEFAULT_IMPLS))
+    impls = _split(args.impl) or list(models.CPU_DEFAULT_IMPLS if cpu else models.DEFAULT_IMPLS)
     bad = [i for i in impls if i not in models.IMPLS]
     if bad:
         raise SystemExit(f"vitkernels-bench models: unknown impl(s) {bad}; impls: {', '.join(models.IMPLS)}")

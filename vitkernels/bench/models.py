@@ -10,11 +10,26 @@ For each name of `vitkernels.models.list_models()` (or `--model`), inference and
                           `SegformerForSemanticSegmentation` of the same size; for the video models (in
                           neither), the vitkernels model on the reference backend;
 * ``compile``             `torch.compile` of that eager model;
-* ``vitkernels+compile``  `torch.compile` of the vitkernels model (only when asked for with --impl).
+* ``vitkernels+compile``  `torch.compile` of the vitkernels model (only when asked for with --impl);
+* ``hf-eager``, ``hf-sdpa``, ``hf+patch_hf``, ``hf+compile``: Hugging Face transformers' counterpart
+                          of the model with the same sizes (`hf.py`: ViT, Swin, Swin V2, PVTv2, SegFormer,
+                          TimeSformer, ViViT model 1) with attn_implementation "eager" / "sdpa" (where
+                          the class supports it), patched by `vitkernels.patch_hf` (under the
+                          backend), or `torch.compile` of hf-sdpa. Rows of models without a
+                          counterpart (XCiT, ViViT model 3) are skipped with the reason.
+
+Default impls: vitkernels, eager, compile, hf-eager, hf-sdpa, hf+patch_hf on GPU (the HF ones cost a
+model build each, no compile); vitkernels, eager on CPU; hf+compile and vitkernels+compile only on request.
 
 When both exist, the eager model's weights are loaded into the vitkernels model (strict; SegFormer's
 through `convert_hf_segformer`) and the inference outputs compared, so both run the same function.
-Video models take (B, 3, T, H, W).
+The transformers models share weights with the vitkernels model where a converter exists (SegFormer,
+TimeSformer, ViViT: `verify_err` on their rows); ViT, Swin and PVTv2 have no HF <-> timm key map, so
+their HF rows compare speed only (a `note` says so). hf+patch_hf rows carry `patch_err` (vs the
+unpatched hf-eager model, same weights), `fused` (the Fused classes) and `vk_ops` (the vitkernels ops
+its verification forward ran), and hf-eager / hf-sdpa / hf+compile rows `patch_hf_speedup` (their ms /
+hf+patch_hf's ms). Video models take (B, 3, T, H, W); transformers' video classes get the clips as
+pixel_values (B, T, 3, H, W) (transposed and made contiguous once, outside the timed region).
 
 Precision (`--precision`, recorded as "precision" in every row; the same for every implementation):
 
@@ -39,10 +54,13 @@ from typing import Optional
 import torch
 
 from .harness import Progress, _rel_err, _short, dtype_name, time_cpu, time_cuda_calls
+from .hf import HF_IMPLS
 from .results import add_speedups
 
-IMPLS = ("vitkernels", "eager", "compile", "vitkernels+compile")
-DEFAULT_IMPLS = ("vitkernels", "eager", "compile")
+IMPLS = ("vitkernels", "eager", "compile", "vitkernels+compile") + HF_IMPLS
+# GPU default: the HF baselines but hf+compile (each costs one model build and no compile).
+DEFAULT_IMPLS = ("vitkernels", "eager", "compile", "hf-eager", "hf-sdpa", "hf+patch_hf")
+CPU_DEFAULT_IMPLS = ("vitkernels", "eager")
 MODES = ("inference", "train")
 PRECISIONS = ("amp", "pure")
 
@@ -113,15 +131,14 @@ def default_batch(shape: tuple, mode: str, cpu: bool) -> int:
 
 def hf_segformer(vk_model):
     """(Hugging Face `SegformerForSemanticSegmentation` with the sizes of the vitkernels SegFormer
-    `vk_model` (its `config`), None) or (None, why not)."""
-    cfg = vk_model.config
+    `vk_model` and transformers' default attention (sdpa in transformers 5), None) or (None, why not)."""
+    from . import hf
     try:
         import transformers
-        config = transformers.SegformerConfig(
-            num_channels=cfg["in_chans"], hidden_sizes=list(cfg["embed_dims"]), depths=list(cfg["depths"]),
-            num_attention_heads=list(cfg["num_heads"]), sr_ratios=list(cfg["sr_ratios"]),
-            mlp_ratios=[int(cfg["mlp_ratio"])] * len(cfg["depths"]), decoder_hidden_size=cfg["decoder_hidden_size"],
-            num_labels=cfg["num_classes"])
+        spec, why = hf.counterpart(vk_model)
+        if spec is None:
+            return None, why
+        config = transformers.SegformerConfig(**spec.config)
         return transformers.SegformerForSemanticSegmentation(config), None
     except Exception as e:
         return None, f"transformers' SegformerForSemanticSegmentation is not available ({_short(e)})"
@@ -275,7 +292,8 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                 from ..models.segformer import convert_hf_segformer
                 ref = models["eager"] = hf.to(device=dev, dtype=weight_dtype)
                 ref_note = ("timm has no SegFormer: the baseline is transformers' "
-                            "SegformerForSemanticSegmentation")
+                            "SegformerForSemanticSegmentation (its default attention, "
+                            f"{getattr(hf.config, '_attn_implementation', None)!r})")
                 ref_weights = convert_hf_segformer
     eager_backend = None
     if ("eager" in impls and "eager" not in models and "vitkernels" in models
@@ -300,10 +318,12 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
         except Exception as e:
             print(f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
                   file=sys.stderr)
+    hf_run = _HFRun.setup(name, models, why, ref, shape, weight_dtype, autocast, o)
     for mode in o.modes:
         b = o.batch or default_batch(shape, mode, cpu)
         g = torch.Generator().manual_seed(0)
         inputs = [torch.randn(b, *shape, generator=g).to(device=dev, dtype=weight_dtype) for _ in range(2)]
+        hf_in = hf_run.inputs(inputs)
         for impl in impls:
             rec = {"kind": "model", "name": name, "mode": mode, "dtype": dtype_name(dtype), "precision": precision,
                    "shape": {"batch": b, "input": list(shape)}, "impl": impl}
@@ -312,26 +332,37 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
             if o.budget_s is not None and time.time() - o.t0 > o.budget_s:
                 skipped.append(dict(rec, reason="time budget exhausted"))
                 continue
-            src = "vitkernels" if impl.startswith("vitkernels") else "eager"
-            if src not in models:
-                skipped.append(dict(rec, reason=why.get(impl) or why.get(src, "not available")))
-                continue
-            model = models[src]
-            try:
-                if impl in ("compile", "vitkernels+compile"):
-                    torch._dynamo.reset()
-                    model = torch.compile(model)
+            extra = {}
+            if impl in HF_IMPLS:
+                if impl not in hf_run.models:
+                    skipped.append(dict(rec, reason=hf_run.why.get(impl, "not available"),
+                                        **hf_run.fields.get(impl, {})))
+                    continue
+                model, step_inputs, extra = hf_run.models[impl], hf_in, dict(hf_run.fields.get(impl, {}))
+                ctx = use_backend(backend) if impl == "hf+patch_hf" else contextlib.nullcontext()
+                compiled = impl == "hf+compile"
+            else:
+                src = "vitkernels" if impl.startswith("vitkernels") else "eager"
+                if src not in models:
+                    skipped.append(dict(rec, reason=why.get(impl) or why.get(src, "not available")))
+                    continue
+                model, step_inputs, compiled = models[src], inputs, impl in ("compile", "vitkernels+compile")
                 if src == "vitkernels":
                     ctx = use_backend(backend)
                 elif eager_backend is not None:
                     ctx = use_backend(eager_backend)
-                    rec["note"] = "eager = vitkernels model on the reference backend (not in timm)"
+                    extra["note"] = "eager = vitkernels model on the reference backend (not in timm)"
                 else:
                     ctx = contextlib.nullcontext()
                     if ref_note:
-                        rec["note"] = ref_note
+                        extra["note"] = ref_note
+                extra["verify_err"] = verify if impl == "eager" else None
+            try:
+                if compiled:
+                    torch._dynamo.reset()
+                    model = torch.compile(model)
                 with ctx:
-                    step = _step(model, inputs, mode, autocast=autocast,
+                    step = _step(model, step_inputs, mode, autocast=autocast,
                                  scaler=grad_scaler(dev.type, dtype, precision) if mode == "train" else None)
                     step()  # compile, autotune, allocator warm-up
                     if cpu:
@@ -340,7 +371,7 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                         torch.cuda.synchronize()
                         ms = time_cuda_calls(step, warmup=2, reps=o.reps)
             except Exception as e:
-                skipped.append(dict(rec, reason=_short(e)))
+                skipped.append(dict(rec, reason=_short(e), **({"note": extra["note"]} if extra.get("note") else {})))
                 if not cpu:
                     with contextlib.suppress(Exception):
                         torch.cuda.synchronize()
@@ -350,10 +381,146 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                        unit="clips/s" if video else "images/s", batch=b,
                        autocast=dtype_name(dtype) if precision == "amp" else None,
                        weights=dtype_name(weight_dtype),
-                       backend_choice=backend if src == "vitkernels" else None,
-                       verify_err=verify if impl == "eager" else None,
-                       timing="CPU timing" if cpu else "cuda-events")
+                       backend_choice=backend if impl.startswith("vitkernels") or impl == "hf+patch_hf" else None,
+                       verify_err=None, timing="CPU timing" if cpu else "cuda-events")
+            rec.update(extra)
             group.append(rec)
-        del inputs
+        del inputs, hf_in
     add_speedups(group)
     return group
+
+
+@dataclass
+class _HFRun:
+    """The transformers models of one model x dtype x precision: {impl: model}, {impl: why not},
+    {impl: extra record fields}, and whether they take video."""
+    models: dict
+    why: dict
+    fields: dict
+    video: bool = False
+
+    def inputs(self, inputs: list) -> list:
+        if not self.models:
+            return []
+        from .hf import hf_inputs
+        return hf_inputs(inputs, self.video)
+
+    @classmethod
+    def setup(cls, name, models, why, ref, shape, weight_dtype, autocast, o: _Options) -> "_HFRun":
+        """Build the HF implementations asked for (sharing one set of weights), load those weights into
+        the vitkernels model where a converter exists, and verify outputs (docstring of this module)."""
+        from . import hf as hfb
+        run = cls({}, {}, {})
+        wanted = [i for i in o.impls if i in HF_IMPLS]
+        if not wanted:
+            return run
+
+        def fail(reason):
+            for i in wanted:
+                run.why.setdefault(i, reason)
+            return run
+        vk = models.get("vitkernels")
+        if vk is None:
+            return fail(f"the sizes of the transformers model come from the vitkernels model, which failed to "
+                        f"build ({why.get('vitkernels')})")
+        transformers, t_why = hfb.transformers_module()
+        if transformers is None:
+            return fail(t_why)
+        spec, s_why = hfb.counterpart(vk)
+        if spec is None:
+            return fail(s_why)
+        run.video = spec.video
+        # SegFormer's "eager" baseline is already the transformers model: every HF row takes its weights.
+        share = ref.state_dict() if ref is not None and type(ref).__name__ == spec.model_cls else None
+        sdpa_why = hfb.supports_sdpa(transformers, spec)
+        default_attn = "eager" if sdpa_why else "sdpa"
+        note = f"transformers {spec.model_cls}"
+        try:
+            base = hfb.build(transformers, spec, "eager", share)
+            base_sd = base.state_dict()
+            built = {"eager": base}
+
+            def variant(attn):
+                if attn not in built:
+                    built[attn] = hfb.build(transformers, spec, attn, base_sd)
+                return built[attn]
+            for impl in wanted:
+                if impl == "hf-eager":
+                    run.models[impl], attn = base, "eager"
+                elif impl == "hf-sdpa":
+                    if sdpa_why:
+                        run.why[impl] = sdpa_why
+                        continue
+                    run.models[impl], attn = variant("sdpa"), "sdpa"
+                elif impl == "hf+compile":
+                    attn = default_attn
+                    run.models[impl] = variant(attn)
+                else:  # hf+patch_hf: a model of its own (patching is in place), with the default attention
+                    attn = default_attn
+                    m = hfb.build(transformers, spec, attn, base_sd)
+                    fused = hfb.patch(m)
+                    if not fused:
+                        run.why[impl] = f"vitkernels.patch_hf fused no module of transformers' {spec.model_cls}"
+                        continue
+                    run.models[impl] = m
+                    run.fields[impl] = {"fused": fused}
+                run.fields.setdefault(impl, {}).update(hf_class=spec.model_cls, hf_attn=attn)
+        except Exception as e:
+            run.models.clear()
+            return fail(f"building transformers' {spec.model_cls}: {_short(e)}")
+        base_sd = None
+        for impl, m in run.models.items():
+            run.models[impl] = m.to(device=o.dev, dtype=weight_dtype)
+        shared = False
+        if spec.convert is not None:
+            try:  # the HF weights into the vitkernels model (SegFormer's may be there already; same tensors)
+                vk.load_state_dict(spec.convert(base.state_dict()), strict=True)
+                shared = True
+            except Exception as e:
+                print(f"note: {name}: transformers' weights not loaded into the vitkernels model ({_short(e)})",
+                      file=sys.stderr)
+        share_note = None if shared else (spec.share_note or "weights not shared (the converter failed)")
+        for impl in run.fields:
+            run.fields[impl]["note"] = (f"{note}, attn_implementation={run.fields[impl].get('hf_attn')!r}"
+                                        + (f"; {share_note}" if share_note else ""))
+        run._verify(name, vk if shared else None, base.to(device=o.dev, dtype=weight_dtype), shape, weight_dtype,
+                    autocast, o)
+        return run
+
+    def _verify(self, name, vk, base, shape, weight_dtype, autocast, o: _Options) -> None:
+        """Outputs of one batch of 2: every HF model vs the vitkernels model (`verify_err`, when the weights
+        are shared), the patched model vs the unpatched one (`patch_err`) and the vitkernels ops it ran
+        (`vk_ops`; none: the row is skipped, it would time transformers' own code)."""
+        from .. import use_backend
+        from .hf import OpCounter, hf_inputs
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, *shape, generator=g).to(device=o.dev, dtype=weight_dtype)
+        xh = hf_inputs([x], self.video)[0]
+        try:
+            with torch.inference_mode(), autocast():
+                base.eval()
+                want = _first_tensor(base(xh))
+                ours = None
+                if vk is not None:
+                    vk.eval()
+                    with use_backend(o.backend):
+                        ours = _first_tensor(vk(x))
+                for impl in list(self.models):
+                    if impl == "hf+compile":  # the same model as hf-sdpa (or hf-eager), compiled later
+                        continue
+                    m = self.models[impl]
+                    m.eval()
+                    if impl == "hf+patch_hf":
+                        with use_backend(o.backend), OpCounter() as counter:
+                            got = _first_tensor(m(xh))
+                        self.fields[impl].update(patch_err=_rel_err((got,), (want,)), vk_ops=dict(counter.counts))
+                        if not counter.counts:
+                            del self.models[impl]
+                            self.why[impl] = "the patched model ran no vitkernels op"
+                            continue
+                    else:
+                        got = want if m is base else _first_tensor(m(xh))
+                    if ours is not None:
+                        self.fields[impl]["verify_err"] = _rel_err((got,), (ours,))
+        except Exception as e:
+            print(f"note: {name}: verifying the transformers models failed ({_short(e)})", file=sys.stderr)
