@@ -71,7 +71,8 @@ MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "segformer_b2"
 # models results file (Swin and SegFormer get their vitkernels speedups from the models step's rows).
 HF_MODELS = ("swin_tiny_patch4_window7_224", "segformer_b2", "timesformer_base_patch16_224")
 HF_IMPLS = "hf-eager,hf-sdpa,hf+patch_hf"
-# The headline op cases: --representative keeps ViT-B self-attention, Swin-T stage 1, PVTv2/SegFormer
+# The headline op cases: --representative keeps ViT-B self-attention, Swin-T stage 1, Swin V2-T stage 1
+# (cosine, timm order), PVTv2/SegFormer
 # stage 1 at 224 and 512, XCiT, TimeSformer time and space+cls, SegFormer-B2 stage 1 dwconv and mix_ffn.
 OPS = ("self_attention", "window_attention", "sr_attention", "xca", "space_time_attention", "dwconv", "mix_ffn")
 CUDA_TEST_SKIP = ("tests/test_cuda_compile.py", "tests/test_cuda_emulator.py")  # CPU-only tools, no gpu mark

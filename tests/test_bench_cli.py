@@ -193,6 +193,10 @@ def test_case_costs_match_the_docs():
     assert mix.bytes_for("fwd", 2) == pytest.approx(33.6e6, rel=2e-3)  # fully fused floor in docs/mix_ffn.md
     swin = by[("window_attention", "swin_t s4@224")]
     assert swin.shape["shift"] == 0 and swin.shape["window"] == 7
+    v2 = by[("window_attention", "swinv2_t s1@256")]
+    assert v2.args["shift_first"] and "logit_scale" in v2.tensors and v2.shape["shift"] == 4
+    assert by[("window_attention", "swinv2_t s4@256")].shape["shift"] == 0
+    assert by[("window_attention", "swin_t s1@256 shift-first")].args["shift_first"]
     assert {c.op for c in cases.all_cases(tiny=True)} == set(cases.OPS)
     assert all(c.batch == 1 for c in cases.all_cases(tiny=True))
     assert cases.all_cases(batch=3)[0].batch == 3
@@ -201,6 +205,9 @@ def test_case_costs_match_the_docs():
 @pytest.mark.parametrize("case", [
     cases.window_attention_case("padded", "test", 2, 10, 9, 32, 2, 7, 3),   # pad + shift + mask
     cases.window_attention_case("one window", "test", 1, 5, 6, 16, 2, 7, 0),
+    cases.window_attention_case("shift first", "test", 2, 10, 9, 32, 2, 4, 2, shift_first=True),  # timm's order
+    cases.window_attention_case("swin v2", "test", 2, 10, 9, 32, 2, 4, 2, shift_first=True, cosine=True),
+    cases.window_attention_case("swin v2 pad first", "test", 1, 9, 9, 16, 2, 4, 2, cosine=True),
     cases.space_time_case("vivit ts space", "test", 2, 6, 3, 32, 2, "space", True, layout="ts"),
     cases.space_time_case("vivit ts time", "test", 2, 6, 3, 32, 2, "time", False, layout="ts"),
     cases.mix_ffn_case("relu", "test", 2, 5, 4, 8, 16, extra_relu=True),

@@ -237,6 +237,7 @@ def _shift_mask(hp, wp, m, s, dtype, device):
 def _window_attention(case: Case, core_name, dtype, device):
     a = case.args
     (h, w), heads, m, s = a["hw"], a["num_heads"], a["window_size"], a["shift_size"]
+    shift_first = bool(a.get("shift_first", False))  # timm: roll the unpadded map, then pad
     hp, wp = math.ceil(h / m) * m, math.ceil(w / m) * m
     nw, nt = (hp // m) * (wp // m), m * m
     index = _relative_position_index(m, device)
@@ -251,17 +252,24 @@ def _window_attention(case: Case, core_name, dtype, device):
         b, _, c3 = qkv.shape
         c = c3 // 3
         x = qkv.view(b, h, w, c3)
+        if s > 0 and shift_first:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         if hp != h or wp != w:  # pad bottom/right; a padded token's qkv is the qkv linear's bias
             bias = t.get("qkv_bias")
             pad = (bias if bias is not None else qkv.new_zeros(c3)).view(1, 1, 1, c3)
             x = torch.cat([x, pad.expand(b, h, wp - w, c3)], dim=2)
             x = torch.cat([x, pad.expand(b, hp - h, wp, c3)], dim=1)
-        if s > 0:
+        if s > 0 and not shift_first:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         x = _window_partition(x, m)  # (B·nW, N, 3C)
         bw = x.shape[0]
         q, k, v = _split_heads(x, heads, 3)
         scale = q.shape[-1] ** -0.5
+        logit_scale = t.get("logit_scale")
+        if logit_scale is not None:  # Swin V2 (timm's WindowAttention): cosine scores times the clamped scale
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            tau = torch.clamp(logit_scale.reshape(1, heads, 1, 1), max=math.log(100.0)).exp()
+            q, scale = q * tau.to(q.dtype), 1.0
         table = t.get("rel_pos_bias_table")
         if core_name == "eager":  # timm's non-fused WindowAttention
             attn = (q * scale) @ k.transpose(-2, -1)
@@ -288,10 +296,12 @@ def _window_attention(case: Case, core_name, dtype, device):
                 return score
             o = flex_attention(q, k, v, score_mod=score_mod, scale=scale)
         o = _window_reverse(o.transpose(1, 2).reshape(bw, nt, c), m, hp, wp)
-        if s > 0:
+        if s > 0 and not shift_first:
             o = torch.roll(o, shifts=(s, s), dims=(1, 2))
         if hp != h or wp != w:
             o = o[:, :h, :w, :].contiguous()
+        if s > 0 and shift_first:
+            o = torch.roll(o, shifts=(s, s), dims=(1, 2))
         return o.reshape(b, h * w, c)
     return fn
 

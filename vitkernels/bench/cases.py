@@ -17,7 +17,9 @@ Shapes (batch sizes are the defaults; `--batch` overrides them):
   `attention` (with a BEiT-style (heads, N, N) bias at 224).
 * Swin-T and Swin-B at 224 (window 7, B 64) and Swin-B at 384 (window 12, B 32), stages 1-4:
   `window_attention` with shift = M/2 in stages 1-3 and none in stage 4 (there H = W = M), plus
-  Swin-T stage 1 without shift.
+  Swin-T stage 1 without shift; Swin-T stages 1-2 at 256 px in timm's shift-then-pad order (maps that
+  are not window multiples: `shift_first`); Swin V2-T at 256 px (window 8, B 64), stages 1-4: cosine
+  attention with `logit_scale`, timm's order.
 * PVTv2-b2 and SegFormer-B2 (same attention: C 64/128/320/512, heads 1/2/5/8, sr 8/4/2/1) at 224
   (B 64; M = 49 in every stage) and 512 (B 8; M = 256): `sr_attention`; their Mix-FFN hidden widths
   (PVTv2-b2 ratio 8, SegFormer-B2 ratio 4): `dwconv` (GELU) and `mix_ffn`.
@@ -47,7 +49,7 @@ MODES = ("fwd", "fwd+bwd")
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple
-    init: str = "randn"  # randn | fan_in (randn / sqrt(last dim)) | dw (randn / k) | ones
+    init: str = "randn"  # randn | fan_in (randn / sqrt(last dim)) | dw (randn / k) | ones | log10 (ln 10 + 0.1·randn)
     diff: bool = True     # differentiated in fwd+bwd mode
 
 
@@ -112,6 +114,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device, generator: Optional[torc
                 t = t / spec.shape[-1]
             elif spec.init == "ones":
                 t = torch.ones(spec.shape, device=gen_device)
+            elif spec.init == "log10":  # Swin V2's logit_scale at init, ln 10, spread a little per head
+                t = math.log(10.0) + 0.1 * t
             t = t.to(device=device, dtype=dtype)
         out[name] = t.requires_grad_(requires_grad and spec.diff)
     return out
@@ -136,13 +140,20 @@ def self_attention_case(label, model, batch, n, c, heads):
                 4.0 * batch * heads * n * n * (c // heads), ATTENTION_BWD)
 
 
-def window_attention_case(label, model, batch, h, w, c, heads, window, shift):
+def window_attention_case(label, model, batch, h, w, c, heads, window, shift, shift_first=False, cosine=False):
+    """Swin (V1: scaled dot product; `cosine`: V2's cosine attention with a per-head logit_scale); timm
+    shifts before padding (`shift_first`), the original Swin / HF pad first."""
     hp, wp = math.ceil(h / window) * window, math.ceil(w / window) * window
     tensors = {"qkv": TensorSpec((batch, h * w, 3 * c)),
                "rel_pos_bias_table": TensorSpec(((2 * window - 1) ** 2, heads)),
                "qkv_bias": TensorSpec((3 * c,))}
     args = {"hw": (h, w), "num_heads": heads, "window_size": window, "shift_size": shift}
-    shape = {"B": batch, "H": h, "W": w, "C": c, "heads": heads, "D": c // heads, "window": window, "shift": shift}
+    if cosine:
+        tensors["logit_scale"] = TensorSpec((heads,), init="log10")
+    if shift_first:
+        args["shift_first"] = True
+    shape = {"B": batch, "H": h, "W": w, "C": c, "heads": heads, "D": c // heads, "window": window, "shift": shift,
+             "shift_first": shift_first, "cosine": cosine}
     # 4·B·nW·heads·(M²)²·D = 4·B·Hp·Wp·M²·C
     return Case("window_attention", label, model, batch, tensors, args, ((batch, h * w, c),), shape,
                 4.0 * batch * hp * wp * window * window * c, ATTENTION_BWD)
@@ -233,6 +244,17 @@ def _build_catalog():
             _add(f, batch, representative=(short == "swin_t" and i == 0), tiny=(short == "swin_t" and i == 2))
     _add(lambda b: window_attention_case("swin_t s1@224 no-shift", "swin_tiny_patch4_window7_224", b, 56, 56, 96, 3,
                                          7, 0), 64)
+    # timm's order on maps that are not window multiples (Swin-T at 256 px: 64 -> 70 padded), and
+    # Swin V2-T at 256 px (window 8; cosine attention, logit_scale, the cpb table), timm's order too
+    _add(lambda b: window_attention_case("swin_t s1@256 shift-first", "swin_tiny_patch4_window7_224", b, 64, 64, 96, 3,
+                                         7, 3, shift_first=True), 64)
+    _add(lambda b: window_attention_case("swin_t s2@256 shift-first", "swin_tiny_patch4_window7_224", b, 32, 32, 192,
+                                         6, 7, 3, shift_first=True), 64)
+    for i, (hw, c, h) in enumerate(((64, 96, 3), (32, 192, 6), (16, 384, 12), (8, 768, 24))):
+        def f(b, hw=hw, c=c, h=h, i=i):
+            return window_attention_case(f"swinv2_t s{i + 1}@256", "swinv2_tiny_window8_256", b, hw, hw, c, h, 8,
+                                         4 if hw > 8 else 0, shift_first=True, cosine=True)
+        _add(f, 64, representative=(i == 0), tiny=(i == 3))
 
     dims, heads, srs = (64, 128, 320, 512), (1, 2, 5, 8), (8, 4, 2, 1)
     for res, batch in ((224, 64), (512, 8)):
@@ -317,7 +339,8 @@ def select_args(case: Case, t: dict) -> tuple:
     if op == "window_attention":
         d = t["qkv"].shape[-1] // 3 // a["num_heads"]
         return (t["qkv"], list(a["hw"]), a["num_heads"], a["window_size"], a["shift_size"],
-                t.get("rel_pos_bias_table"), t.get("qkv_bias"), d ** -0.5)
+                t.get("rel_pos_bias_table"), t.get("qkv_bias"), d ** -0.5, t.get("logit_scale"),
+                bool(a.get("shift_first", False)))
     if op == "sr_attention":
         return (t["q"], t["kv"], a["num_heads"])
     if op == "xca":
