@@ -225,7 +225,7 @@ def test_patch_timm_swaps_swin_blocks_without_timm(monkeypatch):
     import vitkernels.integrations.timm as integration
     calls = []
     real = integration.window_attention
-    monkeypatch.setattr(integration, "window_attention", lambda *a: calls.append(a[1:5]) or real(*a))
+    monkeypatch.setattr(integration, "window_attention", lambda *a: calls.append(a[1:5] + a[9:]) or real(*a))
     block_cls = _fake_timm_swin_block_class()
     model = torch.nn.Sequential(block_cls(32, 2, 7, 0), block_cls(32, 2, 7, 3)).eval()
     keys = list(model.state_dict())
@@ -236,12 +236,12 @@ def test_patch_timm_swaps_swin_blocks_without_timm(monkeypatch):
         after = model(x)
     assert [type(b).__name__ for b in model] == ["FusedSwinTransformerBlock"] * 2
     assert list(model.state_dict()) == keys
-    assert calls == [((14, 21), 2, 7, 0), ((14, 21), 2, 7, 3)]
+    assert calls == [((14, 21), 2, 7, 0, True), ((14, 21), 2, 7, 3, True)]
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    # timm shifts before padding, the op pads first: a shifted map that needs padding reaches the op
-    # in the op's order (padded to 14 x 14), with timm's result.
+    # timm shifts before padding: a shifted map that needs padding reaches the op unpadded, in timm's
+    # order (shift_first=True), with timm's result.
     calls.clear()
     x = torch.randn(1, 9, 9, 32)
     with torch.no_grad():
         torch.testing.assert_close(model[1](x), x + model[1]._timm_attn(x), atol=1e-5, rtol=1e-5)
-    assert calls == [((14, 14), 2, 7, 3)]
+    assert calls == [((9, 9), 2, 7, 3, True)]
