@@ -256,6 +256,7 @@ def test_swin_window_too_large_for_its_table_runs_hf_forward():
 
 TRITON_CASES = {  # one small model per family, tiny enough for the interpreter
     "vit": dict(num_hidden_layers=1),
+    "deit_distilled": dict(num_hidden_layers=1),
     "swin": dict(image_size=(24, 20), depths=[2, 1], num_heads=[1, 2]),  # 12x10: padded, shifted
     "swinv2": dict(image_size=(24, 20), depths=[2, 1], num_heads=[1, 2]),  # 12x10: padded, shifted; cosine
     "segformer": dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
