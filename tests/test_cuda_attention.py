@@ -234,6 +234,17 @@ def test_supported_head_dims(ops):
         assert ops.attention_supports_head_dim(d)
 
 
+def test_supports_query(ops):
+    """attention_supports(head_dim, dtype=None, device=None): the query shape every CUDA op shares;
+    attention_supports_head_dim is its older name."""
+    for d in (8, 32, 40, 64, 112, 128):
+        assert ops.attention_supports(d) and ops.attention_supports(d, torch.bfloat16)
+        assert ops.attention_supports(d, torch.float32, torch.device(ops.device))
+    for d in (0, 4, 36, 136, -8, 2 ** 40):
+        assert not ops.attention_supports(d) and not ops.attention_supports_head_dim(d)
+    assert not ops.attention_supports(64, torch.float64) and not ops.attention_supports(64, torch.int8)
+
+
 @pytest.mark.gpu
 def test_built_archs_cover_this_gpu(ops):
     from vitkernels import _ext

@@ -13,7 +13,9 @@ from tolerance import FLOOR, assert_within
 
 import vitkernels as vk
 from vitkernels import backends
+from vitkernels._samples import samples
 from vitkernels.models import create_model
+from vitkernels.ops import _spec
 
 # On a GPU every test here is a GPU test, so `pytest -m gpu` (bench/gpu_suite.sh) runs them all there.
 pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
@@ -123,6 +125,33 @@ def test_reasons_name_what_the_cuda_kernels_lack(cuda_backend):
     with vk.use_backend("cuda"), pytest.raises(vk.BackendUnavailableError, match="CUDA xca kernel"):
         vk.xca(torch.randn(1, 16, 3 * 72, device=cuda_backend, dtype=torch.float16), 1,
                torch.ones(1, 1, 1, device=cuda_backend, dtype=torch.float16))
+
+
+# Every op with a CUDA kernel, or made of ops that have one (mix_ffn), from the op specs.
+CUDA_OPS = [s.name for s in _spec.specs() if "cuda" in s.kernels() or s.parts is not None]
+
+
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_every_op_runs_its_samples_on_cuda(cuda_backend, monkeypatch, name):
+    """Each op forced onto "cuda" with its spec's sample arguments: every fused call runs there, and
+    the result is within the 2x rule of the float64 reference."""
+    args = samples(device=cuda_backend)[name]
+    chosen = []
+    select = backends.select
+
+    def spy(op, *a, **kw):
+        kernel = select(op, *a, **kw)
+        chosen.append((op, kernel.backend))
+        return kernel
+
+    monkeypatch.setattr(backends, "select", spy)
+    with vk.use_backend("cuda"):
+        got = getattr(vk, name)(*args)
+    monkeypatch.setattr(backends, "select", select)
+    assert chosen and {b for _, b in chosen} == {"cuda"}, chosen
+    want, oracle = eager(getattr(vk, name), *args), reference(getattr(vk, name), *args)
+    for g, w, o in zip(*(out if isinstance(out, tuple) else (out,) for out in (got, want, oracle))):
+        assert_within(f"{name} cuda samples", g, w, o, torch.float32)
 
 
 VIDEO = {"embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 7, "img_size": 32, "num_frames": 4}

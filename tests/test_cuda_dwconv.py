@@ -162,3 +162,12 @@ def test_k_not_built_is_reported(cuda_backend):
 def test_reverse_thread_order(ops, reverse_thread_order, dtype, k, c):
     x, wt, bias = make(2, 17, 19, c, k, True, dtype, ops.device)
     check(ops, x, (17, 19), wt, bias, "gelu", dtype, f"reverse order k={k} C={c} {dtype}")
+
+
+def test_supports_query(ops):
+    """dwconv_supports(kernel_size, dtype=None, device=None): the query shape every CUDA op shares."""
+    for k in (1, 3, 5, 7):
+        assert ops.dwconv_supports(k) and ops.dwconv_supports(k, torch.bfloat16, torch.device(ops.device))
+    for k in (0, 2, 9, -3):
+        assert not ops.dwconv_supports(k)
+    assert not ops.dwconv_supports(3, torch.float64)

@@ -140,3 +140,13 @@ def test_bad_arguments(ops):
                                      "time", None, "st", 0.1)
     with pytest.raises(RuntimeError, match="cls_qkv must be"):
         ops.space_time_attention_fwd(qkv, 2, 2, "space", cls_qkv[:, :-8], "st", 0.1)
+
+
+def test_supports_query(ops):
+    """space_time_attention_supports(head_dim, dtype=None, device=None): the attention kernel's limits."""
+    for d in (8, 32, 64, 128):
+        assert ops.space_time_attention_supports(d)
+        assert ops.space_time_attention_supports(d, torch.float16, torch.device(ops.device))
+    for d in (12, 136, 0):
+        assert not ops.space_time_attention_supports(d)
+    assert not ops.space_time_attention_supports(64, torch.float64)

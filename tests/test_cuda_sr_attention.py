@@ -69,6 +69,9 @@ def test_unsupported_sizes_are_refused(ops):
     assert not ops.sr_attention_supports(257, 64, torch.float16)
     assert not ops.sr_attention_supports(49, 12, torch.float16)
     assert ops.sr_attention_supports(49, 64, torch.bfloat16)
+    # the shared query shape: (m, head_dim, dtype=None, device=None); None = every dtype
+    assert ops.sr_attention_supports(49, 64) and ops.sr_attention_supports(49, 64, None, torch.device(ops.device))
+    assert not ops.sr_attention_supports(49, 64, torch.float64) and not ops.sr_attention_supports(0, 64)
     with pytest.raises(RuntimeError, match="not supported"):
         ops.sr_attention_fwd(q, torch.randn(1, 300, 128, device=ops.device, dtype=torch.float16), 1, 0.1)
 
@@ -111,6 +114,8 @@ def test_shared_memory_limit_of_the_device(ops, monkeypatch):
     check(ops, shape, torch.float16)
     monkeypatch.setenv("VKEMU_SMEM_OPTIN", str(163 * 1024))
     assert not ops.sr_attention_supports(256, 128, torch.float16)
+    assert not ops.sr_attention_supports(256, 128)  # every dtype: the 16-bit kernels do not fit
+    assert ops.sr_attention_supports(256, 128, torch.float32)  # float32 streams the keys
     assert ops.sr_attention_supports(256, 64, torch.float16)  # 92,160 bytes
     q = torch.randn(1, 300, 256, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"174080 bytes; this device allows 166912"):

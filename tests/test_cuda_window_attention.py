@@ -251,6 +251,11 @@ def test_supports_query(ops):
     assert ops.window_attention_supports(7, 32) and ops.window_attention_supports(16, 128)
     assert not ops.window_attention_supports(17, 32)
     assert not ops.window_attention_supports(7, 36) and not ops.window_attention_supports(7, 136)
+    # the shared query shape: (window, head_dim, dtype=None, device=None)
+    assert ops.window_attention_supports(7, 32, torch.float16, torch.device(ops.device))
+    assert ops.window_attention_supports(12, 128, torch.float32)
+    assert not ops.window_attention_supports(7, 32, torch.float64)
+    assert not ops.window_attention_supports(0, 32) and not ops.window_attention_supports(7, 0)
 
 
 def test_unsupported_window_raises(ops):

@@ -95,3 +95,6 @@ def test_bad_arguments(ops):
     with pytest.raises(RuntimeError, match="not 3 \\* num_heads"):
         ops.xca_fwd(qkv, 5, torch.ones(5, device=ops.device))
     assert ops.xca_supports_head_dim(48) and not ops.xca_supports_head_dim(72)
+    # the shared query shape: xca_supports(head_dim, dtype=None, device=None)
+    assert ops.xca_supports(48) and ops.xca_supports(64, torch.float32, torch.device(ops.device))
+    assert not ops.xca_supports(72) and not ops.xca_supports(44) and not ops.xca_supports(48, torch.float64)

@@ -1,13 +1,18 @@
-"""Every op: registered, opcheck, torch.compile(fullgraph), torch.export, empty batch, backends API."""
+"""Every op: registered, opcheck, torch.compile(fullgraph), torch.export, empty batch, backends API.
+
+The ops, their sample arguments, private-forward arguments and batch dims come from their specs
+(`SPEC` in vitkernels/ops/<op>.py, ops/_spec.py)."""
 import pytest
 import torch
 
 import vitkernels
 from vitkernels._samples import samples, variant_samples
+from vitkernels.ops import _spec
 
-OPS = list(samples())
+SPECS = {s.name: s for s in _spec.specs()}
+OPS = list(SPECS)
 # Argument sets that switch optional features on (window_attention's shift_first / logit_scale).
-VARIANTS = [(name, label) for name, labels in variant_samples().items() for label in labels]
+VARIANTS = [(name, label) for name, s in SPECS.items() for label in s.variants]
 
 
 def _variant(name, label, **kw):
@@ -18,6 +23,54 @@ def test_all_ops_registered():
     for name in OPS:
         assert hasattr(torch.ops.vitkernels, name), name
         assert callable(getattr(vitkernels, name))
+
+
+def test_specs_list_every_op():
+    """The specs are the one list of ops: the exports, the samples and the dispatcher agree with them."""
+    from vitkernels import backends
+    assert OPS == vitkernels.ops.__all__ == [n for n in vitkernels.__all__ if n in SPECS]
+    assert list(samples()) == OPS and set(variant_samples()) <= set(OPS)
+    assert [s.number for s in SPECS.values()] == sorted(s.number for s in SPECS.values())
+    for name, spec in SPECS.items():
+        assert str(getattr(torch.ops.vitkernels, name).default._schema) == f"vitkernels::{spec.schema}", name
+        if spec.parts is not None:  # a composite: runs where its parts run
+            assert name in backends.COMPOSITES and not spec.kernels(), name
+            continue
+        kernels = spec.kernels()
+        assert set(kernels) == set(backends.BACKENDS), name
+        for backend, kernel in kernels.items():
+            assert kernel.caps is not None and kernel.caps.backward == (kernel.backward is not None), (name, backend)
+        assert hasattr(torch.ops.vitkernels, f"_{name}_fwd") and hasattr(torch.ops.vitkernels, f"_{name}_bwd"), name
+
+
+def test_spec_pointers_resolve():
+    """Every spec's bench pointers name real functions; its Triton modules exist; every op has an
+    independent oracle in tests/oracles.py (test_reference_vs_oracle.py compares them)."""
+    import importlib
+
+    import oracles
+
+    from vitkernels.bench import cases
+    for name, spec in SPECS.items():
+        assert callable(_spec.resolve(spec.bench.baseline)), name
+        assert callable(_spec.resolve(spec.bench.cases)), name
+        assert any(c.op == name for c in cases.all_cases()), name
+        for module in spec.triton_modules:
+            importlib.import_module(f"vitkernels.triton.{module}")
+        assert callable(getattr(oracles, name, None)), f"tests/oracles.py has no {name}"
+
+
+def test_declared_head_dims_match_the_triton_kernels():
+    """The Triton kernels' head-dim limits are declared as data (the op files do not import triton);
+    they must be the launchers' own."""
+    from vitkernels.triton import attention as ta
+    from vitkernels.triton import window_attention as tw
+    from vitkernels.triton import xca as tx
+    xca = SPECS["xca"].kernels()["triton"].caps
+    assert all((d in xca.head_dims) == tx.supports(d) for d in range(0, 200))
+    for name, module in (("attention", ta), ("self_attention", ta), ("sr_attention", ta),
+                         ("space_time_attention", ta), ("window_attention", tw)):
+        assert SPECS[name].kernels()["triton"].caps.head_dims == range(1, module.MAX_HEAD_DIM + 1), name
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -31,15 +84,8 @@ def test_opcheck_public_variants(name, label):
     torch.library.opcheck(getattr(torch.ops.vitkernels, name).default, _variant(name, label, requires_grad=True))
 
 
-PRIVATE = {
-    "attention": lambda a: (a[0], a[1], a[2], a[3], 0.3),
-    "self_attention": lambda a: (a[0], a[1], 0.3),
-    "window_attention": lambda a: (*a[:7], 0.3, *a[8:]),
-    "sr_attention": lambda a: (a[0], a[1], a[2], 0.3),
-    "xca": lambda a: a,
-    "space_time_attention": lambda a: (*a[:6], 0.3),
-    "dwconv": lambda a: a,
-}
+# The private forward's arguments from the public ones (the spec's mapping), with the scale 0.3.
+PRIVATE = {name: (lambda a, s=s: s.private(a, 0.3)) for name, s in SPECS.items() if s.private is not None}
 
 
 @pytest.mark.parametrize("name", list(PRIVATE))
@@ -48,7 +94,7 @@ def test_opcheck_private_fwd(name):
     torch.library.opcheck(getattr(torch.ops.vitkernels, f"_{name}_fwd").default, args)
 
 
-@pytest.mark.parametrize("name,label", VARIANTS)
+@pytest.mark.parametrize("name,label", [v for v in VARIANTS if v[0] in PRIVATE])
 def test_opcheck_private_fwd_variants(name, label):
     args = PRIVATE[name](_variant(name, label, requires_grad=True))
     torch.library.opcheck(getattr(torch.ops.vitkernels, f"_{name}_fwd").default, args)
@@ -84,7 +130,7 @@ def _check_compile_fullgraph(name, args):
         torch.testing.assert_close(g, r)
 
 
-@pytest.mark.parametrize("name", ["attention", "self_attention", "window_attention", "dwconv"])
+@pytest.mark.parametrize("name", [name for name, s in SPECS.items() if s.inductor])
 def test_compile_inductor(name):
     args = samples()[name]
     fn = getattr(vitkernels, name)
@@ -153,7 +199,7 @@ def _check_export(name, args):
         torch.testing.assert_close(e, x)
 
 
-BATCHED = {"attention": (0, 1, 2), "sr_attention": (0, 1), "space_time_attention": (0, 4)}
+BATCHED = {name: s.batched for name, s in SPECS.items()}
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -167,7 +213,7 @@ def test_empty_batch_variants(name, label):
 
 
 def _check_empty_batch(name, args):
-    for i in BATCHED.get(name, (0,)):
+    for i in BATCHED[name]:
         args[i] = args[i][:0].detach().requires_grad_()
     out = _outputs(getattr(vitkernels, name)(*args))
     assert out[0].shape[0] == 0

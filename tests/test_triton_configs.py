@@ -12,17 +12,22 @@ Without a GPU the same configs run in the Triton interpreter: the launchers are 
 their GPU path on CPU tensors (``use_fixed`` → False, a 2-SM ``sm_count`` so that heads split
 into chunks), so each config's block sizes, masks and EVEN_* paths are exercised on CPU too.
 """
+import importlib
+
 import pytest
 import torch
 from tolerance import assert_within
 from triton_env import ConfigForcer, device_marks, require_triton
 
 import vitkernels as vk
+from vitkernels.ops import _spec
 
 _INTERPRET, DEVICE, DTYPES = require_triton()
 pytestmark = device_marks(DEVICE)
 
-from vitkernels.triton import attention, dwconv, sr_attention, window_attention, xca  # noqa: E402
+# Every vitkernels.triton module an op's Triton kernels launch from (the op specs' triton_modules).
+MODULES = {name: importlib.import_module(f"vitkernels.triton.{name}")
+           for name in dict.fromkeys(m for s in _spec.specs() for m in s.triton_modules)}
 
 
 @pytest.fixture
@@ -30,10 +35,10 @@ def forcer(monkeypatch):
     f = ConfigForcer()
     f.install(monkeypatch.setattr)
     if _INTERPRET:  # take the autotuned GPU path in the interpreter
-        for mod in (attention, dwconv, sr_attention, window_attention, xca):
+        for mod in MODULES.values():
             monkeypatch.setattr(mod, "use_fixed", lambda t, interpreted, what: False)
-        for mod in (sr_attention, window_attention, xca):
-            monkeypatch.setattr(mod, "sm_count", lambda device: 2)
+            if hasattr(mod, "sm_count"):  # the launchers that size grids by the SM count
+                monkeypatch.setattr(mod, "sm_count", lambda device: 2)
     return f
 
 
@@ -81,10 +86,22 @@ CASES = {
         [(1, 14 * 13, 3 * 64), (169, 2), (3 * 64,), (2,)]),
     "sr_attention": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 49, 128)]),
     "xca split": (lambda x, t: vk.xca(x, 1, t), [(1, 300, 3 * 48), (1, 1, 1)]),
-    "space_time cls": (lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
-                       [(1, 2 * 70, 3 * 64), (1, 3 * 64)]),
+    "space_time_attention cls": (
+        lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
+        [(1, 2 * 70, 3 * 64), (1, 3 * 64)]),
     "dwconv": (lambda x, w, b: vk.dwconv(x, (20, 18), w, b, "gelu"), [(1, 360, 64), (64, 1, 3, 3), (64,)]),
 }
+
+
+def _op(case: str) -> str:
+    """The op a CASES key exercises: its first word, up to a "+"."""
+    return case.split()[0].split("+")[0]
+
+
+def test_every_op_with_triton_kernels_has_a_case():
+    """A new op with Triton kernels adds its CASES entry here (CONTRIBUTING.md, "Adding an op")."""
+    assert {_op(c) for c in CASES} <= set(_spec.names())
+    assert {s.name for s in _spec.specs() if s.triton_modules} <= {_op(c) for c in CASES}
 
 
 # The interpreter checks the fp32 and the 16-bit config lists; a GPU compiles every config it runs,

@@ -41,11 +41,16 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from vitkernels.ops import _spec  # noqa: E402
 from vitkernels.triton import attention as t_attn  # noqa: E402
 from vitkernels.triton import dwconv as t_dw  # noqa: E402
 from vitkernels.triton import sr_attention as t_sr  # noqa: E402
 from vitkernels.triton import window_attention as t_wa  # noqa: E402
 from vitkernels.triton import xca as t_xca  # noqa: E402
+
+# Every vitkernels.triton module an op's Triton kernels launch from (the op specs' triton_modules).
+MODULES = {name: importlib.import_module(f"vitkernels.triton.{name}")
+           for name in dict.fromkeys(m for s in _spec.specs() for m in s.triton_modules)}
 
 SM90_SMEM_PER_BLOCK = 232448  # 227 KiB: the opt-in maximum of one block on H100 / H200
 SM_COUNT = 132  # H100 SXM (H200: 132 too); sizes the programs-per-SM heuristics
@@ -80,10 +85,10 @@ def _autotuner_run(self, *args, **kwargs):
 
 def _gpu_path_on_cpu():
     """Launchers take their tuned GPU path for CPU tensors; launches are recorded, not run."""
-    for mod in (t_attn, t_dw, t_sr, t_wa, t_xca):
+    for mod in MODULES.values():
         mod.use_fixed = lambda t, interpreted, what: False
-    for mod in (t_sr, t_wa, t_xca):
-        mod.sm_count = lambda device: SM_COUNT
+        if hasattr(mod, "sm_count"):  # the launchers that size grids by the SM count
+            mod.sm_count = lambda device: SM_COUNT
     JITFunction.run = _jit_run
     Autotuner.run = _autotuner_run
 
@@ -240,6 +245,12 @@ def capture(quick: bool, only: str | None = None) -> list:
             run()
         except Exception as e:
             raise RuntimeError(f"capturing '{name}' failed") from e
+    if not only:  # a new op's Triton module needs a scenario above (CONTRIBUTING.md, "Adding an op")
+        launched = {key[0] for key in _LAUNCHES}
+        missing = [name for name, mod in MODULES.items() if mod.__name__ not in launched]
+        if missing:
+            names = ", ".join(f"vitkernels.triton.{m}" for m in missing)
+            raise RuntimeError(f"no scenario launches a kernel of {names}: add one to scenarios()")
     return list(_LAUNCHES.values())
 
 

@@ -3,13 +3,13 @@
 Every op is a `torch.ops.vitkernels.<name>` custom op (fake kernel, autograd, torch.compile and
 torch.export ready) with the same name here. See SPEC.md / docs/ for the exact semantics.
 """
+from . import ops
 from .backends import BackendUnavailableError, get_backend, not_supported_reasons, set_backend, use_backend
-from .ops import attention, dwconv, mix_ffn, self_attention, space_time_attention, sr_attention, window_attention, xca
+from .ops import *  # noqa: F403 - every op's Python function (ops.__all__, from the op specs)
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention",
-           "dwconv", "mix_ffn", "set_backend", "get_backend", "use_backend", "not_supported_reasons",
+__all__ = [*ops.__all__, "set_backend", "get_backend", "use_backend", "not_supported_reasons",  # noqa: F405
            "BackendUnavailableError", "HAS_CUDA_EXT", "patch_timm", "patch_hf", "__version__"]
 
 

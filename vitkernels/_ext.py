@@ -51,13 +51,15 @@ class CudaExt:
         import torch
         return torch.ops.vitkernels_C
 
-    def attention_supports_head_dim(self, head_dim: int) -> bool:
-        """Whether the CUDA attention kernel handles this head dim (asks the C++ side)."""
-        return bool(self.ops.attention_supports_head_dim(int(head_dim)))
-
-    def xca_supports_head_dim(self, head_dim: int) -> bool:
-        """Whether the CUDA xca kernel handles this head dim (asks the C++ side)."""
-        return bool(self.ops.xca_supports_head_dim(int(head_dim)))
+    def supports(self, op: str, *sizes: int, dtype=None, device=None) -> bool:
+        """`torch.ops.vitkernels_C.<op>_supports(*sizes, dtype, device)`: whether the compiled kernel of
+        `op` takes these sizes (head dim, window, M, kernel size: csrc/torch/<op>.cpp) in `dtype` on
+        `device`. False when the extension, built from older sources, lacks the query."""
+        try:
+            query = getattr(self.ops, f"{op}_supports")
+        except (AttributeError, RuntimeError):
+            return False
+        return bool(query(*(int(s) for s in sizes), dtype, device))
 
     def built_archs(self) -> str:
         """Compiled GPU archs, e.g. 'sm_80, sm_90' (from nvcc's __CUDA_ARCH_LIST__)."""

@@ -1,4 +1,5 @@
-// vitkernels — fused attention forward. See attention.h for the math, cost model and design.
+// vitkernels — fused attention forward. Math and layout: attention.h; design and cost:
+// docs/attention.md.
 #include "attention.h"
 #include "attention_mma.cuh"
 
@@ -8,12 +9,13 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace vitkernels {
 namespace {
 
-using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>, to_float (ptx_sm80.cuh)
-using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, kLog2e, kLn2
+using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T> (ptx_sm80.cuh)
+using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, dispatch_padded_head_dim
 
 // Kernel arguments, already resolved to one dtype. Strides are (B, G, H, N, D), the prefix
 // rows' (B, G, H).
@@ -392,65 +394,41 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t launch(Kernel kernel, int threads, int smem_bytes, unsigned grid, cudaStream_t stream,
-                   const KernelArgs& args) {
-  if (smem_bytes > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, threads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
-}
-
-template <int kDp>
-cudaError_t dispatch_dtype(DType dtype, const KernelArgs& base, int64_t sequences, int rows,
-                           cudaStream_t stream) {
+template <typename T, int kDp>
+cudaError_t launch_forward(const KernelArgs& base, int64_t sequences, int rows, cudaStream_t stream) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  using Tr = std::conditional_t<kF32, F32Traits<kDp>, MmaTraits<kDp>>;
   KernelArgs args = base;
-  int block_m;
-  if (dtype == DType::kFloat32) {
-    block_m = F32Traits<kDp>::kBlockM;
-  } else {
-    block_m = MmaTraits<kDp>::kBlockM;
-  }
-  const int64_t m_blocks = (static_cast<int64_t>(rows) + block_m - 1) / block_m;
+  const int64_t m_blocks = (static_cast<int64_t>(rows) + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t grid = m_blocks * sequences;
   if (grid > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
   args.num_m_blocks = static_cast<int>(m_blocks);
   const unsigned g = static_cast<unsigned>(grid);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch(attention_fwd_f32_kernel<kDp>, F32Traits<kDp>::kThreads,
-                    F32Traits<kDp>::kSmemBytes, g, stream, args);
-    case DType::kFloat16:
-      return launch(attention_fwd_mma_kernel<__half, kDp>, MmaTraits<kDp>::kThreads,
-                    MmaTraits<kDp>::kSmemBytes, g, stream, args);
-    case DType::kBFloat16:
-      return launch(attention_fwd_mma_kernel<__nv_bfloat16, kDp>, MmaTraits<kDp>::kThreads,
-                    MmaTraits<kDp>::kSmemBytes, g, stream, args);
+  if constexpr (kF32) {
+    return launch_kernel(attention_fwd_f32_kernel<kDp>, g, Tr::kThreads, Tr::kSmemBytes, stream, args);
+  } else {
+    return launch_kernel(attention_fwd_mma_kernel<T, kDp>, g, Tr::kThreads, Tr::kSmemBytes, stream, args);
   }
-  return cudaErrorInvalidValue;
 }
-
-int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 #define VK_STRINGIFY_(...) #__VA_ARGS__
 #define VK_STRINGIFY(...) VK_STRINGIFY_(__VA_ARGS__)
 
+// A prefix row: its pointer (null = absent) meets the vector-load requirements, with the head dim
+// contiguous and (B, G, H) strides.
+bool prefix_aligned(const void* ptr, const int64_t (&s)[3], DType dtype) {
+  const int64_t st[4] = {s[0], s[1], s[2], 1};
+  return ptr == nullptr || vector_aligned(ptr, st, 4, dtype);
+}
+
 }  // namespace
 
-bool attention_forward_supports_head_dim(int D) { return D >= 8 && D <= 128 && D % 8 == 0; }
+bool attention_forward_supports(int head_dim, DType dtype) {
+  return known_dtype(dtype) && head_dim_in_range(head_dim, kAttentionMaxHeadDim);
+}
 
 bool attention_forward_tensor_aligned(const void* ptr, const int64_t* stride, int ndim, DType dtype) {
-  if (ptr == nullptr || ndim < 1) return false;
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  if (stride[ndim - 1] != 1) return false;
-  const int64_t per16 = 16 / element_size(dtype);
-  for (int i = 0; i < ndim - 1; ++i) {
-    if (stride[i] % per16 != 0) return false;
-  }
-  return true;
+  return vector_aligned(ptr, stride, ndim, dtype);
 }
 
 const char* attention_built_archs() {
@@ -461,23 +439,9 @@ const char* attention_built_archs() {
 #endif
 }
 
-namespace {
-
-// A prefix row: its pointer (null = absent) meets the vector-load requirements, with the head dim
-// contiguous and (B, G, H) strides.
-bool prefix_aligned(const void* ptr, const int64_t (&s)[3], DType dtype) {
-  const int64_t st[4] = {s[0], s[1], s[2], 1};
-  return ptr == nullptr || attention_forward_tensor_aligned(ptr, st, 4, dtype);
-}
-
-}  // namespace
-
 cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) {
   if (p.B < 0 || p.G < 0 || p.H < 0 || p.Nq < 0 || p.Nk < 0 || p.D <= 0) return cudaErrorInvalidValue;
-  if (!attention_forward_supports_head_dim(p.D)) return cudaErrorInvalidValue;
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
-    return cudaErrorInvalidValue;
-  }
+  if (!attention_forward_supports(p.D, p.dtype)) return cudaErrorInvalidValue;
   // Prefix rows come whole: key with value, query with its output and lse.
   if ((p.k_prefix == nullptr) != (p.v_prefix == nullptr)) return cudaErrorInvalidValue;
   const bool q_prefix = p.q_prefix != nullptr;
@@ -500,10 +464,7 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
       !prefix_aligned(p.q_prefix, p.qp_stride, p.dtype) || !prefix_aligned(p.out_prefix, p.op_stride, p.dtype)) {
     return cudaErrorInvalidValue;
   }
-  if (p.bias != nullptr &&
-      reinterpret_cast<uintptr_t>(p.bias) % static_cast<uintptr_t>(element_size(p.dtype)) != 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.bias != nullptr && !aligned_to(p.bias, element_size(p.dtype))) return cudaErrorInvalidValue;
   if (p.bias != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;  // one or the other
 
   KernelArgs args{};
@@ -539,12 +500,11 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
   args.D = p.D;
   args.scale_log2 = p.scale * kLog2e;
 
-  if (p.D <= 32) return dispatch_dtype<32>(p.dtype, args, sequences, rows, stream);
-  if (p.D <= 48) return dispatch_dtype<48>(p.dtype, args, sequences, rows, stream);
-  if (p.D <= 64) return dispatch_dtype<64>(p.dtype, args, sequences, rows, stream);
-  if (p.D <= 80) return dispatch_dtype<80>(p.dtype, args, sequences, rows, stream);
-  if (p.D <= 96) return dispatch_dtype<96>(p.dtype, args, sequences, rows, stream);
-  return dispatch_dtype<128>(p.dtype, args, sequences, rows, stream);
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return dispatch_padded_head_dim(p.D, [&](auto dp) {
+      return launch_forward<typename decltype(tag)::type, decltype(dp)::value>(args, sequences, rows, stream);
+    });
+  });
 }
 
 }  // namespace vitkernels

@@ -10,6 +10,7 @@
 // of 16-byte units → conflict-free ldmatrix).
 #pragma once
 
+#include "common.cuh"
 #include "ptx_sm80.cuh"
 
 #include <cmath>
@@ -20,8 +21,6 @@ namespace mma_attention {
 
 using namespace ptx;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kKeyBlock = 64;           // keys per step
 constexpr int kNT = kKeyBlock / 8;      // score n-tiles per warp
 constexpr int kPK = kKeyBlock / 16;     // k-steps of the P·V GEMM
@@ -40,14 +39,20 @@ struct Shape {
 };
 
 // The head dim a kernel is compiled for: D rounded up to 32, 48, 64, 80, 96 or 128 (the pad lanes
-// are zero-filled and never stored).
+// are zero-filled and never stored). dispatch_padded_head_dim(D, f) calls f with that width as an
+// std::integral_constant; padded_head_dim(D) returns it.
+template <typename F>
+cudaError_t dispatch_padded_head_dim(int D, F&& f) {
+  return dispatch_head_dim<32, 48, 64, 80, 96, 128>(D, std::forward<F>(f));
+}
+
 inline int padded_head_dim(int D) {
-  if (D <= 32) return 32;
-  if (D <= 48) return 48;
-  if (D <= 64) return 64;
-  if (D <= 80) return 80;
-  if (D <= 96) return 96;
-  return 128;
+  int dp = 0;
+  dispatch_padded_head_dim(D, [&](auto kDp) {
+    dp = decltype(kDp)::value;
+    return cudaSuccess;
+  });
+  return dp;
 }
 
 // Copies rows [row0, row0 + kRows) × head dims [0, kDp) of one (N, D) matrix into shared memory

@@ -1,6 +1,7 @@
-// vitkernels — depthwise k×k conv forward on token layout. See dwconv.h for the math, cost model
-// and design.
+// vitkernels — depthwise k×k conv forward on token layout. Math and layout: dwconv.h; design and
+// cost: docs/dwconv.md.
 #include "dwconv.h"
+#include "common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,28 +13,6 @@ namespace vitkernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-// ---------------------------------------------------------------------------------------------
-// dtype helpers (no implicit half/bf16 conversions: torch builds define __CUDA_NO_HALF_*).
-// ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // VEC elements of T moved as one aligned access (16 B on the vector path).
 template <typename T, int VEC>
@@ -239,18 +218,13 @@ cudaError_t launch(const DwconvFwdParams& p, cudaStream_t stream) {
   a.activation = p.activation;
   const int64_t blocks = static_cast<int64_t>(p.B) * a.n_th * a.n_tw * a.n_cb;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  dwconv_fwd_kernel<T, K, VEC>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(dwconv_fwd_kernel<T, K, VEC>, static_cast<unsigned>(blocks), kThreads, 0, stream, a);
 }
 
 template <typename T>
 bool vector_ok(const DwconvFwdParams& p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
-  const auto aligned = [](const void* ptr) {
-    return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-  };
-  return p.C % VEC == 0 && aligned(p.x) && aligned(p.out) && p.x_stride_n % VEC == 0 &&
+  return p.C % VEC == 0 && aligned_to(p.x, 16) && aligned_to(p.out, 16) && p.x_stride_n % VEC == 0 &&
          p.x_stride_b % VEC == 0;
 }
 
@@ -279,24 +253,18 @@ cudaError_t launch_dtype(const DwconvFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool dwconv_forward_supports_k(int k) { return k == 1 || k == 3 || k == 5 || k == 7; }
+bool dwconv_forward_supports(int kernel_size, DType dtype) {
+  return known_dtype(dtype) && (kernel_size == 1 || kernel_size == 3 || kernel_size == 5 || kernel_size == 7);
+}
 
 cudaError_t dwconv_forward(const DwconvFwdParams& p, cudaStream_t stream) {
-  if (!dwconv_forward_supports_k(p.k)) return cudaErrorInvalidValue;
+  if (!dwconv_forward_supports(p.k, p.dtype)) return cudaErrorInvalidValue;
   if (p.activation < 0 || p.activation > 2) return cudaErrorInvalidValue;
   if (p.B < 0 || p.H < 1 || p.W < 1 || p.C < 0) return cudaErrorInvalidValue;
   if (static_cast<int64_t>(p.H) * p.W > INT_MAX) return cudaErrorInvalidValue;
   if (p.B == 0 || p.C == 0) return cudaSuccess;
   if (p.x == nullptr || p.weight == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return launch_dtype<float>(p, stream);
-    case DType::kFloat16:
-      return launch_dtype<__half>(p, stream);
-    case DType::kBFloat16:
-      return launch_dtype<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) { return launch_dtype<typename decltype(tag)::type>(p, stream); });
 }
 
 }  // namespace vitkernels

@@ -1,5 +1,5 @@
-// vitkernels — spatial-reduction attention forward (N ≫ M). See sr_attention.h for the math,
-// cost model and design.
+// vitkernels — spatial-reduction attention forward (N ≫ M). Math and layout: sr_attention.h;
+// design and cost: docs/sr_attention.md.
 #include "sr_attention.h"
 #include "attention_mma.cuh"
 
@@ -8,12 +8,13 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace vitkernels {
 namespace {
 
 using namespace ptx;             // cp_async_*, Mma<T>
-using namespace mma_attention;   // load_tile_async, WarpRows, warp_* steps, kKeyBlock, kLog2e
+using namespace mma_attention;   // load_tile_async, WarpRows, warp_* steps, kKeyBlock, padded head dims
 
 constexpr int kMaxKeys = 256;
 constexpr int kWarps = 4;
@@ -106,31 +107,6 @@ __global__ void __launch_bounds__(kThreads) sr_attention_fwd_kernel(const SrArgs
 #endif
 }
 
-template <typename T, int kDp>
-cudaError_t launch(const SrArgs& args, unsigned grid, int smem_bytes, cudaStream_t stream) {
-  auto kernel = sr_attention_fwd_kernel<T, kDp>;
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t dispatch_head_dim(int Dp, const SrArgs& args, unsigned grid, int smem, cudaStream_t stream) {
-  switch (Dp) {
-    case 32: return launch<T, 32>(args, grid, smem, stream);
-    case 48: return launch<T, 48>(args, grid, smem, stream);
-    case 64: return launch<T, 64>(args, grid, smem, stream);
-    case 80: return launch<T, 80>(args, grid, smem, stream);
-    case 96: return launch<T, 96>(args, grid, smem, stream);
-    case 128: return launch<T, 128>(args, grid, smem, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 // The general kernel for float32 (CUDA cores, keys streamed).
 cudaError_t forward_fp32(const SrAttentionFwdParams& p, cudaStream_t stream) {
   AttentionFwdParams g{};
@@ -159,26 +135,25 @@ cudaError_t forward_fp32(const SrAttentionFwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int sr_attention_forward_smem_bytes(int M, int D) {
-  if (M < 1 || M > kMaxKeys || !attention_forward_supports_head_dim(D)) return 0;
+  if (M < 1 || M > kMaxKeys || !head_dim_in_range(D, kAttentionMaxHeadDim)) return 0;
   const int m_pad = (M + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   return (2 * m_pad + 2 * kBlockM) * (padded_head_dim(D) + 8) * 2;
 }
 
 bool sr_attention_forward_supports(int M, int D, DType dtype, int max_smem_bytes) {
-  if (M < 1 || M > kMaxKeys || !attention_forward_supports_head_dim(D)) return false;
+  if (M < 1 || M > kMaxKeys || !attention_forward_supports(D, dtype)) return false;
   if (dtype == DType::kFloat32) return true;
   return sr_attention_forward_smem_bytes(M, D) <= max_smem_bytes;
 }
 
 cudaError_t sr_attention_forward(const SrAttentionFwdParams& p, cudaStream_t stream) {
   if (p.B < 0 || p.H < 0 || p.N < 0 || p.M < 1 || p.M > kMaxKeys) return cudaErrorInvalidValue;
-  if (!attention_forward_supports_head_dim(p.D)) return cudaErrorInvalidValue;
+  if (!attention_forward_supports(p.D, p.dtype)) return cudaErrorInvalidValue;
   if (p.rows_per_cta < 0 || p.rows_per_cta % kBlockM != 0) return cudaErrorInvalidValue;
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   if (bh == 0 || p.N == 0) return cudaSuccess;
   if (p.out == nullptr || p.lse == nullptr) return cudaErrorInvalidValue;
   if (p.dtype == DType::kFloat32) return forward_fp32(p, stream);
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
   if (!attention_forward_tensor_aligned(p.q, p.q_stride, p.dtype) ||
       !attention_forward_tensor_aligned(p.k, p.k_stride, p.dtype) ||
       !attention_forward_tensor_aligned(p.v, p.v_stride, p.dtype) ||
@@ -186,12 +161,9 @@ cudaError_t sr_attention_forward(const SrAttentionFwdParams& p, cudaStream_t str
     return cudaErrorInvalidValue;
   }
 
-  int device = 0, sms = 0, max_smem = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
+  int sms = 0, max_smem = 0;
+  cudaError_t err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
+  if (err == cudaSuccess) err = current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &max_smem);
   if (err != cudaSuccess) return err;
   const int smem = sr_attention_forward_smem_bytes(p.M, p.D);
   if (smem == 0 || smem > max_smem) return cudaErrorInvalidValue;
@@ -227,9 +199,16 @@ cudaError_t sr_attention_forward(const SrAttentionFwdParams& p, cudaStream_t str
   args.num_chunks = static_cast<int>(chunks);
   args.scale_log2 = p.scale * kLog2e;
   const unsigned grid = static_cast<unsigned>(chunks * bh);
-  const int Dp = padded_head_dim(p.D);
-  if (p.dtype == DType::kFloat16) return dispatch_head_dim<__half>(Dp, args, grid, smem, stream);
-  return dispatch_head_dim<__nv_bfloat16>(Dp, args, grid, smem, stream);
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same<T, float>::value) {
+      return cudaErrorInvalidValue;  // float32 went to forward_fp32 above
+    } else {
+      return dispatch_padded_head_dim(p.D, [&](auto dp) {
+        return launch_kernel(sr_attention_fwd_kernel<T, decltype(dp)::value>, grid, kThreads, smem, stream, args);
+      });
+    }
+  });
 }
 
 }  // namespace vitkernels

@@ -1,6 +1,7 @@
-// vitkernels — fused Swin window attention forward. See window_attention.h for the math, cost
-// model and design.
+// vitkernels — fused Swin window attention forward. Math and layout: window_attention.h; design
+// and cost: docs/window_attention.md.
 #include "window_attention.h"
+#include "common.cuh"
 #include "ptx_sm80.cuh"
 
 #include <cuda_bf16.h>
@@ -10,18 +11,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace vitkernels {
 namespace {
 
-constexpr float kLog2eW = 1.4426950408889634f;
 constexpr float kMaskLog2 = -100.0f * 1.4426950408889634f;  // the −100 shift mask, log2 domain
 constexpr int kMaxWindow = 16;                               // N = M² <= 256 slots
+constexpr int kMaxHeadDim = 128;
 constexpr int kThreads = 128;                                // 4 warps per CTA, both kernels
 constexpr float kLogitScaleMax = 4.605170185988092f;         // Swin V2 clamps logit_scale at ln 100
 constexpr float kNormEps = 1e-12f;                           // F.normalize's eps
 
-using namespace ptx;  // smem_addr, ldmatrix_x4_trans, Mma<T>, to_float (ptx_sm80.cuh)
+using namespace ptx;  // smem_addr, ldmatrix_x4_trans, Mma<T> (ptx_sm80.cuh)
 
 // Kernel arguments (geometry resolved on the host).
 struct WaArgs {
@@ -92,7 +94,7 @@ __device__ __forceinline__ void fill_table(const WaArgs& a, int h, float* s_tab)
   const int n = (2 * a.M - 1) * (2 * a.M - 1);
   const T* tab = static_cast<const T*>(a.table);
   for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    s_tab[e] = to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2eW;
+    s_tab[e] = to_float(tab[e * a.tab_s0 + h * a.tab_s1]) * kLog2e;
   }
 }
 
@@ -100,7 +102,7 @@ __device__ __forceinline__ void fill_table(const WaArgs& a, int h, float* s_tab)
 template <typename T>
 __device__ __forceinline__ float cosine_scale_log2(const WaArgs& a, int h) {
   const float ls = to_float(static_cast<const T*>(a.logit_scale)[h]);
-  return expf(fminf(ls, kLogitScaleMax)) * kLog2eW;
+  return expf(fminf(ls, kLogitScaleMax)) * kLog2e;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -108,12 +110,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
 }
-
-__device__ __forceinline__ __half wa_round(float x, __half) { return __float2half_rn(x); }
-__device__ __forceinline__ __nv_bfloat16 wa_round(float x, __nv_bfloat16) {
-  return __float2bfloat16_rn(x);
-}
-__device__ __forceinline__ float wa_round(float x, float) { return x; }
 
 // Cosine attention, a warp per row of a shared-memory tile (row stride `stride` elements, `cols`
 // columns): inv[r] = 1 / max(‖row r‖₂, 1e-12) in fp32 (inv == nullptr: the rows are replaced by
@@ -133,7 +129,7 @@ __device__ __forceinline__ void row_inv_norms(T* tile, int rows, int stride, int
     if (inv_out != nullptr) {
       if (lane == 0) inv_out[r] = inv;
     } else {
-      for (int c = lane; c < cols; c += 32) row[c] = wa_round(to_float(row[c]) * inv, T());
+      for (int c = lane; c < cols; c += 32) row[c] = from_float<T>(to_float(row[c]) * inv);
     }
   }
 }
@@ -540,68 +536,56 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
 // ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t wa_launch(Kernel kernel, size_t smem_bytes, unsigned grid, cudaStream_t stream,
-                      const WaArgs& args) {
-  if (smem_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
-}
-
-template <int kDp>
-cudaError_t wa_dispatch_mma(DType dtype, const WaArgs& args, unsigned grid, cudaStream_t stream) {
+// fp16 / bf16: K and V of the window's NP = 16·⌈N/16⌉ slots, the head's table column (fp32) and
+// the per-slot metadata (+ 1/‖k‖ per slot with cosine attention).
+template <typename T, int kDp, bool kCosine>
+cudaError_t launch_mma(const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int np = (args.N + 15) & ~15;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
-  const bool cosine = args.logit_scale != nullptr;
   const size_t smem = static_cast<size_t>(2) * np * MmaTraits<kDp>::kStride * 2 +
-                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(cosine ? 3 : 2) * np * 4;
-  if (dtype == DType::kFloat16) {
-    return cosine ? wa_launch(window_attention_fwd_mma_kernel<__half, kDp, true>, smem, grid, stream, args)
-                  : wa_launch(window_attention_fwd_mma_kernel<__half, kDp, false>, smem, grid, stream, args);
-  }
-  return cosine
-             ? wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp, true>, smem, grid, stream, args)
-             : wa_launch(window_attention_fwd_mma_kernel<__nv_bfloat16, kDp, false>, smem, grid, stream, args);
+                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(kCosine ? 3 : 2) * np * 4;
+  return launch_kernel(window_attention_fwd_mma_kernel<T, kDp, kCosine>, grid, kThreads, smem, stream, args);
 }
 
-template <int kDp>
-cudaError_t wa_dispatch_f32(const WaArgs& args, unsigned grid, cudaStream_t stream) {
+// float32: a chunk of kF32Keys staged K and V rows, the table column and the query-side metadata.
+template <int kDp, bool kCosine>
+cudaError_t launch_f32(const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int nq = (args.N + kF32Rows - 1) / kF32Rows * kF32Rows;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
   const size_t smem = static_cast<size_t>(2) * kF32Keys * kDp * 4 +
                       static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * nq * 4;
-  return args.logit_scale != nullptr
-             ? wa_launch(window_attention_fwd_f32_kernel<kDp, true>, smem, grid, stream, args)
-             : wa_launch(window_attention_fwd_f32_kernel<kDp, false>, smem, grid, stream, args);
+  return launch_kernel(window_attention_fwd_f32_kernel<kDp, kCosine>, grid, kThreads, smem, stream, args);
 }
 
-int wa_element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+template <bool kCosine>
+cudaError_t dispatch(DType dtype, const WaArgs& args, unsigned grid, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same<T, float>::value) {
+      return dispatch_head_dim<32, 64, 96, 128>(args.D, [&](auto dp) {
+        return launch_f32<decltype(dp)::value, kCosine>(args, grid, stream);
+      });
+    } else {
+      return dispatch_head_dim<32, 48, 64, 80, 96, 128>(args.D, [&](auto dp) {
+        return launch_mma<T, decltype(dp)::value, kCosine>(args, grid, stream);
+      });
+    }
+  });
+}
 
 }  // namespace
 
-bool window_attention_forward_supports(int window, int head_dim) {
-  return window >= 1 && window <= kMaxWindow && head_dim >= 8 && head_dim <= 128 &&
-         head_dim % 8 == 0;
+bool window_attention_forward_supports(int window, int head_dim, DType dtype) {
+  return known_dtype(dtype) && window >= 1 && window <= kMaxWindow && head_dim_in_range(head_dim, kMaxHeadDim);
 }
 
 bool window_attention_tensor_aligned(const void* ptr, const int64_t stride[3], DType dtype) {
-  if (ptr == nullptr) return false;
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  if (stride[2] != 1) return false;
-  const int64_t per16 = 16 / wa_element_size(dtype);
-  return stride[0] % per16 == 0 && stride[1] % per16 == 0;
+  return vector_aligned(ptr, stride, 3, dtype);
 }
 
 cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStream_t stream) {
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
-    return cudaErrorInvalidValue;
-  }
   if (p.B < 0 || p.H < 1 || p.W < 1 || p.heads < 1 || p.head_dim < 1) return cudaErrorInvalidValue;
-  if (!window_attention_forward_supports(p.window, p.head_dim)) return cudaErrorInvalidValue;
+  if (!window_attention_forward_supports(p.window, p.head_dim, p.dtype)) return cudaErrorInvalidValue;
   if (p.shift < 0 || p.shift >= p.window) return cudaErrorInvalidValue;
   if (static_cast<int64_t>(p.heads) * p.head_dim != p.C) return cudaErrorInvalidValue;
   const int M = p.window;
@@ -617,18 +601,11 @@ cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStre
   if (grid > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
   if (p.out == nullptr) return cudaErrorInvalidValue;
   if (!window_attention_tensor_aligned(p.qkv, p.qkv_stride, p.dtype)) return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(p.out) % 16 != 0) return cudaErrorInvalidValue;
-  if (p.qkv_bias != nullptr && reinterpret_cast<uintptr_t>(p.qkv_bias) % 16 != 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.table != nullptr &&
-      reinterpret_cast<uintptr_t>(p.table) % static_cast<uintptr_t>(wa_element_size(p.dtype)) != 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.logit_scale != nullptr &&
-      reinterpret_cast<uintptr_t>(p.logit_scale) % static_cast<uintptr_t>(wa_element_size(p.dtype)) != 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (!aligned_to(p.out, 16)) return cudaErrorInvalidValue;
+  if (p.qkv_bias != nullptr && !aligned_to(p.qkv_bias, 16)) return cudaErrorInvalidValue;
+  const uintptr_t elem = static_cast<uintptr_t>(element_size(p.dtype));
+  if (p.table != nullptr && !aligned_to(p.table, elem)) return cudaErrorInvalidValue;
+  if (p.logit_scale != nullptr && !aligned_to(p.logit_scale, elem)) return cudaErrorInvalidValue;
 
   WaArgs args{};
   args.qkv = p.qkv;
@@ -656,22 +633,10 @@ cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStre
   args.opts = shift_first ? (1 | ((p.shift % p.H) << 8) | ((p.shift % p.W) << 16)) : 0;
   args.N = M * M;
   // Cosine attention: the kernels scale by τ_h·log2 e / (‖q‖·‖k‖) instead (τ is read on the device).
-  args.scale_log2 = p.logit_scale != nullptr ? 1.0f : p.scale * kLog2eW;
+  args.scale_log2 = p.logit_scale != nullptr ? 1.0f : p.scale * kLog2e;
   const unsigned g = static_cast<unsigned>(grid);
-  const int D = p.head_dim;
-
-  if (p.dtype == DType::kFloat32) {
-    if (D <= 32) return wa_dispatch_f32<32>(args, g, stream);
-    if (D <= 64) return wa_dispatch_f32<64>(args, g, stream);
-    if (D <= 96) return wa_dispatch_f32<96>(args, g, stream);
-    return wa_dispatch_f32<128>(args, g, stream);
-  }
-  if (D <= 32) return wa_dispatch_mma<32>(p.dtype, args, g, stream);
-  if (D <= 48) return wa_dispatch_mma<48>(p.dtype, args, g, stream);
-  if (D <= 64) return wa_dispatch_mma<64>(p.dtype, args, g, stream);
-  if (D <= 80) return wa_dispatch_mma<80>(p.dtype, args, g, stream);
-  if (D <= 96) return wa_dispatch_mma<96>(p.dtype, args, g, stream);
-  return wa_dispatch_mma<128>(p.dtype, args, g, stream);
+  return p.logit_scale != nullptr ? dispatch<true>(p.dtype, args, g, stream)
+                                  : dispatch<false>(p.dtype, args, g, stream);
 }
 
 }  // namespace vitkernels

@@ -1,4 +1,5 @@
-// vitkernels — XCiT cross-covariance attention forward. See xca.h for the math, cost and design.
+// vitkernels — XCiT cross-covariance attention forward. Math and layout: xca.h; design and cost:
+// docs/xca.md.
 #include "xca.h"
 #include "attention_mma.cuh"
 
@@ -13,9 +14,8 @@
 namespace vitkernels {
 namespace {
 
-using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>, to_float
-using namespace mma_attention;  // load_tile_async, load_q_fragments, warp_scores, Shape, kNT, kLog2e,
-                                // padded_head_dim
+using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>
+using namespace mma_attention;  // load_tile_async, load_q_fragments, warp_scores, Shape, kNT, padded_head_dim
 
 // kOnePass: one CTA per head runs stats, softmax and apply. kStats / kApply: the two halves of a
 // split head, one CTA per (head, chunk of tokens), joined by the fp32 workspace.
@@ -150,13 +150,6 @@ __device__ __forceinline__ void stats_pass(const XcaArgs& a, const T* q, const T
     }
   }
 }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // --------------------------------------------------------------------------------------- softmax
 // A = softmax_j(τ G_ij / (r_q,i r_k,j)) over j < D, from sG and sNorm; rows and columns ≥ D are 0.
@@ -322,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) xca_fwd_kernel(const XcaArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------- host
-bool is_16bit(DType dtype) { return dtype != DType::kFloat32; }
+constexpr int kMaxHeadDim = 64;
 
 struct Plan {
   int chunk_rows;
@@ -333,11 +326,10 @@ struct Plan {
 // One CTA per head when B·H gives ≥ 2 CTAs per SM or the tokens fit one tile; otherwise about 4
 // CTAs per SM, each a chunk of whole tiles.
 cudaError_t make_plan(const XcaFwdParams& p, Plan* plan) {
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  const cudaError_t err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (err != cudaSuccess) return err;
-  const int rows = is_16bit(p.dtype) ? 64 : 32;
+  const int rows = element_size(p.dtype) == 2 ? 64 : 32;  // tokens per tile (XcaTraits::kRows)
   const int64_t tiles = (static_cast<int64_t>(p.N) + rows - 1) / rows;
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   int64_t per_chunk = tiles;
@@ -359,8 +351,7 @@ cudaError_t make_plan(const XcaFwdParams& p, Plan* plan) {
 
 template <typename T, int kDp, int kMode>
 cudaError_t launch(const XcaArgs& a, unsigned grid, cudaStream_t stream) {
-  xca_fwd_kernel<T, kDp, kMode><<<grid, kThreads, XcaTraits<T, kDp>::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(xca_fwd_kernel<T, kDp, kMode>, grid, kThreads, XcaTraits<T, kDp>::kSmemBytes, stream, a);
 }
 
 template <typename T, int kDp>
@@ -372,41 +363,26 @@ cudaError_t run(const XcaArgs& a, int64_t bh, cudaStream_t stream) {
   return launch<T, kDp, kApply>(a, grid, stream);
 }
 
-template <typename T>
-cudaError_t dispatch_head_dim(const XcaArgs& a, int64_t bh, cudaStream_t stream) {
-  switch (padded_head_dim(a.D)) {
-    case 32:
-      return run<T, 32>(a, bh, stream);
-    case 48:
-      return run<T, 48>(a, bh, stream);
-    default:
-      return run<T, 64>(a, bh, stream);
-  }
-}
-
 }  // namespace
 
-bool xca_forward_supports_head_dim(int D) { return D >= 8 && D <= 64 && D % 8 == 0; }
+bool xca_forward_supports(int head_dim, DType dtype) {
+  return known_dtype(dtype) && head_dim_in_range(head_dim, kMaxHeadDim);
+}
 
 int64_t xca_forward_workspace_floats(const XcaFwdParams& p) {
-  if (p.B <= 0 || p.H <= 0 || p.N <= 0 || !xca_forward_supports_head_dim(p.D)) return 0;
+  if (p.B <= 0 || p.H <= 0 || p.N <= 0 || !xca_forward_supports(p.D, p.dtype)) return 0;
   Plan plan{};
   if (make_plan(p, &plan) != cudaSuccess) return -1;
   return plan.workspace_floats;
 }
 
 cudaError_t xca_forward(const XcaFwdParams& p, cudaStream_t stream) {
-  if (p.B < 0 || p.H < 0 || p.N < 0 || !xca_forward_supports_head_dim(p.D)) return cudaErrorInvalidValue;
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.B < 0 || p.H < 0 || p.N < 0 || !xca_forward_supports(p.D, p.dtype)) return cudaErrorInvalidValue;
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   if (bh == 0 || p.N == 0) return cudaSuccess;
   if (p.temperature == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
-  if (!attention_forward_tensor_aligned(p.q, p.q_stride, p.dtype) ||
-      !attention_forward_tensor_aligned(p.k, p.k_stride, p.dtype) ||
-      !attention_forward_tensor_aligned(p.v, p.v_stride, p.dtype) ||
-      !attention_forward_tensor_aligned(p.out, p.out_stride, p.dtype)) {
+  if (!vector_aligned(p.q, p.q_stride, 4, p.dtype) || !vector_aligned(p.k, p.k_stride, 4, p.dtype) ||
+      !vector_aligned(p.v, p.v_stride, 4, p.dtype) || !vector_aligned(p.out, p.out_stride, 4, p.dtype)) {
     return cudaErrorInvalidValue;
   }
   Plan plan{};
@@ -432,15 +408,11 @@ cudaError_t xca_forward(const XcaFwdParams& p, cudaStream_t stream) {
   a.D = p.D;
   a.chunk_rows = plan.chunk_rows;
   a.num_chunks = plan.num_chunks;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return dispatch_head_dim<float>(a, bh, stream);
-    case DType::kFloat16:
-      return dispatch_head_dim<__half>(a, bh, stream);
-    case DType::kBFloat16:
-      return dispatch_head_dim<__nv_bfloat16>(a, bh, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return dispatch_head_dim<32, 48, 64>(p.D, [&](auto dp) {
+      return run<typename decltype(tag)::type, decltype(dp)::value>(a, bh, stream);
+    });
+  });
 }
 
 }  // namespace vitkernels

@@ -1,9 +1,11 @@
 // vitkernels — torch glue for the fused attention forward (csrc/kernels/attention.cu).
 //
 // Only compiled where a CUDA build of PyTorch exists (setup.py / JIT via vitkernels._ext /
-// CMakeLists.txt). Registers:
+// CMakeLists.txt). Defines the vitkernels_C library and registers:
 //   torch.ops.vitkernels_C.attention_fwd(q, k, v, bias?, scale) -> (out, lse)
-//   torch.ops.vitkernels_C.attention_supports_head_dim(int head_dim) -> bool
+//   torch.ops.vitkernels_C.attention_supports(int head_dim, ScalarType? dtype=None,
+//                                             Device? device=None) -> bool
+//   torch.ops.vitkernels_C.attention_supports_head_dim(int head_dim) -> bool  (older name)
 //   torch.ops.vitkernels_C.built_archs() -> str
 // out is (B, H, Nq, D) with memory layout (B, Nq, H, D) (so out.transpose(1, 2).reshape(B, Nq, C)
 // is free); lse is float32 contiguous (B, H, Nq), natural log, +inf for fully masked rows.
@@ -82,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
               ", Nk, ", D, "))");
   TORCH_CHECK(v.sizes() == k.sizes(), kOp, "v shape ", v.sizes(), " must equal k shape ",
               k.sizes());
-  TORCH_CHECK(attention_forward_supports_head_dim(static_cast<int>(D)), kOp, "head dim D = ", D,
+  TORCH_CHECK(attention_forward_supports(static_cast<int>(D), dtype), kOp, "head dim D = ", D,
               " (q shape ", q.sizes(),
               ") is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
   check_fits_int(B, "batch size B");
@@ -164,15 +166,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 
 std::string built_archs() { return std::string(attention_built_archs()); }
 
-bool attention_supports_head_dim(int64_t head_dim) {
-  return head_dim > 0 && head_dim <= std::numeric_limits<int>::max() &&
-         attention_forward_supports_head_dim(static_cast<int>(head_dim));
+bool attention_supports(int64_t head_dim, std::optional<at::ScalarType> dtype,
+                        std::optional<at::Device> /*device*/) {
+  return query_supports(dtype, attention_forward_supports, head_dim);
 }
+
+bool attention_supports_head_dim(int64_t head_dim) { return attention_supports(head_dim, std::nullopt, std::nullopt); }
 
 }  // namespace vitkernels
 
 TORCH_LIBRARY(vitkernels_C, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> (Tensor, Tensor)");
+  m.def("attention_supports(int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
+        &vitkernels::attention_supports);
   m.def("attention_supports_head_dim(int head_dim) -> bool", &vitkernels::attention_supports_head_dim);
   m.def("built_archs() -> str", &vitkernels::built_archs);
 }

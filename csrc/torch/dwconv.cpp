@@ -3,6 +3,8 @@
 // Only compiled where a CUDA build of PyTorch exists. Registers (as a fragment of the
 // vitkernels_C library defined in attention.cpp):
 //   torch.ops.vitkernels_C.dwconv_fwd(x, hw, weight, bias?, activation) -> out
+//   torch.ops.vitkernels_C.dwconv_supports(int kernel_size, ScalarType? dtype=None,
+//                                          Device? device=None) -> bool
 // x (B, H·W, C) float32/float16/bfloat16, weight (C, 1, k, k) with k ∈ {1, 3, 5, 7}, bias (C,) or
 // None, all one dtype and device; activation 0 none, 1 gelu (exact erf), 2 relu. out is a new
 // contiguous (B, H·W, C) tensor of x's dtype.
@@ -42,7 +44,7 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x, at::IntArrayRef hw, const at::Te
   const int64_t k = weight.size(3);
   TORCH_CHECK(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k, kDwOp,
               "weight must be (C, 1, k, k) with C = ", C, ", got shape ", weight.sizes());
-  TORCH_CHECK(k <= 7 && dwconv_forward_supports_k(static_cast<int>(k)), kDwOp,
+  TORCH_CHECK(k <= 7 && dwconv_forward_supports(static_cast<int>(k), dtype), kDwOp,
               "kernel size k = ", k, " is not supported (built for k = 1, 3, 5, 7)");
   TORCH_CHECK(weight.device() == x.device(), kDwOp, "weight is on ", weight.device(),
               " but x is on ", x.device());
@@ -99,10 +101,17 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x, at::IntArrayRef hw, const at::Te
   return out;
 }
 
+bool dwconv_supports(int64_t kernel_size, std::optional<at::ScalarType> dtype,
+                     std::optional<at::Device> /*device*/) {
+  return query_supports(dtype, dwconv_forward_supports, kernel_size);
+}
+
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("dwconv_fwd(Tensor x, int[2] hw, Tensor weight, Tensor? bias, int activation) -> Tensor");
+  m.def("dwconv_supports(int kernel_size, ScalarType? dtype=None, Device? device=None) -> bool",
+        &vitkernels::dwconv_supports);
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {

@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
               " is not 3 * num_heads * D for num_heads = ", num_heads);
   TORCH_CHECK(frames > 0 && N % frames == 0, kOp, "frames = ", frames, " does not divide the token count ", N);
   const int64_t C = C3 / 3, H = num_heads, D = C / H, T = frames, S = N / frames;
-  TORCH_CHECK(D <= 128 && attention_forward_supports_head_dim(static_cast<int>(D)), kOp,
+  TORCH_CHECK(D <= 128 && attention_forward_supports(static_cast<int>(D), dtype), kOp,
               "head dim D = ", D, " is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
   const bool time_axis = axis == "time";
   const bool has_cls = cls_in.has_value() && cls_in->defined();
@@ -144,12 +144,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
   return {out, cls_out, lse, cls_lse};
 }
 
+// The grouped attention kernel's limits (attention_forward_supports).
+bool space_time_attention_supports(int64_t head_dim, std::optional<at::ScalarType> dtype,
+                                   std::optional<at::Device> /*device*/) {
+  return query_supports(dtype, attention_forward_supports, head_dim);
+}
+
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def(
       "space_time_attention_fwd(Tensor qkv, int frames, int num_heads, str axis, Tensor? cls_qkv, str layout, "
       "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("space_time_attention_supports(int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
+        &vitkernels::space_time_attention_supports);
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {

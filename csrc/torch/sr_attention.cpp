@@ -4,7 +4,9 @@
 //   torch.ops.vitkernels_C.sr_attention_fwd(q, kv, num_heads, scale) -> (out, lse)
 //     q (B, N, C) and kv (B, M, 2C) in token layout ([k | v], head-major channels, as timm's
 //     kv.reshape(B, M, 2, heads, D)); out (B, N, C) contiguous; lse float32 (B, heads, N).
-//   torch.ops.vitkernels_C.sr_attention_supports(m, head_dim, dtype) -> bool  (current device)
+//   torch.ops.vitkernels_C.sr_attention_supports(int m, int head_dim, ScalarType? dtype=None,
+//                                                Device? device=None) -> bool
+//     (the 16-bit kernels need the keys and values in the device's shared memory)
 // The per-head (B, heads, rows, D) views are strides over the token-layout tensors: no copies
 // unless a tensor's last dim is strided or its strides/base are not 16-byte aligned.
 #include <ATen/ATen.h>
@@ -62,15 +64,11 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, co
   const at::Tensor qc = readable_head_views(q, D, dtype);
   const at::Tensor kvc = readable_head_views(kv, D, dtype, C);
   SrAttentionFwdParams p{};
-  p.q = qc.data_ptr();
-  p.k = kvc.data_ptr();
-  p.v = static_cast<const char*>(kvc.data_ptr()) + C * kvc.element_size();
-  p.out = out.data_ptr();
+  p.q = head_view(qc, D, 0, p.q_stride);
+  p.k = head_view(kvc, D, 0, p.k_stride);
+  p.v = head_view(kvc, D, C, p.v_stride);
+  p.out = head_view(out, D, 0, p.out_stride);
   p.lse = lse.data_ptr<float>();
-  head_view_strides(qc, D, p.q_stride);
-  head_view_strides(kvc, D, p.k_stride);
-  head_view_strides(kvc, D, p.v_stride);
-  head_view_strides(out, D, p.out_stride);
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(num_heads);
   p.N = static_cast<int>(N);
@@ -85,26 +83,23 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, co
   return {out, lse};
 }
 
-bool sr_attention_supports(int64_t m, int64_t head_dim, at::ScalarType dtype) {
-  if (m < 1 || m > std::numeric_limits<int>::max() || head_dim < 1 ||
-      head_dim > std::numeric_limits<int>::max()) {
+// Called as before as (m, head_dim, dtype): the device is optional.
+bool sr_attention_supports(int64_t m, int64_t head_dim, std::optional<at::ScalarType> dtype,
+                           std::optional<at::Device> device) {
+  int max_smem = 0;
+  if (query_device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin, &max_smem) != cudaSuccess) {
     return false;
   }
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  int device = 0, max_smem = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    return false;
-  }
-  return sr_attention_forward_supports(static_cast<int>(m), static_cast<int>(head_dim),
-                                       kernel_dtype(dtype, kOp), max_smem);
+  return query_supports(
+      dtype, [&](int keys, int d, DType t) { return sr_attention_forward_supports(keys, d, t, max_smem); }, m,
+      head_dim);
 }
 
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("sr_attention_fwd(Tensor q, Tensor kv, int num_heads, float scale) -> (Tensor, Tensor)");
-  m.def("sr_attention_supports(int m, int head_dim, ScalarType dtype) -> bool",
+  m.def("sr_attention_supports(int m, int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
         &vitkernels::sr_attention_supports);
 }
 

@@ -6,7 +6,8 @@
 //   torch.ops.vitkernels_C.window_attention_fwd(qkv, hw, num_heads, window_size, shift_size,
 //                                               table?, qkv_bias?, scale, logit_scale?=None,
 //                                               shift_first=False) -> out (B, H·W, C)
-//   torch.ops.vitkernels_C.window_attention_supports(int window, int head_dim) -> bool
+//   torch.ops.vitkernels_C.window_attention_supports(int window, int head_dim, ScalarType? dtype=None,
+//                                                    Device? device=None) -> bool
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -70,7 +71,7 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
               window_size, ", shift_size = ", shift_size);
   TORCH_CHECK(window_size <= std::numeric_limits<int>::max() &&
                   window_attention_forward_supports(static_cast<int>(window_size),
-                                                    static_cast<int>(D)),
+                                                    static_cast<int>(D), dtype),
               kWaOp, "window_size = ", window_size, " with head dim D = ", D,
               " is not supported by the CUDA kernel; it needs window_size <= 16 and D % 8 == 0,"
               " 8 <= D <= 128");
@@ -161,10 +162,10 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
   return out;
 }
 
-bool window_attention_supports(int64_t window, int64_t head_dim) {
-  return window > 0 && head_dim > 0 && window <= std::numeric_limits<int>::max() &&
-         head_dim <= std::numeric_limits<int>::max() &&
-         window_attention_forward_supports(static_cast<int>(window), static_cast<int>(head_dim));
+// Called as before as (window, head_dim): the dtype and device are optional.
+bool window_attention_supports(int64_t window, int64_t head_dim, std::optional<at::ScalarType> dtype,
+                               std::optional<at::Device> /*device*/) {
+  return query_supports(dtype, window_attention_forward_supports, window, head_dim);
 }
 
 }  // namespace vitkernels
@@ -173,7 +174,7 @@ TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("window_attention_fwd(Tensor qkv, int[2] hw, int num_heads, int window_size, "
         "int shift_size, Tensor? table, Tensor? qkv_bias, float scale, Tensor? logit_scale=None, "
         "bool shift_first=False) -> Tensor");
-  m.def("window_attention_supports(int window, int head_dim) -> bool",
+  m.def("window_attention_supports(int window, int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
         &vitkernels::window_attention_supports);
 }
 

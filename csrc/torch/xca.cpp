@@ -5,7 +5,8 @@
 //     qkv (B, N, 3C) in token layout ([q | k | v], head-major channels, as timm's
 //     qkv.reshape(B, N, 3, heads, D)); temperature with heads elements ((heads, 1, 1) or (heads,));
 //     out (B, N, C) contiguous.
-//   torch.ops.vitkernels_C.xca_supports_head_dim(int head_dim) -> bool
+//   torch.ops.vitkernels_C.xca_supports(int head_dim, ScalarType? dtype=None, Device? device=None) -> bool
+//   torch.ops.vitkernels_C.xca_supports_head_dim(int head_dim) -> bool  (older name)
 // The per-head (B, heads, N, D) views are strides over the token-layout tensors: no copies unless
 // qkv's last dim is strided or its base or row stride are not 16-byte aligned.
 #include <ATen/ATen.h>
@@ -36,7 +37,7 @@ at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::T
   TORCH_CHECK(num_heads > 0 && C3 % (3 * num_heads) == 0, kOp, "qkv width ", C3,
               " is not 3 * num_heads * D for num_heads = ", num_heads);
   const int64_t C = C3 / 3, H = num_heads, D = C / H;
-  TORCH_CHECK(D <= 64 && xca_forward_supports_head_dim(static_cast<int>(D)), kOp, "head dim D = ", D,
+  TORCH_CHECK(D <= 64 && xca_forward_supports(static_cast<int>(D), dtype), kOp, "head dim D = ", D,
               " is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 64");
   TORCH_CHECK(temperature.numel() == H, kOp, "temperature must have num_heads = ", H, " elements, got shape ",
               temperature.sizes());
@@ -53,16 +54,11 @@ at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::T
   const at::Tensor tau = temperature.reshape({H}).to(at::kFloat).contiguous();
 
   XcaFwdParams p{};
-  const char* base = static_cast<const char*>(qkv.data_ptr());
-  p.q = base;
-  p.k = base + C * qkv.element_size();
-  p.v = base + 2 * C * qkv.element_size();
-  p.out = out.data_ptr();
+  p.q = head_view(qkv, D, 0, p.q_stride);
+  p.k = head_view(qkv, D, C, p.k_stride);
+  p.v = head_view(qkv, D, 2 * C, p.v_stride);
+  p.out = head_view(out, D, 0, p.out_stride);
   p.temperature = tau.data_ptr<float>();
-  head_view_strides(qkv, D, p.q_stride);
-  head_view_strides(qkv, D, p.k_stride);
-  head_view_strides(qkv, D, p.v_stride);
-  head_view_strides(out, D, p.out_stride);
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(H);
   p.N = static_cast<int>(N);
@@ -82,14 +78,17 @@ at::Tensor xca_fwd_cuda(const at::Tensor& qkv_in, int64_t num_heads, const at::T
   return out;
 }
 
-bool xca_supports_head_dim(int64_t head_dim) {
-  return head_dim > 0 && head_dim <= 64 && xca_forward_supports_head_dim(static_cast<int>(head_dim));
+bool xca_supports(int64_t head_dim, std::optional<at::ScalarType> dtype, std::optional<at::Device> /*device*/) {
+  return query_supports(dtype, xca_forward_supports, head_dim);
 }
+
+bool xca_supports_head_dim(int64_t head_dim) { return xca_supports(head_dim, std::nullopt, std::nullopt); }
 
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("xca_fwd(Tensor qkv, int num_heads, Tensor temperature) -> Tensor");
+  m.def("xca_supports(int head_dim, ScalarType? dtype=None, Device? device=None) -> bool", &vitkernels::xca_supports);
   m.def("xca_supports_head_dim(int head_dim) -> bool", &vitkernels::xca_supports_head_dim);
 }
 

@@ -4,7 +4,8 @@ The result is a shared library that registers the same `torch.ops.vitkernels_C.*
 extension, for CPU tensors: `torch.ops.load_library(build())`. The kernel sources are compiled
 unchanged except for three mechanical rewrites, made in a translated copy:
 
-* `kernel<<<grid, block, smem, stream>>>(args)` -> `::vkemu::launch(kernel, grid, block, smem, stream, args)`;
+* `kernel<<<grid, block, smem, stream>>>(args)` -> `::vkemu::launch(kernel, grid, block, smem, stream, args)`
+  (in the .cu files and the .cuh headers);
 * `extern __shared__ ... name[];` -> a pointer to the block's emulated dynamic shared memory;
 * `ptx_sm80.cuh` (inline PTX) is replaced by tests/cuda_emu/ptx_sm80_emu.cuh (the emulator's versions
   of the same instructions).
@@ -164,8 +165,10 @@ def _write_kernel_tree(work: str, sources: List[str]) -> List[str]:
             dst = os.path.join(work, "kernels", name[:-3] + ".cpp")
             text = translate_kernel_source(text, name)
             units.append(dst)
-        else:
+        else:  # headers: a .cuh may launch kernels too (common.cuh's launch_kernel)
             dst = os.path.join(work, "kernels", name)
+            if name.endswith(".cuh"):
+                text = translate_kernel_source(text, name)
         with open(dst, "w") as fh:
             fh.write(text)
     return units

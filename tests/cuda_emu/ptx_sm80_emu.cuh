@@ -58,9 +58,5 @@ struct Mma {
   }
 };
 
-inline float to_float(float x) { return x; }
-inline float to_float(__half x) { return __half2float(x); }
-inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 }  // namespace ptx
 }  // namespace vitkernels

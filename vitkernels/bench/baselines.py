@@ -17,6 +17,9 @@ returns, starting from the same layout, so layout copies are part of what is tim
 
 Buffers that timm keeps as module buffers (Swin's relative_position_index and shift mask) are built
 once, outside the timed region, as timm builds them at construction.
+
+Each op's spec (`OpSpec.bench`, vitkernels/ops/<op>.py) points at its `<op>_composition` below and says
+whether an SDPA / FlexAttention formulation exists.
 """
 from __future__ import annotations
 
@@ -28,15 +31,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops import _spec
 from .cases import Case
 
 IMPLS = ("vitkernels", "eager", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "compile")
 BASELINES = IMPLS[1:]
 SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                "sdpa-cudnn": "CUDNN_ATTENTION"}
-# Ops whose core is a softmax attention that SDPA / FlexAttention can run.
-_SDPA_OPS = {"attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention"}
-_FLEX_OPS = _SDPA_OPS - {"xca"}
 COMPILED = ("flex", "compile")
 
 
@@ -56,12 +57,11 @@ def applies(impl: str, op: str) -> Optional[str]:
     """None when `impl` is meaningful for `op`, else the reason it is not."""
     if impl in ("vitkernels", "eager", "compile"):
         return None
+    bench = _spec.get(op).bench  # does the op's core have a softmax attention SDPA / FlexAttention can run?
     if impl.startswith("sdpa"):
-        return None if op in _SDPA_OPS else f"{op} is not an attention: no SDPA formulation"
+        return None if bench.sdpa else f"{op} is not an attention: no SDPA formulation"
     if impl == "flex":
-        if op == "xca":
-            return "xca attends over channels (D×D scores, normalised q/k): not expressible as FlexAttention"
-        return None if op in _FLEX_OPS else f"{op} is not an attention: no FlexAttention formulation"
+        return bench.no_flex if bench.sdpa else f"{op} is not an attention: no FlexAttention formulation"
     return f"unknown implementation {impl!r}"
 
 
@@ -106,8 +106,9 @@ _CORES = {"eager": lambda: _core_eager, "sdpa": lambda: _core_sdpa, "flex": _mak
 
 
 # ----------------------------------------------------------------------------- compositions per op
+# One builder per op (its spec's `bench.baseline`): (case, *, core, core_name, dtype, device) -> fn(tensors).
 
-def _attention(case: Case, core):
+def attention_composition(case: Case, core, **_):
     def fn(t):
         q = t["q"]
         return core(q, t["k"], t["v"], q.shape[-1] ** -0.5, t.get("bias"))
@@ -126,7 +127,7 @@ def _merge_heads(x):
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _self_attention(case: Case, core):
+def self_attention_composition(case: Case, core, **_):
     heads = case.args["num_heads"]
 
     def fn(t):
@@ -135,7 +136,7 @@ def _self_attention(case: Case, core):
     return fn
 
 
-def _sr_attention(case: Case, core):
+def sr_attention_composition(case: Case, core, **_):
     heads = case.args["num_heads"]
 
     def fn(t):
@@ -146,7 +147,7 @@ def _sr_attention(case: Case, core):
     return fn
 
 
-def _xca(case: Case, core_name):
+def xca_composition(case: Case, core_name, **_):
     heads = case.args["num_heads"]
 
     def fn(t):
@@ -167,7 +168,7 @@ def _xca(case: Case, core_name):
     return fn
 
 
-def _space_time(case: Case, core):
+def space_time_attention_composition(case: Case, core, **_):
     a = case.args
     heads, frames, axis, layout = a["num_heads"], a["frames"], a["axis"], a["layout"]
 
@@ -234,7 +235,7 @@ def _shift_mask(hp, wp, m, s, dtype, device):
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0).to(device=device, dtype=dtype)
 
 
-def _window_attention(case: Case, core_name, dtype, device):
+def window_attention_composition(case: Case, core_name, dtype, device, **_):
     a = case.args
     (h, w), heads, m, s = a["hw"], a["num_heads"], a["window_size"], a["shift_size"]
     shift_first = bool(a.get("shift_first", False))  # timm: roll the unpadded map, then pad
@@ -324,12 +325,12 @@ def _dwconv_eager(x, hw, weight, bias, activation):
     return _act(y.flatten(2).transpose(1, 2), activation)
 
 
-def _dwconv(case: Case):
+def dwconv_composition(case: Case, **_):
     hw, act = case.args["hw"], case.args["activation"]
     return lambda t: _dwconv_eager(t["x"], hw, t["weight"], t.get("bias"), act)
 
 
-def _mix_ffn(case: Case):
+def mix_ffn_composition(case: Case, **_):
     hw, extra_relu = case.args["hw"], case.args["extra_relu"]
 
     def fn(t):
@@ -342,26 +343,14 @@ def _mix_ffn(case: Case):
 
 
 def composition(case: Case, core_name: str, dtype, device) -> Callable:
-    """The eager composition for `case` with attention core "eager", "sdpa" or "flex"."""
-    op = case.op
+    """The eager composition for `case` with attention core "eager", "sdpa" or "flex" (the builder its
+    op's spec points at)."""
     core = _CORES[core_name]()
-    if op == "attention":
-        return _attention(case, core)
-    if op == "self_attention":
-        return _self_attention(case, core)
-    if op == "sr_attention":
-        return _sr_attention(case, core)
-    if op == "xca":
-        return _xca(case, core_name)
-    if op == "space_time_attention":
-        return _space_time(case, core)
-    if op == "window_attention":
-        return _window_attention(case, core_name, dtype, device)
-    if op == "dwconv":
-        return _dwconv(case)
-    if op == "mix_ffn":
-        return _mix_ffn(case)
-    raise ValueError(f"no composition for {op}")
+    try:
+        build = _spec.resolve(_spec.get(case.op).bench.baseline)
+    except (ValueError, AttributeError):
+        raise ValueError(f"no composition for {case.op}") from None
+    return build(case, core=core, core_name=core_name, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- building one impl

@@ -29,6 +29,9 @@ Shapes (batch sizes are the defaults; `--batch` overrides them):
 
 `representative` marks one or two cases per op (used for the expensive baselines and extra dtypes);
 `tiny` marks the cases run on CPU (at batch 1).
+
+Each op's spec (`OpSpec.bench.cases`, vitkernels/ops/<op>.py) points at its `<op>_cases(add)` below,
+which adds its catalogue entries built by its case factory `<op>_case`.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..ops import _spec
+
 ATTENTION_BWD = 2.5  # FA2 convention: backward FLOPs = 2.5 x forward
 PLAIN_BWD = 2.0      # one transposed pass per differentiable input
 
-OPS = ("attention", "self_attention", "window_attention", "sr_attention", "xca", "space_time_attention", "dwconv",
-       "mix_ffn")
+OPS = tuple(_spec.names())  # every op, in SPEC order (from the op specs)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -215,21 +219,25 @@ def mix_ffn_case(label, model, batch, h, w, c, hidden, extra_relu=False, k=3):
 
 
 # ----------------------------------------------------------------------------- the catalogue
+# One function per op (its spec's `bench.cases`): add(factory(batch) -> Case, default batch,
+# representative=False, tiny=False) for each of its cases, in the order they are listed.
 
-_CATALOG: list = []  # (factory(batch) -> Case, default batch, representative, tiny)
+_VIT = "vit_base_patch16_224"
+_PVT_DIMS, _PVT_HEADS, _PVT_SR = (64, 128, 320, 512), (1, 2, 5, 8), (8, 4, 2, 1)  # PVTv2-b2 / SegFormer-B2 stages
+_MIX_FFN = (("pvt_v2_b2", "pvt_v2_b2", 8), ("segformer_b2", "segformer_b2", 4))  # family, model, hidden ratio
 
 
-def _add(factory, batch, representative=False, tiny=False):
-    _CATALOG.append((factory, batch, representative, tiny))
+def attention_cases(add):
+    add(lambda b: attention_case("vit_b16@224 +bias", _VIT, b, 12, 197, 64, True), 64, representative=True, tiny=True)
+    add(lambda b: attention_case("vit_b16@384", "vit_base_patch16_384", b, 12, 577, 64, False), 32)
 
 
-def _build_catalog():
-    vit = "vit_base_patch16_224"
-    _add(lambda b: attention_case("vit_b16@224 +bias", vit, b, 12, 197, 64, True), 64, representative=True, tiny=True)
-    _add(lambda b: attention_case("vit_b16@384", "vit_base_patch16_384", b, 12, 577, 64, False), 32)
-    _add(lambda b: self_attention_case("vit_b16@224", vit, b, 197, 768, 12), 64, representative=True, tiny=True)
-    _add(lambda b: self_attention_case("vit_b16@384", "vit_base_patch16_384", b, 577, 768, 12), 32)
+def self_attention_cases(add):
+    add(lambda b: self_attention_case("vit_b16@224", _VIT, b, 197, 768, 12), 64, representative=True, tiny=True)
+    add(lambda b: self_attention_case("vit_b16@384", "vit_base_patch16_384", b, 577, 768, 12), 32)
 
+
+def window_attention_cases(add):
     swins = (("swin_t", "swin_tiny_patch4_window7_224", 224, 7, 96, (3, 6, 12, 24), 64),
              ("swin_b", "swin_base_patch4_window7_224", 224, 7, 128, (4, 8, 16, 32), 64),
              ("swin_b", "swin_base_patch4_window12_384", 384, 12, 128, (4, 8, 16, 32), 32))
@@ -241,68 +249,93 @@ def _build_catalog():
 
             def f(b, hw=hw, c=c, h=heads[i], window=window, shift=shift, i=i, short=short, res=res, model=model):
                 return window_attention_case(f"{short} s{i + 1}@{res}", model, b, hw, hw, c, h, window, shift)
-            _add(f, batch, representative=(short == "swin_t" and i == 0), tiny=(short == "swin_t" and i == 2))
-    _add(lambda b: window_attention_case("swin_t s1@224 no-shift", "swin_tiny_patch4_window7_224", b, 56, 56, 96, 3,
-                                         7, 0), 64)
+            add(f, batch, representative=(short == "swin_t" and i == 0), tiny=(short == "swin_t" and i == 2))
+    add(lambda b: window_attention_case("swin_t s1@224 no-shift", "swin_tiny_patch4_window7_224", b, 56, 56, 96, 3,
+                                        7, 0), 64)
     # timm's order on maps that are not window multiples (Swin-T at 256 px: 64 -> 70 padded), and
     # Swin V2-T at 256 px (window 8; cosine attention, logit_scale, the cpb table), timm's order too
-    _add(lambda b: window_attention_case("swin_t s1@256 shift-first", "swin_tiny_patch4_window7_224", b, 64, 64, 96, 3,
-                                         7, 3, shift_first=True), 64)
-    _add(lambda b: window_attention_case("swin_t s2@256 shift-first", "swin_tiny_patch4_window7_224", b, 32, 32, 192,
-                                         6, 7, 3, shift_first=True), 64)
+    add(lambda b: window_attention_case("swin_t s1@256 shift-first", "swin_tiny_patch4_window7_224", b, 64, 64, 96, 3,
+                                        7, 3, shift_first=True), 64)
+    add(lambda b: window_attention_case("swin_t s2@256 shift-first", "swin_tiny_patch4_window7_224", b, 32, 32, 192,
+                                        6, 7, 3, shift_first=True), 64)
     for i, (hw, c, h) in enumerate(((64, 96, 3), (32, 192, 6), (16, 384, 12), (8, 768, 24))):
         def f(b, hw=hw, c=c, h=h, i=i):
             return window_attention_case(f"swinv2_t s{i + 1}@256", "swinv2_tiny_window8_256", b, hw, hw, c, h, 8,
                                          4 if hw > 8 else 0, shift_first=True, cosine=True)
-        _add(f, 64, representative=(i == 0), tiny=(i == 3))
+        add(f, 64, representative=(i == 0), tiny=(i == 3))
 
-    dims, heads, srs = (64, 128, 320, 512), (1, 2, 5, 8), (8, 4, 2, 1)
+
+def sr_attention_cases(add):
     for res, batch in ((224, 64), (512, 8)):
         for i in range(4):
             hw = res // 4 // 2 ** i
-            red = hw // srs[i]
+            red = hw // _PVT_SR[i]
 
             def f(b, hw=hw, red=red, i=i, res=res):
                 return sr_attention_case(f"pvt_v2_b2|segformer_b2 s{i + 1}@{res}", "pvt_v2_b2", b, hw * hw, red * red,
-                                         dims[i], heads[i])
-            _add(f, batch, representative=(i == 0), tiny=(res == 224 and i == 2))
+                                         _PVT_DIMS[i], _PVT_HEADS[i])
+            add(f, batch, representative=(i == 0), tiny=(res == 224 and i == 2))
 
-    _add(lambda b: xca_case("xcit_s12_16@224", "xcit_small_12_p16_224", b, 196, 384, 8), 64, representative=True,
-         tiny=True)
 
+def xca_cases(add):
+    add(lambda b: xca_case("xcit_s12_16@224", "xcit_small_12_p16_224", b, 196, 384, 8), 64, representative=True,
+        tiny=True)
+
+
+def space_time_attention_cases(add):
     ts = "timesformer_base_patch16_224"
-    _add(lambda b: space_time_case("timesformer_b 8x224 time", ts, b, 196, 8, 768, 12, "time", False), 8,
-         representative=True, tiny=True)
-    _add(lambda b: space_time_case("timesformer_b 8x224 space+cls", ts, b, 196, 8, 768, 12, "space", True), 8,
-         representative=True, tiny=True)
+    add(lambda b: space_time_case("timesformer_b 8x224 time", ts, b, 196, 8, 768, 12, "time", False), 8,
+        representative=True, tiny=True)
+    add(lambda b: space_time_case("timesformer_b 8x224 space+cls", ts, b, 196, 8, 768, 12, "space", True), 8,
+        representative=True, tiny=True)
     vv = "vivit_base_factorized"  # 32 frames, tubelet 2 -> T = 16; layout "ts": time is interleaved
-    _add(lambda b: space_time_case("vivit_b 16x224 time (ts)", vv, b, 196, 16, 768, 12, "time", False, "ts"), 4)
-    _add(lambda b: space_time_case("vivit_b 16x224 space (ts)", vv, b, 196, 16, 768, 12, "space", False, "ts"), 4)
+    add(lambda b: space_time_case("vivit_b 16x224 time (ts)", vv, b, 196, 16, 768, 12, "time", False, "ts"), 4)
+    add(lambda b: space_time_case("vivit_b 16x224 space (ts)", vv, b, 196, 16, 768, 12, "space", False, "ts"), 4)
 
-    for family, model, ratio in (("pvt_v2_b2", "pvt_v2_b2", 8), ("segformer_b2", "segformer_b2", 4)):
+
+def _mix_ffn_stages():
+    """(family, model, ratio, res, batch, stage, hw, representative, tiny) of every Mix-FFN stage."""
+    for family, model, ratio in _MIX_FFN:
         for res, batch in ((224, 64), (512, 8)):
             for i in range(4):
-                hw = res // 4 // 2 ** i
                 rep = family == "segformer_b2" and res == 512 and i == 0
                 tiny = family == "segformer_b2" and res == 224 and i == 2
-
-                def f(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
-                    return dwconv_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, dims[i] * ratio)
-
-                def g(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
-                    return mix_ffn_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, dims[i], dims[i] * ratio)
-                _add(f, batch, representative=rep, tiny=tiny)
-                _add(g, batch, representative=rep, tiny=tiny)
-    _add(lambda b: dwconv_case("xcit_s12_16@224 lpi", "xcit_small_12_p16_224", b, 14, 14, 384), 64)
+                yield family, model, ratio, res, batch, i, res // 4 // 2 ** i, rep, tiny
 
 
-_build_catalog()
+def dwconv_cases(add):
+    for family, model, ratio, res, batch, i, hw, rep, tiny in _mix_ffn_stages():
+        def f(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
+            return dwconv_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, _PVT_DIMS[i] * ratio)
+        add(f, batch, representative=rep, tiny=tiny)
+    add(lambda b: dwconv_case("xcit_s12_16@224 lpi", "xcit_small_12_p16_224", b, 14, 14, 384), 64)
+
+
+def mix_ffn_cases(add):
+    for family, model, ratio, res, batch, i, hw, rep, tiny in _mix_ffn_stages():
+        def g(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
+            return mix_ffn_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, _PVT_DIMS[i], _PVT_DIMS[i] * ratio)
+        add(g, batch, representative=rep, tiny=tiny)
+
+
+_CATALOG: list = []  # (factory(batch) -> Case, default batch, representative, tiny), built on first use
+
+
+def _catalog() -> list:
+    if not _CATALOG:
+        entries = []
+        for spec in _spec.specs():
+            def add(factory, batch, representative=False, tiny=False):
+                entries.append((factory, batch, representative, tiny))
+            _spec.resolve(spec.bench.cases)(add)
+        _CATALOG[:] = entries
+    return _CATALOG
 
 
 def all_cases(batch: Optional[int] = None, tiny: bool = False) -> list:
     """Every case, in catalogue order. `tiny`: only the CPU cases, at batch 1 (or `batch`)."""
     cases = []
-    for factory, default_batch, rep, is_tiny in _CATALOG:
+    for factory, default_batch, rep, is_tiny in _catalog():
         if tiny and not is_tiny:
             continue
         b = batch if batch is not None else (1 if tiny else default_batch)
@@ -328,39 +361,37 @@ def select_cases(cases: list, ops=None, patterns=None, representative: bool = Fa
 
 # ----------------------------------------------------------------------------- backend selection
 
+def public_args(case: Case, t: dict) -> tuple:
+    """The public op's positional arguments for `case` on tensors `t` (schema order, defaults filled)."""
+    from .. import backends
+    args, rest = backends.complete_args(case.op, (), {**t, **case.args})
+    if rest:
+        raise ValueError(f"{case.op}: no parameters named {sorted(rest)}")
+    return args
+
+
+# No kernel's capabilities depend on the scale: a stand-in for the resolved default.
+_SELECT_SCALE = 1.0
+
+
 def select_args(case: Case, t: dict) -> tuple:
-    """The arguments each op's private forward passes to `vitkernels.backends.select`."""
-    a = case.args
-    op = case.op
-    if op == "attention":
-        return (t["q"], t["k"], t["v"], t.get("bias"))
-    if op == "self_attention":
-        return (t["qkv"], a["num_heads"])
-    if op == "window_attention":
-        d = t["qkv"].shape[-1] // 3 // a["num_heads"]
-        return (t["qkv"], list(a["hw"]), a["num_heads"], a["window_size"], a["shift_size"],
-                t.get("rel_pos_bias_table"), t.get("qkv_bias"), d ** -0.5, t.get("logit_scale"),
-                bool(a.get("shift_first", False)))
-    if op == "sr_attention":
-        return (t["q"], t["kv"], a["num_heads"])
-    if op == "xca":
-        return (t["qkv"], a["num_heads"], t["temperature"])
-    if op == "space_time_attention":
-        d = t["qkv"].shape[-1] // 3 // a["num_heads"]
-        return (t["qkv"], a["frames"], a["num_heads"], a["axis"], t.get("cls_qkv"), a["layout"], d ** -0.5)
-    if op == "dwconv":
-        return (t["x"], list(a["hw"]), t["weight"], t.get("bias"), a["activation"])
-    raise ValueError(f"no select arguments for {op}")
+    """The arguments the op's private forward passes to `vitkernels.backends.select`: its spec's
+    mapping of the public arguments (`OpSpec.private`)."""
+    spec = _spec.get(case.op)
+    if spec.private is None:
+        raise ValueError(f"no select arguments for {case.op}: a composite (see backend_that_runs)")
+    return spec.private(public_args(case, t), _SELECT_SCALE)
 
 
 def backend_that_runs(case: Case, t: dict, choice: str = "auto", backward: bool = False) -> str:
     """Name of the backend that runs `case` on tensors `t` under backend `choice` (raises
-    BackendUnavailableError like the op would)."""
+    BackendUnavailableError like the op would). A composite names what it runs and its parts'
+    backends ("linear+dwconv:triton")."""
     from .. import backends, use_backend
+    spec = _spec.get(case.op)
     with use_backend(choice):
-        if case.op == "mix_ffn":  # composite: F.linear + the dwconv op on the hidden features
-            x = t["x"]
-            hidden = torch.empty(x.shape[0], x.shape[1], t["fc1_weight"].shape[0], dtype=x.dtype, device=x.device)
-            sargs = (hidden, list(case.args["hw"]), t["dw_weight"], t.get("dw_bias"), "gelu")
-            return "linear+dwconv:" + backends.select("dwconv", *sargs, backward=backward).backend
+        if spec.parts is not None:
+            chosen = [backends.select(part, *part_args, backward=backward).backend
+                      for part, part_args in spec.parts(*public_args(case, t))]
+            return f"{spec.bench.composite_label}:" + "/".join(chosen)
         return backends.select(case.op, *select_args(case, t), backward=backward).backend

@@ -14,6 +14,7 @@ import torch
 
 from .. import backends, use_backend
 from .._samples import samples
+from ..ops import _spec
 
 FUSED = [b for b in backends.BACKENDS if b != "reference"]  # the reference is the oracle itself
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -84,7 +85,7 @@ def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | No
     ok = True
     print(f"vitkernels check on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}): "
           "fused backends vs the float64 reference")
-    for name in ops or list(samples()):
+    for name in ops or _spec.names():
         for backend in FUSED:
             for dtype in dtypes:
                 status, detail, worst = check_op(name, backend, dtype, device, batch)

@@ -477,15 +477,15 @@ def cmd_check(args) -> int:
         dtypes = harness.parse_dtypes(args.dtype) or None
     except ValueError as e:
         raise SystemExit(f"vitkernels-bench check: {e}") from None
-    from .._samples import samples
+    from ..ops import _spec
     from .results import metadata, plot_check, stamp_line, write_csv, write_json
     _check_plot(args.plot)
     if args.batch < 1:
         raise SystemExit("vitkernels-bench check: --batch must be >= 1")
-    ops = _split(args.op) or list(samples())
-    unknown = [o for o in ops if o not in samples()]
+    ops = _split(args.op) or _spec.names()
+    unknown = [o for o in ops if o not in _spec.names()]
     if unknown:
-        raise SystemExit(f"vitkernels-bench check: unknown op(s) {unknown}; ops: {', '.join(samples())}")
+        raise SystemExit(f"vitkernels-bench check: unknown op(s) {unknown}; ops: {', '.join(_spec.names())}")
     dtypes = dtypes or check.default_dtypes(device, args.quick)
     meta = metadata(device)
     print(stamp_line(meta))

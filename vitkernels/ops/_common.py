@@ -1,16 +1,19 @@
-"""Helpers shared by the op files: argument checks, backend capability checks, reference backward."""
+"""Helpers shared by the op files: argument checks, autocast, reference backward."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+# Backend capabilities are declared per kernel (backends.Capabilities) and checked by one function
+# (backends.standard_reasons); these two helpers stay importable from here.
+from ..backends import ext_op_reasons, int32_reasons  # noqa: F401
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Head dims the fused attention kernels are built and tested for (the Triton kernels mask any D <= 128).
+# Head dims the fused attention kernels are built and tested for (the Triton kernels mask any D <= 128;
+# the CUDA C++ ones take D % 8 == 0 up to it).
 FUSED_MAX_HEAD_DIM = 128
 
 
@@ -102,82 +105,6 @@ def _autocast_enabled(device_type: str) -> bool:
     if device_type not in ("cpu", "cuda"):  # meta and others: no autocast region of their own
         return False
     return torch.is_autocast_enabled(device_type)
-
-
-# ----------------------------------------------------------------------------- backend capabilities
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_reasons(*tensors: Optional[Tensor]) -> list:
-    """Why Triton kernels cannot run on these tensors (device, interpreter, dtype)."""
-    why = []
-    err = _triton_import_error()
-    if err:
-        return [err]
-    ts = [t for t in tensors if t is not None]
-    if any(not t.is_cuda for t in ts):
-        if not triton_interpreting():
-            why.append("tensors are on CPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU)")
-        elif any(t.dtype == torch.bfloat16 for t in ts):
-            why.append("the Triton interpreter computes bfloat16 dots wrongly; use float32/float16 on CPU")
-    if any(t.dtype == torch.float64 for t in ts):
-        why.append("float64 runs on the reference backend only")
-    return why
-
-
-def cuda_emulated() -> bool:
-    """Whether the "cuda" backend is the vkemu CPU build (VITKERNELS_CUDA_EMULATOR, see _ext)."""
-    return bool(os.environ.get("VITKERNELS_CUDA_EMULATOR"))
-
-
-def cuda_reasons(*tensors: Optional[Tensor]) -> list:
-    """Why the compiled CUDA extension cannot run on these tensors."""
-    from .. import _ext
-    ts = [t for t in tensors if t is not None]
-    # The emulated kernels run on CPU tensors (like the Triton interpreter), the compiled ones on CUDA.
-    emulated = cuda_emulated() and not torch.cuda.is_available()
-    if emulated and any(t.device.type != "cpu" for t in ts):
-        return ["the emulated cuda backend (VITKERNELS_CUDA_EMULATOR) runs on CPU tensors"]
-    if not emulated and any(not t.is_cuda for t in ts):
-        return ["the cuda backend needs CUDA tensors"]
-    if any(t.dtype == torch.float64 for t in ts):
-        return ["float64 runs on the reference backend only"]
-    if not emulated and any(torch.cuda.get_device_capability(t.device) < (8, 0) for t in ts):
-        return ["the CUDA kernels need compute capability 8.0 (sm_80) or newer"]
-    if _ext.load_cuda_ext() is None:
-        return [f"the CUDA extension is unavailable: {_ext.cuda_ext_unavailable_reason()}"]
-    return []
-
-
-def ext_op_reasons(name: str) -> list:
-    """[] when the loaded CUDA extension registers torch.ops.vitkernels_C.<name>; else why not (an
-    extension built from older sources lacks the newer ops)."""
-    try:
-        getattr(torch.ops.vitkernels_C, name)
-    except Exception:  # AttributeError / RuntimeError depending on the torch version
-        return [f"the loaded CUDA extension has no {name} (built from older sources; rebuild it)"]
-    return []
-
-
-def int32_reasons(**sizes: int) -> list:
-    """The CUDA kernels index with 32-bit ints: one reason per size past INT_MAX."""
-    return [f"{name} = {v} exceeds the CUDA kernel's 32-bit limit" for name, v in sizes.items() if v > 2 ** 31 - 1]
-
-
-def head_dim_reasons(d: int, limit: int = FUSED_MAX_HEAD_DIM) -> list:
-    return [] if d <= limit else [f"head dim {d} > {limit} is not supported by the fused kernel"]
 
 
 # ----------------------------------------------------------------------------- reference backward

@@ -1,4 +1,7 @@
-"""The `vitkernels` torch library: every public op's schema is defined here, in one place.
+"""The `vitkernels` torch library: every public op's schema is defined here, from its OpSpec.
+
+Each op's schema lives in its spec (`SPEC` in ops/<op>.py); `ops/_spec.define` passes it to `define`
+below before the op file registers anything else, and `SCHEMAS` collects them ({name: schema}).
 
 Public ops are CompositeImplicitAutograd: they validate their arguments (clear errors, also under
 torch.compile tracing) and call a private `_<op>_fwd` custom op, whose extra outputs (the softmax
@@ -9,26 +12,15 @@ import torch
 
 lib = torch.library.Library("vitkernels", "FRAGMENT")
 
-SCHEMAS = {
-    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, float? scale=None) -> Tensor",
-    "self_attention": "self_attention(Tensor qkv, int num_heads, float? scale=None) -> Tensor",
-    "window_attention": (
-        "window_attention(Tensor qkv, int[2] hw, int num_heads, int window_size, int shift_size=0, "
-        "Tensor? rel_pos_bias_table=None, Tensor? qkv_bias=None, float? scale=None, Tensor? logit_scale=None, "
-        "bool shift_first=False) -> Tensor"),
-    "sr_attention": "sr_attention(Tensor q, Tensor kv, int num_heads, float? scale=None) -> Tensor",
-    "xca": "xca(Tensor qkv, int num_heads, Tensor temperature) -> Tensor",
-    "space_time_attention": (
-        "space_time_attention(Tensor qkv, int frames, int num_heads, str axis, Tensor? cls_qkv=None, "
-        "str layout=\"st\", float? scale=None) -> (Tensor, Tensor)"),
-    "dwconv": "dwconv(Tensor x, int[2] hw, Tensor weight, Tensor? bias=None, str? activation=None) -> Tensor",
-    "mix_ffn": (
-        "mix_ffn(Tensor x, int[2] hw, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
-        "Tensor fc2_weight, Tensor? fc2_bias, bool extra_relu=False) -> Tensor"),
-}
+SCHEMAS: dict = {}
 
-for _schema in SCHEMAS.values():
-    lib.define(_schema)
+
+def define(name: str, schema: str) -> None:
+    """Define the public op `name` (called by ops/_spec.define with the op's spec)."""
+    if not schema.startswith(f"{name}("):
+        raise ValueError(f"the schema of {name} must start with '{name}(', got {schema!r}")
+    lib.define(schema)
+    SCHEMAS[name] = schema
 
 
 def composite(name):

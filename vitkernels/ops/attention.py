@@ -1,6 +1,6 @@
 """vitkernels.attention: softmax(q·kᵀ·scale + bias)·v on (B, heads, N, D) tensors.
 
-Layers: public op (schema in _library.py, validation here) -> `_attention_fwd` (returns out and the
+Layers: public op (schema in SPEC below, validation here) -> `_attention_fwd` (returns out and the
 float32 row logsumexp) -> `_attention_bwd`. Backends: "triton" (FlashAttention-2 forward and
 backward), "cuda" (forward; its backward runs on the "auto" choice) and "reference".
 
@@ -16,20 +16,40 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
+from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
+    FUSED_MAX_HEAD_DIM,
     autocast_inputs,
     check_same,
     check_tensor,
-    cuda_reasons,
     default_scale,
     describe,
-    head_dim_reasons,
     reference_vjp,
-    triton_reasons,
 )
 from ._library import composite
+from ._spec import BenchSpec, OpSpec, define
 
 OP = "attention"
+
+SPEC = define(OpSpec(
+    number=1, name=OP,
+    schema="attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, float? scale=None) -> Tensor",
+    samples=lambda s: (s(s.b, s.heads, 5, s.d), s(s.b, s.heads, 7, s.d), s(s.b, s.heads, 7, s.d), s(s.heads, 5, 7),
+                       None),
+    private=lambda a, scale: (*a[:4], scale),
+    inputs=lambda q, k, v, bias, *_: KernelInputs((q, k, v, bias), head_dim=q.shape[-1]),
+    batched=(0, 1, 2),
+    triton_modules=("attention",),
+    inductor=True,
+    bench=BenchSpec(cases="vitkernels.bench.cases:attention_cases",
+                    baseline="vitkernels.bench.baselines:attention_composition"),
+))
+
+# The FlashAttention kernels every attention-like op runs (self_attention, sr_attention and
+# space_time_attention too): Triton (triton/attention.py) and CUDA C++ (csrc/kernels/attention.cu).
+TRITON_CAPS = Capabilities("fused kernel", backward=True, head_dims=range(1, FUSED_MAX_HEAD_DIM + 1))
+CUDA_CAPS = Capabilities("CUDA attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
+                         min_capability=SM80, ext_op="attention_fwd")
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
@@ -167,10 +187,6 @@ def reduce_dbias(dbias: Optional[Tensor], bias: Tensor) -> Tensor:
     return dbias.sum_to_size(bias.shape).to(bias.dtype)
 
 
-def _triton_reasons(q, k, v, bias, *_):
-    return triton_reasons(q, k, v, bias) + head_dim_reasons(q.shape[-1])
-
-
 def _triton_forward(q, k, v, bias, scale):
     from ..triton import attention as tk
     out = new_out(q)
@@ -187,15 +203,20 @@ def _triton_backward(dout, q, k, v, bias, out, lse, scale, bias_grad):
     return dq, dk, dv, (reduce_dbias(dbias, bias) if bias_grad else None)
 
 
-def cuda_head_dim_reasons(d: int) -> list:
+def cuda_supports(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The C++ capability query of the CUDA attention kernel, the one adapter to it (called once the
+    declared capabilities pass, so the extension is loaded)."""
     from .. import _ext
-    ext = _ext.load_cuda_ext()
-    return [] if ext is None or ext.attention_supports_head_dim(d) else [
-        f"head dim {d} is not built into the CUDA attention kernel"]
+    return _ext.load_cuda_ext().supports("attention", head_dim, dtype=dtype, device=device)
 
 
-def _cuda_reasons(q, k, v, bias, *_):
-    return cuda_reasons(q, k, v, bias) or cuda_head_dim_reasons(q.shape[-1])
+def cuda_head_dim_reasons(d: int, dtype: torch.dtype, device: torch.device) -> list:
+    """The op-specific check of the ops on the CUDA attention kernel: what the extension says."""
+    return [] if cuda_supports(d, dtype, device) else [f"head dim {d} is not built into the CUDA attention kernel"]
+
+
+def _cuda_check(q, k, v, bias, *_):
+    return cuda_head_dim_reasons(q.shape[-1], q.dtype, q.device)
 
 
 def _cuda_forward(q, k, v, bias, scale):
@@ -203,6 +224,7 @@ def _cuda_forward(q, k, v, bias, scale):
     return tuple(torch.ops.vitkernels_C.attention_fwd(q, k, v, expand_bias(bias, q, k), scale))
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
+# Forward only: the backward of a forced "cuda" forward runs on the "auto" choice.
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

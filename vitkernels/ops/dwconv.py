@@ -15,23 +15,25 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (
-    autocast_inputs,
-    check_hw,
-    check_same,
-    check_tensor,
-    cuda_reasons,
-    describe,
-    empty_if_none,
-    ext_op_reasons,
-    fresh,
-    reference_vjp,
-    triton_reasons,
-)
+from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
+from ._common import autocast_inputs, check_hw, check_same, check_tensor, describe, empty_if_none, fresh, reference_vjp
 from ._library import composite
+from ._spec import BenchSpec, OpSpec, define
 
 OP = "dwconv"
 ACTIVATIONS = (None, "gelu", "relu")
+
+SPEC = define(OpSpec(
+    number=7, name=OP,
+    schema="dwconv(Tensor x, int[2] hw, Tensor weight, Tensor? bias=None, str? activation=None) -> Tensor",
+    samples=lambda s: (s(s.b, 4 * 5, s.c), [4, 5], s(s.c, 1, 3, 3), s(s.c), "gelu"),
+    private=lambda a, scale: tuple(a),
+    inputs=lambda x, hw, weight, bias, *_: KernelInputs((x, weight, bias)),
+    triton_modules=("dwconv",),
+    inductor=True,
+    bench=BenchSpec(cases="vitkernels.bench.cases:dwconv_cases",
+                    baseline="vitkernels.bench.baselines:dwconv_composition", sdpa=False),
+))
 
 
 def validate(x, hw, weight, bias, activation) -> None:
@@ -114,10 +116,6 @@ def _reference_backward(dout, x, hw, weight, bias, activation):
     return dx, dw, db
 
 
-def _triton_reasons(x, hw, weight, bias, activation, *_):
-    return triton_reasons(x, weight, bias)
-
-
 def _triton_forward(x, hw, weight, bias, activation):
     from ..triton import dwconv as tk
     return tk.dwconv_forward(x, hw, weight, bias, activation)
@@ -128,21 +126,30 @@ def _triton_backward(dout, x, hw, weight, bias, activation):
     return tk.dwconv_backward(dout, x, hw, weight, bias, activation)
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+TRITON_CAPS = Capabilities("Triton dwconv kernel", backward=True)
+CUDA_CAPS = Capabilities("CUDA dwconv kernel", min_capability=SM80, ext_op="dwconv_fwd")
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
 
 
-# Kernel sizes compiled into csrc/kernels/dwconv.cu.
+# Kernel sizes compiled into csrc/kernels/dwconv.cu (dwconv_forward_supports_k; the extension has no
+# query for it yet).
 CUDA_KERNEL_SIZES = (1, 3, 5, 7)
 _CUDA_ACT = {None: 0, "gelu": 1, "relu": 2}
 
 
-def _cuda_reasons(x, hw, weight, bias, activation, *_):
-    why = list(cuda_reasons(x, weight, bias))
+def cuda_supports(k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The C++ capability query of the CUDA dwconv kernel, the one adapter to it."""
+    from .. import _ext
+    return _ext.load_cuda_ext().supports("dwconv", k, dtype=dtype, device=device)
+
+
+def _cuda_check(x, hw, weight, bias, activation, *_):
     k = weight.shape[-1]
-    if k not in CUDA_KERNEL_SIZES:
-        why.append(f"kernel size k = {k} is not built into the CUDA dwconv kernel (k in {CUDA_KERNEL_SIZES})")
-    return why or ext_op_reasons("dwconv_fwd")
+    if not cuda_supports(k, x.dtype, x.device):
+        return [f"kernel size k = {k} is not built into the CUDA dwconv kernel (k in {CUDA_KERNEL_SIZES})"]
+    return []
 
 
 def _cuda_forward(x, hw, weight, bias, activation):
@@ -150,4 +157,4 @@ def _cuda_forward(x, hw, weight, bias, activation):
     return torch.ops.vitkernels_C.dwconv_fwd(x, [int(hw[0]), int(hw[1])], weight, bias, _CUDA_ACT[activation])
 
 
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

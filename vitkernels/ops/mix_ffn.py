@@ -11,11 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
 from ._common import autocast_inputs, check_hw, check_same, check_tensor, describe
 from ._library import composite
+from ._spec import BenchSpec, OpSpec, define
 
 OP = "mix_ffn"
+
+
+def _parts(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, *_):
+    # The dwconv runs on the hidden activations, which share x's device and dtype: a backend runs
+    # mix_ffn where it runs this dwconv (backends.COMPOSITES).
+    return [("dwconv", (x, hw, dw_weight, dw_bias, "gelu"))]
+
+
+SPEC = define(OpSpec(
+    number=8, name=OP,
+    schema=("mix_ffn(Tensor x, int[2] hw, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
+            "Tensor fc2_weight, Tensor? fc2_bias, bool extra_relu=False) -> Tensor"),
+    samples=lambda s: (s(s.b, 4 * 5, s.c), [4, 5], s(2 * s.c, s.c), s(2 * s.c), s(2 * s.c, 1, 3, 3), s(2 * s.c),
+                       s(s.c, 2 * s.c), s(s.c), True),
+    parts=_parts,
+    bench=BenchSpec(cases="vitkernels.bench.cases:mix_ffn_cases",
+                    baseline="vitkernels.bench.baselines:mix_ffn_composition", sdpa=False,
+                    composite_label="linear+dwconv"),
+))
 
 
 def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias) -> None:
@@ -59,10 +78,3 @@ def mix_ffn(x: Tensor, hw, fc1_weight: Tensor, fc1_bias: Optional[Tensor], dw_we
     return torch.ops.vitkernels.mix_ffn(x, list(hw), fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
                                         extra_relu)
 
-
-def _parts(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, *_):
-    # The dwconv runs on the hidden activations, which share x's device and dtype.
-    return [("dwconv", (x, hw, dw_weight, dw_bias, "gelu"))]
-
-
-backends.COMPOSITES[OP] = _parts

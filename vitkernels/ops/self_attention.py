@@ -13,22 +13,25 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (
-    autocast_inputs,
-    check_heads,
-    check_int,
-    check_tensor,
-    cuda_reasons,
-    default_scale,
-    fresh,
-    head_dim_reasons,
-    reference_vjp,
-    triton_reasons,
-)
+from ..backends import REFERENCE, KernelInputs
+from ._common import autocast_inputs, check_heads, check_int, check_tensor, default_scale, fresh, reference_vjp
 from ._library import composite
-from .attention import cuda_head_dim_reasons, last_dim_contiguous
+from ._spec import BenchSpec, OpSpec, define
+from .attention import CUDA_CAPS, TRITON_CAPS, cuda_head_dim_reasons, last_dim_contiguous
 
 OP = "self_attention"
+
+SPEC = define(OpSpec(
+    number=2, name=OP,
+    schema="self_attention(Tensor qkv, int num_heads, float? scale=None) -> Tensor",
+    samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, None),
+    private=lambda a, scale: (*a[:2], scale),
+    inputs=lambda qkv, num_heads, *_: KernelInputs((qkv,), head_dim=qkv.shape[-1] // 3 // num_heads),
+    triton_modules=("attention",),
+    inductor=True,
+    bench=BenchSpec(cases="vitkernels.bench.cases:self_attention_cases",
+                    baseline="vitkernels.bench.baselines:self_attention_composition"),
+))
 
 
 def validate(qkv: Tensor, num_heads: int) -> int:
@@ -115,10 +118,6 @@ def _reference_backward(dout, qkv, out, lse, num_heads, scale):
     return reference_vjp(lambda x: ref.self_attention(x, num_heads, scale), (qkv,), (0,), (dout,))[0]
 
 
-def _triton_reasons(qkv, num_heads, *_):
-    return triton_reasons(qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
-
-
 def _triton_forward(qkv, num_heads, scale):
     from ..triton import attention as tk
     qkv = last_dim_contiguous(qkv)
@@ -140,8 +139,8 @@ def _triton_backward(dout, qkv, out, lse, num_heads, scale):
     return dqkv
 
 
-def _cuda_reasons(qkv, num_heads, *_):
-    return cuda_reasons(qkv) or cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
+def _cuda_check(qkv, num_heads, *_):
+    return cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads, qkv.dtype, qkv.device)
 
 
 def _cuda_forward(qkv, num_heads, scale):
@@ -152,6 +151,6 @@ def _cuda_forward(qkv, num_heads, scale):
     return out.transpose(1, 2).reshape(b, n, c3 // 3), lse
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

@@ -12,6 +12,7 @@ attention kernel with a group dim and the class token as prefix rows; its backwa
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -19,27 +20,46 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
+from ..backends import REFERENCE, KernelInputs
 from ._common import (
     autocast_inputs,
     check_heads,
     check_int,
     check_same,
     check_tensor,
-    cuda_reasons,
     default_scale,
     describe,
     empty_if_none,
-    ext_op_reasons,
     fresh,
-    head_dim_reasons,
-    int32_reasons,
     reference_vjp,
-    triton_reasons,
 )
 from ._library import composite
-from .attention import cuda_head_dim_reasons, last_dim_contiguous
+from ._spec import BenchSpec, OpSpec, define
+from .attention import CUDA_CAPS as _CUDA_ATTENTION_CAPS
+from .attention import TRITON_CAPS, last_dim_contiguous
 
 OP = "space_time_attention"
+
+
+def _inputs(qkv, frames, num_heads, axis, cls_qkv=None, *_):
+    b, n = qkv.shape[:2]
+    groups = n // frames if axis == "time" else frames
+    return KernelInputs((qkv, cls_qkv), head_dim=qkv.shape[-1] // 3 // num_heads,
+                        sizes={"sequences": b * groups * num_heads, "tokens": n})
+
+
+SPEC = define(OpSpec(
+    number=6, name=OP,
+    schema=("space_time_attention(Tensor qkv, int frames, int num_heads, str axis, Tensor? cls_qkv=None, "
+            "str layout=\"st\", float? scale=None) -> (Tensor, Tensor)"),
+    samples=lambda s: (s(s.b, 4 * 3, 3 * s.c), 3, s.heads, "space", s(s.b, 3 * s.c), "ts", None),
+    private=lambda a, scale: (*a[:6], scale),
+    inputs=_inputs,
+    batched=(0, 4),
+    triton_modules=("attention",),
+    bench=BenchSpec(cases="vitkernels.bench.cases:space_time_attention_cases",
+                    baseline="vitkernels.bench.baselines:space_time_attention_composition"),
+))
 
 
 def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
@@ -166,7 +186,7 @@ def _reference_backward(dout, dcls_out, _saved, qkv, frames, num_heads, axis, cl
     return dqkv, dcls
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
 
 
 # ----------------------------------------------------------------------------- fused (Triton) path
@@ -203,10 +223,6 @@ def _cls_rows(cls_qkv, frames, num_heads):
     b, c3 = cls_qkv.shape
     x = last_dim_contiguous(cls_qkv).view(b, 1, 3, num_heads, c3 // 3 // num_heads)
     return x.expand(b, frames, -1, -1, -1).unbind(2)
-
-
-def _triton_reasons(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", *_):
-    return triton_reasons(qkv, cls_qkv) + head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
 
 
 def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
@@ -257,15 +273,24 @@ def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qk
     return dqkv, dcls.to(cls_qkv.dtype)
 
 
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
+
+# The CUDA attention kernel with a group dim (csrc/torch/space_time_attention.cpp), 32-bit indexing.
+CUDA_CAPS = replace(_CUDA_ATTENTION_CAPS, ext_op="space_time_attention_fwd", int32=True)
 
 
-def _cuda_reasons(qkv, frames, num_heads, axis, cls_qkv=None, *_):
-    b, n = qkv.shape[:2]
-    groups = n // frames if axis == "time" else frames
-    return (cuda_reasons(qkv, cls_qkv) or ext_op_reasons("space_time_attention_fwd")
-            or cuda_head_dim_reasons(qkv.shape[-1] // 3 // num_heads)
-            + int32_reasons(sequences=b * groups * num_heads, tokens=n))
+def cuda_supports(d: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The C++ capability query for this op's CUDA kernel (the attention kernel with a group dim and
+    prefix rows), the one adapter to it."""
+    from .. import _ext
+    return _ext.load_cuda_ext().supports("space_time_attention", d, dtype=dtype, device=device)
+
+
+def _cuda_check(qkv, frames, num_heads, *_):
+    d = qkv.shape[-1] // 3 // num_heads
+    if not cuda_supports(d, qkv.dtype, qkv.device):
+        return [f"head dim {d} is not built into the CUDA attention kernel"]
+    return []
 
 
 def _cuda_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
@@ -276,4 +301,4 @@ def _cuda_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
                                                                   scale))
 
 
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

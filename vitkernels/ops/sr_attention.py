@@ -15,24 +15,40 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
+from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
+    FUSED_MAX_HEAD_DIM,
     autocast_inputs,
     check_heads,
     check_int,
     check_same,
     check_tensor,
-    cuda_reasons,
     default_scale,
     fresh,
-    head_dim_reasons,
     reference_vjp,
-    triton_reasons,
 )
 from ._library import composite
-from .attention import last_dim_contiguous
+from ._spec import BenchSpec, OpSpec, define
+from .attention import TRITON_CAPS, last_dim_contiguous
 from .self_attention import heads_view
 
 OP = "sr_attention"
+
+SPEC = define(OpSpec(
+    number=4, name=OP,
+    schema="sr_attention(Tensor q, Tensor kv, int num_heads, float? scale=None) -> Tensor",
+    samples=lambda s: (s(s.b, 20, s.c), s(s.b, 4, 2 * s.c), s.heads, None),
+    private=lambda a, scale: (*a[:3], scale),
+    inputs=lambda q, kv, num_heads, *_: KernelInputs((q, kv), head_dim=q.shape[-1] // num_heads),
+    batched=(0, 1),
+    triton_modules=("attention", "sr_attention"),
+    bench=BenchSpec(cases="vitkernels.bench.cases:sr_attention_cases",
+                    baseline="vitkernels.bench.baselines:sr_attention_composition"),
+))
+
+# csrc/kernels/sr_attention.cu: all M keys and values of a head in shared memory (checked by C++).
+CUDA_CAPS = Capabilities("CUDA sr_attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
+                         min_capability=SM80, ext_op="sr_attention_fwd")
 
 
 def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
@@ -116,10 +132,6 @@ def _reference_backward(dout, q, kv, out, lse, num_heads, scale):
     return dq, dkv
 
 
-def _triton_reasons(q, kv, num_heads, *_):
-    return triton_reasons(q, kv) + head_dim_reasons(q.shape[-1] // num_heads)
-
-
 def _specialised(fits: bool) -> bool:
     """Whether the N ≫ M kernels run. ``VITKERNELS_SR_KERNEL=general`` forces the general
     FlashAttention kernels instead (a developer switch for side-by-side benchmarks)."""
@@ -155,17 +167,20 @@ def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
     return dq, dkv
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
 
 
-def _cuda_reasons(q, kv, num_heads, *_):
+def cuda_supports(m: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The C++ capability query of the CUDA sr_attention kernel, the one adapter to it (it answers for
+    `device`: K/V of M keys must fit its shared memory)."""
     from .. import _ext
-    why = cuda_reasons(q, kv)
-    if why:
-        return why
+    return _ext.load_cuda_ext().supports("sr_attention", m, d, dtype=dtype, device=device)
+
+
+def _cuda_check(q, kv, num_heads, *_):
     m, d = kv.shape[1], q.shape[-1] // num_heads
-    if not bool(_ext.load_cuda_ext().ops.sr_attention_supports(int(m), int(d), q.dtype)):
+    if not cuda_supports(m, d, q.dtype, q.device):
         return [f"M = {m} keys / head dim {d} is not supported by the CUDA sr_attention kernel (needs 1 <= M <= 256, "
                 f"head dim % 8 == 0, 8 <= head dim <= 128, and all keys and values in shared memory)"]
     return []
@@ -176,4 +191,4 @@ def _cuda_forward(q, kv, num_heads, scale):
 
 
 # Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (Triton).
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

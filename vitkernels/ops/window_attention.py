@@ -22,24 +22,54 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
+from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
+    FUSED_MAX_HEAD_DIM,
     autocast_inputs,
     check_heads,
     check_hw,
     check_same,
     check_tensor,
-    cuda_reasons,
     default_scale,
     describe,
     empty_if_none,
     fresh,
-    head_dim_reasons,
     reference_vjp,
-    triton_reasons,
 )
 from ._library import composite
+from ._spec import BenchSpec, OpSpec, define
 
 OP = "window_attention"
+
+
+def _inputs(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale=None, logit_scale=None, *_):
+    return KernelInputs((qkv, table, qkv_bias, logit_scale), head_dim=(qkv.shape[-1] // 3) // num_heads)
+
+
+SPEC = define(OpSpec(
+    number=3, name=OP,
+    schema=("window_attention(Tensor qkv, int[2] hw, int num_heads, int window_size, int shift_size=0, "
+            "Tensor? rel_pos_bias_table=None, Tensor? qkv_bias=None, float? scale=None, Tensor? logit_scale=None, "
+            "bool shift_first=False) -> Tensor"),
+    samples=lambda s: (s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, s(25, s.heads), s(3 * s.c), None),
+    variants={
+        # timm's shift-then-pad order and Swin V2 cosine attention (ln 10, Swin V2's init, and a head
+        # past the ln 100 clamp) on a map that needs padding (5×7, window 3, shift 1)
+        "shift_first+logit_scale": lambda s: (
+            s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, s(25, s.heads), s(3 * s.c), None,
+            s.const([2.3, 4.9], (s.heads, 1, 1)), True),
+        "logit_scale": lambda s: (s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, None, s(3 * s.c), 0.5,
+                                  s(s.heads, scale=0.3, offset=2.3), False),
+        "shift_first": lambda s: (s(s.b, 4 * 5, 3 * s.c), [4, 5], s.heads, 3, 2, s(25, s.heads), None, None, None,
+                                  True),
+    },
+    private=lambda a, scale: (*a[:7], scale, *a[8:]),
+    inputs=_inputs,
+    triton_modules=("window_attention",),
+    inductor=True,
+    bench=BenchSpec(cases="vitkernels.bench.cases:window_attention_cases",
+                    baseline="vitkernels.bench.baselines:window_attention_composition"),
+))
 
 
 def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale=None,
@@ -180,11 +210,6 @@ def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table
     return tuple(reference_vjp(f, (qkv, table, qkv_bias, logit_scale), (0, 1, 2, 3), (dout,)))
 
 
-def _triton_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                    shift_first=False):
-    return triton_reasons(qkv, table, qkv_bias, logit_scale) + head_dim_reasons((qkv.shape[-1] // 3) // num_heads)
-
-
 def _triton_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
                     shift_first=False):
     from ..triton import window_attention as tk
@@ -199,17 +224,29 @@ def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, q
                                         scale, logit_scale=logit_scale, shift_first=shift_first)
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+TRITON_CAPS = Capabilities("fused kernel", backward=True, head_dims=range(1, FUSED_MAX_HEAD_DIM + 1))
+# csrc/kernels/window_attention.cu; its window limit (M <= 16) is asked from C++ (cuda_supports).
+CUDA_CAPS = Capabilities("CUDA window-attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
+                         min_capability=SM80, ext_op="window_attention_fwd")
+
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
 
 
-def cuda_window_reasons(window_size: int, d: int) -> list:
+def cuda_supports(window_size: int, d: int, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> bool:
+    """The C++ capability query of the CUDA window-attention kernel, the one adapter to it."""
+    from .. import _ext
+    return _ext.load_cuda_ext().supports("window_attention", window_size, d, dtype=dtype, device=device)
+
+
+def cuda_window_reasons(window_size: int, d: int, dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device] = None) -> list:
     """Why the compiled window-attention kernel cannot take this window / head dim (asks C++)."""
     from .. import _ext
-    ext = _ext.load_cuda_ext()
-    if ext is None:
+    if _ext.load_cuda_ext() is None:
         return []
-    if not bool(ext.ops.window_attention_supports(int(window_size), int(d))):
+    if not cuda_supports(window_size, d, dtype, device):
         return [f"window {window_size} / head dim {d} is not supported by the CUDA window-attention kernel "
                 f"(needs window <= 16 and head dim % 8 == 0, 8 <= head dim <= 128)"]
     return []
@@ -230,10 +267,9 @@ def cuda_window_option_reasons(logit_scale, shift_first) -> list:
     return []
 
 
-def _cuda_reasons(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                  shift_first=False):
-    return (cuda_reasons(qkv, table, qkv_bias, logit_scale)
-            or cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads)
+def _cuda_check(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
+                shift_first=False):
+    return (cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads, qkv.dtype, qkv.device)
             or cuda_window_option_reasons(logit_scale, shift_first))
 
 
@@ -247,4 +283,4 @@ def _cuda_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, 
 
 
 # Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (as for attention).
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

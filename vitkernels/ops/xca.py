@@ -13,24 +13,37 @@ from torch import Tensor
 
 from .. import backends
 from .. import reference as ref
-from ._common import (
-    autocast_inputs,
-    check_heads,
-    check_int,
-    check_same,
-    check_tensor,
-    cuda_reasons,
-    describe,
-    ext_op_reasons,
-    fresh,
-    int32_reasons,
-    reference_vjp,
-    triton_reasons,
-)
+from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
+from ._common import autocast_inputs, check_heads, check_int, check_same, check_tensor, describe, fresh, reference_vjp
 from ._library import composite
+from ._spec import BenchSpec, OpSpec, define
 from .attention import last_dim_contiguous
 
 OP = "xca"
+
+
+def _inputs(qkv, num_heads, temperature, *_):
+    b, n, c3 = qkv.shape
+    return KernelInputs((qkv, temperature), head_dim=c3 // 3 // num_heads,
+                        sizes={"tokens": n, "batch_x_heads": b * num_heads})
+
+
+SPEC = define(OpSpec(
+    number=5, name=OP,
+    schema="xca(Tensor qkv, int num_heads, Tensor temperature) -> Tensor",
+    samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, s(s.heads, 1, 1)),
+    private=lambda a, scale: tuple(a),
+    inputs=_inputs,
+    triton_modules=("xca",),
+    bench=BenchSpec(cases="vitkernels.bench.cases:xca_cases", baseline="vitkernels.bench.baselines:xca_composition",
+                    no_flex="xca attends over channels (D×D scores, normalised q/k): not expressible as FlexAttention"),
+))
+
+# Head dims up to vitkernels.triton.xca.MAX_HEAD_DIM (= 64; tests/test_ops_api.py checks they agree).
+TRITON_CAPS = Capabilities("Triton xca kernel", backward=True, head_dims=range(1, 65),
+                           head_dim_note="its D×D tiles stay in registers")
+CUDA_CAPS = Capabilities("CUDA xca kernel", head_dims=range(8, 65, 8), min_capability=SM80, ext_op="xca_fwd",
+                         int32=True)
 
 
 def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
@@ -108,17 +121,7 @@ def _reference_backward(dout, qkv, num_heads, temperature):
     return dqkv, dtemp
 
 
-backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward)
-
-
-def _triton_reasons(qkv, num_heads, temperature, *_):
-    from ..triton import xca as tk
-    d = qkv.shape[-1] // 3 // num_heads
-    why = triton_reasons(qkv, temperature)
-    if not tk.supports(d):
-        why.append(f"head dim {d} > {tk.MAX_HEAD_DIM} is not supported by the Triton xca kernel "
-                   "(its D×D tiles stay in registers)")
-    return why
+backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
 
 
 def _triton_forward(qkv, num_heads, temperature):
@@ -131,23 +134,24 @@ def _triton_backward(dout, qkv, num_heads, temperature):
     return tk.xca_backward(dout, last_dim_contiguous(qkv), num_heads, temperature)
 
 
-backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, reasons=_triton_reasons)
+backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
 
 
-def _cuda_reasons(qkv, num_heads, temperature, *_):
+def cuda_supports(d: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The C++ capability query of the CUDA xca kernel, the one adapter to it."""
     from .. import _ext
-    why = cuda_reasons(qkv, temperature) or ext_op_reasons("xca_fwd")
-    if why:
-        return why
-    b, n, c3 = qkv.shape
-    d = c3 // 3 // num_heads
-    if not _ext.load_cuda_ext().xca_supports_head_dim(d):  # cuda_reasons checked it loads
-        why.append(f"head dim {d} is not supported by the CUDA xca kernel (it needs D % 8 == 0 and D <= 64)")
-    return why + int32_reasons(tokens=n, batch_x_heads=b * num_heads)
+    return _ext.load_cuda_ext().supports("xca", d, dtype=dtype, device=device)
+
+
+def _cuda_check(qkv, num_heads, temperature, *_):
+    d = qkv.shape[-1] // 3 // num_heads
+    if not cuda_supports(d, qkv.dtype, qkv.device):
+        return [f"head dim {d} is not supported by the CUDA xca kernel (it needs D % 8 == 0 and D <= 64)"]
+    return []
 
 
 def _cuda_forward(qkv, num_heads, temperature):
     return torch.ops.vitkernels_C.xca_fwd(qkv, num_heads, temperature)
 
 
-backends.register_kernel(OP, "cuda", forward=_cuda_forward, reasons=_cuda_reasons)
+backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

@@ -1,18 +1,150 @@
-"""Launch-side helpers shared by the Triton kernel files: interpreter detection, matmul precision,
-device context."""
+"""Launch-side helpers shared by the Triton kernel files (vitkernels/triton/<op>.py).
+
+One home for what every launcher repeats: autotune configs and the per-dtype-family tables of tuned
+kernels, the interpreter flag and the fixed-config choice, unit-stride and dtype checks, tile
+sizes, matmul precision, the device context, the SM count and the base-2 softmax constants.
+
+A kernel file imports ``use_fixed`` and ``sm_count`` into its own namespace and calls them from
+there: tests replace ``<module>.use_fixed`` / ``<module>.sm_count`` to drive the autotuned GPU path
+in the interpreter (tests/test_triton_configs.py, tests/triton_sm90.py).
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
+from collections.abc import Callable, Sequence
 
 import torch
+import triton
 
+# Softmax in base 2: scores are scaled by log2(e) once so kernels use exp2; lse is stored as ln.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Autotune config families: one config list for 16-bit inputs (tensor-core tiles), one for fp32.
+FAMILIES = ("half", "fp32")
+# Under the interpreter every kernel runs with a fixed config: these warps and stages.
+INTERPRET_LAUNCH = {"num_warps": 4, "num_stages": 1}
+
+
+# --------------------------------------------------------------------------------------- configs
+
+def configs(keys: Sequence[str], shapes, num_stages: int | None = None) -> list:
+    """``triton.Config`` list from tuples ``(*blocks, num_warps[, num_stages][, maxnreg])``: the
+    first ``len(keys)`` values are the block sizes named by ``keys``. With ``num_stages`` given the
+    tuples leave it out: ``(*blocks, num_warps[, maxnreg])``."""
+    out = []
+    for shape in shapes:
+        blocks, rest = shape[:len(keys)], list(shape[len(keys):])
+        warps = rest.pop(0)
+        stages = rest.pop(0) if num_stages is None else num_stages
+        maxnreg = rest.pop(0) if rest else None
+        if rest:
+            raise ValueError(f"config {shape} has more values than {tuple(keys)} + warps, stages, maxnreg")
+        out.append(triton.Config(dict(zip(keys, blocks, strict=True)), num_warps=warps, num_stages=stages,
+                                 maxnreg=maxnreg))
+    return out
+
+
+def autotuned(kernel, configs: list, key: Sequence[str], prune: Callable | None = None, **options):
+    """``triton.autotune(configs, key=key, **options)(kernel)``; ``prune`` is the early config pruner
+    ``prune(configs, named_args, **kwargs) -> configs``."""
+    if prune is not None:
+        options["prune_configs_by"] = {"early_config_prune": prune}
+    return triton.autotune(configs, key=list(key), **options)(kernel)
+
+
+class PerFamily(dict):
+    """An autotune option whose value depends on the config family: ``PerFamily(half=..., fp32=...)``."""
+
+
+def tuned_table(configs: dict, tuners: Sequence[tuple]) -> dict:
+    """A launcher's autotuned kernels, ``{family: (tuned_0, tuned_1, ...)}``.
+
+    ``tuners[i] = (kernel, options)``; ``tuned_i`` of a family is ``autotuned(kernel,
+    configs[family][i], **options)``, an option given as ``PerFamily(...)`` taking that family's
+    value. Launchers pick ``table[family(dtype)][i]`` (see ``pick``)."""
+    return {fam: tuple(autotuned(kernel, configs[fam][i],
+                                 **{k: (v[fam] if isinstance(v, PerFamily) else v) for k, v in options.items()})
+                       for i, (kernel, options) in enumerate(tuners))
+            for fam in FAMILIES}
+
+
+def family(dtype) -> str:
+    """Autotune config family of a dtype."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def pick(fixed: bool, fixed_kernel, table: dict, dtype, index: int):
+    """The kernel a launch runs: ``fixed_kernel`` (the interpreter's fixed config, launched with
+    explicit blocks and ``INTERPRET_LAUNCH``) or entry ``index`` of the tuned table for ``dtype``."""
+    return fixed_kernel if fixed else table[family(dtype)][index]
+
+
+def fixed_meta(fixed: bool, **blocks) -> dict:
+    """Launch options of the interpreter's fixed config (its ``blocks`` and ``INTERPRET_LAUNCH``);
+    ``{}`` for a tuned launch, whose tuner supplies them."""
+    return {**blocks, **INTERPRET_LAUNCH} if fixed else {}
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """Tile extent covering ``n``: the next power of two, at least ``floor`` (tl.dot wants >= 16)."""
+    return max(floor, triton.next_power_of_2(n))
+
+
+# ------------------------------------------------------------------------ interpreter, device
 
 def is_interpreted(kernel) -> bool:
     """triton.jit decides at decoration (import) time whether a kernel runs in the interpreter."""
     return type(kernel).__name__ == "InterpretedFunction"
 
+
+def use_fixed(t: torch.Tensor, interpreted: bool, what: str) -> bool:
+    """True -> interpreter path with a fixed small config; False -> autotuned GPU path."""
+    if interpreted:
+        return True
+    if t.device.type != "cuda":
+        raise RuntimeError(
+            f"vitkernels triton {what}: tensors are on {t.device}, but Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is first imported)")
+    return False
+
+
+def device_ctx(t: torch.Tensor):
+    """Launches go to ``t``'s device (Triton launches on the current device's current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ------------------------------------------------------------------------------ tensor checks
+
+def is_unit_last(t: torch.Tensor) -> bool:
+    """The kernels address the last dim with stride 1 (a size-1 last dim is never stepped)."""
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its last dim is strided."""
+    return t if is_unit_last(t) else t.contiguous()
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+
+
+# ---------------------------------------------------------------------------- matmul precision
 
 def fp32_precision() -> str:
     """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""
@@ -28,35 +160,6 @@ def fp32_precision() -> str:
 
 
 def precision(dtype) -> str:
-    """tl.dot input_precision: it only affects fp32 operands; fp16/bf16 always use tensor cores."""
+    """tl.dot input_precision: it only affects fp32 operands; fp16/bf16 always use tensor cores
+    (and fp32 copies of 16-bit values are exact in tf32)."""
     return fp32_precision() if dtype == torch.float32 else "tf32"
-
-
-def family(dtype) -> str:
-    """Autotune config family of a dtype."""
-    return "fp32" if dtype == torch.float32 else "half"
-
-
-def use_fixed(t: torch.Tensor, interpreted: bool, what: str) -> bool:
-    """True -> interpreter path with a fixed small config; False -> autotuned GPU path."""
-    if interpreted:
-        return True
-    if t.device.type != "cuda":
-        raise RuntimeError(
-            f"vitkernels triton {what}: tensors are on {t.device}, but Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before triton is first imported)")
-    return False
-
-
-def device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

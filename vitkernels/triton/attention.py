@@ -1,91 +1,19 @@
 """FlashAttention-2 style Triton kernels for ``vitkernels.attention`` / ``self_attention``.
 
-Math
-----
-Per (batch b, head h), with q (Nq, D), k and v (Nk, D), an optional additive bias (Nq, Nk)
-and a scale (default D^-1/2, chosen by the caller):
+Math, per (batch b, [group g,] head h), q (Nq, D), k and v (Nk, D), an optional bias (Nq, Nk):
 
-    S = q kᵀ · scale + bias              (Nq, Nk)
-    P = softmax_rows(S)                  rows whose every score is -inf give P = 0
-    O = P v                              (Nq, D)
-    lse = logsumexp_rows(S)              natural log; +inf for fully -inf rows
+    S = q kᵀ · scale + bias,   P = softmax_rows(S),   O = P v,   lse = logsumexp_rows(S)
+    (a row of all -inf scores gives O = 0, lse = +inf; the softmax runs in base 2, exp2)
+    backward (FA2): delta = rowsum(dO ∘ O), P = exp(S - lse) recomputed per tile, dV = Pᵀ dO,
+    dS = P ∘ (dO vᵀ - delta) (= dbias before broadcast reduction), dQ = dS k·scale, dK = dSᵀ q·scale
 
-Backward, given dO (FlashAttention-2, Dao 2023, Algorithm 2):
-
-    delta = rowsum(dO ∘ O)               (Nq,)   fp32, one cheap pre-pass
-    P     = exp(S - lse)                 recomputed tile by tile, never stored
-    dV    = Pᵀ dO
-    dP    = dO vᵀ
-    dS    = P ∘ (dP - delta)             = dL/dS = dL/dbias (before broadcast reduction)
-    dQ    = dS k · scale,   dK = dSᵀ q · scale
-
-Softmax runs in base 2: scores are multiplied by log2(e) once (folded into ``qk_scale`` =
-scale·log2(e) and applied to the bias tile), so the inner loop uses ``exp2``; lse is converted
-back to natural log when it is stored and multiplied by log2(e) again in the backward.
-A fully -inf row keeps m_i = -inf; the running max is replaced by 0 before it is subtracted, so
-exp2 never sees (-inf) - (-inf) and the row ends with l_i = 0 → out = 0, lse = +inf, and the
-backward's exp2(s - lse) = 0 gives exactly zero (finite) gradients for it.
-
-Cost
-----
-    forward  FLOPs = 4·B·H·Nq·Nk·D      (two matmuls, QKᵀ and PV)
-    backward FLOPs = 10·B·H·Nq·Nk·D     (FA2 convention: 5 matmuls QKᵀ, dV, dP, dK, dQ → 2.5× fwd)
-    This implementation executes 14·B·H·Nq·Nk·D in the backward (3.5× fwd) because the separate
-    dQ kernel recomputes QKᵀ and dP instead of using atomics on dQ; ``attention_flops`` reports
-    the conventional count, so achieved TFLOP/s compare with FA2 / SDPA numbers.
-    HBM bytes (forward) ≈ B·H·(2·Nq + 2·Nk)·D·itemsize (+ the bias tiles read, once per query
-    block column sweep); no Nq×Nk tensor is ever written.
-H100 SXM dense fp16/bf16 tensor peak ≈ 989 TFLOP/s, HBM3 ≈ 3.35 TB/s. ViT-B (N = 197, D = 64)
-is short and launch/occupancy bound; N ≥ 1024 (Swin-free ViT at 384+, SegFormer) is compute
-(matmul + exp) bound as in FA2.
-
-Design
-------
-* ``_attn_fwd_kernel``: one program per (b·h, query block of BLOCK_M rows); the grid is 1-D,
-  pid = bh·num_m_blocks + m_block, so B·H can be arbitrarily large (no 65535 y/z limit) and
-  consecutive programs share one head's K/V in L2. The program keeps q, the fp32 accumulator,
-  row max m_i and row sum l_i on chip and streams K/V (and the bias tile) in BLOCK_N blocks:
-  full blocks run without any masking, the ragged last block (Nk % BLOCK_N) is a separate
-  masked step (out-of-range keys → -inf). Head dim D is padded to BLOCK_D = next_pow2(max(D,16))
-  with masked loads/stores, D ≤ 128.
-* Backward: ``_attn_bwd_preprocess`` (delta), ``_attn_bwd_dkdv_kernel`` (one program per key
-  block, loops over query blocks, accumulates dK and dV in registers) and
-  ``_attn_bwd_dq_kernel`` (one program per query block, loops over key blocks). No atomics on
-  dq/dk/dv, so the gradients are deterministic. dS for the bias gradient is written by the dQ
-  kernel (its tile is row-major like the bias): a plain store when the bias is full, otherwise
-  the tile is first reduced over the broadcast query/key axes in registers and then added with
-  fp32 ``tl.atomic_add`` (broadcast batch/head axes are summed by the atomics across programs).
-* Any strides: every tensor is addressed by (b, h, row) strides with the last dim contiguous.
-  q/k/v may be slices of a packed (B, N, 3, H, D) projection and out / dq / dk / dv permuted
-  views of (B, N, C) or (B, N, 3C) buffers, so the ops layer never copies. 5-D (B, G, H, N, D)
-  views add a group dim with its own stride (the interleaved sequences of space_time_attention):
-  a program splits its linear (batch, group, head) index and adds g·stride_g to each base. A tile's origin
-  (batch, head, first row) is a scalar pointer computed in int64; the tile is addressed with
-  small int32 offsets, and streamed tiles advance the scalar pointer. Carrying 2-D pointer
-  tensors / int64 offset tiles through the loop instead doubled register use and spilled
-  (checked by compiling for sm_90 with ptxas and reading the register/stack usage).
-* Matmul precision: fp16/bf16 operands go to tensor cores with fp32 accumulation (P and dS are
-  rounded to the input dtype before their matmul, as in FA2). fp32 operands use
-  ``input_precision="ieee"`` (exact fp32, CUDA cores, slower) unless the user allowed TF32 for
-  matmuls in PyTorch (``torch.backends.cuda.matmul.fp32_precision == "tf32"`` /
-  ``allow_tf32``), in which case "tf32" — the same precision eager fp32 matmuls would use.
-* Tuning: on a GPU each kernel is ``triton.autotune``d over a handful of BLOCK_M/BLOCK_N/
-  num_warps/num_stages configs (a 16-bit list and a small-tile fp32 list) keyed on
-  (Nq, Nk, BLOCK_D, HAS_BIAS, PRECISION) plus the tensor dtypes; configs with blocks much larger
-  than the sequence are pruned, and the dQ tuner restores the atomically accumulated dbias
-  buffer after every benchmark run. The first call per key benchmarks (do it before CUDA-graph
-  capture). Under ``TRITON_INTERPRET=1`` one small fixed config (``INTERPRET_BLOCKS``) is used so
-  CPU tests are fast. ``EVEN_M``/``EVEN_N`` heuristics drop all row masks when the sequence
-  length is a multiple of the block.
-* Forward is deterministic; kernels launch on the current stream (Triton's default).
-
-Notes (per-version GPU measurements go in docs/ once measured on an H100/H200):
-* v1 (this file), not yet timed on a GPU. Compiled offline for sm_80/sm_90 (fp16, bf16, fp32):
-  with 16-bit inputs most configs fit in 125-255 registers/thread without spills at D ≤ 128
-  (bias + dbias + ragged tails included); a few large tiles (4-warp 128-row, 64×128 backward)
-  spill a little at D = 128 and should lose the autotuning. fp32 with
-  "ieee" precision spills at every tile size (Triton's FMA dot lowering); it is a correctness
-  path, not a fast one — use bf16/fp16, or allow TF32.
+Layout: q, k, v, out, dq, dk, dv are strided (B, H, N, D) or (B, G, H, N, D) views with a unit last
+stride (slices of packed projections are read in place); the bias an expanded (B, H, Nq, Nk) view
+(0 strides on broadcast dims; a boolean mask read as bytes); lse float32 (B, [G,] H, Nq). Kernels:
+``_attn_fwd_kernel`` (one program per query block), ``_attn_bwd_preprocess``,
+``_attn_bwd_dkdv_kernel`` (per key block), ``_attn_bwd_dq_kernel`` (per query block, + dbias); 1-D
+grids, D ≤ 128 padded to BLOCK_D, no atomics on dq/dk/dv. Autotuned on a GPU, a fixed config under
+TRITON_INTERPRET=1 (``INTERPRET_BLOCKS``). Design notes, cost and versions: docs/attention.md.
 """
 
 from __future__ import annotations
@@ -94,16 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_ctx as _device_ctx
-from ._launch import family as _family
-from ._launch import is_interpreted, use_fixed
-from ._launch import precision as _precision
+from . import _launch as launch
+from ._launch import use_fixed  # module globals: tests patch them here
 
 __all__ = ["MAX_HEAD_DIM", "attention_backward", "attention_flops", "attention_forward"]
 
 MAX_HEAD_DIM = 128
-
-_LOG2E = 1.4426950408889634
 
 
 # Fixed block sizes used under the interpreter (CPU); tests may monkeypatch this dict to exercise
@@ -580,64 +504,50 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-def _cfgs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for (m, n, w, s) in shapes]
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit inputs: tensor-core tiles. Picked so that none
 # spills at D <= 128 on sm_90 with 8 warps (checked with ptxas); the 4-warp 128-row tiles are kept
-# for small D, where they fit.
-_FWD_CONFIGS = _cfgs([
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2),
-])
-_DKDV_CONFIGS = _cfgs([  # BLOCK_N = resident key block, BLOCK_M = streamed query block
-    (32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-    (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2),
-])
-_DQ_CONFIGS = _cfgs([  # BLOCK_M = resident query block, BLOCK_N = streamed key block
-    (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-    (64, 16, 4, 2), (32, 32, 4, 2),
-])
-# fp32 operands: exact-fp32 ("ieee") dots run on CUDA cores and Triton's FMA lowering is
-# register-hungry, so only small tiles; the same list serves "tf32".
-_FWD_CONFIGS_FP32 = _cfgs([(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)])
-_DKDV_CONFIGS_FP32 = _cfgs([(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)])
-_DQ_CONFIGS_FP32 = _cfgs([(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)])
+# for small D, where they fit. fp32 operands: exact-fp32 ("ieee") dots run on CUDA cores and
+# Triton's FMA lowering is register-hungry, so only small tiles; the same list serves "tf32".
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
+_CONFIGS = {  # per family: (forward, dK/dV, dQ)
+    "half": (
+        launch.configs(_BLOCKS, [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                          (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2)]),
+        # BLOCK_N = resident key block, BLOCK_M = streamed query block
+        launch.configs(_BLOCKS, [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3),
+                          (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)]),
+        # BLOCK_M = resident query block, BLOCK_N = streamed key block
+        launch.configs(_BLOCKS, [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                          (64, 16, 4, 2), (32, 32, 4, 2)]),
+    ),
+    "fp32": (
+        launch.configs(_BLOCKS, [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]),
+        launch.configs(_BLOCKS, [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]),
+        launch.configs(_BLOCKS, [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]),
+    ),
+}
 
 _KEY = ["Nq", "Nk", "BLOCK_D", "HAS_BIAS", "PRECISION"]
-_PRUNE = {"early_config_prune": _prune}
 
 _fwd_fixed = triton.heuristics(_EVEN)(_attn_fwd_kernel)
 _dkdv_fixed = triton.heuristics(_EVEN)(_attn_bwd_dkdv_kernel)
 _dq_fixed = triton.heuristics(_EVEN)(_attn_bwd_dq_kernel)
 
-
-def _tuned(kernel, configs, key, **kw):
-    return triton.autotune(configs, key=key, prune_configs_by=_PRUNE, **kw)(kernel)
-
-
 # The dQ kernel may accumulate dbias with atomics: restore the (zeroed) buffer after each
 # benchmarking run so tuning does not leak into the result.
 # The prefix row's dK/dV slots (PPart) are restored too: a smaller BLOCK_M fills more of them.
-_FWD_KW = dict(key=_KEY + ["HAS_PREFIX"])
-_DKDV_KW = dict(key=_KEY + ["HAS_EXTRA_Q"])
-_DQ_KW = dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N", "HAS_PREFIX"], restore_value=["DBias", "PPart"])
+_TUNED = launch.tuned_table(_CONFIGS, [
+    (_fwd_fixed, dict(key=_KEY + ["HAS_PREFIX"], prune=_prune)),
+    (_dkdv_fixed, dict(key=_KEY + ["HAS_EXTRA_Q"], prune=_prune)),
+    (_dq_fixed, dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N", "HAS_PREFIX"], prune=_prune,
+                     restore_value=["DBias", "PPart"])),
+])
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = is_interpreted(_attn_fwd_kernel)
+_INTERPRETED = launch.is_interpreted(_attn_fwd_kernel)
 
 
 def _use_fixed(t: torch.Tensor) -> bool:
     return use_fixed(t, _INTERPRETED, "attention")
-
-
-_TUNED = {
-    "half": (_tuned(_fwd_fixed, _FWD_CONFIGS, **_FWD_KW), _tuned(_dkdv_fixed, _DKDV_CONFIGS, **_DKDV_KW),
-             _tuned(_dq_fixed, _DQ_CONFIGS, **_DQ_KW)),
-    "fp32": (_tuned(_fwd_fixed, _FWD_CONFIGS_FP32, **_FWD_KW),
-             _tuned(_dkdv_fixed, _DKDV_CONFIGS_FP32, **_DKDV_KW), _tuned(_dq_fixed, _DQ_CONFIGS_FP32, **_DQ_KW)),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,19 +558,16 @@ _TUNED = {
 _KERNELS = {"fwd": (0, _fwd_fixed, "BLOCK_M"), "dkdv": (1, _dkdv_fixed, "BLOCK_N"), "dq": (2, _dq_fixed, "BLOCK_M")}
 
 
-def _launch(name, args, meta, fixed, family, rows, heads):
+def _launch(name, args, meta, fixed, dtype, rows, heads):
     """One program per (batch·group·head = ``heads``, block of ``rows``): the interpreter's fixed
     blocks (``INTERPRET_BLOCKS[name]``) or the autotuned GPU kernel."""
     index, fixed_kernel, block = _KERNELS[name]
+    kernel = launch.pick(fixed, fixed_kernel, _TUNED, dtype, index)
     if fixed:
-        bm, bn = INTERPRET_BLOCKS[name]
-        blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
-        fixed_kernel[(triton.cdiv(rows, blocks[block]) * heads,)](*args, **meta, **blocks, num_warps=4, num_stages=1)
+        blocks = dict(zip(_BLOCKS, INTERPRET_BLOCKS[name], strict=True))
+        kernel[(triton.cdiv(rows, blocks[block]) * heads,)](*args, **meta, **launch.fixed_meta(True, **blocks))
     else:
-        _TUNED[family][index][lambda META: (triton.cdiv(rows, META[block]) * heads,)](*args, **meta)
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+        kernel[lambda META: (triton.cdiv(rows, META[block]) * heads,)](*args, **meta)
 
 
 def _check4(name, t, shape=None, dtype=None):
@@ -672,17 +579,12 @@ def _check4(name, t, shape=None, dtype=None):
         raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """An input view whose last dim is not contiguous is copied (the kernels need stride(-1)==1)."""
-    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
-
-
 class _Dest:
     """An output view with stride(-1) != 1 is written through a contiguous temporary."""
 
     def __init__(self, t: torch.Tensor):
         self.target = t
-        self.buf = t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else torch.empty_like(
+        self.buf = t if launch.is_unit_last(t) else torch.empty_like(
             t, memory_format=torch.contiguous_format)
 
     def finish(self):
@@ -697,8 +599,7 @@ def _check_common(q, k, v, bias):
     _check4("k", k)
     B, G, H, Nq, D = q.shape if q.dim() == 5 else (q.shape[0], 1, *q.shape[1:])
     Nk = k.shape[-2]
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    launch.check_dtype("q", q)
     if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)}")
     _check4("k", k, dtype=q.dtype)
@@ -763,7 +664,7 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
     """
     B, G, H, Nq, Nk, D = _check_common(q, k, v, bias)
     _check4("out", out, shape=q.shape, dtype=q.dtype)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = launch.unit_last(q), launch.unit_last(k), launch.unit_last(v)
     for name, t in zip(("pk", "pv"), prefix or ()):
         _check_rows(name, t, q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
@@ -781,12 +682,12 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
         q, k, v, bias if has_bias else q, o, lse, pk, pv,
         *_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(o),
         *(_row_strides(pk) if prefix is not None else (0, 0, 0)),
-        G, H, Nq, Nk, float(scale) * _LOG2E,
+        G, H, Nq, Nk, float(scale) * launch.LOG2E,
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_BIAS=has_bias,
-                PRECISION=_precision(q.dtype), HAS_PREFIX=prefix is not None)
-    with _device_ctx(q):
-        _launch("fwd", args, meta, _use_fixed(q), _family(q.dtype), Nq, B * G * H)
+    meta = dict(HEAD_DIM=D, BLOCK_D=launch.pow2_at_least(D), HAS_BIAS=has_bias,
+                PRECISION=launch.precision(q.dtype), HAS_PREFIX=prefix is not None)
+    with launch.device_ctx(q):
+        _launch("fwd", args, meta, _use_fixed(q), q.dtype, Nq, B * G * H)
     dest.finish()
     return lse
 
@@ -798,8 +699,8 @@ def _dbias_layout(bias):
     return shape, reduced
 
 
-def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, family,
-                 sizes, qk_scale, scale):
+def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, sizes,
+                 qk_scale, scale):
     B, G, H, Nq, Nk = sizes
     if extra_q is not None:
         xq, xdo, xlse, xdelta = extra_q
@@ -809,7 +710,7 @@ def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common,
         x_args, x_strides = (q, q, lse, lse), (0,) * 6
     args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *x_args, *common,
             *_strides(dk_), *_strides(dv_), *x_strides, G, H, Nq, Nk, qk_scale, float(scale))
-    _launch("dkdv", args, dict(meta, HAS_EXTRA_Q=extra_q is not None), fixed, family, Nk, B * G * H)
+    _launch("dkdv", args, dict(meta, HAS_EXTRA_Q=extra_q is not None), fixed, q.dtype, Nk, B * G * H)
 
 
 def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad,
@@ -848,8 +749,8 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
     lse = lse.to(torch.float32).contiguous()
     # dO may come in another dtype (autocast) or with 0 strides (grad of a sum): the kernels need
     # it in the operands' dtype with a unit last stride.
-    dout = _unit_last(dout.to(q.dtype))
-    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
+    dout = launch.unit_last(dout.to(q.dtype))
+    q, k, v, out = launch.unit_last(q), launch.unit_last(k), launch.unit_last(v), launch.unit_last(out)
 
     dbias = None
     reduced = [False] * 4
@@ -864,16 +765,15 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
 
     dests = [_Dest(t) for t in (dq, dk, dv) if t is not None]
     dq_, dk_, dv_ = (d.buf for d in dests) if dk is not None else (dests[0].buf, None, None)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = launch.pow2_at_least(D)
     has_bias, bias = _bias_kind(bias), _bias_bytes(bias)
     fixed = _use_fixed(q)
-    family = _family(q.dtype)
-    qk_scale = float(scale) * _LOG2E
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype))
+    qk_scale = float(scale) * launch.LOG2E
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=has_bias, PRECISION=launch.precision(q.dtype))
     common = (*_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(dout))
     bias_arg = bias if has_bias else q
 
-    with _device_ctx(q):
+    with launch.device_ctx(q):
         delta = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         bm_pre = 32 if fixed else 64
         _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * G * H,)](
@@ -882,7 +782,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
 
         # dK, dV: one program per key block.
         if dk is not None and Nk > 0:
-            _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, family,
+            _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed,
                          (B, G, H, Nq, Nk), qk_scale, scale)
 
         # dQ (+ dbias): one program per query block.
@@ -901,7 +801,7 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
                    G, H, Nq, Nk, qk_scale, float(scale))
         dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
                      DB_ATOMIC=any(reduced), HAS_PREFIX=prefix is not None)
-        _launch("dq", dq_args, dmeta, fixed, family, Nq, B * G * H)
+        _launch("dq", dq_args, dmeta, fixed, q.dtype, Nq, B * G * H)
     for d in dests:
         d.finish()
     if prefix is not None:

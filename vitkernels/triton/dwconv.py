@@ -1,72 +1,19 @@
 """Triton kernels for ``vitkernels.dwconv``: depthwise k×k conv on token layout, activation fused.
 
-Math
-----
-x (B, N = H·W, C) in token layout (n = h·W + w), weight (C, 1, k, k), k odd, P = k // 2, x taken
-as 0 outside the H×W map (zero padding P, stride 1):
+Math: x (B, N = H·W, C) in token layout (n = h·W + w), weight (C, 1, k, k), k odd, P = k // 2,
+x taken as 0 outside the H×W map (zero padding P, stride 1):
 
     z[b, h, w, c] = bias[c] + Σ_{i,j<k} weight[c, 0, i, j] · x[b, h + i − P, w + j − P, c]
-    y = act(z),   act ∈ {identity, GELU exact erf 0.5·z·(1 + erf(z/√2)), ReLU}
+    y = act(z),   act ∈ {identity, GELU exact erf, ReLU}
+    backward: dz = dy · act'(z) (z recomputed), dx = the same conv of dz with the spatially flipped
+    kernel, dweight[c, 0, i, j] = Σ_{b,h,w} dz · x_shifted(i, j), dbias[c] = Σ_{b,h,w} dz
 
-Backward, given dy (z is recomputed from x, never saved):
-
-    dz        = dy · act'(z)          GELU' = Φ(z) + z·φ(z);  ReLU' = [z > 0];  identity' = 1
-    dx        = Σ_{i,j} weight[c, 0, k−1−i, k−1−j] · dz[b, h + i − P, w + j − P, c]
-                (the same conv with the spatially flipped kernel, same zero padding)
-    dweight[c, 0, i, j] = Σ_{b,h,w} dz[b, h, w, c] · x[b, h + i − P, w + j − P, c]
-    dbias[c]  = Σ_{b,h,w} dz[b, h, w, c]
-
-Cost (element size e bytes)
----------------------------
-    forward  FLOPs = 2·k²·B·N·C   (CUDA-core FMAs; + bias/activation O(B·N·C))
-    backward FLOPs ≈ 4·k²·B·N·C   (dx and dweight)
-    forward  bytes ≥ 2·e·B·N·C    (one read of x, one write of y; weight/bias negligible)
-    backward bytes ≥ 3·e·B·N·C    (read x and dy, write dx)
-Intensity ≈ k²/2 FLOP/byte at 2-byte types: always memory-bound.
-Roofline floor, H100 SXM (3.35 TB/s), SegFormer-B2 stage 1 at 512 px (B = 8, 128×128, C = 256,
-k = 3, bf16): forward 2·2·8·16384·256 B = 134.2 MB → 40.1 µs (0.60 GFLOP: 9 µs on fp32 CUDA
-cores); backward floor 201.3 MB → 60.1 µs. The issue's target is ≥ 80 % of copy bandwidth,
-i.e. a forward of ≤ ~50 µs at that shape.
-
-Design (v1)
------------
-* ``_dwconv_kernel`` (forward, and dx in the backward): one program per output tile of
-  BLOCK_H × BLOCK_W pixels × BLOCK_C channels; the grid is 1-D, pid = (((b·nTH + th)·nTW + tw)·nCB
-  + cb), so no y/z grid dimension exists. Channels are the innermost, contiguous axis of every
-  load/store (coalesced, vectorisable); the token stride is a runtime argument, so x may be a
-  slice of a wider tensor (a last-dim stride ≠ 1 is copied by the launcher). For each of the k²
-  taps the program loads the shifted, zero-masked input tile (the halo is re-read through
-  L1/L2, not staged in shared memory), multiplies by a per-channel fp32 weight vector from a
-  (k², C) transposed weight table and accumulates in fp32; bias, activation and the cast to the
-  output dtype happen before the single store. Unique HBM traffic is ≈ one read of x + one write
-  of y (the halo re-reads hit cache). The tap loops are runtime loops on purpose: unrolled with
-  static_range, the compiler hoisted all k² tile loads and spilled (sm_90, 4×16×64 tile: 255 regs
-  + 264 B stack at k = 3, 9.8 KB at k = 7); as runtime loops the kernel uses ~128 regs, no spills.
-* Backward, two kernels:
-  1. ``_dwconv_bwd_reduce_kernel``: one program per (b, band of BAND·BLOCK_H rows, BLOCK_W
-     columns, BLOCK_C channels). Per sub-tile it loads dy, recomputes z (k² taps, only when the
-     activation is not the identity), forms dz and — when dz ≠ dy — writes it (fp32) for
-     kernel 2, then re-loads the k² shifted x tiles (cache hits) and accumulates
-     Σ_tokens dz·x_shift per tap into a (KK_PAD, BLOCK_C) fp32 register tile and Σ dz for dbias.
-     Each program writes its fp32 partials to a (programs_spatial, k², C) buffer; the launcher
-     sums them with ``torch.sum`` (deterministic, no atomics).
-  2. dx = ``_dwconv_kernel`` run on dz (or directly on dy for activation None) with the flipped
-     weight table, no bias, no activation.
-* Offsets: the batch base is int64; in-image token offsets are int32 unless N·token_stride can
-  pass 2^31 (``WIDE`` constexpr switches them to int64), so B·N·C may exceed 2^31.
-* Tuning: on a GPU the conv kernel is ``triton.autotune``d over a few (BLOCK_H, BLOCK_W, BLOCK_C,
-  num_warps) tiles keyed on (H, W, C, K, ACT, HAS_BIAS) (+ dtypes), pruned to tiles that fit
-  the map; the reduce kernel uses a fixed heuristic tile (its partial buffer depends on the
-  tiling). Under ``TRITON_INTERPRET=1`` a small fixed tile (``INTERPRET_TILE``) is used so that
-  ragged tiles are exercised at the small CPU test shapes.
-* Deterministic forward and backward; kernels launch on the current stream (Triton's default).
-
-Versions
---------
-* v1 — unmeasured (no GPU in the session that wrote it). Known headroom: the halo is re-read
-  from L1/L2 (k² loads per output element), masks are applied on every tap (no interior fast
-  path), and the backward with an activation moves dz through HBM in fp32 (write + read:
-  +8 bytes per element) instead of recomputing it in the dx kernel.
+Layout: x with channel stride 1 and any batch / token strides (a channel slice is read in place);
+outputs contiguous (B, H·W, C). ``_dwconv_kernel``: one program per BLOCK_H × BLOCK_W pixels ×
+BLOCK_C channels tile, fp32 accumulation, one store (forward, and dx in the backward);
+``_dwconv_bwd_reduce_kernel``: dz and per-program fp32 dweight / dbias partials summed by torch
+(deterministic). Autotuned on a GPU, ``INTERPRET_TILE`` under TRITON_INTERPRET=1. Design notes,
+cost and versions: docs/dwconv.md.
 """
 
 from __future__ import annotations
@@ -75,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_ctx as _device_ctx
-from ._launch import is_interpreted, use_fixed
+from . import _launch as launch
+from ._launch import use_fixed  # module globals: tests patch them here
 
 __all__ = ["dwconv_backward", "dwconv_bytes", "dwconv_flops", "dwconv_forward"]
 
@@ -227,16 +174,11 @@ def _dwconv_bwd_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _cfgs(shapes):
-    return [triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc}, num_warps=nw, num_stages=1)
-            for (bh, bw, bc, nw) in shapes]
-
-
-# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps): 64–256 pixels × 32–128 channels.
-_CONFIGS = _cfgs([
+# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps), one stage: 64–256 pixels × 32–128 channels.
+_CONFIGS = launch.configs(("BLOCK_H", "BLOCK_W", "BLOCK_C"), [
     (4, 16, 64, 4), (8, 8, 64, 4), (2, 32, 64, 4), (4, 8, 128, 4), (8, 16, 32, 4),
     (4, 16, 128, 8), (8, 16, 64, 8), (1, 32, 128, 4), (2, 16, 32, 2), (1, 16, 64, 2),
-])
+], num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -249,11 +191,11 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda cf: cf.kwargs["BLOCK_H"] * cf.kwargs["BLOCK_W"] * cf.kwargs["BLOCK_C"])]
 
 
-_tuned_kernel = triton.autotune(_CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_BIAS", "WIDE"],
-                                prune_configs_by={"early_config_prune": _prune})(_dwconv_kernel)
+_tuned_kernel = launch.autotuned(_dwconv_kernel, _CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_BIAS", "WIDE"],
+                          prune=_prune)
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = is_interpreted(_dwconv_kernel)
+_INTERPRETED = launch.is_interpreted(_dwconv_kernel)
 
 
 def _use_fixed(t: torch.Tensor) -> bool:
@@ -264,19 +206,10 @@ def _use_fixed(t: torch.Tensor) -> bool:
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Token-layout views must have contiguous channels; anything else is copied."""
-    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
-
-
 def _check(x, hw, weight, bias):
     if x.dim() != 3:
         raise ValueError(f"x must be (B, H·W, C), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32")
+    launch.check_dtype("x", x)
     B, N, C = x.shape
     H, W = int(hw[0]), int(hw[1])
     if H * W != N:
@@ -327,8 +260,8 @@ def dwconv_forward(x, hw, weight, bias=None, activation=None):
     out = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    x = _unit_last(x)
-    with _device_ctx(x):
+    x = launch.unit_last(x)
+    with launch.device_ctx(x):
         wt = _weight_table(weight)
         b = None if bias is None else bias.contiguous()
         _launch_conv(x, wt, b, out, H, W, k, _ACT[activation])
@@ -364,14 +297,14 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
     if dx.numel() == 0:
         dx.zero_()
         return dx, torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
-    x = _unit_last(x)
-    dout = _unit_last(dout.to(x.dtype))
+    x = launch.unit_last(x)
+    dout = launch.unit_last(dout.to(x.dtype))
     fixed = _use_fixed(x)
     bh, bw, bc, band = _bwd_tile(B, H, W, C, k, fixed)
     n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
     n_band = triton.cdiv(n_th, band)
     n_sp = B * n_band * n_tw
-    with _device_ctx(x):
+    with launch.device_ctx(x):
         wt = _weight_table(weight)
         b = None if bias is None else bias.contiguous()
         dz = torch.empty((B, N, C), device=x.device, dtype=torch.float32) if act != 0 else dout

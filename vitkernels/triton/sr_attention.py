@@ -1,57 +1,19 @@
 """Triton kernels for ``vitkernels.sr_attention`` specialised for N ≫ M (PVT / SegFormer).
 
-Math
-----
-Per (batch b, head h), with q (N, D) from the full-resolution map and k, v (M, D) from the
-spatially reduced map (scale chosen by the caller, default D^-1/2):
+Math, per (batch b, head h), q (N, D) from the full-resolution map, k and v (M, D) from the
+spatially reduced map:
 
-    S = q kᵀ · scale          (N, M)         one row per query; M ≤ 256 fits on chip whole
-    P = softmax_rows(S),  lse = logsumexp_rows(S)
-    O = P v                   (N, D)
+    S = q kᵀ · scale (N, M; every key of a row on chip: a one-pass softmax in base 2),
+    P = softmax_rows(S),   O = P v,   lse = logsumexp_rows(S) (natural log, float32, (B, heads, N))
+    backward (one kernel): delta = rowsum(dO ∘ O), P = exp(S - lse), dV = Pᵀ dO,
+    dS = P ∘ (dO vᵀ - delta), dQ = dS k·scale (per query block), dK = dSᵀ q·scale (per-program partials)
 
-Because every key of the row is on chip at once, the softmax is a single pass (row max, exp2,
-row sum): no online rescaling of the accumulator as in FlashAttention. Scores are kept in base 2
-(scale · log2 e folded in); lse is stored as a natural log, float32, (B, heads, N), as the
-general kernels do. There is no bias and M ≥ 1 here (the op layer answers M = 0), so every row
-has a finite maximum.
-
-Backward, given dO (the FlashAttention-2 identities, in one kernel):
-
-    delta = rowsum(dO ∘ O)             computed in the kernel from the O and dO tiles it loads
-    P     = exp(S - lse)               recomputed from q, k and the saved lse
-    dV    = Pᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP - delta)
-    dQ    = dS k · scale              complete per query block → stored directly
-    dK    = dSᵀ q · scale             a sum over all N queries → per-program partial sums
-
-Design
-------
-* One program per (b·h, chunk of ``rows`` queries): it loads k and v of its head once
-  (BLOCK_KV = next_pow2(M) ≥ 16 rows, zero-filled past M) and loops over the chunk's query
-  blocks of BLOCK_M rows. The grid is 1-D (pid = bh·num_chunks + chunk): no 65,535 limit, and
-  consecutive programs share one head's k/v in L2. The chunk size is a runtime multiple of every
-  BLOCK_M the tuner may pick, chosen so the grid has a few programs per SM; k/v are then read
-  from L2 once per chunk instead of once per query block.
-* Backward: the same grid; each program keeps dK and dV (BLOCK_KV × BLOCK_D, fp32) on chip over
-  its chunk and writes them as one fp32 partial slot; the launcher sums the slots over chunks with
-  ``torch.sum`` (fixed order → bitwise deterministic, no atomics). dQ is written per block. The
-  extra HBM traffic of the partials is 2·(B·heads·chunks)·M·D·4 bytes written and read once.
-* Strided (B, heads, rows, D) views in and out (last dim contiguous), as the general kernels:
-  q and kv are read straight from the token-layout projections, out / dq / dkv written in token
-  layout, without copies in the op layer.
-* Limits (``supports_forward`` / ``supports_backward``): BLOCK_KV ≤ 256 and
-  BLOCK_KV·BLOCK_D ≤ 16384 forward (all of k and v resident), BLOCK_KV·BLOCK_D ≤ 8192 backward
-  (k, v, dK, dV resident). Larger M (e.g. SegFormer at 1024 px, M = 1024) goes to the general
-  FlashAttention kernels (vitkernels/triton/attention.py), which stream the keys.
-* Matmul precision as in attention.py (fp16/bf16 tensor cores with fp32 accumulation; fp32
-  operands "ieee" unless the user allowed TF32).
-
-Cost (C = heads·D, e = element size; N ≫ M makes the op memory-bound for M ≲ 295 at 2 bytes):
-    forward  FLOPs = 4·B·N·M·C      bytes ≈ e·(2·B·N·C + 2·B·M·C·chunks) + 4·B·heads·N
-    backward FLOPs = 10·B·N·M·C     (5 GEMMs, nothing recomputed twice)
-             bytes ≈ e·(4·B·N·C + 2·B·M·C·chunks + 2·B·M·C) + 4·B·heads·N + 16·B·M·C·chunks
-
-Versions (GPU timings go in docs/sr_attention.md once measured):
-* v1 — the design above; tested in the interpreter, compiled offline for sm_90; not yet timed.
+Layout: q, k, v, out, dq, dk, dv strided (B, heads, rows, D) views with a unit last stride (read
+from and written to the token layouts in place). One program per (b·h, chunk of ``rows`` queries)
+keeps k and v of its head on chip; dK/dV partials per program are summed by torch (deterministic).
+Limits (``supports_forward`` / ``supports_backward``): M ≤ 256, next_pow2(M)·next_pow2(D) ≤ 16384
+forward, ≤ 8192 backward; larger M goes to the general kernels (attention.py). Design notes, cost
+and versions: docs/sr_attention.md.
 """
 
 from __future__ import annotations
@@ -60,16 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_ctx as _device_ctx
-from ._launch import family as _family
-from ._launch import is_interpreted, sm_count, use_fixed
-from ._launch import precision as _precision
+from . import _launch as launch
+from ._launch import sm_count, use_fixed  # module globals: tests patch them here
 from .attention import _load_1d, _load_2d, _store_1d, _store_2d
 
 __all__ = ["sr_attention_backward", "sr_attention_forward", "supports_backward", "supports_forward"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 MAX_KEYS = 256
 _FWD_TILE = 16384  # BLOCK_KV · BLOCK_D resident in the forward
 _BWD_TILE = 8192   # ... in the backward (k, v, dK, dV)
@@ -81,11 +39,11 @@ ROWS_PER_PROGRAM: int | None = None
 
 
 def _block_kv(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))
+    return launch.pow2_at_least(m)
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return launch.pow2_at_least(d)
 
 
 def supports_forward(m: int, d: int) -> bool:
@@ -244,10 +202,6 @@ _EVEN = {
 }
 
 
-def _cfgs(shapes):
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for (m, w, s) in shapes]
-
-
 def _pruner(max_tile):
     """Drop configs whose score tile BLOCK_M × BLOCK_KV exceeds ``max_tile`` fp32 elements."""
     def prune(configs, named_args, **kwargs):
@@ -262,26 +216,22 @@ def _pruner(max_tile):
 # spills at the (M, D) of PVTv2 (49, 64) and SegFormer (256, 32) once the pruner has dropped the
 # tiles above the per-kernel BLOCK_M·BLOCK_KV cap; 4-warp 128-row forward tiles and 4-warp
 # backward tiles above 16 rows spilled and were left out.
-_FWD_CONFIGS = _cfgs([(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2)])
-_BWD_CONFIGS = _cfgs([(64, 8, 2), (32, 8, 2), (16, 8, 2), (16, 4, 2)])
-_FWD_CONFIGS_FP32 = _cfgs([(64, 4, 2), (32, 4, 2), (64, 8, 2)])
-_BWD_CONFIGS_FP32 = _cfgs([(32, 8, 2), (16, 4, 2), (16, 8, 2)])
+_CONFIGS = {  # per family: (forward, backward)
+    "half": (launch.configs(["BLOCK_M"], [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2)]),
+             launch.configs(["BLOCK_M"], [(64, 8, 2), (32, 8, 2), (16, 8, 2), (16, 4, 2)])),
+    "fp32": (launch.configs(["BLOCK_M"], [(64, 4, 2), (32, 4, 2), (64, 8, 2)]),
+             launch.configs(["BLOCK_M"], [(32, 8, 2), (16, 4, 2), (16, 8, 2)])),
+}
 
 _KEY = ["N", "M", "BLOCK_D", "PRECISION"]
 _fwd_fixed = triton.heuristics(_EVEN)(_sr_fwd_kernel)
 _bwd_fixed = triton.heuristics(_EVEN)(_sr_bwd_kernel)
-_INTERPRETED = is_interpreted(_sr_fwd_kernel)
+_INTERPRETED = launch.is_interpreted(_sr_fwd_kernel)
 
-
-def _tuned(kernel, configs, max_tile, **kw):
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _pruner(max_tile)},
-                           **kw)(kernel)
-
-
-_TUNED = {
-    "half": (_tuned(_fwd_fixed, _FWD_CONFIGS, 16384), _tuned(_bwd_fixed, _BWD_CONFIGS, 4096)),
-    "fp32": (_tuned(_fwd_fixed, _FWD_CONFIGS_FP32, 8192), _tuned(_bwd_fixed, _BWD_CONFIGS_FP32, 2048)),
-}
+_TUNED = launch.tuned_table(_CONFIGS, [
+    (_fwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(16384), fp32=_pruner(8192)))),
+    (_bwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(4096), fp32=_pruner(2048)))),
+])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,14 +285,12 @@ def sr_attention_forward(q, k, v, scale, out):
     fixed = use_fixed(q, _INTERPRETED, "sr_attention")
     bm = INTERPRET_BLOCK_M["fwd"]
     rows = _rows_per_program(N, B * H, q.device, fixed, bm, waves=4)
-    args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, N, M, rows, float(scale) * _LOG2E)
-    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=_precision(q.dtype))
+    args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, N, M, rows, float(scale) * launch.LOG2E)
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     grid = (triton.cdiv(N, rows) * B * H,)
-    with _device_ctx(q):
-        if fixed:
-            _fwd_fixed[grid](*args, **meta, BLOCK_M=bm, num_warps=4, num_stages=1)
-        else:
-            _TUNED[_family(q.dtype)][0][grid](*args, **meta)
+    with launch.device_ctx(q):
+        kernel = launch.pick(fixed, _fwd_fixed, _TUNED, q.dtype, 0)
+        kernel[grid](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
     return lse
 
 
@@ -367,13 +315,11 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     # Part[0] = dK partials, Part[1] = dV partials, one (M, D) fp32 slot per program.
     part = torch.empty((2, B * H, chunks, M, D), device=q.device, dtype=torch.float32)
     args = (q, k, v, out, dout, lse, dq, part, *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout),
-            *_s3(dq), H, N, M, rows, programs * M * D, float(scale) * _LOG2E, float(scale))
-    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=_precision(q.dtype))
-    with _device_ctx(q):
-        if fixed:
-            _bwd_fixed[(programs,)](*args, **meta, BLOCK_M=bm, num_warps=4, num_stages=1)
-        else:
-            _TUNED[_family(q.dtype)][1][(programs,)](*args, **meta)
+            *_s3(dq), H, N, M, rows, programs * M * D, float(scale) * launch.LOG2E, float(scale))
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
+    with launch.device_ctx(q):
+        kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)
+        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
         sums = part.sum(dim=2).view(2, B, H, M, D)
         dk.copy_(sums[0])
         dv.copy_(sums[1])

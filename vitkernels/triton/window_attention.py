@@ -1,114 +1,22 @@
-"""Fused Triton kernels for ``vitkernels.window_attention`` (Swin W-MSA / SW-MSA).
+"""Fused Triton kernels for ``vitkernels.window_attention`` (Swin W-MSA / SW-MSA, V1 and V2).
 
-Math
-----
-qkv (B, L = H·W, 3C) is the qkv linear of the un-shifted, un-partitioned map; C = heads·D.
-Hp = ⌈H/M⌉·M, Wp = ⌈W/M⌉·M, nW = (Hp/M)·(Wp/M) windows of N = M² slots. For slot t = p·M + c
-of window (wh, ww), everything the eager Swin code materialises is index math here:
+Math: qkv (B, L = H·W, 3C) is the qkv linear of the un-shifted, un-partitioned map, C = heads·D;
+windows of N = M² slots tile the map padded to Hp × Wp (multiples of M). Slot t = p·M + c of
+window (wh, ww) reads token ((wh·M + p + s) mod Hp)·W + (ww·M + c + s) mod Wp (a padded slot takes
+the qkv_bias row), and per window and head, in base 2:
 
-    shifted-grid coords   (y, x)     = (wh·M + p, ww·M + c)
-    source map coords     (row, col) = ((y + s) mod Hp, (x + s) mod Wp)
-    token                 row·W + col, or a padded token (its q/k/v = qkv_bias, 0 if None)
-                          iff row >= H or col >= W
-    region label          3·r(y, Hp) + r(x, Wp), r(z, Z) = [z >= Z−M] + [z >= Z−s]  (s > 0)
-    rel-pos index         (p_i − p_j + M − 1)·(2M − 1) + (c_i − c_j + M − 1)
+    S = q kᵀ·scale + table[rel(i, j), h] − 100·[region_i != region_j],   O = softmax_rows(S) v
+    backward: dV = Pᵀ dO, dS = P ∘ (dO vᵀ − delta), dQ = dS k·scale, dK = dSᵀ q·scale,
+    dtable = dS binned by rel-pos index, dqkv_bias = Σ over padded key slots of (dK, dV)
+    options: SHIFT_FIRST (timm: shift the unpadded map, then pad) changes only slot → token;
+    COSINE (Swin V2) uses τ_h·q̂·k̂ᵀ, τ_h = exp(min(logit_scale_h, ln 100)), with its gradients
 
-and per window and head, in base 2 (log2 e folded into the score scale so the kernels use exp2):
-
-    S  = q kᵀ·scale + table[idx, h] − 100·[label_i != label_j]        (N, N), never leaves chip
-    P  = softmax_rows(S),  O = P v                                     out[token] = O[slot]
-
-Backward, given dO (padded query slots are cropped, so their dO = 0 and they add nothing):
-
-    P (recomputed: row max and sum of the resident score tile), dV = Pᵀ dO, dP = dO vᵀ,
-    delta = rowsum(P ∘ dP) (= rowsum(dO ∘ O)), dS = P ∘ (dP − delta),
-    dQ = dS k·scale, dK = dSᵀ q·scale,
-    dtable[e, h] = Σ_{batch, windows} Σ_{i,j: idx(i,j)=e} dS[i, j]
-    dqkv_bias   = Σ over padded key slots of (dK, dV)   (the q part is exactly 0: see above)
-
-Every real token fills exactly one slot of one window, so dq / dk / dv are plain stores into a
-packed (B, L, 3C) buffer; no atomics anywhere (the backward is deterministic).
-
-Options (constexpr switches: the default path compiles to the same kernels as without them)
--------
-SHIFT_FIRST (timm's order: cyclic shift of the unpadded map, then padding) changes only the
-slot → token map; labels, bias and mask are the padded grid's as above:
-
-    token = ((y + s) mod H)·W + (x + s) mod W   if y < H and x < W, else a padded token
-
-(the launcher sets it only when s > 0 and the map is padded: otherwise both orders are one
-function). COSINE (``logit_scale``, Swin V2) normalises the q and k rows of each tile in the
-kernel (fp32 norm, rounded once to the input dtype like F.normalize in that dtype), and the
-score scale is the head's τ = exp(min(logit_scale_h, ln 100)), read on the device:
-
-    S = τ·q̂ k̂ᵀ + bias + mask,   q̂ = q / max(‖q‖, 1e-12),  k̂ likewise
-    backward (r = 1 / max(‖q‖, 1e-12), kept per row from the recompute):
-    dq̂ = τ·dS k̂,  dq = (dq̂ − q̂ (q̂·dq̂))·r  (no projection where the norm is clamped), dk likewise
-    dlogit_scale_h = Σ_rows q̂·dq̂  (= τ·Σ dS∘q̂k̂ᵀ), summed per program (one fp32 partial each,
-                     added by torch: deterministic), 0 where logit_scale_h ≥ ln 100.
-
-Cost
-----
-    forward  FLOPs = 4·B·nW·heads·N²·D   (QKᵀ and PV; the tiles run padded: N = 49 → 64)
-    backward FLOPs = 10·B·nW·heads·N²·D  (5 matmuls: QKᵀ recompute, dV, dP, dK, dQ)
-    forward  bytes = e·B·L·(3C + C) + table       (qkv read once, out written once)
-    backward bytes = e·B·L·(3C + C + 3C) + table  (qkv, dO read; dqkv written) + tiny partials
-Neither pass reads or writes the logsumexp or the output: the backward recomputes the softmax of
-its resident (≤ 256-key) tile instead (see Design).
-
-Roofline, H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s), Swin-T stage 1: B = 64, 56×56, C = 96,
-3 heads (D = 32), M = 7, shift 3, bf16 — nW = 64, N = 49:
-    forward  3.78 GFLOP, 154.1 MB → compute 3.8 µs, memory 46.0 µs → floor 46.0 µs
-    backward 9.44 GFLOP, 269.7 MB → compute 9.5 µs, memory 80.5 µs → floor 80.5 µs
-~25 FLOP/byte against a ridge of ~295: purely a bandwidth problem. Padding 49 → 64 raises the
-executed MMA work 1.7× (still < 20 µs) and exp2 is ~50 M per pass (~13 µs of MUFU), both under
-the memory floor.
-
-Design
-------
-* One program = one head × a group of WPG consecutive windows (flattened over batch, 1-D grid,
-  pid = group·heads + head, so any B·nW works and the heads of a window, which read adjacent
-  bytes of each token row, run side by side). WPG is chosen per launch (≈ 8 programs per SM).
-  Inside, a window is processed as query blocks × key blocks of the N slots; the autotuner picks
-  BLOCK_M/BLOCK_N (N = 49: one 64×64 tile).
-* Loads are gathers of whole D-wide head rows (int64 batch base, int32 in-tile offsets; int64
-  row offsets only when one image's qkv passes 2^31 elements). Padded slots take the qkv_bias
-  row, out-of-window slots (t >= N) get −inf scores.
-* Single-tile windows (N <= BLOCK_M and N <= BLOCK_N: M <= 8 with the tuned configs) gather the
-  relative-position bias tile once per program and reuse it for all WPG windows (it does not
-  depend on the window); larger windows gather it per tile. The shift mask is per-window label
-  arithmetic.
-* Forward: online softmax over key blocks; out stored for real slots only.
-* Backward (``_wa_bwd_kernel``), keys resident: for N <= 256 the whole key set is one block, so
-  every query block sees complete score rows: the kernel recomputes the row max/sum itself (no
-  lse to save, read or keep alive), delta = rowsum(P∘dP) without reading O, and dQ of a query
-  block is final (stored directly). dK/dV accumulate over query blocks in registers.
-  For N > 256 (M >= 17, no Swin model) keys come in blocks: the launcher first reruns the forward
-  to get out and lse, delta = rowsum(dO∘O), and dQ is accumulated in an fp32 workspace
-  (program-exclusive rows, read-modify-write, no atomics).
-* dtable: dS is summed over the program's windows in registers (single tile) and then binned
-  into the (2M−1)² table entries with ``tl.gather`` (row i, entry e → the key slot at that
-  offset), once per program; multi-tile windows bin each tile. Each program writes its own
-  (2M−1)² partial row, summed by torch: deterministic, ~0.7 KB per program for M = 7.
-  dqkv_bias likewise: per-program (2, D) partial sums of dK/dV over padded slots.
-* Precision: fp16/bf16 dots on tensor cores with fp32 accumulation (P, dS rounded to the input
-  dtype before their matmul, as FA2); fp32 uses "ieee" unless PyTorch allows TF32 matmuls.
-  Under TRITON_INTERPRET=1 a fixed small config is used (``INTERPRET_BLOCKS``,
-  ``WINDOWS_PER_PROGRAM``; tests patch them to cover the multi-block paths).
-
-Registers (offline sm_90 compile, bf16, table + qkv_bias + shift, D = 32): forward 64×64 / 4 warps
-161 (fits maxnreg = 128), backward BLOCK_M 64 / 8 warps or 32 / 4 warps 255 without spills (about
-240 live: 2 CTAs per SM); M = 12 backward (256 resident keys) BLOCK_M 16 / 8 warps spills 40 bytes.
-Full table in docs/window_attention.md.
-
-Versions
---------
-| version | change                                                             | H100 fwd / bwd |
-|---------|--------------------------------------------------------------------|----------------|
-| v1      | this file: index-math gather, resident-key backward recomputing    | unmeasured     |
-|         | the softmax, gather-binned deterministic dtable                    |                |
-| next    | measure; then cut backward registers (per-window dtable binning,   |                |
-|         | prefetch of the next window) and retune WPG                        |                |
+Layout: qkv read and out (B, L, C) / dqkv (B, L, 3C) written in token layout through index math:
+no padded, rolled or partitioned copies, no mask or bias tensors. One program = one head × WPG
+windows on a 1-D grid; the backward recomputes the softmax of its resident (≤ 256-key) tile and
+keeps every reduction in per-program partials summed by torch (deterministic). Under
+TRITON_INTERPRET=1 a fixed config (``INTERPRET_BLOCKS``, ``WINDOWS_PER_PROGRAM``). Index math,
+design, cost, registers and versions: docs/window_attention.md.
 """
 from __future__ import annotations
 
@@ -116,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_ctx as _device_ctx
-from ._launch import family as _family
-from ._launch import is_interpreted, sm_count, use_fixed
-from ._launch import precision as _precision
+from . import _launch as launch
+from ._launch import sm_count, use_fixed  # module globals: tests patch them here
 
 __all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops",
            "window_attention_forward"]
@@ -127,7 +33,6 @@ __all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops"
 MAX_HEAD_DIM = 128
 # Backward: the key set stays resident (one block) up to this many slots (M <= 16).
 MAX_RESIDENT_KEYS = 256
-_LOG2E = 1.4426950408889634
 LOGIT_SCALE_MAX = 4.605170185988092  # ln 100: Swin V2 clamps the logit scale there
 
 # Interpreter (CPU) configuration; tests patch these to exercise the multi-block paths.
@@ -558,17 +463,7 @@ def _wa_bwd_kernel(
 
 
 def _cap(m: int) -> int:
-    return max(16, triton.next_power_of_2(m * m))
-
-
-def _cfgs(shapes, keys):
-    """(*blocks, num_warps, num_stages[, maxnreg]) tuples → triton.Config list."""
-    out = []
-    for shape in shapes:
-        blocks, (w, st, *reg) = shape[:len(keys)], shape[len(keys):]
-        out.append(triton.Config(dict(zip(keys, blocks)), num_warps=w, num_stages=st,
-                                 maxnreg=reg[0] if reg else None))
-    return out
+    return launch.pow2_at_least(m * m)
 
 
 def _window(named_args, kwargs) -> int:
@@ -593,57 +488,45 @@ def _prune_bwd(configs, named_args, **kwargs):
 # <= 64). Offline sm_90 compiles (ptxas, bf16, table + qkv_bias + shift): M = 7 forward 64×64 /
 # 4 warps uses 161 registers at D = 32 and fits 128 (maxnreg) without spilling, 165 at D = 64,
 # 240 at D = 128; M = 12 forward 64×256 / 8 warps 253, 32×256 / 8 warps 217, no spills.
-_FWD_CONFIGS = _cfgs([
-    (64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1),
-    (16, 16, 2, 1), (16, 16, 4, 1),
-    (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1),
-], ("BLOCK_M", "BLOCK_N"))
-_FWD_CONFIGS_FP32 = _cfgs([
-    (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1), (64, 128, 8, 1),
-    (32, 128, 4, 1), (32, 256, 8, 1),
-], ("BLOCK_M", "BLOCK_N"))
-# Backward: BLOCK_N is the resident key block (set by the launcher), BLOCK_M the query block.
-# sm_90, bf16, all features: M = 7, D = 32: 64 / 8 warps and 32 / 4 warps 255 registers without
-# spills (64 / 4 warps spills 12 bytes); D = 64: 32 / 4 warps no spill; M = 12 (256 resident
-# keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
-_BWD_CONFIGS = _cfgs([
-    (64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1),
-], ("BLOCK_M",))
-_BWD_CONFIGS_FP32 = _cfgs([(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)],
-                          ("BLOCK_M",))
+# Backward (second entry): BLOCK_N is the resident key block (set by the launcher), BLOCK_M the
+# query block. sm_90, bf16, all features: M = 7, D = 32: 64 / 8 warps and 32 / 4 warps 255
+# registers without spills (64 / 4 warps spills 12 bytes); D = 64: 32 / 4 warps no spill; M = 12
+# (256 resident keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
+_FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
+_BWD_SHAPES = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
+_CONFIGS = {  # per family: (forward, backward)
+    "half": (launch.configs(_FWD_BLOCKS, [
+        (64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1),
+        (16, 16, 2, 1), (16, 16, 4, 1),
+        (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1),
+    ]), launch.configs(["BLOCK_M"], _BWD_SHAPES)),
+    "fp32": (launch.configs(_FWD_BLOCKS, [
+        (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1), (64, 128, 8, 1),
+        (32, 128, 4, 1), (32, 256, 8, 1),
+    ]), launch.configs(["BLOCK_M"], _BWD_SHAPES)),
+}
 
 _FWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]
 _BWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GRAD",
             "PRECISION", "BLOCK_N"]
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
-_INTERPRETED = is_interpreted(_wa_fwd_kernel)
+_INTERPRETED = launch.is_interpreted(_wa_fwd_kernel)
 
 
 def _use_fixed(t: torch.Tensor) -> bool:
     return use_fixed(t, _INTERPRETED, "window_attention")
 
 
-_TUNED = {
-    "half": (
-        triton.autotune(_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_wa_fwd_kernel),
-        triton.autotune(_BWD_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
-                        restore_value=["DQW", "TablePart"])(_wa_bwd_kernel),
-    ),
-    "fp32": (
-        triton.autotune(_FWD_CONFIGS_FP32, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_wa_fwd_kernel),
-        triton.autotune(_BWD_CONFIGS_FP32, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
-                        restore_value=["DQW", "TablePart"])(_wa_bwd_kernel),
-    ),
-}
+_TUNED = launch.tuned_table(_CONFIGS, [
+    (_wa_fwd_kernel, dict(key=_FWD_KEY, prune=_prune_fwd)),
+    (_wa_bwd_kernel, dict(key=_BWD_KEY, prune=_prune_bwd, restore_value=["DQW", "TablePart"])),
+])
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _windows_per_program(bw: int, heads: int, device) -> int:
     if WINDOWS_PER_PROGRAM is not None:
@@ -654,16 +537,11 @@ def _windows_per_program(bw: int, heads: int, device) -> int:
     return max(1, min(16, (bw * heads) // (8 * sms)))
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
-
-
 class _Geometry:
     def __init__(self, qkv, hw, heads, m, s, shift_first=False, cosine=False):
         if qkv.dim() != 3 or qkv.shape[-1] % 3:
             raise ValueError(f"qkv must be (B, H*W, 3C), got shape {tuple(qkv.shape)}")
-        if qkv.dtype not in _DTYPES:
-            raise ValueError(f"qkv has dtype {qkv.dtype}; supported: float16, bfloat16, float32")
+        launch.check_dtype("qkv", qkv)
         self.B, self.L, c3 = qkv.shape
         self.C = c3 // 3
         self.heads = int(heads)
@@ -686,7 +564,7 @@ class _Geometry:
         self.BW = self.B * self.nW
         self.N = self.M * self.M
         self.E = (2 * self.M - 1) ** 2
-        self.BLOCK_D = max(16, triton.next_power_of_2(self.D))
+        self.BLOCK_D = launch.pow2_at_least(self.D)
         # Both orders are one function unless a shifted map is padded: compile the variant only then.
         self.shift_first = bool(shift_first) and self.s > 0 and (self.Hp != self.H or self.Wp != self.W)
         self.cosine = bool(cosine)
@@ -699,7 +577,7 @@ class _Geometry:
         return {"M": self.M, "SHIFT": self.s, "SHIFT_FIRST": self.shift_first, "COSINE": self.cosine,
                 "HEAD_DIM": self.D, "BLOCK_D": self.BLOCK_D,
                 "HAS_TABLE": table is not None, "HAS_QB": qkv_bias is not None, "BIG": big,
-                "PRECISION": _precision(qkv.dtype)}
+                "PRECISION": launch.precision(qkv.dtype)}
 
 
 def _needs_int64(*tensors) -> bool:
@@ -746,14 +624,13 @@ def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
     ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
     args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, ls, out, lse if lse is not None else qkv,
             qkv.stride(0), qkv.stride(1), tr, th, sls, out.stride(0), out.stride(1),
-            *g.ints(wpg), (1.0 if g.cosine else float(scale)) * _LOG2E)
+            *g.ints(wpg), (1.0 if g.cosine else float(scale)) * launch.LOG2E)
     meta = dict(g.consts(qkv, table, qkv_bias, big), STORE_LSE=lse is not None)
-    with _device_ctx(qkv):
-        if _use_fixed(qkv):
-            bm, bn = _fwd_blocks(g)
-            _wa_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-        else:
-            _TUNED[_family(qkv.dtype)][0][grid](*args, **meta)
+    fixed = _use_fixed(qkv)
+    blocks = dict(zip(_FWD_BLOCKS, _fwd_blocks(g), strict=True)) if fixed else {}
+    kernel = launch.pick(fixed, _wa_fwd_kernel, _TUNED, qkv.dtype, 0)
+    with launch.device_ctx(qkv):
+        kernel[grid](*args, **meta, **launch.fixed_meta(fixed, **blocks))
 
 
 def window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
@@ -763,13 +640,13 @@ def window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table,
     (heads,) / (heads, 1, 1): Swin V2 cosine attention (``scale`` unused); ``shift_first``: timm's
     shift-then-pad order."""
     g = _Geometry(qkv, hw, num_heads, window_size, shift_size, shift_first, logit_scale is not None)
-    qkv = _unit_last(qkv)
+    qkv = launch.unit_last(qkv)
     qkv_bias = _check_params(g, qkv, table, qkv_bias, logit_scale)
     out = torch.empty((g.B, g.L, g.C), device=qkv.device, dtype=qkv.dtype)
     stats = _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, return_lse)
     if not return_lse:
         return out
-    return out, (stats[..., 0] + stats[..., 1]) * 0.6931471805599453
+    return out, (stats[..., 0] + stats[..., 1]) * launch.LN2
 
 
 def _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, stats: bool):
@@ -801,11 +678,11 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     (logit_scale's shape) in their own dtype, or None when that input is None or (table, bias) its
     gradient was not asked for. Deterministic: per-program partial sums added by torch."""
     g = _Geometry(qkv, hw, num_heads, window_size, shift_size, shift_first, logit_scale is not None)
-    qkv = _unit_last(qkv)
+    qkv = launch.unit_last(qkv)
     qkv_bias = _check_params(g, qkv, table, qkv_bias, logit_scale)
     if tuple(dout.shape) != (g.B, g.L, g.C):
         raise ValueError(f"dout has shape {tuple(dout.shape)}, expected {(g.B, g.L, g.C)}")
-    dout = _unit_last(dout.to(qkv.dtype))
+    dout = launch.unit_last(dout.to(qkv.dtype))
     table_grad = table_grad and table is not None
     bias_grad = bias_grad and qkv_bias is not None
     dqkv = torch.empty((g.B, g.L, 3 * g.C), device=qkv.device, dtype=qkv.dtype)
@@ -840,14 +717,13 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
             qkv.stride(0), qkv.stride(1), tr, th, sls, dout.stride(0), dout.stride(1),
             dqkv.stride(0), dqkv.stride(1), o_.stride(0), o_.stride(1),
             w_.stride(0) if dqw is not None else 0, w_.stride(1) if dqw is not None else 0,
-            *g.ints(wpg), scale * _LOG2E, scale)
+            *g.ints(wpg), scale * launch.LOG2E, scale)
     meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad,
                 BLOCK_N=bn)
-    with _device_ctx(qkv):
-        if _use_fixed(qkv):
-            _wa_bwd_kernel[(programs,)](*args, **meta, BLOCK_M=bm, num_warps=4, num_stages=1)
-        else:
-            _TUNED[_family(qkv.dtype)][1][(programs,)](*args, **meta)
+    fixed = _use_fixed(qkv)
+    kernel = launch.pick(fixed, _wa_bwd_kernel, _TUNED, qkv.dtype, 1)
+    with launch.device_ctx(qkv):
+        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
     dls = None
     if g.cosine:  # Σ over a head's programs; zero where the clamp at ln 100 holds (as torch.clamp)
         dls = lpart.view(-1, g.heads).sum(0)

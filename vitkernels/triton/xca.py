@@ -1,52 +1,18 @@
 """Triton kernels for ``vitkernels.xca`` (XCiT cross-covariance attention), forward and backward.
 
-Math
-----
-Per (batch b, head h), with q, k, v the head's (N, D) slices of the packed qkv (token layout) and
-τ = temperature[h]:
+Math, per (batch b, head h), q, k, v the head's (N, D) slices of the packed qkv, τ = temperature[h]:
 
-    G   = qᵀ k                      (D × D)  reduced over the N tokens
-    r_q = max(‖q_i‖₂, 1e-12), r_k = max(‖k_j‖₂, 1e-12)   (norms over N, per channel)
-    Ĝ   = G / (r_q r_kᵀ)           = q̂ᵀ k̂, the normalised Gram matrix
-    A   = softmax_rows(τ Ĝ)        (D × D)
-    out = v Aᵀ                      out[n, i] = Σ_j A[i, j] v[n, j]
+    G = qᵀ k (D × D, over the N tokens),  r_q = max(‖q_i‖₂, 1e-12), r_k likewise (per channel)
+    A = softmax_rows(τ G / (r_q r_kᵀ)),   out = v Aᵀ
+    backward, dĜ = τ dS: dA = dOᵀ v, dS = A ∘ (dA − rowsum(dA ∘ A)), dτ = Σ dS ∘ Ĝ, dv = dO A,
+    dq = (k (dĜ / r_kᵀ)ᵀ − q·c/r_q) / r_q, dk = (q (dĜ / r_q) − k·e/r_k) / r_k
+    with c_i = Σ_j dĜ_ij Ĝ_ij, e_j = Σ_i dĜ_ij Ĝ_ij (0 where the norm is clamped)
 
-Backward, given dO (N × D), with dĜ = τ dS:
-
-    dA  = dOᵀ v,   dS = A ∘ (dA − rowsum(dA ∘ A)),   dτ = Σ dS ∘ Ĝ
-    dv  = dO A
-    dq  = (k (dĜ / r_kᵀ)ᵀ − q · c/r_q) / r_q    with c_i = Σ_j dĜ_ij Ĝ_ij  (0 where ‖q_i‖ ≤ 1e-12)
-    dk  = (q (dĜ / r_q)   − k · e/r_k) / r_k    with e_j = Σ_i dĜ_ij Ĝ_ij  (0 where ‖k_j‖ ≤ 1e-12)
-
-The projection terms c and e are ⟨dq̂_i, q̂_i⟩ and ⟨dk̂_j, k̂_j⟩ over the tokens; they reduce to the
-D × D sums above, so the backward needs no extra pass for them.
-
-Design
-------
-* Two passes over the tokens: one reduces (G, ‖q‖², ‖k‖² and, backward, dA = dOᵀ v), one writes
-  the per-token results (out; or dq, dk, dv). Nothing N-sized but the inputs and outputs touches
-  HBM: the eager path's normalised q, k and its (B, heads, D, N) transposes are never written.
-* The grid is 1-D over (b·head, chunk of ``rows`` tokens). When b·heads alone fills the GPU there
-  is one chunk per head and one kernel does both passes (ONE_PASS). Otherwise a stats kernel
-  writes each chunk's fp32 partial sums (a BLOCK_D² Gram block and two norm vectors; backward
-  also dA) and the apply kernel sums them over the chunks in a fixed order, so results are
-  deterministic and independent of atomics.
-* The D × D work (softmax, dS, the c/e sums) runs in registers, redone by each chunk of a head;
-  only D ≤ ``MAX_HEAD_DIM`` = 64 (XCiT uses 48; BLOCK_D = 64) keeps those tiles in registers.
-* Precision: the reductions use the input dtype on tensor cores with fp32 accumulation. The
-  per-token products with a D × D matrix (A, dĜ/r) take fp32 operands ("tf32" for fp16/bf16
-  inputs, whose values are exact in tf32; fp32 follows PyTorch's TF32 setting), so 1/r factors
-  never overflow a 16-bit type.
-
-Cost (C = heads·D, e = element size):
-* forward: 4·B·N·C·D FLOPs; e·4·B·N·C bytes (q, k read by the stats pass, v by the apply pass, out
-  written; a split head adds its fp32 partials);
-* backward: 10·B·N·C·D FLOPs executed (G is recomputed; the model count is 8·B·N·C·D);
-  e·10·B·N·C bytes (the stats pass reads q, k, v, dO; the apply pass reads q, k, dO, writes dqkv).
-Memory-bound at every XCiT size.
-
-Versions (GPU timings go in docs/xca.md once measured):
-* v1 — the design above; tested in the interpreter, compiled offline for sm_90a; not yet timed.
+Layout: qkv (B, N, 3C) token layout with a unit last stride, any batch / token strides; out and
+dqkv contiguous. Two passes over the tokens per (b·head, chunk of ``rows`` tokens): a stats pass
+(G, norms; backward also dA) and an apply pass; one kernel does both when a head is one chunk
+(ONE_PASS), else fp32 chunk partials are summed in a fixed order (deterministic). D ≤ 64.
+Design notes, cost and versions: docs/xca.md.
 """
 from __future__ import annotations
 
@@ -54,10 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_ctx as _device_ctx
-from ._launch import family as _family
-from ._launch import is_interpreted, sm_count, use_fixed
-from ._launch import precision as _precision
+from . import _launch as launch
+from ._launch import sm_count, use_fixed  # module globals: tests patch them here
 from .attention import _load_2d, _store_2d
 from .sr_attention import _program_rows
 
@@ -256,25 +220,24 @@ def _xca_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _cfgs(shapes):
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for (n, w, s) in shapes]
-
-
 # Configs kept from an offline sm_90a compile (tests/triton_sm90.py) at XCiT-S12's shape: none
 # spills with bf16/fp16 inputs. The backward holds ~4 D×D fp32 tiles besides its token tiles, so
 # 4 warps only fit small token blocks. fp32 inputs take their own, smaller tiles.
-_STATS_CONFIGS = {"half": _cfgs([(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
-                  "fp32": _cfgs([(64, 8, 2), (32, 4, 2), (32, 8, 2)])}
-_FWD_CONFIGS = {"half": _cfgs([(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
-                "fp32": _cfgs([(64, 8, 2), (32, 4, 2)])}
-_BWD_CONFIGS = {"half": _cfgs([(64, 8, 2), (32, 8, 2), (16, 4, 2), (64, 8, 1)]),
-                "fp32": _cfgs([(32, 8, 2), (16, 8, 2), (16, 4, 2)])}
+_CONFIGS = {  # per family: (stats, forward apply, backward apply); (BLOCK_N, num_warps, num_stages)
+    "half": (launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+             launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+             launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 8, 2), (16, 4, 2), (64, 8, 1)])),
+    "fp32": (launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2), (32, 8, 2)]),
+             launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2)]),
+             launch.configs(["BLOCK_N"], [(32, 8, 2), (16, 8, 2), (16, 4, 2)])),
+}
 _KEY = ["N", "BLOCK_D", "ONE_PASS", "PRECISION"]
-_INTERPRETED = is_interpreted(_xca_fwd_kernel)
-_TUNED = {fam: (triton.autotune(_STATS_CONFIGS[fam], key=["N", "BLOCK_D", "WITH_DA", "PRECISION"])(_xca_stats_kernel),
-                triton.autotune(_FWD_CONFIGS[fam], key=_KEY)(_xca_fwd_kernel),
-                triton.autotune(_BWD_CONFIGS[fam], key=_KEY)(_xca_bwd_kernel))
-          for fam in ("half", "fp32")}
+_INTERPRETED = launch.is_interpreted(_xca_fwd_kernel)
+_TUNED = launch.tuned_table(_CONFIGS, [
+    (_xca_stats_kernel, dict(key=["N", "BLOCK_D", "WITH_DA", "PRECISION"])),
+    (_xca_fwd_kernel, dict(key=_KEY)),
+    (_xca_bwd_kernel, dict(key=_KEY)),
+])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,12 +268,7 @@ def _geometry(qkv, num_heads, temperature):
         raise ValueError(f"xca Triton kernel: head dim {D} is not supported (1 ≤ D ≤ {MAX_HEAD_DIM})")
     if qkv.stride(-1) != 1:
         raise ValueError("xca Triton kernel: qkv's last dim must be contiguous")
-    return B, N, C, D, max(16, triton.next_power_of_2(D)), temperature.reshape(num_heads).contiguous()
-
-
-def _dot_precision(dtype) -> str:
-    """fp32 operands follow PyTorch's TF32 setting; the fp32 copies of 16-bit inputs are exact in tf32."""
-    return _precision(dtype) if dtype == torch.float32 else "tf32"
+    return B, N, C, D, launch.pow2_at_least(D), temperature.reshape(num_heads).contiguous()
 
 
 class _Plan:
@@ -322,7 +280,7 @@ class _Plan:
         self.chunks = triton.cdiv(N, self.rows)
         self.programs = B * num_heads * self.chunks
         self.one_pass = self.chunks == 1
-        self.launch = dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=4, num_stages=1) if self.fixed else {}
+        self.launch = launch.fixed_meta(self.fixed, BLOCK_N=INTERPRET_BLOCK_N)
 
     def stats(self, qkv, dout, num_heads, N, C, D, block_d, with_da):
         if self.one_pass:  # the fused kernel reduces in registers: a placeholder pointer
@@ -330,10 +288,10 @@ class _Plan:
         slot = (2 if with_da else 1) * block_d * block_d + 2 * block_d
         part = torch.empty((self.programs, slot), device=qkv.device, dtype=torch.float32)
         src = dout if dout is not None else qkv
-        (_xca_stats_kernel if self.fixed else _TUNED[_family(qkv.dtype)][0])[(self.programs,)](
+        launch.pick(self.fixed, _xca_stats_kernel, _TUNED, qkv.dtype, 0)[(self.programs,)](
             qkv, src, part, qkv.stride(0), qkv.stride(1), src.stride(0), src.stride(1),
             num_heads, N, C, self.rows, HEAD_DIM=D, BLOCK_D=block_d, WITH_DA=with_da,
-            PRECISION=_dot_precision(qkv.dtype), **self.launch)
+            PRECISION=launch.precision(qkv.dtype), **self.launch)
         return part
 
 
@@ -346,13 +304,13 @@ def xca_forward(qkv, num_heads, temperature):
     out = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
     if out.numel() == 0:
         return out
-    with _device_ctx(qkv):
+    with launch.device_ctx(qkv):
         plan = _Plan(qkv, num_heads, B, N, D)
         part = plan.stats(qkv, None, num_heads, N, C, D, block_d, False)
-        (_xca_fwd_kernel if plan.fixed else _TUNED[_family(qkv.dtype)][1])[(plan.programs,)](
+        launch.pick(plan.fixed, _xca_fwd_kernel, _TUNED, qkv.dtype, 1)[(plan.programs,)](
             qkv, tau, out, part, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d, ONE_PASS=plan.one_pass,
-            PRECISION=_dot_precision(qkv.dtype), **plan.launch)
+            PRECISION=launch.precision(qkv.dtype), **plan.launch)
     return out
 
 
@@ -364,17 +322,15 @@ def xca_backward(dout, qkv, num_heads, temperature):
     dqkv = torch.empty((B, N, 3 * C), device=qkv.device, dtype=qkv.dtype)
     if dqkv.numel() == 0:
         return dqkv.zero_(), torch.zeros_like(temperature)
-    dout = dout.to(qkv.dtype)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    with _device_ctx(qkv):
+    dout = launch.unit_last(dout.to(qkv.dtype))
+    with launch.device_ctx(qkv):
         plan = _Plan(qkv, num_heads, B, N, D)
         part = plan.stats(qkv, dout, num_heads, N, C, D, block_d, True)
         dtau = torch.empty((B, num_heads), device=qkv.device, dtype=torch.float32)
-        (_xca_bwd_kernel if plan.fixed else _TUNED[_family(qkv.dtype)][2])[(plan.programs,)](
+        launch.pick(plan.fixed, _xca_bwd_kernel, _TUNED, qkv.dtype, 2)[(plan.programs,)](
             qkv, dout, tau, dqkv, dtau, part, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1),
             dqkv.stride(0), dqkv.stride(1), num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d,
             ONE_PASS=plan.one_pass,
-            PRECISION=_dot_precision(qkv.dtype), **plan.launch)
+            PRECISION=launch.precision(qkv.dtype), **plan.launch)
     return dqkv, dtau.sum(0).reshape(temperature.shape).to(temperature.dtype)
 
