@@ -19,6 +19,7 @@ Environment:
   VITKERNELS_SKIP_CUDA_BUILD=1   never build the extension
   MAX_JOBS                parallel compile jobs (honoured by torch's BuildExtension / ninja)
 """
+
 import glob
 import os
 import re
@@ -75,9 +76,11 @@ def _cuda_extension():
         return [], {}
 
     archs = os.environ.get("VITKERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
-    sources = [os.path.relpath(p, ROOT) for p in
-               sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc", "torch", "*.cpp")))]
+    sources = [
+        os.path.relpath(p, ROOT)
+        for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+        + sorted(glob.glob(os.path.join(ROOT, "csrc", "torch", "*.cpp")))
+    ]
     _log(f"building vitkernels._C for archs {archs!r} with CUDA {torch.version.cuda} ({len(sources)} sources)")
     ext = cpp_extension.CUDAExtension(
         name="vitkernels._C",

@@ -15,7 +15,7 @@ their share. Steps, in order (the earlier answers matter more):
   build         pip install --no-build-isolation --no-deps -e . for this card's arch only
                 (VITKERNELS_CUDA_ARCHS from torch.cuda.get_device_capability, MAX_JOBS=16) -> build.log
   info          python -m vitkernels.info (CUDA extension loaded, archs, backends per op)
-  cuda-tests    pytest -m gpu tests/test_cuda_*.py (the CUDA C++ kernels)
+  cuda-tests    pytest -m gpu tests/cuda/test_cuda_*.py (the CUDA C++ kernels)
   triton-tests  pytest -m gpu on the op test modules, real-model shapes in bf16 (Triton and CUDA
                 backends; tests/conftest.py runs config 0 of each autotuner)
   check         vitkernels-bench check --quick --one-config -> check.json
@@ -43,6 +43,7 @@ $VITKERNELS_COMMIT_FILE or .vitkernels-commit; the copy of the tree on a lent ma
 The tree fingerprint (sha256 of the sources, `--fingerprint` prints it here) tells which working
 tree ran, committed or not. Stdlib only: it runs before the package is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,7 @@ from typing import Callable, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable or "python3"
 DEFAULT_DEADLINE = 540  # s: 9 minutes, inside a 570-s timeout_s of the device tool
-MAX_FILES = 8           # what the device tool brings back from $OUT
+MAX_FILES = 8  # what the device tool brings back from $OUT
 MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "segformer_b2")
 # The hf-models step: the transformers counterparts (eager, sdpa, patched) of these, appended to the
 # models results file (Swin and SegFormer get their vitkernels speedups from the models step's rows).
@@ -75,9 +76,15 @@ HF_IMPLS = "hf-eager,hf-sdpa,hf+patch_hf"
 # (cosine, timm order), PVTv2/SegFormer
 # stage 1 at 224 and 512, XCiT, TimeSformer time and space+cls, SegFormer-B2 stage 1 dwconv and mix_ffn.
 OPS = ("self_attention", "window_attention", "sr_attention", "xca", "space_time_attention", "dwconv", "mix_ffn")
-CUDA_TEST_SKIP = ("tests/test_cuda_compile.py", "tests/test_cuda_emulator.py")  # CPU-only tools, no gpu mark
-TRITON_TEST_FILES = ("tests/test_attention.py", "tests/test_window_attention.py", "tests/test_sr_attention.py",
-                     "tests/test_xca.py", "tests/test_dwconv.py", "tests/test_space_time_attention.py")
+CUDA_TEST_SKIP = ("tests/cuda/test_cuda_compile.py", "tests/cuda/test_cuda_emulator.py")  # CPU-only tools, no gpu mark
+TRITON_TEST_FILES = (
+    "tests/ops/test_attention.py",
+    "tests/ops/test_window_attention.py",
+    "tests/ops/test_sr_attention.py",
+    "tests/ops/test_xca.py",
+    "tests/ops/test_dwconv.py",
+    "tests/ops/test_space_time_attention.py",
+)
 # Real-model shapes in bf16 (test_attention / test_dwconv number their dtypes, bf16 first), and the
 # 66,560-window grid test.
 TRITON_TEST_K = "((real_shapes or swin_shapes) and (bfloat16 or dtype0)) or many_windows"
@@ -85,6 +92,7 @@ FINGERPRINT_PATHS = ("vitkernels", "csrc", "tests", "bench", "setup.py", "pyproj
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -103,10 +111,18 @@ def tree_fingerprint(root: str = ROOT) -> str:
         if os.path.isfile(path):
             files.append(path)
         for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "build", "results")
-                                 and not d.endswith(".egg-info") and not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in filenames
-                      if not f.endswith((".so", ".pyc", ".o", ".tmp")) and not f.startswith(".")]
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if d not in ("__pycache__", "build", "results")
+                and not d.endswith(".egg-info")
+                and not d.startswith(".")
+            )
+            files += [
+                os.path.join(dirpath, f)
+                for f in filenames
+                if not f.endswith((".so", ".pyc", ".o", ".tmp")) and not f.startswith(".")
+            ]
     for f in sorted(files):
         h.update(os.path.relpath(f, root).encode() + b"\0")
         with open(f, "rb") as fh:
@@ -121,8 +137,9 @@ def find_commit(root: str = ROOT) -> tuple:
     if re.fullmatch(r"[0-9a-f]{40}", env):
         return env, "VITKERNELS_COMMIT"
     try:
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if re.fullmatch(r"[0-9a-f]{40}", sha):
             return sha, "git"
     except Exception:
@@ -186,23 +203,32 @@ def geomean(xs) -> Optional[float]:
 
 # ----------------------------------------------------------------------------- steps
 
+
 @dataclass
 class Step:
     name: str
     what: str
-    cap: int                  # the step's own timeout (s) on a GPU
-    floor: int                # skipped when less is left for it; required steps' floors are kept free
-    estimate: int             # expected wall time (s) on an H100, with its reasoning in docs/benchmarks.md
-    gpu: Callable             # (ctx, timeout) -> argv
-    dry: Callable             # (ctx, timeout) -> argv (tiny CPU version)
-    required: bool = True     # optional steps run on what is left
+    cap: int  # the step's own timeout (s) on a GPU
+    floor: int  # skipped when less is left for it; required steps' floors are kept free
+    estimate: int  # expected wall time (s) on an H100, with its reasoning in docs/benchmarks.md
+    gpu: Callable  # (ctx, timeout) -> argv
+    dry: Callable  # (ctx, timeout) -> argv (tiny CPU version)
+    required: bool = True  # optional steps run on what is left
     log: Optional[str] = None  # the step's output goes to this file instead of proof.log
     outcome: Optional[Callable] = None  # (ctx, text) -> dict
 
 
 class Ctx:
-    def __init__(self, out: str, dry: bool, probe: dict, prefix: str, models: tuple, env: Optional[dict] = None,
-                 hf_models: tuple = HF_MODELS):
+    def __init__(
+        self,
+        out: str,
+        dry: bool,
+        probe: dict,
+        prefix: str,
+        models: tuple,
+        env: Optional[dict] = None,
+        hf_models: tuple = HF_MODELS,
+    ):
         self.out, self.dry, self.probe, self.prefix, self.models = out, dry, probe, prefix, models
         self.hf_models = hf_models
         self.env = env if env is not None else {}
@@ -239,18 +265,26 @@ def _budget(timeout: int, margin: int) -> str:
 
 
 def _cuda_test_files() -> list:
-    return [f for f in sorted(glob.glob("tests/test_cuda_*.py", root_dir=ROOT)) if f not in CUDA_TEST_SKIP]
+    return [f for f in sorted(glob.glob("tests/cuda/test_cuda_*.py", root_dir=ROOT)) if f not in CUDA_TEST_SKIP]
 
 
 def pytest_outcome(ctx, text: str) -> dict:
     """Counts from pytest's last summary line, e.g. '530 passed, 11 skipped in 80.20s'."""
-    lines = [ln for ln in text.splitlines() if re.search(r"\b(passed|failed|error|errors|skipped|deselected|"
-                                                          r"no tests ran)\b", ln)]
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if re.search(
+            r"\b(passed|failed|error|errors|skipped|deselected|"
+            r"no tests ran)\b",
+            ln,
+        )
+    ]
     if not lines:
         return {}
     last = lines[-1]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
-                                               last)}
+    counts = {
+        k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", last)
+    }
     failed = [m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", text, re.M)]
     out = {"counts": counts, "line": last.strip("= ").strip()}
     if failed:
@@ -273,14 +307,16 @@ def check_outcome(ctx, text: str) -> dict:
     statuses = {}
     for r in doc.get("checks", []):
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    fails = [f"{r['op']} {r['backend']} {r['dtype']}: {r['detail']}" for r in doc.get("checks", [])
-             if r["status"] == "FAIL"]
+    fails = [
+        f"{r['op']} {r['backend']} {r['dtype']}: {r['detail']}" for r in doc.get("checks", []) if r["status"] == "FAIL"
+    ]
     return {"passed": doc.get("passed"), "counts": statuses, **({"failures": fails} if fails else {})}
 
 
 def bench_outcome(part: str, impls: Optional[tuple] = None) -> Callable:
     """The outcome of a benchmark step from its results file; `impls`: only the rows of these (the
     hf-models step appends to the models file)."""
+
     def outcome(ctx, text: str) -> dict:
         doc = _load(ctx.result(part))
         if doc is None:
@@ -297,17 +333,23 @@ def bench_outcome(part: str, impls: Optional[tuple] = None) -> Callable:
                 patched.setdefault(key, {}).setdefault(r["impl"], []).append(r["patch_hf_speedup"])
         out["vk_speedup_geomean"] = {k: {i: round(geomean(v), 3) for i, v in d.items()} for k, d in speedups.items()}
         if patched:
-            out["patch_hf_speedup_geomean"] = {k: {i: round(geomean(v), 3) for i, v in d.items()}
-                                               for k, d in patched.items()}
+            out["patch_hf_speedup_geomean"] = {
+                k: {i: round(geomean(v), 3) for i, v in d.items()} for k, d in patched.items()
+            }
         if part == "models":
-            out["throughput"] = {f"{r['name']} {r['mode']} {r.get('precision', '')} {r['impl']}".replace("  ", " "):
-                                 f"{r['throughput']:.1f} {r.get('unit', '')}" for r in recs}
+            out["throughput"] = {
+                f"{r['name']} {r['mode']} {r.get('precision', '')} {r['impl']}".replace(
+                    "  ", " "
+                ): f"{r['throughput']:.1f} {r.get('unit', '')}"
+                for r in recs
+            }
         reasons = {}
         for s in skipped:
             reasons[s.get("reason", "?")[:120]] = reasons.get(s.get("reason", "?")[:120], 0) + 1
         if reasons:
             out["skip_reasons"] = reasons
         return out
+
     return outcome
 
 
@@ -343,90 +385,302 @@ def make_steps() -> list:
         return _pytest(ctx, "-m", "gpu", *_cuda_test_files(), workers=4)
 
     def cuda_dry(ctx, t):
-        return _pytest(ctx, "tests/test_cuda_compile.py", "-k", "kernel_sources_exist or do_not_include_torch")
+        return _pytest(ctx, "tests/cuda/test_cuda_compile.py", "-k", "kernel_sources_exist or do_not_include_torch")
 
     def triton_gpu(ctx, t):
         return _pytest(ctx, "-m", "gpu", *TRITON_TEST_FILES, "-k", TRITON_TEST_K, workers=4)
 
     def triton_dry(ctx, t):
-        return _pytest(ctx, "tests/test_window_attention.py", "tests/test_xca.py", "tests/test_sr_attention.py",
-                       "-k", "test_flops or head_dim_limit or triton_unavailable or test_limits")
+        return _pytest(
+            ctx,
+            "tests/ops/test_window_attention.py",
+            "tests/ops/test_xca.py",
+            "tests/ops/test_sr_attention.py",
+            "-k",
+            "test_flops or head_dim_limit or triton_unavailable or test_limits",
+        )
 
     def check_gpu(ctx, t):
         return _bench("check", "--quick", "--one-config", "--json", ctx.path("check.json"))
 
     def check_dry(ctx, t):
-        return _bench("check", "--quick", "--one-config", "--device", "cpu", "--op",
-                      "self_attention,window_attention,sr_attention", "--json", ctx.path("check.json"))
+        return _bench(
+            "check",
+            "--quick",
+            "--one-config",
+            "--device",
+            "cpu",
+            "--op",
+            "self_attention,window_attention,sr_attention",
+            "--json",
+            ctx.path("check.json"),
+        )
 
     def ops_gpu(ctx, t):
-        return _bench("ops", "--op", ",".join(OPS), "--representative", "--dtype", "bf16", "--impl",
-                      "vitkernels,eager,sdpa", "--measure-peak", "--budget", _budget(t, 45),
-                      "--json", ctx.result("ops"))
+        return _bench(
+            "ops",
+            "--op",
+            ",".join(OPS),
+            "--representative",
+            "--dtype",
+            "bf16",
+            "--impl",
+            "vitkernels,eager,sdpa",
+            "--measure-peak",
+            "--budget",
+            _budget(t, 45),
+            "--json",
+            ctx.result("ops"),
+        )
 
     def ops_dry(ctx, t):
-        return _bench("ops", "--device", "cpu", "--op", ",".join(OPS), "--dtype", "fp32", "--impl",
-                      "vitkernels,eager,sdpa", "--cpu-reps", "1", "--budget", _budget(t, 20),
-                      "--json", ctx.result("ops"))
+        return _bench(
+            "ops",
+            "--device",
+            "cpu",
+            "--op",
+            ",".join(OPS),
+            "--dtype",
+            "fp32",
+            "--impl",
+            "vitkernels,eager,sdpa",
+            "--cpu-reps",
+            "1",
+            "--budget",
+            _budget(t, 20),
+            "--json",
+            ctx.result("ops"),
+        )
 
     def models_gpu(ctx, t):
-        return _bench("models", "--model", ",".join(ctx.models), "--dtype", "bf16", "--precision", "amp", "--impl",
-                      "vitkernels,eager", "--reps", "5", "--budget", _budget(t, 35), "--json", ctx.result("models"))
+        return _bench(
+            "models",
+            "--model",
+            ",".join(ctx.models),
+            "--dtype",
+            "bf16",
+            "--precision",
+            "amp",
+            "--impl",
+            "vitkernels,eager",
+            "--reps",
+            "5",
+            "--budget",
+            _budget(t, 35),
+            "--json",
+            ctx.result("models"),
+        )
 
     def models_dry(ctx, t):
-        return _bench("models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch", "1", "--dtype", "bf16",
-                      "--precision", "amp", "--impl", "vitkernels,eager", "--cpu-reps", "1",
-                      "--budget", _budget(t, 20), "--json", ctx.result("models"))
+        return _bench(
+            "models",
+            "--device",
+            "cpu",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--batch",
+            "1",
+            "--dtype",
+            "bf16",
+            "--precision",
+            "amp",
+            "--impl",
+            "vitkernels,eager",
+            "--cpu-reps",
+            "1",
+            "--budget",
+            _budget(t, 20),
+            "--json",
+            ctx.result("models"),
+        )
 
     def hf_gpu(ctx, t):
-        return _bench("models", "--model", ",".join(ctx.hf_models), "--dtype", "bf16", "--precision", "amp",
-                      "--impl", HF_IMPLS, "--reps", "5", "--budget", _budget(t, 35), "--json", ctx.result("models"),
-                      "--append")
+        return _bench(
+            "models",
+            "--model",
+            ",".join(ctx.hf_models),
+            "--dtype",
+            "bf16",
+            "--precision",
+            "amp",
+            "--impl",
+            HF_IMPLS,
+            "--reps",
+            "5",
+            "--budget",
+            _budget(t, 35),
+            "--json",
+            ctx.result("models"),
+            "--append",
+        )
 
     def hf_dry(ctx, t):
         # inference only: a bf16 training step of three transformers ViTs takes ~10 s each on 2 CPU cores
-        return _bench("models", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch", "1", "--dtype", "bf16",
-                      "--precision", "amp", "--mode", "inference", "--impl", HF_IMPLS, "--cpu-reps", "1",
-                      "--budget", _budget(t, 20), "--json", ctx.result("models"), "--append")
+        return _bench(
+            "models",
+            "--device",
+            "cpu",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--batch",
+            "1",
+            "--dtype",
+            "bf16",
+            "--precision",
+            "amp",
+            "--mode",
+            "inference",
+            "--impl",
+            HF_IMPLS,
+            "--cpu-reps",
+            "1",
+            "--budget",
+            _budget(t, 20),
+            "--json",
+            ctx.result("models"),
+            "--append",
+        )
 
     def flex_gpu(ctx, t):
-        return _bench("ops", "--op", "self_attention,window_attention", "--representative", "--dtype", "bf16",
-                      "--impl", "vitkernels,flex", "--budget", _budget(t, 50), "--json", ctx.result("flex"))
+        return _bench(
+            "ops",
+            "--op",
+            "self_attention,window_attention",
+            "--representative",
+            "--dtype",
+            "bf16",
+            "--impl",
+            "vitkernels,flex",
+            "--budget",
+            _budget(t, 50),
+            "--json",
+            ctx.result("flex"),
+        )
 
     def flex_dry(ctx, t):
-        return _bench("ops", "--device", "cpu", "--op", "self_attention", "--mode", "fwd", "--dtype", "fp32",
-                      "--impl", "vitkernels,flex", "--cpu-reps", "1", "--json", ctx.result("flex"))
+        return _bench(
+            "ops",
+            "--device",
+            "cpu",
+            "--op",
+            "self_attention",
+            "--mode",
+            "fwd",
+            "--dtype",
+            "fp32",
+            "--impl",
+            "vitkernels,flex",
+            "--cpu-reps",
+            "1",
+            "--json",
+            ctx.result("flex"),
+        )
 
     return [
-        Step("build", "pip install -e . (CUDA extension for this card's arch only)", cap=180, floor=60, estimate=60,
-             gpu=build_gpu, dry=build_dry, log="build.log", outcome=build_outcome),
-        Step("info", "python -m vitkernels.info", cap=45, floor=10, estimate=10, gpu=info, dry=info,
-             outcome=info_outcome),
-        Step("cuda-tests", "pytest -m gpu tests/test_cuda_*.py (CUDA C++ kernels)", cap=120, floor=30, estimate=75,
-             gpu=cuda_gpu, dry=cuda_dry, outcome=pytest_outcome),
-        Step("triton-tests", "pytest -m gpu, op tests at real-model shapes in bf16", cap=75, floor=30, estimate=60,
-             gpu=triton_gpu, dry=triton_dry, outcome=pytest_outcome),
-        Step("check", "vitkernels-bench check --quick --one-config", cap=75, floor=30, estimate=40, gpu=check_gpu,
-             dry=check_dry, outcome=check_outcome),
-        Step("ops", "headline op cases, bf16, fwd and fwd+bwd, vs eager and SDPA", cap=150, floor=60, estimate=130,
-             gpu=ops_gpu, dry=ops_dry, outcome=bench_outcome("ops")),
-        Step("models", "models: inference and AMP training vs timm eager", cap=120, floor=45, estimate=90,
-             gpu=models_gpu, dry=models_dry, outcome=bench_outcome("models")),
-        Step("hf-models", "transformers Swin/SegFormer/TimeSformer: eager, sdpa, patch_hf", cap=100, floor=40,
-             estimate=70, gpu=hf_gpu, dry=hf_dry, required=False,
-             outcome=bench_outcome("models", tuple(HF_IMPLS.split(",")))),
-        Step("flex", "self/window attention vs compiled FlexAttention", cap=90, floor=40, estimate=80, gpu=flex_gpu,
-             dry=flex_dry, required=False, outcome=bench_outcome("flex")),
+        Step(
+            "build",
+            "pip install -e . (CUDA extension for this card's arch only)",
+            cap=180,
+            floor=60,
+            estimate=60,
+            gpu=build_gpu,
+            dry=build_dry,
+            log="build.log",
+            outcome=build_outcome,
+        ),
+        Step(
+            "info", "python -m vitkernels.info", cap=45, floor=10, estimate=10, gpu=info, dry=info, outcome=info_outcome
+        ),
+        Step(
+            "cuda-tests",
+            "pytest -m gpu tests/cuda/test_cuda_*.py (CUDA C++ kernels)",
+            cap=120,
+            floor=30,
+            estimate=75,
+            gpu=cuda_gpu,
+            dry=cuda_dry,
+            outcome=pytest_outcome,
+        ),
+        Step(
+            "triton-tests",
+            "pytest -m gpu, op tests at real-model shapes in bf16",
+            cap=75,
+            floor=30,
+            estimate=60,
+            gpu=triton_gpu,
+            dry=triton_dry,
+            outcome=pytest_outcome,
+        ),
+        Step(
+            "check",
+            "vitkernels-bench check --quick --one-config",
+            cap=75,
+            floor=30,
+            estimate=40,
+            gpu=check_gpu,
+            dry=check_dry,
+            outcome=check_outcome,
+        ),
+        Step(
+            "ops",
+            "headline op cases, bf16, fwd and fwd+bwd, vs eager and SDPA",
+            cap=150,
+            floor=60,
+            estimate=130,
+            gpu=ops_gpu,
+            dry=ops_dry,
+            outcome=bench_outcome("ops"),
+        ),
+        Step(
+            "models",
+            "models: inference and AMP training vs timm eager",
+            cap=120,
+            floor=45,
+            estimate=90,
+            gpu=models_gpu,
+            dry=models_dry,
+            outcome=bench_outcome("models"),
+        ),
+        Step(
+            "hf-models",
+            "transformers Swin/SegFormer/TimeSformer: eager, sdpa, patch_hf",
+            cap=100,
+            floor=40,
+            estimate=70,
+            gpu=hf_gpu,
+            dry=hf_dry,
+            required=False,
+            outcome=bench_outcome("models", tuple(HF_IMPLS.split(","))),
+        ),
+        Step(
+            "flex",
+            "self/window attention vs compiled FlexAttention",
+            cap=90,
+            floor=40,
+            estimate=80,
+            gpu=flex_gpu,
+            dry=flex_dry,
+            required=False,
+            outcome=bench_outcome("flex"),
+        ),
     ]
 
 
 STEP_NAMES = ("env",) + tuple(s.name for s in make_steps()) + ("summary",)
 # Files the proof writes under OUT (the results files carry the <gpu>-<date>-<sha> prefix).
-PLANNED_FILES = ("proof.log", "build.log", "summary.json", "check.json", "*-proof-ops.json", "*-proof-models.json",
-                 "*-proof-flex.json")
+PLANNED_FILES = (
+    "proof.log",
+    "build.log",
+    "summary.json",
+    "check.json",
+    "*-proof-ops.json",
+    "*-proof-models.json",
+    "*-proof-flex.json",
+)
 
 
 # ----------------------------------------------------------------------------- running
+
 
 class Stop(Exception):
     """SIGTERM / SIGINT: end the running step, write the summary, exit."""
@@ -446,8 +700,16 @@ class Proof:
         log = os.path.join(self.out, "proof.log")
         open(log, "w").close()  # a fresh log, then O_APPEND: the steps write to the same file
         self.log = open(log, "a", buffering=1, errors="replace")
-        self.summary = {"kind": "gpu-proof", "complete": False, "started": _now(), "finished": None,
-                        "deadline_s": self.deadline, "out": self.out, "argv": sys.argv[1:], "steps": []}
+        self.summary = {
+            "kind": "gpu-proof",
+            "complete": False,
+            "started": _now(),
+            "finished": None,
+            "deadline_s": self.deadline,
+            "out": self.out,
+            "argv": sys.argv[1:],
+            "steps": [],
+        }
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     # -- bookkeeping
@@ -472,8 +734,12 @@ class Proof:
     # -- env
     def probe(self) -> dict:
         t = time.monotonic()
-        rec = {"name": "env", "what": "GPU, driver, versions, commit, tree fingerprint", "cmd": f"{PY} -c <probe>",
-               "timeout_s": 90}
+        rec = {
+            "name": "env",
+            "what": "GPU, driver, versions, commit, tree fingerprint",
+            "cmd": f"{PY} -c <probe>",
+            "timeout_s": 90,
+        }
         probe = {}
         try:
             p = subprocess.run([PY, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=90, env=self.env)
@@ -489,8 +755,14 @@ class Proof:
         sha, source = find_commit()
         gpu = probe.get("gpu") if probe.get("gpu_available") else "cpu"
         self.dry = bool(self.args.dry_run or not probe.get("gpu_available"))
-        stamp = {"gpu": gpu, "commit": sha, "commit_source": source, "tree_fingerprint": tree_fingerprint(),
-                 "platform": platform.platform(), **probe}
+        stamp = {
+            "gpu": gpu,
+            "commit": sha,
+            "commit_source": source,
+            "tree_fingerprint": tree_fingerprint(),
+            "platform": platform.platform(),
+            **probe,
+        }
         self.summary.update(stamp=stamp, dry_run=self.dry)
         rec["outcome"] = {"gpu": gpu, "dry_run": self.dry}
         self.summary["steps"].append(rec)
@@ -501,9 +773,11 @@ class Proof:
             self.env.setdefault("MAX_JOBS", "16")
             if not self.env.get("VITKERNELS_CUDA_ARCHS") and probe.get("capability"):
                 self.env["VITKERNELS_CUDA_ARCHS"] = cuda_archs(probe["capability"])
-        self.say(f"env: {gpu}, torch {probe.get('torch')}, triton {probe.get('triton')}, CUDA {probe.get('cuda')}, "
-                 f"commit {sha[:12]} ({source}), tree {stamp['tree_fingerprint']}"
-                 + (" -- DRY RUN (tiny CPU steps)" if self.dry else f", archs {self.env.get('VITKERNELS_CUDA_ARCHS')}"))
+        self.say(
+            f"env: {gpu}, torch {probe.get('torch')}, triton {probe.get('triton')}, CUDA {probe.get('cuda')}, "
+            f"commit {sha[:12]} ({source}), tree {stamp['tree_fingerprint']}"
+            + (" -- DRY RUN (tiny CPU steps)" if self.dry else f", archs {self.env.get('VITKERNELS_CUDA_ARCHS')}")
+        )
         self.write_summary()
         return probe
 
@@ -513,11 +787,21 @@ class Proof:
 
     def run_step(self, step: Step, ctx: Ctx, later: list) -> dict:
         timeout = self.timeout_for(step, later)
-        rec = {"name": step.name, "what": step.what, "cap_s": step.cap, "floor_s": step.floor,
-               "estimate_s": step.estimate, "timeout_s": timeout}
+        rec = {
+            "name": step.name,
+            "what": step.what,
+            "cap_s": step.cap,
+            "floor_s": step.floor,
+            "estimate_s": step.estimate,
+            "timeout_s": timeout,
+        }
         if timeout < step.floor:
-            rec.update(status="skipped", reason=f"{timeout}s left for it, under its floor of {step.floor}s",
-                       rc=None, wall_s=0.0)
+            rec.update(
+                status="skipped",
+                reason=f"{timeout}s left for it, under its floor of {step.floor}s",
+                rc=None,
+                wall_s=0.0,
+            )
             self.say(f"{step.name}: SKIPPED ({rec['reason']})")
             return rec
         argv = (step.dry if self.dry else step.gpu)(ctx, timeout)
@@ -530,8 +814,9 @@ class Proof:
         # Its own process group (for killpg on timeout) but not its own session: the lent machine ends
         # what a command leaves behind unless it started a new session.
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=sink, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, **group)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **group
+        )
         try:
             rc = proc.wait(timeout=timeout)
             timed_out = False
@@ -548,8 +833,15 @@ class Proof:
                 sink.close()
         rec["wall_s"] = round(time.monotonic() - t, 1)
         rec["rc"] = rc
-        rec["status"] = "timeout" if timed_out else "ok" if rc == 0 else "no tests" if (rc == 5 and "pytest" in
-                                                                                         rec["cmd"]) else "failed"
+        rec["status"] = (
+            "timeout"
+            if timed_out
+            else "ok"
+            if rc == 0
+            else "no tests"
+            if (rc == 5 and "pytest" in rec["cmd"])
+            else "failed"
+        )
         self.log.flush()
         if step.log:
             text = open(ctx.path(step.log), errors="replace").read()
@@ -563,8 +855,9 @@ class Proof:
             rec["outcome"] = step.outcome(ctx, text) if step.outcome else {}
         except Exception as e:  # a summary must never break the run
             rec["outcome"] = {"error": repr(e)}
-        self.log.write(f"===== {step.name}: rc={rc} status={rec['status']} wall={rec['wall_s']}s "
-                       f"(timeout {timeout}s)\n")
+        self.log.write(
+            f"===== {step.name}: rc={rc} status={rec['status']} wall={rec['wall_s']}s (timeout {timeout}s)\n"
+        )
         self.say(f"{step.name}: {rec['status']} (rc {rc}) in {rec['wall_s']}s")
         return rec
 
@@ -590,11 +883,18 @@ class Proof:
             probe = self.probe()
             stamp = self.summary["stamp"]
             prefix = f"{slugify(stamp['gpu'])}-{self.summary['started'][:10]}-{stamp['commit'][:7]}"
-            ctx = Ctx(self.out, self.dry, probe, prefix, tuple(self.args.models), self.env,
-                      tuple(getattr(self.args, "hf_models", None) or HF_MODELS))
+            ctx = Ctx(
+                self.out,
+                self.dry,
+                probe,
+                prefix,
+                tuple(self.args.models),
+                self.env,
+                tuple(getattr(self.args, "hf_models", None) or HF_MODELS),
+            )
             steps = [s for s in make_steps() if self.selected(s.name)]
             for i, step in enumerate(steps):
-                rec = self.run_step(step, ctx, steps[i + 1:])
+                rec = self.run_step(step, ctx, steps[i + 1 :])
                 self.summary["steps"].append(rec)
                 self.write_summary()
         except Stop as e:
@@ -632,10 +932,13 @@ def _split(values) -> list:
 def render(summary: dict) -> str:
     """The plain-text summary printed last (the device tool's reply shows the end of the output)."""
     st = summary.get("stamp", {})
-    lines = ["", "== gpu proof summary" + (" (DRY RUN: tiny CPU steps)" if summary.get("dry_run") else ""),
-             f"{st.get('gpu')} | torch {st.get('torch')} | triton {st.get('triton')} | CUDA {st.get('cuda')} | "
-             f"commit {str(st.get('commit'))[:12]} | tree {st.get('tree_fingerprint')} | {summary.get('started')}",
-             f"{'step':13s} {'status':9s} {'rc':>4s} {'wall s':>7s} {'timeout':>7s}  outcome"]
+    lines = [
+        "",
+        "== gpu proof summary" + (" (DRY RUN: tiny CPU steps)" if summary.get("dry_run") else ""),
+        f"{st.get('gpu')} | torch {st.get('torch')} | triton {st.get('triton')} | CUDA {st.get('cuda')} | "
+        f"commit {str(st.get('commit'))[:12]} | tree {st.get('tree_fingerprint')} | {summary.get('started')}",
+        f"{'step':13s} {'status':9s} {'rc':>4s} {'wall s':>7s} {'timeout':>7s}  outcome",
+    ]
     for s in summary.get("steps", []):
         o = s.get("outcome") or {}
         if "counts" in o and isinstance(o["counts"], dict):
@@ -647,53 +950,72 @@ def render(summary: dict) -> str:
         else:
             brief = s.get("reason", "") or ", ".join(f"{k}={v}" for k, v in o.items() if k in ("gpu", "archs"))
         rc = "" if s.get("rc") is None else str(s["rc"])
-        lines.append(f"{s['name']:13s} {s.get('status', ''):9s} {rc:>4s} {s.get('wall_s', 0):7.1f} "
-                     f"{str(s.get('timeout_s', '')):>7s}  {brief}")
+        lines.append(
+            f"{s['name']:13s} {s.get('status', ''):9s} {rc:>4s} {s.get('wall_s', 0):7.1f} "
+            f"{str(s.get('timeout_s', '')):>7s}  {brief}"
+        )
     cpu = " (CPU timing: not GPU performance)" if summary.get("dry_run") else ""
     for s in summary.get("steps", []):
         for key, d in ((s.get("outcome") or {}).get("vk_speedup_geomean") or {}).items():
             lines.append(f"  {s['name']:9s} {key:36s} " + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu)
         for key, d in ((s.get("outcome") or {}).get("patch_hf_speedup_geomean") or {}).items():
-            lines.append(f"  {s['name']:9s} {key:36s} hf+patch_hf "
-                         + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu)
-    lines.append(f"elapsed {summary.get('elapsed_s')}s of {summary.get('deadline_s'):.0f}s; "
-                 + ("all steps ok" if summary.get("ok") else
-                    f"failed: {', '.join(summary.get('failed_steps') or []) or '-'}; "
-                    f"skipped: {', '.join(summary.get('skipped_steps') or []) or '-'}"))
+            lines.append(
+                f"  {s['name']:9s} {key:36s} hf+patch_hf " + ", ".join(f"vs {i} {v:.2f}x" for i, v in d.items()) + cpu
+            )
+    lines.append(
+        f"elapsed {summary.get('elapsed_s')}s of {summary.get('deadline_s'):.0f}s; "
+        + (
+            "all steps ok"
+            if summary.get("ok")
+            else f"failed: {', '.join(summary.get('failed_steps') or []) or '-'}; "
+            f"skipped: {', '.join(summary.get('skipped_steps') or []) or '-'}"
+        )
+    )
     return "\n".join(lines)
 
 
 def plan_text(dry: bool = False) -> str:
-    ctx = Ctx(os.path.join("$OUT"), dry, {"has_xdist": True, "has_pytest_timeout": True}, "<gpu>-<date>-<sha>",
-              MODELS)
+    ctx = Ctx(os.path.join("$OUT"), dry, {"has_xdist": True, "has_pytest_timeout": True}, "<gpu>-<date>-<sha>", MODELS)
     steps = make_steps()
     lines = [f"{'step':13s} {'cap s':>5s} {'floor':>5s} {'H100 est':>8s}  command ({'dry run' if dry else 'GPU'})"]
     for s in steps:
         argv = (s.dry if dry else s.gpu)(ctx, s.cap)
         cmd = shlex.join(argv).replace(PY, "python3")
-        lines.append(f"{s.name:13s} {s.cap:5d} {s.floor:5d} {s.estimate:8d}  {cmd}"
-                     + ("" if s.required else "  (optional)"))
+        lines.append(
+            f"{s.name:13s} {s.cap:5d} {s.floor:5d} {s.estimate:8d}  {cmd}" + ("" if s.required else "  (optional)")
+        )
     optional = [s for s in steps if not s.required]
-    lines.append(f"sum of estimates {sum(s.estimate for s in steps if s.required)}s for the required steps (+ env "
-                 f"~5s); optional, in order, on what is left: "
-                 + ", ".join(f"{s.name} {s.estimate}s" for s in optional)
-                 + f"; deadline {DEFAULT_DEADLINE}s; files: {', '.join(PLANNED_FILES)}")
+    lines.append(
+        f"sum of estimates {sum(s.estimate for s in steps if s.required)}s for the required steps (+ env "
+        f"~5s); optional, in order, on what is left: "
+        + ", ".join(f"{s.name} {s.estimate}s" for s in optional)
+        + f"; deadline {DEFAULT_DEADLINE}s; files: {', '.join(PLANNED_FILES)}"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_proof.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="gpu_proof.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("out", nargs="?", help="output folder (default: $OUT, else out/proof)")
     p.add_argument("--out", dest="out_opt", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="tiny CPU version of every step (automatic without a GPU)")
-    p.add_argument("--deadline", type=float, default=float(os.environ.get("VK_PROOF_DEADLINE", DEFAULT_DEADLINE)),
-                   help=f"seconds for the whole run (default {DEFAULT_DEADLINE}; $VK_PROOF_DEADLINE)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=float(os.environ.get("VK_PROOF_DEADLINE", DEFAULT_DEADLINE)),
+        help=f"seconds for the whole run (default {DEFAULT_DEADLINE}; $VK_PROOF_DEADLINE)",
+    )
     p.add_argument("--steps", action="append", help=f"only these steps ({', '.join(STEP_NAMES[1:-1])})")
     p.add_argument("--skip", action="append", help="leave these steps out (e.g. --skip build on a warm machine)")
     p.add_argument("--models", default=",".join(MODELS), help=f"models of the models step (default {','.join(MODELS)})")
-    p.add_argument("--hf-models", default=",".join(HF_MODELS),
-                   help=f"models of the hf-models step (default {','.join(HF_MODELS)})")
+    p.add_argument(
+        "--hf-models", default=",".join(HF_MODELS), help=f"models of the hf-models step (default {','.join(HF_MODELS)})"
+    )
     p.add_argument("--plan", action="store_true", help="print the steps, their time caps and commands, and exit")
     p.add_argument("--fingerprint", action="store_true", help="print this tree's fingerprint and exit")
     args = p.parse_args(argv)

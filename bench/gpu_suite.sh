@@ -132,12 +132,12 @@ part_tests() {
   # modules (marked gpu on a GPU; every autotune config included), so that a timeout in the
   # second step still leaves the first step's answer in the log.
   if [ "$QUICK" = 1 ]; then
-    run "$log" 150 $PY -m pytest -q -x -m gpu tests/test_cuda_*.py
-    run "$log" 200 $PY -m pytest -q -x -m gpu tests --ignore-glob='tests/test_cuda_*.py'
+    run "$log" 150 $PY -m pytest -q -x -m gpu tests/cuda/test_cuda_*.py
+    run "$log" 200 $PY -m pytest -q -x -m gpu tests --ignore-glob='tests/cuda/test_cuda_*.py'
     run "$log" 120 $BENCH check --quick
   else
-    run "$log" 180 $PY -m pytest -q -m gpu tests/test_cuda_*.py
-    run "$log" 300 $PY -m pytest -q -m gpu tests --ignore-glob='tests/test_cuda_*.py'
+    run "$log" 180 $PY -m pytest -q -m gpu tests/cuda/test_cuda_*.py
+    run "$log" 300 $PY -m pytest -q -m gpu tests --ignore-glob='tests/cuda/test_cuda_*.py'
     run "$log" 150 $BENCH check
   fi
 }

@@ -8,6 +8,7 @@ synchronises, so host-clock rounds measure the GPU work. `vitkernels-bench ops` 
 comparisons between saved runs (`--benchmark-compare`). Not collected by the CPU test suite
 (testpaths = tests); skipped without CUDA.
 """
+
 import re
 
 import pytest
@@ -54,9 +55,16 @@ def test_op(benchmark, case, impl, mode):
         step()
         step()
         benchmark.group = f"{case.op} {case.label} {mode}"
-        benchmark.extra_info.update(op=case.op, case=case.label, mode=mode, dtype="bfloat16", impl=impl,
-                                    shape=case.shape, flops=case.flops_for(mode),
-                                    bytes=case.bytes_for(mode, torch.empty((), dtype=DTYPE).element_size()))
+        benchmark.extra_info.update(
+            op=case.op,
+            case=case.label,
+            mode=mode,
+            dtype="bfloat16",
+            impl=impl,
+            shape=case.shape,
+            flops=case.flops_for(mode),
+            bytes=case.bytes_for(mode, torch.empty((), dtype=DTYPE).element_size()),
+        )
         if impl == "vitkernels":
             benchmark.extra_info["backend"] = backend_that_runs(case, sets.inputs[0])
         benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)

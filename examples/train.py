@@ -17,6 +17,7 @@ Saving:  a checkpoint (model, optimizer, LR schedule, grad scaler, epoch) after 
 Also:    `--grad-checkpointing`, AdamW with warmup + cosine decay, label smoothing, gradient clipping; a
          progress bar (tqdm when installed, else one updating line) on rank 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,19 +38,29 @@ from vitkernels.models import create_model, list_models
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--timm", action="store_true", help="build the model with timm and vitkernels.patch_timm it")
-    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra constructor arguments, values as Python literals")
+    p.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra constructor arguments, values as Python literals",
+    )
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--drop-path-rate", type=float, default=0.1)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--data", default=None, help="ImageFolder directory (default: synthetic data)")
-    p.add_argument("--synthetic-size", type=int, default=None,
-                   help="samples in the synthetic set (default: batch size x world size x steps per epoch)")
+    p.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=None,
+        help="samples in the synthetic set (default: batch size x world size x steps per epoch)",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="stop each epoch after this many steps")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
@@ -81,6 +92,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- distributed set-up
 
+
 def setup_distributed(args):
     """(rank, world_size, device). Initialises the default process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,6 +112,7 @@ def setup_distributed(args):
 
 
 # ----------------------------------------------------------------------------- data
+
 
 class SyntheticDataset(Dataset):
     """Seeded random samples: sample i is the same in every process and every run."""
@@ -124,12 +137,20 @@ def build_dataset(args, model, world: int):
     segmentation = is_segmentation(model)
     if args.data is not None:
         if frames or segmentation:
-            raise SystemExit("--data (ImageFolder) holds classification images; video and segmentation models "
-                             "train on synthetic data here")
+            raise SystemExit(
+                "--data (ImageFolder) holds classification images; video and segmentation models "
+                "train on synthetic data here"
+            )
         from torchvision import datasets, transforms  # only needed for real data
-        tf = transforms.Compose([
-            transforms.RandomResizedCrop(args.img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+        tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(args.img_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
         return datasets.ImageFolder(args.data, transform=tf)
     shape = (3, frames, args.img_size, args.img_size) if frames else (3, args.img_size, args.img_size)
     size = args.synthetic_size or args.batch_size * world * (args.steps_per_epoch or 10)
@@ -139,10 +160,12 @@ def build_dataset(args, model, world: int):
 
 def is_segmentation(model) -> bool:
     from vitkernels.models.segformer import SegFormer
+
     return isinstance(model, SegFormer)
 
 
 # ----------------------------------------------------------------------------- model
+
 
 def _create(factory, name, img_size, kwargs):
     """factory(name, img_size=..., **kwargs); models without an img_size argument (PVTv2, SegFormer: any
@@ -161,6 +184,7 @@ def build_model(args):
     kwargs = dict(num_classes=args.num_classes, drop_path_rate=args.drop_path_rate, **args.model_kwargs)
     if args.timm:
         import timm
+
         model = _create(lambda n, **kw: timm.create_model(n, pretrained=False, **kw), args.model, args.img_size, kwargs)
         vitkernels.patch_timm(model)
     else:
@@ -189,6 +213,7 @@ def lr_at(step: int, total: int, args) -> float:
 
 # ----------------------------------------------------------------------------- progress
 
+
 class Progress:
     """tqdm when it is installed, else a single line rewritten in place."""
 
@@ -198,6 +223,7 @@ class Progress:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stdout)
             except ImportError:
                 self.bar = None
@@ -224,10 +250,16 @@ class Progress:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def save_checkpoint(path, model, optimizer, scaler, epoch: int, step: int, args):
-    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "step": step,
-             "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "args": {k: v for k, v in vars(args).items() if k != "resume"},
+    }
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # never a half-written checkpoint
@@ -239,6 +271,7 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- main
 
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
@@ -247,11 +280,21 @@ def main(argv=None):
 
     model = build_model(args).to(device)
     dataset = build_dataset(args, model, world)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True) if world > 1 else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(args.seed))
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+        if world > 1
+        else None
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     steps_per_epoch = min(len(loader), args.steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
         raise SystemExit("no full batch per process: lower --batch-size or add data")
@@ -259,8 +302,9 @@ def main(argv=None):
 
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
@@ -276,21 +320,24 @@ def main(argv=None):
             print(f"resumed from {args.resume}: epoch {start_epoch} done, step {step}", flush=True)
 
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if main_process:
         os.makedirs(args.output, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {args.model}{' (timm, patched)' if args.timm else ''}: {n_params / 1e6:.2f}M parameters, "
-              f"{world} process(es) on {device}, amp {args.amp}, grad checkpointing "
-              f"{'on' if args.grad_checkpointing else 'off'}, {steps_per_epoch} steps/epoch", flush=True)
+        print(
+            f"model {args.model}{' (timm, patched)' if args.timm else ''}: {n_params / 1e6:.2f}M parameters, "
+            f"{world} process(es) on {device}, amp {args.amp}, grad checkpointing "
+            f"{'on' if args.grad_checkpointing else 'off'}, {steps_per_epoch} steps/epoch",
+            flush=True,
+        )
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
-        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}",
-                            main_process and not args.no_progress)
+        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", main_process and not args.no_progress)
         running, seen = torch.zeros((), device=device), 0
         for i, (x, target) in enumerate(loader):
             if i == steps_per_epoch:

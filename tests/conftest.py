@@ -1,41 +1,42 @@
 """Test set-up. Without a CUDA GPU the Triton kernels run in the interpreter on CPU tensors:
 TRITON_INTERPRET must be set before triton is first imported, so it is decided here (a CPU build of
 torch, or a CUDA build on a machine with no GPU, as in CI)."""
-import os
-import sys
 
+import os
+
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/tolerance.py
-
-import pytest  # noqa: E402
+from vitkernels import _env  # noqa: E402  (after TRITON_INTERPRET: vitkernels imports triton)
 
 
 def _require_parity_deps():
     """VITKERNELS_REQUIRE_PARITY_DEPS=1 (CI): timm and transformers must import, so the parity
     tests against them run instead of skipping."""
-    if os.environ.get("VITKERNELS_REQUIRE_PARITY_DEPS", "0") != "1":
+    if not _env.enabled("VITKERNELS_REQUIRE_PARITY_DEPS"):
         return
     for name in ("timm", "transformers"):
         try:
             __import__(name)
         except Exception as e:  # ImportError, or torchvision's operator errors
-            raise pytest.UsageError(f"VITKERNELS_REQUIRE_PARITY_DEPS=1 but {name} does not import: "
-                                    f"{type(e).__name__}: {e}") from e
+            raise pytest.UsageError(
+                f"VITKERNELS_REQUIRE_PARITY_DEPS=1 but {name} does not import: {type(e).__name__}: {e}"
+            ) from e
 
 
 def pytest_configure(config):
     _require_parity_deps()
     """On a GPU the Triton launchers autotune: every new shape would benchmark every config, and
     the tests would spend their time compiling. There each tuner runs the first config its pruner
-    keeps instead (tests/test_triton_configs.py checks every config);
+    keeps instead (tests/triton/test_triton_configs.py checks every config);
     VITKERNELS_TEST_AUTOTUNE=1 keeps the real tuner."""
-    if torch.cuda.is_available() and os.environ.get("VITKERNELS_TEST_AUTOTUNE", "0") != "1":
+    if torch.cuda.is_available() and not _env.enabled("VITKERNELS_TEST_AUTOTUNE"):
         try:
-            from triton_env import ConfigForcer
+            from helpers import ConfigForcer
+
             ConfigForcer(0).install(setattr)
         except ImportError:  # no triton: nothing autotunes
             pass
@@ -76,6 +77,7 @@ class CudaKernels:
 def _emulated_kernels():
     try:
         from cuda_emu.build import EmulatorUnavailable, build
+
         lib = build()
     except EmulatorUnavailable as e:
         return None, f"CUDA emulator unavailable: {e}"
@@ -91,15 +93,16 @@ def ops():
     (fails with VITKERNELS_REQUIRE_CUDA_EMU=1, as in CI)."""
     if torch.cuda.is_available():
         from vitkernels import _ext
+
         if _ext.load_cuda_ext() is None:
             msg = f"CUDA extension unavailable: {_ext.cuda_ext_unavailable_reason()}"
-            if os.environ.get("VITKERNELS_REQUIRE_CUDA_EXT", "0") == "1":
+            if _env.enabled("VITKERNELS_REQUIRE_CUDA_EXT"):
                 pytest.fail(msg)
             pytest.skip(msg)
         return CudaKernels("cuda", emulated=False)
     kernels, reason = _emulated_kernels()
     if kernels is None:
-        if os.environ.get("VITKERNELS_REQUIRE_CUDA_EMU", "0") == "1":
+        if _env.enabled("VITKERNELS_REQUIRE_CUDA_EMU"):
             pytest.fail(reason)
         pytest.skip(reason)
     return kernels
@@ -112,6 +115,7 @@ def cuda_backend(ops, monkeypatch):
     VITKERNELS_CUDA_EMULATOR (vitkernels/_ext.py) for this test only, on CPU tensors."""
     if ops.emulated:
         from vitkernels import _ext
+
         monkeypatch.setenv("VITKERNELS_CUDA_EMULATOR", ops.library)
         for name, value in (("_done", False), ("_ext", None), ("_reason", None)):
             monkeypatch.setattr(_ext, name, value)
@@ -123,7 +127,7 @@ def reverse_thread_order(ops, monkeypatch):
     """Emulator only (skips on a GPU, where the order is the hardware's): a block's threads run in
     the opposite order between barriers, so a shared-memory read that lacks a barrier or a
     cp.async wait sees other (poisoned) data than in the default order
-    (tests/test_cuda_emulator.py shows that both orders catch such reads)."""
+    (tests/cuda/test_cuda_emulator.py shows that both orders catch such reads)."""
     if not ops.emulated:
         pytest.skip("thread order is the hardware's own on a GPU")
     monkeypatch.setenv("VKEMU_SCHEDULE", "reverse")

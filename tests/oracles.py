@@ -9,6 +9,7 @@ independently written implementation.  Every function is built from differentiab
 
 Speed is irrelevant: use small shapes, float64, CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ __all__ = [
 
 
 def _default_scale(d: int, scale):
-    return d ** -0.5 if scale is None else float(scale)
+    return d**-0.5 if scale is None else float(scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +128,18 @@ def window_shift_mask(Hp: int, Wp: int, M: int, s: int):
     return mask
 
 
-def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None,
-                     qkv_bias=None, scale=None, logit_scale=None, shift_first=False):
+def window_attention(
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size=0,
+    rel_pos_bias_table=None,
+    qkv_bias=None,
+    scale=None,
+    logit_scale=None,
+    shift_first=False,
+):
     """SPEC op 3, step by step. Default order: pad, then shift the padded map. shift_first=True
     (timm): shift the unpadded H×W map, then pad; the region labels / mask are those of the padded
     grid either way, and the reverse is (shift back, crop) or (crop, shift back) respectively.
@@ -139,7 +150,6 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
     M, s = int(window_size), int(shift_size)
     assert L == H * W and C3 % 3 == 0 and M >= 1 and 0 <= s < M
     C = C3 // 3
-    D = C // num_heads
     N = M * M
     Hp = -(-H // M) * M
     Wp = -(-W // M) * M
@@ -171,7 +181,7 @@ def window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias
     for b in range(B):
         for wh in range(nWh):
             for ww in range(nWw):
-                wins.append(y[b, wh * M:(wh + 1) * M, ww * M:(ww + 1) * M, :].reshape(N, C3))
+                wins.append(y[b, wh * M : (wh + 1) * M, ww * M : (ww + 1) * M, :].reshape(N, C3))
     nW = nWh * nWw
     if B == 0:
         win = y.new_zeros(0, N, C3) + 0 * y.sum()
@@ -324,7 +334,7 @@ def dwconv(x, hw, weight, bias=None, activation=None):
     for i in range(k):
         for j in range(k):
             # out[b,h,w,c] += x[b, h+i-r, w+j-r, c] * weight[c,0,i,j]  (cross-correlation, as conv2d)
-            out = out + img[:, i:i + H, j:j + W, :] * weight[:, 0, i, j]
+            out = out + img[:, i : i + H, j : j + W, :] * weight[:, 0, i, j]
     if bias is not None:
         out = out + bias
     if activation == "gelu":

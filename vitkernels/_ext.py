@@ -17,6 +17,7 @@ with the reason available from `cuda_ext_unavailable_reason()`. Order of attempt
 
 Nothing here runs at import time: no torch import, no device query, no build.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,15 +26,24 @@ import os
 import threading
 from typing import List, Optional
 
-__all__ = ["CudaExt", "HAS_CUDA_EXT", "load_cuda_ext", "cuda_ext_unavailable_reason", "built_cuda_archs",
-           "cuda_sources", "jit_arch_flags"]
+from . import _env
+
+__all__ = [
+    "CudaExt",
+    "HAS_CUDA_EXT",  # noqa: F822 (resolved by the module __getattr__)
+    "load_cuda_ext",
+    "cuda_ext_unavailable_reason",
+    "built_cuda_archs",
+    "cuda_sources",
+    "jit_arch_flags",
+]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _JIT_NAME = "vitkernels_C_jit"
 
 _lock = threading.Lock()
 _done = False
-_ext: Optional["CudaExt"] = None
+_ext: Optional[CudaExt] = None
 _reason: Optional[str] = None
 
 
@@ -49,6 +59,7 @@ class CudaExt:
     @property
     def ops(self):
         import torch
+
         return torch.ops.vitkernels_C
 
     def supports(self, op: str, *sizes: int, dtype=None, device=None) -> bool:
@@ -86,9 +97,11 @@ def __getattr__(name):
 
 
 def _csrc_dir() -> Optional[str]:
-    candidates = [os.environ.get("VITKERNELS_CSRC"),
-                  os.path.join(os.path.dirname(_PKG_DIR), "csrc"),  # source checkout / editable install
-                  os.path.join(_PKG_DIR, "csrc")]  # packaged copy, if any
+    candidates = [
+        _env.get("VITKERNELS_CSRC"),
+        os.path.join(os.path.dirname(_PKG_DIR), "csrc"),  # source checkout / editable install
+        os.path.join(_PKG_DIR, "csrc"),
+    ]  # packaged copy, if any
     for c in candidates:
         if c and os.path.isdir(os.path.join(c, "kernels")) and os.path.isdir(os.path.join(c, "torch")):
             return c
@@ -101,12 +114,14 @@ def cuda_sources() -> List[str]:
     if root is None:
         return []
     return sorted(glob.glob(os.path.join(root, "kernels", "*.cu"))) + sorted(
-        glob.glob(os.path.join(root, "torch", "*.cpp")))
+        glob.glob(os.path.join(root, "torch", "*.cpp"))
+    )
 
 
 def jit_arch_flags() -> List[str]:
     """-gencode flags for the compute capabilities of the visible CUDA devices (9.0 -> sm_90a)."""
     import torch
+
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
     flags = []
     for major, minor in caps:
@@ -117,6 +132,7 @@ def jit_arch_flags() -> List[str]:
 
 def _cache_dir(sources: List[str], arch_flags: List[str]) -> str:
     import torch
+
     h = hashlib.sha256()
     for s in sources:
         h.update(os.path.basename(s).encode())
@@ -128,8 +144,9 @@ def _cache_dir(sources: List[str], arch_flags: List[str]) -> str:
         with open(hdr, "rb") as f:
             h.update(f.read())
     h.update(f"{torch.__version__}|{torch.version.cuda}|{' '.join(arch_flags)}".encode())
-    base = os.environ.get("VITKERNELS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vitkernels")
+    base = _env.get("VITKERNELS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vitkernels"
+    )
     path = os.path.join(base, h.hexdigest()[:16])
     os.makedirs(path, exist_ok=True)
     return path
@@ -147,7 +164,7 @@ def _load():
     except Exception as e:  # pragma: no cover - torch is a hard dependency
         return None, f"torch is not importable: {e}"
 
-    emulator = os.environ.get("VITKERNELS_CUDA_EMULATOR")
+    emulator = _env.get("VITKERNELS_CUDA_EMULATOR")
     if emulator:
         if torch.cuda.is_available():
             return None, "VITKERNELS_CUDA_EMULATOR is for machines without a CUDA GPU (this one has one)"
@@ -160,23 +177,28 @@ def _load():
     import_error = None
     try:
         from . import _C  # noqa: F401  (registers torch.ops.vitkernels_C.* on import)
+
         return CudaExt("vitkernels._C", getattr(_C, "__file__", None), _C), None
     except ImportError as e:
         import_error = e
 
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build"
-    if os.environ.get("VITKERNELS_NO_JIT", "0") == "1":
+    if _env.enabled("VITKERNELS_NO_JIT"):
         return None, f"vitkernels._C is not built ({import_error}) and VITKERNELS_NO_JIT=1"
     if not torch.cuda.is_available():
         return None, "no CUDA device (vitkernels._C is not built, and the JIT build needs a GPU to pick archs)"
     from torch.utils import cpp_extension
+
     cuda_home = getattr(cpp_extension, "CUDA_HOME", None)
     if not cuda_home or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return None, "nvcc not found (set CUDA_HOME), and vitkernels._C is not built"
     sources = cuda_sources()
     if not sources:
-        return None, "vitkernels._C is not built and the csrc/ sources for a JIT build were not found (set VITKERNELS_CSRC)"
+        return (
+            None,
+            "vitkernels._C is not built and the csrc/ sources for a JIT build were not found (set VITKERNELS_CSRC)",
+        )
     try:
         arch_flags = jit_arch_flags()
         build_dir = _cache_dir(sources, arch_flags)

@@ -5,6 +5,7 @@ ops/<op>.py); this module draws them. `samples()` has one argument set per op (o
 their defaults where SPEC adds them later, so every consumer keeps running the op's main path);
 `variant_samples()` adds argument sets that switch those options on (window_attention's shift_first
 and logit_scale), for the API tests."""
+
 import torch
 
 
@@ -12,6 +13,7 @@ class Sampler:
     """Draws an op's sample tensors: `s(*shape)` is seeded randn in one dtype on one device,
     optionally requiring grad (`scale` / `offset` shift it); `s.const(values, shape)` a fixed tensor.
     Sizes: batch `s.b`, `s.heads` = 2 heads of `s.d` = 8 channels, `s.c` = 16 channels."""
+
     heads, d = 2, 8
     c = heads * d
 
@@ -34,6 +36,7 @@ class Sampler:
 
 def _specs():
     from .ops import _spec
+
     return _spec.specs()
 
 
@@ -49,5 +52,4 @@ def variant_samples(dtype=torch.float32, device="cpu", requires_grad=False, batc
     attention (a logit scale per head, one of them past the ln 100 clamp) on a map that needs padding
     (5×7, window 3, shift 1)."""
     s = Sampler(2, dtype, device, requires_grad, batch)
-    return {spec.name: {label: make(s) for label, make in spec.variants.items()}
-            for spec in _specs() if spec.variants}
+    return {spec.name: {label: make(s) for label, make in spec.variants.items()} for spec in _specs() if spec.variants}

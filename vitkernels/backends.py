@@ -16,15 +16,17 @@ memory: the `check` of a registration) stay code. Then
 The priority lists are decided by GPU measurements (docs/benchmarks.md); until an op has been
 measured, its fused kernels are tried in the order below.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional
 
 import torch
+
+from . import _env
 
 BACKENDS = ("triton", "cuda", "reference")
 _CHOICES = ("auto",) + BACKENDS
@@ -36,7 +38,7 @@ PRIORITY: dict[str, tuple[str, ...]] = {}
 
 HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 SM80 = (8, 0)  # Ampere: cp.async, mma.sync bf16 (the CUDA C++ kernels' floor)
-INT32_MAX = 2 ** 31 - 1
+INT32_MAX = 2**31 - 1
 
 
 class BackendUnavailableError(RuntimeError):
@@ -45,6 +47,7 @@ class BackendUnavailableError(RuntimeError):
 
 # ----------------------------------------------------------------------------- declared capabilities
 
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one backend kernel can run, as data. `standard_reasons` checks a call against it.
@@ -52,15 +55,16 @@ class Capabilities:
     The Triton interpreter (TRITON_INTERPRET=1) and the vkemu emulator (VITKERNELS_CUDA_EMULATOR) run
     "cuda"-device kernels on CPU tensors: that is a property of the backend, not of the kernel.
     """
-    kernel: str                                         # how reasons name it: "CUDA xca kernel"
-    backward: bool = False                              # it implements the backward too
-    devices: Optional[tuple[str, ...]] = ("cuda",)      # device types of its tensors (None: any)
+
+    kernel: str  # how reasons name it: "CUDA xca kernel"
+    backward: bool = False  # it implements the backward too
+    devices: Optional[tuple[str, ...]] = ("cuda",)  # device types of its tensors (None: any)
     dtypes: Optional[tuple[torch.dtype, ...]] = HALF_AND_FLOAT  # of its floating inputs (None: any)
-    head_dims: Optional[range] = None                   # e.g. range(8, 129, 8) (None: any)
-    head_dim_note: str = ""                             # why that range, appended to its reason
-    min_capability: Optional[tuple[int, int]] = None    # CUDA compute capability of its tensors' device
-    int32: bool = False                                 # indexes with 32-bit ints: KernelInputs.sizes must fit
-    ext_op: Optional[str] = None                        # the torch.ops.vitkernels_C op it calls ("cuda")
+    head_dims: Optional[range] = None  # e.g. range(8, 129, 8) (None: any)
+    head_dim_note: str = ""  # why that range, appended to its reason
+    min_capability: Optional[tuple[int, int]] = None  # CUDA compute capability of its tensors' device
+    int32: bool = False  # indexes with 32-bit ints: KernelInputs.sizes must fit
+    ext_op: Optional[str] = None  # the torch.ops.vitkernels_C op it calls ("cuda")
 
     def describe(self) -> str:
         """One line for docs and tooling: "fwd + bwd, head dim 1..128"."""
@@ -82,12 +86,13 @@ class KernelInputs:
     """What the declared capabilities are checked against, read off a call's arguments by the op's
     spec (`OpSpec.inputs`): its tensors (None entries allowed), its head dim, and the sizes a
     kernel indexing with 32-bit ints must keep below 2^31 (by name, for the reason)."""
+
     tensors: tuple
     head_dim: Optional[int] = None
     sizes: Mapping[str, int] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -98,12 +103,12 @@ def _triton_import_error() -> Optional[str]:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.enabled("TRITON_INTERPRET")
 
 
 def cuda_emulated() -> bool:
     """Whether the "cuda" backend is the vkemu CPU build (VITKERNELS_CUDA_EMULATOR, see _ext)."""
-    return bool(os.environ.get("VITKERNELS_CUDA_EMULATOR"))
+    return bool(_env.get("VITKERNELS_CUDA_EMULATOR"))
 
 
 def ext_op_reasons(name: str) -> list:
@@ -129,16 +134,22 @@ def _dtype_reasons(caps: Capabilities, ts: list) -> list:
     if caps.dtypes is None:
         return []
     bad = sorted({t.dtype for t in ts if t.is_floating_point() and t.dtype not in caps.dtypes}, key=str)
-    return ["float64 runs on the reference backend only" if d == torch.float64 else
-            f"{str(d).replace('torch.', '')} is not supported by the {caps.kernel}" for d in bad]
+    return [
+        "float64 runs on the reference backend only"
+        if d == torch.float64
+        else f"{str(d).replace('torch.', '')} is not supported by the {caps.kernel}"
+        for d in bad
+    ]
 
 
 def _capability_reasons(backend: str, caps: Capabilities, ts: list) -> list:
     need = caps.min_capability
     if need is None or not any(t.is_cuda and torch.cuda.get_device_capability(t.device) < need for t in ts):
         return []
-    return [f"the {_BACKEND_NAMES[backend]} kernels need compute capability {need[0]}.{need[1]} "
-            f"(sm_{need[0]}{need[1]}) or newer"]
+    return [
+        f"the {_BACKEND_NAMES[backend]} kernels need compute capability {need[0]}.{need[1]} "
+        f"(sm_{need[0]}{need[1]}) or newer"
+    ]
 
 
 def _head_dim_reasons(caps: Capabilities, d: Optional[int]) -> list:
@@ -179,10 +190,16 @@ def standard_reasons(backend: str, caps: Capabilities, inputs: KernelInputs) -> 
                 why.append("tensors are on CPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU)")
             elif any(t.dtype == torch.bfloat16 for t in ts):
                 why.append("the Triton interpreter computes bfloat16 dots wrongly; use float32/float16 on CPU")
-        return (why + _dtype_reasons(caps, ts) + _capability_reasons(backend, caps, ts)
-                + _head_dim_reasons(caps, inputs.head_dim) + _size_reasons(caps, inputs.sizes))
+        return (
+            why
+            + _dtype_reasons(caps, ts)
+            + _capability_reasons(backend, caps, ts)
+            + _head_dim_reasons(caps, inputs.head_dim)
+            + _size_reasons(caps, inputs.sizes)
+        )
     if backend == "cuda":
         from . import _ext
+
         # The emulated kernels run on CPU tensors (like the Triton interpreter), the compiled ones on CUDA.
         emulated = cuda_emulated() and not torch.cuda.is_available()
         if emulated and any(t.device.type != "cpu" for t in ts):
@@ -201,6 +218,7 @@ def standard_reasons(backend: str, caps: Capabilities, inputs: KernelInputs) -> 
 
 
 # ----------------------------------------------------------------------------- the registry
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -222,8 +240,9 @@ _INPUTS: dict[str, Callable[..., KernelInputs]] = {}
 COMPOSITES: dict[str, Callable[..., list]] = {}
 
 
-def register_op(op: str, *, inputs: Optional[Callable[..., KernelInputs]] = None,
-                parts: Optional[Callable[..., list]] = None) -> None:
+def register_op(
+    op: str, *, inputs: Optional[Callable[..., KernelInputs]] = None, parts: Optional[Callable[..., list]] = None
+) -> None:
     """Declare an op to the dispatcher (ops/_spec.define does it from the op's spec): how its
     arguments read as KernelInputs, or, for a composite, the parts it calls."""
     if inputs is not None:
@@ -248,11 +267,19 @@ def _reasons_for(op: str, backend: str, caps: Capabilities, check: Optional[Call
         if why or check is None:
             return why
         return list(check(*args, **kwargs))
+
     return reasons
 
 
-def register_kernel(op: str, backend: str, *, forward: Callable, backward: Optional[Callable] = None,
-                    caps: Optional[Capabilities] = None, check: Optional[Callable[..., list]] = None) -> None:
+def register_kernel(
+    op: str,
+    backend: str,
+    *,
+    forward: Callable,
+    backward: Optional[Callable] = None,
+    caps: Optional[Capabilities] = None,
+    check: Optional[Callable[..., list]] = None,
+) -> None:
     """Register `backend`'s kernel for `op`. `caps` declares what it runs (the reference's default:
     everything; its `backward` must say whether a backward is given); `check(*args)` returns the
     op-specific reasons, if any, and runs only when the standard ones are empty. Arguments of
@@ -264,19 +291,27 @@ def register_kernel(op: str, backend: str, *, forward: Callable, backward: Optio
             raise ValueError(f"{op} on {backend}: declare the kernel's capabilities (caps=Capabilities(...))")
         caps = REFERENCE
     if caps.backward != (backward is not None):
-        raise ValueError(f"{op} on {backend}: the capabilities declare backward={caps.backward}, "
-                         f"but a backward is {'given' if backward is not None else 'missing'}")
+        raise ValueError(
+            f"{op} on {backend}: the capabilities declare backward={caps.backward}, "
+            f"but a backward is {'given' if backward is not None else 'missing'}"
+        )
     if backend != "reference" and op not in _INPUTS:
         raise ValueError(f"{op} on {backend}: define the op's spec (its inputs) before registering kernels")
     _KERNELS.setdefault(op, {})[backend] = Kernel(
-        op, backend, without_autocast(forward), None if backward is None else without_autocast(backward),
-        _reasons_for(op, backend, caps, check), caps)
+        op,
+        backend,
+        without_autocast(forward),
+        None if backward is None else without_autocast(backward),
+        _reasons_for(op, backend, caps, check),
+        caps,
+    )
 
 
 def without_autocast(fn: Callable) -> Callable:
     """`fn` (a backend kernel) run with autocast off: the kernels compute in their inputs' dtypes with
     float32 accumulation, and torch ops inside them (the reference math, small index tensors) must
     not be re-cast by a surrounding autocast region, which stays active inside custom ops."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
@@ -286,6 +321,7 @@ def without_autocast(fn: Callable) -> Callable:
             for d in active:
                 stack.enter_context(torch.autocast(d, enabled=False))
             return fn(*args, **kwargs)
+
     return run
 
 
@@ -299,6 +335,7 @@ def kernels(op: str) -> dict[str, Kernel]:
 
 
 # ----------------------------------------------------------------------------- the current choice
+
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in _CHOICES:
@@ -315,13 +352,10 @@ _global_default: Optional[str] = None
 def _default() -> str:
     if _global_default is not None:
         return _global_default
-    env = os.environ.get("VITKERNELS_BACKEND")
-    if env:
-        try:
-            return _check_name(env)
-        except ValueError as e:
-            raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
-    return "auto"
+    try:
+        return _check_name(_env.get("VITKERNELS_BACKEND"))
+    except ValueError as e:
+        raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
 
 
 def get_backend() -> str:
@@ -347,6 +381,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- choosing a kernel
 
+
 def complete_args(op: str, args: tuple, kwargs: dict) -> tuple:
     """args completed from kwargs and the defaults of the public op's schema
     (torch.ops.vitkernels.<op>), so callers may leave optional arguments out as in the op itself."""
@@ -355,7 +390,7 @@ def complete_args(op: str, args: tuple, kwargs: dict) -> tuple:
     except (AttributeError, RuntimeError):
         return args, kwargs
     args, kwargs = list(args), dict(kwargs)
-    for a in schema.arguments[len(args):]:
+    for a in schema.arguments[len(args) :]:
         if a.name in kwargs:
             args.append(kwargs.pop(a.name))
         elif a.has_default_value():
@@ -375,8 +410,11 @@ def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list:
 def _reasons(op: str, backend: str, args: tuple, kwargs: dict) -> list:
     """not_supported_reasons for complete arguments (select's path: no schema lookup per call)."""
     if op in COMPOSITES:
-        return [f"{op} runs {part}: {reason}" for part, part_args in COMPOSITES[op](*args, **kwargs)
-                for reason in _reasons(part, backend, tuple(part_args), {})]
+        return [
+            f"{op} runs {part}: {reason}"
+            for part, part_args in COMPOSITES[op](*args, **kwargs)
+            for reason in _reasons(part, backend, tuple(part_args), {})
+        ]
     kernels = _KERNELS.get(op)
     if kernels is None:
         raise ValueError(f"unknown op {op!r}; ops: {ops()}")
@@ -403,7 +441,8 @@ def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
         reasons = _reasons(op, choice, args, kwargs)
         if reasons:
             raise BackendUnavailableError(
-                f"vitkernels.{op}: backend {choice!r} cannot run these arguments: " + "; ".join(reasons))
+                f"vitkernels.{op}: backend {choice!r} cannot run these arguments: " + "; ".join(reasons)
+            )
         return kernels[choice]
     order = PRIORITY.get(op, _DEFAULT_PRIORITY) if _on_cuda(args) else ("reference",)
     why = []

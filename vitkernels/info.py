@@ -1,8 +1,8 @@
 """`python -m vitkernels.info [--check]`: versions, GPU, CUDA extension, and per op which backends can run."""
+
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 
@@ -19,13 +19,17 @@ def report() -> str:
 
     import vitkernels
 
-    from . import _ext, backends
+    from . import _env, _ext, backends
     from ._samples import samples
 
-    lines = [f"vitkernels {vitkernels.__version__}", f"python {platform.python_version()}",
-             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})", f"triton {_version('triton')}",
-             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
-             f"default backend: {backends.get_backend()}"]
+    lines = [
+        f"vitkernels {vitkernels.__version__}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton {_version('triton')}",
+        "environment: " + (" ".join(f"{k}={v}" for k, v in _env.set_flags().items()) or "no vitkernels flags set"),
+        f"default backend: {backends.get_backend()}",
+    ]
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
@@ -35,8 +39,10 @@ def report() -> str:
         device, dtype = "cpu", torch.float32
     ext = _ext.load_cuda_ext()
     if ext is not None and ext.emulated:
-        lines.append(f"CUDA extension: the vkemu CPU emulation of the CUDA kernels ({ext.path}; "
-                     "VITKERNELS_CUDA_EMULATOR), cuda backend on CPU tensors")
+        lines.append(
+            f"CUDA extension: the vkemu CPU emulation of the CUDA kernels ({ext.path}; "
+            "VITKERNELS_CUDA_EMULATOR), cuda backend on CPU tensors"
+        )
     elif ext is not None:
         lines.append(f"CUDA extension: loaded ({ext.__name__}), built for {_ext.built_cuda_archs()}")
     else:
@@ -57,6 +63,7 @@ def main(argv=None) -> int:
     print(report())
     if a.check:
         from .bench import check
+
         return 0 if check.run(quick=True) else 1
     return 0
 

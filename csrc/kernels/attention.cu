@@ -14,7 +14,7 @@
 namespace vitkernels {
 namespace {
 
-using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T> (ptx_sm80.cuh)
+using namespace ptx;            // cp_async_*, ldmatrix_*, Mma<T> (ptx_sm80.cuh)
 using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, dispatch_padded_head_dim
 
 // Kernel arguments, already resolved to one dtype. Strides are (B, G, H, N, D), the prefix
@@ -54,9 +54,7 @@ struct Sequence {
     b = s / a.H / a.G;
   }
   // Element offset of this sequence in a tensor with (B, G, H, ...) strides s.
-  __device__ __forceinline__ int64_t offset(const int64_t* s) const {
-    return b * s[0] + g * s[1] + h * s[2];
-  }
+  __device__ __forceinline__ int64_t offset(const int64_t* s) const { return b * s[0] + g * s[1] + h * s[2]; }
 };
 
 template <typename T>
@@ -79,8 +77,7 @@ struct MmaTraits {
 };
 
 template <typename T, int kDp>
-__global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
-    attention_fwd_mma_kernel(const KernelArgs args) {
+__global__ void __launch_bounds__(MmaTraits<kDp>::kThreads) attention_fwd_mma_kernel(const KernelArgs args) {
 #if VK_SM80
   using Tr = MmaTraits<kDp>;
   constexpr int kBlockM = Tr::kBlockM;
@@ -162,16 +159,14 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
     if (active) {
       float s[kNT][4];
       warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
-      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t, mask_r0,
-                             mask_r1);
+      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t, mask_r0, mask_r1);
       pack_p<T>(pf, s);
     }
 
     cp_async_wait_all();  // V[j] has landed
     __syncthreads();      // ... for every thread, and every warp is done reading K[j]
     if (j + 1 < n_blocks) {
-      load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0 + kBlockN, Nk,
-                                                              D);
+      load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0 + kBlockN, Nk, D);
       cp_async_commit();
     }
     if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
@@ -182,8 +177,8 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
   T* out = static_cast<T*>(args.out) + sq.offset(args.os);
   T* out_prefix = args.out_prefix == nullptr ? nullptr : static_cast<T*>(args.out_prefix) + sq.offset(args.ops);
   if (active) {
-    warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, args.os[3], args.lse + sq.bgh * Nq, m0 + warp * 16,
-                       Nq, D, lane, out_prefix, out_prefix == nullptr ? nullptr : args.lse_prefix + sq.bgh);
+    warp_store<T, kDp>(w, sQ + warp * 16 * kStride, out, args.os[3], args.lse + sq.bgh * Nq, m0 + warp * 16, Nq, D,
+                       lane, out_prefix, out_prefix == nullptr ? nullptr : args.lse_prefix + sq.bgh);
   }
 #else
   __trap();  // built for an arch older than sm_80: unsupported
@@ -195,9 +190,9 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads)
 // ---------------------------------------------------------------------------------------------
 template <int kDp>
 struct F32Traits {
-  static constexpr int kBlockM = 32;  // query rows per CTA
-  static constexpr int kBlockN = 32;  // keys per iteration
-  static constexpr int kThreads = 128;  // 4 threads per query row
+  static constexpr int kBlockM = 32;       // query rows per CTA
+  static constexpr int kBlockN = 32;       // keys per iteration
+  static constexpr int kThreads = 128;     // 4 threads per query row
   static constexpr int kStride = kDp + 4;  // floats; (kStride / 4) odd → conflict-free float4
   static constexpr int kPStride = kBlockN + 4;
   static constexpr int kSmemFloats = (kBlockM + 2 * kBlockN) * kStride + kBlockM * kPStride;
@@ -207,8 +202,7 @@ struct F32Traits {
 };
 
 template <int kDp>
-__global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
-    attention_fwd_f32_kernel(const KernelArgs args) {
+__global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_kernel(const KernelArgs args) {
 #if VK_SM80
   using Tr = F32Traits<kDp>;
   constexpr int kBlockM = Tr::kBlockM;
@@ -374,15 +368,14 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads)
         args.lse[sq.bgh * Nq + row] = lse_row;
       }
     }
-    float* out = prefix_row ? static_cast<float*>(args.out_prefix) + sq.offset(args.ops)
-                            : static_cast<float*>(args.out) + sq.offset(args.os) +
-                                  static_cast<int64_t>(row) * args.os[3];
+    float* out = prefix_row
+                     ? static_cast<float*>(args.out_prefix) + sq.offset(args.ops)
+                     : static_cast<float*>(args.out) + sq.offset(args.os) + static_cast<int64_t>(row) * args.os[3];
 #pragma unroll
     for (int i = 0; i < kI; ++i) {
       const int d = 16 * i + 4 * c;
       if (d < D) {
-        *reinterpret_cast<float4*>(out + d) =
-            make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
+        *reinterpret_cast<float4*>(out + d) = make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
       }
     }
   }
@@ -450,7 +443,7 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
   }
   if (p.Nq == INT_MAX && q_prefix) return cudaErrorInvalidValue;
   const int64_t sequences = static_cast<int64_t>(p.B) * p.G * p.H;
-  const int rows = p.Nq + (q_prefix ? 1 : 0);  // query rows per sequence, the prefix query last
+  const int rows = p.Nq + (q_prefix ? 1 : 0);           // query rows per sequence, the prefix query last
   if (sequences == 0 || rows == 0) return cudaSuccess;  // nothing to compute
   if (p.Nq > 0 && (p.lse == nullptr || !attention_forward_tensor_aligned(p.q, p.q_stride, 5, p.dtype) ||
                    !attention_forward_tensor_aligned(p.out, p.out_stride, 5, p.dtype))) {

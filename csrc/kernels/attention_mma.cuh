@@ -21,9 +21,9 @@ namespace mma_attention {
 
 using namespace ptx;
 
-constexpr int kKeyBlock = 64;           // keys per step
-constexpr int kNT = kKeyBlock / 8;      // score n-tiles per warp
-constexpr int kPK = kKeyBlock / 16;     // k-steps of the P·V GEMM
+constexpr int kKeyBlock = 64;        // keys per step
+constexpr int kNT = kKeyBlock / 8;   // score n-tiles per warp
+constexpr int kPK = kKeyBlock / 16;  // k-steps of the P·V GEMM
 
 template <int kDp>
 struct Shape {
@@ -61,9 +61,8 @@ inline int padded_head_dim(int D) {
 // lives outside the matrix, see attention.h). kElems = elements per 16-byte chunk. Rows are split
 // over kThreads threads.
 template <typename T, int kRows, int kDp, int kSmemStride, int kThreads>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t row_stride,
-                                                int row0, int n_rows, int D,
-                                                const T* extra_row = nullptr) {
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t row_stride, int row0, int n_rows,
+                                                int D, const T* extra_row = nullptr) {
   constexpr int kElems = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunks = kDp / kElems;
   constexpr int kTotal = kRows * kChunks;
@@ -76,7 +75,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gbase, int64_t
     const int row = row0 + r;
     const bool extra = extra_row != nullptr && row == n_rows;
     const bool valid = (row < n_rows || extra) && (c * kElems < D);
-    const T* src = !valid ? gbase
+    const T* src = !valid  ? gbase
                    : extra ? extra_row + c * kElems
                            : gbase + static_cast<int64_t>(row) * row_stride + c * kElems;
     cp_async_16(smem + r * kSmemStride + c * kElems, src, valid ? 16 : 0);
@@ -104,8 +103,8 @@ struct WarpRows {
 // sum = 1 (held by the quad's lane t = 0; the sum is reduced over the quad at the end) and
 // o = vp, so the prefix is exactly one more key of the softmax. Call once Q has landed in smem.
 template <typename T, int kDp>
-__device__ __forceinline__ void warp_prefix_key(WarpRows<kDp>& w, const T* sQrow0, const T* kp,
-                                                const T* vp, int D, float scale_log2, int lane) {
+__device__ __forceinline__ void warp_prefix_key(WarpRows<kDp>& w, const T* sQrow0, const T* kp, const T* vp, int D,
+                                                float scale_log2, int lane) {
   constexpr int kStride = Shape<kDp>::kStride;
   const int g = lane >> 2;
   const int t = lane & 3;
@@ -147,8 +146,8 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[Shape<kDp>::kQRe
 // are skipped (their scores stay 0 and softmax_update masks them to -inf): a block of a short
 // sequence (a TimeSformer time-axis sequence has 8 keys) does not pay for 64.
 template <typename T, int kDp>
-__device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4],
-                                            const T* sQw, const T* sK, int lane, int n_valid = kKeyBlock) {
+__device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
+                                            const T* sK, int lane, int n_valid = kKeyBlock) {
   using S = Shape<kDp>;
 #pragma unroll
   for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -160,8 +159,7 @@ __device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[S
     for (int np = 0; np < kNT / 2; ++np) {
       if (np * 16 >= n_valid) break;  // uniform across the CTA
       uint32_t kb[4];
-      ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S::kStride + kk * 16 +
-                          ((lane >> 3) & 1) * 8);
+      ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S::kStride + kk * 16 + ((lane >> 3) & 1) * 8);
       Mma<T>::run(s[2 * np], qf[qi], kb[0], kb[1]);
       Mma<T>::run(s[2 * np + 1], qf[qi], kb[2], kb[3]);
     }
@@ -174,9 +172,9 @@ __device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[S
 // n0 = index of the block's first key. A row with no finite score so far keeps max = -inf and
 // uses 0 as the reference, so exp2 never sees -inf - (-inf).
 template <typename T, int kDp>
-__device__ __forceinline__ void softmax_update(float (&s)[kNT][4], WarpRows<kDp>& w, int n0, int Nk,
-                                               float scale_log2, const T* bias_r0, const T* bias_r1,
-                                               int64_t bs3, int t, const unsigned char* mask_r0 = nullptr,
+__device__ __forceinline__ void softmax_update(float (&s)[kNT][4], WarpRows<kDp>& w, int n0, int Nk, float scale_log2,
+                                               const T* bias_r0, const T* bias_r1, int64_t bs3, int t,
+                                               const unsigned char* mask_r0 = nullptr,
                                                const unsigned char* mask_r1 = nullptr) {
   const bool need_mask = n0 + kKeyBlock > Nk;
   float new_max[2] = {w.row_max[0], w.row_max[1]};
@@ -241,8 +239,8 @@ __device__ __forceinline__ void pack_p(uint32_t (&pf)[kPK][4], const float (&s)[
 // o += P · V[64 keys]; sV points at the first value row of the block. 16-key steps past n_valid
 // (as in warp_scores) are skipped: their P is exactly 0.
 template <typename T, int kDp>
-__device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV,
-                                        int lane, int n_valid = kKeyBlock) {
+__device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV, int lane,
+                                        int n_valid = kKeyBlock) {
   constexpr int kStride = Shape<kDp>::kStride;
 #pragma unroll
   for (int kk = 0; kk < kPK; ++kk) {
@@ -250,8 +248,7 @@ __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[k
 #pragma unroll
     for (int dp = 0; dp < kDp / 16; ++dp) {
       uint32_t vb[4];
-      ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + dp * 16 +
-                                (lane >> 4) * 8);
+      ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + dp * 16 + (lane >> 4) * 8);
       Mma<T>::run(w.o[2 * dp], pf[kk], vb[0], vb[1]);
       Mma<T>::run(w.o[2 * dp + 1], pf[kk], vb[2], vb[3]);
     }
@@ -264,9 +261,9 @@ __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[k
 // out = (b, h) base of the output (row stride os2); lse = (b, h) base of lse (row stride 1).
 // When extra_out is given, row n_rows (the prefix query) goes to extra_out and *extra_lse.
 template <typename T, int kDp>
-__device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse,
-                                           int row0, int n_rows, int D, int lane,
-                                           T* extra_out = nullptr, float* extra_lse = nullptr) {
+__device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse, int row0,
+                                           int n_rows, int D, int lane, T* extra_out = nullptr,
+                                           float* extra_lse = nullptr) {
   constexpr int kStride = Shape<kDp>::kStride;
   const int g = lane >> 2;
   const int t = lane & 3;

@@ -42,11 +42,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // the 48 KiB every kernel gets by default, the kernel's dynamic shared memory limit is raised
 // first (cudaFuncSetAttribute: no allocation, allowed during CUDA-graph capture).
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, int threads, size_t smem_bytes,
-                          cudaStream_t stream, const Args&... args) {
+cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, int threads, size_t smem_bytes, cudaStream_t stream,
+                          const Args&... args) {
   if (smem_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem_bytes));
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, threads, smem_bytes, stream>>>(args...);

@@ -25,9 +25,7 @@ inline bool head_dim_in_range(int head_dim, int max_head_dim) {
   return head_dim >= 8 && head_dim <= max_head_dim && head_dim % 8 == 0;
 }
 
-inline bool aligned_to(const void* ptr, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
+inline bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // Whether `ptr` with these `ndim` element strides suits 16-byte vector loads of rows along the
 // last dim: a 16-byte aligned base, stride[ndim - 1] == 1, the other strides multiples of 16 bytes.

@@ -23,17 +23,17 @@ struct alignas(sizeof(T) * VEC) Pack {
 // Tile geometry for one (k, VEC) instantiation.
 template <int K, int VEC>
 struct Geom {
-  static constexpr int CV = VEC > 1 ? 8 : 16;        // threads across the channel chunk
-  static constexpr int CH = CV * VEC;                // channels per CTA
-  static constexpr int RW = 4;                       // output columns per thread
-  static constexpr int RH = K <= 3 ? 2 : 1;          // output rows per thread
-  static constexpr int GW = 4;                       // thread groups across W
-  static constexpr int GH = kThreads / (CV * GW);    // thread groups across H
-  static constexpr int TW = GW * RW;                 // tile width (pixels)
-  static constexpr int TH = GH * RH;                 // tile height (pixels)
+  static constexpr int CV = VEC > 1 ? 8 : 16;      // threads across the channel chunk
+  static constexpr int CH = CV * VEC;              // channels per CTA
+  static constexpr int RW = 4;                     // output columns per thread
+  static constexpr int RH = K <= 3 ? 2 : 1;        // output rows per thread
+  static constexpr int GW = 4;                     // thread groups across W
+  static constexpr int GH = kThreads / (CV * GW);  // thread groups across H
+  static constexpr int TW = GW * RW;               // tile width (pixels)
+  static constexpr int TH = GH * RH;               // tile height (pixels)
   static constexpr int P = K / 2;
-  static constexpr int HW_ = TW + K - 1;             // halo tile width
-  static constexpr int HH = TH + K - 1;              // halo tile height
+  static constexpr int HW_ = TW + K - 1;  // halo tile width
+  static constexpr int HH = TH + K - 1;   // halo tile height
   static_assert(CV * GW * GH == kThreads, "thread layout must cover the CTA");
 };
 
@@ -188,8 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
         }
         res.v[v] = from_float<T>(y);
       }
-      const int64_t off =
-          ((static_cast<int64_t>(b) * a.H + h) * a.W + w) * static_cast<int64_t>(a.C) + c;
+      const int64_t off = ((static_cast<int64_t>(b) * a.H + h) * a.W + w) * static_cast<int64_t>(a.C) + c;
       if (VEC > 1) {
         *reinterpret_cast<PackT*>(out + off) = res;
       } else {

@@ -13,8 +13,8 @@
 namespace vitkernels {
 namespace {
 
-using namespace ptx;             // cp_async_*, Mma<T>
-using namespace mma_attention;   // load_tile_async, WarpRows, warp_* steps, kKeyBlock, padded head dims
+using namespace ptx;            // cp_async_*, Mma<T>
+using namespace mma_attention;  // load_tile_async, WarpRows, warp_* steps, kKeyBlock, padded head dims
 
 constexpr int kMaxKeys = 256;
 constexpr int kWarps = 4;
@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kThreads) sr_attention_fwd_kernel(const SrArgs
     const int m0 = r_begin + i * kBlockM;
     if (i + 1 < n_tiles) {
       // Prefetch tile i + 1 into the other buffer (free: the barrier ending iteration i - 1).
-      load_tile_async<T, kBlockM, kDp, kStride, kThreads>(sQbuf + ((i + 1) & 1) * kBlockM * kStride, q,
-                                                          a.qs[2], m0 + kBlockM, r_end, a.D);
+      load_tile_async<T, kBlockM, kDp, kStride, kThreads>(sQbuf + ((i + 1) & 1) * kBlockM * kStride, q, a.qs[2],
+                                                          m0 + kBlockM, r_end, a.D);
       cp_async_commit();
       cp_async_wait<1>();  // everything but that prefetch has landed (tile i, and K/V)
     } else {

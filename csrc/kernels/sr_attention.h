@@ -22,11 +22,11 @@
 namespace vitkernels {
 
 struct SrAttentionFwdParams {
-  const void* q;    // (B, H, N, D) view
-  const void* k;    // (B, H, M, D) view
-  const void* v;    // (B, H, M, D) view
-  void* out;        // (B, H, N, D) view
-  float* lse;       // float32, contiguous (B, H, N)
+  const void* q;  // (B, H, N, D) view
+  const void* k;  // (B, H, M, D) view
+  const void* v;  // (B, H, M, D) view
+  void* out;      // (B, H, N, D) view
+  float* lse;     // float32, contiguous (B, H, N)
   int64_t q_stride[4];
   int64_t k_stride[4];
   int64_t v_stride[4];

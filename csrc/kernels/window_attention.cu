@@ -17,11 +17,11 @@ namespace vitkernels {
 namespace {
 
 constexpr float kMaskLog2 = -100.0f * 1.4426950408889634f;  // the −100 shift mask, log2 domain
-constexpr int kMaxWindow = 16;                               // N = M² <= 256 slots
+constexpr int kMaxWindow = 16;                              // N = M² <= 256 slots
 constexpr int kMaxHeadDim = 128;
-constexpr int kThreads = 128;                                // 4 warps per CTA, both kernels
-constexpr float kLogitScaleMax = 4.605170185988092f;         // Swin V2 clamps logit_scale at ln 100
-constexpr float kNormEps = 1e-12f;                           // F.normalize's eps
+constexpr int kThreads = 128;                         // 4 warps per CTA, both kernels
+constexpr float kLogitScaleMax = 4.605170185988092f;  // Swin V2 clamps logit_scale at ln 100
+constexpr float kNormEps = 1e-12f;                    // F.normalize's eps
 
 using namespace ptx;  // smem_addr, ldmatrix_x4_trans, Mma<T> (ptx_sm80.cuh)
 
@@ -31,7 +31,7 @@ struct WaArgs {
   const void* table;
   const void* qkv_bias;
   void* out;
-  int64_t s_b, s_t;      // qkv element strides (batch, token); channel stride is 1
+  int64_t s_b, s_t;  // qkv element strides (batch, token); channel stride is 1
   int64_t tab_s0, tab_s1;
   int H, W, Hp, Wp, nWw, nW, C, heads, D, M, shift, N;
   float scale_log2;  // scale · log2(e); 1 with logit_scale (unused: τ_h·log2 e is read on the device)
@@ -48,8 +48,7 @@ __device__ __forceinline__ bool opt_shift_first(const WaArgs& a) { return (a.opt
 //   info[t] = rel_t | (label_t << 12) with rel_t = p·(2M−1) + c (< 961), or −1 for t ≥ N;
 //   tok[t]  = source token (≥ 0), −1 for a padded slot, −2 for t ≥ N.
 // rel-pos index of (i, j) = rel_i + 2M·(M−1) − rel_j.
-__device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, int* s_info,
-                                           int* s_tok) {
+__device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, int* s_info, int* s_tok) {
   const int wh = w / a.nWw;
   const int ww = w - wh * a.nWw;
   for (int t = threadIdx.x; t < n_slots; t += blockDim.x) {
@@ -148,12 +147,10 @@ __device__ __forceinline__ float sq2(uint32_t u) {
   return f.x * f.x + f.y * f.y;
 }
 
-
 // Row `part` (0 = q, 1 = k, 2 = v) of slot `tok` for head h: a real token row, the qkv_bias row
 // (padded slot) or nullptr (zeros: padded slot without qkv_bias, or a slot ≥ N).
 template <typename T>
-__device__ __forceinline__ const T* slot_row(const WaArgs& a, const T* qkv_b, int tok, int part,
-                                             int h) {
+__device__ __forceinline__ const T* slot_row(const WaArgs& a, const T* qkv_b, int tok, int part, int h) {
   const int64_t off = static_cast<int64_t>(part) * a.C + static_cast<int64_t>(h) * a.D;
   if (tok >= 0) return qkv_b + static_cast<int64_t>(tok) * a.s_t + off;
   if (tok == -1 && a.qkv_bias != nullptr) return static_cast<const T*>(a.qkv_bias) + off;
@@ -162,8 +159,7 @@ __device__ __forceinline__ const T* slot_row(const WaArgs& a, const T* qkv_b, in
 
 // Bias + mask of score (row with rel_base / label_i, key with info_j), log2 domain;
 // −inf for key slots ≥ N.
-__device__ __forceinline__ float score_extra(const WaArgs& a, const float* s_tab, int base_i,
-                                             int label_i, int info_j) {
+__device__ __forceinline__ float score_extra(const WaArgs& a, const float* s_tab, int base_i, int label_i, int info_j) {
   if (info_j < 0) return -INFINITY;
   float e = 0.0f;
   if (a.table != nullptr) e += s_tab[base_i - (info_j & 0xfff)];
@@ -542,8 +538,8 @@ template <typename T, int kDp, bool kCosine>
 cudaError_t launch_mma(const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int np = (args.N + 15) & ~15;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
-  const size_t smem = static_cast<size_t>(2) * np * MmaTraits<kDp>::kStride * 2 +
-                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(kCosine ? 3 : 2) * np * 4;
+  const size_t smem = static_cast<size_t>(2) * np * MmaTraits<kDp>::kStride * 2 + static_cast<size_t>(tab_n) * 4 +
+                      static_cast<size_t>(kCosine ? 3 : 2) * np * 4;
   return launch_kernel(window_attention_fwd_mma_kernel<T, kDp, kCosine>, grid, kThreads, smem, stream, args);
 }
 
@@ -552,8 +548,8 @@ template <int kDp, bool kCosine>
 cudaError_t launch_f32(const WaArgs& args, unsigned grid, cudaStream_t stream) {
   const int nq = (args.N + kF32Rows - 1) / kF32Rows * kF32Rows;
   const int tab_n = (2 * args.M - 1) * (2 * args.M - 1);
-  const size_t smem = static_cast<size_t>(2) * kF32Keys * kDp * 4 +
-                      static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * nq * 4;
+  const size_t smem =
+      static_cast<size_t>(2) * kF32Keys * kDp * 4 + static_cast<size_t>(tab_n) * 4 + static_cast<size_t>(2) * nq * 4;
   return launch_kernel(window_attention_fwd_f32_kernel<kDp, kCosine>, grid, kThreads, smem, stream, args);
 }
 
@@ -562,13 +558,11 @@ cudaError_t dispatch(DType dtype, const WaArgs& args, unsigned grid, cudaStream_
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same<T, float>::value) {
-      return dispatch_head_dim<32, 64, 96, 128>(args.D, [&](auto dp) {
-        return launch_f32<decltype(dp)::value, kCosine>(args, grid, stream);
-      });
+      return dispatch_head_dim<32, 64, 96, 128>(
+          args.D, [&](auto dp) { return launch_f32<decltype(dp)::value, kCosine>(args, grid, stream); });
     } else {
-      return dispatch_head_dim<32, 48, 64, 80, 96, 128>(args.D, [&](auto dp) {
-        return launch_mma<T, decltype(dp)::value, kCosine>(args, grid, stream);
-      });
+      return dispatch_head_dim<32, 48, 64, 80, 96, 128>(
+          args.D, [&](auto dp) { return launch_mma<T, decltype(dp)::value, kCosine>(args, grid, stream); });
     }
   });
 }

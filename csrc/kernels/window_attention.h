@@ -25,16 +25,16 @@
 namespace vitkernels {
 
 struct WindowAttentionFwdParams {
-  const void* qkv;            // (B, H·W, 3C), dtype `dtype`
-  int64_t qkv_stride[3];      // element strides for (B, token, channel); channel stride must be 1
-  const void* table;          // nullable; ((2M−1)², heads), dtype `dtype`
-  int64_t table_stride[2];    // element strides of the table (any)
-  const void* qkv_bias;       // nullable; (3C,) contiguous, dtype `dtype`
-  void* out;                  // (B, H·W, C) contiguous, dtype `dtype`
-  const void* logit_scale;    // nullable: cosine attention; (heads,) contiguous, dtype `dtype`
-  bool shift_first;           // timm's order: cyclic shift of the unpadded H×W map, then padding
+  const void* qkv;          // (B, H·W, 3C), dtype `dtype`
+  int64_t qkv_stride[3];    // element strides for (B, token, channel); channel stride must be 1
+  const void* table;        // nullable; ((2M−1)², heads), dtype `dtype`
+  int64_t table_stride[2];  // element strides of the table (any)
+  const void* qkv_bias;     // nullable; (3C,) contiguous, dtype `dtype`
+  void* out;                // (B, H·W, C) contiguous, dtype `dtype`
+  const void* logit_scale;  // nullable: cosine attention; (heads,) contiguous, dtype `dtype`
+  bool shift_first;         // timm's order: cyclic shift of the unpadded H×W map, then padding
   int B, H, W, C, heads, head_dim, window, shift;
-  float scale;               // unused with logit_scale
+  float scale;  // unused with logit_scale
   DType dtype;
 };
 

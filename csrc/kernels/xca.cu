@@ -14,7 +14,7 @@
 namespace vitkernels {
 namespace {
 
-using namespace ptx;             // cp_async_*, ldmatrix_*, Mma<T>
+using namespace ptx;            // cp_async_*, ldmatrix_*, Mma<T>
 using namespace mma_attention;  // load_tile_async, load_q_fragments, warp_scores, Shape, kNT, padded_head_dim
 
 // kOnePass: one CTA per head runs stats, softmax and apply. kStats / kApply: the two halves of a
@@ -38,11 +38,11 @@ struct XcaArgs {
 
 template <typename T, int kDp>
 struct XcaTraits {
-  static constexpr bool kMma = sizeof(T) == 2;             // tensor cores for fp16 / bf16
-  static constexpr int kRows = kMma ? 64 : 32;             // tokens per tile
+  static constexpr bool kMma = sizeof(T) == 2;                          // tensor cores for fp16 / bf16
+  static constexpr int kRows = kMma ? 64 : 32;                          // tokens per tile
   static constexpr int kStride = kMma ? Shape<kDp>::kStride : kDp + 4;  // tile row, elements
-  static constexpr int kGStride = kDp + 1;                 // fp32 G row (fp32 kernels: A too)
-  static constexpr int kPartFloats = kDp * kDp + 2 * kDp;  // one chunk's G and squared norms
+  static constexpr int kGStride = kDp + 1;                              // fp32 G row (fp32 kernels: A too)
+  static constexpr int kPartFloats = kDp * kDp + 2 * kDp;               // one chunk's G and squared norms
   static constexpr int kTileBytes = kRows * kStride * static_cast<int>(sizeof(T));
   static constexpr int kGBytes = kDp * kGStride * 4;
   static constexpr int kNormBytes = 2 * kDp * 4;
@@ -58,20 +58,18 @@ struct XcaTraits {
 // operand (channels × tokens) and k the B operand (tokens × channels): both come from row-major
 // token tiles through ldmatrix.trans.
 template <typename T, int kDp>
-__device__ __forceinline__ void gram_tile_mma(float (&acc)[kDp / 8][4], const T* sQ, const T* sK, int warp,
-                                              int lane) {
+__device__ __forceinline__ void gram_tile_mma(float (&acc)[kDp / 8][4], const T* sQ, const T* sK, int warp, int lane) {
   using Tr = XcaTraits<T, kDp>;
   constexpr int kStride = Tr::kStride;
 #pragma unroll
   for (int kk = 0; kk < Tr::kRows / 16; ++kk) {
     uint32_t af[4];  // matrices: (tokens 0-7, ch 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15)
-    ldmatrix_x4_trans(af, sQ + (kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * kStride + warp * 16 +
-                              ((lane >> 3) & 1) * 8);
+    ldmatrix_x4_trans(
+        af, sQ + (kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * kStride + warp * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
     for (int np = 0; np < kDp / 16; ++np) {
       uint32_t bf[4];  // as the V operand of attention's P·V
-      ldmatrix_x4_trans(bf, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + np * 16 +
-                                (lane >> 4) * 8);
+      ldmatrix_x4_trans(bf, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + np * 16 + (lane >> 4) * 8);
       Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
       Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
     }
@@ -97,8 +95,8 @@ __device__ __forceinline__ void gram_tile_fma(float (&acc)[kDp / 2], const float
 // g_out (row stride g_stride) and norm_out ([0, kDp): ‖q_i‖², [kDp, 2·kDp): ‖k_j‖²): shared memory
 // or a workspace partial.
 template <typename T, int kDp>
-__device__ __forceinline__ void stats_pass(const XcaArgs& a, const T* q, const T* k, int r_begin, int r_end,
-                                           T* sQ, T* sK, float* g_out, int g_stride, float* norm_out) {
+__device__ __forceinline__ void stats_pass(const XcaArgs& a, const T* q, const T* k, int r_begin, int r_end, T* sQ,
+                                           T* sK, float* g_out, int g_stride, float* norm_out) {
   using Tr = XcaTraits<T, kDp>;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   float acc_mma[kDp / 8][4];
@@ -409,9 +407,8 @@ cudaError_t xca_forward(const XcaFwdParams& p, cudaStream_t stream) {
   a.chunk_rows = plan.chunk_rows;
   a.num_chunks = plan.num_chunks;
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    return dispatch_head_dim<32, 48, 64>(p.D, [&](auto dp) {
-      return run<typename decltype(tag)::type, decltype(dp)::value>(a, bh, stream);
-    });
+    return dispatch_head_dim<32, 48, 64>(
+        p.D, [&](auto dp) { return run<typename decltype(tag)::type, decltype(dp)::value>(a, bh, stream); });
   });
 }
 

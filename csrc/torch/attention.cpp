@@ -61,10 +61,8 @@ void check_fits_int(int64_t v, const char* what) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      double scale) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& bias, double scale) {
   TORCH_CHECK(q.dim() == 4, kOp, "q must be 4-D (B, H, Nq, D), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, kOp, "k must be 4-D (B, H, Nk, D), got shape ", k.sizes());
   TORCH_CHECK(v.dim() == 4, kOp, "v must be 4-D (B, H, Nk, D), got shape ", v.sizes());
@@ -72,20 +70,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(k.device() == q.device(), kOp, "k is on ", k.device(), " but q is on ", q.device());
   TORCH_CHECK(v.device() == q.device(), kOp, "v is on ", v.device(), " but q is on ", q.device());
   const DType dtype = kernel_dtype(q.scalar_type(), kOp);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, "k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  TORCH_CHECK(v.scalar_type() == q.scalar_type(), kOp, "v has dtype ", v.scalar_type(),
-              " but q has dtype ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, "k has dtype ", k.scalar_type(), " but q has dtype ",
+              q.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), kOp, "v has dtype ", v.scalar_type(), " but q has dtype ",
+              q.scalar_type());
 
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Nk = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, kOp, "k shape ", k.sizes(),
-              " does not match q shape ", q.sizes(), " (expected (B, H, Nk, D) = (", B, ", ", H,
-              ", Nk, ", D, "))");
-  TORCH_CHECK(v.sizes() == k.sizes(), kOp, "v shape ", v.sizes(), " must equal k shape ",
-              k.sizes());
-  TORCH_CHECK(attention_forward_supports(static_cast<int>(D), dtype), kOp, "head dim D = ", D,
-              " (q shape ", q.sizes(),
+              " does not match q shape ", q.sizes(), " (expected (B, H, Nk, D) = (", B, ", ", H, ", Nk, ", D, "))");
+  TORCH_CHECK(v.sizes() == k.sizes(), kOp, "v shape ", v.sizes(), " must equal k shape ", k.sizes());
+  TORCH_CHECK(attention_forward_supports(static_cast<int>(D), dtype), kOp, "head dim D = ", D, " (q shape ", q.sizes(),
               ") is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
   check_fits_int(B, "batch size B");
   check_fits_int(H, "number of heads H");
@@ -96,18 +91,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   at::Tensor bias_t;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device() == q.device(), kOp, "bias is on ", b.device(), " but q is on ",
-                q.device());
+    TORCH_CHECK(b.device() == q.device(), kOp, "bias is on ", b.device(), " but q is on ", q.device());
     TORCH_CHECK(at::isFloatingType(b.scalar_type()) || b.scalar_type() == at::kBool, kOp,
                 "bias must be a floating tensor or a boolean mask, got ", b.scalar_type());
-    TORCH_CHECK(b.dim() <= 4, kOp, "bias must have at most 4 dims (broadcastable to (B, H, Nq, Nk)"
-                " = (", B, ", ", H, ", ", Nq, ", ", Nk, ")), got shape ", b.sizes());
+    TORCH_CHECK(b.dim() <= 4, kOp,
+                "bias must have at most 4 dims (broadcastable to (B, H, Nq, Nk)"
+                " = (",
+                B, ", ", H, ", ", Nq, ", ", Nk, ")), got shape ", b.sizes());
     const int64_t target[4] = {B, H, Nq, Nk};
     const int64_t off = 4 - b.dim();
     for (int64_t i = 0; i < b.dim(); ++i) {
       TORCH_CHECK(b.size(i) == 1 || b.size(i) == target[i + off], kOp, "bias shape ", b.sizes(),
-                  " is not broadcastable to (B, H, Nq, Nk) = (", B, ", ", H, ", ", Nq, ", ", Nk,
-                  ")");
+                  " is not broadcastable to (B, H, Nq, Nk) = (", B, ", ", H, ", ", Nq, ", ", Nk, ")");
     }
     // The kernel reads a float bias in the input dtype (as SDPA requires of attn_mask), and a
     // boolean mask as it is (one byte per element, broadcast dims at stride 0: no expanded copy).
@@ -159,15 +154,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = attention_forward(p, stream);
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for q ", q.sizes(), " k ", k.sizes(),
-              " dtype ", q.scalar_type(), ": ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for q ", q.sizes(), " k ", k.sizes(), " dtype ",
+              q.scalar_type(), ": ", cudaGetErrorString(err));
   return {out, lse};
 }
 
 std::string built_archs() { return std::string(attention_built_archs()); }
 
-bool attention_supports(int64_t head_dim, std::optional<at::ScalarType> dtype,
-                        std::optional<at::Device> /*device*/) {
+bool attention_supports(int64_t head_dim, std::optional<at::ScalarType> dtype, std::optional<at::Device> /*device*/) {
   return query_supports(dtype, attention_forward_supports, head_dim);
 }
 
@@ -183,6 +177,4 @@ TORCH_LIBRARY(vitkernels_C, m) {
   m.def("built_archs() -> str", &vitkernels::built_archs);
 }
 
-TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
-  m.impl("attention_fwd", &vitkernels::attention_fwd_cuda);
-}
+TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) { m.impl("attention_fwd", &vitkernels::attention_fwd_cuda); }

@@ -73,8 +73,7 @@ bool query_supports(const std::optional<at::ScalarType>& dtype, F&& kernel_suppo
 }
 
 // An attribute of `device` (a CUDA device), else of the current CUDA device.
-inline cudaError_t query_device_attribute(const std::optional<at::Device>& device, cudaDeviceAttr attr,
-                                          int* value) {
+inline cudaError_t query_device_attribute(const std::optional<at::Device>& device, cudaDeviceAttr attr, int* value) {
   if (device.has_value() && device->type() == c10::DeviceType::CUDA && device->has_index()) {
     return cudaDeviceGetAttribute(value, attr, device->index());
   }

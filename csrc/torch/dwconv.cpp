@@ -35,33 +35,29 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x, at::IntArrayRef hw, const at::Te
   const int64_t H = hw[0], W = hw[1];
   TORCH_CHECK(H >= 1 && W >= 1, kDwOp, "hw must be (H, W) with H, W >= 1, got ", hw);
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK(H * W == N, kDwOp, "x has ", N, " tokens but hw = (", H, ", ", W,
-              ") needs H*W = ", H * W, " (x shape ", x.sizes(), ")");
+  TORCH_CHECK(H * W == N, kDwOp, "x has ", N, " tokens but hw = (", H, ", ", W, ") needs H*W = ", H * W, " (x shape ",
+              x.sizes(), ")");
   const DType dtype = kernel_dtype(x.scalar_type(), kDwOp);
 
-  TORCH_CHECK(weight.dim() == 4, kDwOp, "weight must be 4-D (C, 1, k, k), got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 4, kDwOp, "weight must be 4-D (C, 1, k, k), got shape ", weight.sizes());
   const int64_t k = weight.size(3);
   TORCH_CHECK(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k, kDwOp,
               "weight must be (C, 1, k, k) with C = ", C, ", got shape ", weight.sizes());
-  TORCH_CHECK(k <= 7 && dwconv_forward_supports(static_cast<int>(k), dtype), kDwOp,
-              "kernel size k = ", k, " is not supported (built for k = 1, 3, 5, 7)");
-  TORCH_CHECK(weight.device() == x.device(), kDwOp, "weight is on ", weight.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), kDwOp, "weight has dtype ",
-              weight.scalar_type(), " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(activation >= 0 && activation <= 2, kDwOp,
-              "activation must be 0 (none), 1 (gelu) or 2 (relu), got ", activation);
+  TORCH_CHECK(k <= 7 && dwconv_forward_supports(static_cast<int>(k), dtype), kDwOp, "kernel size k = ", k,
+              " is not supported (built for k = 1, 3, 5, 7)");
+  TORCH_CHECK(weight.device() == x.device(), kDwOp, "weight is on ", weight.device(), " but x is on ", x.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), kDwOp, "weight has dtype ", weight.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(activation >= 0 && activation <= 2, kDwOp, "activation must be 0 (none), 1 (gelu) or 2 (relu), got ",
+              activation);
 
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == C, kDwOp, "bias must be (C,) = (", C,
-                ",), got shape ", b.sizes());
-    TORCH_CHECK(b.device() == x.device(), kDwOp, "bias is on ", b.device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), kDwOp, "bias has dtype ", b.scalar_type(),
-                " but x has dtype ", x.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == C, kDwOp, "bias must be (C,) = (", C, ",), got shape ", b.sizes());
+    TORCH_CHECK(b.device() == x.device(), kDwOp, "bias is on ", b.device(), " but x is on ", x.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), kDwOp, "bias has dtype ", b.scalar_type(), " but x has dtype ",
+                x.scalar_type());
     bias_c = b.contiguous();
   }
 
@@ -96,13 +92,12 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x, at::IntArrayRef hw, const at::Te
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = dwconv_forward(p, stream);
-  TORCH_CHECK(err == cudaSuccess, kDwOp, "kernel launch failed for x ", x.sizes(), " k = ", k,
-              " dtype ", x.scalar_type(), ": ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, kDwOp, "kernel launch failed for x ", x.sizes(), " k = ", k, " dtype ",
+              x.scalar_type(), ": ", cudaGetErrorString(err));
   return out;
 }
 
-bool dwconv_supports(int64_t kernel_size, std::optional<at::ScalarType> dtype,
-                     std::optional<at::Device> /*device*/) {
+bool dwconv_supports(int64_t kernel_size, std::optional<at::ScalarType> dtype, std::optional<at::Device> /*device*/) {
   return query_supports(dtype, dwconv_forward_supports, kernel_size);
 }
 
@@ -114,6 +109,4 @@ TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
         &vitkernels::dwconv_supports);
 }
 
-TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
-  m.impl("dwconv_fwd", &vitkernels::dwconv_fwd_cuda);
-}
+TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) { m.impl("dwconv_fwd", &vitkernels::dwconv_fwd_cuda); }

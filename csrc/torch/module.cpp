@@ -20,18 +20,16 @@
 
 static struct PyModuleDef vitkernels_module_def = {
     PyModuleDef_HEAD_INIT,
-    VK_STR(TORCH_EXTENSION_NAME), /* m_name */
+    VK_STR(TORCH_EXTENSION_NAME),                                             /* m_name */
     "vitkernels compiled CUDA ops (registered under torch.ops.vitkernels_C)", /* m_doc */
-    -1,                           /* m_size */
-    nullptr,                      /* m_methods */
-    nullptr,                      /* m_slots */
-    nullptr,                      /* m_traverse */
-    nullptr,                      /* m_clear */
-    nullptr,                      /* m_free */
+    -1,                                                                       /* m_size */
+    nullptr,                                                                  /* m_methods */
+    nullptr,                                                                  /* m_slots */
+    nullptr,                                                                  /* m_traverse */
+    nullptr,                                                                  /* m_clear */
+    nullptr,                                                                  /* m_free */
 };
 
-PyMODINIT_FUNC VK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  return PyModule_Create(&vitkernels_module_def);
-}
+PyMODINIT_FUNC VK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&vitkernels_module_def); }
 
 #endif  // VITKERNELS_BUILD_PYTHON_MODULE

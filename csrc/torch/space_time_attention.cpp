@@ -34,8 +34,8 @@ constexpr const char* kOp = "vitkernels space_time_attention_fwd: ";
 
 // (B, G, H, L, D) element strides of the sequences of a token buffer t (B, S·T, width) whose rows
 // are `row` elements apart: groups are spatial positions (time axis) or frames (space axis).
-void sequence_strides(int64_t batch_stride, int64_t row, int64_t S, int64_t T, bool time_axis,
-                      bool layout_st, int64_t D, int64_t (&s)[5]) {
+void sequence_strides(int64_t batch_stride, int64_t row, int64_t S, int64_t T, bool time_axis, bool layout_st,
+                      int64_t D, int64_t (&s)[5]) {
   // Token index of (spatial s, frame t): s·T + t ("st") or t·S + s ("ts").
   const int64_t spatial = layout_st ? T * row : row;
   const int64_t frame = layout_st ? row : S * row;
@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
               " is not 3 * num_heads * D for num_heads = ", num_heads);
   TORCH_CHECK(frames > 0 && N % frames == 0, kOp, "frames = ", frames, " does not divide the token count ", N);
   const int64_t C = C3 / 3, H = num_heads, D = C / H, T = frames, S = N / frames;
-  TORCH_CHECK(D <= 128 && attention_forward_supports(static_cast<int>(D), dtype), kOp,
-              "head dim D = ", D, " is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
+  TORCH_CHECK(D <= 128 && attention_forward_supports(static_cast<int>(D), dtype), kOp, "head dim D = ", D,
+              " is not supported by the CUDA kernel; it needs D % 8 == 0 and 8 <= D <= 128");
   const bool time_axis = axis == "time";
   const bool has_cls = cls_in.has_value() && cls_in->defined();
   TORCH_CHECK(!has_cls || !time_axis, kOp, "cls_qkv is only valid with axis 'space'");
@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
                 qkv_in.device());
     TORCH_CHECK(cls.scalar_type() == qkv_in.scalar_type(), kOp, "cls_qkv has dtype ", cls.scalar_type(),
                 " but qkv has dtype ", qkv_in.scalar_type());
-    TORCH_CHECK(cls.dim() == 2 && cls.size(0) == B && cls.size(1) == C3, kOp, "cls_qkv must be (B, 3C) = (", B,
-                ", ", C3, "), got shape ", cls.sizes());
+    TORCH_CHECK(cls.dim() == 2 && cls.size(0) == B && cls.size(1) == C3, kOp, "cls_qkv must be (B, 3C) = (", B, ", ",
+                C3, "), got shape ", cls.sizes());
   }
 
   c10::cuda::CUDAGuard device_guard(qkv_in.device());
@@ -138,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_time_attention_
   p.dtype = dtype;
 
   const cudaError_t err = attention_forward(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for qkv ", qkv_in.sizes(), " (frames ", frames,
-              ", heads ", num_heads, ", axis ", axis, ", layout ", layout, ") dtype ", qkv_in.scalar_type(), ": ",
+  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for qkv ", qkv_in.sizes(), " (frames ", frames, ", heads ",
+              num_heads, ", axis ", axis, ", layout ", layout, ") dtype ", qkv_in.scalar_type(), ": ",
               cudaGetErrorString(err));
   return {out, cls_out, lse, cls_lse};
 }

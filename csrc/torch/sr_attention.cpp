@@ -28,20 +28,19 @@ constexpr const char* kOp = "vitkernels sr_attention_fwd: ";
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& kv,
-                                                         int64_t num_heads, double scale) {
+std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& kv, int64_t num_heads,
+                                                         double scale) {
   TORCH_CHECK(q.dim() == 3, kOp, "q must be (B, N, C), got shape ", q.sizes());
   TORCH_CHECK(kv.dim() == 3, kOp, "kv must be (B, M, 2C), got shape ", kv.sizes());
   TORCH_CHECK(q.is_cuda(), kOp, "q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(kv.device() == q.device(), kOp, "kv is on ", kv.device(), " but q is on ", q.device());
-  TORCH_CHECK(kv.scalar_type() == q.scalar_type(), kOp, "kv has dtype ", kv.scalar_type(),
-              " but q has dtype ", q.scalar_type());
+  TORCH_CHECK(kv.scalar_type() == q.scalar_type(), kOp, "kv has dtype ", kv.scalar_type(), " but q has dtype ",
+              q.scalar_type());
   const DType dtype = kernel_dtype(q.scalar_type(), kOp);
   const int64_t B = q.size(0), N = q.size(1), C = q.size(2), M = kv.size(1);
-  TORCH_CHECK(num_heads > 0 && C % num_heads == 0, kOp, "C = ", C, " is not divisible by num_heads = ",
-              num_heads);
-  TORCH_CHECK(kv.size(0) == B && kv.size(2) == 2 * C, kOp, "kv must be (B, M, 2C) = (", B, ", M, ",
-              2 * C, ") for q ", q.sizes(), ", got ", kv.sizes());
+  TORCH_CHECK(num_heads > 0 && C % num_heads == 0, kOp, "C = ", C, " is not divisible by num_heads = ", num_heads);
+  TORCH_CHECK(kv.size(0) == B && kv.size(2) == 2 * C, kOp, "kv must be (B, M, 2C) = (", B, ", M, ", 2 * C, ") for q ",
+              q.sizes(), ", got ", kv.sizes());
   const int64_t D = C / num_heads;
   TORCH_CHECK(M >= 1 && M <= std::numeric_limits<int>::max(), kOp, "needs 1 <= M, got M = ", M);
   TORCH_CHECK(B <= std::numeric_limits<int>::max() && N <= std::numeric_limits<int>::max() &&
@@ -51,11 +50,12 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, co
   c10::cuda::CUDAGuard device_guard(q.device());
   int device = q.get_device(), max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(sr_attention_forward_supports(static_cast<int>(M), static_cast<int>(D), dtype, max_smem),
-              kOp, "M = ", M, ", head dim D = ", D, " (", q.scalar_type(),
+  TORCH_CHECK(sr_attention_forward_supports(static_cast<int>(M), static_cast<int>(D), dtype, max_smem), kOp, "M = ", M,
+              ", head dim D = ", D, " (", q.scalar_type(),
               ") is not supported: it needs 1 <= M <= 256, D % 8 == 0, 8 <= D <= 128 and the keys and "
-              "values in shared memory (", sr_attention_forward_smem_bytes(static_cast<int>(M), static_cast<int>(D)),
-              " bytes; this device allows ", max_smem, ")");
+              "values in shared memory (",
+              sr_attention_forward_smem_bytes(static_cast<int>(M), static_cast<int>(D)), " bytes; this device allows ",
+              max_smem, ")");
 
   at::Tensor out = at::empty({B, N, C}, q.options());
   at::Tensor lse = at::empty({B, num_heads, N}, q.options().dtype(at::kFloat));
@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> sr_attention_fwd_cuda(const at::Tensor& q, co
   p.scale = static_cast<float>(scale);
   p.dtype = dtype;
   const cudaError_t err = sr_attention_forward(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for q ", q.sizes(), " kv ", kv.sizes(),
-              " dtype ", q.scalar_type(), ": ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed for q ", q.sizes(), " kv ", kv.sizes(), " dtype ",
+              q.scalar_type(), ": ", cudaGetErrorString(err));
   return {out, lse};
 }
 
@@ -103,6 +103,4 @@ TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
         &vitkernels::sr_attention_supports);
 }
 
-TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
-  m.impl("sr_attention_fwd", &vitkernels::sr_attention_fwd_cuda);
-}
+TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) { m.impl("sr_attention_fwd", &vitkernels::sr_attention_fwd_cuda); }

@@ -92,6 +92,4 @@ TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def("xca_supports_head_dim(int head_dim) -> bool", &vitkernels::xca_supports_head_dim);
 }
 
-TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
-  m.impl("xca_fwd", &vitkernels::xca_fwd_cuda);
-}
+TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) { m.impl("xca_fwd", &vitkernels::xca_fwd_cuda); }

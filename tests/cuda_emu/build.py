@@ -20,6 +20,7 @@ $VITKERNELS_CACHE_DIR or ~/.cache/vitkernels, keyed by a hash of every input.
 
     python tests/cuda_emu/build.py   # builds and prints the library's path
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -64,6 +65,7 @@ def cuda_include_dir() -> Optional[str]:
     candidates += sorted(glob.glob("/usr/local/cuda*/include"), reverse=True)
     try:
         import triton
+
         candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include"))
     except ImportError:
         pass
@@ -91,7 +93,7 @@ def _split_top_level(s: str) -> List[str]:
 
 def _launch_call(m) -> str:
     config = _split_top_level(m.group(2))
-    config += ["0", "nullptr"][len(config) - 2:]  # <<<grid, block[, smem[, stream]]>>>
+    config += ["0", "nullptr"][len(config) - 2 :]  # <<<grid, block[, smem[, stream]]>>>
     args = m.group(3).strip()
     return f"::vkemu::launch({m.group(1)}, {', '.join(config)}{', ' + args if args else ''});"
 
@@ -100,7 +102,8 @@ def translate_kernel_source(text: str, name: str) -> str:
     """The emulator's rewrites of one csrc/kernels file (see the module docstring)."""
     text = _LAUNCH.sub(_launch_call, text)
     text = _EXTERN_SMEM.sub(
-        lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::vkemu::dynamic_smem());", text)
+        lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::vkemu::dynamic_smem());", text
+    )
     for leftover in ("<<<", "extern __shared__"):
         if leftover in text:
             raise RuntimeError(f"vkemu translator: {name} still contains {leftover!r} after rewriting")
@@ -123,8 +126,12 @@ def _hash(files: List[str], extra: str) -> str:
 
 
 def _emulator_files() -> List[str]:
-    files = sorted(glob.glob(os.path.join(HERE, "*.h")) + glob.glob(os.path.join(HERE, "*.cuh"))
-                   + glob.glob(os.path.join(HERE, "*.cpp")) + [os.path.abspath(__file__)])
+    files = sorted(
+        glob.glob(os.path.join(HERE, "*.h"))
+        + glob.glob(os.path.join(HERE, "*.cuh"))
+        + glob.glob(os.path.join(HERE, "*.cpp"))
+        + [os.path.abspath(__file__)]
+    )
     return files + sorted(glob.glob(os.path.join(HERE, "include", "**", "*.h"), recursive=True))
 
 
@@ -142,8 +149,9 @@ def _toolchain():
         raise EmulatorUnavailable(f"no C++ compiler ({cxx}) on PATH")
     cuda_inc = cuda_include_dir()
     if cuda_inc is None:
-        raise EmulatorUnavailable("no CUDA headers found (nvcc's toolkit, $CUDA_HOME, /usr/local/cuda*, "
-                                  "or triton's copy)")
+        raise EmulatorUnavailable(
+            "no CUDA headers found (nvcc's toolkit, $CUDA_HOME, /usr/local/cuda*, or triton's copy)"
+        )
     if not os.path.isdir(os.path.join(CSRC, "kernels")):
         raise EmulatorUnavailable(f"csrc/ not found at {CSRC}")
     return cxx, cuda_inc
@@ -178,6 +186,7 @@ def _build(tag: str, files: List[str], verbose: bool, make_units) -> str:
     """Compiles and links in a cache directory keyed by `files` and the toolchain; make_units(work)
     writes the sources and returns [(source, extra flags)] plus the link flags."""
     import torch
+
     cxx, cuda_inc = _toolchain()
     key = _hash(files, f"{torch.__version__}|{cuda_inc}|{cxx}")
     out_dir = os.path.join(_cache_root(), f"vkemu-{tag}-{key}")
@@ -203,8 +212,11 @@ def _build(tag: str, files: List[str], verbose: bool, make_units) -> str:
         objs = list(pool.map(compile_one, units))
     # -Bsymbolic: the library's calls to the CUDA runtime API bind to vkemu's own definitions, not to a
     # libcudart already loaded in the process (a CUDA build of torch on a machine with no GPU).
-    _run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", os.path.join(work, os.path.basename(lib))] + objs + link_flags,
-         work, verbose)
+    _run(
+        [cxx, "-shared", "-Wl,-Bsymbolic", "-o", os.path.join(work, os.path.basename(lib))] + objs + link_flags,
+        work,
+        verbose,
+    )
     if os.path.isdir(out_dir):  # another process finished first
         shutil.rmtree(work, ignore_errors=True)
     else:
@@ -224,13 +236,19 @@ def build(verbose: bool = False) -> str:
     def make_units(work):
         # The macros torch's extension builds give nvcc, so code that relies on an implicit
         # half/bfloat16 conversion fails here as it would there.
-        kernel_flags = ["-include", os.path.join(HERE, "vkemu.h"), "-D__CUDA_NO_HALF_OPERATORS__",
-                        "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                        "-D__CUDA_NO_HALF2_OPERATORS__"]
+        kernel_flags = [
+            "-include",
+            os.path.join(HERE, "vkemu.h"),
+            "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-D__CUDA_NO_HALF2_OPERATORS__",
+        ]
         units = [(u, kernel_flags) for u in _write_kernel_tree(work, [])]
         os.makedirs(os.path.join(work, "torch"))
-        glue_flags = ["-I", os.path.join(HERE, "include")] + [a for p in cpp_extension.include_paths()
-                                                               for a in ("-I", p)]
+        glue_flags = ["-I", os.path.join(HERE, "include")] + [
+            a for p in cpp_extension.include_paths() for a in ("-I", p)
+        ]
         for path in sorted(glob.glob(os.path.join(CSRC, "torch", "*"))):
             name = os.path.basename(path)
             with open(path) as fh:
@@ -257,8 +275,12 @@ def build_selftest(verbose: bool = False) -> str:
         units = [u for u in _write_kernel_tree(work, [selftest]) if os.path.basename(u) == "selftest.cpp"]
         return [(u, flags) for u in units], []
 
-    return _build("vkemu_selftest", sorted(glob.glob(os.path.join(CSRC, "kernels", "*"))) + [selftest]
-                  + _emulator_files(), verbose, make_units)
+    return _build(
+        "vkemu_selftest",
+        sorted(glob.glob(os.path.join(CSRC, "kernels", "*"))) + [selftest] + _emulator_files(),
+        verbose,
+        make_units,
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ inline uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p));  // only used to form PTX operands
 }
 
-inline void cp_async_16(void* dst, const void* src, int src_bytes) {
-  ::vkemu::cp_async_16(dst, src, src_bytes);
-}
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { ::vkemu::cp_async_16(dst, src, src_bytes); }
 inline void cp_async_commit() { ::vkemu::cp_async_commit(); }
 inline void cp_async_wait_all() { ::vkemu::cp_async_wait(0); }  // cp.async.wait_group 0
 template <int kPending>

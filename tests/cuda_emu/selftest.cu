@@ -1,6 +1,6 @@
 // Small CUDA kernels that pin down what the vkemu emulator does: the tensor-core fragment layouts
 // and cp.async / ldmatrix semantics the csrc kernels rely on, and the faults it must report.
-// tests/test_cuda_emulator.py builds this file through the same translator as csrc/ and calls the
+// tests/cuda/test_cuda_emulator.py builds this file through the same translator as csrc/ and calls the
 // extern "C" entry points with ctypes. Plain CUDA: it also compiles with nvcc.
 #include <cuda_runtime.h>
 
@@ -89,8 +89,8 @@ extern "C" {
 int vkemu_selftest_mma(int bf16, const void* a, const void* b, float* c) {
   const int smem = (16 * 16 + 16 * 8) * 2;
   if (bf16) {
-    mma_tile_kernel<__nv_bfloat16><<<1, 32, smem>>>(static_cast<const __nv_bfloat16*>(a),
-                                                    static_cast<const __nv_bfloat16*>(b), c);
+    mma_tile_kernel<__nv_bfloat16>
+        <<<1, 32, smem>>>(static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b), c);
   } else {
     mma_tile_kernel<__half><<<1, 32, smem>>>(static_cast<const __half*>(a), static_cast<const __half*>(b), c);
   }

@@ -53,7 +53,7 @@ namespace vkemu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kCanaryBytes = 256;  // checked after each block: writes past the dynamic smem
+constexpr size_t kCanaryBytes = 256;           // checked after each block: writes past the dynamic smem
 constexpr int kDefaultSmemOptin = 227 * 1024;  // H100 / H200: 227 KiB of opt-in shared memory
 constexpr int kDefaultSmCount = 132;
 
@@ -62,10 +62,14 @@ enum class Op { kSyncwarp, kShfl, kLdmatrix, kMma };
 
 const char* op_name(Op op) {
   switch (op) {
-    case Op::kSyncwarp: return "__syncwarp";
-    case Op::kShfl: return "__shfl_xor_sync";
-    case Op::kLdmatrix: return "ldmatrix";
-    case Op::kMma: return "mma.sync";
+    case Op::kSyncwarp:
+      return "__syncwarp";
+    case Op::kShfl:
+      return "__shfl_xor_sync";
+    case Op::kLdmatrix:
+      return "ldmatrix";
+    case Op::kMma:
+      return "mma.sync";
   }
   return "?";
 }
@@ -195,8 +199,7 @@ void* new_stack() {
   }
   // One guard page below the stack: an overflow faults instead of corrupting a neighbour.
   const size_t page = 4096;
-  void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                 -1, 0);
+  void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) {
     std::fprintf(stderr, "vkemu: mmap of a fiber stack failed\n");
     std::abort();
@@ -210,9 +213,8 @@ void yield() { switch_to(g_fiber->ctx, g_block->sched); }
 std::string where() {
   char buf[160];
   const ThreadPos& p = g_fiber->pos;
-  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u) [warp %d lane %d]: ",
-                p.block_idx.x, p.block_idx.y, p.block_idx.z, p.thread_idx.x, p.thread_idx.y,
-                p.thread_idx.z, g_fiber->warp, g_fiber->lane);
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u) [warp %d lane %d]: ", p.block_idx.x, p.block_idx.y,
+                p.block_idx.z, p.thread_idx.x, p.thread_idx.y, p.thread_idx.z, g_fiber->warp, g_fiber->lane);
   return buf;
 }
 
@@ -322,8 +324,8 @@ const LaneOut& warp_collective(const LaneIn& in, unsigned mask) {
   if (mask != 0xffffffffu) fail("%s: only full-warp masks are emulated (mask 0x%08x)", op_name(in.op), mask);
   if (w.size != 32) fail("%s with a full mask in a partial warp of %d lanes", op_name(in.op), w.size);
   if (w.arrived > 0 && w.in[w.first].op != in.op) {
-    fail("divergent warp: lane %d reached %s while lane %d waits at %s", f.lane, op_name(in.op),
-         w.first, op_name(w.in[w.first].op));
+    fail("divergent warp: lane %d reached %s while lane %d waits at %s", f.lane, op_name(in.op), w.first,
+         op_name(w.in[w.first].op));
   }
   if (w.arrived == 0) w.first = f.lane;
   w.in[f.lane] = in;
@@ -433,8 +435,9 @@ bool run_block(Block& b, dim3 grid, dim3 block, dim3 bidx, bool reverse) {
   for (size_t i = 0; i < kCanaryBytes; ++i) {
     if (b.smem[b.smem_bytes + i] != 0xff) {
       char buf[128];
-      std::snprintf(buf, sizeof buf, "vkemu: block (%u,%u,%u) wrote past the end of its %zu bytes of dynamic shared memory",
-                    bidx.x, bidx.y, bidx.z, b.smem_bytes);
+      std::snprintf(buf, sizeof buf,
+                    "vkemu: block (%u,%u,%u) wrote past the end of its %zu bytes of dynamic shared memory", bidx.x,
+                    bidx.y, bidx.z, b.smem_bytes);
       set_error(cudaErrorLaunchFailure, buf);
       return false;
     }
@@ -504,8 +507,7 @@ void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async: src-size %d outside [0, 16]", src_bytes);
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async: shared address %p not 16-byte aligned", dst);
   if (!in_smem(dst, 16)) {
-    fail("cp.async: destination %p outside the block's %zu bytes of dynamic shared memory", dst,
-         g_block->smem_bytes);
+    fail("cp.async: destination %p outside the block's %zu bytes of dynamic shared memory", dst, g_block->smem_bytes);
   }
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     fail("cp.async: global address %p not 16-byte aligned", src);
@@ -559,8 +561,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, Kern
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) {
     char buf[160];
-    std::snprintf(buf, sizeof buf, "vkemu: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)",
-                  grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    std::snprintf(buf, sizeof buf, "vkemu: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", grid.x,
+                  grid.y, grid.z, block.x, block.y, block.z);
     set_error(cudaErrorInvalidConfiguration, buf);
     return;
   }
@@ -574,7 +576,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, Kern
     char buf[160];
     std::snprintf(buf, sizeof buf,
                   "vkemu: %zu bytes of dynamic shared memory requested, the kernel allows %d "
-                  "(cudaFuncAttributeMaxDynamicSharedMemorySize)", smem_bytes, allowed);
+                  "(cudaFuncAttributeMaxDynamicSharedMemorySize)",
+                  smem_bytes, allowed);
     set_error(cudaErrorInvalidValue, buf);
     return;
   }
@@ -585,7 +588,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, Kern
   // its own fibers and shared memory (static __shared__ arrays are thread_local).
   const uint64_t n_blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const uint64_t n_workers = std::min<uint64_t>(n_blocks, static_cast<uint64_t>(env_int("VKEMU_THREADS", static_cast<int>(hw))));
+  const uint64_t n_workers =
+      std::min<uint64_t>(n_blocks, static_cast<uint64_t>(env_int("VKEMU_THREADS", static_cast<int>(hw))));
   std::atomic<uint64_t> next{0};
   std::atomic<bool> stop{false};
   auto worker = [&]() {
@@ -632,7 +636,8 @@ cudaError_t cudaPeekAtLastError(void) {
 
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
-    case cudaSuccess: return "no error";
+    case cudaSuccess:
+      return "no error";
     case cudaErrorInvalidValue:
     case cudaErrorInvalidConfiguration:
     case cudaErrorLaunchFailure: {
@@ -643,7 +648,8 @@ const char* cudaGetErrorString(cudaError_t error) {
                                      : vkemu::g_message;
       return msg.c_str();
     }
-    default: return "vkemu: unemulated CUDA error";
+    default:
+      return "vkemu: unemulated CUDA error";
   }
 }
 

@@ -84,8 +84,8 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, Kern
 // args...): the arguments are converted to the kernel's parameter types once, as CUDA copies them
 // into the parameter buffer, and every thread sees that copy.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-            cudaStream_t /*stream*/, Args&&... args) {
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t /*stream*/,
+            Args&&... args) {
   struct Body final : KernelBody {
     void (*fn)(Params...);
     std::tuple<std::decay_t<Params>...> params;

@@ -1,4 +1,5 @@
 """`python -m vitkernels.bench` = the `vitkernels-bench` console script."""
+
 import sys
 
 from .cli import main

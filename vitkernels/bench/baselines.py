@@ -21,6 +21,7 @@ once, outside the timed region, as timm builds them at construction.
 Each op's spec (`OpSpec.bench`, vitkernels/ops/<op>.py) points at its `<op>_composition` below and says
 whether an SDPA / FlexAttention formulation exists.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ from .cases import Case
 
 IMPLS = ("vitkernels", "eager", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "compile")
 BASELINES = IMPLS[1:]
-SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
-               "sdpa-cudnn": "CUDNN_ATTENTION"}
+SDPA_FORCED = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+}
 COMPILED = ("flex", "compile")
 
 
@@ -67,6 +71,7 @@ def applies(impl: str, op: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- attention cores
 # q, k, v: (..., heads, N, D). `bias` is an additive score bias broadcastable to the scores.
+
 
 def _core_eager(q, k, v, scale, bias=None):
     attn = (q * scale) @ k.transpose(-2, -1)
@@ -98,7 +103,9 @@ def _make_core_flex():
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[h, q_idx, kv_idx]
+
         return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
     return core
 
 
@@ -108,10 +115,12 @@ _CORES = {"eager": lambda: _core_eager, "sdpa": lambda: _core_sdpa, "flex": _mak
 # ----------------------------------------------------------------------------- compositions per op
 # One builder per op (its spec's `bench.baseline`): (case, *, core, core_name, dtype, device) -> fn(tensors).
 
+
 def attention_composition(case: Case, core, **_):
     def fn(t):
         q = t["q"]
         return core(q, t["k"], t["v"], q.shape[-1] ** -0.5, t.get("bias"))
+
     return fn
 
 
@@ -133,6 +142,7 @@ def self_attention_composition(case: Case, core, **_):
     def fn(t):
         q, k, v = _split_heads(t["qkv"], heads, 3)
         return _merge_heads(core(q, k, v, q.shape[-1] ** -0.5))
+
     return fn
 
 
@@ -144,6 +154,7 @@ def sr_attention_composition(case: Case, core, **_):
         q = t["q"].reshape(b, n, heads, c // heads).permute(0, 2, 1, 3)
         k, v = _split_heads(t["kv"], heads, 2)
         return _merge_heads(core(q, k, v, q.shape[-1] ** -0.5))
+
     return fn
 
 
@@ -165,6 +176,7 @@ def xca_composition(case: Case, core_name, **_):
             attn = (q @ k.transpose(-2, -1)) * temperature
             x = attn.softmax(dim=-1) @ v
         return x.permute(0, 3, 1, 2).reshape(b, n, c)
+
     return fn
 
 
@@ -199,10 +211,12 @@ def space_time_attention_composition(case: Case, core, **_):
             o = o.reshape(b, tt, s, c).transpose(1, 2)  # back to (B, S, T, C)
         out = o.reshape(b, n, c) if layout == "st" else o.transpose(1, 2).reshape(b, n, c)
         return out if cls_out is None else (out, cls_out)
+
     return fn
 
 
 # Swin: timm's window helpers and buffers --------------------------------------------------------
+
 
 def _window_partition(x, m):
     """(B, H, W, C) -> (B·nW, M·M, C), timm's window_partition."""
@@ -295,6 +309,7 @@ def window_attention_composition(case: Case, core_name, dtype, device, **_):
                 if mask is not None:
                     score = score + mask[bi % nw, qi, ki]
                 return score
+
             o = flex_attention(q, k, v, score_mod=score_mod, scale=scale)
         o = _window_reverse(o.transpose(1, 2).reshape(bw, nt, c), m, hp, wp)
         if s > 0 and not shift_first:
@@ -304,10 +319,12 @@ def window_attention_composition(case: Case, core_name, dtype, device, **_):
         if s > 0 and shift_first:
             o = torch.roll(o, shifts=(s, s), dims=(1, 2))
         return o.reshape(b, h * w, c)
+
     return fn
 
 
 # dwconv / Mix-FFN: PVTv2 / SegFormer DWConv (transpose, view, conv2d(groups=C), flatten, transpose) -----
+
 
 def _act(y, activation):
     if activation == "gelu":
@@ -339,6 +356,7 @@ def mix_ffn_composition(case: Case, **_):
             y = F.relu(y)
         y = _dwconv_eager(y, hw, t["dw_weight"], t.get("dw_bias"), "gelu")
         return F.linear(y, t["fc2_weight"], t.get("fc2_bias"))
+
     return fn
 
 
@@ -355,8 +373,10 @@ def composition(case: Case, core_name: str, dtype, device) -> Callable:
 
 # ----------------------------------------------------------------------------- building one impl
 
+
 def _sdpa_context(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     backend = getattr(SDPBackend, SDPA_FORCED[name], None)
     if backend is None:
         raise Unsupported(f"torch {torch.__version__} has no SDPBackend.{SDPA_FORCED[name]}")
@@ -376,9 +396,11 @@ def build(impl: str, case: Case, dtype, device, backend: str = "auto") -> Impl:
     device = torch.device(device)
     if impl == "vitkernels":
         import vitkernels
+
         op = getattr(vitkernels, case.op)
         args = case.args
         from .. import use_backend
+
         return Impl(impl, lambda t: op(**t, **args), context=lambda: use_backend(backend))
     if impl == "eager":
         return Impl(impl, composition(case, "eager", dtype, device))

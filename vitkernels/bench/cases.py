@@ -33,6 +33,7 @@ Shapes (batch sizes are the defaults; `--batch` overrides them):
 Each op's spec (`OpSpec.bench.cases`, vitkernels/ops/<op>.py) points at its `<op>_cases(add)` below,
 which adds its catalogue entries built by its case factory `<op>_case`.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ import torch
 from ..ops import _spec
 
 ATTENTION_BWD = 2.5  # FA2 convention: backward FLOPs = 2.5 x forward
-PLAIN_BWD = 2.0      # one transposed pass per differentiable input
+PLAIN_BWD = 2.0  # one transposed pass per differentiable input
 
 OPS = tuple(_spec.names())  # every op, in SPEC order (from the op specs)
 MODES = ("fwd", "fwd+bwd")
@@ -54,31 +55,31 @@ MODES = ("fwd", "fwd+bwd")
 class TensorSpec:
     shape: tuple
     init: str = "randn"  # randn | fan_in (randn / sqrt(last dim)) | dw (randn / k) | ones | log10 (ln 10 + 0.1·randn)
-    diff: bool = True     # differentiated in fwd+bwd mode
+    diff: bool = True  # differentiated in fwd+bwd mode
 
 
 @dataclass
 class Case:
     op: str
-    label: str            # e.g. "swin_t s1@224"
-    model: str            # the real model the shape comes from
+    label: str  # e.g. "swin_t s1@224"
+    model: str  # the real model the shape comes from
     batch: int
-    tensors: dict         # name -> TensorSpec, in the op's parameter order
-    args: dict            # the op's non-tensor arguments
-    outputs: tuple        # output shapes, in the order the op returns them
-    shape: dict           # what the results file records as "shape"
-    flops: float          # forward FLOPs
-    bwd_factor: float     # backward FLOPs / forward FLOPs
+    tensors: dict  # name -> TensorSpec, in the op's parameter order
+    args: dict  # the op's non-tensor arguments
+    outputs: tuple  # output shapes, in the order the op returns them
+    shape: dict  # what the results file records as "shape"
+    flops: float  # forward FLOPs
+    bwd_factor: float  # backward FLOPs / forward FLOPs
     unit: str = "tensor"  # "tensor" (matmul-bound) or "vector" (CUDA-core FMAs, e.g. dwconv)
     representative: bool = False
     tiny: bool = False
-    factory: Optional[Callable[[int], "Case"]] = field(default=None, repr=False, compare=False)
+    factory: Optional[Callable[[int], Case]] = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> str:
         return f"{self.op}:{self.label}"
 
-    def with_batch(self, batch: int) -> "Case":
+    def with_batch(self, batch: int) -> Case:
         """The same case at another batch size."""
         if self.factory is None or batch == self.batch:
             return self
@@ -101,8 +102,14 @@ class Case:
         return " ".join(f"{k}={v}" for k, v in self.shape.items())
 
 
-def make_inputs(case: Case, dtype: torch.dtype, device, generator: Optional[torch.Generator] = None,
-                requires_grad: bool = False, empty: bool = False) -> dict:
+def make_inputs(
+    case: Case,
+    dtype: torch.dtype,
+    device,
+    generator: Optional[torch.Generator] = None,
+    requires_grad: bool = False,
+    empty: bool = False,
+) -> dict:
     """Fresh random tensors for `case` (never zeros: they can hide bugs and run faster than real data).
     Drawn on the generator's device (a CUDA generator keeps large inputs off the host)."""
     out = {}
@@ -127,55 +134,115 @@ def make_inputs(case: Case, dtype: torch.dtype, device, generator: Optional[torc
 
 # ----------------------------------------------------------------------------- one factory per op
 
+
 def attention_case(label, model, batch, heads, n, d, bias):
-    tensors = {"q": TensorSpec((batch, heads, n, d)), "k": TensorSpec((batch, heads, n, d)),
-               "v": TensorSpec((batch, heads, n, d))}
+    tensors = {
+        "q": TensorSpec((batch, heads, n, d)),
+        "k": TensorSpec((batch, heads, n, d)),
+        "v": TensorSpec((batch, heads, n, d)),
+    }
     if bias:
         tensors["bias"] = TensorSpec((heads, n, n))
     shape = {"B": batch, "heads": heads, "Nq": n, "Nk": n, "D": d, "bias": f"({heads}, {n}, {n})" if bias else None}
-    return Case("attention", label, model, batch, tensors, {}, ((batch, heads, n, d),), shape,
-                4.0 * batch * heads * n * n * d, ATTENTION_BWD)
+    return Case(
+        "attention",
+        label,
+        model,
+        batch,
+        tensors,
+        {},
+        ((batch, heads, n, d),),
+        shape,
+        4.0 * batch * heads * n * n * d,
+        ATTENTION_BWD,
+    )
 
 
 def self_attention_case(label, model, batch, n, c, heads):
-    return Case("self_attention", label, model, batch, {"qkv": TensorSpec((batch, n, 3 * c))},
-                {"num_heads": heads}, ((batch, n, c),),
-                {"B": batch, "N": n, "C": c, "heads": heads, "D": c // heads},
-                4.0 * batch * heads * n * n * (c // heads), ATTENTION_BWD)
+    return Case(
+        "self_attention",
+        label,
+        model,
+        batch,
+        {"qkv": TensorSpec((batch, n, 3 * c))},
+        {"num_heads": heads},
+        ((batch, n, c),),
+        {"B": batch, "N": n, "C": c, "heads": heads, "D": c // heads},
+        4.0 * batch * heads * n * n * (c // heads),
+        ATTENTION_BWD,
+    )
 
 
 def window_attention_case(label, model, batch, h, w, c, heads, window, shift, shift_first=False, cosine=False):
     """Swin (V1: scaled dot product; `cosine`: V2's cosine attention with a per-head logit_scale); timm
     shifts before padding (`shift_first`), the original Swin / HF pad first."""
     hp, wp = math.ceil(h / window) * window, math.ceil(w / window) * window
-    tensors = {"qkv": TensorSpec((batch, h * w, 3 * c)),
-               "rel_pos_bias_table": TensorSpec(((2 * window - 1) ** 2, heads)),
-               "qkv_bias": TensorSpec((3 * c,))}
+    tensors = {
+        "qkv": TensorSpec((batch, h * w, 3 * c)),
+        "rel_pos_bias_table": TensorSpec(((2 * window - 1) ** 2, heads)),
+        "qkv_bias": TensorSpec((3 * c,)),
+    }
     args = {"hw": (h, w), "num_heads": heads, "window_size": window, "shift_size": shift}
     if cosine:
         tensors["logit_scale"] = TensorSpec((heads,), init="log10")
     if shift_first:
         args["shift_first"] = True
-    shape = {"B": batch, "H": h, "W": w, "C": c, "heads": heads, "D": c // heads, "window": window, "shift": shift,
-             "shift_first": shift_first, "cosine": cosine}
+    shape = {
+        "B": batch,
+        "H": h,
+        "W": w,
+        "C": c,
+        "heads": heads,
+        "D": c // heads,
+        "window": window,
+        "shift": shift,
+        "shift_first": shift_first,
+        "cosine": cosine,
+    }
     # 4·B·nW·heads·(M²)²·D = 4·B·Hp·Wp·M²·C
-    return Case("window_attention", label, model, batch, tensors, args, ((batch, h * w, c),), shape,
-                4.0 * batch * hp * wp * window * window * c, ATTENTION_BWD)
+    return Case(
+        "window_attention",
+        label,
+        model,
+        batch,
+        tensors,
+        args,
+        ((batch, h * w, c),),
+        shape,
+        4.0 * batch * hp * wp * window * window * c,
+        ATTENTION_BWD,
+    )
 
 
 def sr_attention_case(label, model, batch, n, m, c, heads):
-    return Case("sr_attention", label, model, batch,
-                {"q": TensorSpec((batch, n, c)), "kv": TensorSpec((batch, m, 2 * c))}, {"num_heads": heads},
-                ((batch, n, c),), {"B": batch, "N": n, "M": m, "C": c, "heads": heads, "D": c // heads},
-                4.0 * batch * n * m * c, ATTENTION_BWD)
+    return Case(
+        "sr_attention",
+        label,
+        model,
+        batch,
+        {"q": TensorSpec((batch, n, c)), "kv": TensorSpec((batch, m, 2 * c))},
+        {"num_heads": heads},
+        ((batch, n, c),),
+        {"B": batch, "N": n, "M": m, "C": c, "heads": heads, "D": c // heads},
+        4.0 * batch * n * m * c,
+        ATTENTION_BWD,
+    )
 
 
 def xca_case(label, model, batch, n, c, heads):
     d = c // heads
-    return Case("xca", label, model, batch,
-                {"qkv": TensorSpec((batch, n, 3 * c)), "temperature": TensorSpec((heads, 1, 1), init="ones")},
-                {"num_heads": heads}, ((batch, n, c),), {"B": batch, "N": n, "C": c, "heads": heads, "D": d},
-                4.0 * batch * n * c * d, PLAIN_BWD)
+    return Case(
+        "xca",
+        label,
+        model,
+        batch,
+        {"qkv": TensorSpec((batch, n, 3 * c)), "temperature": TensorSpec((heads, 1, 1), init="ones")},
+        {"num_heads": heads},
+        ((batch, n, c),),
+        {"B": batch, "N": n, "C": c, "heads": heads, "D": d},
+        4.0 * batch * n * c * d,
+        PLAIN_BWD,
+    )
 
 
 def space_time_case(label, model, batch, s, t, c, heads, axis, cls, layout="st"):
@@ -190,32 +257,60 @@ def space_time_case(label, model, batch, s, t, c, heads, axis, cls, layout="st")
     else:
         sp = s + (1 if cls else 0)
         flops = 4.0 * batch * t * heads * sp * sp * d
-    return Case("space_time_attention", label, model, batch, tensors,
-                {"frames": t, "num_heads": heads, "axis": axis, "layout": layout}, outputs,
-                {"B": batch, "S": s, "T": t, "C": c, "heads": heads, "D": d, "axis": axis, "cls": cls,
-                 "layout": layout},
-                flops, ATTENTION_BWD)
+    return Case(
+        "space_time_attention",
+        label,
+        model,
+        batch,
+        tensors,
+        {"frames": t, "num_heads": heads, "axis": axis, "layout": layout},
+        outputs,
+        {"B": batch, "S": s, "T": t, "C": c, "heads": heads, "D": d, "axis": axis, "cls": cls, "layout": layout},
+        flops,
+        ATTENTION_BWD,
+    )
 
 
 def dwconv_case(label, model, batch, h, w, c, k=3, activation="gelu"):
-    return Case("dwconv", label, model, batch,
-                {"x": TensorSpec((batch, h * w, c)), "weight": TensorSpec((c, 1, k, k), init="dw"),
-                 "bias": TensorSpec((c,))},
-                {"hw": (h, w), "activation": activation}, ((batch, h * w, c),),
-                {"B": batch, "H": h, "W": w, "C": c, "k": k, "activation": activation},
-                2.0 * k * k * batch * h * w * c, PLAIN_BWD, unit="vector")
+    return Case(
+        "dwconv",
+        label,
+        model,
+        batch,
+        {"x": TensorSpec((batch, h * w, c)), "weight": TensorSpec((c, 1, k, k), init="dw"), "bias": TensorSpec((c,))},
+        {"hw": (h, w), "activation": activation},
+        ((batch, h * w, c),),
+        {"B": batch, "H": h, "W": w, "C": c, "k": k, "activation": activation},
+        2.0 * k * k * batch * h * w * c,
+        PLAIN_BWD,
+        unit="vector",
+    )
 
 
 def mix_ffn_case(label, model, batch, h, w, c, hidden, extra_relu=False, k=3):
     n = h * w
-    tensors = {"x": TensorSpec((batch, n, c)),
-               "fc1_weight": TensorSpec((hidden, c), init="fan_in"), "fc1_bias": TensorSpec((hidden,)),
-               "dw_weight": TensorSpec((hidden, 1, k, k), init="dw"), "dw_bias": TensorSpec((hidden,)),
-               "fc2_weight": TensorSpec((c, hidden), init="fan_in"), "fc2_bias": TensorSpec((c,))}
+    tensors = {
+        "x": TensorSpec((batch, n, c)),
+        "fc1_weight": TensorSpec((hidden, c), init="fan_in"),
+        "fc1_bias": TensorSpec((hidden,)),
+        "dw_weight": TensorSpec((hidden, 1, k, k), init="dw"),
+        "dw_bias": TensorSpec((hidden,)),
+        "fc2_weight": TensorSpec((c, hidden), init="fan_in"),
+        "fc2_bias": TensorSpec((c,)),
+    }
     flops = 2.0 * batch * n * c * hidden + 2.0 * k * k * batch * n * hidden + 2.0 * batch * n * hidden * c
-    return Case("mix_ffn", label, model, batch, tensors, {"hw": (h, w), "extra_relu": extra_relu}, ((batch, n, c),),
-                {"B": batch, "H": h, "W": w, "C": c, "hidden": hidden, "C_out": c, "extra_relu": extra_relu},
-                flops, PLAIN_BWD)
+    return Case(
+        "mix_ffn",
+        label,
+        model,
+        batch,
+        tensors,
+        {"hw": (h, w), "extra_relu": extra_relu},
+        ((batch, n, c),),
+        {"B": batch, "H": h, "W": w, "C": c, "hidden": hidden, "C_out": c, "extra_relu": extra_relu},
+        flops,
+        PLAIN_BWD,
+    )
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -238,56 +333,104 @@ def self_attention_cases(add):
 
 
 def window_attention_cases(add):
-    swins = (("swin_t", "swin_tiny_patch4_window7_224", 224, 7, 96, (3, 6, 12, 24), 64),
-             ("swin_b", "swin_base_patch4_window7_224", 224, 7, 128, (4, 8, 16, 32), 64),
-             ("swin_b", "swin_base_patch4_window12_384", 384, 12, 128, (4, 8, 16, 32), 32))
+    swins = (
+        ("swin_t", "swin_tiny_patch4_window7_224", 224, 7, 96, (3, 6, 12, 24), 64),
+        ("swin_b", "swin_base_patch4_window7_224", 224, 7, 128, (4, 8, 16, 32), 64),
+        ("swin_b", "swin_base_patch4_window12_384", 384, 12, 128, (4, 8, 16, 32), 32),
+    )
     for short, model, res, m, c0, heads, batch in swins:
         for i in range(4):
-            hw, c = res // 4 // 2 ** i, c0 * 2 ** i
+            hw, c = res // 4 // 2**i, c0 * 2**i
             window = min(m, hw)
             shift = window // 2 if hw > m else 0  # timm: no shift once the map fits one window
 
             def f(b, hw=hw, c=c, h=heads[i], window=window, shift=shift, i=i, short=short, res=res, model=model):
                 return window_attention_case(f"{short} s{i + 1}@{res}", model, b, hw, hw, c, h, window, shift)
+
             add(f, batch, representative=(short == "swin_t" and i == 0), tiny=(short == "swin_t" and i == 2))
-    add(lambda b: window_attention_case("swin_t s1@224 no-shift", "swin_tiny_patch4_window7_224", b, 56, 56, 96, 3,
-                                        7, 0), 64)
+    add(
+        lambda b: window_attention_case(
+            "swin_t s1@224 no-shift", "swin_tiny_patch4_window7_224", b, 56, 56, 96, 3, 7, 0
+        ),
+        64,
+    )
     # timm's order on maps that are not window multiples (Swin-T at 256 px: 64 -> 70 padded), and
     # Swin V2-T at 256 px (window 8; cosine attention, logit_scale, the cpb table), timm's order too
-    add(lambda b: window_attention_case("swin_t s1@256 shift-first", "swin_tiny_patch4_window7_224", b, 64, 64, 96, 3,
-                                        7, 3, shift_first=True), 64)
-    add(lambda b: window_attention_case("swin_t s2@256 shift-first", "swin_tiny_patch4_window7_224", b, 32, 32, 192,
-                                        6, 7, 3, shift_first=True), 64)
+    add(
+        lambda b: window_attention_case(
+            "swin_t s1@256 shift-first", "swin_tiny_patch4_window7_224", b, 64, 64, 96, 3, 7, 3, shift_first=True
+        ),
+        64,
+    )
+    add(
+        lambda b: window_attention_case(
+            "swin_t s2@256 shift-first", "swin_tiny_patch4_window7_224", b, 32, 32, 192, 6, 7, 3, shift_first=True
+        ),
+        64,
+    )
     for i, (hw, c, h) in enumerate(((64, 96, 3), (32, 192, 6), (16, 384, 12), (8, 768, 24))):
+
         def f(b, hw=hw, c=c, h=h, i=i):
-            return window_attention_case(f"swinv2_t s{i + 1}@256", "swinv2_tiny_window8_256", b, hw, hw, c, h, 8,
-                                         4 if hw > 8 else 0, shift_first=True, cosine=True)
+            return window_attention_case(
+                f"swinv2_t s{i + 1}@256",
+                "swinv2_tiny_window8_256",
+                b,
+                hw,
+                hw,
+                c,
+                h,
+                8,
+                4 if hw > 8 else 0,
+                shift_first=True,
+                cosine=True,
+            )
+
         add(f, 64, representative=(i == 0), tiny=(i == 3))
 
 
 def sr_attention_cases(add):
     for res, batch in ((224, 64), (512, 8)):
         for i in range(4):
-            hw = res // 4 // 2 ** i
+            hw = res // 4 // 2**i
             red = hw // _PVT_SR[i]
 
             def f(b, hw=hw, red=red, i=i, res=res):
-                return sr_attention_case(f"pvt_v2_b2|segformer_b2 s{i + 1}@{res}", "pvt_v2_b2", b, hw * hw, red * red,
-                                         _PVT_DIMS[i], _PVT_HEADS[i])
+                return sr_attention_case(
+                    f"pvt_v2_b2|segformer_b2 s{i + 1}@{res}",
+                    "pvt_v2_b2",
+                    b,
+                    hw * hw,
+                    red * red,
+                    _PVT_DIMS[i],
+                    _PVT_HEADS[i],
+                )
+
             add(f, batch, representative=(i == 0), tiny=(res == 224 and i == 2))
 
 
 def xca_cases(add):
-    add(lambda b: xca_case("xcit_s12_16@224", "xcit_small_12_p16_224", b, 196, 384, 8), 64, representative=True,
-        tiny=True)
+    add(
+        lambda b: xca_case("xcit_s12_16@224", "xcit_small_12_p16_224", b, 196, 384, 8),
+        64,
+        representative=True,
+        tiny=True,
+    )
 
 
 def space_time_attention_cases(add):
     ts = "timesformer_base_patch16_224"
-    add(lambda b: space_time_case("timesformer_b 8x224 time", ts, b, 196, 8, 768, 12, "time", False), 8,
-        representative=True, tiny=True)
-    add(lambda b: space_time_case("timesformer_b 8x224 space+cls", ts, b, 196, 8, 768, 12, "space", True), 8,
-        representative=True, tiny=True)
+    add(
+        lambda b: space_time_case("timesformer_b 8x224 time", ts, b, 196, 8, 768, 12, "time", False),
+        8,
+        representative=True,
+        tiny=True,
+    )
+    add(
+        lambda b: space_time_case("timesformer_b 8x224 space+cls", ts, b, 196, 8, 768, 12, "space", True),
+        8,
+        representative=True,
+        tiny=True,
+    )
     vv = "vivit_base_factorized"  # 32 frames, tubelet 2 -> T = 16; layout "ts": time is interleaved
     add(lambda b: space_time_case("vivit_b 16x224 time (ts)", vv, b, 196, 16, 768, 12, "time", False, "ts"), 4)
     add(lambda b: space_time_case("vivit_b 16x224 space (ts)", vv, b, 196, 16, 768, 12, "space", False, "ts"), 4)
@@ -300,21 +443,25 @@ def _mix_ffn_stages():
             for i in range(4):
                 rep = family == "segformer_b2" and res == 512 and i == 0
                 tiny = family == "segformer_b2" and res == 224 and i == 2
-                yield family, model, ratio, res, batch, i, res // 4 // 2 ** i, rep, tiny
+                yield family, model, ratio, res, batch, i, res // 4 // 2**i, rep, tiny
 
 
 def dwconv_cases(add):
     for family, model, ratio, res, batch, i, hw, rep, tiny in _mix_ffn_stages():
+
         def f(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
             return dwconv_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, _PVT_DIMS[i] * ratio)
+
         add(f, batch, representative=rep, tiny=tiny)
     add(lambda b: dwconv_case("xcit_s12_16@224 lpi", "xcit_small_12_p16_224", b, 14, 14, 384), 64)
 
 
 def mix_ffn_cases(add):
     for family, model, ratio, res, batch, i, hw, rep, tiny in _mix_ffn_stages():
+
         def g(b, hw=hw, i=i, res=res, family=family, model=model, ratio=ratio):
             return mix_ffn_case(f"{family} s{i + 1}@{res}", model, b, hw, hw, _PVT_DIMS[i], _PVT_DIMS[i] * ratio)
+
         add(g, batch, representative=rep, tiny=tiny)
 
 
@@ -325,8 +472,10 @@ def _catalog() -> list:
     if not _CATALOG:
         entries = []
         for spec in _spec.specs():
+
             def add(factory, batch, representative=False, tiny=False):
                 entries.append((factory, batch, representative, tiny))
+
             _spec.resolve(spec.bench.cases)(add)
         _CATALOG[:] = entries
     return _CATALOG
@@ -361,9 +510,11 @@ def select_cases(cases: list, ops=None, patterns=None, representative: bool = Fa
 
 # ----------------------------------------------------------------------------- backend selection
 
+
 def public_args(case: Case, t: dict) -> tuple:
     """The public op's positional arguments for `case` on tensors `t` (schema order, defaults filled)."""
     from .. import backends
+
     args, rest = backends.complete_args(case.op, (), {**t, **case.args})
     if rest:
         raise ValueError(f"{case.op}: no parameters named {sorted(rest)}")
@@ -388,10 +539,13 @@ def backend_that_runs(case: Case, t: dict, choice: str = "auto", backward: bool 
     BackendUnavailableError like the op would). A composite names what it runs and its parts'
     backends ("linear+dwconv:triton")."""
     from .. import backends, use_backend
+
     spec = _spec.get(case.op)
     with use_backend(choice):
         if spec.parts is not None:
-            chosen = [backends.select(part, *part_args, backward=backward).backend
-                      for part, part_args in spec.parts(*public_args(case, t))]
+            chosen = [
+                backends.select(part, *part_args, backward=backward).backend
+                for part, part_args in spec.parts(*public_args(case, t))
+            ]
             return f"{spec.bench.composite_label}:" + "/".join(chosen)
         return backends.select(case.op, *select_args(case, t), backward=backward).backend

@@ -4,6 +4,7 @@ Pass rule (DESIGN.md): error <= 2 x error of the same op run in the same dtype o
 backend + a dtype floor, for the output and the gradient of every float input.
 `python -m vitkernels.bench.check [--quick]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,16 @@ def check_op(name: str, backend: str, dtype: torch.dtype, device: str, batch: in
     """Returns (status, detail, worst): status "pass", "FAIL" or "skip"; worst = the largest error as a
     fraction of its bound (None when skipped)."""
     import vitkernels
+
     fn = getattr(vitkernels, name)
     args = samples(dtype=dtype, device=device, batch=batch)[name]
     reasons = backends.not_supported_reasons(name, backend, *args)
     if reasons:
         return "skip", "; ".join(reasons), None
     with use_backend("reference"):
-        oracle = [t.double().cpu() for t in _run(fn, [a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])]
+        oracle = [
+            t.double().cpu() for t in _run(fn, [a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        ]
         eager = _run(fn, args)
     with use_backend(backend):
         got = _run(fn, args)
@@ -76,15 +80,18 @@ def default_dtypes(device: str, quick: bool = False) -> list:
     return [torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16]
 
 
-def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | None = None, batch: int = 2,
-        progress=None) -> bool:
+def run(
+    quick: bool = False, dtypes=None, ops=None, device=None, rows: list | None = None, batch: int = 2, progress=None
+) -> bool:
     """Prints one line per op x fused backend x dtype; appends them as dicts to `rows` if given.
     `batch` is the leading dim of every sample; `progress` (harness.Progress) is stepped per check."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = dtypes or default_dtypes(device, quick)
     ok = True
-    print(f"vitkernels check on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}): "
-          "fused backends vs the float64 reference")
+    print(
+        f"vitkernels check on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}): "
+        "fused backends vs the float64 reference"
+    )
     for name in ops or _spec.names():
         for backend in FUSED:
             for dtype in dtypes:
@@ -93,9 +100,18 @@ def run(quick: bool = False, dtypes=None, ops=None, device=None, rows: list | No
                 if progress is not None:
                     progress.step(f"{name} {backend} {str(dtype).replace('torch.', '')}: {status}")
                 if rows is not None:
-                    rows.append({"op": name, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                                 "device": device, "batch": batch, "status": status, "detail": detail,
-                                 "worst": _ratio(worst)})
+                    rows.append(
+                        {
+                            "op": name,
+                            "backend": backend,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "device": device,
+                            "batch": batch,
+                            "status": status,
+                            "detail": detail,
+                            "worst": _ratio(worst),
+                        }
+                    )
                 print(f"  {name:22s} {backend:10s} {str(dtype).replace('torch.', ''):9s} {status:5s} {detail}")
     print("check: all passed" if ok else "check: FAILURES")
     return ok

@@ -13,6 +13,7 @@ Subcommands:
 On a machine without a GPU, `ops` and `models` run tiny shapes on the reference backend, labelled
 "CPU timing": a smoke test, not a measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,34 +36,63 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     g = p.add_argument_group("selection")
     if kind == "ops":
         g.add_argument("--op", action="append", metavar="NAME", help="only these ops (repeatable or comma-separated)")
-        g.add_argument("--case", action="append", metavar="TEXT",
-                       help="only cases whose label or model contains TEXT (repeatable), e.g. swin_t, s1@224")
-        g.add_argument("--representative", action="store_true",
-                       help="only the representative case(s) of each op (fast; used for compile/flex and extra dtypes)")
+        g.add_argument(
+            "--case",
+            action="append",
+            metavar="TEXT",
+            help="only cases whose label or model contains TEXT (repeatable), e.g. swin_t, s1@224",
+        )
+        g.add_argument(
+            "--representative",
+            action="store_true",
+            help="only the representative case(s) of each op (fast; used for compile/flex and extra dtypes)",
+        )
         g.add_argument("--mode", action="append", choices=("fwd", "fwd+bwd"), help="default: both")
     else:
-        g.add_argument("--model", action="append", metavar="NAME",
-                       help="only these models (repeatable or comma-separated; a substring selects every match)")
+        g.add_argument(
+            "--model",
+            action="append",
+            metavar="NAME",
+            help="only these models (repeatable or comma-separated; a substring selects every match)",
+        )
         g.add_argument("--mode", action="append", choices=("inference", "train"), help="default: both")
-        g.add_argument("--precision", action="append", metavar="amp|pure",
-                       help="amp (default): float32 weights and inputs, forward and loss under "
-                            "torch.autocast(dtype), GradScaler for fp16, AdamW on the float32 weights; inference "
-                            "under the same autocast. pure: weights and inputs cast to the dtype, no autocast. "
-                            "Repeatable or comma-separated (amp,pure runs both). float32 rows are always pure")
-    g.add_argument("--dtype", action="append", metavar="DTYPE",
-                   help="bf16, fp16, fp32 (repeatable or comma-separated). Default: "
-                        + ("bf16,fp16,fp32" if kind == "ops" else "bf16") + " on GPU, fp32 on CPU")
+        g.add_argument(
+            "--precision",
+            action="append",
+            metavar="amp|pure",
+            help="amp (default): float32 weights and inputs, forward and loss under "
+            "torch.autocast(dtype), GradScaler for fp16, AdamW on the float32 weights; inference "
+            "under the same autocast. pure: weights and inputs cast to the dtype, no autocast. "
+            "Repeatable or comma-separated (amp,pure runs both). float32 rows are always pure",
+        )
+    g.add_argument(
+        "--dtype",
+        action="append",
+        metavar="DTYPE",
+        help="bf16, fp16, fp32 (repeatable or comma-separated). Default: "
+        + ("bf16,fp16,fp32" if kind == "ops" else "bf16")
+        + " on GPU, fp32 on CPU",
+    )
     g.add_argument("--batch", type=int, metavar="B", help="batch size for every case (default: per case)")
-    g.add_argument("--impl", action="append", metavar="IMPL",
-                   help="implementations to time (repeatable or comma-separated); default: all that apply on GPU, "
-                        "vitkernels,eager,sdpa on CPU" if kind == "ops" else
-                        "implementations to time: vitkernels, eager, compile, vitkernels+compile, and the Hugging "
-                        "Face transformers baselines hf-eager, hf-sdpa, hf+patch_hf, hf+compile (default on GPU: "
-                        "vitkernels,eager,compile,hf-eager,hf-sdpa,hf+patch_hf; on CPU: vitkernels,eager)")
+    g.add_argument(
+        "--impl",
+        action="append",
+        metavar="IMPL",
+        help="implementations to time (repeatable or comma-separated); default: all that apply on GPU, "
+        "vitkernels,eager,sdpa on CPU"
+        if kind == "ops"
+        else "implementations to time: vitkernels, eager, compile, vitkernels+compile, and the Hugging "
+        "Face transformers baselines hf-eager, hf-sdpa, hf+patch_hf, hf+compile (default on GPU: "
+        "vitkernels,eager,compile,hf-eager,hf-sdpa,hf+patch_hf; on CPU: vitkernels,eager)",
+    )
     if kind == "ops":
         g.add_argument("--no-compile", action="store_true", help="drop the compiled baselines (flex, compile)")
-    g.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "reference"),
-                   help="vitkernels backend (default auto; the backend that actually ran is recorded)")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "triton", "cuda", "reference"),
+        help="vitkernels backend (default auto; the backend that actually ran is recorded)",
+    )
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny shapes at batch 1 (the default on CPU)")
@@ -73,74 +103,103 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         t.add_argument("--warmup-ms", type=float, default=10.0, help="GPU warm-up per measurement (ms, default 10)")
         t.add_argument("--rep-ms", type=float, default=50.0, help="GPU timed period per measurement (ms, default 50)")
         t.add_argument("--no-verify", action="store_true", help="do not compare baselines' results with vitkernels'")
-        t.add_argument("--measure-peak", action="store_true",
-                       help="measure copy bandwidth and matmul TFLOP/s for %% of peak (else datasheet values)")
+        t.add_argument(
+            "--measure-peak",
+            action="store_true",
+            help="measure copy bandwidth and matmul TFLOP/s for %% of peak (else datasheet values)",
+        )
     else:
         t.add_argument("--reps", type=int, default=10, help="timed steps per measurement on GPU (default 10)")
     t.add_argument("--cpu-reps", type=int, default=None, help="timed calls per measurement on CPU")
-    t.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="stop starting new measurements after this many seconds (what is left is listed as skipped)")
+    t.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="stop starting new measurements after this many seconds (what is left is listed as skipped)",
+    )
 
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the results file (schema: docs/benchmarks.md)")
     o.add_argument("--csv", metavar="PATH", help="write one CSV row per measurement")
-    o.add_argument("--append", action="store_true",
-                   help="keep the records of an existing --json file (same GPU; a record of this run replaces "
-                        "one with the same name, mode, dtype, precision, impl and shape) and recompute speedups "
-                        "across both")
+    o.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the records of an existing --json file (same GPU; a record of this run replaces "
+        "one with the same name, mode, dtype, precision, impl and shape) and recompute speedups "
+        "across both",
+    )
     o.add_argument("--plot", metavar="PNG", help="bar chart of vitkernels' speedups (needs matplotlib)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
     o.add_argument("--list", action="store_true", help="list what would run (and which backend) without timing")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitkernels-bench", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vitkernels-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="{ops,models,check,report}")
     sub.required = True
-    ops = sub.add_parser("ops", help="benchmark every op vs eager/SDPA/Flex/compile baselines",
-                         description="Every op at shapes from the real models, forward and forward+backward, "
-                                     "vs the eager timm composition, SDPA (each backend), FlexAttention and "
-                                     "torch.compile.")
+    ops = sub.add_parser(
+        "ops",
+        help="benchmark every op vs eager/SDPA/Flex/compile baselines",
+        description="Every op at shapes from the real models, forward and forward+backward, "
+        "vs the eager timm composition, SDPA (each backend), FlexAttention and "
+        "torch.compile.",
+    )
     _common(ops, "ops")
-    models = sub.add_parser("models", help="images/s of every model in vitkernels.models vs timm / torch.compile / "
-                                           "Hugging Face transformers",
-                            description="Throughput of each model family in vitkernels.models, inference and a "
-                                        "training step, vs timm eager and torch.compile, and vs the Hugging Face "
-                                        "transformers model of the same sizes (eager, sdpa, patched by "
-                                        "vitkernels.patch_hf, compiled).")
+    models = sub.add_parser(
+        "models",
+        help="images/s of every model in vitkernels.models vs timm / torch.compile / Hugging Face transformers",
+        description="Throughput of each model family in vitkernels.models, inference and a "
+        "training step, vs timm eager and torch.compile, and vs the Hugging Face "
+        "transformers model of the same sizes (eager, sdpa, patched by "
+        "vitkernels.patch_hf, compiled).",
+    )
     _common(models, "models")
-    check = sub.add_parser("check", help="correctness sweep of every op x backend on this device",
-                           description="Every op x fused backend that can run on this device vs the float64 "
-                                       "reference (vitkernels.bench.check). Without a CUDA build of torch the "
-                                       "Triton kernels run in the interpreter (TRITON_INTERPRET=1).")
-    check.add_argument("--quick", action="store_true",
-                       help="one dtype (bf16 on GPU, fp32 on CPU); under a minute on CPU")
+    check = sub.add_parser(
+        "check",
+        help="correctness sweep of every op x backend on this device",
+        description="Every op x fused backend that can run on this device vs the float64 "
+        "reference (vitkernels.bench.check). Without a CUDA build of torch the "
+        "Triton kernels run in the interpreter (TRITON_INTERPRET=1).",
+    )
+    check.add_argument(
+        "--quick", action="store_true", help="one dtype (bf16 on GPU, fp32 on CPU); under a minute on CPU"
+    )
     check.add_argument("--op", action="append", metavar="NAME", help="only these ops")
     check.add_argument("--dtype", action="append", metavar="DTYPE", help="bf16, fp16, fp32")
     check.add_argument("--batch", type=int, default=2, metavar="B", help="leading dim of every sample (default 2)")
-    check.add_argument("--one-config", action="store_true",
-                       help="each Triton autotuner runs the first config its pruner keeps, unbenchmarked (one "
-                            "compile per kernel: much faster on a fresh GPU; tests/test_triton_configs.py covers "
-                            "every config)")
+    check.add_argument(
+        "--one-config",
+        action="store_true",
+        help="each Triton autotuner runs the first config its pruner keeps, unbenchmarked (one "
+        "compile per kernel: much faster on a fresh GPU; tests/triton/test_triton_configs.py covers "
+        "every config)",
+    )
     check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     check.add_argument("--json", metavar="PATH", help="write the results (stamped with GPU, versions, commit, time)")
     check.add_argument("--csv", metavar="PATH", help="write one CSV row per op x backend x dtype")
     check.add_argument("--plot", metavar="PNG", help="bar chart of each check's error / bound (needs matplotlib)")
     check.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
     from .results import add_report_args
-    report = sub.add_parser("report", help="merge results files; regenerate docs/benchmarks.md",
-                            description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
-                                        "and regenerate the results section of docs/benchmarks.md (newest run per "
-                                        "GPU) from the JSON files.")
+
+    report = sub.add_parser(
+        "report",
+        help="merge results files; regenerate docs/benchmarks.md",
+        description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
+        "and regenerate the results section of docs/benchmarks.md (newest run per "
+        "GPU) from the JSON files.",
+    )
     add_report_args(report)
     return p
 
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _device(arg) -> str:
     import torch
+
     if arg:
         if arg.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("vitkernels-bench: --device cuda but no CUDA GPU is available")
@@ -153,8 +212,9 @@ def _check_plot(path) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("vitkernels-bench: --plot needs matplotlib (pip install matplotlib, or "
-                             "pip install 'vitkernels[bench]')") from None
+            raise SystemExit(
+                "vitkernels-bench: --plot needs matplotlib (pip install matplotlib, or pip install 'vitkernels[bench]')"
+            ) from None
 
 
 def _table(rows: list, columns: list) -> str:
@@ -163,8 +223,10 @@ def _table(rows: list, columns: list) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
 
     def line(row):
-        return "  ".join(c.rjust(w) if a == ">" else c.ljust(w)
-                         for c, w, (_, _, a) in zip(row, widths, columns)).rstrip()
+        return "  ".join(
+            c.rjust(w) if a == ">" else c.ljust(w) for c, w, (_, _, a) in zip(row, widths, columns)
+        ).rstrip()
+
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
@@ -177,25 +239,45 @@ def _num(x, spec) -> str:
 def print_ops_table(records: list, skipped: list, cpu: bool, file=None) -> None:
     file = file or sys.stdout
     from .results import speedup_summary
+
     if cpu:
         print("CPU timing: tiny shapes, vitkernels on its reference backend; not GPU performance.", file=file)
     by_op = {}
     for r in records:
         by_op.setdefault(r["name"], []).append(r)
-    cols = [("case", "case", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("impl", "impl", "<"),
-            ("backend", "backend", "<"), ("ms", "ms", ">"), ("TFLOP/s", "tflops", ">"), ("GB/s", "gbps", ">"),
-            ("%peak", "pct", ">"), ("vk speedup", "speedup", ">")]
+    cols = [
+        ("case", "case", "<"),
+        ("mode", "mode", "<"),
+        ("dtype", "dtype", "<"),
+        ("impl", "impl", "<"),
+        ("backend", "backend", "<"),
+        ("ms", "ms", ">"),
+        ("TFLOP/s", "tflops", ">"),
+        ("GB/s", "gbps", ">"),
+        ("%peak", "pct", ">"),
+        ("vk speedup", "speedup", ">"),
+    ]
     for op, rs in by_op.items():
         rows, last = [], None
         for r in rs:
             group = (r.get("case"), r["mode"], r["dtype"])
             pct = f"{r['pct_peak']:.0f}% {r['bound'][:3]}" if r.get("pct_peak") is not None else ""
-            rows.append({"case": r.get("case") if group != last else "", "mode": r["mode"] if group != last else "",
-                         "dtype": r["dtype"] if group != last else "", "impl": r["impl"],
-                         "backend": r.get("backend") or "", "ms": _num(r["ms"], ".4g"),
-                         "tflops": _num(r["tflops"], ".3g"), "gbps": _num(r["gbps"], ".4g"), "pct": pct,
-                         "speedup": f"{r['vk_speedup']:.3g}x" if r.get("vk_speedup") else ("—" if r["impl"] ==
-                                                                                           "vitkernels" else "")})
+            rows.append(
+                {
+                    "case": r.get("case") if group != last else "",
+                    "mode": r["mode"] if group != last else "",
+                    "dtype": r["dtype"] if group != last else "",
+                    "impl": r["impl"],
+                    "backend": r.get("backend") or "",
+                    "ms": _num(r["ms"], ".4g"),
+                    "tflops": _num(r["tflops"], ".3g"),
+                    "gbps": _num(r["gbps"], ".4g"),
+                    "pct": pct,
+                    "speedup": f"{r['vk_speedup']:.3g}x"
+                    if r.get("vk_speedup")
+                    else ("—" if r["impl"] == "vitkernels" else ""),
+                }
+            )
             last = group
         print(f"\n== {op}", file=file)
         print(_table(rows, cols), file=file)
@@ -203,8 +285,11 @@ def print_ops_table(records: list, skipped: list, cpu: bool, file=None) -> None:
     if summary:
         print("\nvk speedup = baseline ms / vitkernels ms (>1: vitkernels is faster); geometric means:", file=file)
         for name, mode, dtype, s in summary:
-            print(f"  {name:22s} {mode:8s} {dtype:9s} " + ", ".join(f"vs {i} {v[0]:.2f}x ({v[1]})"
-                                                                    for i, v in s.items() if v[0]), file=file)
+            print(
+                f"  {name:22s} {mode:8s} {dtype:9s} "
+                + ", ".join(f"vs {i} {v[0]:.2f}x ({v[1]})" for i, v in s.items() if v[0]),
+                file=file,
+            )
     _print_skipped(skipped, file)
 
 
@@ -224,25 +309,47 @@ def print_models_table(records: list, skipped: list, cpu: bool, file=None) -> No
     file = file or sys.stdout
     if cpu:
         print("CPU timing: batch 1, vitkernels on its reference backend; not GPU performance.", file=file)
-    cols = [("model", "name", "<"), ("mode", "mode", "<"), ("dtype", "dtype", "<"), ("precision", "precision", "<"),
-            ("batch", "batch", ">"), ("impl", "impl", "<"), ("ms/step", "ms", ">"), ("throughput", "tp", ">"),
-            ("vk speedup", "speedup", ">")]
+    cols = [
+        ("model", "name", "<"),
+        ("mode", "mode", "<"),
+        ("dtype", "dtype", "<"),
+        ("precision", "precision", "<"),
+        ("batch", "batch", ">"),
+        ("impl", "impl", "<"),
+        ("ms/step", "ms", ">"),
+        ("throughput", "tp", ">"),
+        ("vk speedup", "speedup", ">"),
+    ]
     patched = any(r.get("patch_hf_speedup") for r in records)
     if patched:
         cols.append(("patch_hf speedup", "patch", ">"))
-    rows = [{"name": r["name"], "mode": r["mode"], "dtype": r["dtype"], "precision": r.get("precision") or "",
-             "batch": r.get("batch", ""), "impl": r["impl"],
-             "ms": _num(r["ms"], ".4g"), "tp": f"{r['throughput']:.1f} {r['unit']}",
-             "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else "",
-             "patch": f"{r['patch_hf_speedup']:.2f}x" if r.get("patch_hf_speedup") else ""} for r in records]
+    rows = [
+        {
+            "name": r["name"],
+            "mode": r["mode"],
+            "dtype": r["dtype"],
+            "precision": r.get("precision") or "",
+            "batch": r.get("batch", ""),
+            "impl": r["impl"],
+            "ms": _num(r["ms"], ".4g"),
+            "tp": f"{r['throughput']:.1f} {r['unit']}",
+            "speedup": f"{r['vk_speedup']:.2f}x" if r.get("vk_speedup") else "",
+            "patch": f"{r['patch_hf_speedup']:.2f}x" if r.get("patch_hf_speedup") else "",
+        }
+        for r in records
+    ]
     if rows:
         print(_table(rows, cols), file=file)
         if patched:
-            print("patch_hf speedup = that transformers baseline's ms / the patched model's (hf+patch_hf) ms",
-                  file=file)
+            print(
+                "patch_hf speedup = that transformers baseline's ms / the patched model's (hf+patch_hf) ms", file=file
+            )
         if any(r.get("precision") == "amp" for r in records):
-            print("precision amp: float32 weights, forward under torch.autocast(dtype) (GradScaler for float16); "
-                  "pure: weights and inputs in the dtype", file=file)
+            print(
+                "precision amp: float32 weights, forward under torch.autocast(dtype) (GradScaler for float16); "
+                "pure: weights and inputs in the dtype",
+                file=file,
+            )
     _print_skipped(skipped, file)
 
 
@@ -261,16 +368,22 @@ class _Writer:
         if not os.path.exists(args.json):
             return
         from . import results
+
         try:
             old = results.load([args.json])[0]
         except (OSError, ValueError) as e:
             raise SystemExit(f"vitkernels-bench: --append: cannot read {args.json} ({e})") from None
         if old.get("gpu") != meta.get("gpu"):
-            raise SystemExit(f"vitkernels-bench: --append: {args.json} holds results of {old.get('gpu')!r}, "
-                             f"this run is on {meta.get('gpu')!r}")
+            raise SystemExit(
+                f"vitkernels-bench: --append: {args.json} holds results of {old.get('gpu')!r}, "
+                f"this run is on {meta.get('gpu')!r}"
+            )
         if old.get("commit") != meta.get("commit"):
-            print(f"note: --append: {args.json} is of commit {str(old.get('commit'))[:12]}, this run of "
-                  f"{str(meta.get('commit'))[:12]}", file=sys.stderr)
+            print(
+                f"note: --append: {args.json} is of commit {str(old.get('commit'))[:12]}, this run of "
+                f"{str(meta.get('commit'))[:12]}",
+                file=sys.stderr,
+            )
         self.old_records, self.old_skipped = old["records"], old.get("skipped", [])
         previous = old.get("appended_to", []) + [{"argv": old.get("argv"), "timestamp": old.get("timestamp")}]
         self.meta = dict(meta, appended_to=previous)
@@ -279,6 +392,7 @@ class _Writer:
         if not self.old_records and not self.old_skipped:
             return records, skipped
         from .results import _record_key, add_speedups
+
         keys = {_record_key(r) for r in records}
         out = [r for r in self.old_records if _record_key(r) not in keys] + list(records)
         add_speedups(out)
@@ -286,6 +400,7 @@ class _Writer:
 
     def __call__(self, records, skipped) -> None:
         from . import results
+
         records, skipped = self.merged(records, skipped)
         if self.args.json:
             results.write_json(self.args.json, dict(self.meta, records=records, skipped=skipped))
@@ -295,17 +410,20 @@ class _Writer:
 
 # ----------------------------------------------------------------------------- subcommands
 
+
 def cmd_ops(args) -> int:
     import torch
 
     from . import baselines, cases, harness, results
+
     _check_plot(args.plot)
     device = _device(args.device)
     cpu = torch.device(device).type != "cuda"
     tiny = args.tiny or (cpu and not args.full)
     try:
         dtypes = harness.parse_dtypes(args.dtype) or (
-            [torch.float32] if cpu else [torch.bfloat16, torch.float16, torch.float32])
+            [torch.float32] if cpu else [torch.bfloat16, torch.float16, torch.float32]
+        )
     except ValueError as e:
         raise SystemExit(f"vitkernels-bench ops: {e}") from None
     ops = _split(args.op)
@@ -320,8 +438,9 @@ def cmd_ops(args) -> int:
         impls = [i for i in impls if i not in baselines.COMPILED]
     if "vitkernels" in impls:  # first: the others are verified against it and their speedups relative to it
         impls = ["vitkernels"] + [i for i in impls if i != "vitkernels"]
-    selected = cases.select_cases(cases.all_cases(batch=args.batch, tiny=tiny), ops, _split(args.case),
-                                  args.representative)
+    selected = cases.select_cases(
+        cases.all_cases(batch=args.batch, tiny=tiny), ops, _split(args.case), args.representative
+    )
     if not selected:
         raise SystemExit("vitkernels-bench ops: no case matches the filters (see --list)")
     modes = tuple(args.mode or ("fwd", "fwd+bwd"))
@@ -339,18 +458,36 @@ def cmd_ops(args) -> int:
         if peak is None:
             peak = harness.lookup_peak(meta["device"])
             if peak is None:
-                print(f"note: no datasheet peak for {meta['device']}: % of peak omitted (use --measure-peak)",
-                      file=sys.stderr)
+                print(
+                    f"note: no datasheet peak for {meta['device']}: % of peak omitted (use --measure-peak)",
+                    file=sys.stderr,
+                )
     meta.update(peak=peak, command="ops", argv=sys.argv[1:], cpu_timing=cpu, tiny=tiny)
     compiled = [i for i in impls if i in baselines.COMPILED]
     if compiled and len(selected) * len(dtypes) > 12:
-        print(f"note: {', '.join(compiled)} compile every case, fwd and fwd+bwd (~10-60 s each): use --no-compile, "
-              "--representative or --budget for a shorter run", file=sys.stderr)
-    print(f"vitkernels-bench ops on {meta['device']} ({device}): {len(selected)} case(s) x {len(dtypes)} dtype(s) x "
-          f"{len(modes)} mode(s); impls {', '.join(impls)}; backend {args.backend}", file=sys.stderr)
-    opts = harness.OpsOptions(device=device, dtypes=dtypes, modes=modes, impls=tuple(impls), backend=args.backend,
-                              warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps or 5,
-                              budget_s=args.budget, verify=not args.no_verify, peak=peak)
+        print(
+            f"note: {', '.join(compiled)} compile every case, fwd and fwd+bwd (~10-60 s each): use --no-compile, "
+            "--representative or --budget for a shorter run",
+            file=sys.stderr,
+        )
+    print(
+        f"vitkernels-bench ops on {meta['device']} ({device}): {len(selected)} case(s) x {len(dtypes)} dtype(s) x "
+        f"{len(modes)} mode(s); impls {', '.join(impls)}; backend {args.backend}",
+        file=sys.stderr,
+    )
+    opts = harness.OpsOptions(
+        device=device,
+        dtypes=dtypes,
+        modes=modes,
+        impls=tuple(impls),
+        backend=args.backend,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        cpu_reps=args.cpu_reps or 5,
+        budget_s=args.budget,
+        verify=not args.no_verify,
+        peak=peak,
+    )
     n_impls = sum(len([i for i in impls if baselines.applies(i, c.op) is None]) for c in selected)
     progress = harness.Progress(n_impls * len(dtypes) * len(modes), enabled=not args.no_progress, desc="ops")
     writer = _Writer(args, meta)
@@ -362,8 +499,11 @@ def cmd_ops(args) -> int:
     writer(records, skipped)
     print(results.stamp_line(meta))
     print_ops_table(records, skipped, cpu)
-    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
-          + (f"; wrote {args.json}" if args.json else "") + (f", {args.csv}" if args.csv else ""))
+    print(
+        f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
+        + (f"; wrote {args.json}" if args.json else "")
+        + (f", {args.csv}" if args.csv else "")
+    )
     if args.plot:
         title = f"vitkernels speedup, {meta['device']}" + (" (CPU timing)" if cpu else "")
         try:
@@ -380,6 +520,7 @@ def _list_ops(selected, dtypes, impls, device, backend) -> int:
     from . import baselines
     from .cases import backend_that_runs, make_inputs
     from .harness import dtype_name
+
     dtype = dtypes[0]
     print(f"{len(selected)} case(s); backends for {dtype_name(dtype)} on {device} (backend choice {backend!r}):")
     rows = []
@@ -392,14 +533,34 @@ def _list_ops(selected, dtypes, impls, device, backend) -> int:
         except Exception as e:
             be = f"unavailable: {e}"[:80]
         es = torch.empty((), dtype=dtype).element_size()
-        rows.append({"op": c.op, "case": c.label, "shape": c.describe(), "gflop": f"{c.flops / 1e9:.3g}",
-                     "mb": f"{c.bytes_for('fwd', es) / 1e6:.4g}", "backend": be,
-                     "impls": ",".join(i for i in impls if baselines.applies(i, c.op) is None),
-                     "rep": "*" if c.representative else ""})
+        rows.append(
+            {
+                "op": c.op,
+                "case": c.label,
+                "shape": c.describe(),
+                "gflop": f"{c.flops / 1e9:.3g}",
+                "mb": f"{c.bytes_for('fwd', es) / 1e6:.4g}",
+                "backend": be,
+                "impls": ",".join(i for i in impls if baselines.applies(i, c.op) is None),
+                "rep": "*" if c.representative else "",
+            }
+        )
         del t
-    print(_table(rows, [("op", "op", "<"), ("case", "case", "<"), ("rep", "rep", "<"), ("shape", "shape", "<"),
-                        ("GFLOP fwd", "gflop", ">"), ("MB fwd", "mb", ">"), ("backend", "backend", "<"),
-                        ("impls", "impls", "<")]))
+    print(
+        _table(
+            rows,
+            [
+                ("op", "op", "<"),
+                ("case", "case", "<"),
+                ("rep", "rep", "<"),
+                ("shape", "shape", "<"),
+                ("GFLOP fwd", "gflop", ">"),
+                ("MB fwd", "mb", ">"),
+                ("backend", "backend", "<"),
+                ("impls", "impls", "<"),
+            ],
+        )
+    )
     print("rep * = representative case")
     return 0
 
@@ -408,6 +569,7 @@ def cmd_models(args) -> int:
     import torch
 
     from . import harness, models, results
+
     _check_plot(args.plot)
     device = _device(args.device)
     cpu = torch.device(device).type != "cuda"
@@ -441,22 +603,38 @@ def cmd_models(args) -> int:
     meta = results.metadata(device)
     meta.update(command="models", argv=sys.argv[1:], cpu_timing=cpu, precision=precisions)
     n_runs = sum(len({models.effective_precision(d, p) for p in precisions}) for d in dtypes)
-    progress = harness.Progress(len(names) * n_runs * len(modes) * len(impls), enabled=not args.no_progress,
-                                desc="models")
+    progress = harness.Progress(
+        len(names) * n_runs * len(modes) * len(impls), enabled=not args.no_progress, desc="models"
+    )
     writer = _Writer(args, meta)
     t0 = time.time()
     try:
-        records, skipped = models.run_models(names, zoo, device=device, dtypes=dtypes, modes=modes, impls=impls,
-                                             backend=args.backend, batch=args.batch, reps=args.reps,
-                                             cpu_reps=args.cpu_reps or 3, budget_s=args.budget, progress=progress,
-                                             on_done=writer, precisions=precisions)
+        records, skipped = models.run_models(
+            names,
+            zoo,
+            device=device,
+            dtypes=dtypes,
+            modes=modes,
+            impls=impls,
+            backend=args.backend,
+            batch=args.batch,
+            reps=args.reps,
+            cpu_reps=args.cpu_reps or 3,
+            budget_s=args.budget,
+            progress=progress,
+            on_done=writer,
+            precisions=precisions,
+        )
     finally:
         progress.close()
     writer(records, skipped)
     print(results.stamp_line(meta))
     print_models_table(records, skipped, cpu)
-    print(f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
-          + (f"; wrote {args.json}" if args.json else "") + (f", {args.csv}" if args.csv else ""))
+    print(
+        f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
+        + (f"; wrote {args.json}" if args.json else "")
+        + (f", {args.csv}" if args.csv else "")
+    )
     if args.plot and records:
         try:
             results.plot(records, args.plot, title=f"vitkernels model speedup, {meta['device']}")
@@ -473,12 +651,14 @@ def cmd_check(args) -> int:
         # before triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from . import check, harness
+
     try:
         dtypes = harness.parse_dtypes(args.dtype) or None
     except ValueError as e:
         raise SystemExit(f"vitkernels-bench check: {e}") from None
     from ..ops import _spec
     from .results import metadata, plot_check, stamp_line, write_csv, write_json
+
     _check_plot(args.plot)
     if args.batch < 1:
         raise SystemExit("vitkernels-bench check: --batch must be >= 1")
@@ -490,21 +670,25 @@ def cmd_check(args) -> int:
     meta = metadata(device)
     print(stamp_line(meta))
     rows: list = []
-    progress = harness.Progress(len(ops) * len(check.FUSED) * len(dtypes), enabled=not args.no_progress,
-                                desc="check")
+    progress = harness.Progress(len(ops) * len(check.FUSED) * len(dtypes), enabled=not args.no_progress, desc="check")
     tuning = harness.first_config_only() if args.one_config else contextlib.nullcontext()
     try:
         with tuning:
-            ok = check.run(quick=args.quick, dtypes=dtypes, ops=ops, device=device, rows=rows, batch=args.batch,
-                           progress=progress)
+            ok = check.run(
+                quick=args.quick, dtypes=dtypes, ops=ops, device=device, rows=rows, batch=args.batch, progress=progress
+            )
     finally:
         progress.close()
     if args.json:
         write_json(args.json, {**meta, "kind": "check", "passed": ok, "one_config": args.one_config, "checks": rows})
         print(f"wrote {args.json}")
     if args.csv:
-        write_csv(args.csv, rows, fields=("op", "backend", "dtype", "device", "batch", "status", "worst", "detail"),
-                  stamp=meta)
+        write_csv(
+            args.csv,
+            rows,
+            fields=("op", "backend", "dtype", "device", "batch", "status", "worst", "detail"),
+            stamp=meta,
+        )
         print(f"wrote {args.csv}")
     if args.plot:
         try:
@@ -517,6 +701,7 @@ def cmd_check(args) -> int:
 
 def cmd_report(args) -> int:
     from .results import report_main
+
     return report_main(args)
 
 

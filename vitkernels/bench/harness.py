@@ -11,6 +11,7 @@ Timing (docs/benchmarks.md, "How numbers are taken"):
 * CPU: `time.perf_counter` around each call, median of `--reps` calls after the warm-up. CPU rows
   are labelled "CPU timing": they run tiny shapes on the reference backend and say nothing about GPUs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,16 @@ from . import baselines
 from .cases import Case, backend_that_runs, make_inputs
 from .results import add_speedups
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,7 +98,7 @@ def measure_peak(device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for dtype, size in ((torch.bfloat16, 8192), (torch.float16, 8192), (torch.float32, 4096)):
-            peak[dtype_name(dtype)] = 2 * size ** 3 / (_time_matmul(size, dtype, device) * 1e-3) / 1e12
+            peak[dtype_name(dtype)] = 2 * size**3 / (_time_matmul(size, dtype, device) * 1e-3) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     peak["vector"] = peak["float32"]
@@ -118,6 +127,7 @@ def peak_for(peak: Optional[dict], dtype: torch.dtype, unit: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------- timers
+
 
 def time_cuda(fn: Callable, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds of `fn` on the current CUDA stream."""
@@ -178,11 +188,12 @@ def time_cpu(fn: Callable, reps: int = 5, warmup: int = 1) -> float:
 
 # ----------------------------------------------------------------------------- autotuning
 
+
 @contextlib.contextmanager
 def first_config_only():
     """Within the block, every Triton autotuner runs the first config its pruner keeps, without
     benchmarking the others: a correctness sweep then compiles one config per kernel instead of all
-    of them (tests/test_triton_configs.py checks every config). Nothing happens without triton."""
+    of them (tests/triton/test_triton_configs.py checks every config). Nothing happens without triton."""
     try:
         from triton.runtime.autotuner import Autotuner
     except Exception:
@@ -208,6 +219,7 @@ def first_config_only():
 
 # ----------------------------------------------------------------------------- progress
 
+
 class Progress:
     """tqdm when installed and stderr is a terminal; else one line per step on stderr."""
 
@@ -217,6 +229,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
             except Exception:
                 self.bar = None
@@ -229,8 +242,12 @@ class Progress:
             self.bar.set_postfix_str(label[:60], refresh=False)
             self.bar.update(n)
         elif sys.stderr.isatty():
-            print(f"\r[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {label[:70]:70s}", end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\r[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {label[:70]:70s}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print(f"[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {label}", file=sys.stderr, flush=True)
 
@@ -242,6 +259,7 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- the ops loop
+
 
 @dataclass
 class OpsOptions:
@@ -289,8 +307,9 @@ class _Sets:
     def __init__(self, case: Case, dtype, device, n: int, seed: int):
         g = torch.Generator(device=device).manual_seed(seed)
         self.inputs = [make_inputs(case, dtype, device, g, requires_grad=True) for _ in range(n)]
-        self.grads = [tuple(torch.randn(o, generator=g, device=device).to(dtype) for o in case.outputs)
-                      for _ in range(n)]
+        self.grads = [
+            tuple(torch.randn(o, generator=g, device=device).to(dtype) for o in case.outputs) for _ in range(n)
+        ]
         self.diff = [[t for name, t in s.items() if case.tensors[name].diff] for s in self.inputs]
 
 
@@ -299,15 +318,18 @@ def _runner(fn, sets: _Sets, mode: str):
     autograd.grad of every differentiable input with fixed output gradients."""
     order = itertools.cycle(range(len(sets.inputs)))
     if mode == "fwd":
+
         def run():
             i = next(order)
             with torch.no_grad():
                 return _as_tuple(fn(sets.inputs[i]))
     else:
+
         def run():
             i = next(order)
             outs = _as_tuple(fn(sets.inputs[i]))
-            return torch.autograd.grad(outs, sets.diff[i], sets.grads[i][:len(outs)], allow_unused=True)
+            return torch.autograd.grad(outs, sets.diff[i], sets.grads[i][: len(outs)], allow_unused=True)
+
     return run
 
 
@@ -317,7 +339,7 @@ def _first(fn, sets: _Sets, mode: str):
         with torch.no_grad():
             return _as_tuple(fn(sets.inputs[0]))
     outs = _as_tuple(fn(sets.inputs[0]))
-    return torch.autograd.grad(outs, sets.diff[0], sets.grads[0][:len(outs)], allow_unused=True)
+    return torch.autograd.grad(outs, sets.diff[0], sets.grads[0][: len(outs)], allow_unused=True)
 
 
 def _copies(case: Case, dtype, device, max_copies: int) -> int:
@@ -338,8 +360,12 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:300]
 
 
-def run_ops(cases: list, opts: OpsOptions, progress: Optional[Progress] = None,
-            on_case_done: Optional[Callable[[list, list], None]] = None) -> tuple:
+def run_ops(
+    cases: list,
+    opts: OpsOptions,
+    progress: Optional[Progress] = None,
+    on_case_done: Optional[Callable[[list, list], None]] = None,
+) -> tuple:
     """Time every case × dtype × mode × implementation. Returns (records, skipped).
 
     A record carries the fields of the results schema (results.py) plus `case`, `model`, `backend`,
@@ -352,8 +378,14 @@ def run_ops(cases: list, opts: OpsOptions, progress: Optional[Progress] = None,
     for case in cases:
         for dtype in opts.dtypes:
             group_records = []
-            base = {"kind": "op", "name": case.op, "case": case.label, "model": case.model, "dtype": dtype_name(dtype),
-                    "shape": dict(case.shape)}
+            base = {
+                "kind": "op",
+                "name": case.op,
+                "case": case.label,
+                "model": case.model,
+                "dtype": dtype_name(dtype),
+                "shape": dict(case.shape),
+            }
             impls = [i for i in opts.impls if baselines.applies(i, case.op) is None]
             for i in opts.impls:
                 if i not in impls:
@@ -432,8 +464,10 @@ def run_ops(cases: list, opts: OpsOptions, progress: Optional[Progress] = None,
                         elif reference is not None:
                             verify_err = _rel_err(first, reference)
                             if verify_err > TOLERANCE[dtype] * (2 if mode == "fwd+bwd" else 1):
-                                print(f"warning: {label}: differs from vitkernels by {verify_err:.2e} (relative L2)",
-                                      file=sys.stderr)
+                                print(
+                                    f"warning: {label}: differs from vitkernels by {verify_err:.2e} (relative L2)",
+                                    file=sys.stderr,
+                                )
                     del first
                     tflops = flops / (ms * 1e-3) / 1e12
                     gbps = nbytes / (ms * 1e-3) / 1e9
@@ -441,9 +475,17 @@ def run_ops(cases: list, opts: OpsOptions, progress: Optional[Progress] = None,
                     if peak_tf and peak_bw:
                         ct, mb = tflops / peak_tf, gbps / peak_bw
                         pct, bound = (100 * ct, "compute") if ct >= mb else (100 * mb, "memory")
-                    rec.update(ms=ms, tflops=tflops, gbps=gbps, backend=backend, pct_peak=pct, bound=bound,
-                               verify_err=verify_err, copies=n_copies,
-                               timing="cuda-events" if on_cuda else "CPU timing")
+                    rec.update(
+                        ms=ms,
+                        tflops=tflops,
+                        gbps=gbps,
+                        backend=backend,
+                        pct_peak=pct,
+                        bound=bound,
+                        verify_err=verify_err,
+                        copies=n_copies,
+                        timing="cuda-events" if on_cuda else "CPU timing",
+                    )
                     group_records.append(rec)
             add_speedups(group_records)
             records.extend(group_records)

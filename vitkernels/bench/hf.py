@@ -36,6 +36,7 @@ Implementations (`HF_IMPLS`):
 
 All of them hold the same weights (the hf-eager model's state_dict is loaded into the others).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,25 +55,28 @@ HF_IMPLS = ("hf-eager", "hf-sdpa", "hf+patch_hf", "hf+compile")
 @dataclass
 class HFSpec:
     """A transformers counterpart of one vitkernels model."""
-    model_cls: str                  # e.g. "SwinForImageClassification"
-    config_cls: str                 # e.g. "SwinConfig"
-    config: dict                    # the config's kwargs (sizes of the vitkernels model)
-    video: bool = False             # pixel_values (B, T, 3, H, W)
+
+    model_cls: str  # e.g. "SwinForImageClassification"
+    config_cls: str  # e.g. "SwinConfig"
+    config: dict  # the config's kwargs (sizes of the vitkernels model)
+    video: bool = False  # pixel_values (B, T, 3, H, W)
     convert: Optional[Callable] = None  # HF state_dict -> vitkernels state_dict (strict), or None
-    share_note: Optional[str] = None    # why the weights are not shared (convert is None)
-    post: Optional[Callable] = None     # applied to a freshly built model (what the config cannot say)
+    share_note: Optional[str] = None  # why the weights are not shared (convert is None)
+    post: Optional[Callable] = None  # applied to a freshly built model (what the config cannot say)
 
 
 def transformers_module():
     """(transformers, None) or (None, why not)."""
     try:
         import transformers
+
         return transformers, None
     except Exception as e:
         return None, f"transformers is not importable ({_short(e)})"
 
 
 # ----------------------------------------------------------------------------- sizes of the vitkernels models
+
 
 def _drop_path_rate(vk: nn.Module) -> float:
     """The stochastic-depth rate of the last block (the models' rates rise linearly from 0 to it, as HF's)."""
@@ -98,11 +102,24 @@ _NO_SHARE = "weights not shared (no transformers <-> timm key map): speed only"
 def _vit(vk) -> HFSpec:
     pe, blk = vk.patch_embed, vk.blocks[0]
     p = int(pe.patch_size)
-    return HFSpec("ViTForImageClassification", "ViTConfig", dict(
-        hidden_size=int(vk.embed_dim), num_hidden_layers=len(vk.blocks), num_attention_heads=int(blk.attn.num_heads),
-        intermediate_size=int(blk.mlp.fc1.out_features), hidden_act="gelu", layer_norm_eps=float(blk.norm1.eps),
-        image_size=int(pe.grid_size[0]) * p, patch_size=p, num_channels=int(pe.proj.in_channels),
-        qkv_bias=_bias(blk.attn.qkv), num_labels=int(vk.num_classes)), share_note=_NO_SHARE)
+    return HFSpec(
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(
+            hidden_size=int(vk.embed_dim),
+            num_hidden_layers=len(vk.blocks),
+            num_attention_heads=int(blk.attn.num_heads),
+            intermediate_size=int(blk.mlp.fc1.out_features),
+            hidden_act="gelu",
+            layer_norm_eps=float(blk.norm1.eps),
+            image_size=int(pe.grid_size[0]) * p,
+            patch_size=p,
+            num_channels=int(pe.proj.in_channels),
+            qkv_bias=_bias(blk.attn.qkv),
+            num_labels=int(vk.num_classes),
+        ),
+        share_note=_NO_SHARE,
+    )
 
 
 def _swin(vk) -> HFSpec:
@@ -111,15 +128,27 @@ def _swin(vk) -> HFSpec:
     first = stages[0].blocks[0]
     dim = int(first.norm1.normalized_shape[0])
     img = vk.img_size if isinstance(vk.img_size, int) else list(vk.img_size)
-    return HFSpec("SwinForImageClassification", "SwinConfig", dict(
-        image_size=img, patch_size=int(vk.patch_embed.patch_size), num_channels=int(vk.patch_embed.proj.in_channels),
-        embed_dim=int(vk.patch_embed.proj.out_channels), depths=[len(s.blocks) for s in stages],
-        num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
-        # the configured window: a stage whose map is no larger is built with a smaller one (HF does the same)
-        window_size=max(int(b.attn.window_size) for b in blocks),
-        mlp_ratio=_ratio(int(first.mlp.fc1.out_features), dim), qkv_bias=_bias(first.attn.qkv),
-        drop_path_rate=_drop_path_rate(vk), hidden_act="gelu", layer_norm_eps=float(first.norm1.eps),
-        num_labels=int(vk.num_classes)), share_note=_NO_SHARE)
+    return HFSpec(
+        "SwinForImageClassification",
+        "SwinConfig",
+        dict(
+            image_size=img,
+            patch_size=int(vk.patch_embed.patch_size),
+            num_channels=int(vk.patch_embed.proj.in_channels),
+            embed_dim=int(vk.patch_embed.proj.out_channels),
+            depths=[len(s.blocks) for s in stages],
+            num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
+            # the configured window: a stage whose map is no larger is built with a smaller one (HF does the same)
+            window_size=max(int(b.attn.window_size) for b in blocks),
+            mlp_ratio=_ratio(int(first.mlp.fc1.out_features), dim),
+            qkv_bias=_bias(first.attn.qkv),
+            drop_path_rate=_drop_path_rate(vk),
+            hidden_act="gelu",
+            layer_norm_eps=float(first.norm1.eps),
+            num_labels=int(vk.num_classes),
+        ),
+        share_note=_NO_SHARE,
+    )
 
 
 def _swinv2(vk) -> HFSpec:
@@ -136,89 +165,175 @@ def _swinv2(vk) -> HFSpec:
         if any(int(b.window_size) != want for b in s.blocks):
             raise ValueError(f"stage {i} has its own window size; transformers' Swinv2Config has one for all")
     h, w = vk.img_size
-    return HFSpec("Swinv2ForImageClassification", "Swinv2Config", dict(
-        image_size=h if h == w else [h, w], patch_size=p, num_channels=int(vk.patch_embed.proj.in_channels),
-        embed_dim=int(vk.patch_embed.proj.out_channels), depths=[len(s.blocks) for s in stages],
-        num_heads=[int(s.blocks[0].attn.num_heads) for s in stages], window_size=window,
-        pretrained_window_sizes=[int(s.blocks[0].attn.pretrained_window_size) for s in stages],
-        mlp_ratio=float(first.mlp.fc1.out_features / dim), qkv_bias=first.attn.q_bias is not None,
-        drop_path_rate=_drop_path_rate(vk), hidden_act="gelu", layer_norm_eps=float(first.norm1.eps),
-        num_labels=int(vk.num_classes)), share_note=_NO_SHARE)
+    return HFSpec(
+        "Swinv2ForImageClassification",
+        "Swinv2Config",
+        dict(
+            image_size=h if h == w else [h, w],
+            patch_size=p,
+            num_channels=int(vk.patch_embed.proj.in_channels),
+            embed_dim=int(vk.patch_embed.proj.out_channels),
+            depths=[len(s.blocks) for s in stages],
+            num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
+            window_size=window,
+            pretrained_window_sizes=[int(s.blocks[0].attn.pretrained_window_size) for s in stages],
+            mlp_ratio=float(first.mlp.fc1.out_features / dim),
+            qkv_bias=first.attn.q_bias is not None,
+            drop_path_rate=_drop_path_rate(vk),
+            hidden_act="gelu",
+            layer_norm_eps=float(first.norm1.eps),
+            num_labels=int(vk.num_classes),
+        ),
+        share_note=_NO_SHARE,
+    )
 
 
 def _pvt(vk) -> HFSpec:
     stages = list(vk.stages)
     first = stages[0].blocks[0]
     dims = [int(s.blocks[0].norm1.normalized_shape[0]) for s in stages]
-    return HFSpec("PvtV2ForImageClassification", "PvtV2Config", dict(
-        num_channels=int(vk.patch_embed.proj.in_channels), num_encoder_blocks=len(stages),
-        depths=[len(s.blocks) for s in stages], sr_ratios=[int(s.blocks[0].attn.sr_ratio) for s in stages],
-        hidden_sizes=dims, patch_sizes=[7] + [3] * (len(stages) - 1), strides=[4] + [2] * (len(stages) - 1),
-        num_attention_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
-        mlp_ratios=[_ratio(int(s.blocks[0].mlp.fc1.out_features), d) for s, d in zip(stages, dims)],
-        hidden_act="gelu", drop_path_rate=_drop_path_rate(vk), layer_norm_eps=float(first.norm1.eps),
-        qkv_bias=_bias(first.attn.q), linear_attention=bool(first.attn.linear_attn), num_labels=int(vk.num_classes)),
-        share_note=_NO_SHARE)
+    return HFSpec(
+        "PvtV2ForImageClassification",
+        "PvtV2Config",
+        dict(
+            num_channels=int(vk.patch_embed.proj.in_channels),
+            num_encoder_blocks=len(stages),
+            depths=[len(s.blocks) for s in stages],
+            sr_ratios=[int(s.blocks[0].attn.sr_ratio) for s in stages],
+            hidden_sizes=dims,
+            patch_sizes=[7] + [3] * (len(stages) - 1),
+            strides=[4] + [2] * (len(stages) - 1),
+            num_attention_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
+            mlp_ratios=[_ratio(int(s.blocks[0].mlp.fc1.out_features), d) for s, d in zip(stages, dims)],
+            hidden_act="gelu",
+            drop_path_rate=_drop_path_rate(vk),
+            layer_norm_eps=float(first.norm1.eps),
+            qkv_bias=_bias(first.attn.q),
+            linear_attention=bool(first.attn.linear_attn),
+            num_labels=int(vk.num_classes),
+        ),
+        share_note=_NO_SHARE,
+    )
 
 
 def _segformer(vk) -> HFSpec:
     from ..models.segformer import convert_hf_segformer
+
     cfg = vk.config
     n = len(cfg["depths"])
-    return HFSpec("SegformerForSemanticSegmentation", "SegformerConfig", dict(
-        num_channels=cfg["in_chans"], num_encoder_blocks=n, hidden_sizes=list(cfg["embed_dims"]),
-        depths=list(cfg["depths"]), num_attention_heads=list(cfg["num_heads"]), sr_ratios=list(cfg["sr_ratios"]),
-        mlp_ratios=[_num(cfg["mlp_ratio"])] * n, decoder_hidden_size=cfg["decoder_hidden_size"],
-        drop_path_rate=cfg.get("drop_path_rate", 0.1), classifier_dropout_prob=cfg.get("classifier_dropout", 0.1),
-        num_labels=cfg["num_classes"]), convert=convert_hf_segformer)
+    return HFSpec(
+        "SegformerForSemanticSegmentation",
+        "SegformerConfig",
+        dict(
+            num_channels=cfg["in_chans"],
+            num_encoder_blocks=n,
+            hidden_sizes=list(cfg["embed_dims"]),
+            depths=list(cfg["depths"]),
+            num_attention_heads=list(cfg["num_heads"]),
+            sr_ratios=list(cfg["sr_ratios"]),
+            mlp_ratios=[_num(cfg["mlp_ratio"])] * n,
+            decoder_hidden_size=cfg["decoder_hidden_size"],
+            drop_path_rate=cfg.get("drop_path_rate", 0.1),
+            classifier_dropout_prob=cfg.get("classifier_dropout", 0.1),
+            num_labels=cfg["num_classes"],
+        ),
+        convert=convert_hf_segformer,
+    )
 
 
 def _timesformer(vk) -> HFSpec:
     from ..models.timesformer import convert_hf_timesformer
+
     blk = vk.blocks[0]
     p = int(vk.patch_size)
     grid = math.isqrt(vk.pos_embed.shape[1] - 1)
-    kw = dict(image_size=grid * p, patch_size=p, num_channels=int(vk.patch_embed.proj.in_channels),
-              num_frames=int(vk.num_frames), hidden_size=int(vk.patch_embed.proj.out_channels),
-              num_hidden_layers=len(vk.blocks), num_attention_heads=int(blk.num_heads),
-              intermediate_size=int(blk.mlp.fc1.out_features), hidden_act="gelu", layer_norm_eps=float(blk.norm1.eps),
-              qkv_bias=_bias(blk.attn.qkv), attention_type="divided_space_time", num_labels=int(vk.num_classes))
+    kw = dict(
+        image_size=grid * p,
+        patch_size=p,
+        num_channels=int(vk.patch_embed.proj.in_channels),
+        num_frames=int(vk.num_frames),
+        hidden_size=int(vk.patch_embed.proj.out_channels),
+        num_hidden_layers=len(vk.blocks),
+        num_attention_heads=int(blk.num_heads),
+        intermediate_size=int(blk.mlp.fc1.out_features),
+        hidden_act="gelu",
+        layer_norm_eps=float(blk.norm1.eps),
+        qkv_bias=_bias(blk.attn.qkv),
+        attention_type="divided_space_time",
+        num_labels=int(vk.num_classes),
+    )
     rate = _drop_path_rate(vk)
 
     def post(model):
         # TimesformerConfig types drop_path_rate as an int: the rates (linear over the layers, as ours and as
         # transformers builds them from the config) are set on the layers instead
         from transformers.models.timesformer import modeling_timesformer as mod
+
         layers = model.timesformer.encoder.layer
         for layer, r in zip(layers, torch.linspace(0, rate, len(layers)).tolist()):
             layer.drop_path = mod.TimesformerDropPath(r) if r > 0 else nn.Identity()
-    return HFSpec("TimesformerForVideoClassification", "TimesformerConfig", kw, video=True,
-                  convert=convert_hf_timesformer, post=post if rate else None)
+
+    return HFSpec(
+        "TimesformerForVideoClassification",
+        "TimesformerConfig",
+        kw,
+        video=True,
+        convert=convert_hf_timesformer,
+        post=post if rate else None,
+    )
 
 
 def _vivit(vk) -> HFSpec:
     from ..models.vivit import FastGELU, convert_hf_vivit
+
     blk = vk.blocks[0]
     proj = vk.patch_embed.proj
     t, ph, pw = (int(k) for k in proj.kernel_size)
     _, h, w = vk.grid
     act = blk.mlp.act
-    hidden_act = ("gelu_fast" if isinstance(act, FastGELU) else
-                  "gelu_pytorch_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu")
-    return HFSpec("VivitForVideoClassification", "VivitConfig", dict(
-        image_size=h * ph if h * ph == w * pw else [h * ph, w * pw], num_frames=int(vk.num_frames),
-        tubelet_size=[t, ph, pw], num_channels=int(proj.in_channels), hidden_size=int(proj.out_channels),
-        num_hidden_layers=len(vk.blocks), num_attention_heads=int(blk.attn.num_heads),
-        intermediate_size=int(blk.mlp.fc1.out_features), hidden_act=hidden_act, layer_norm_eps=float(blk.norm1.eps),
-        qkv_bias=_bias(blk.attn.qkv), num_labels=int(vk.num_classes)), video=True, convert=convert_hf_vivit)
+    hidden_act = (
+        "gelu_fast"
+        if isinstance(act, FastGELU)
+        else "gelu_pytorch_tanh"
+        if getattr(act, "approximate", "none") == "tanh"
+        else "gelu"
+    )
+    return HFSpec(
+        "VivitForVideoClassification",
+        "VivitConfig",
+        dict(
+            image_size=h * ph if h * ph == w * pw else [h * ph, w * pw],
+            num_frames=int(vk.num_frames),
+            tubelet_size=[t, ph, pw],
+            num_channels=int(proj.in_channels),
+            hidden_size=int(proj.out_channels),
+            num_hidden_layers=len(vk.blocks),
+            num_attention_heads=int(blk.attn.num_heads),
+            intermediate_size=int(blk.mlp.fc1.out_features),
+            hidden_act=hidden_act,
+            layer_norm_eps=float(blk.norm1.eps),
+            qkv_bias=_bias(blk.attn.qkv),
+            num_labels=int(vk.num_classes),
+        ),
+        video=True,
+        convert=convert_hf_vivit,
+    )
 
 
-_FAMILIES = {"VisionTransformer": _vit, "SwinTransformer": _swin, "SwinTransformerV2": _swinv2,
-             "PyramidVisionTransformerV2": _pvt,
-             "SegFormer": _segformer, "TimeSformer": _timesformer, "ViViT": _vivit}
-_NONE = {"Xcit": "transformers has no XCiT",
-         "ViViTFactorized": "transformers' ViViT is model 1 (joint space-time attention); it has no model 3 "
-                            "(factorised self-attention)"}
+_FAMILIES = {
+    "VisionTransformer": _vit,
+    "SwinTransformer": _swin,
+    "SwinTransformerV2": _swinv2,
+    "PyramidVisionTransformerV2": _pvt,
+    "SegFormer": _segformer,
+    "TimeSformer": _timesformer,
+    "ViViT": _vivit,
+}
+_NONE = {
+    "Xcit": "transformers has no XCiT",
+    "ViViTFactorized": "transformers' ViViT is model 1 (joint space-time attention); it has no model 3 "
+    "(factorised self-attention)",
+}
 
 
 def counterpart(vk_model: nn.Module) -> tuple:
@@ -234,12 +349,15 @@ def counterpart(vk_model: nn.Module) -> tuple:
 
 # ----------------------------------------------------------------------------- building
 
+
 def supports_sdpa(transformers, spec: HFSpec) -> Optional[str]:
     """None when the class takes attn_implementation="sdpa", else why not."""
     cls = getattr(transformers, spec.model_cls)
     if not getattr(cls, "_supports_sdpa", False):
-        return (f"transformers' {spec.model_cls} has no sdpa attention (_supports_sdpa is False): "
-                "eager is its only attention")
+        return (
+            f"transformers' {spec.model_cls} has no sdpa attention (_supports_sdpa is False): "
+            "eager is its only attention"
+        )
     return None
 
 
@@ -262,6 +380,7 @@ def build(transformers, spec: HFSpec, attn: str, state_dict=None) -> nn.Module:
 def patch(model: nn.Module) -> dict:
     """`vitkernels.patch_hf(model)` in place; returns {Fused class name: count} (empty: nothing fused)."""
     from .. import patch_hf
+
     patch_hf(model)
     fused: dict = {}
     for m in model.modules():
@@ -286,6 +405,7 @@ class OpCounter(contextlib.AbstractContextManager):
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
+
         counts = self.counts
 
         class _Mode(TorchDispatchMode):

@@ -41,6 +41,7 @@ Precision (`--precision`, recorded as "precision" in every row; the same for eve
 
 With float32 the two coincide (no autocast): such rows read "pure".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,6 +95,7 @@ def load_zoo():
 def _timm():
     try:
         import timm
+
         return timm, None
     except Exception as e:
         return None, f"timm is not importable ({type(e).__name__})"
@@ -133,8 +135,10 @@ def hf_segformer(vk_model):
     """(Hugging Face `SegformerForSemanticSegmentation` with the sizes of the vitkernels SegFormer
     `vk_model` and transformers' default attention (sdpa in transformers 5), None) or (None, why not)."""
     from . import hf
+
     try:
         import transformers
+
         spec, why = hf.counterpart(vk_model)
         if spec is None:
             return None, why
@@ -172,6 +176,7 @@ def _step(model, inputs, mode, autocast=contextlib.nullcontext, scaler=None):
         def step():
             with torch.inference_mode(), autocast():
                 return model(next(order))
+
         return step
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -187,6 +192,7 @@ def _step(model, inputs, mode, autocast=contextlib.nullcontext, scaler=None):
             loss.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -210,22 +216,50 @@ def choose_models(zoo, wanted, cpu: bool) -> tuple:
             names += [h for h in hits if h not in names]
         return names, msgs
     if cpu:  # the smallest model only: CPU timings are a smoke test
-        small = sorted((n for n in available if "tiny" in n or n.endswith("_b0")),
-                       key=lambda n: (not n.startswith("vit_"), n))  # plain ViT is the fastest on CPU
+        small = sorted(
+            (n for n in available if "tiny" in n or n.endswith("_b0")), key=lambda n: (not n.startswith("vit_"), n)
+        )  # plain ViT is the fastest on CPU
         return (small[:1] or available[:1]), msgs
     return available, msgs
 
 
-def run_models(names, zoo, *, device, dtypes, modes, impls, backend="auto", batch=None, reps=10, cpu_reps=3,
-               budget_s=None, progress: Optional[Progress] = None, on_done=None, precisions=("amp",)) -> tuple:
+def run_models(
+    names,
+    zoo,
+    *,
+    device,
+    dtypes,
+    modes,
+    impls,
+    backend="auto",
+    batch=None,
+    reps=10,
+    cpu_reps=3,
+    budget_s=None,
+    progress: Optional[Progress] = None,
+    on_done=None,
+    precisions=("amp",),
+) -> tuple:
     """Time every model x dtype x precision x mode x impl. Returns (records, skipped); every record
     and skipped row carries "precision" ("amp" or "pure", see the module doc)."""
     records, skipped = [], []
     dev = torch.device(device)
     timm, timm_why = _timm()
-    o = _Options(dev=dev, cpu=dev.type != "cuda", modes=tuple(modes), impls=tuple(impls), backend=backend, batch=batch,
-                 reps=reps, cpu_reps=cpu_reps, budget_s=budget_s, t0=time.time(), progress=progress, timm=timm,
-                 timm_why=timm_why)
+    o = _Options(
+        dev=dev,
+        cpu=dev.type != "cuda",
+        modes=tuple(modes),
+        impls=tuple(impls),
+        backend=backend,
+        batch=batch,
+        reps=reps,
+        cpu_reps=cpu_reps,
+        budget_s=budget_s,
+        t0=time.time(),
+        progress=progress,
+        timm=timm,
+        timm_why=timm_why,
+    )
     for name in names:
         for dtype in dtypes:
             runs = []
@@ -263,6 +297,7 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
     """One model in one dtype and precision: build the models, verify, time every mode x impl.
     Returns the records (with speedups); appends what did not run to `skipped`."""
     from .. import use_backend
+
     dev, cpu, impls, backend, timm = o.dev, o.cpu, o.impls, o.backend, o.timm
     # "amp": float32 master weights and inputs, autocast to `dtype`; "pure": everything in `dtype`.
     weight_dtype = torch.float32 if precision == "amp" else dtype
@@ -290,14 +325,16 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                 why["eager"] = why["compile"] = hf_why
             else:
                 from ..models.segformer import convert_hf_segformer
+
                 ref = models["eager"] = hf.to(device=dev, dtype=weight_dtype)
-                ref_note = ("timm has no SegFormer: the baseline is transformers' "
-                            "SegformerForSemanticSegmentation (its default attention, "
-                            f"{getattr(hf.config, '_attn_implementation', None)!r})")
+                ref_note = (
+                    "timm has no SegFormer: the baseline is transformers' "
+                    "SegformerForSemanticSegmentation (its default attention, "
+                    f"{getattr(hf.config, '_attn_implementation', None)!r})"
+                )
                 ref_weights = convert_hf_segformer
     eager_backend = None
-    if ("eager" in impls and "eager" not in models and "vitkernels" in models
-            and is_video(name, models["vitkernels"])):
+    if "eager" in impls and "eager" not in models and "vitkernels" in models and is_video(name, models["vitkernels"]):
         # timm has no video transformers: the eager baseline is the same model on the reference
         # backend (the official codes' eager rearranges + softmax attention, in one module).
         models["eager"], eager_backend = models["vitkernels"], "reference"
@@ -316,8 +353,10 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                     a = _first_tensor(models["vitkernels"](x))
                 verify = _rel_err((a,), (_first_tensor(ref(x)),))
         except Exception as e:
-            print(f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
-                  file=sys.stderr)
+            print(
+                f"note: {name}: the baseline's weights not loaded into the vitkernels model ({_short(e)})",
+                file=sys.stderr,
+            )
     hf_run = _HFRun.setup(name, models, why, ref, shape, weight_dtype, autocast, o)
     for mode in o.modes:
         b = o.batch or default_batch(shape, mode, cpu)
@@ -325,8 +364,15 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
         inputs = [torch.randn(b, *shape, generator=g).to(device=dev, dtype=weight_dtype) for _ in range(2)]
         hf_in = hf_run.inputs(inputs)
         for impl in impls:
-            rec = {"kind": "model", "name": name, "mode": mode, "dtype": dtype_name(dtype), "precision": precision,
-                   "shape": {"batch": b, "input": list(shape)}, "impl": impl}
+            rec = {
+                "kind": "model",
+                "name": name,
+                "mode": mode,
+                "dtype": dtype_name(dtype),
+                "precision": precision,
+                "shape": {"batch": b, "input": list(shape)},
+                "impl": impl,
+            }
             if o.progress:
                 o.progress.step(f"{name} {dtype_name(dtype)} {precision} {mode} {impl}")
             if o.budget_s is not None and time.time() - o.t0 > o.budget_s:
@@ -335,8 +381,9 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
             extra = {}
             if impl in HF_IMPLS:
                 if impl not in hf_run.models:
-                    skipped.append(dict(rec, reason=hf_run.why.get(impl, "not available"),
-                                        **hf_run.fields.get(impl, {})))
+                    skipped.append(
+                        dict(rec, reason=hf_run.why.get(impl, "not available"), **hf_run.fields.get(impl, {}))
+                    )
                     continue
                 model, step_inputs, extra = hf_run.models[impl], hf_in, dict(hf_run.fields.get(impl, {}))
                 ctx = use_backend(backend) if impl == "hf+patch_hf" else contextlib.nullcontext()
@@ -362,8 +409,13 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                     torch._dynamo.reset()
                     model = torch.compile(model)
                 with ctx:
-                    step = _step(model, step_inputs, mode, autocast=autocast,
-                                 scaler=grad_scaler(dev.type, dtype, precision) if mode == "train" else None)
+                    step = _step(
+                        model,
+                        step_inputs,
+                        mode,
+                        autocast=autocast,
+                        scaler=grad_scaler(dev.type, dtype, precision) if mode == "train" else None,
+                    )
                     step()  # compile, autotune, allocator warm-up
                     if cpu:
                         ms = time_cpu(step, reps=o.cpu_reps, warmup=0)
@@ -377,12 +429,19 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
                         torch.cuda.synchronize()
                         torch.cuda.empty_cache()
                 continue
-            rec.update(ms=ms, tflops=None, gbps=None, throughput=b / (ms * 1e-3),
-                       unit="clips/s" if video else "images/s", batch=b,
-                       autocast=dtype_name(dtype) if precision == "amp" else None,
-                       weights=dtype_name(weight_dtype),
-                       backend_choice=backend if impl.startswith("vitkernels") or impl == "hf+patch_hf" else None,
-                       verify_err=None, timing="CPU timing" if cpu else "cuda-events")
+            rec.update(
+                ms=ms,
+                tflops=None,
+                gbps=None,
+                throughput=b / (ms * 1e-3),
+                unit="clips/s" if video else "images/s",
+                batch=b,
+                autocast=dtype_name(dtype) if precision == "amp" else None,
+                weights=dtype_name(weight_dtype),
+                backend_choice=backend if impl.startswith("vitkernels") or impl == "hf+patch_hf" else None,
+                verify_err=None,
+                timing="CPU timing" if cpu else "cuda-events",
+            )
             rec.update(extra)
             group.append(rec)
         del inputs, hf_in
@@ -394,6 +453,7 @@ def _run_one(name, zoo, dtype, precision, o: _Options, skipped: list) -> list:
 class _HFRun:
     """The transformers models of one model x dtype x precision: {impl: model}, {impl: why not},
     {impl: extra record fields}, and whether they take video."""
+
     models: dict
     why: dict
     fields: dict
@@ -403,13 +463,15 @@ class _HFRun:
         if not self.models:
             return []
         from .hf import hf_inputs
+
         return hf_inputs(inputs, self.video)
 
     @classmethod
-    def setup(cls, name, models, why, ref, shape, weight_dtype, autocast, o: _Options) -> "_HFRun":
+    def setup(cls, name, models, why, ref, shape, weight_dtype, autocast, o: _Options) -> _HFRun:
         """Build the HF implementations asked for (sharing one set of weights), load those weights into
         the vitkernels model where a converter exists, and verify outputs (docstring of this module)."""
         from . import hf as hfb
+
         run = cls({}, {}, {})
         wanted = [i for i in o.impls if i in HF_IMPLS]
         if not wanted:
@@ -419,10 +481,13 @@ class _HFRun:
             for i in wanted:
                 run.why.setdefault(i, reason)
             return run
+
         vk = models.get("vitkernels")
         if vk is None:
-            return fail(f"the sizes of the transformers model come from the vitkernels model, which failed to "
-                        f"build ({why.get('vitkernels')})")
+            return fail(
+                f"the sizes of the transformers model come from the vitkernels model, which failed to "
+                f"build ({why.get('vitkernels')})"
+            )
         transformers, t_why = hfb.transformers_module()
         if transformers is None:
             return fail(t_why)
@@ -444,6 +509,7 @@ class _HFRun:
                 if attn not in built:
                     built[attn] = hfb.build(transformers, spec, attn, base_sd)
                 return built[attn]
+
             for impl in wanted:
                 if impl == "hf-eager":
                     run.models[impl], attn = base, "eager"
@@ -477,14 +543,18 @@ class _HFRun:
                 vk.load_state_dict(spec.convert(base.state_dict()), strict=True)
                 shared = True
             except Exception as e:
-                print(f"note: {name}: transformers' weights not loaded into the vitkernels model ({_short(e)})",
-                      file=sys.stderr)
+                print(
+                    f"note: {name}: transformers' weights not loaded into the vitkernels model ({_short(e)})",
+                    file=sys.stderr,
+                )
         share_note = None if shared else (spec.share_note or "weights not shared (the converter failed)")
         for impl in run.fields:
-            run.fields[impl]["note"] = (f"{note}, attn_implementation={run.fields[impl].get('hf_attn')!r}"
-                                        + (f"; {share_note}" if share_note else ""))
-        run._verify(name, vk if shared else None, base.to(device=o.dev, dtype=weight_dtype), shape, weight_dtype,
-                    autocast, o)
+            run.fields[impl]["note"] = f"{note}, attn_implementation={run.fields[impl].get('hf_attn')!r}" + (
+                f"; {share_note}" if share_note else ""
+            )
+        run._verify(
+            name, vk if shared else None, base.to(device=o.dev, dtype=weight_dtype), shape, weight_dtype, autocast, o
+        )
         return run
 
     def _verify(self, name, vk, base, shape, weight_dtype, autocast, o: _Options) -> None:
@@ -493,6 +563,7 @@ class _HFRun:
         (`vk_ops`; none: the row is skipped, it would time transformers' own code)."""
         from .. import use_backend
         from .hf import OpCounter, hf_inputs
+
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, *shape, generator=g).to(device=o.dev, dtype=weight_dtype)
         xh = hf_inputs([x], self.video)[0]

@@ -16,6 +16,7 @@ when a fused module runs its original forward at run time. Neither is on the Tor
 fused forwards call `warn_fallback` under `if not torch.jit.is_scripting()`), nor under
 `torch.compile` tracing (no graph break for a warning).
 """
+
 import importlib
 import logging
 import types
@@ -52,6 +53,7 @@ class FusedSpec:
                describe (e.g. a transformers 4.x wrapper that shares its 5.x name): the module is then treated
                as untargeted (no swap, no "kept" line; its fused children speak for it).
     """
+
     name: str
     targets: List[Tuple[str, str]]
     method: str
@@ -89,7 +91,7 @@ def fused_class(spec: FusedSpec, base: type, module_name: str, orig_prefix: str)
             "__module__": module_name,
             "__qualname__": spec.name,
             "__doc__": f"{base.__module__}.{base.__qualname__} with `{spec.method}` fused ({spec.ops}); "
-                       f"the original stays reachable as `{orig}`. Made by vitkernels.",
+            f"the original stays reachable as `{orig}`. Made by vitkernels.",
             spec.method: _renamed(spec.fn, spec.method),
             orig: _renamed(getattr(base, spec.method), orig),
             "_vk_spec_name": spec.name,
@@ -115,8 +117,10 @@ def resolve(name: str, specs: List[FusedSpec], module_name: str, orig_prefix: st
             if (base.__module__, base.__name__) in spec.targets:  # the class itself, not a re-export
                 return fused_class(spec, base, module_name, orig_prefix)
             errors.append(f"{mod}.{cls_name} is {base.__module__}.{base.__name__}")
-        raise AttributeError(f"module {module_name!r}: cannot build {name} — the {library} class it extends is "
-                             f"not importable ({'; '.join(errors)})")
+        raise AttributeError(
+            f"module {module_name!r}: cannot build {name} — the {library} class it extends is "
+            f"not importable ({'; '.join(errors)})"
+        )
     raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 
 
@@ -146,8 +150,10 @@ def warn_fallback(module: nn.Module, reason: str, library: str = "timm") -> None
         return  # a warning is not worth a graph break; eager runs and patch-time logs say it
     base = type(module).__mro__[1]
     owner = library + ("'" if library.endswith("s") else "'s")
-    msg = (f"vitkernels: {type(module).__name__} ({base.__module__}.{base.__qualname__}) runs {owner} own "
-           f"forward: {reason}. (Shown once per reason.)")
+    msg = (
+        f"vitkernels: {type(module).__name__} ({base.__module__}.{base.__qualname__}) runs {owner} own "
+        f"forward: {reason}. (Shown once per reason.)"
+    )
     warn_once((type(module).__name__, reason), msg, stacklevel=3)
 
 
@@ -156,16 +162,17 @@ def _is_attention_like(module: nn.Module) -> bool:
     return any(s in name for s in ("Attention", "Attn", "XCA")) and not name.endswith(("Block", "Layer", "Stage"))
 
 
-def patch_modules(model: nn.Module, specs: List[FusedSpec], module_name: str, orig_prefix: str,
-                  library: str, entry: str) -> nn.Module:
+def patch_modules(
+    model: nn.Module, specs: List[FusedSpec], module_name: str, orig_prefix: str, library: str, entry: str
+) -> nn.Module:
     """Swap, in place, every module of `model` whose class a spec targets and whose configuration the
     spec covers; log what was fused and what keeps its original forward (and why)."""
     by_target = {t: spec for spec in specs for t in spec.targets}
-    fused: Counter = Counter()        # (fused name, library class, ops) -> count
-    kept: Counter = Counter()         # (library class, reason) -> count
-    covered = set()                   # ids of swapped (or already fused) modules and their descendants
-    swapped = set()                   # ids of swapped (or already fused) modules
-    for mod_name, module in model.named_modules():
+    fused: Counter = Counter()  # (fused name, library class, ops) -> count
+    kept: Counter = Counter()  # (library class, reason) -> count
+    covered = set()  # ids of swapped (or already fused) modules and their descendants
+    swapped = set()  # ids of swapped (or already fused) modules
+    for _, module in model.named_modules():
         cls = type(module)
         if getattr(cls, "_vk_spec_name", None) is not None:  # already patched
             fused[(cls.__name__, f"{cls.__mro__[1].__module__}.{cls.__mro__[1].__qualname__}", "already fused")] += 1
@@ -189,7 +196,7 @@ def patch_modules(model: nn.Module, specs: List[FusedSpec], module_name: str, or
         swapped.add(id(module))
     # Attention-like modules no spec targets: they keep their forward; say so (innermost ones only; a
     # wrapper around a fused module, e.g. transformers 4.x `ViTAttention` around `ViTSelfAttention`, is not).
-    for mod_name, module in model.named_modules():
+    for _, module in model.named_modules():
         if id(module) in covered or not _is_attention_like(module):
             continue
         inner = list(module.modules())[1:]
@@ -205,8 +212,10 @@ def patch_modules(model: nn.Module, specs: List[FusedSpec], module_name: str, or
     if not fused:
         hint = ""
         if any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
-            hint = (" — it holds a torch.fx GraphModule, whose traced code inlined the attention forwards: "
-                    "patch the model first, then trace it (e.g. timm's FeatureGraphNet or torchvision's "
-                    "create_feature_extractor on the patched model)")
+            hint = (
+                " — it holds a torch.fx GraphModule, whose traced code inlined the attention forwards: "
+                "patch the model first, then trace it (e.g. timm's FeatureGraphNet or torchvision's "
+                "create_feature_extractor on the patched model)"
+            )
         logger.warning("%s(%s): nothing fused (no supported %s module found)%s", entry, model_name, library, hint)
     return model

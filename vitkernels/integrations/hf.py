@@ -36,6 +36,7 @@ builder under the same name in `AttentionMaskInterface`, so padding masks are bu
 runs `vitkernels.attention` inside every model that goes through the registry. `import vitkernels`
 alone does not register it (it never imports transformers).
 """
+
 import inspect
 import logging
 import math
@@ -61,6 +62,7 @@ _M = "transformers.models."
 # ----------------------------------------------------------------------------- ops, as the fused forwards call them
 # Module-level so tests (and users) can wrap them; each calls the torch op directly.
 
+
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     return torch.ops.vitkernels.attention(q, k, v, bias, scale)
 
@@ -69,26 +71,53 @@ def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -
     return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
 
 
-def window_attention(qkv: Tensor, hw: List[int], num_heads: int, window_size: int, shift_size: int,
-                     rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: Optional[float],
-                     logit_scale: Optional[Tensor] = None, shift_first: bool = False) -> Tensor:
-    return torch.ops.vitkernels.window_attention(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table,
-                                                 qkv_bias, scale, logit_scale, shift_first)
+def window_attention(
+    qkv: Tensor,
+    hw: List[int],
+    num_heads: int,
+    window_size: int,
+    shift_size: int,
+    rel_pos_bias_table: Optional[Tensor],
+    qkv_bias: Optional[Tensor],
+    scale: Optional[float],
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> Tensor:
+    return torch.ops.vitkernels.window_attention(
+        qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first
+    )
 
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
 
 
-def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
-                         layout: str = "st", scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def space_time_attention(
+    qkv: Tensor,
+    frames: int,
+    num_heads: int,
+    axis: str,
+    cls_qkv: Optional[Tensor] = None,
+    layout: str = "st",
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
     return torch.ops.vitkernels.space_time_attention(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
 
 
-def mix_ffn(x: Tensor, hw: List[int], fc1_weight: Tensor, fc1_bias: Optional[Tensor], dw_weight: Tensor,
-            dw_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor], extra_relu: bool) -> Tensor:
-    return torch.ops.vitkernels.mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
-                                        extra_relu)
+def mix_ffn(
+    x: Tensor,
+    hw: List[int],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    dw_weight: Tensor,
+    dw_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    extra_relu: bool,
+) -> Tensor:
+    return torch.ops.vitkernels.mix_ffn(
+        x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
+    )
 
 
 def dwconv(x: Tensor, hw: List[int], weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
@@ -112,10 +141,18 @@ def _repeat_heads(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
 
 
-def vitkernels_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                                 attention_mask: Optional[Tensor], scaling: Optional[float] = None,
-                                 dropout: float = 0.0, is_causal: Optional[bool] = None,
-                                 position_bias: Optional[Tensor] = None, **kwargs) -> Tuple[Tensor, None]:
+def vitkernels_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    is_causal: Optional[bool] = None,
+    position_bias: Optional[Tensor] = None,
+    **kwargs,
+) -> Tuple[Tensor, None]:
     """transformers attention function (the `AttentionInterface` signature) on `vitkernels.attention`.
 
     query (B, heads, Nq, D), key/value (B, kv_heads, Nk, D) -> ((B, Nq, heads, D), None), with SDPA's
@@ -132,26 +169,36 @@ def vitkernels_attention_forward(module: nn.Module, query: Tensor, key: Tensor, 
     if dropout > 0.0:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        warn_once(("vitkernels_attention_forward", "dropout"),
-                  f"vitkernels: the 'vitkernels' attention backend runs transformers' sdpa for "
-                  f"{type(module).__name__}: attention dropout while training (the fused op has no dropout). "
-                  f"(Shown once per reason.)")
+        warn_once(
+            ("vitkernels_attention_forward", "dropout"),
+            f"vitkernels: the 'vitkernels' attention backend runs transformers' sdpa for "
+            f"{type(module).__name__}: attention dropout while training (the fused op has no dropout). "
+            f"(Shown once per reason.)",
+        )
         if position_bias is not None:
             kwargs["position_bias"] = position_bias
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if kwargs.get("output_attentions", False):
-        _log_once("output_attentions", "vitkernels: the 'vitkernels' attention backend returns no attention weights "
-                  "(as sdpa); use attn_implementation='eager' for output_attentions=True")
+        _log_once(
+            "output_attentions",
+            "vitkernels: the 'vitkernels' attention backend returns no attention weights "
+            "(as sdpa); use attn_implementation='eager' for output_attentions=True",
+        )
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
-        raise TypeError(f"vitkernels attention: attention_mask must be a tensor or None, got "
-                        f"{type(attention_mask).__name__} (a flex_attention BlockMask?)")
+        raise TypeError(
+            f"vitkernels attention: attention_mask must be a tensor or None, got "
+            f"{type(attention_mask).__name__} (a flex_attention BlockMask?)"
+        )
     heads, kv_heads = query.shape[1], key.shape[1]
     if kv_heads != heads:
         if kv_heads == 0 or heads % kv_heads or value.shape[1] != kv_heads:
-            raise ValueError(f"vitkernels attention: query has {heads} heads, key {key.shape[1]} and value "
-                             f"{value.shape[1]}: grouped-query attention needs key/value heads dividing the query "
-                             f"heads (query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)})")
+            raise ValueError(
+                f"vitkernels attention: query has {heads} heads, key {key.shape[1]} and value "
+                f"{value.shape[1]}: grouped-query attention needs key/value heads dividing the query "
+                f"heads (query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)})"
+            )
         key, value = _repeat_heads(key, heads // kv_heads), _repeat_heads(value, heads // kv_heads)
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -192,6 +239,7 @@ def register_attention(name: str = "vitkernels") -> None:
 
 # ----------------------------------------------------------------------------- helpers of the fused forwards
 
+
 def _heads(x: Tensor, head_dim: int) -> Tensor:
     """(B, N, heads·D) -> (B, heads, N, D) view, no copy."""
     return x.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
@@ -210,8 +258,9 @@ def _wants_weights(module: nn.Module, output_attentions: Optional[bool]) -> bool
     return bool(output_attentions)
 
 
-def _why_original(module: nn.Module, output_attentions: bool, dropout_p: float, head_mask=None,
-                  mask=None) -> Optional[str]:
+def _why_original(
+    module: nn.Module, output_attentions: bool, dropout_p: float, head_mask=None, mask=None
+) -> Optional[str]:
     """The run-time reason to run transformers' own forward, or None."""
     if output_attentions:
         return "attention weights requested (output_attentions)"
@@ -228,8 +277,16 @@ def _p(m: Optional[nn.Module]) -> float:
     return float(m.p) if isinstance(m, nn.Dropout) else 0.0
 
 
-def _core(q: Tensor, k_in: Tensor, v_in: Tensor, num_heads: int, head_dim: int, scale: float, reduced: bool,
-          mask: Optional[Tensor] = None) -> Tensor:
+def _core(
+    q: Tensor,
+    k_in: Tensor,
+    v_in: Tensor,
+    num_heads: int,
+    head_dim: int,
+    scale: float,
+    reduced: bool,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """Attention of q (B, N, C) over k, v (B, M, C), all straight from their linears -> (B, N, C).
     With a spatial reduction (M ≪ N, no mask): `sr_attention` on q and [k|v] (a copy of the M reduced
     tokens only); else `attention` on head views (no copy)."""
@@ -240,10 +297,12 @@ def _core(q: Tensor, k_in: Tensor, v_in: Tensor, num_heads: int, head_dim: int, 
 
 # ----------------------------------------------------------------------------- fused forwards: ViT, DeiT, ViViT
 
+
 def _fused_proj_attention_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
     """transformers 5 ViT/DeiT/ViViT attention: own q/k/v linears -> `attention` on head views -> o_proj."""
-    why = _why_original(self, _wants_weights(self, kwargs.get("output_attentions")), self.attention_dropout,
-                        mask=attention_mask)
+    why = _why_original(
+        self, _wants_weights(self, kwargs.get("output_attentions")), self.attention_dropout, mask=attention_mask
+    )
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, attention_mask, **kwargs)
@@ -268,8 +327,7 @@ def _recorded_v4(m: nn.Module) -> bool:
     return fwd is not None and getattr(getattr(fwd, "__code__", None), "co_name", "") == "wrapped_forward"
 
 
-def _fused_self_attention_v4_forward(self, hidden_states: Tensor, head_mask: Optional[Tensor] = None, *args,
-                                     **kwargs):
+def _fused_self_attention_v4_forward(self, hidden_states: Tensor, head_mask: Optional[Tensor] = None, *args, **kwargs):
     """transformers 4.x ViT/DeiT/ViViT `*SelfAttention`: query/key/value -> `attention` on head views
     -> context (B, N, C) for the separate output module. Returns (context, None) as the sdpa class does.
     Attention weights are requested through `output_attentions` (up to ~4.52) or, from 4.53, by the
@@ -281,12 +339,18 @@ def _fused_self_attention_v4_forward(self, hidden_states: Tensor, head_mask: Opt
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, head_mask, *args, **kwargs)
     d = self.attention_head_size
-    out = attention(_heads(self.query(hidden_states), d), _heads(self.key(hidden_states), d),
-                    _heads(self.value(hidden_states), d), None, d ** -0.5)
+    out = attention(
+        _heads(self.query(hidden_states), d),
+        _heads(self.key(hidden_states), d),
+        _heads(self.value(hidden_states), d),
+        None,
+        d**-0.5,
+    )
     return _tokens(out), None
 
 
 # ----------------------------------------------------------------------------- fused forwards: Swin
+
 
 def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tuple[int, int], *args, **kwargs):
     """HF `SwinLayer`: layernorm -> own q/k/v linears on the un-padded tokens -> one `window_attention`
@@ -299,22 +363,28 @@ def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tup
         attn = self.attention.self
         wants, p = bool(output_attentions), _p(attn.dropout)
         q_lin, k_lin, v_lin, table = attn.query, attn.key, attn.value, attn.relative_position_bias_table
-        scale = attn.attention_head_size ** -0.5
+        scale = attn.attention_head_size**-0.5
     else:  # forward(hidden_states, input_dimensions, always_partition=False, **kwargs)
         head_mask = None
         always_partition = args[0] if len(args) > 0 else kwargs.get("always_partition", False)
         attn = self.attention
         wants, p = _wants_weights(attn, kwargs.get("output_attentions")), attn.attention_dropout
-        q_lin, k_lin, v_lin, table = attn.q_proj, attn.k_proj, attn.v_proj, \
-            attn.relative_position_bias.relative_position_bias_table
+        q_lin, k_lin, v_lin, table = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.relative_position_bias.relative_position_bias_table,
+        )
         scale = attn.scaling
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)  # HF clamps window/shift in place; so do we
     window, shift = self.window_size, self.shift_size
     why = _why_original(self, wants, p, head_mask)
     if why is None and (not isinstance(window, int) or table.shape[0] != (2 * window - 1) ** 2):
-        why = (f"window {window} (clamped to the input resolution) does not fit the relative position bias table "
-               f"{tuple(table.shape)}")
+        why = (
+            f"window {window} (clamped to the input resolution) does not fit the relative position bias table "
+            f"{tuple(table.shape)}"
+        )
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, input_dimensions, *args, **kwargs)
@@ -340,6 +410,7 @@ def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tup
 
 
 # ----------------------------------------------------------------------------- fused forwards: Swin V2
+
 
 def swinv2_tau_bound(window_size: int, eps: float = 1e-7) -> float:
     """The largest logit scale τ = exp(min(logit_scale, ln 100)) at which a shifted `Swinv2Layer` is fused.
@@ -391,8 +462,10 @@ def _fused_swinv2_layer_forward(self, hidden_states: Tensor, input_dimensions: T
     window, shift = self.window_size, self.shift_size
     why = _why_original(self, bool(output_attentions), _p(attn.dropout), head_mask)
     if why is None and tuple(attn.relative_coords_table.shape[1:3]) != (2 * window - 1, 2 * window - 1):
-        why = (f"window {window} does not fit the coordinate table {tuple(attn.relative_coords_table.shape)} "
-               f"of its attention")
+        why = (
+            f"window {window} does not fit the coordinate table {tuple(attn.relative_coords_table.shape)} "
+            f"of its attention"
+        )
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, input_dimensions, *args, **kwargs)
@@ -405,8 +478,7 @@ def _fused_swinv2_layer_forward(self, hidden_states: Tensor, input_dimensions: T
         zero = x.new_zeros((1, x.shape[-1]))
         qkv_bias = torch.cat([attn.query(zero), attn.key(zero), attn.value(zero)], -1)[0]
     table = 16 * torch.sigmoid(attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads))
-    out = window_attention(qkv, [height, width], heads, window, int(shift), table, qkv_bias, None,
-                           attn.logit_scale)
+    out = window_attention(qkv, [height, width], heads, window, int(shift), table, qkv_bias, None, attn.logit_scale)
     out = self.attention.output(out, x)  # dense, dropout
     hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
     layer_output = self.output(self.intermediate(hidden_states))
@@ -415,24 +487,36 @@ def _fused_swinv2_layer_forward(self, hidden_states: Tensor, input_dimensions: T
 
 # ----------------------------------------------------------------------------- fused forwards: SegFormer, PVTv2
 
-def _fused_segformer_attention_forward(self, hidden_states: Tensor, height: int, width: int,
-                                       attention_mask: Optional[Tensor] = None, **kwargs):
+
+def _fused_segformer_attention_forward(
+    self, hidden_states: Tensor, height: int, width: int, attention_mask: Optional[Tensor] = None, **kwargs
+):
     """transformers 5 `SegformerAttention`: own q linear, HF's sequence reduction, own k/v linears ->
     `sr_attention` -> o_proj."""
-    why = _why_original(self, _wants_weights(self, kwargs.get("output_attentions")), self.attention_dropout,
-                        mask=attention_mask)
+    why = _why_original(
+        self, _wants_weights(self, kwargs.get("output_attentions")), self.attention_dropout, mask=attention_mask
+    )
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, height, width, attention_mask, **kwargs)
     reduced = self.sequence_reduction_ratio > 1
     kv_in = self.sequence_reduction(hidden_states, height, width) if reduced else hidden_states
-    out = _core(self.q_proj(hidden_states), self.k_proj(kv_in), self.v_proj(kv_in), self.num_attention_heads,
-                self.head_dim, self.scaling, reduced, attention_mask)
+    out = _core(
+        self.q_proj(hidden_states),
+        self.k_proj(kv_in),
+        self.v_proj(kv_in),
+        self.num_attention_heads,
+        self.head_dim,
+        self.scaling,
+        reduced,
+        attention_mask,
+    )
     return self.o_proj(out), None
 
 
-def _fused_segformer_sr_attention_v4_forward(self, hidden_states: Tensor, height: int, width: int,
-                                             output_attentions: bool = False):
+def _fused_segformer_sr_attention_v4_forward(
+    self, hidden_states: Tensor, height: int, width: int, output_attentions: bool = False
+):
     """transformers 4.x `SegformerEfficientSelfAttention`: as above; returns (context,) for its output module."""
     why = _why_original(self, bool(output_attentions), _p(self.dropout))
     if why is not None:
@@ -445,12 +529,14 @@ def _fused_segformer_sr_attention_v4_forward(self, hidden_states: Tensor, height
         kv_in = hidden_states.permute(0, 2, 1).reshape(b, c, height, width)
         kv_in = self.layer_norm(self.sr(kv_in).reshape(b, c, -1).permute(0, 2, 1))
     d = self.attention_head_size
-    return (_core(self.query(hidden_states), self.key(kv_in), self.value(kv_in), self.num_attention_heads, d,
-                  d ** -0.5, reduced),)
+    return (
+        _core(
+            self.query(hidden_states), self.key(kv_in), self.value(kv_in), self.num_attention_heads, d, d**-0.5, reduced
+        ),
+    )
 
 
-def _fused_pvt_attention_forward(self, hidden_states: Tensor, height: int, width: int,
-                                 output_attentions: bool = False):
+def _fused_pvt_attention_forward(self, hidden_states: Tensor, height: int, width: int, output_attentions: bool = False):
     """`PvtV2SelfAttention`: own q linear, HF's spatial reduction (strided conv + LN, or the linear variant's
     AdaptiveAvgPool(7) -> 1x1 conv -> LN -> GELU), own k/v linears -> `sr_attention` -> proj."""
     why = _why_original(self, bool(output_attentions), _p(self.attn_drop))
@@ -469,7 +555,7 @@ def _fused_pvt_attention_forward(self, hidden_states: Tensor, height: int, width
         y = hidden_states.permute(0, 2, 1).reshape(b, c, height, width)
         kv_in = self.layer_norm(self.spatial_reduction(y).reshape(b, c, -1).permute(0, 2, 1))
     d = self.attention_head_size
-    out = _core(q, self.key(kv_in), self.value(kv_in), self.num_attention_heads, d, d ** -0.5, reduced)
+    out = _core(q, self.key(kv_in), self.value(kv_in), self.num_attention_heads, d, d**-0.5, reduced)
     return (self.proj_drop(self.proj(out)),)
 
 
@@ -478,8 +564,17 @@ def _plain_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
 
 
-def _mix_ffn_forward(module: nn.Module, x: Tensor, height: int, width: int, fc1: nn.Module, conv: nn.Module,
-                     fc2: nn.Module, drop: nn.Module, relu: Optional[nn.Module]) -> Tensor:
+def _mix_ffn_forward(
+    module: nn.Module,
+    x: Tensor,
+    height: int,
+    width: int,
+    fc1: nn.Module,
+    conv: nn.Module,
+    fc2: nn.Module,
+    drop: nn.Module,
+    relu: Optional[nn.Module],
+) -> Tensor:
     """fc1 -> [ReLU] -> dwconv3x3 -> GELU -> dropout -> fc2 -> dropout. Plain linears and no active dropout:
     one `mix_ffn` call. Otherwise (e.g. LoRA-wrapped or hooked linears, dropout while training) the model's own
     linears and dropout around the fused `dwconv` + GELU op (no NCHW transposes either way)."""
@@ -502,8 +597,9 @@ def _fused_segformer_mlp_forward(self, hidden_states: Tensor, height: int, width
     if not _conv_is_plain(self):
         warn_fallback(self, "dwconv.dwconv is not a plain nn.Conv2d (e.g. a LoRA wrapper)", _LIB)
         return self._hf_forward(hidden_states, height, width)
-    return _mix_ffn_forward(self, hidden_states, height, width, self.fc1, self.dwconv.dwconv, self.fc2, self.dropout,
-                            None)
+    return _mix_ffn_forward(
+        self, hidden_states, height, width, self.fc1, self.dwconv.dwconv, self.fc2, self.dropout, None
+    )
 
 
 def _fused_dense_ffn_forward(self, hidden_states: Tensor, height: int, width: int) -> Tensor:
@@ -513,11 +609,21 @@ def _fused_dense_ffn_forward(self, hidden_states: Tensor, height: int, width: in
         warn_fallback(self, "dwconv.dwconv is not a plain nn.Conv2d (e.g. a LoRA wrapper)", _LIB)
         return self._hf_forward(hidden_states, height, width)
     relu = getattr(self, "relu", None)
-    return _mix_ffn_forward(self, hidden_states, height, width, self.dense1, self.dwconv.dwconv, self.dense2,
-                            self.dropout, relu if isinstance(relu, nn.ReLU) else None)
+    return _mix_ffn_forward(
+        self,
+        hidden_states,
+        height,
+        width,
+        self.dense1,
+        self.dwconv.dwconv,
+        self.dense2,
+        self.dropout,
+        relu if isinstance(relu, nn.ReLU) else None,
+    )
 
 
 # ----------------------------------------------------------------------------- fused forwards: TimeSformer
+
 
 def _fused_timesformer_self_attention_forward(self, hidden_states: Tensor, output_attentions: bool = False):
     """`TimesformerSelfAttention` (space_only / joint_space_time, and divided blocks run by HF's own layer
@@ -576,6 +682,7 @@ def _fused_timesformer_layer_forward(self, hidden_states: Tensor, output_attenti
 
 # ----------------------------------------------------------------------------- patch-time checks
 
+
 def _missing(m: nn.Module, names) -> Optional[str]:
     for name in names:
         if not hasattr(m, name):
@@ -613,14 +720,36 @@ def _swinv2_prepare(m: nn.Module) -> None:
 
 
 def _swinv2_reason(m: nn.Module) -> Optional[str]:
-    why = _missing(m, ("attention", "window_size", "shift_size", "layernorm_before", "layernorm_after", "drop_path",
-                       "intermediate", "output"))
+    why = _missing(
+        m,
+        (
+            "attention",
+            "window_size",
+            "shift_size",
+            "layernorm_before",
+            "layernorm_after",
+            "drop_path",
+            "intermediate",
+            "output",
+        ),
+    )
     why = why or _missing(m.attention, ("self", "output"))
     if why:
         return why
     attn = m.attention.self
-    why = _missing(attn, ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp",
-                          "relative_coords_table", "num_attention_heads", "dropout"))
+    why = _missing(
+        attn,
+        (
+            "query",
+            "key",
+            "value",
+            "logit_scale",
+            "continuous_position_bias_mlp",
+            "relative_coords_table",
+            "num_attention_heads",
+            "dropout",
+        ),
+    )
     if why:
         return why
     window, shift = m.window_size, m.shift_size
@@ -629,17 +758,21 @@ def _swinv2_reason(m: nn.Module) -> Optional[str]:
     if shift > 0 and _swinv2_double_mask(type(attn)):
         scale = attn.logit_scale.detach()
         if scale.is_meta:
-            return ("shifted windows, logit scale on the meta device: τ unknown at patch time (transformers' "
-                    "Swinv2SelfAttention adds its shift mask twice; see swinv2_tau_bound)")
+            return (
+                "shifted windows, logit scale on the meta device: τ unknown at patch time (transformers' "
+                "Swinv2SelfAttention adds its shift mask twice; see swinv2_tau_bound)"
+            )
         tau = float(scale.float().clamp(max=math.log(100.0)).exp().max())
         bound = swinv2_tau_bound(window)
         if tau > bound:
             weight = (window * window - 1) * math.exp(2 * tau - 84.0)
-            return (f"shifted windows (window {window}, shift {shift}) with logit scale τ = {tau:.1f} (max over "
-                    f"heads) > {bound:.1f}: transformers' Swinv2SelfAttention adds its shift mask twice (masked "
-                    f"scores −200; the op, the original Swin V2 and timm use −100), and at this τ the bound "
-                    f"(M²−1)·exp(2τ + 16 − 100) = {weight:.2g} on the masked keys' softmax weight under −100 "
-                    f"exceeds 1e-7: the fused layer might not reproduce HF's output")
+            return (
+                f"shifted windows (window {window}, shift {shift}) with logit scale τ = {tau:.1f} (max over "
+                f"heads) > {bound:.1f}: transformers' Swinv2SelfAttention adds its shift mask twice (masked "
+                f"scores −200; the op, the original Swin V2 and timm use −100), and at this τ the bound "
+                f"(M²−1)·exp(2τ + 16 − 100) = {weight:.2g} on the masked keys' softmax weight under −100 "
+                f"exceeds 1e-7: the fused layer might not reproduce HF's output"
+            )
     return None
 
 
@@ -650,7 +783,8 @@ def _exact_gelu(act) -> bool:
         return True
     inner = getattr(act, "act", None)  # transformers' GELUActivation: F.gelu or its erf formula in Python
     return type(act).__name__ == "GELUActivation" and (
-        inner is F.gelu or getattr(getattr(inner, "__func__", None), "__name__", "") == "_gelu_python")
+        inner is F.gelu or getattr(getattr(inner, "__func__", None), "__name__", "") == "_gelu_python"
+    )
 
 
 def _ffn_reason(fc1: str, act: str, fc2: str) -> Callable[[nn.Module], Optional[str]]:
@@ -664,13 +798,20 @@ def _ffn_reason(fc1: str, act: str, fc2: str) -> Callable[[nn.Module], Optional[
         if relu is not None and not isinstance(relu, (nn.ReLU, nn.Identity)):
             return f"extra activation {relu!r} (the op fuses ReLU or none)"
         conv = getattr(m.dwconv, "dwconv", None)
-        if not (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-                and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-                and conv.groups == conv.in_channels == conv.out_channels):
+        if not (
+            type(conv) is nn.Conv2d
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+            and conv.groups == conv.in_channels == conv.out_channels
+        ):
             return f"dwconv {conv!r} is not a plain depthwise 3x3 conv"
-        if not isinstance(getattr(m, "dropout"), nn.Dropout):
-            return f"dropout {getattr(m, 'dropout')!r} is not an nn.Dropout"
+        if not isinstance(m.dropout, nn.Dropout):
+            return f"dropout {m.dropout!r} is not an nn.Dropout"
         return None
+
     return reason
 
 
@@ -683,8 +824,20 @@ def _segformer_v4_reason(m: nn.Module) -> Optional[str]:
 
 
 def _pvt_reason(m: nn.Module) -> Optional[str]:
-    return _missing(m, ("query", "key", "value", "linear_attention", "spatial_reduction_ratio", "attn_drop", "proj",
-                        "proj_drop", "attention_head_size"))
+    return _missing(
+        m,
+        (
+            "query",
+            "key",
+            "value",
+            "linear_attention",
+            "spatial_reduction_ratio",
+            "attn_drop",
+            "proj",
+            "proj_drop",
+            "attention_head_size",
+        ),
+    )
 
 
 def _timesformer_attention_reason(m: nn.Module) -> Optional[str]:
@@ -694,10 +847,23 @@ def _timesformer_attention_reason(m: nn.Module) -> Optional[str]:
 def _timesformer_layer_reason(m: nn.Module) -> Optional[str]:
     kind = getattr(m, "attention_type", None)
     if kind != "divided_space_time":
-        return (f"attention_type {kind!r}: joint attention over the whole sequence, fused in its "
-                f"TimesformerSelfAttention modules instead")
-    why = _missing(m, ("temporal_attention", "temporal_layernorm", "temporal_dense", "attention", "config",
-                       "drop_path", "intermediate", "output"))
+        return (
+            f"attention_type {kind!r}: joint attention over the whole sequence, fused in its "
+            f"TimesformerSelfAttention modules instead"
+        )
+    why = _missing(
+        m,
+        (
+            "temporal_attention",
+            "temporal_layernorm",
+            "temporal_dense",
+            "attention",
+            "config",
+            "drop_path",
+            "intermediate",
+            "output",
+        ),
+    )
     if why:
         return why
     drop_path = m.drop_path
@@ -706,8 +872,9 @@ def _timesformer_layer_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _spec(cls_name: str, module: str, fn: Callable, ops: str, reason, prepare=None, applies=None,
-          name: Optional[str] = None) -> FusedSpec:
+def _spec(
+    cls_name: str, module: str, fn: Callable, ops: str, reason, prepare=None, applies=None, name: Optional[str] = None
+) -> FusedSpec:
     kw = {} if applies is None else {"applies": applies}
     return FusedSpec(name or f"Fused{cls_name}", [(_M + module, cls_name)], "forward", fn, ops, reason, prepare, **kw)
 
@@ -719,37 +886,98 @@ _V5 = _has("q_proj", "k_proj", "v_proj")  # a 5.x attention class, not the 4.x w
 
 _SPECS = [
     # transformers 5: attention modules with q_proj/k_proj/v_proj/o_proj
-    _spec("ViTAttention", "vit.modeling_vit", _fused_proj_attention_forward, _ATTN, _proj_attention_reason,
-          applies=_V5),
-    _spec("DeiTAttention", "deit.modeling_deit", _fused_proj_attention_forward, _ATTN, _proj_attention_reason,
-          applies=_V5),
-    _spec("VivitAttention", "vivit.modeling_vivit", _fused_proj_attention_forward, _ATTN, _proj_attention_reason,
-          applies=_V5),
-    _spec("SegformerAttention", "segformer.modeling_segformer", _fused_segformer_attention_forward, _SR,
-          _segformer_attention_reason, applies=_V5),
-    _spec("SegformerMixMLP", "segformer.modeling_segformer", _fused_segformer_mlp_forward, _FFN,
-          _ffn_reason("fc1", "activation_fn", "fc2")),
+    _spec(
+        "ViTAttention", "vit.modeling_vit", _fused_proj_attention_forward, _ATTN, _proj_attention_reason, applies=_V5
+    ),
+    _spec(
+        "DeiTAttention", "deit.modeling_deit", _fused_proj_attention_forward, _ATTN, _proj_attention_reason, applies=_V5
+    ),
+    _spec(
+        "VivitAttention",
+        "vivit.modeling_vivit",
+        _fused_proj_attention_forward,
+        _ATTN,
+        _proj_attention_reason,
+        applies=_V5,
+    ),
+    _spec(
+        "SegformerAttention",
+        "segformer.modeling_segformer",
+        _fused_segformer_attention_forward,
+        _SR,
+        _segformer_attention_reason,
+        applies=_V5,
+    ),
+    _spec(
+        "SegformerMixMLP",
+        "segformer.modeling_segformer",
+        _fused_segformer_mlp_forward,
+        _FFN,
+        _ffn_reason("fc1", "activation_fn", "fc2"),
+    ),
     # both layouts
-    _spec("SwinLayer", "swin.modeling_swin", _fused_swin_layer_forward, "vitkernels.window_attention", _swin_reason,
-          _swin_prepare),
-    _spec("Swinv2Layer", "swinv2.modeling_swinv2", _fused_swinv2_layer_forward,
-          "vitkernels.window_attention with logit_scale", _swinv2_reason, _swinv2_prepare),
+    _spec(
+        "SwinLayer",
+        "swin.modeling_swin",
+        _fused_swin_layer_forward,
+        "vitkernels.window_attention",
+        _swin_reason,
+        _swin_prepare,
+    ),
+    _spec(
+        "Swinv2Layer",
+        "swinv2.modeling_swinv2",
+        _fused_swinv2_layer_forward,
+        "vitkernels.window_attention with logit_scale",
+        _swinv2_reason,
+        _swinv2_prepare,
+    ),
     _spec("PvtV2SelfAttention", "pvt_v2.modeling_pvt_v2", _fused_pvt_attention_forward, _SR, _pvt_reason),
-    _spec("PvtV2ConvFeedForwardNetwork", "pvt_v2.modeling_pvt_v2", _fused_dense_ffn_forward, _FFN,
-          _ffn_reason("dense1", "intermediate_act_fn", "dense2")),
-    _spec("TimesformerSelfAttention", "timesformer.modeling_timesformer", _fused_timesformer_self_attention_forward,
-          "vitkernels.self_attention", _timesformer_attention_reason),
-    _spec("TimesformerLayer", "timesformer.modeling_timesformer", _fused_timesformer_layer_forward,
-          "vitkernels.space_time_attention", _timesformer_layer_reason),
+    _spec(
+        "PvtV2ConvFeedForwardNetwork",
+        "pvt_v2.modeling_pvt_v2",
+        _fused_dense_ffn_forward,
+        _FFN,
+        _ffn_reason("dense1", "intermediate_act_fn", "dense2"),
+    ),
+    _spec(
+        "TimesformerSelfAttention",
+        "timesformer.modeling_timesformer",
+        _fused_timesformer_self_attention_forward,
+        "vitkernels.self_attention",
+        _timesformer_attention_reason,
+    ),
+    _spec(
+        "TimesformerLayer",
+        "timesformer.modeling_timesformer",
+        _fused_timesformer_layer_forward,
+        "vitkernels.space_time_attention",
+        _timesformer_layer_reason,
+    ),
     # transformers 4.x: *SelfAttention (query/key/value) inside a wrapper with a separate output module
-    *[_spec(cls, mod, _fused_self_attention_v4_forward, _ATTN, _self_attention_v4_reason)
-      for mod, prefix in (("vit.modeling_vit", "ViT"), ("deit.modeling_deit", "DeiT"),
-                          ("vivit.modeling_vivit", "Vivit"))
-      for cls in (f"{prefix}SelfAttention", f"{prefix}SdpaSelfAttention")],
-    _spec("SegformerEfficientSelfAttention", "segformer.modeling_segformer", _fused_segformer_sr_attention_v4_forward,
-          _SR, _segformer_v4_reason),
-    _spec("SegformerMixFFN", "segformer.modeling_segformer", _fused_dense_ffn_forward, _FFN,
-          _ffn_reason("dense1", "intermediate_act_fn", "dense2")),
+    *[
+        _spec(cls, mod, _fused_self_attention_v4_forward, _ATTN, _self_attention_v4_reason)
+        for mod, prefix in (
+            ("vit.modeling_vit", "ViT"),
+            ("deit.modeling_deit", "DeiT"),
+            ("vivit.modeling_vivit", "Vivit"),
+        )
+        for cls in (f"{prefix}SelfAttention", f"{prefix}SdpaSelfAttention")
+    ],
+    _spec(
+        "SegformerEfficientSelfAttention",
+        "segformer.modeling_segformer",
+        _fused_segformer_sr_attention_v4_forward,
+        _SR,
+        _segformer_v4_reason,
+    ),
+    _spec(
+        "SegformerMixFFN",
+        "segformer.modeling_segformer",
+        _fused_dense_ffn_forward,
+        _FFN,
+        _ffn_reason("dense1", "intermediate_act_fn", "dense2"),
+    ),
 ]
 _NAMES = {spec.name for spec in _SPECS}
 
@@ -784,5 +1012,6 @@ try:  # importing this module registers the attention backend (a no-op without t
 except ImportError:
     pass
 except Exception as _e:  # a transformers that fails to import: patch_hf's log will say what was (not) fused
-    logger.warning("vitkernels: could not register the 'vitkernels' attention implementation: %s: %s",
-                   type(_e).__name__, _e)
+    logger.warning(
+        "vitkernels: could not register the 'vitkernels' attention implementation: %s: %s", type(_e).__name__, _e
+    )

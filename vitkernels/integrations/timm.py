@@ -43,6 +43,7 @@ the small typed functions below) and fx-traceable: those functions are `torch.fx
 `torch.fx.symbolic_trace`, timm's `features_only=True, feature_cls='fx'` and torchvision's
 `create_feature_extractor` record one call per fused op and never branch on traced values.
 """
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,6 +64,7 @@ _ORIG = "_timm_"
 # Typed, scriptable wrappers of the public ops (the Python functions of vitkernels.ops validate with
 # Python-only code). Tests count fused calls by replacing these module attributes.
 
+
 def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
 
@@ -71,12 +73,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
     return torch.ops.vitkernels.attention(q, k, v, bias, scale)
 
 
-def window_attention(qkv: Tensor, hw: Tuple[int, int], num_heads: int, window_size: int, shift_size: int = 0,
-                     rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
-                     scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-                     shift_first: bool = False) -> Tensor:
-    return torch.ops.vitkernels.window_attention(qkv, [hw[0], hw[1]], num_heads, window_size, shift_size,
-                                                 rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
+def window_attention(
+    qkv: Tensor,
+    hw: Tuple[int, int],
+    num_heads: int,
+    window_size: int,
+    shift_size: int = 0,
+    rel_pos_bias_table: Optional[Tensor] = None,
+    qkv_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> Tensor:
+    return torch.ops.vitkernels.window_attention(
+        qkv,
+        [hw[0], hw[1]],
+        num_heads,
+        window_size,
+        shift_size,
+        rel_pos_bias_table,
+        qkv_bias,
+        scale,
+        logit_scale,
+        shift_first,
+    )
 
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -87,17 +107,27 @@ def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
     return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
 
 
-def mix_ffn(x: Tensor, hw: List[int], fc1_weight: Tensor, fc1_bias: Optional[Tensor], dw_weight: Tensor,
-            dw_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
-            extra_relu: bool = False) -> Tensor:
-    return torch.ops.vitkernels.mix_ffn(x, [hw[0], hw[1]], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight,
-                                        fc2_bias, extra_relu)
+def mix_ffn(
+    x: Tensor,
+    hw: List[int],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    dw_weight: Tensor,
+    dw_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    extra_relu: bool = False,
+) -> Tensor:
+    return torch.ops.vitkernels.mix_ffn(
+        x, [hw[0], hw[1]], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
+    )
 
 
 # ----------------------------------------------------------------------------- fx leaves
 # Each fused forward calls exactly one of these with its tensors and static config; torch.fx records
 # them as single call_function nodes (torch.fx.wrap below), so shape-dependent choices made inside run
 # at run time on real shapes, in eager, TorchScript, fx and torch.compile alike.
+
 
 def _vit_attention(qkv: Tensor, num_heads: int, scale: float, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
     """(B, N, 3C) -> (B, N, C). timm's mask semantics: `is_causal` wins over `attn_mask`; a boolean mask
@@ -125,9 +155,18 @@ def _heads_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Option
     return attention(q, k, v, bias, scale).transpose(1, 2).reshape(b, n, h * d)
 
 
-def _timm_window_attention(qkv: Tensor, h: int, w: int, num_heads: int, window: int, shift: int,
-                           table: Tensor, qkv_bias: Optional[Tensor], scale: Optional[float],
-                           logit_scale: Optional[Tensor]) -> Tensor:
+def _timm_window_attention(
+    qkv: Tensor,
+    h: int,
+    w: int,
+    num_heads: int,
+    window: int,
+    shift: int,
+    table: Tensor,
+    qkv_bias: Optional[Tensor],
+    scale: Optional[float],
+    logit_scale: Optional[Tensor],
+) -> Tensor:
     """timm's `SwinTransformerBlock._attn` / `SwinTransformerV2Block._attn` core on qkv (B, H·W, 3C) ->
     (B, H·W, C), for every H, W: timm shifts the unpadded map, then pads (`shift_first=True`); a padded
     token's qkv is `qkv_bias` (timm pads the block's input with zeros before its qkv linear).
@@ -146,6 +185,7 @@ torch.fx.wrap("mix_ffn")
 # ----------------------------------------------------------------------------- fused forwards
 # Methods of the Fused classes. TorchScript compiles them (and timm's own `_timm_*` methods they fall
 # back to); `warn_fallback` is Python-only, hence under `not torch.jit.is_scripting()`.
+
 
 def _fused_vit_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """timm ViT Attention: qkv -> fused attention -> [scale norm] [gate] -> proj."""
@@ -185,8 +225,18 @@ def _fused_swin_attn(self, x: Tensor) -> Tensor:
         return self._timm_attn(x)
     b, h, w, c = x.shape
     qkv = attn.qkv(x.reshape(b, h * w, c))
-    out = _timm_window_attention(qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0],
-                                 attn.relative_position_bias_table, attn.qkv.bias, attn.scale, None)
+    out = _timm_window_attention(
+        qkv,
+        h,
+        w,
+        attn.num_heads,
+        self.window_size[0],
+        self.shift_size[0],
+        attn.relative_position_bias_table,
+        attn.qkv.bias,
+        attn.scale,
+        None,
+    )
     return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
 
 
@@ -215,8 +265,9 @@ def _fused_swinv2_attn(self, x: Tensor) -> Tensor:
         else:
             qkv = F.linear(tokens, weight=attn.qkv.weight, bias=qkv_bias)
     table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
-    out = _timm_window_attention(qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0], table,
-                                 qkv_bias, None, attn.logit_scale)
+    out = _timm_window_attention(
+        qkv, h, w, attn.num_heads, self.window_size[0], self.shift_size[0], table, qkv_bias, None, attn.logit_scale
+    )
     return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
 
 
@@ -239,8 +290,11 @@ def _fused_swinv2cr_attn(self, x: Tensor) -> Tensor:
         return self._timm_shifted_window_attn(x)
     if attn.training and self._vk_meta_dropout:
         if not torch.jit.is_scripting():
-            warn_fallback(self, "the meta MLP's dropout while training (timm draws it per pair of tokens, the fused "
-                                "table has one entry per relative offset)")
+            warn_fallback(
+                self,
+                "the meta MLP's dropout while training (timm draws it per pair of tokens, the fused "
+                "table has one entry per relative offset)",
+            )
         return self._timm_shifted_window_attn(x)
     if self.window_size[0] != self.window_size[1] or self.shift_size[0] != self.shift_size[1]:
         if not torch.jit.is_scripting():
@@ -250,8 +304,9 @@ def _fused_swinv2cr_attn(self, x: Tensor) -> Tensor:
     m = self.window_size[0]
     qkv = attn.qkv(x.reshape(b, h * w, c))
     table = attn.meta_mlp(_log_spaced_offsets(m, attn.relative_coordinates_log))
-    out = _timm_window_attention(qkv, h, w, attn.num_heads, m, self.shift_size[0], table, attn.qkv.bias, None,
-                                 attn.logit_scale)
+    out = _timm_window_attention(
+        qkv, h, w, attn.num_heads, m, self.shift_size[0], table, attn.qkv.bias, None, attn.logit_scale
+    )
     return attn.proj_drop(attn.proj(out)).reshape(b, h, w, -1)
 
 
@@ -285,8 +340,17 @@ def _fused_pvt_mlp_forward(self, x: Tensor, feat_size: List[int]) -> Tensor:
         if not torch.jit.is_scripting():
             warn_fallback(self, "dropout while training (the fused op has no dropout)")
         return self._timm_forward(x, feat_size)
-    return mix_ffn(x, feat_size, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
-                   self.fc2.weight, self.fc2.bias, self._vk_extra_relu)
+    return mix_ffn(
+        x,
+        feat_size,
+        self.fc1.weight,
+        self.fc1.bias,
+        self.dwconv.weight,
+        self.dwconv.bias,
+        self.fc2.weight,
+        self.fc2.bias,
+        self._vk_extra_relu,
+    )
 
 
 def _fused_xca_forward(self, x: Tensor) -> Tensor:
@@ -375,6 +439,7 @@ def _fused_twins_gsa_forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
 
 # ----------------------------------------------------------------------------- patch-time checks
 
+
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
@@ -394,11 +459,13 @@ def _vit_prepare(m: nn.Module) -> None:
 
 def _needs(*names: str):
     """A patch-time reason: the first attribute of `names` the module lacks (an unknown variant)."""
+
     def reason(m: nn.Module) -> Optional[str]:
         for name in names:
             if not hasattr(m, name):
                 return f"no `{name}` attribute (an unknown variant of the class)"
         return None
+
     return reason
 
 
@@ -411,8 +478,10 @@ def _swin_reason(m: nn.Module) -> Optional[str]:
     if m0 != m1 or s0 != s1:
         return f"non-square window {tuple(m.window_size)} / shift {tuple(m.shift_size)} (the op takes square windows)"
     if tuple(attn.relative_position_bias_table.shape[:1]) != ((2 * m0 - 1) ** 2,):
-        return (f"relative position bias table of shape {tuple(attn.relative_position_bias_table.shape)} "
-                f"does not fit window {m0}")
+        return (
+            f"relative position bias table of shape {tuple(attn.relative_position_bias_table.shape)} "
+            f"does not fit window {m0}"
+        )
     if not isinstance(attn.qkv, nn.Linear):
         return f"attn.qkv is a {type(attn.qkv).__name__}, not nn.Linear (padded tokens need its bias)"
     return None
@@ -438,8 +507,17 @@ def _swinv2cr_prepare(m: nn.Module) -> None:
 
 def _swinv2_reason(m: nn.Module) -> Optional[str]:
     attn = getattr(m, "attn", None)
-    for name in ("qkv", "proj", "cpb_mlp", "relative_coords_table", "logit_scale", "q_bias", "qkv_bias_separate",
-                 "attn_drop", "proj_drop"):
+    for name in (
+        "qkv",
+        "proj",
+        "cpb_mlp",
+        "relative_coords_table",
+        "logit_scale",
+        "q_bias",
+        "qkv_bias_separate",
+        "attn_drop",
+        "proj_drop",
+    ):
         if not hasattr(attn, name):
             return f"no `attn.{name}` (an unknown variant of the class)"
     (m0, m1), (s0, s1) = tuple(m.window_size), tuple(m.shift_size)
@@ -467,12 +545,20 @@ def _pvt_mlp_reason(m: nn.Module) -> Optional[str]:
         return f"extra activation {getattr(m, 'relu', None)!r} (the op fuses ReLU or none)"
     for name in ("fc1", "fc2"):
         if type(getattr(m, name, None)) is not nn.Linear:
-            return (f"{name} is a {type(getattr(m, name, None)).__name__}, not a plain nn.Linear "
-                    f"(the op reads its weights; a wrapped linear, e.g. LoRA, keeps timm's forward)")
+            return (
+                f"{name} is a {type(getattr(m, name, None)).__name__}, not a plain nn.Linear "
+                f"(the op reads its weights; a wrapped linear, e.g. LoRA, keeps timm's forward)"
+            )
     dw = getattr(m, "dwconv", None)
-    if not (type(dw) is nn.Conv2d and dw.kernel_size == (3, 3) and dw.stride == (1, 1) and dw.padding == (1, 1)
-            and dw.dilation == (1, 1) and dw.groups == dw.in_channels == dw.out_channels
-            and dw.padding_mode == "zeros"):
+    if not (
+        type(dw) is nn.Conv2d
+        and dw.kernel_size == (3, 3)
+        and dw.stride == (1, 1)
+        and dw.padding == (1, 1)
+        and dw.dilation == (1, 1)
+        and dw.groups == dw.in_channels == dw.out_channels
+        and dw.padding_mode == "zeros"
+    ):
         return f"dwconv {dw!r} is not a plain depthwise 3x3 conv"
     return None
 
@@ -489,32 +575,90 @@ def _xca_reason(m: nn.Module) -> Optional[str]:
 
 
 _SPECS = [
-    FusedSpec("FusedAttention",
-              [("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention")],
-              "forward", _fused_vit_forward,
-              "vitkernels.self_attention; with q/k norm or a mask: vitkernels.attention", _vit_reason, _vit_prepare),
-    FusedSpec("FusedSwinTransformerBlock", [("timm.models.swin_transformer", "SwinTransformerBlock")],
-              "_attn", _fused_swin_attn, "vitkernels.window_attention (shift_first)", _swin_reason),
-    FusedSpec("FusedSwinTransformerV2Block", [("timm.models.swin_transformer_v2", "SwinTransformerV2Block")],
-              "_attn", _fused_swinv2_attn, "vitkernels.window_attention (logit_scale, shift_first)", _swinv2_reason),
-    FusedSpec("FusedSwinTransformerV2CrBlock", [("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock")],
-              "_shifted_window_attn", _fused_swinv2cr_attn, "vitkernels.window_attention (logit_scale, shift_first)",
-              _swinv2cr_reason, _swinv2cr_prepare),
-    FusedSpec("FusedPvtV2Attention", [("timm.models.pvt_v2", "Attention")],
-              "forward", _fused_pvt_forward, "vitkernels.sr_attention", _pvt_reason),
-    FusedSpec("FusedMlpWithDepthwiseConv", [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
-              "forward", _fused_pvt_mlp_forward, "vitkernels.mix_ffn", _pvt_mlp_reason, _pvt_mlp_prepare),
+    FusedSpec(
+        "FusedAttention",
+        [("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention")],
+        "forward",
+        _fused_vit_forward,
+        "vitkernels.self_attention; with q/k norm or a mask: vitkernels.attention",
+        _vit_reason,
+        _vit_prepare,
+    ),
+    FusedSpec(
+        "FusedSwinTransformerBlock",
+        [("timm.models.swin_transformer", "SwinTransformerBlock")],
+        "_attn",
+        _fused_swin_attn,
+        "vitkernels.window_attention (shift_first)",
+        _swin_reason,
+    ),
+    FusedSpec(
+        "FusedSwinTransformerV2Block",
+        [("timm.models.swin_transformer_v2", "SwinTransformerV2Block")],
+        "_attn",
+        _fused_swinv2_attn,
+        "vitkernels.window_attention (logit_scale, shift_first)",
+        _swinv2_reason,
+    ),
+    FusedSpec(
+        "FusedSwinTransformerV2CrBlock",
+        [("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock")],
+        "_shifted_window_attn",
+        _fused_swinv2cr_attn,
+        "vitkernels.window_attention (logit_scale, shift_first)",
+        _swinv2cr_reason,
+        _swinv2cr_prepare,
+    ),
+    FusedSpec(
+        "FusedPvtV2Attention",
+        [("timm.models.pvt_v2", "Attention")],
+        "forward",
+        _fused_pvt_forward,
+        "vitkernels.sr_attention",
+        _pvt_reason,
+    ),
+    FusedSpec(
+        "FusedMlpWithDepthwiseConv",
+        [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
+        "forward",
+        _fused_pvt_mlp_forward,
+        "vitkernels.mix_ffn",
+        _pvt_mlp_reason,
+        _pvt_mlp_prepare,
+    ),
     FusedSpec("FusedXCA", [("timm.models.xcit", "XCA")], "forward", _fused_xca_forward, "vitkernels.xca", _xca_reason),
-    FusedSpec("FusedClassAttn", [("timm.models.cait", "ClassAttn")], "forward", _fused_class_attn_forward,
-              "vitkernels.attention (one query)", _needs("q", "k", "v", "proj", "attn_drop", "proj_drop")),
-    FusedSpec("FusedBeitAttention", [("timm.models.beit", "Attention")], "forward", _fused_beit_forward,
-              "vitkernels.attention with the relative-position bias; without one vitkernels.self_attention",
-              _needs("qkv", "q_bias", "qkv_bias_separate", "relative_position_bias_table", "proj", "attn_drop")),
-    FusedSpec("FusedRelPosAttention", [("timm.models.vision_transformer_relpos", "RelPosAttention")], "forward",
-              _fused_relpos_forward, "vitkernels.attention with the relative-position bias",
-              _needs("qkv", "q_norm", "k_norm", "rel_pos", "head_dim", "proj", "attn_drop")),
-    FusedSpec("FusedGlobalSubSampleAttn", [("timm.models.twins", "GlobalSubSampleAttn")], "forward",
-              _fused_twins_gsa_forward, "vitkernels.sr_attention", _needs("q", "kv", "sr", "norm", "proj", "attn_drop")),
+    FusedSpec(
+        "FusedClassAttn",
+        [("timm.models.cait", "ClassAttn")],
+        "forward",
+        _fused_class_attn_forward,
+        "vitkernels.attention (one query)",
+        _needs("q", "k", "v", "proj", "attn_drop", "proj_drop"),
+    ),
+    FusedSpec(
+        "FusedBeitAttention",
+        [("timm.models.beit", "Attention")],
+        "forward",
+        _fused_beit_forward,
+        "vitkernels.attention with the relative-position bias; without one vitkernels.self_attention",
+        _needs("qkv", "q_bias", "qkv_bias_separate", "relative_position_bias_table", "proj", "attn_drop"),
+    ),
+    FusedSpec(
+        "FusedRelPosAttention",
+        [("timm.models.vision_transformer_relpos", "RelPosAttention")],
+        "forward",
+        _fused_relpos_forward,
+        "vitkernels.attention with the relative-position bias",
+        _needs("qkv", "q_norm", "k_norm", "rel_pos", "head_dim", "proj", "attn_drop"),
+    ),
+    FusedSpec(
+        "FusedGlobalSubSampleAttn",
+        [("timm.models.twins", "GlobalSubSampleAttn")],
+        "forward",
+        _fused_twins_gsa_forward,
+        "vitkernels.sr_attention",
+        _needs("q", "kv", "sr", "norm", "proj", "attn_drop"),
+    ),
 ]
 _NAMES = {spec.name for spec in _SPECS}
 

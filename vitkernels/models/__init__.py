@@ -8,6 +8,7 @@ Families so far: ViT/DeiT (`vit.py`), Swin (`swin.py`), Swin V2 (`swinv2.py`), P
 (`timesformer.py`; Hugging Face checkpoints through `convert_hf_timesformer`) and ViViT models 1 and 3 (`vivit.py`;
 Hugging Face google/vivit-b-16x2-kinetics400 through `convert_hf_vivit`).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -32,8 +33,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
     if name not in _REGISTRY:
         raise ValueError(f"vitkernels.models: unknown model {name!r}; available: {list_models()}")
     if pretrained and checkpoint_path is None:
-        raise ValueError("vitkernels.models: pretrained=True needs checkpoint_path= (a local timm state_dict); "
-                         "this package does not download weights")
+        raise ValueError(
+            "vitkernels.models: pretrained=True needs checkpoint_path= (a local timm state_dict); "
+            "this package does not download weights"
+        )
     model = _REGISTRY[name](**kwargs)
     if checkpoint_path is not None:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -46,5 +49,11 @@ from .segformer import convert_hf_segformer  # noqa: E402
 from .timesformer import convert_hf_timesformer  # noqa: E402
 from .vivit import convert_hf_vivit  # noqa: E402
 
-__all__ = ["convert_hf_segformer", "convert_hf_timesformer", "convert_hf_vivit", "create_model", "list_models",
-           "register_model"]
+__all__ = [
+    "convert_hf_segformer",
+    "convert_hf_timesformer",
+    "convert_hf_vivit",
+    "create_model",
+    "list_models",
+    "register_model",
+]

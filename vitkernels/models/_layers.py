@@ -12,6 +12,7 @@ consume the random stream exactly as its reference does (same seed -> same masks
   - style "hf": one uniform draw u per sample, kept where u + (1 - p) >= 1, as the DropPath
     modules of transformers' SegFormer and TimeSformer (and the official TimeSformer code).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -35,7 +36,7 @@ def split_rates(rates: Sequence[float], depths: Sequence[int]) -> list[list[floa
     """Cut one schedule over all blocks into per-stage lists (`depths` blocks each)."""
     out, start = [], 0
     for d in depths:
-        out.append(list(rates[start:start + d]))
+        out.append(list(rates[start : start + d]))
         start += d
     return out
 

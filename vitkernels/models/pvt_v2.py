@@ -22,6 +22,7 @@ linearly over all blocks of all stages; default 0 as timm), `set_grad_checkpoint
 
 The encoder is reused by SegFormer's MiT (`segformer.py`) through `forward_stages`.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,7 @@ class OverlapPatchEmbed(nn.Module):
 class Attention(nn.Module):
     """q linear on the full map; kv linear on the spatially reduced map; `sr_attention` between them."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear_attn: bool = False,
-                 qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear_attn: bool = False, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"PVTv2 Attention: dim {dim} must be divisible by num_heads {num_heads}")
@@ -90,8 +90,9 @@ class Attention(nn.Module):
         if self.linear_attn:
             y = self.pool(y)
         elif min(hw) < self.sr_ratio:
-            raise ValueError(f"PVTv2 Attention: a {hw[0]}x{hw[1]} map is smaller than sr_ratio {self.sr_ratio}; "
-                             f"use a larger input")
+            raise ValueError(
+                f"PVTv2 Attention: a {hw[0]}x{hw[1]} map is smaller than sr_ratio {self.sr_ratio}; use a larger input"
+            )
         y = self.norm(self.sr(y).flatten(2).transpose(1, 2))
         return self.act(y) if self.act is not None else y
 
@@ -111,13 +112,32 @@ class MlpWithDepthwiseConv(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x, hw):
-        return mix_ffn(x, hw, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
-                       self.fc2.weight, self.fc2.bias, self.extra_relu)
+        return mix_ffn(
+            x,
+            hw,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.dwconv.weight,
+            self.dwconv.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.extra_relu,
+        )
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, linear_attn: bool = False,
-                 qkv_bias: bool = True, norm_eps: float = 1e-6, drop_path: float = 0.0, drop_path_style: str = "timm"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        sr_ratio: int,
+        linear_attn: bool = False,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        drop_path: float = 0.0,
+        drop_path_style: str = "timm",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, sr_ratio, linear_attn, qkv_bias)
@@ -132,16 +152,31 @@ class Block(nn.Module):
 
 
 class PyramidVisionTransformerStage(GradCheckpointMixin, nn.Module):
-    def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, num_heads: int, sr_ratio: int,
-                 mlp_ratio: float, linear_attn: bool = False, qkv_bias: bool = True, norm_eps: float = 1e-6,
-                 drop_path=0.0, drop_path_style: str = "timm"):
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        depth: int,
+        downsample: bool,
+        num_heads: int,
+        sr_ratio: int,
+        mlp_ratio: float,
+        linear_attn: bool = False,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        drop_path=0.0,
+        drop_path_style: str = "timm",
+    ):
         super().__init__()
         self.grad_checkpointing = False
         dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out) if downsample else None
-        self.blocks = nn.ModuleList([
-            Block(dim_out, num_heads, mlp_ratio, sr_ratio, linear_attn, qkv_bias, norm_eps, dpr[i], drop_path_style)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(dim_out, num_heads, mlp_ratio, sr_ratio, linear_attn, qkv_bias, norm_eps, dpr[i], drop_path_style)
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(dim_out, eps=norm_eps)
 
     def forward(self, x, hw):
@@ -157,25 +192,52 @@ class PyramidVisionTransformerV2(GradCheckpointMixin, nn.Module):
     """`drop_path_style` "timm" (default) or "hf": how the stochastic-depth masks are drawn (see
     `_layers.DropPath`); SegFormer uses "hf" to draw as transformers' SegFormer does."""
 
-    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths=(3, 4, 6, 3),
-                 embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1),
-                 mlp_ratios=(8.0, 8.0, 4.0, 4.0), qkv_bias: bool = True, linear: bool = False,
-                 norm_eps: float = 1e-6, drop_path_rate: float = 0.0, drop_path_style: str = "timm"):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths=(3, 4, 6, 3),
+        embed_dims=(64, 128, 256, 512),
+        num_heads=(1, 2, 4, 8),
+        sr_ratios=(8, 4, 2, 1),
+        mlp_ratios=(8.0, 8.0, 4.0, 4.0),
+        qkv_bias: bool = True,
+        linear: bool = False,
+        norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        drop_path_style: str = "timm",
+    ):
         super().__init__()
         self.grad_checkpointing = False
         n = len(depths)
         if not all(len(t) == n for t in (embed_dims, num_heads, sr_ratios, mlp_ratios)):
-            raise ValueError("PyramidVisionTransformerV2: depths, embed_dims, num_heads, sr_ratios and mlp_ratios "
-                             "must have one entry per stage")
+            raise ValueError(
+                "PyramidVisionTransformerV2: depths, embed_dims, num_heads, sr_ratios and mlp_ratios "
+                "must have one entry per stage"
+            )
         self.num_classes = num_classes
         self.embed_dims = tuple(embed_dims)
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0])
         dpr = split_rates(drop_path_rates(drop_path_rate, sum(depths)), depths)
-        self.stages = nn.Sequential(*[
-            PyramidVisionTransformerStage(embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], i > 0, num_heads[i],
-                                          sr_ratios[i], mlp_ratios[i], linear, qkv_bias, norm_eps, dpr[i],
-                                          drop_path_style)
-            for i in range(n)])
+        self.stages = nn.Sequential(
+            *[
+                PyramidVisionTransformerStage(
+                    embed_dims[max(i - 1, 0)],
+                    embed_dims[i],
+                    depths[i],
+                    i > 0,
+                    num_heads[i],
+                    sr_ratios[i],
+                    mlp_ratios[i],
+                    linear,
+                    qkv_bias,
+                    norm_eps,
+                    dpr[i],
+                    drop_path_style,
+                )
+                for i in range(n)
+            ]
+        )
         self.num_features = embed_dims[-1]
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)

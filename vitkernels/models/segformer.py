@@ -21,6 +21,7 @@ as transformers draws them, so a seeded training step matches it), `set_grad_che
 encoder blocks), `forward_features` (the four stage maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32, as
 transformers' `hidden_states`) and `forward_head(features)` (the decode head's logits).
 """
+
 from __future__ import annotations
 
 import re
@@ -70,22 +71,48 @@ class DecodeHead(nn.Module):
 
 
 class SegFormer(GradCheckpointMixin, nn.Module):
-    def __init__(self, num_classes: int = 150, in_chans: int = 3, embed_dims=(32, 64, 160, 256),
-                 depths=(2, 2, 2, 2), num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio: float = 4.0,
-                 decoder_hidden_size: int = 256, classifier_dropout: float = 0.1, norm_eps: float = 1e-5,
-                 drop_path_rate: float = 0.1):
+    def __init__(
+        self,
+        num_classes: int = 150,
+        in_chans: int = 3,
+        embed_dims=(32, 64, 160, 256),
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 5, 8),
+        sr_ratios=(8, 4, 2, 1),
+        mlp_ratio: float = 4.0,
+        decoder_hidden_size: int = 256,
+        classifier_dropout: float = 0.1,
+        norm_eps: float = 1e-5,
+        drop_path_rate: float = 0.1,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.num_classes = num_classes
         # The sizes, as a Hugging Face SegformerConfig spells them out (the benchmark builds one).
-        self.config = dict(num_classes=num_classes, in_chans=in_chans, embed_dims=tuple(embed_dims),
-                           depths=tuple(depths), num_heads=tuple(num_heads), sr_ratios=tuple(sr_ratios),
-                           mlp_ratio=mlp_ratio, decoder_hidden_size=decoder_hidden_size,
-                           drop_path_rate=drop_path_rate, classifier_dropout=classifier_dropout)
+        self.config = dict(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            embed_dims=tuple(embed_dims),
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            sr_ratios=tuple(sr_ratios),
+            mlp_ratio=mlp_ratio,
+            decoder_hidden_size=decoder_hidden_size,
+            drop_path_rate=drop_path_rate,
+            classifier_dropout=classifier_dropout,
+        )
         self.encoder = PyramidVisionTransformerV2(
-            in_chans=in_chans, num_classes=0, depths=depths, embed_dims=embed_dims, num_heads=num_heads,
-            sr_ratios=sr_ratios, mlp_ratios=(mlp_ratio,) * len(depths), norm_eps=norm_eps,
-            drop_path_rate=drop_path_rate, drop_path_style="hf")
+            in_chans=in_chans,
+            num_classes=0,
+            depths=depths,
+            embed_dims=embed_dims,
+            num_heads=num_heads,
+            sr_ratios=sr_ratios,
+            mlp_ratios=(mlp_ratio,) * len(depths),
+            norm_eps=norm_eps,
+            drop_path_rate=drop_path_rate,
+            drop_path_style="hf",
+        )
         self.decode_head = DecodeHead(embed_dims, decoder_hidden_size, num_classes, classifier_dropout)
         for m in self.decode_head.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -134,8 +161,12 @@ _HF5_BLOCK = {
     "mlp.dwconv.dwconv": "mlp.dwconv",
     "mlp.fc2": "mlp.fc2",
 }
-_HF_KV = {"attention.self.key": "key", "attention.self.value": "value",
-          "attention.k_proj": "key", "attention.v_proj": "value"}
+_HF_KV = {
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.k_proj": "key",
+    "attention.v_proj": "value",
+}
 _HF_HEAD = ("linear_c.", "linear_fuse.", "batch_norm.", "classifier.")
 
 
@@ -156,18 +187,20 @@ def convert_hf_segformer(state_dict: dict) -> dict:
         m = re.fullmatch(r"decode_head\.linear_projections\.(\d+)\.(.+)", k)  # transformers >= 5
         if m:
             k = f"decode_head.linear_c.{m.group(1)}.{m.group(2)}"
-        if k.startswith("decode_head.") and k[len("decode_head."):].startswith(_HF_HEAD):
+        if k.startswith("decode_head.") and k[len("decode_head.") :].startswith(_HF_HEAD):
             out[k] = value
             continue
-        m = (re.fullmatch(r"segformer\.encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k)
-             or re.fullmatch(r"segformer\.stages\.(\d+)\.patch_embeddings\.(proj|layer_norm)\.(\w+)", k))
+        m = re.fullmatch(r"segformer\.encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k) or re.fullmatch(
+            r"segformer\.stages\.(\d+)\.patch_embeddings\.(proj|layer_norm)\.(\w+)", k
+        )
         if m:
             i, mod, p = int(m.group(1)), m.group(2), m.group(3)
             prefix = "encoder.patch_embed." if i == 0 else f"encoder.stages.{i}.downsample."
             out[prefix + ("proj" if mod == "proj" else "norm") + "." + p] = value
             continue
-        m = (re.fullmatch(r"segformer\.encoder\.layer_norm\.(\d+)\.(\w+)", k)
-             or re.fullmatch(r"segformer\.stages\.(\d+)\.layer_norm\.(\w+)", k))
+        m = re.fullmatch(r"segformer\.encoder\.layer_norm\.(\d+)\.(\w+)", k) or re.fullmatch(
+            r"segformer\.stages\.(\d+)\.layer_norm\.(\w+)", k
+        )
         if m:
             out[f"encoder.stages.{m.group(1)}.norm.{m.group(2)}"] = value
             continue
@@ -185,17 +218,21 @@ def convert_hf_segformer(state_dict: dict) -> dict:
                 continue
         unknown.append(key)
     if unknown:
-        raise KeyError(f"convert_hf_segformer: unrecognised keys (not a SegformerForSemanticSegmentation "
-                       f"state_dict?): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise KeyError(
+            f"convert_hf_segformer: unrecognised keys (not a SegformerForSemanticSegmentation "
+            f"state_dict?): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+        )
     for name, parts in pending.items():
         if set(parts) != {"key", "value"}:
-            raise KeyError(f"convert_hf_segformer: {name} needs both the key and the value linear, "
-                           f"got only {sorted(parts)}")
+            raise KeyError(
+                f"convert_hf_segformer: {name} needs both the key and the value linear, got only {sorted(parts)}"
+            )
         out[name] = torch.cat([parts["key"], parts["value"]], dim=0)
     return out
 
 
 # ----------------------------------------------------------------------------- named sizes
+
 
 def _segformer(defaults: dict, kwargs: dict) -> SegFormer:
     return SegFormer(**{**defaults, **kwargs})

@@ -16,6 +16,7 @@ linearly over all blocks of all stages; default 0.1 as timm's SwinTransformer),
 `set_grad_checkpointing()`, `forward_features` (the normalised last-stage map, (B, H, W, C) as timm)
 and `forward_head(x, pre_logits=False)` (global average pool -> head.fc).
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,8 +64,16 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0,
-                 resolution: int | None = None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float = 4.0,
+        resolution: int | None = None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         if resolution is not None and resolution <= window_size:
             # As timm (and the original Swin) build it: a block whose map at the model's img_size is
@@ -102,16 +111,36 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(GradCheckpointMixin, nn.Module):
-    def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool,
-                 mlp_ratio: float = 4.0, resolution: int | None = None, drop_path=0.0):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        downsample: bool,
+        mlp_ratio: float = 4.0,
+        resolution: int | None = None,
+        drop_path=0.0,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.downsample = PatchMerging(dim) if downsample else nn.Identity()
-        self.blocks = nn.ModuleList([
-            SwinBlock(out_dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, resolution,
-                      dpr[i])
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                SwinBlock(
+                    out_dim,
+                    num_heads,
+                    window_size,
+                    0 if i % 2 == 0 else window_size // 2,
+                    mlp_ratio,
+                    resolution,
+                    dpr[i],
+                )
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x, hw):
         if not isinstance(self.downsample, nn.Identity):
@@ -148,25 +177,47 @@ class ClassifierHead(nn.Module):
 
 
 class SwinTransformer(GradCheckpointMixin, nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.1):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.img_size = img_size
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        dims = [embed_dim * 2**i for i in range(len(depths))]
         # The map of each stage at img_size (the shorter side for an (H, W) size): the patch grid,
         # halved (rounding up, as the padded patch merging does) at every stage after the first.
         res = [(min(img_size) if isinstance(img_size, (tuple, list)) else img_size) // patch_size]
         for _ in depths[1:]:
             res.append((res[-1] + 1) // 2)
         dpr = split_rates(drop_path_rates(drop_path_rate, sum(depths)), depths)
-        self.layers = nn.Sequential(*[
-            SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], window_size, downsample=i > 0,
-                      mlp_ratio=mlp_ratio, resolution=res[i], drop_path=dpr[i])
-            for i in range(len(depths))])
+        self.layers = nn.Sequential(
+            *[
+                SwinStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depths[i],
+                    num_heads[i],
+                    window_size,
+                    downsample=i > 0,
+                    mlp_ratio=mlp_ratio,
+                    resolution=res[i],
+                    drop_path=dpr[i],
+                )
+                for i in range(len(depths))
+            ]
+        )
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
         self.head = ClassifierHead(self.num_features, num_classes)
@@ -207,5 +258,6 @@ def swin_base_patch4_window7_224(**kwargs) -> SwinTransformer:
 
 @register_model
 def swin_base_patch4_window12_384(**kwargs) -> SwinTransformer:
-    return _swin(dict(img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                      window_size=12), kwargs)
+    return _swin(
+        dict(img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12), kwargs
+    )

@@ -36,6 +36,7 @@ Training features as in timm: `drop_path_rate` (stochastic depth on both residua
 over all blocks of all stages; default 0.1 as timm), `set_grad_checkpointing()`, `forward_features`
 (the normalised last-stage map, (B, H, W, C) as timm) and `forward_head(x, pre_logits=False)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,15 +86,17 @@ class WindowAttentionV2(nn.Module):
     """Swin V2 window attention: cosine attention with a learned per-head logit scale and the
     continuous position bias, on one `window_attention(..., logit_scale=..., shift_first=True)` call."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
-                 pretrained_window_size: int = 0):
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, pretrained_window_size: int = 0
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
         self.pretrained_window_size = pretrained_window_size
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
-                                     nn.Linear(512, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -102,8 +105,9 @@ class WindowAttentionV2(nn.Module):
         else:
             self.q_bias = self.k_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
-        self.register_buffer("relative_coords_table", relative_coords_table(window_size, pretrained_window_size),
-                             persistent=False)
+        self.register_buffer(
+            "relative_coords_table", relative_coords_table(window_size, pretrained_window_size), persistent=False
+        )
 
     def bias_table(self) -> torch.Tensor:
         """The ((2M-1)², heads) bias table: 16·sigmoid(cpb_mlp(coordinates)), row (dh+M-1)·(2M-1) + dw+M-1."""
@@ -114,8 +118,17 @@ class WindowAttentionV2(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
-        out = window_attention(qkv, hw, self.num_heads, self.window_size, shift_size, self.bias_table(), bias,
-                               logit_scale=self.logit_scale, shift_first=True)
+        out = window_attention(
+            qkv,
+            hw,
+            self.num_heads,
+            self.window_size,
+            shift_size,
+            self.bias_table(),
+            bias,
+            logit_scale=self.logit_scale,
+            shift_first=True,
+        )
         return self.proj(out)
 
 
@@ -123,8 +136,17 @@ class SwinV2Block(nn.Module):
     """Res-post-norm Swin V2 block on (B, H·W, C) tokens. `window_size` / `shift_size` are the block's
     (already resolved for its map, square) window and shift."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path: float = 0.0, pretrained_window_size: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        pretrained_window_size: int = 0,
+    ):
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
@@ -163,9 +185,22 @@ class SwinV2Stage(GradCheckpointMixin, nn.Module):
     """[patch merging] + blocks; `resolution` is the stage's (H, W) map at img_size (after merging),
     from which every block's window and shift are fixed as timm fixes them."""
 
-    def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool,
-                 resolution, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path=0.0,
-                 pretrained_window_size: int = 0, always_partition: bool = False, stage_index: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        downsample: bool,
+        resolution,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path=0.0,
+        pretrained_window_size: int = 0,
+        always_partition: bool = False,
+        stage_index: int = 0,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
@@ -180,9 +215,9 @@ class SwinV2Stage(GradCheckpointMixin, nn.Module):
                     f"(at img_size) would use timm's window ({mh}, {mw}) and shift ({sh}, {sw}) (timm clamps "
                     f"each side of the window to a map side no larger than it, unshifted); "
                     f"vitkernels.window_attention takes a square window and one shift: choose an img_size whose "
-                    f"stage maps are square or larger than the window on both sides (or always_partition=True)")
-            blocks.append(SwinV2Block(out_dim, num_heads, mh, sh, mlp_ratio, qkv_bias, dpr[i],
-                                      pretrained_window_size))
+                    f"stage maps are square or larger than the window on both sides (or always_partition=True)"
+                )
+            blocks.append(SwinV2Block(out_dim, num_heads, mh, sh, mlp_ratio, qkv_bias, dpr[i], pretrained_window_size))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x, hw):
@@ -194,11 +229,24 @@ class SwinV2Stage(GradCheckpointMixin, nn.Module):
 
 
 class SwinTransformerV2(GradCheckpointMixin, nn.Module):
-    def __init__(self, img_size=256, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
-                 pretrained_window_sizes=(0, 0, 0, 0), always_partition: bool = False,
-                 strict_img_size: bool = True, dynamic_img_size: bool = False):
+    def __init__(
+        self,
+        img_size=256,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        pretrained_window_sizes=(0, 0, 0, 0),
+        always_partition: bool = False,
+        strict_img_size: bool = True,
+        dynamic_img_size: bool = False,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.img_size = _pair(img_size)
@@ -207,25 +255,43 @@ class SwinTransformerV2(GradCheckpointMixin, nn.Module):
         n = len(depths)
         windows = list(window_size) if isinstance(window_size, (list, tuple)) else [window_size] * n
         if len(windows) != n or any(not isinstance(w, int) or w < 1 for w in windows):
-            raise ValueError(f"SwinTransformerV2: window_size must be a positive int or one int per stage "
-                             f"({n} stages), got {window_size!r} (square windows only)")
+            raise ValueError(
+                f"SwinTransformerV2: window_size must be a positive int or one int per stage "
+                f"({n} stages), got {window_size!r} (square windows only)"
+            )
         pretrained = list(pretrained_window_sizes)
         if len(pretrained) < n:
-            raise ValueError(f"SwinTransformerV2: pretrained_window_sizes needs one entry per stage ({n}), "
-                             f"got {pretrained_window_sizes!r}")
+            raise ValueError(
+                f"SwinTransformerV2: pretrained_window_sizes needs one entry per stage ({n}), "
+                f"got {pretrained_window_sizes!r}"
+            )
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        dims = [embed_dim * 2 ** i for i in range(n)]
+        dims = [embed_dim * 2**i for i in range(n)]
         # each stage's map at img_size: the patch grid, halved with rounding up at every merge
         res = [tuple(s // patch_size for s in self.img_size)]
         for _ in depths[1:]:
             res.append(tuple((r + 1) // 2 for r in res[-1]))
         dpr = split_rates(drop_path_rates(drop_path_rate, sum(depths)), depths)
-        self.layers = nn.Sequential(*[
-            SwinV2Stage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], windows[i], downsample=i > 0,
-                        resolution=res[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
-                        pretrained_window_size=int(pretrained[i]), always_partition=always_partition,
-                        stage_index=i)
-            for i in range(n)])
+        self.layers = nn.Sequential(
+            *[
+                SwinV2Stage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depths[i],
+                    num_heads[i],
+                    windows[i],
+                    downsample=i > 0,
+                    resolution=res[i],
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_path=dpr[i],
+                    pretrained_window_size=int(pretrained[i]),
+                    always_partition=always_partition,
+                    stage_index=i,
+                )
+                for i in range(n)
+            ]
+        )
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
         self.head = ClassifierHead(self.num_features, num_classes)
@@ -243,9 +309,11 @@ class SwinTransformerV2(GradCheckpointMixin, nn.Module):
     def forward_features(self, x):
         """Images (B, 3, H, W) -> the normalised last-stage map (B, H/32, W/32, C), NHWC as timm."""
         if self.strict_img_size and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"SwinTransformerV2: input {tuple(x.shape[-2:])} does not match img_size "
-                             f"{self.img_size} (as timm, strict_img_size=True); build the model with "
-                             f"strict_img_size=False (timm: dynamic_img_size=True) to run other sizes")
+            raise ValueError(
+                f"SwinTransformerV2: input {tuple(x.shape[-2:])} does not match img_size "
+                f"{self.img_size} (as timm, strict_img_size=True); build the model with "
+                f"strict_img_size=False (timm: dynamic_img_size=True) to run other sizes"
+            )
         x, hw = self.patch_embed(x)
         for stage in self.layers:
             x, hw = stage(x, hw)

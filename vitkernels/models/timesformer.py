@@ -30,6 +30,7 @@ the MLP branch drops per clip; masks are drawn as transformers draws them. `set_
 `forward_features` (the normalised tokens (B, 1 + S·T, C), class token first) and
 `forward_head(x, pre_logits=False)` (class token -> head).
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,17 @@ class Block(nn.Module):
     """Divided space-time block. Parameters: spatial norm1/attn, temporal_norm1/temporal_attn,
     temporal_fc (TimeSformer only: ViViT's block subclasses this one without it), norm2/mlp."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 temporal_fc: bool = True, drop_path: float = 0.0, drop_path_style: str = "hf", eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        temporal_fc: bool = True,
+        drop_path: float = 0.0,
+        drop_path_style: str = "hf",
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -95,10 +105,21 @@ class Block(nn.Module):
 
 
 class TimeSformer(GradCheckpointMixin, nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, num_frames: int = 8, drop_path_rate: float = 0.0,
-                 layer_norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 400,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_frames: int = 8,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.num_classes = num_classes
@@ -111,8 +132,12 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i],
-                                           eps=layer_norm_eps) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], eps=layer_norm_eps)
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -146,11 +171,11 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
         x = self.patch_embed.proj(x.transpose(1, 2).reshape(b * frames, c, *x.shape[3:]))  # (B·T, D, h, w)
         h, w = x.shape[-2:]
         pos = self._pos_embed(h, w)
-        x = x.flatten(2).transpose(1, 2) + pos[:, 1:]                        # (B·T, S, D)
+        x = x.flatten(2).transpose(1, 2) + pos[:, 1:]  # (B·T, S, D)
         d = x.shape[-1]
         x = x.reshape(b, frames, h * w, d).transpose(1, 2) + self._time_embed(frames)  # (B, S, T, D)
         cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
-        x = torch.cat((cls, x.reshape(b, h * w * frames, d)), dim=1)        # layout "st"
+        x = torch.cat((cls, x.reshape(b, h * w * frames, d)), dim=1)  # layout "st"
         for blk in self.blocks:
             x = self.run_block(blk, x, frames)
         return self.norm(x)
@@ -198,11 +223,11 @@ _HF_TIMESFORMER_TOP = {
 def _hf_timesformer_key(key: str) -> str | None:
     if key in ("classifier.weight", "classifier.bias"):
         return "head." + key.split(".", 1)[1]
-    k = key[len("timesformer."):] if key.startswith("timesformer.") else key
+    k = key[len("timesformer.") :] if key.startswith("timesformer.") else key
     if k in _HF_TIMESFORMER_TOP:
         return _HF_TIMESFORMER_TOP[k]
     if k.startswith("encoder.layer."):
-        idx, _, rest = k[len("encoder.layer."):].partition(".")
+        idx, _, rest = k[len("encoder.layer.") :].partition(".")
         module, _, param = rest.rpartition(".")
         if idx.isdigit() and param in ("weight", "bias") and module in _HF_TIMESFORMER_LAYER:
             return f"blocks.{idx}.{_HF_TIMESFORMER_LAYER[module]}.{param}"
@@ -236,7 +261,9 @@ def convert_hf_timesformer(state_dict) -> dict[str, torch.Tensor]:
             out[new] = value
     if unknown:
         more = f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else ""
-        raise ValueError(f"convert_hf_timesformer: unrecognised key(s) {unknown[:8]}{more}; expected a transformers "
-                         "TimesformerForVideoClassification (or TimesformerModel) state_dict with "
-                         'attention_type="divided_space_time"')
+        raise ValueError(
+            f"convert_hf_timesformer: unrecognised key(s) {unknown[:8]}{more}; expected a transformers "
+            "TimesformerForVideoClassification (or TimesformerModel) state_dict with "
+            'attention_type="divided_space_time"'
+        )
     return out

@@ -8,6 +8,7 @@ block, rising linearly from 0 at the first block to the rate at the last; defaul
 `set_grad_checkpointing()`, `forward_features` (normalised tokens, class token first) and
 `forward_head(x, pre_logits=False)` (class token -> head).
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -92,9 +92,19 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid, num_prefix: 
 
 
 class VisionTransformer(GradCheckpointMixin, nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -128,8 +138,9 @@ class VisionTransformer(GradCheckpointMixin, nn.Module):
 
 def _vit(embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> VisionTransformer:
     # kwargs override the named size (img_size, num_classes, or a smaller depth for tests)
-    return VisionTransformer(**{"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
-                                **kwargs})
+    return VisionTransformer(
+        **{"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **kwargs}
+    )
 
 
 @register_model
@@ -145,4 +156,3 @@ def vit_small_patch16_224(**kwargs) -> VisionTransformer:
 @register_model
 def vit_base_patch16_224(**kwargs) -> VisionTransformer:
     return _vit(768, 12, 12, kwargs)
-

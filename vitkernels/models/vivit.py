@@ -43,6 +43,7 @@ block, rising linearly from 0 at the first block to the rate at the last, timm-s
 0), `set_grad_checkpointing()`, `forward_features` (the normalised tokens (B, T'·S, C), frame-major)
 and `forward_head(x, pre_logits=False)` (mean over tokens -> head).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,32 +59,46 @@ from .vit import Attention, Mlp, init_linear
 class Block(timesformer.Block):
     """TimeSformer's block parameters without temporal_fc; factorised order space → time → MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0):
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, temporal_fc=False, drop_path=drop_path,
-                         drop_path_style="timm")
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__(
+            dim, num_heads, mlp_ratio, qkv_bias, temporal_fc=False, drop_path=drop_path, drop_path_style="timm"
+        )
 
     def forward(self, x, frames: int):
         s = space_time_attention(self.attn.qkv(self.norm1(x)), frames, self.num_heads, "space", layout="ts")
         x = x + self.drop_path(self.attn.proj(s))
-        t = space_time_attention(self.temporal_attn.qkv(self.temporal_norm1(x)), frames, self.num_heads, "time",
-                                 layout="ts")
+        t = space_time_attention(
+            self.temporal_attn.qkv(self.temporal_norm1(x)), frames, self.num_heads, "time", layout="ts"
+        )
         x = x + self.drop_path(self.temporal_attn.proj(t))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ViViTFactorized(GradCheckpointMixin, nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, tubelet_size: int = 2, num_frames: int = 32,
-                 in_chans: int = 3, num_classes: int = 400, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        tubelet_size: int = 2,
+        num_frames: int = 32,
+        in_chans: int = 3,
+        num_classes: int = 400,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.num_classes = num_classes
         self.tubelet_size = tubelet_size
         self.num_frames = num_frames
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
-                                          stride=(tubelet_size, patch_size, patch_size))
+        self.patch_embed.proj = nn.Conv3d(
+            in_chans, embed_dim, (tubelet_size, patch_size, patch_size), stride=(tubelet_size, patch_size, patch_size)
+        )
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
@@ -106,7 +121,7 @@ class ViViTFactorized(GradCheckpointMixin, nn.Module):
         """Clips (B, 3, T, H, W) → the normalised tokens (B, T'·S, embed_dim), frame-major (layout "ts")."""
         if x.dim() != 5:
             raise ValueError(f"ViViT expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        x = self.patch_embed.proj(x)                      # (B, D, T', h, w)
+        x = self.patch_embed.proj(x)  # (B, D, T', h, w)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2) + self._pos_embed(grid)  # index t·S + s: layout "ts"
         for blk in self.blocks:
@@ -153,8 +168,16 @@ def _pair(v) -> tuple[int, int]:
 class JointBlock(nn.Module):
     """Pre-norm ViT block with joint space-time attention over all tokens of the clip."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, eps: float = 1e-6, hidden_act: str = "gelu_fast"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        eps: float = 1e-6,
+        hidden_act: str = "gelu_fast",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)  # qkv -> self_attention -> proj
@@ -172,10 +195,23 @@ class JointBlock(nn.Module):
 class ViViT(GradCheckpointMixin, nn.Module):
     """ViViT model 1 (joint space-time attention). Input clips (B, 3, T, H, W); output logits."""
 
-    def __init__(self, img_size=224, patch_size=16, tubelet_size: int = 2, num_frames: int = 32, in_chans: int = 3,
-                 num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 layer_norm_eps: float = 1e-6, hidden_act: str = "gelu_fast"):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        tubelet_size: int = 2,
+        num_frames: int = 32,
+        in_chans: int = 3,
+        num_classes: int = 400,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        hidden_act: str = "gelu_fast",
+    ):
         super().__init__()
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"ViViT: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {hidden_act!r}")
@@ -194,8 +230,12 @@ class ViViT(GradCheckpointMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([JointBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layer_norm_eps,
-                                                hidden_act) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                JointBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layer_norm_eps, hidden_act)
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -227,9 +267,9 @@ class ViViT(GradCheckpointMixin, nn.Module):
         tubelet tokens frame-major (index t·S + s)."""
         if x.dim() != 5:
             raise ValueError(f"ViViT expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        x = self.patch_embed.proj(x)                                  # (B, D, T', h, w)
+        x = self.patch_embed.proj(x)  # (B, D, T', h, w)
         grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)                              # (B, T'·S, D), index t·S + s
+        x = x.flatten(2).transpose(1, 2)  # (B, T'·S, D), index t·S + s
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self._pos_embed(grid)
         for blk in self.blocks:
             x = self.run_block(blk, x)
@@ -287,12 +327,12 @@ def _hf_vivit_key(key: str):
     """-> (our key, q/k/v part or None), or None when the key is not recognised."""
     if key in ("classifier.weight", "classifier.bias"):
         return "head." + key.split(".", 1)[1], None
-    k = key[len("vivit."):] if key.startswith("vivit.") else key
+    k = key[len("vivit.") :] if key.startswith("vivit.") else key
     if k in _HF_VIVIT_TOP:
         return _HF_VIVIT_TOP[k], None
     for prefix in ("encoder.layer.", "layers."):
         if k.startswith(prefix):
-            idx, _, rest = k[len(prefix):].partition(".")
+            idx, _, rest = k[len(prefix) :].partition(".")
             module, _, param = rest.rpartition(".")
             if idx.isdigit() and param in ("weight", "bias") and module in _HF_VIVIT_LAYER:
                 ours, part = _HF_VIVIT_LAYER[module]
@@ -324,22 +364,31 @@ def convert_hf_vivit(state_dict) -> dict[str, torch.Tensor]:
         new, part = hit
         slot = parts.setdefault(new, {}) if part is not None else None
         if (part is None and new in out) or (part is not None and part in slot):
-            raise ValueError(f"convert_hf_vivit: key {key!r} maps to {new!r} ({part or 'whole'}) which another key "
-                             "already filled (a state_dict mixing both key layouts?)")
+            raise ValueError(
+                f"convert_hf_vivit: key {key!r} maps to {new!r} ({part or 'whole'}) which another key "
+                "already filled (a state_dict mixing both key layouts?)"
+            )
         if part is None:
             out[new] = value
         else:
             slot[part] = value
     if unknown:
         more = f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else ""
-        hint = " (VivitModel's pooler has no counterpart: drop pooler.* or convert the classification model)" \
-            if any(".pooler." in "." + k for k in unknown) else ""
-        raise ValueError(f"convert_hf_vivit: unrecognised key(s) {unknown[:8]}{more}; expected a transformers "
-                         f"VivitForVideoClassification (or VivitModel) state_dict{hint}")
+        hint = (
+            " (VivitModel's pooler has no counterpart: drop pooler.* or convert the classification model)"
+            if any(".pooler." in "." + k for k in unknown)
+            else ""
+        )
+        raise ValueError(
+            f"convert_hf_vivit: unrecognised key(s) {unknown[:8]}{more}; expected a transformers "
+            f"VivitForVideoClassification (or VivitModel) state_dict{hint}"
+        )
     for new, slot in parts.items():
         missing = [p for p in _QKV if p not in slot]
         if missing:
-            raise ValueError(f"convert_hf_vivit: {new!r} needs the query, key and value tensors; missing "
-                             f"{', '.join({'q': 'query', 'k': 'key', 'v': 'value'}[p] for p in missing)}")
+            raise ValueError(
+                f"convert_hf_vivit: {new!r} needs the query, key and value tensors; missing "
+                f"{', '.join({'q': 'query', 'k': 'key', 'v': 'value'}[p] for p in missing)}"
+            )
         out[new] = torch.cat([slot[p] for p in _QKV], dim=0)
     return out

@@ -22,6 +22,7 @@ class-attention blocks; default 0), `set_grad_checkpointing()` (XCA and class-at
 timm, a checkpointed block's BatchNorm updates its running statistics again when it is recomputed),
 `forward_features` (normalised tokens, class token first) and `forward_head(x, pre_logits=False)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -144,8 +145,15 @@ class LPI(nn.Module):
 
 
 class XCABlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eta: float = 1.0,
-                 drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        eta: float = 1.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = XCA(dim, num_heads, qkv_bias)
@@ -187,8 +195,15 @@ class ClassAttn(nn.Module):
 
 
 class ClassAttentionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eta: float = 1.0,
-                 tokens_norm: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        eta: float = 1.0,
+        tokens_norm: bool = True,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ClassAttn(dim, num_heads, qkv_bias)
@@ -214,10 +229,22 @@ class ClassAttentionBlock(nn.Module):
 
 
 class Xcit(GradCheckpointMixin, nn.Module):
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 cls_attn_layers: int = 2, eta: float = 1.0, tokens_norm: bool = True, img_size: int = 224,
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        cls_attn_layers: int = 2,
+        eta: float = 1.0,
+        tokens_norm: bool = True,
+        img_size: int = 224,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         # img_size is accepted for timm-style calls; the model runs on any input size (multiples of the patch size)
@@ -226,11 +253,15 @@ class Xcit(GradCheckpointMixin, nn.Module):
         self.patch_embed = ConvPatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = PositionalEncodingFourier(embed_dim)
-        self.blocks = nn.ModuleList([XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, drop_path_rate)
-                                     for _ in range(depth)])
-        self.cls_attn_blocks = nn.ModuleList([
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, tokens_norm)
-            for _ in range(cls_attn_layers)])
+        self.blocks = nn.ModuleList(
+            [XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, drop_path_rate) for _ in range(depth)]
+        )
+        self.cls_attn_blocks = nn.ModuleList(
+            [
+                ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eta, tokens_norm)
+                for _ in range(cls_attn_layers)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_linear)
@@ -256,8 +287,17 @@ class Xcit(GradCheckpointMixin, nn.Module):
 
 def _xcit(embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> Xcit:
     # kwargs override the named size (num_classes, or a smaller depth for tests)
-    return Xcit(**{"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
-                   "eta": 1.0, "tokens_norm": True, **kwargs})
+    return Xcit(
+        **{
+            "patch_size": 16,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "eta": 1.0,
+            "tokens_norm": True,
+            **kwargs,
+        }
+    )
 
 
 @register_model

@@ -3,6 +3,7 @@
 Each op module defines its spec (`SPEC`, ops/_spec.py) and registers its schema, private ops and
 backend kernels; the lines below import them. `__all__` lists the ops from their specs, in SPEC order.
 """
+
 from . import _spec
 from .attention import attention as attention
 from .dwconv import dwconv as dwconv

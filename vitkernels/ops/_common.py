@@ -1,4 +1,5 @@
 """Helpers shared by the op files: argument checks, autocast, reference backward."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ FUSED_MAX_HEAD_DIM = 128
 # ----------------------------------------------------------------------------- argument checks
 # Every message names the op, the argument and what it got, so a user can fix the call site.
 
+
 def describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -28,8 +30,10 @@ def check_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"vitkernels.{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"vitkernels.{op}: {name} must be float32, float16 or bfloat16 (float64 on the reference "
-                        f"backend), got {describe(t)}")
+        raise TypeError(
+            f"vitkernels.{op}: {name} must be float32, float16 or bfloat16 (float64 on the reference "
+            f"backend), got {describe(t)}"
+        )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"vitkernels.{op}: {name} must be {ndim}-D, got {describe(t)}")
 
@@ -40,9 +44,13 @@ def check_same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) 
         if t is None:
             continue
         if t.dtype != ref.dtype:
-            raise TypeError(f"vitkernels.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}")
+            raise TypeError(
+                f"vitkernels.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}"
+            )
         if t.device != ref.device:
-            raise ValueError(f"vitkernels.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
+            raise ValueError(
+                f"vitkernels.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}"
+            )
 
 
 def check_int(op: str, name: str, value, minimum: int = 1) -> int:
@@ -59,7 +67,9 @@ def check_heads(op: str, name: str, channels: int, num_heads: int, what: str = "
     check_int(op, "num_heads", num_heads)
     if channels % num_heads:
         where = f"{name} shape {tuple(t.shape)}" if t is not None else name
-        raise ValueError(f"vitkernels.{op}: {what} = {channels} (from {where}) is not divisible by num_heads = {num_heads}")
+        raise ValueError(
+            f"vitkernels.{op}: {what} = {channels} (from {where}) is not divisible by num_heads = {num_heads}"
+        )
     return channels // num_heads
 
 
@@ -68,8 +78,10 @@ def check_hw(op: str, x: Tensor, name: str, hw) -> tuple[int, int]:
         raise ValueError(f"vitkernels.{op}: hw must be (H, W) with H, W >= 1, got {tuple(hw)}")
     h, w = int(hw[0]), int(hw[1])
     if x.shape[1] != h * w:
-        raise ValueError(f"vitkernels.{op}: {name} has {x.shape[1]} tokens but hw = ({h}, {w}) needs H*W = {h * w} "
-                         f"({name} {describe(x)})")
+        raise ValueError(
+            f"vitkernels.{op}: {name} has {x.shape[1]} tokens but hw = ({h}, {w}) needs H*W = {h * w} "
+            f"({name} {describe(x)})"
+        )
     return h, w
 
 
@@ -78,6 +90,7 @@ def default_scale(scale: Optional[float], head_dim: int) -> float:
 
 
 # ----------------------------------------------------------------------------- autocast
+
 
 def autocast_inputs(*tensors):
     """The op's inputs as `torch.autocast` hands them to F.scaled_dot_product_attention and F.linear.
@@ -97,8 +110,12 @@ def autocast_inputs(*tensors):
     if not _autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 and t.device.type == device_type else t for t in tensors)
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+        else t
+        for t in tensors
+    )
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -108,6 +125,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- reference backward
+
 
 @contextlib.contextmanager
 def _autograd_in_kernel():
@@ -123,8 +141,11 @@ def _autograd_in_kernel():
         yield
 
 
-_AUTOGRAD_KEYS = [k for name, k in torch._C.DispatchKey.__members__.items()
-                  if name.startswith("Autograd") or name == "ADInplaceOrView"]
+_AUTOGRAD_KEYS = [
+    k
+    for name, k in torch._C.DispatchKey.__members__.items()
+    if name.startswith("Autograd") or name == "ADInplaceOrView"
+]
 
 
 def reference_vjp(fn: Callable, args: Sequence, diff: Sequence[int], grads: Sequence[Optional[Tensor]]) -> list:
@@ -141,14 +162,22 @@ def reference_vjp(fn: Callable, args: Sequence, diff: Sequence[int], grads: Sequ
             full[i] = p
         outs = fn(*full)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads)
-                 if g is not None and isinstance(o, Tensor) and o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], prim, [g for _, g in pairs], allow_unused=True) \
-            if pairs else [None] * len(prim)
+        pairs = [
+            (o, g.to(o.dtype))
+            for o, g in zip(outs, grads)
+            if g is not None and isinstance(o, Tensor) and o.requires_grad
+        ]
+        got = (
+            torch.autograd.grad([o for o, _ in pairs], prim, [g for _, g in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(prim)
+        )
     # A gradient may be a view of another buffer; a custom op's outputs must not alias each other or
     # its inputs, so each gets its own memory. An input no output depends on gets zeros.
-    out = {i: (torch.zeros_like(p) if g is None else g).clone(memory_format=torch.contiguous_format)
-           for i, p, g in zip(diff, prim, got)}
+    out = {
+        i: (torch.zeros_like(p) if g is None else g).clone(memory_format=torch.contiguous_format)
+        for i, p, g in zip(diff, prim, got)
+    }
     return [out.get(i) for i in range(len(args))]
 
 

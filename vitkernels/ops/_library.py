@@ -8,6 +8,7 @@ torch.compile tracing) and call a private `_<op>_fwd` custom op, whose extra out
 logsumexp of the attention ops) are saved for the private `_<op>_bwd` custom op. The private ops carry
 the fake kernels and the autograd formula; their kernels pick a backend at run time.
 """
+
 import torch
 
 lib = torch.library.Library("vitkernels", "FRAGMENT")
@@ -25,7 +26,9 @@ def define(name: str, schema: str) -> None:
 
 def composite(name):
     """Decorator: register the public op's CompositeImplicitAutograd implementation."""
+
     def register(fn):
         lib.impl(name, fn, "CompositeImplicitAutograd")
         return fn
+
     return register

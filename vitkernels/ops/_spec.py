@@ -9,10 +9,11 @@ the spec to the registry. The op file then registers its kernels with their decl
 Everything that lists ops iterates over `specs()` (ordered by SPEC.md's op number): `__all__` of
 `vitkernels` and `vitkernels.ops`, `vitkernels._samples` (the sample arguments of the API tests,
 `vitkernels.info` and the self-check), the bench cases and baselines (`vitkernels.bench`), and the
-tests that run every op (tests/test_ops_api.py, test_errors.py, test_triton_configs.py, and the
-offline sm_90a compile tests/triton_sm90.py). CONTRIBUTING.md ("Adding an op") lists what else a
+tests that run every op (tests/ops/test_ops_api.py, test_errors.py, test_triton_configs.py, and the
+offline sm_90a compile tests/triton/triton_sm90.py). CONTRIBUTING.md ("Adding an op") lists what else a
 new op touches.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,13 +28,14 @@ from ._library import define as _define_schema
 class BenchSpec:
     """Where `vitkernels-bench ops` finds the op ("module:function" pointers, resolved on use so
     that importing the ops never imports the bench)."""
-    cases: str                  # fn(add): adds the op's catalogue entries, built by its case factory (shapes
+
+    cases: str  # fn(add): adds the op's catalogue entries, built by its case factory (shapes
     #                             from the real models; the factory holds the op's FLOP count, and
     #                             Case.bytes_for the byte model) — vitkernels/bench/cases.py
-    baseline: str               # fn(case, *, core, core_name, dtype, device) -> the eager composition (timm's
+    baseline: str  # fn(case, *, core, core_name, dtype, device) -> the eager composition (timm's
     #                             code path) with attention core "eager", "sdpa" or "flex" — bench/baselines.py
-    sdpa: bool = True           # the composition has a softmax-attention core SDPA / FlexAttention can run
-    no_flex: Optional[str] = None          # why FlexAttention cannot run it although SDPA can
+    sdpa: bool = True  # the composition has a softmax-attention core SDPA / FlexAttention can run
+    no_flex: Optional[str] = None  # why FlexAttention cannot run it although SDPA can
     composite_label: Optional[str] = None  # a composite: how results name what it runs ("linear+dwconv")
 
 
@@ -41,17 +43,18 @@ class BenchSpec:
 class OpSpec:
     """An op's spec. Sample builders get a `vitkernels._samples.Sampler` `s`: `s(*shape)` draws a
     seeded tensor, `s.b`, `s.heads`, `s.d`, `s.c` are the sample sizes."""
-    number: int                 # its number in SPEC.md: orders every listing
-    name: str                   # torch.ops.vitkernels.<name>, vitkernels.<name>, ops/<name>.py
-    schema: str                 # torch.library schema of the public op
-    samples: Callable           # s -> positional arguments of the public op (the main path, SPEC order)
+
+    number: int  # its number in SPEC.md: orders every listing
+    name: str  # torch.ops.vitkernels.<name>, vitkernels.<name>, ops/<name>.py
+    schema: str  # torch.library schema of the public op
+    samples: Callable  # s -> positional arguments of the public op (the main path, SPEC order)
     variants: Mapping[str, Callable] = field(default_factory=dict)  # label -> s -> arguments with options on
     private: Optional[Callable] = None  # (public args, resolved scale) -> arguments of _<name>_fwd; None: none
-    inputs: Optional[Callable] = None   # the arguments `backends.select` gets -> backends.KernelInputs
-    parts: Optional[Callable] = None    # a composite: public args -> [(part op, part args)] it runs
-    batched: tuple = (0,)       # positions of the arguments with a batch dim (the empty-batch test)
+    inputs: Optional[Callable] = None  # the arguments `backends.select` gets -> backends.KernelInputs
+    parts: Optional[Callable] = None  # a composite: public args -> [(part op, part args)] it runs
+    batched: tuple = (0,)  # positions of the arguments with a batch dim (the empty-batch test)
     triton_modules: tuple = ()  # vitkernels.triton modules its Triton kernels launch from
-    inductor: bool = False      # tests/test_ops_api.py also compiles it with inductor (CPU time: a few ops)
+    inductor: bool = False  # tests/ops/test_ops_api.py also compiles it with inductor (CPU time: a few ops)
     bench: Optional[BenchSpec] = None
 
     def kernels(self) -> dict:

@@ -7,6 +7,7 @@ backward), "cuda" (forward; its backward runs on the "auto" choice) and "referen
 The output is allocated (B, Nq, heads, D) in memory and returned as the (B, heads, Nq, D) view, as
 SDPA's flash path does: `out.transpose(1, 2).reshape(B, Nq, C)` is then free.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -31,25 +32,35 @@ from ._spec import BenchSpec, OpSpec, define
 
 OP = "attention"
 
-SPEC = define(OpSpec(
-    number=1, name=OP,
-    schema="attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, float? scale=None) -> Tensor",
-    samples=lambda s: (s(s.b, s.heads, 5, s.d), s(s.b, s.heads, 7, s.d), s(s.b, s.heads, 7, s.d), s(s.heads, 5, 7),
-                       None),
-    private=lambda a, scale: (*a[:4], scale),
-    inputs=lambda q, k, v, bias, *_: KernelInputs((q, k, v, bias), head_dim=q.shape[-1]),
-    batched=(0, 1, 2),
-    triton_modules=("attention",),
-    inductor=True,
-    bench=BenchSpec(cases="vitkernels.bench.cases:attention_cases",
-                    baseline="vitkernels.bench.baselines:attention_composition"),
-))
+SPEC = define(
+    OpSpec(
+        number=1,
+        name=OP,
+        schema="attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, float? scale=None) -> Tensor",
+        samples=lambda s: (
+            s(s.b, s.heads, 5, s.d),
+            s(s.b, s.heads, 7, s.d),
+            s(s.b, s.heads, 7, s.d),
+            s(s.heads, 5, 7),
+            None,
+        ),
+        private=lambda a, scale: (*a[:4], scale),
+        inputs=lambda q, k, v, bias, *_: KernelInputs((q, k, v, bias), head_dim=q.shape[-1]),
+        batched=(0, 1, 2),
+        triton_modules=("attention",),
+        inductor=True,
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:attention_cases", baseline="vitkernels.bench.baselines:attention_composition"
+        ),
+    )
+)
 
 # The FlashAttention kernels every attention-like op runs (self_attention, sr_attention and
 # space_time_attention too): Triton (triton/attention.py) and CUDA C++ (csrc/kernels/attention.cu).
 TRITON_CAPS = Capabilities("fused kernel", backward=True, head_dims=range(1, FUSED_MAX_HEAD_DIM + 1))
-CUDA_CAPS = Capabilities("CUDA attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
-                         min_capability=SM80, ext_op="attention_fwd")
+CUDA_CAPS = Capabilities(
+    "CUDA attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8), min_capability=SM80, ext_op="attention_fwd"
+)
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
@@ -59,13 +70,19 @@ def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
     check_same(OP, "q", q, k=k, v=v)
     b, h, _, d = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"vitkernels.attention: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        raise ValueError(
+            f"vitkernels.attention: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(f"vitkernels.attention: k must be (B, heads, Nk, D) = ({b}, {h}, Nk, {d}) to match q "
-                         f"{tuple(q.shape)}, got k {tuple(k.shape)}")
+        raise ValueError(
+            f"vitkernels.attention: k must be (B, heads, Nk, D) = ({b}, {h}, Nk, {d}) to match q "
+            f"{tuple(q.shape)}, got k {tuple(k.shape)}"
+        )
     if bias is not None and bias.dtype == torch.bool:  # a keep-mask: any dtype of q, same device
         if bias.device != q.device:
-            raise ValueError(f"vitkernels.attention: bias must be on the device of q ({q.device}), got {describe(bias)}")
+            raise ValueError(
+                f"vitkernels.attention: bias must be on the device of q ({q.device}), got {describe(bias)}"
+            )
     elif bias is not None:
         check_tensor(OP, "bias", bias)
         check_same(OP, "q", q, bias=bias)
@@ -77,7 +94,9 @@ def validate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> int:
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"vitkernels.attention: bias must broadcast to (B, heads, Nq, Nk) = {target}, got {describe(bias)}")
+            raise ValueError(
+                f"vitkernels.attention: bias must broadcast to (B, heads, Nq, Nk) = {target}, got {describe(bias)}"
+            )
     return d
 
 
@@ -97,6 +116,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
 
 
 # ----------------------------------------------------------------------------- private ops
+
 
 def new_out(q: Tensor) -> Tensor:
     """(B, heads, Nq, D) output stored as (B, Nq, heads, D)."""
@@ -121,8 +141,17 @@ def _(q, k, v, bias, scale):
 
 
 @torch.library.custom_op("vitkernels::_attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor, lse: Tensor,
-                   scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.shape[2] == 0:
         dbias = torch.zeros_like(bias) if bias_grad else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
@@ -134,9 +163,12 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional
 @_attention_bwd.register_fake
 def _(dout, q, k, v, bias, out, lse, scale, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), dbias)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        dbias,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,6 +189,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- kernels
+
 
 def _reference_forward(q, k, v, bias, scale):
     o, lse = ref.attention_with_lse(q, k, v, bias, scale)
@@ -189,6 +222,7 @@ def reduce_dbias(dbias: Optional[Tensor], bias: Tensor) -> Tensor:
 
 def _triton_forward(q, k, v, bias, scale):
     from ..triton import attention as tk
+
     out = new_out(q)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     lse = tk.attention_forward(q, k, v, expand_bias(bias, q, k), scale, out)
@@ -197,6 +231,7 @@ def _triton_forward(q, k, v, bias, scale):
 
 def _triton_backward(dout, q, k, v, bias, out, lse, scale, bias_grad):
     from ..triton import attention as tk
+
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dbias = tk.attention_backward(dout, q, k, v, expand_bias(bias, q, k), out, lse, scale, dq, dk, dv, bias_grad)
@@ -207,6 +242,7 @@ def cuda_supports(head_dim: int, dtype: torch.dtype, device: torch.device) -> bo
     """The C++ capability query of the CUDA attention kernel, the one adapter to it (called once the
     declared capabilities pass, so the extension is loaded)."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("attention", head_dim, dtype=dtype, device=device)
 
 

@@ -6,6 +6,7 @@ token layout; backward: dz/dweight/dbias reduce kernel + a flipped-kernel conv f
 vitkernels/triton/dwconv.py), "cuda" (forward only, k in 1/3/5/7, csrc/kernels/dwconv.cu; its backward
 runs on the "auto" choice) and "reference".
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,17 +24,23 @@ from ._spec import BenchSpec, OpSpec, define
 OP = "dwconv"
 ACTIVATIONS = (None, "gelu", "relu")
 
-SPEC = define(OpSpec(
-    number=7, name=OP,
-    schema="dwconv(Tensor x, int[2] hw, Tensor weight, Tensor? bias=None, str? activation=None) -> Tensor",
-    samples=lambda s: (s(s.b, 4 * 5, s.c), [4, 5], s(s.c, 1, 3, 3), s(s.c), "gelu"),
-    private=lambda a, scale: tuple(a),
-    inputs=lambda x, hw, weight, bias, *_: KernelInputs((x, weight, bias)),
-    triton_modules=("dwconv",),
-    inductor=True,
-    bench=BenchSpec(cases="vitkernels.bench.cases:dwconv_cases",
-                    baseline="vitkernels.bench.baselines:dwconv_composition", sdpa=False),
-))
+SPEC = define(
+    OpSpec(
+        number=7,
+        name=OP,
+        schema="dwconv(Tensor x, int[2] hw, Tensor weight, Tensor? bias=None, str? activation=None) -> Tensor",
+        samples=lambda s: (s(s.b, 4 * 5, s.c), [4, 5], s(s.c, 1, 3, 3), s(s.c), "gelu"),
+        private=lambda a, scale: tuple(a),
+        inputs=lambda x, hw, weight, bias, *_: KernelInputs((x, weight, bias)),
+        triton_modules=("dwconv",),
+        inductor=True,
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:dwconv_cases",
+            baseline="vitkernels.bench.baselines:dwconv_composition",
+            sdpa=False,
+        ),
+    )
+)
 
 
 def validate(x, hw, weight, bias, activation) -> None:
@@ -44,7 +51,9 @@ def validate(x, hw, weight, bias, activation) -> None:
     c = x.shape[-1]
     k = weight.shape[-1]
     if weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != k or k % 2 == 0:
-        raise ValueError(f"vitkernels.dwconv: weight must be (C, 1, k, k) with C = {c} and k odd, got {describe(weight)}")
+        raise ValueError(
+            f"vitkernels.dwconv: weight must be (C, 1, k, k) with C = {c} and k odd, got {describe(weight)}"
+        )
     if bias is not None:
         check_tensor(OP, "bias", bias, ndim=1)
         check_same(OP, "x", x, bias=bias)
@@ -77,8 +86,9 @@ def _(x, hw, weight, bias, activation):
 
 
 @torch.library.custom_op("vitkernels::_dwconv_bwd", mutates_args=())
-def _dwconv_bwd(dout: Tensor, x: Tensor, hw: list[int], weight: Tensor, bias: Optional[Tensor],
-                activation: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+def _dwconv_bwd(
+    dout: Tensor, x: Tensor, hw: list[int], weight: Tensor, bias: Optional[Tensor], activation: Optional[str]
+) -> tuple[Tensor, Tensor, Tensor]:
     kernel = backends.select(OP, x, hw, weight, bias, activation, backward=True)
     dx, dw, db = kernel.backward(dout, x, hw, weight, bias, activation)
     return dx.contiguous(), dw.contiguous(), empty_if_none(db, x)
@@ -86,9 +96,11 @@ def _dwconv_bwd(dout: Tensor, x: Tensor, hw: list[int], weight: Tensor, bias: Op
 
 @_dwconv_bwd.register_fake
 def _(dout, x, hw, weight, bias, activation):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            x.new_empty(0) if bias is None else torch.empty_like(bias))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        x.new_empty(0) if bias is None else torch.empty_like(bias),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -118,11 +130,13 @@ def _reference_backward(dout, x, hw, weight, bias, activation):
 
 def _triton_forward(x, hw, weight, bias, activation):
     from ..triton import dwconv as tk
+
     return tk.dwconv_forward(x, hw, weight, bias, activation)
 
 
 def _triton_backward(dout, x, hw, weight, bias, activation):
     from ..triton import dwconv as tk
+
     return tk.dwconv_backward(dout, x, hw, weight, bias, activation)
 
 
@@ -142,6 +156,7 @@ _CUDA_ACT = {None: 0, "gelu": 1, "relu": 2}
 def cuda_supports(k: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The C++ capability query of the CUDA dwconv kernel, the one adapter to it."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("dwconv", k, dtype=dtype, device=device)
 
 

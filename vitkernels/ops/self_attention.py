@@ -4,6 +4,7 @@ The fused path reads q, k and v as strided views of the packed projection (chann
 and writes the output straight into token layout, so no permute/contiguous copy is made either way;
 its backward writes dq, dk, dv into one packed (B, N, 3C) gradient.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -21,24 +22,31 @@ from .attention import CUDA_CAPS, TRITON_CAPS, cuda_head_dim_reasons, last_dim_c
 
 OP = "self_attention"
 
-SPEC = define(OpSpec(
-    number=2, name=OP,
-    schema="self_attention(Tensor qkv, int num_heads, float? scale=None) -> Tensor",
-    samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, None),
-    private=lambda a, scale: (*a[:2], scale),
-    inputs=lambda qkv, num_heads, *_: KernelInputs((qkv,), head_dim=qkv.shape[-1] // 3 // num_heads),
-    triton_modules=("attention",),
-    inductor=True,
-    bench=BenchSpec(cases="vitkernels.bench.cases:self_attention_cases",
-                    baseline="vitkernels.bench.baselines:self_attention_composition"),
-))
+SPEC = define(
+    OpSpec(
+        number=2,
+        name=OP,
+        schema="self_attention(Tensor qkv, int num_heads, float? scale=None) -> Tensor",
+        samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, None),
+        private=lambda a, scale: (*a[:2], scale),
+        inputs=lambda qkv, num_heads, *_: KernelInputs((qkv,), head_dim=qkv.shape[-1] // 3 // num_heads),
+        triton_modules=("attention",),
+        inductor=True,
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:self_attention_cases",
+            baseline="vitkernels.bench.baselines:self_attention_composition",
+        ),
+    )
+)
 
 
 def validate(qkv: Tensor, num_heads: int) -> int:
     check_tensor(OP, "qkv", qkv, ndim=3)
     if qkv.shape[-1] % 3:
-        raise ValueError(f"vitkernels.self_attention: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} "
-                         f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
+        raise ValueError(
+            f"vitkernels.self_attention: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} "
+            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
+        )
     return check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
 
 
@@ -57,6 +65,7 @@ def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -
 
 # ----------------------------------------------------------------------------- packed-layout views
 
+
 def heads_view(x: Tensor, num_heads: int, parts: int) -> list:
     """(B, N, parts·C) with last-dim stride 1 -> `parts` (B, heads, N, D) strided views, no copy."""
     b, n, pc = x.shape
@@ -65,6 +74,7 @@ def heads_view(x: Tensor, num_heads: int, parts: int) -> list:
 
 
 # ----------------------------------------------------------------------------- private ops
+
 
 @torch.library.custom_op("vitkernels::_self_attention_fwd", mutates_args=())
 def _self_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -109,6 +119,7 @@ _self_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- kernels
 
+
 def _reference_forward(qkv, num_heads, scale):
     out, lse = ref.self_attention_with_lse(qkv, num_heads, scale)
     return fresh(out), lse
@@ -120,6 +131,7 @@ def _reference_backward(dout, qkv, out, lse, num_heads, scale):
 
 def _triton_forward(qkv, num_heads, scale):
     from ..triton import attention as tk
+
     qkv = last_dim_contiguous(qkv)
     b, n, c3 = qkv.shape
     out = qkv.new_empty(b, n, c3 // 3)
@@ -130,6 +142,7 @@ def _triton_forward(qkv, num_heads, scale):
 
 def _triton_backward(dout, qkv, out, lse, num_heads, scale):
     from ..triton import attention as tk
+
     qkv, dout = last_dim_contiguous(qkv), last_dim_contiguous(dout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     q, k, v = heads_view(qkv, num_heads, 3)

@@ -10,6 +10,7 @@ class token: the FlashAttention kernels on strided views of qkv), "cuda" (forwar
 attention kernel with a group dim and the class token as prefix rows; its backward runs on the
 "auto" choice) and "reference".
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -44,47 +45,65 @@ OP = "space_time_attention"
 def _inputs(qkv, frames, num_heads, axis, cls_qkv=None, *_):
     b, n = qkv.shape[:2]
     groups = n // frames if axis == "time" else frames
-    return KernelInputs((qkv, cls_qkv), head_dim=qkv.shape[-1] // 3 // num_heads,
-                        sizes={"sequences": b * groups * num_heads, "tokens": n})
+    return KernelInputs(
+        (qkv, cls_qkv),
+        head_dim=qkv.shape[-1] // 3 // num_heads,
+        sizes={"sequences": b * groups * num_heads, "tokens": n},
+    )
 
 
-SPEC = define(OpSpec(
-    number=6, name=OP,
-    schema=("space_time_attention(Tensor qkv, int frames, int num_heads, str axis, Tensor? cls_qkv=None, "
-            "str layout=\"st\", float? scale=None) -> (Tensor, Tensor)"),
-    samples=lambda s: (s(s.b, 4 * 3, 3 * s.c), 3, s.heads, "space", s(s.b, 3 * s.c), "ts", None),
-    private=lambda a, scale: (*a[:6], scale),
-    inputs=_inputs,
-    batched=(0, 4),
-    triton_modules=("attention",),
-    bench=BenchSpec(cases="vitkernels.bench.cases:space_time_attention_cases",
-                    baseline="vitkernels.bench.baselines:space_time_attention_composition"),
-))
+SPEC = define(
+    OpSpec(
+        number=6,
+        name=OP,
+        schema=(
+            "space_time_attention(Tensor qkv, int frames, int num_heads, str axis, Tensor? cls_qkv=None, "
+            'str layout="st", float? scale=None) -> (Tensor, Tensor)'
+        ),
+        samples=lambda s: (s(s.b, 4 * 3, 3 * s.c), 3, s.heads, "space", s(s.b, 3 * s.c), "ts", None),
+        private=lambda a, scale: (*a[:6], scale),
+        inputs=_inputs,
+        batched=(0, 4),
+        triton_modules=("attention",),
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:space_time_attention_cases",
+            baseline="vitkernels.bench.baselines:space_time_attention_composition",
+        ),
+    )
+)
 
 
 def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
     check_tensor(OP, "qkv", qkv, ndim=3)
     if qkv.shape[-1] % 3:
-        raise ValueError(f"vitkernels.space_time_attention: qkv must be (B, S*T, 3C), its last dim {qkv.shape[-1]} "
-                         f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
+        raise ValueError(
+            f"vitkernels.space_time_attention: qkv must be (B, S*T, 3C), its last dim {qkv.shape[-1]} "
+            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
+        )
     d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
     check_int(OP, "frames", frames)
     if qkv.shape[1] % frames:
-        raise ValueError(f"vitkernels.space_time_attention: frames must be a positive int dividing the token count "
-                         f"{qkv.shape[1]} (S*T), got frames = {frames!r} (qkv shape {tuple(qkv.shape)})")
+        raise ValueError(
+            f"vitkernels.space_time_attention: frames must be a positive int dividing the token count "
+            f"{qkv.shape[1]} (S*T), got frames = {frames!r} (qkv shape {tuple(qkv.shape)})"
+        )
     if axis not in ("time", "space"):
         raise ValueError(f"vitkernels.space_time_attention: axis must be 'time' or 'space', got {axis!r}")
     if layout not in ("st", "ts"):
         raise ValueError(f"vitkernels.space_time_attention: layout must be 'st' or 'ts', got {layout!r}")
     if cls_qkv is not None:
         if axis != "space":
-            raise ValueError("vitkernels.space_time_attention: cls_qkv is only valid with axis 'space', "
-                             f"got axis {axis!r} and cls_qkv {describe(cls_qkv)}")
+            raise ValueError(
+                "vitkernels.space_time_attention: cls_qkv is only valid with axis 'space', "
+                f"got axis {axis!r} and cls_qkv {describe(cls_qkv)}"
+            )
         check_tensor(OP, "cls_qkv", cls_qkv, ndim=2)
         check_same(OP, "qkv", qkv, cls_qkv=cls_qkv)
         if cls_qkv.shape != (qkv.shape[0], qkv.shape[2]):
-            raise ValueError(f"vitkernels.space_time_attention: cls_qkv must be (B, 3C) = "
-                             f"{(qkv.shape[0], qkv.shape[2])}, got {describe(cls_qkv)}")
+            raise ValueError(
+                f"vitkernels.space_time_attention: cls_qkv must be (B, 3C) = "
+                f"{(qkv.shape[0], qkv.shape[2])}, got {describe(cls_qkv)}"
+            )
     return d
 
 
@@ -92,13 +111,21 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
 def _space_time_attention(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", scale=None):
     qkv, cls_qkv = autocast_inputs(qkv, cls_qkv)
     d = validate(qkv, frames, num_heads, axis, cls_qkv, layout)
-    out, cls_out, _, _ = torch.ops.vitkernels._space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv,
-                                                                        layout, default_scale(scale, d))
+    out, cls_out, _, _ = torch.ops.vitkernels._space_time_attention_fwd(
+        qkv, frames, num_heads, axis, cls_qkv, layout, default_scale(scale, d)
+    )
     return out, cls_out
 
 
-def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
-                         layout: str = "st", scale: Optional[float] = None):
+def space_time_attention(
+    qkv: Tensor,
+    frames: int,
+    num_heads: int,
+    axis: str,
+    cls_qkv: Optional[Tensor] = None,
+    layout: str = "st",
+    scale: Optional[float] = None,
+):
     """Divided space-time attention; returns `out` (B, S·T, C), or `(out, cls_out)` with a class token."""
     check_int(OP, "frames", frames)
     check_int(OP, "num_heads", num_heads)
@@ -120,8 +147,9 @@ def _lse_shapes(qkv, frames, num_heads, axis, cls_qkv):
 # The private forward returns (out, cls_out, lse, cls_lse): the float32 logsumexp of every query
 # row is saved for the backward, which then needs no second forward.
 @torch.library.custom_op("vitkernels::_space_time_attention_fwd", mutates_args=())
-def _space_time_attention_fwd(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor],
-                              layout: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _space_time_attention_fwd(
+    qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor], layout: str, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     return backends.select(OP, *args).forward(*args)
 
@@ -130,15 +158,28 @@ def _space_time_attention_fwd(qkv: Tensor, frames: int, num_heads: int, axis: st
 def _(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     b, n, c3 = qkv.shape
     cls_out = _empty_cls(qkv) if cls_qkv is None else qkv.new_empty(b, frames, c3 // 3)
-    lse, cls_lse = (qkv.new_empty(shape, dtype=torch.float32)
-                    for shape in _lse_shapes(qkv, frames, num_heads, axis, cls_qkv))
+    lse, cls_lse = (
+        qkv.new_empty(shape, dtype=torch.float32) for shape in _lse_shapes(qkv, frames, num_heads, axis, cls_qkv)
+    )
     return qkv.new_empty(b, n, c3 // 3), cls_out, lse, cls_lse
 
 
 @torch.library.custom_op("vitkernels::_space_time_attention_bwd", mutates_args=())
-def _space_time_attention_bwd(dout: Tensor, dcls_out: Tensor, qkv: Tensor, cls_qkv: Optional[Tensor], out: Tensor,
-                              cls_out: Tensor, lse: Tensor, cls_lse: Tensor, frames: int, num_heads: int, axis: str,
-                              layout: str, scale: float) -> tuple[Tensor, Tensor]:
+def _space_time_attention_bwd(
+    dout: Tensor,
+    dcls_out: Tensor,
+    qkv: Tensor,
+    cls_qkv: Optional[Tensor],
+    out: Tensor,
+    cls_out: Tensor,
+    lse: Tensor,
+    cls_lse: Tensor,
+    frames: int,
+    num_heads: int,
+    axis: str,
+    layout: str,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     args = (qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     kernel = backends.select(OP, *args, backward=True)
     dqkv, dcls = kernel.backward(dout, dcls_out, (out, cls_out, lse, cls_lse), *args)
@@ -147,8 +188,10 @@ def _space_time_attention_bwd(dout: Tensor, dcls_out: Tensor, qkv: Tensor, cls_q
 
 @_space_time_attention_bwd.register_fake
 def _(dout, dcls_out, qkv, cls_qkv, out, cls_out, lse, cls_lse, frames, num_heads, axis, layout, scale):
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            qkv.new_empty(0) if cls_qkv is None else torch.empty_like(cls_qkv, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(qkv, memory_format=torch.contiguous_format),
+        qkv.new_empty(0) if cls_qkv is None else torch.empty_like(cls_qkv, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,8 +203,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dcls_out, _dlse, _dcls_lse):
     qkv, cls_qkv, *saved = ctx.saved_tensors
     frames, num_heads, axis, layout, scale = ctx.config
-    dqkv, dcls = torch.ops.vitkernels._space_time_attention_bwd(dout, dcls_out, qkv, cls_qkv, *saved, frames,
-                                                                num_heads, axis, layout, scale)
+    dqkv, dcls = torch.ops.vitkernels._space_time_attention_bwd(
+        dout, dcls_out, qkv, cls_qkv, *saved, frames, num_heads, axis, layout, scale
+    )
     return dqkv, None, None, None, (None if cls_qkv is None else dcls), None, None
 
 
@@ -169,8 +213,7 @@ _space_time_attention_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 
 def _reference_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
-    out, cls_out, lse, cls_lse = ref.space_time_attention_with_lse(qkv, frames, num_heads, axis, cls_qkv, layout,
-                                                                   scale)
+    out, cls_out, lse, cls_lse = ref.space_time_attention_with_lse(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     cls_out = _empty_cls(qkv) if cls_out is None else fresh(cls_out)
     no_cls = qkv.new_empty(_lse_shapes(qkv, frames, num_heads, axis, None)[1], dtype=torch.float32)
     cls_lse = no_cls if cls_lse is None else fresh(cls_lse.to(torch.float32))
@@ -181,6 +224,7 @@ def _reference_backward(dout, dcls_out, _saved, qkv, frames, num_heads, axis, cl
     def f(x, cls):
         out, cls_out = ref.space_time_attention(x, frames, num_heads, axis, cls, layout, scale)
         return out if cls is None else (out, cls_out)
+
     grads = (dout,) if cls_qkv is None else (dout, dcls_out)
     dqkv, dcls = reference_vjp(f, (qkv, cls_qkv), (0, 1), grads)
     return dqkv, dcls
@@ -197,6 +241,7 @@ backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_
 # that starts every frame's online softmax; its query's output per frame (cls_out) is a second,
 # one-row launch against the same keys. In the backward the class query's share of dK / dV is an
 # extra query row of the key-side kernel, and the prefix row's dK / dV come back as fp32 sums.
+
 
 def _seq_view(t, frames, axis, layout, parts):
     """(B, groups, length, parts, C') view of a token buffer t (B, S·T, parts·C') whose sequences
@@ -227,6 +272,7 @@ def _cls_rows(cls_qkv, frames, num_heads):
 
 def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     from ..triton import attention as tk
+
     b, n, c3 = qkv.shape
     q, k, v = _views(qkv, frames, num_heads, axis, layout)
     out = qkv.new_empty(b, n, c3 // 3)
@@ -238,13 +284,15 @@ def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
     lse = tk.attention_forward(q, k, v, None, scale, o, prefix=(ck, cv))
     cls_out = qkv.new_empty(b, frames, c3 // 3)
-    cls_lse = tk.attention_forward(cq.unsqueeze(-2), k, v, None, scale, cls_out.view(b, frames, num_heads, 1, -1),
-                                   prefix=(ck, cv))
+    cls_lse = tk.attention_forward(
+        cq.unsqueeze(-2), k, v, None, scale, cls_out.view(b, frames, num_heads, 1, -1), prefix=(ck, cv)
+    )
     return out, cls_out, lse, cls_lse
 
 
 def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     from ..triton import attention as tk
+
     out, cls_out, lse, cls_lse = saved
     q, k, v = _views(qkv, frames, num_heads, axis, layout)
     (o,) = _views(out, frames, num_heads, axis, layout, 1)
@@ -262,14 +310,49 @@ def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qk
     cls_delta = (cls_out.float() * dco.float()).view(b, t, h, d).sum(-1)
     # Patch queries: dq, dk, dv, with the class query's share of dk / dv as an extra query row.
     d_pre = [torch.empty(b, t, h, d, device=qkv.device, dtype=torch.float32) for _ in range(4)]
-    tk.attention_backward(do, q, k, v, None, o, lse, scale, dq, dk, dv, False, prefix=(ck, cv),
-                          dprefix=d_pre[:2], extra_q=(cq, dco4, cls_lse[..., 0], cls_delta))
+    tk.attention_backward(
+        do,
+        q,
+        k,
+        v,
+        None,
+        o,
+        lse,
+        scale,
+        dq,
+        dk,
+        dv,
+        False,
+        prefix=(ck, cv),
+        dprefix=d_pre[:2],
+        extra_q=(cq, dco4, cls_lse[..., 0], cls_delta),
+    )
     # The class query (one row per frame): its dq, and its share of the prefix row's dk / dv.
     dcq = torch.empty(b, t, h, 1, d, device=qkv.device, dtype=qkv.dtype)
-    tk.attention_backward(dco.view(b, t, h, 1, d), cq.unsqueeze(-2), k, v, None, co, cls_lse, scale, dcq,
-                          None, None, False, prefix=(ck, cv), dprefix=d_pre[2:])
-    dcls = torch.cat([dcq.float().sum(1).flatten(1), (d_pre[0] + d_pre[2]).sum(1).flatten(1),
-                      (d_pre[1] + d_pre[3]).sum(1).flatten(1)], 1)
+    tk.attention_backward(
+        dco.view(b, t, h, 1, d),
+        cq.unsqueeze(-2),
+        k,
+        v,
+        None,
+        co,
+        cls_lse,
+        scale,
+        dcq,
+        None,
+        None,
+        False,
+        prefix=(ck, cv),
+        dprefix=d_pre[2:],
+    )
+    dcls = torch.cat(
+        [
+            dcq.float().sum(1).flatten(1),
+            (d_pre[0] + d_pre[2]).sum(1).flatten(1),
+            (d_pre[1] + d_pre[3]).sum(1).flatten(1),
+        ],
+        1,
+    )
     return dqkv, dcls.to(cls_qkv.dtype)
 
 
@@ -283,6 +366,7 @@ def cuda_supports(d: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The C++ capability query for this op's CUDA kernel (the attention kernel with a group dim and
     prefix rows), the one adapter to it."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("space_time_attention", d, dtype=dtype, device=device)
 
 
@@ -297,8 +381,7 @@ def _cuda_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
     # One launch: every (batch, group, head) sequence read with strides from qkv, the class token as
     # a prefix key/value and a prefix query (csrc/torch/space_time_attention.cpp). The lse layouts
     # are the Triton forward's, so the backward runs on whichever backend "auto" picks.
-    return tuple(torch.ops.vitkernels_C.space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv, layout,
-                                                                  scale))
+    return tuple(torch.ops.vitkernels_C.space_time_attention_fwd(qkv, frames, num_heads, axis, cls_qkv, layout, scale))
 
 
 backends.register_kernel(OP, "cuda", forward=_cuda_forward, caps=CUDA_CAPS, check=_cuda_check)

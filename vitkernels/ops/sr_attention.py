@@ -5,15 +5,15 @@ layout, like self_attention. The Triton backend runs the N ≫ M kernels of trit
 (all M keys and values on chip, queries streamed) while they fit on chip, else the general
 FlashAttention kernels of triton/attention.py.
 """
+
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _env, backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
@@ -34,21 +34,30 @@ from .self_attention import heads_view
 
 OP = "sr_attention"
 
-SPEC = define(OpSpec(
-    number=4, name=OP,
-    schema="sr_attention(Tensor q, Tensor kv, int num_heads, float? scale=None) -> Tensor",
-    samples=lambda s: (s(s.b, 20, s.c), s(s.b, 4, 2 * s.c), s.heads, None),
-    private=lambda a, scale: (*a[:3], scale),
-    inputs=lambda q, kv, num_heads, *_: KernelInputs((q, kv), head_dim=q.shape[-1] // num_heads),
-    batched=(0, 1),
-    triton_modules=("attention", "sr_attention"),
-    bench=BenchSpec(cases="vitkernels.bench.cases:sr_attention_cases",
-                    baseline="vitkernels.bench.baselines:sr_attention_composition"),
-))
+SPEC = define(
+    OpSpec(
+        number=4,
+        name=OP,
+        schema="sr_attention(Tensor q, Tensor kv, int num_heads, float? scale=None) -> Tensor",
+        samples=lambda s: (s(s.b, 20, s.c), s(s.b, 4, 2 * s.c), s.heads, None),
+        private=lambda a, scale: (*a[:3], scale),
+        inputs=lambda q, kv, num_heads, *_: KernelInputs((q, kv), head_dim=q.shape[-1] // num_heads),
+        batched=(0, 1),
+        triton_modules=("attention", "sr_attention"),
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:sr_attention_cases",
+            baseline="vitkernels.bench.baselines:sr_attention_composition",
+        ),
+    )
+)
 
 # csrc/kernels/sr_attention.cu: all M keys and values of a head in shared memory (checked by C++).
-CUDA_CAPS = Capabilities("CUDA sr_attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
-                         min_capability=SM80, ext_op="sr_attention_fwd")
+CUDA_CAPS = Capabilities(
+    "CUDA sr_attention kernel",
+    head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
+    min_capability=SM80,
+    ext_op="sr_attention_fwd",
+)
 
 
 def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
@@ -56,8 +65,10 @@ def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
     check_tensor(OP, "kv", kv, ndim=3)
     check_same(OP, "q", q, kv=kv)
     if kv.shape[0] != q.shape[0] or kv.shape[-1] != 2 * q.shape[-1]:
-        raise ValueError(f"vitkernels.sr_attention: kv must be (B, M, 2C) = ({q.shape[0]}, M, {2 * q.shape[-1]}) "
-                         f"for q {tuple(q.shape)}, got kv {tuple(kv.shape)}")
+        raise ValueError(
+            f"vitkernels.sr_attention: kv must be (B, M, 2C) = ({q.shape[0]}, M, {2 * q.shape[-1]}) "
+            f"for q {tuple(q.shape)}, got kv {tuple(kv.shape)}"
+        )
     return check_heads(OP, "q", q.shape[-1], num_heads, t=q)
 
 
@@ -89,11 +100,13 @@ def _(q, kv, num_heads, scale):
 
 
 @torch.library.custom_op("vitkernels::_sr_attention_bwd", mutates_args=())
-def _sr_attention_bwd(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                      scale: float) -> tuple[Tensor, Tensor]:
+def _sr_attention_bwd(
+    dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
     if q.numel() == 0 or kv.shape[1] == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
-            kv, memory_format=torch.contiguous_format)
+            kv, memory_format=torch.contiguous_format
+        )
     kernel = backends.select(OP, q, kv, num_heads, backward=True)
     dq, dkv = kernel.backward(dout, q, kv, out, lse, num_heads, scale)
     return dq.contiguous(), dkv.contiguous()
@@ -101,8 +114,10 @@ def _sr_attention_bwd(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Ten
 
 @_sr_attention_bwd.register_fake
 def _(dout, q, kv, out, lse, num_heads, scale):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(kv, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(kv, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,6 +137,7 @@ _sr_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- kernels
 
+
 def _reference_forward(q, kv, num_heads, scale):
     out, lse = ref.sr_attention_with_lse(q, kv, num_heads, scale)
     return fresh(out), lse
@@ -135,12 +151,13 @@ def _reference_backward(dout, q, kv, out, lse, num_heads, scale):
 def _specialised(fits: bool) -> bool:
     """Whether the N ≫ M kernels run. ``VITKERNELS_SR_KERNEL=general`` forces the general
     FlashAttention kernels instead (a developer switch for side-by-side benchmarks)."""
-    return fits and os.environ.get("VITKERNELS_SR_KERNEL", "auto") != "general"
+    return fits and _env.get("VITKERNELS_SR_KERNEL") != "general"
 
 
 def _triton_forward(q, kv, num_heads, scale):
     from ..triton import attention as general
     from ..triton import sr_attention as specialised
+
     q, kv = last_dim_contiguous(q), last_dim_contiguous(kv)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
@@ -153,6 +170,7 @@ def _triton_forward(q, kv, num_heads, scale):
 def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
     from ..triton import attention as general
     from ..triton import sr_attention as specialised
+
     dout = dout.to(q.dtype)
     q, kv, dout, out = (last_dim_contiguous(t) for t in (q, kv, dout, out))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -175,14 +193,17 @@ def cuda_supports(m: int, d: int, dtype: torch.dtype, device: torch.device) -> b
     """The C++ capability query of the CUDA sr_attention kernel, the one adapter to it (it answers for
     `device`: K/V of M keys must fit its shared memory)."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("sr_attention", m, d, dtype=dtype, device=device)
 
 
 def _cuda_check(q, kv, num_heads, *_):
     m, d = kv.shape[1], q.shape[-1] // num_heads
     if not cuda_supports(m, d, q.dtype, q.device):
-        return [f"M = {m} keys / head dim {d} is not supported by the CUDA sr_attention kernel (needs 1 <= M <= 256, "
-                f"head dim % 8 == 0, 8 <= head dim <= 128, and all keys and values in shared memory)"]
+        return [
+            f"M = {m} keys / head dim {d} is not supported by the CUDA sr_attention kernel (needs 1 <= M <= 256, "
+            f"head dim % 8 == 0, 8 <= head dim <= 128, and all keys and values in shared memory)"
+        ]
     return []
 
 

@@ -13,6 +13,7 @@ The private ops keep the simplest contract: `_window_attention_fwd` returns only
 saves only the inputs. The fused backward recomputes the softmax of each window (N = M² <= 256 keys
 stay resident on chip), so no logsumexp or output needs to be saved, read or kept alive.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -46,84 +47,160 @@ def _inputs(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale=
     return KernelInputs((qkv, table, qkv_bias, logit_scale), head_dim=(qkv.shape[-1] // 3) // num_heads)
 
 
-SPEC = define(OpSpec(
-    number=3, name=OP,
-    schema=("window_attention(Tensor qkv, int[2] hw, int num_heads, int window_size, int shift_size=0, "
+SPEC = define(
+    OpSpec(
+        number=3,
+        name=OP,
+        schema=(
+            "window_attention(Tensor qkv, int[2] hw, int num_heads, int window_size, int shift_size=0, "
             "Tensor? rel_pos_bias_table=None, Tensor? qkv_bias=None, float? scale=None, Tensor? logit_scale=None, "
-            "bool shift_first=False) -> Tensor"),
-    samples=lambda s: (s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, s(25, s.heads), s(3 * s.c), None),
-    variants={
-        # timm's shift-then-pad order and Swin V2 cosine attention (ln 10, Swin V2's init, and a head
-        # past the ln 100 clamp) on a map that needs padding (5×7, window 3, shift 1)
-        "shift_first+logit_scale": lambda s: (
-            s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, s(25, s.heads), s(3 * s.c), None,
-            s.const([2.3, 4.9], (s.heads, 1, 1)), True),
-        "logit_scale": lambda s: (s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, None, s(3 * s.c), 0.5,
-                                  s(s.heads, scale=0.3, offset=2.3), False),
-        "shift_first": lambda s: (s(s.b, 4 * 5, 3 * s.c), [4, 5], s.heads, 3, 2, s(25, s.heads), None, None, None,
-                                  True),
-    },
-    private=lambda a, scale: (*a[:7], scale, *a[8:]),
-    inputs=_inputs,
-    triton_modules=("window_attention",),
-    inductor=True,
-    bench=BenchSpec(cases="vitkernels.bench.cases:window_attention_cases",
-                    baseline="vitkernels.bench.baselines:window_attention_composition"),
-))
+            "bool shift_first=False) -> Tensor"
+        ),
+        samples=lambda s: (s(s.b, 5 * 7, 3 * s.c), [5, 7], s.heads, 3, 1, s(25, s.heads), s(3 * s.c), None),
+        variants={
+            # timm's shift-then-pad order and Swin V2 cosine attention (ln 10, Swin V2's init, and a head
+            # past the ln 100 clamp) on a map that needs padding (5×7, window 3, shift 1)
+            "shift_first+logit_scale": lambda s: (
+                s(s.b, 5 * 7, 3 * s.c),
+                [5, 7],
+                s.heads,
+                3,
+                1,
+                s(25, s.heads),
+                s(3 * s.c),
+                None,
+                s.const([2.3, 4.9], (s.heads, 1, 1)),
+                True,
+            ),
+            "logit_scale": lambda s: (
+                s(s.b, 5 * 7, 3 * s.c),
+                [5, 7],
+                s.heads,
+                3,
+                1,
+                None,
+                s(3 * s.c),
+                0.5,
+                s(s.heads, scale=0.3, offset=2.3),
+                False,
+            ),
+            "shift_first": lambda s: (
+                s(s.b, 4 * 5, 3 * s.c),
+                [4, 5],
+                s.heads,
+                3,
+                2,
+                s(25, s.heads),
+                None,
+                None,
+                None,
+                True,
+            ),
+        },
+        private=lambda a, scale: (*a[:7], scale, *a[8:]),
+        inputs=_inputs,
+        triton_modules=("window_attention",),
+        inductor=True,
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:window_attention_cases",
+            baseline="vitkernels.bench.baselines:window_attention_composition",
+        ),
+    )
+)
 
 
-def validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale=None,
-             shift_first=False) -> int:
+def validate(
+    qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale=None, shift_first=False
+) -> int:
     check_tensor(OP, "qkv", qkv, ndim=3)
     if qkv.shape[-1] % 3:
-        raise ValueError(f"vitkernels.window_attention: qkv must be (B, H*W, 3C), its last dim {qkv.shape[-1]} "
-                         f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})")
+        raise ValueError(
+            f"vitkernels.window_attention: qkv must be (B, H*W, 3C), its last dim {qkv.shape[-1]} "
+            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
+        )
     c = qkv.shape[-1] // 3
     d = check_heads(OP, "qkv", c, num_heads)
     check_hw(OP, qkv, "qkv", hw)
     if not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"vitkernels.window_attention: window_size must be an int >= 1, got {window_size!r}")
     if not isinstance(shift_size, int) or not 0 <= shift_size < window_size:
-        raise ValueError(f"vitkernels.window_attention: shift_size must be an int with 0 <= shift_size < "
-                         f"window_size = {window_size}, got {shift_size!r}")
+        raise ValueError(
+            f"vitkernels.window_attention: shift_size must be an int with 0 <= shift_size < "
+            f"window_size = {window_size}, got {shift_size!r}"
+        )
     if rel_pos_bias_table is not None:
         check_tensor(OP, "rel_pos_bias_table", rel_pos_bias_table, ndim=2)
         check_same(OP, "qkv", qkv, rel_pos_bias_table=rel_pos_bias_table)
         want = ((2 * window_size - 1) ** 2, num_heads)
         if tuple(rel_pos_bias_table.shape) != want:
-            raise ValueError(f"vitkernels.window_attention: rel_pos_bias_table must be ((2M-1)^2, heads) = {want}, "
-                             f"got {describe(rel_pos_bias_table)}")
+            raise ValueError(
+                f"vitkernels.window_attention: rel_pos_bias_table must be ((2M-1)^2, heads) = {want}, "
+                f"got {describe(rel_pos_bias_table)}"
+            )
     if qkv_bias is not None:
         check_tensor(OP, "qkv_bias", qkv_bias, ndim=1)
         check_same(OP, "qkv", qkv, qkv_bias=qkv_bias)
         if qkv_bias.shape[0] != 3 * c:
-            raise ValueError(f"vitkernels.window_attention: qkv_bias must be (3C,) = ({3 * c},), got {describe(qkv_bias)}")
+            raise ValueError(
+                f"vitkernels.window_attention: qkv_bias must be (3C,) = ({3 * c},), got {describe(qkv_bias)}"
+            )
     if logit_scale is not None:
         check_tensor(OP, "logit_scale", logit_scale)
         check_same(OP, "qkv", qkv, logit_scale=logit_scale)
         if tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1)):
-            raise ValueError(f"vitkernels.window_attention: logit_scale must be (heads,) or (heads, 1, 1) with "
-                             f"heads = {num_heads}, got {describe(logit_scale)}")
+            raise ValueError(
+                f"vitkernels.window_attention: logit_scale must be (heads,) or (heads, 1, 1) with "
+                f"heads = {num_heads}, got {describe(logit_scale)}"
+            )
     if not isinstance(shift_first, bool):
-        raise TypeError(f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
-                        f"({type(shift_first).__name__})")
+        raise TypeError(
+            f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
+            f"({type(shift_first).__name__})"
+        )
     return d
 
 
 @composite(OP)
-def _window_attention(qkv, hw, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
-                      scale=None, logit_scale=None, shift_first=False):
+def _window_attention(
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size=0,
+    rel_pos_bias_table=None,
+    qkv_bias=None,
+    scale=None,
+    logit_scale=None,
+    shift_first=False,
+):
     qkv, rel_pos_bias_table, qkv_bias, logit_scale = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias, logit_scale)
     d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale, shift_first)
-    return torch.ops.vitkernels._window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size,
-                                                      rel_pos_bias_table, qkv_bias, default_scale(scale, d),
-                                                      logit_scale, shift_first)
+    return torch.ops.vitkernels._window_attention_fwd(
+        qkv,
+        list(hw),
+        num_heads,
+        window_size,
+        shift_size,
+        rel_pos_bias_table,
+        qkv_bias,
+        default_scale(scale, d),
+        logit_scale,
+        shift_first,
+    )
 
 
-def window_attention(qkv: Tensor, hw, num_heads: int, window_size: int, shift_size: int = 0,
-                     rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
-                     scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-                     shift_first: bool = False) -> Tensor:
+def window_attention(
+    qkv: Tensor,
+    hw,
+    num_heads: int,
+    window_size: int,
+    shift_size: int = 0,
+    rel_pos_bias_table: Optional[Tensor] = None,
+    qkv_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> Tensor:
     """Swin (shifted-)window attention. qkv (B, H·W, 3C) is the qkv linear of the un-shifted tokens;
     returns (B, H·W, C) ready for proj. hw = (H, W); window_size M; 0 <= shift_size < M;
     rel_pos_bias_table ((2M-1)², heads); qkv_bias (3C,) is the qkv of a padded (zero) token.
@@ -131,46 +208,88 @@ def window_attention(qkv: Tensor, hw, num_heads: int, window_size: int, shift_si
     (scale unused; pass Swin V2's 16·sigmoid(cpb_mlp(coords)) table as rel_pos_bias_table).
     shift_first: timm's order (cyclic shift of the unpadded H×W map, then pad); default: pad, then shift."""
     if not isinstance(shift_first, bool):  # the torch op would take 0 / 1 silently
-        raise TypeError(f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
-                        f"({type(shift_first).__name__})")
-    return torch.ops.vitkernels.window_attention(qkv, list(hw), num_heads, window_size, shift_size,
-                                                 rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
+        raise TypeError(
+            f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
+            f"({type(shift_first).__name__})"
+        )
+    return torch.ops.vitkernels.window_attention(
+        qkv, list(hw), num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first
+    )
 
 
 @torch.library.custom_op("vitkernels::_window_attention_fwd", mutates_args=())
-def _window_attention_fwd(qkv: Tensor, hw: list[int], num_heads: int, window_size: int, shift_size: int,
-                          rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor], scale: float,
-                          logit_scale: Optional[Tensor] = None, shift_first: bool = False) -> Tensor:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale,
-            shift_first)
+def _window_attention_fwd(
+    qkv: Tensor,
+    hw: list[int],
+    num_heads: int,
+    window_size: int,
+    shift_size: int,
+    rel_pos_bias_table: Optional[Tensor],
+    qkv_bias: Optional[Tensor],
+    scale: float,
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> Tensor:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
     return backends.select(OP, *args).forward(*args)
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale=None,
-      shift_first=False):
+def _(
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size,
+    rel_pos_bias_table,
+    qkv_bias,
+    scale,
+    logit_scale=None,
+    shift_first=False,
+):
     b, n, c3 = qkv.shape
     return qkv.new_empty(b, n, c3 // 3)
 
 
 @torch.library.custom_op("vitkernels::_window_attention_bwd", mutates_args=())
-def _window_attention_bwd(dout: Tensor, qkv: Tensor, hw: list[int], num_heads: int, window_size: int,
-                          shift_size: int, rel_pos_bias_table: Optional[Tensor], qkv_bias: Optional[Tensor],
-                          scale: float, logit_scale: Optional[Tensor] = None,
-                          shift_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale,
-            shift_first)
+def _window_attention_bwd(
+    dout: Tensor,
+    qkv: Tensor,
+    hw: list[int],
+    num_heads: int,
+    window_size: int,
+    shift_size: int,
+    rel_pos_bias_table: Optional[Tensor],
+    qkv_bias: Optional[Tensor],
+    scale: float,
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
     dqkv, dtable, dbias, dls = backends.select(OP, *args, backward=True).backward(dout, *args)
     return dqkv.contiguous(), empty_if_none(dtable, qkv), empty_if_none(dbias, qkv), empty_if_none(dls, qkv)
 
 
 @_window_attention_bwd.register_fake
-def _(dout, qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale=None,
-      shift_first=False):
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            qkv.new_empty(0) if rel_pos_bias_table is None else torch.empty_like(rel_pos_bias_table),
-            qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias),
-            qkv.new_empty(0) if logit_scale is None else torch.empty_like(logit_scale))
+def _(
+    dout,
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size,
+    rel_pos_bias_table,
+    qkv_bias,
+    scale,
+    logit_scale=None,
+    shift_first=False,
+):
+    return (
+        torch.empty_like(qkv, memory_format=torch.contiguous_format),
+        qkv.new_empty(0) if rel_pos_bias_table is None else torch.empty_like(rel_pos_bias_table),
+        qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias),
+        qkv.new_empty(0) if logit_scale is None else torch.empty_like(logit_scale),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,9 +303,20 @@ def _backward(ctx, dout):
     qkv, table, qkv_bias, logit_scale = ctx.saved_tensors
     hw, num_heads, window_size, shift_size, shift_first = ctx.config
     dqkv, dtable, dbias, dls = torch.ops.vitkernels._window_attention_bwd(
-        dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, ctx.scale, logit_scale, shift_first)
-    return (dqkv, None, None, None, None, None if table is None else dtable, None if qkv_bias is None else dbias,
-            None, None if logit_scale is None else dls, None)
+        dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, ctx.scale, logit_scale, shift_first
+    )
+    return (
+        dqkv,
+        None,
+        None,
+        None,
+        None,
+        None if table is None else dtable,
+        None if qkv_bias is None else dbias,
+        None,
+        None if logit_scale is None else dls,
+        None,
+    )
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -197,58 +327,100 @@ _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Kernel signature: (qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
 # shift_first=False); backward returns (dqkv, dtable, dqkv_bias, dlogit_scale), None where absent.
 
-def _reference_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                       shift_first=False):
-    return fresh(ref.window_attention(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
-                                      logit_scale, shift_first))
+
+def _reference_forward(
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
+    return fresh(
+        ref.window_attention(
+            qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first
+        )
+    )
 
 
-def _reference_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
-                        logit_scale=None, shift_first=False):
+def _reference_backward(
+    dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
     def f(x, t, bias, ls):
         return ref.window_attention(x, hw, num_heads, window_size, shift_size, t, bias, scale, ls, shift_first)
+
     return tuple(reference_vjp(f, (qkv, table, qkv_bias, logit_scale), (0, 1, 2, 3), (dout,)))
 
 
-def _triton_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                    shift_first=False):
+def _triton_forward(
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
     from ..triton import window_attention as tk
-    return tk.window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
-                                       logit_scale=logit_scale, shift_first=shift_first)
+
+    return tk.window_attention_forward(
+        qkv,
+        hw,
+        num_heads,
+        window_size,
+        shift_size,
+        table,
+        qkv_bias,
+        scale,
+        logit_scale=logit_scale,
+        shift_first=shift_first,
+    )
 
 
-def _triton_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                     shift_first=False):
+def _triton_backward(
+    dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
     from ..triton import window_attention as tk
-    return tk.window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
-                                        scale, logit_scale=logit_scale, shift_first=shift_first)
+
+    return tk.window_attention_backward(
+        dout,
+        qkv,
+        hw,
+        num_heads,
+        window_size,
+        shift_size,
+        table,
+        qkv_bias,
+        scale,
+        logit_scale=logit_scale,
+        shift_first=shift_first,
+    )
 
 
 TRITON_CAPS = Capabilities("fused kernel", backward=True, head_dims=range(1, FUSED_MAX_HEAD_DIM + 1))
 # csrc/kernels/window_attention.cu; its window limit (M <= 16) is asked from C++ (cuda_supports).
-CUDA_CAPS = Capabilities("CUDA window-attention kernel", head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
-                         min_capability=SM80, ext_op="window_attention_fwd")
+CUDA_CAPS = Capabilities(
+    "CUDA window-attention kernel",
+    head_dims=range(8, FUSED_MAX_HEAD_DIM + 1, 8),
+    min_capability=SM80,
+    ext_op="window_attention_fwd",
+)
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
 backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton_backward, caps=TRITON_CAPS)
 
 
-def cuda_supports(window_size: int, d: int, dtype: Optional[torch.dtype] = None,
-                  device: Optional[torch.device] = None) -> bool:
+def cuda_supports(
+    window_size: int, d: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+) -> bool:
     """The C++ capability query of the CUDA window-attention kernel, the one adapter to it."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("window_attention", window_size, d, dtype=dtype, device=device)
 
 
-def cuda_window_reasons(window_size: int, d: int, dtype: Optional[torch.dtype] = None,
-                        device: Optional[torch.device] = None) -> list:
+def cuda_window_reasons(
+    window_size: int, d: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+) -> list:
     """Why the compiled window-attention kernel cannot take this window / head dim (asks C++)."""
     from .. import _ext
+
     if _ext.load_cuda_ext() is None:
         return []
     if not cuda_supports(window_size, d, dtype, device):
-        return [f"window {window_size} / head dim {d} is not supported by the CUDA window-attention kernel "
-                f"(needs window <= 16 and head dim % 8 == 0, 8 <= head dim <= 128)"]
+        return [
+            f"window {window_size} / head dim {d} is not supported by the CUDA window-attention kernel "
+            f"(needs window <= 16 and head dim % 8 == 0, 8 <= head dim <= 128)"
+        ]
     return []
 
 
@@ -262,24 +434,31 @@ def cuda_window_option_reasons(logit_scale, shift_first) -> list:
     except Exception:  # no such op: ext_op_reasons' wording
         return ["the loaded CUDA extension has no window_attention_fwd (built from older sources; rebuild it)"]
     if not {"logit_scale", "shift_first"} <= names:
-        return ["the loaded CUDA extension's window_attention_fwd has no logit_scale / shift_first "
-                "(built from older sources; rebuild it)"]
+        return [
+            "the loaded CUDA extension's window_attention_fwd has no logit_scale / shift_first "
+            "(built from older sources; rebuild it)"
+        ]
     return []
 
 
-def _cuda_check(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                shift_first=False):
-    return (cuda_window_reasons(window_size, (qkv.shape[-1] // 3) // num_heads, qkv.dtype, qkv.device)
-            or cuda_window_option_reasons(logit_scale, shift_first))
+def _cuda_check(
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
+    return cuda_window_reasons(
+        window_size, (qkv.shape[-1] // 3) // num_heads, qkv.dtype, qkv.device
+    ) or cuda_window_option_reasons(logit_scale, shift_first)
 
 
-def _cuda_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None,
-                  shift_first=False):
+def _cuda_forward(
+    qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
+):
     if logit_scale is None and not shift_first:  # also runs on an extension built before the options
-        return torch.ops.vitkernels_C.window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size, table,
-                                                           qkv_bias, scale)
-    return torch.ops.vitkernels_C.window_attention_fwd(qkv, list(hw), num_heads, window_size, shift_size, table,
-                                                       qkv_bias, scale, logit_scale, shift_first)
+        return torch.ops.vitkernels_C.window_attention_fwd(
+            qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale
+        )
+    return torch.ops.vitkernels_C.window_attention_fwd(
+        qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first
+    )
 
 
 # Forward only: the backward of a forced "cuda" forward runs on the "auto" choice (as for attention).

@@ -6,6 +6,7 @@ Backends: "triton" (vitkernels/triton/xca.py: two passes over the tokens, fused 
 backward, head dim ≤ 64), "cuda" (csrc/kernels/xca.cu: the same two passes, forward; its backward
 runs on the "auto" choice; head dim % 8 == 0, ≤ 64) and "reference".
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,39 +25,52 @@ OP = "xca"
 
 def _inputs(qkv, num_heads, temperature, *_):
     b, n, c3 = qkv.shape
-    return KernelInputs((qkv, temperature), head_dim=c3 // 3 // num_heads,
-                        sizes={"tokens": n, "batch_x_heads": b * num_heads})
+    return KernelInputs(
+        (qkv, temperature), head_dim=c3 // 3 // num_heads, sizes={"tokens": n, "batch_x_heads": b * num_heads}
+    )
 
 
-SPEC = define(OpSpec(
-    number=5, name=OP,
-    schema="xca(Tensor qkv, int num_heads, Tensor temperature) -> Tensor",
-    samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, s(s.heads, 1, 1)),
-    private=lambda a, scale: tuple(a),
-    inputs=_inputs,
-    triton_modules=("xca",),
-    bench=BenchSpec(cases="vitkernels.bench.cases:xca_cases", baseline="vitkernels.bench.baselines:xca_composition",
-                    no_flex="xca attends over channels (D×D scores, normalised q/k): not expressible as FlexAttention"),
-))
+SPEC = define(
+    OpSpec(
+        number=5,
+        name=OP,
+        schema="xca(Tensor qkv, int num_heads, Tensor temperature) -> Tensor",
+        samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, s(s.heads, 1, 1)),
+        private=lambda a, scale: tuple(a),
+        inputs=_inputs,
+        triton_modules=("xca",),
+        bench=BenchSpec(
+            cases="vitkernels.bench.cases:xca_cases",
+            baseline="vitkernels.bench.baselines:xca_composition",
+            no_flex="xca attends over channels (D×D scores, normalised q/k): not expressible as FlexAttention",
+        ),
+    )
+)
 
-# Head dims up to vitkernels.triton.xca.MAX_HEAD_DIM (= 64; tests/test_ops_api.py checks they agree).
-TRITON_CAPS = Capabilities("Triton xca kernel", backward=True, head_dims=range(1, 65),
-                           head_dim_note="its D×D tiles stay in registers")
-CUDA_CAPS = Capabilities("CUDA xca kernel", head_dims=range(8, 65, 8), min_capability=SM80, ext_op="xca_fwd",
-                         int32=True)
+# Head dims up to vitkernels.triton.xca.MAX_HEAD_DIM (= 64; tests/ops/test_ops_api.py checks they agree).
+TRITON_CAPS = Capabilities(
+    "Triton xca kernel", backward=True, head_dims=range(1, 65), head_dim_note="its D×D tiles stay in registers"
+)
+CUDA_CAPS = Capabilities(
+    "CUDA xca kernel", head_dims=range(8, 65, 8), min_capability=SM80, ext_op="xca_fwd", int32=True
+)
 
 
 def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
     check_tensor(OP, "qkv", qkv, ndim=3)
     if qkv.shape[-1] % 3:
-        raise ValueError(f"vitkernels.xca: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} is not divisible "
-                         f"by 3 (qkv shape {tuple(qkv.shape)})")
+        raise ValueError(
+            f"vitkernels.xca: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} is not divisible "
+            f"by 3 (qkv shape {tuple(qkv.shape)})"
+        )
     d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
     check_tensor(OP, "temperature", temperature)
     check_same(OP, "qkv", qkv, temperature=temperature)
     if tuple(temperature.shape) not in ((num_heads, 1, 1), (num_heads,)):
-        raise ValueError(f"vitkernels.xca: temperature must be (heads, 1, 1) or (heads,) with heads = {num_heads}, "
-                         f"got {describe(temperature)}")
+        raise ValueError(
+            f"vitkernels.xca: temperature must be (heads, 1, 1) or (heads,) with heads = {num_heads}, "
+            f"got {describe(temperature)}"
+        )
     return d
 
 
@@ -93,8 +107,10 @@ def _xca_bwd(dout: Tensor, qkv: Tensor, num_heads: int, temperature: Tensor) -> 
 
 @_xca_bwd.register_fake
 def _(dout, qkv, num_heads, temperature):
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            torch.empty_like(temperature, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(qkv, memory_format=torch.contiguous_format),
+        torch.empty_like(temperature, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,11 +142,13 @@ backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_
 
 def _triton_forward(qkv, num_heads, temperature):
     from ..triton import xca as tk
+
     return tk.xca_forward(last_dim_contiguous(qkv), num_heads, temperature)
 
 
 def _triton_backward(dout, qkv, num_heads, temperature):
     from ..triton import xca as tk
+
     return tk.xca_backward(dout, last_dim_contiguous(qkv), num_heads, temperature)
 
 
@@ -140,6 +158,7 @@ backends.register_kernel(OP, "triton", forward=_triton_forward, backward=_triton
 def cuda_supports(d: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The C++ capability query of the CUDA xca kernel, the one adapter to it."""
     from .. import _ext
+
     return _ext.load_cuda_ext().supports("xca", d, dtype=dtype, device=device)
 
 

@@ -1,5 +1,6 @@
 """softmax(q·kᵀ·scale + bias)·v, with rows whose every score is -inf giving 0. A boolean bias is a
 keep-mask (False = -inf), as in F.scaled_dot_product_attention."""
+
 from typing import Optional
 
 import torch
@@ -8,8 +9,9 @@ from torch import Tensor
 from ._util import compute_dtype
 
 
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                       scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
     """Returns (out, lse): lse is the float32 natural-log logsumexp of each score row, +inf for a
     fully masked row (the convention of the fused kernels, so that exp(s - lse) = 0 there).
     Works on any number of leading batch dims: q (..., Nq, D), k, v (..., Nk, D)."""
@@ -32,8 +34,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] =
     return out.to(q.dtype), lse.detach().float()
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-              scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     return attention_with_lse(q, k, v, bias, scale)[0]
 
 

@@ -1,4 +1,5 @@
 """Depthwise k×k convolution (zero padding k//2, stride 1) on token layout, with a fused activation."""
+
 from typing import Optional
 
 import torch.nn.functional as F
@@ -17,8 +18,7 @@ def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def dwconv(x: Tensor, hw, weight: Tensor, bias: Optional[Tensor] = None,
-           activation: Optional[str] = None) -> Tensor:
+def dwconv(x: Tensor, hw, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     b, n, c = x.shape
     h, w = hw
     k = weight.shape[-1]

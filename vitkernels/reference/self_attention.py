@@ -1,4 +1,5 @@
 """ViT/DeiT attention core on the packed qkv projection: (B, N, 3C) -> (B, N, C)."""
+
 from typing import Optional
 
 from torch import Tensor

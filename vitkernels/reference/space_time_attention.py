@@ -1,4 +1,5 @@
 """Divided space-time attention (TimeSformer / ViViT) on the packed (B, S·T, 3C) projection."""
+
 from typing import Optional
 
 import torch
@@ -7,15 +8,28 @@ from torch import Tensor
 from .attention import attention_with_lse
 
 
-def space_time_attention(qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor] = None,
-                         layout: str = "st", scale: Optional[float] = None):
+def space_time_attention(
+    qkv: Tensor,
+    frames: int,
+    num_heads: int,
+    axis: str,
+    cls_qkv: Optional[Tensor] = None,
+    layout: str = "st",
+    scale: Optional[float] = None,
+):
     """Returns (out (B, S·T, C), cls_out (B, T, C) or None)."""
     return space_time_attention_with_lse(qkv, frames, num_heads, axis, cls_qkv, layout, scale)[:2]
 
 
-def space_time_attention_with_lse(qkv: Tensor, frames: int, num_heads: int, axis: str,
-                                  cls_qkv: Optional[Tensor] = None, layout: str = "st",
-                                  scale: Optional[float] = None):
+def space_time_attention_with_lse(
+    qkv: Tensor,
+    frames: int,
+    num_heads: int,
+    axis: str,
+    cls_qkv: Optional[Tensor] = None,
+    layout: str = "st",
+    scale: Optional[float] = None,
+):
     """(out, cls_out or None, lse, cls_lse or None). lse (B, groups, heads, length) is the float32
     logsumexp of every patch query's score row — groups = S and length = T on the time axis, T and
     S on the space axis, whatever the layout; cls_lse (B, T, heads, 1) is the class query's."""

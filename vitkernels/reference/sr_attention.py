@@ -1,5 +1,6 @@
 """PVT spatial-reduction attention core: full-resolution queries (B, N, C) against reduced keys and
 values (B, M, 2C) -> (B, N, C)."""
+
 from typing import Optional
 
 from torch import Tensor

@@ -12,6 +12,7 @@ mask stay those of the padded grid. `logit_scale` (Swin V2) replaces q·kᵀ·sc
 (q̂·k̂ᵀ)·exp(min(logit_scale_h, ln 100)) with q̂, k̂ = F.normalize(·, dim=-1) (eps 1e-12), as timm's
 and Hugging Face's Swin V2 attention compute it.
 """
+
 import math
 from typing import Optional
 
@@ -21,7 +22,6 @@ from torch import Tensor
 
 from ._util import compute_dtype
 from .attention import attention_with_lse
-
 
 LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the logit scale at ln(1 / 0.01)
 
@@ -68,10 +68,18 @@ def cosine_logit_scale(logit_scale: Tensor, num_heads: int, dtype) -> Tensor:
     return torch.clamp(logit_scale.to(dtype).reshape(num_heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
 
 
-def window_attention(qkv: Tensor, hw, num_heads: int, window_size: int, shift_size: int = 0,
-                     rel_pos_bias_table: Optional[Tensor] = None, qkv_bias: Optional[Tensor] = None,
-                     scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-                     shift_first: bool = False) -> Tensor:
+def window_attention(
+    qkv: Tensor,
+    hw,
+    num_heads: int,
+    window_size: int,
+    shift_size: int = 0,
+    rel_pos_bias_table: Optional[Tensor] = None,
+    qkv_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    logit_scale: Optional[Tensor] = None,
+    shift_first: bool = False,
+) -> Tensor:
     b, n, c3 = qkv.shape
     c = c3 // 3
     d = c // num_heads

@@ -1,4 +1,5 @@
 """XCiT cross-covariance attention: attention over channels (D×D per head) instead of tokens."""
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -6,8 +6,9 @@ sizes, matmul precision, the device context, the SM count and the base-2 softmax
 
 A kernel file imports ``use_fixed`` and ``sm_count`` into its own namespace and calls them from
 there: tests replace ``<module>.use_fixed`` / ``<module>.sm_count`` to drive the autotuned GPU path
-in the interpreter (tests/test_triton_configs.py, tests/triton_sm90.py).
+in the interpreter (tests/triton/test_triton_configs.py, tests/triton/triton_sm90.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,20 +32,22 @@ INTERPRET_LAUNCH = {"num_warps": 4, "num_stages": 1}
 
 # --------------------------------------------------------------------------------------- configs
 
+
 def configs(keys: Sequence[str], shapes, num_stages: int | None = None) -> list:
     """``triton.Config`` list from tuples ``(*blocks, num_warps[, num_stages][, maxnreg])``: the
     first ``len(keys)`` values are the block sizes named by ``keys``. With ``num_stages`` given the
     tuples leave it out: ``(*blocks, num_warps[, maxnreg])``."""
     out = []
     for shape in shapes:
-        blocks, rest = shape[:len(keys)], list(shape[len(keys):])
+        blocks, rest = shape[: len(keys)], list(shape[len(keys) :])
         warps = rest.pop(0)
         stages = rest.pop(0) if num_stages is None else num_stages
         maxnreg = rest.pop(0) if rest else None
         if rest:
             raise ValueError(f"config {shape} has more values than {tuple(keys)} + warps, stages, maxnreg")
-        out.append(triton.Config(dict(zip(keys, blocks, strict=True)), num_warps=warps, num_stages=stages,
-                                 maxnreg=maxnreg))
+        out.append(
+            triton.Config(dict(zip(keys, blocks, strict=True)), num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+        )
     return out
 
 
@@ -66,10 +69,15 @@ def tuned_table(configs: dict, tuners: Sequence[tuple]) -> dict:
     ``tuners[i] = (kernel, options)``; ``tuned_i`` of a family is ``autotuned(kernel,
     configs[family][i], **options)``, an option given as ``PerFamily(...)`` taking that family's
     value. Launchers pick ``table[family(dtype)][i]`` (see ``pick``)."""
-    return {fam: tuple(autotuned(kernel, configs[fam][i],
-                                 **{k: (v[fam] if isinstance(v, PerFamily) else v) for k, v in options.items()})
-                       for i, (kernel, options) in enumerate(tuners))
-            for fam in FAMILIES}
+    return {
+        fam: tuple(
+            autotuned(
+                kernel, configs[fam][i], **{k: (v[fam] if isinstance(v, PerFamily) else v) for k, v in options.items()}
+            )
+            for i, (kernel, options) in enumerate(tuners)
+        )
+        for fam in FAMILIES
+    }
 
 
 def family(dtype) -> str:
@@ -96,6 +104,7 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
 
 # ------------------------------------------------------------------------ interpreter, device
 
+
 def is_interpreted(kernel) -> bool:
     """triton.jit decides at decoration (import) time whether a kernel runs in the interpreter."""
     return type(kernel).__name__ == "InterpretedFunction"
@@ -108,7 +117,8 @@ def use_fixed(t: torch.Tensor, interpreted: bool, what: str) -> bool:
     if t.device.type != "cuda":
         raise RuntimeError(
             f"vitkernels triton {what}: tensors are on {t.device}, but Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before triton is first imported)")
+            "(or TRITON_INTERPRET=1 set before triton is first imported)"
+        )
     return False
 
 
@@ -129,6 +139,7 @@ def sm_count(device: torch.device) -> int:
 
 # ------------------------------------------------------------------------------ tensor checks
 
+
 def is_unit_last(t: torch.Tensor) -> bool:
     """The kernels address the last dim with stride 1 (a size-1 last dim is never stepped)."""
     return t.shape[-1] <= 1 or t.stride(-1) == 1
@@ -145,6 +156,7 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- matmul precision
+
 
 def fp32_precision() -> str:
     """'tf32' only if the user allowed TF32 for fp32 matmuls in PyTorch, else exact 'ieee'."""

@@ -122,16 +122,36 @@ def _extra_row(X, b, g, h, stride_b, stride_g, stride_h, offs_d, d_ok):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
-              stride_kn, stride_vn, stride_bm, stride_bn, m_ok, n_ok, d_ok, qk_scale,
-              HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
-              MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_step(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    b_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    stride_bm,
+    stride_bn,
+    m_ok,
+    n_ok,
+    d_ok,
+    qk_scale,
+    HAS_BIAS: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key block of the online softmax; scores are kept in base 2 (× log2 e)."""
     k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                        m_ok, n_ok, MASK_M, MASK_N)
+        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, m_ok, n_ok, MASK_M, MASK_N)
         s = _apply_bias(s, bias, HAS_BIAS)
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -149,18 +169,51 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Bias, Out, Lse, PK, PV,
-    stride_qb, stride_qg, stride_qh, stride_qm,
-    stride_kb, stride_kg, stride_kh, stride_kn,
-    stride_vb, stride_vg, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ob, stride_og, stride_oh, stride_om,
-    stride_pb, stride_pg, stride_ph,
-    G, H, Nq, Nk, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Out,
+    Lse,
+    PK,
+    PV,
+    stride_qb,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ob,
+    stride_og,
+    stride_oh,
+    stride_om,
+    stride_pb,
+    stride_pg,
+    stride_ph,
+    G,
+    H,
+    Nq,
+    Nk,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_PREFIX: tl.constexpr = False,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    HAS_PREFIX: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -195,27 +248,75 @@ def _attn_fwd_kernel(
 
     # Full key blocks without masks, then the ragged tail (if any) with out-of-range keys at -inf.
     n_full = (Nk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
-                                  stride_kn, stride_vn, stride_bm, stride_bn, m_ok, offs_n < Nk,
-                                  d_ok, qk_scale, HAS_BIAS, not EVEN_M, False, MASK_D, PRECISION)
+    for _ in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            b_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_bm,
+            stride_bn,
+            m_ok,
+            offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            not EVEN_M,
+            False,
+            MASK_D,
+            PRECISION,
+        )
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         b_base += BLOCK_N * stride_bn
     if not EVEN_N:
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_n, offs_d,
-                                  stride_kn, stride_vn, stride_bm, stride_bn, m_ok,
-                                  n_full + offs_n < Nk, d_ok, qk_scale, HAS_BIAS, not EVEN_M, True,
-                                  MASK_D, PRECISION)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            b_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_bm,
+            stride_bn,
+            m_ok,
+            n_full + offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            not EVEN_M,
+            True,
+            MASK_D,
+            PRECISION,
+        )
 
     empty = l_i == 0.0  # every score -inf: out = 0, lse = +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"),
-                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
     o_base = Out + b * stride_ob + g * stride_og + h * stride_oh + row0 * stride_om
-    _store_2d(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-              m_ok, d_ok, not EVEN_M, MASK_D)
+    _store_2d(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        m_ok,
+        d_ok,
+        not EVEN_M,
+        MASK_D,
+    )
     _store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
 
 
@@ -226,11 +327,23 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Delta,
-    stride_ob, stride_og, stride_oh, stride_om,
-    stride_dob, stride_dog, stride_doh, stride_dom,
-    G, H, Nq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_og,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_dog,
+    stride_doh,
+    stride_dom,
+    G,
+    H,
+    Nq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta[bh, m] = sum_d dO[m, d] · O[m, d] in fp32."""
     pid = tl.program_id(0)
@@ -252,21 +365,44 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m, offs_n,
-               offs_d, stride_qm, stride_dom, stride_bm, stride_bn, m_ok, n_ok, d_ok, qk_scale,
-               HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
-               MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    bT_base,
+    lse_base,
+    delta_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_qm,
+    stride_dom,
+    stride_bm,
+    stride_bn,
+    m_ok,
+    n_ok,
+    d_ok,
+    qk_scale,
+    HAS_BIAS: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One query block against the resident key block, on transposed (key, query) tiles."""
     q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
-    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M,
-                  MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
     # Out-of-range query rows read lse = +inf, so p = 0 and they add nothing.
     lse2 = _load_1d(lse_base + offs_m, m_ok, float("inf"), MASK_M) * 1.4426950408889634
     delta = _load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        biasT = _load_2d(bT_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm,
-                         n_ok, m_ok, MASK_N, MASK_M)
+        biasT = _load_2d(
+            bT_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm, n_ok, m_ok, MASK_N, MASK_M
+        )
         sT = _apply_bias(sT, biasT, HAS_BIAS)
     pT = tl.math.exp2(sT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -278,20 +414,68 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, off
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DK, DV, XQ, XDO, XLse, XDelta,
-    stride_qb, stride_qg, stride_qh, stride_qm,
-    stride_kb, stride_kg, stride_kh, stride_kn,
-    stride_vb, stride_vg, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_dog, stride_doh, stride_dom,
-    stride_dkb, stride_dkg, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvg, stride_dvh, stride_dvn,
-    stride_xqb, stride_xqg, stride_xqh, stride_xdob, stride_xdog, stride_xdoh,
-    G, H, Nq, Nk, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    XQ,
+    XDO,
+    XLse,
+    XDelta,
+    stride_qb,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_dog,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkg,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvg,
+    stride_dvh,
+    stride_dvn,
+    stride_xqb,
+    stride_xqg,
+    stride_xqh,
+    stride_xdob,
+    stride_xdog,
+    stride_xdoh,
+    G,
+    H,
+    Nq,
+    Nk,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_EXTRA_Q: tl.constexpr = False,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    HAS_EXTRA_Q: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -321,28 +505,75 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = (Nq // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m,
-                            offs_n, offs_d, stride_qm, stride_dom, stride_bm, stride_bn,
-                            offs_m < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, False, not EVEN_N,
-                            MASK_D, PRECISION)
+    for _ in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            bT_base,
+            lse_base,
+            delta_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_qm,
+            stride_dom,
+            stride_bm,
+            stride_bn,
+            offs_m < Nq,
+            n_ok,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            False,
+            not EVEN_N,
+            MASK_D,
+            PRECISION,
+        )
         q_base += BLOCK_M * stride_qm
         do_base += BLOCK_M * stride_dom
         lse_base += BLOCK_M
         delta_base += BLOCK_M
         bT_base += BLOCK_M * stride_bm
     if not EVEN_M:
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, bT_base, lse_base, delta_base, offs_m,
-                            offs_n, offs_d, stride_qm, stride_dom, stride_bm, stride_bn,
-                            m_full + offs_m < Nq, n_ok, d_ok, qk_scale, HAS_BIAS, True,
-                            not EVEN_N, MASK_D, PRECISION)
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            bT_base,
+            lse_base,
+            delta_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_qm,
+            stride_dom,
+            stride_bm,
+            stride_bn,
+            m_full + offs_m < Nq,
+            n_ok,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            True,
+            not EVEN_N,
+            MASK_D,
+            PRECISION,
+        )
     if HAS_EXTRA_Q:
         # One more query row of this (b, g, h) that is not in Q (a class token's query, with its
         # own lse and delta): its contribution to dK / dV in vector form.
         xq = _extra_row(XQ, b, g, h, stride_xqb, stride_xqg, stride_xqh, offs_d, d_ok)
         xdo = _extra_row(XDO, b, g, h, stride_xdob, stride_xdog, stride_xdoh, offs_d, d_ok)
-        xp = tl.math.exp2(tl.sum(k.to(tl.float32) * xq[None, :], 1) * qk_scale
-                          - tl.load(XLse + bh) * 1.4426950408889634)
+        xp = tl.math.exp2(
+            tl.sum(k.to(tl.float32) * xq[None, :], 1) * qk_scale - tl.load(XLse + bh) * 1.4426950408889634
+        )
         dv += xp[:, None] * xdo[None, :]
         xds = xp * (tl.sum(v.to(tl.float32) * xdo[None, :], 1) - tl.load(XDelta + bh))
         dk += xds[:, None] * xq[None, :]
@@ -350,26 +581,64 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * scale
     dk_base = DK + b * stride_dkb + g * stride_dkg + h * stride_dkh + col0 * stride_dkn
     dv_base = DV + b * stride_dvb + g * stride_dvg + h * stride_dvh + col0 * stride_dvn
-    _store_2d(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-              n_ok, d_ok, not EVEN_N, MASK_D)
-    _store_2d(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-              n_ok, d_ok, not EVEN_N, MASK_D)
+    _store_2d(
+        dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        n_ok,
+        d_ok,
+        not EVEN_N,
+        MASK_D,
+    )
+    _store_2d(
+        dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        n_ok,
+        d_ok,
+        not EVEN_N,
+        MASK_D,
+    )
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n, offs_d,
-             stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
-             m_ok, n_ok, d_ok, qk_scale,
-             HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr, DB_SUM_M: tl.constexpr,
-             DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr, MASK_M: tl.constexpr,
-             MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_step(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    b_base,
+    db_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    stride_bm,
+    stride_bn,
+    stride_dbm,
+    stride_dbn,
+    m_ok,
+    n_ok,
+    d_ok,
+    qk_scale,
+    HAS_BIAS: tl.constexpr,
+    DBIAS: tl.constexpr,
+    DB_SUM_M: tl.constexpr,
+    DB_SUM_N: tl.constexpr,
+    DB_ATOMIC: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key block against the resident query block; optionally emits dS into dbias."""
     k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                        m_ok, n_ok, MASK_M, MASK_N)
+        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, m_ok, n_ok, MASK_M, MASK_N)
         s = _apply_bias(s, bias, HAS_BIAS)
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -399,21 +668,69 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, of
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, PK, PV, PPart,
-    stride_qb, stride_qg, stride_qh, stride_qm,
-    stride_kb, stride_kg, stride_kh, stride_kn,
-    stride_vb, stride_vg, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_dog, stride_doh, stride_dom,
-    stride_dqb, stride_dqg, stride_dqh, stride_dqm,
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    stride_pb, stride_pg, stride_ph, slots,
-    G, H, Nq, Nk, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DBIAS: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
-    DB_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_PREFIX: tl.constexpr = False,
+    Q,
+    K,
+    V,
+    Bias,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DBias,
+    PK,
+    PV,
+    PPart,
+    stride_qb,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_dog,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqg,
+    stride_dqh,
+    stride_dqm,
+    stride_dbb,
+    stride_dbh,
+    stride_dbm,
+    stride_dbn,
+    stride_pb,
+    stride_pg,
+    stride_ph,
+    slots,
+    G,
+    H,
+    Nq,
+    Nk,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DBIAS: tl.constexpr,
+    DB_SUM_M: tl.constexpr,
+    DB_SUM_N: tl.constexpr,
+    DB_ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    HAS_PREFIX: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid = tl.program_id(0)
@@ -432,8 +749,7 @@ def _attn_bwd_dq_kernel(
     q_base = Q + b * stride_qb + g * stride_qg + h * stride_qh + row0 * stride_qm
     do_base = DO + b * stride_dob + g * stride_dog + h * stride_doh + row0 * stride_dom
     q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M,
-                  MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
     row_base = bh.to(tl.int64) * Nq + row0
     lse2 = _load_1d(Lse + row_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
     delta = _load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
@@ -457,25 +773,89 @@ def _attn_bwd_dq_kernel(
         tl.store(part, tl.sum(ds0[:, None] * qf, 0) * scale)
         tl.store(part + BLOCK_D, tl.sum(p0[:, None] * dof, 0))
     n_full = (Nk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n,
-                      offs_d, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
-                      m_ok, offs_n < Nk, d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
-                      DB_ATOMIC, not EVEN_M, False, MASK_D, PRECISION)
+    for _ in range(0, n_full, BLOCK_N):
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            b_base,
+            db_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_bm,
+            stride_bn,
+            stride_dbm,
+            stride_dbn,
+            m_ok,
+            offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            DBIAS,
+            DB_SUM_M,
+            DB_SUM_N,
+            DB_ATOMIC,
+            not EVEN_M,
+            False,
+            MASK_D,
+            PRECISION,
+        )
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         b_base += BLOCK_N * stride_bn
         db_base += BLOCK_N * stride_dbn
     if not EVEN_N:
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, b_base, db_base, offs_m, offs_n,
-                      offs_d, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn,
-                      m_ok, n_full + offs_n < Nk, d_ok, qk_scale, HAS_BIAS, DBIAS, DB_SUM_M,
-                      DB_SUM_N, DB_ATOMIC, not EVEN_M, True, MASK_D, PRECISION)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            b_base,
+            db_base,
+            offs_m,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_bm,
+            stride_bn,
+            stride_dbm,
+            stride_dbn,
+            m_ok,
+            n_full + offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_BIAS,
+            DBIAS,
+            DB_SUM_M,
+            DB_SUM_N,
+            DB_ATOMIC,
+            not EVEN_M,
+            True,
+            MASK_D,
+            PRECISION,
+        )
 
     dq = dq * scale
     dq_base = DQ + b * stride_dqb + g * stride_dqg + h * stride_dqh + row0 * stride_dqm
-    _store_2d(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-              m_ok, d_ok, not EVEN_M, MASK_D)
+    _store_2d(
+        dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        m_ok,
+        d_ok,
+        not EVEN_M,
+        MASK_D,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,14 +891,36 @@ def _prune(configs, named_args, **kwargs):
 _BLOCKS = ("BLOCK_M", "BLOCK_N")
 _CONFIGS = {  # per family: (forward, dK/dV, dQ)
     "half": (
-        launch.configs(_BLOCKS, [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                          (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2)]),
+        launch.configs(
+            _BLOCKS,
+            [
+                (128, 64, 8, 3),
+                (128, 64, 4, 3),
+                (128, 128, 8, 3),
+                (128, 32, 4, 3),
+                (64, 64, 4, 3),
+                (64, 64, 4, 4),
+                (64, 32, 4, 2),
+                (32, 32, 4, 2),
+            ],
+        ),
         # BLOCK_N = resident key block, BLOCK_M = streamed query block
-        launch.configs(_BLOCKS, [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                          (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)]),
+        launch.configs(
+            _BLOCKS,
+            [
+                (32, 128, 8, 3),
+                (32, 128, 4, 3),
+                (64, 128, 8, 3),
+                (32, 64, 4, 3),
+                (64, 64, 4, 3),
+                (16, 64, 4, 2),
+                (32, 32, 4, 2),
+            ],
+        ),
         # BLOCK_M = resident query block, BLOCK_N = streamed key block
-        launch.configs(_BLOCKS, [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                          (64, 16, 4, 2), (32, 32, 4, 2)]),
+        launch.configs(
+            _BLOCKS, [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)]
+        ),
     ),
     "fp32": (
         launch.configs(_BLOCKS, [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]),
@@ -536,12 +938,21 @@ _dq_fixed = triton.heuristics(_EVEN)(_attn_bwd_dq_kernel)
 # The dQ kernel may accumulate dbias with atomics: restore the (zeroed) buffer after each
 # benchmarking run so tuning does not leak into the result.
 # The prefix row's dK/dV slots (PPart) are restored too: a smaller BLOCK_M fills more of them.
-_TUNED = launch.tuned_table(_CONFIGS, [
-    (_fwd_fixed, dict(key=_KEY + ["HAS_PREFIX"], prune=_prune)),
-    (_dkdv_fixed, dict(key=_KEY + ["HAS_EXTRA_Q"], prune=_prune)),
-    (_dq_fixed, dict(key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N", "HAS_PREFIX"], prune=_prune,
-                     restore_value=["DBias", "PPart"])),
-])
+_TUNED = launch.tuned_table(
+    _CONFIGS,
+    [
+        (_fwd_fixed, dict(key=_KEY + ["HAS_PREFIX"], prune=_prune)),
+        (_dkdv_fixed, dict(key=_KEY + ["HAS_EXTRA_Q"], prune=_prune)),
+        (
+            _dq_fixed,
+            dict(
+                key=_KEY + ["DBIAS", "DB_SUM_M", "DB_SUM_N", "HAS_PREFIX"],
+                prune=_prune,
+                restore_value=["DBias", "PPart"],
+            ),
+        ),
+    ],
+)
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
 _INTERPRETED = launch.is_interpreted(_attn_fwd_kernel)
 
@@ -584,8 +995,7 @@ class _Dest:
 
     def __init__(self, t: torch.Tensor):
         self.target = t
-        self.buf = t if launch.is_unit_last(t) else torch.empty_like(
-            t, memory_format=torch.contiguous_format)
+        self.buf = t if launch.is_unit_last(t) else torch.empty_like(t, memory_format=torch.contiguous_format)
 
     def finish(self):
         if self.buf is not self.target:
@@ -605,13 +1015,14 @@ def _check_common(q, k, v, bias):
     _check4("k", k, dtype=q.dtype)
     _check4("v", v, shape=k.shape, dtype=q.dtype)
     if D > MAX_HEAD_DIM or D < 1:
-        raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported by the Triton "
-                         f"attention kernels (1 <= D <= {MAX_HEAD_DIM})")
+        raise ValueError(
+            f"head dim D={D} (q shape {tuple(q.shape)}) is not supported by the Triton "
+            f"attention kernels (1 <= D <= {MAX_HEAD_DIM})"
+        )
     if bias is not None and q.dim() == 5:
         raise ValueError("bias is not supported with 5-D (B, G, H, N, D) views")
     if bias is not None and (bias.dim() != 4 or tuple(bias.shape) != (B, H, Nq, Nk)):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected it expanded to "
-                         f"{(B, H, Nq, Nk)}")
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected it expanded to {(B, H, Nq, Nk)}")
     for name, t in (("k", k), ("v", v), ("bias", bias)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -645,8 +1056,10 @@ def _row_strides(t):
 def _check_rows(name, t, q):
     shape = tuple(q.shape[:-2]) + (q.shape[-1],)
     if tuple(t.shape) != shape or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
-        raise ValueError(f"{name} must be a {shape} view of q's dtype and device with a unit last stride, "
-                         f"got {tuple(t.shape)} {t.dtype} {t.device} strides {t.stride()}")
+        raise ValueError(
+            f"{name} must be a {shape} view of q's dtype and device with a unit last stride, "
+            f"got {tuple(t.shape)} {t.dtype} {t.device} strides {t.stride()}"
+        )
 
 
 def attention_forward(q, k, v, bias, scale, out, prefix=None):
@@ -679,13 +1092,33 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None):
     has_bias, bias = _bias_kind(bias), _bias_bytes(bias)
     pk, pv = prefix if prefix is not None else (q, q)
     args = (
-        q, k, v, bias if has_bias else q, o, lse, pk, pv,
-        *_strides(q), *_strides(k), *_strides(v), *_bias_strides(bias), *_strides(o),
+        q,
+        k,
+        v,
+        bias if has_bias else q,
+        o,
+        lse,
+        pk,
+        pv,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_bias_strides(bias),
+        *_strides(o),
         *(_row_strides(pk) if prefix is not None else (0, 0, 0)),
-        G, H, Nq, Nk, float(scale) * launch.LOG2E,
+        G,
+        H,
+        Nq,
+        Nk,
+        float(scale) * launch.LOG2E,
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=launch.pow2_at_least(D), HAS_BIAS=has_bias,
-                PRECISION=launch.precision(q.dtype), HAS_PREFIX=prefix is not None)
+    meta = dict(
+        HEAD_DIM=D,
+        BLOCK_D=launch.pow2_at_least(D),
+        HAS_BIAS=has_bias,
+        PRECISION=launch.precision(q.dtype),
+        HAS_PREFIX=prefix is not None,
+    )
     with launch.device_ctx(q):
         _launch("fwd", args, meta, _use_fixed(q), q.dtype, Nq, B * G * H)
     dest.finish()
@@ -699,8 +1132,7 @@ def _dbias_layout(bias):
     return shape, reduced
 
 
-def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, sizes,
-                 qk_scale, scale):
+def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed, sizes, qk_scale, scale):
     B, G, H, Nq, Nk = sizes
     if extra_q is not None:
         xq, xdo, xlse, xdelta = extra_q
@@ -708,13 +1140,34 @@ def _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common,
         x_strides = (*_row_strides(xq), *_row_strides(xdo))
     else:
         x_args, x_strides = (q, q, lse, lse), (0,) * 6
-    args = (q, k, v, bias_arg, dout, lse, delta, dk_, dv_, *x_args, *common,
-            *_strides(dk_), *_strides(dv_), *x_strides, G, H, Nq, Nk, qk_scale, float(scale))
+    args = (
+        q,
+        k,
+        v,
+        bias_arg,
+        dout,
+        lse,
+        delta,
+        dk_,
+        dv_,
+        *x_args,
+        *common,
+        *_strides(dk_),
+        *_strides(dv_),
+        *x_strides,
+        G,
+        H,
+        Nq,
+        Nk,
+        qk_scale,
+        float(scale),
+    )
     _launch("dkdv", args, dict(meta, HAS_EXTRA_Q=extra_q is not None), fixed, q.dtype, Nk, B * G * H)
 
 
-def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad,
-                       prefix=None, dprefix=None, extra_q=None):
+def attention_backward(
+    dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_requires_grad, prefix=None, dprefix=None, extra_q=None
+):
     """Write dq, dk, dv (preallocated views of q/k/v's shapes and q's dtype) and return dbias.
 
     dout, out: (B,H,Nq,D), any strides. lse: (B,H,Nq) from ``attention_forward``.
@@ -777,13 +1230,29 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
         delta = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         bm_pre = 32 if fixed else 64
         _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * G * H,)](
-            out, dout, delta, *_strides(out), *_strides(dout), G, H, Nq,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre)
+            out, dout, delta, *_strides(out), *_strides(dout), G, H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre
+        )
 
         # dK, dV: one program per key block.
         if dk is not None and Nk > 0:
-            _launch_dkdv(q, k, v, bias_arg, dout, lse, delta, dk_, dv_, extra_q, common, meta, fixed,
-                         (B, G, H, Nq, Nk), qk_scale, scale)
+            _launch_dkdv(
+                q,
+                k,
+                v,
+                bias_arg,
+                dout,
+                lse,
+                delta,
+                dk_,
+                dv_,
+                extra_q,
+                common,
+                meta,
+                fixed,
+                (B, G, H, Nq, Nk),
+                qk_scale,
+                scale,
+            )
 
         # dQ (+ dbias): one program per query block.
         if dbias is not None:
@@ -793,14 +1262,43 @@ def attention_backward(dout, q, k, v, bias, out, lse, scale, dq, dk, dv, bias_re
         # The prefix row's dK / dV: one fp32 slot per (b·g·h, query block of ≥ 16 rows), zeroed,
         # so whatever BLOCK_M the tuner picks the launcher can sum the slots.
         slots = triton.cdiv(Nq, 16)
-        ppart = torch.zeros((B * G * H, slots, 2, BLOCK_D) if prefix is not None else (1,),
-                            device=q.device, dtype=torch.float32)
+        ppart = torch.zeros(
+            (B * G * H, slots, 2, BLOCK_D) if prefix is not None else (1,), device=q.device, dtype=torch.float32
+        )
         pk, pv = prefix if prefix is not None else (q, q)
-        dq_args = (q, k, v, bias_arg, dout, lse, delta, dq_, db_arg, pk, pv, ppart, *common, *_strides(dq_),
-                   *db_strides, *(_row_strides(pk) if prefix is not None else (0, 0, 0)), slots,
-                   G, H, Nq, Nk, qk_scale, float(scale))
-        dmeta = dict(meta, DBIAS=dbias is not None, DB_SUM_M=reduced[2], DB_SUM_N=reduced[3],
-                     DB_ATOMIC=any(reduced), HAS_PREFIX=prefix is not None)
+        dq_args = (
+            q,
+            k,
+            v,
+            bias_arg,
+            dout,
+            lse,
+            delta,
+            dq_,
+            db_arg,
+            pk,
+            pv,
+            ppart,
+            *common,
+            *_strides(dq_),
+            *db_strides,
+            *(_row_strides(pk) if prefix is not None else (0, 0, 0)),
+            slots,
+            G,
+            H,
+            Nq,
+            Nk,
+            qk_scale,
+            float(scale),
+        )
+        dmeta = dict(
+            meta,
+            DBIAS=dbias is not None,
+            DB_SUM_M=reduced[2],
+            DB_SUM_N=reduced[3],
+            DB_ATOMIC=any(reduced),
+            HAS_PREFIX=prefix is not None,
+        )
         _launch("dq", dq_args, dmeta, fixed, q.dtype, Nq, B * G * H)
     for d in dests:
         d.finish()

@@ -59,8 +59,22 @@ def _token_off(hh, ww, W, stride_n, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _conv_tile(x_base, wt_ptr, h, w, c, c_ok, H, W, C, stride_n,
-               K: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_tile(
+    x_base,
+    wt_ptr,
+    h,
+    w,
+    c,
+    c_ok,
+    H,
+    W,
+    C,
+    stride_n,
+    K: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Σ_taps wt[tap, c] · x[h + i − P, w + j − P, c] in fp32 (zero outside the map)."""
     P: tl.constexpr = K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -80,11 +94,24 @@ def _conv_tile(x_base, wt_ptr, h, w, c, c_ok, H, W, C, stride_n,
 
 @triton.jit
 def _dwconv_kernel(
-    X, WT, BIAS, OUT,
-    H, W, C,
-    stride_xb, stride_xn, stride_ob, stride_on,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    WT,
+    BIAS,
+    OUT,
+    H,
+    W,
+    C,
+    stride_xb,
+    stride_xn,
+    stride_ob,
+    stride_on,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     n_th = tl.cdiv(H, BLOCK_H)
     n_tw = tl.cdiv(W, BLOCK_W)
@@ -113,11 +140,33 @@ def _dwconv_kernel(
 
 @triton.jit
 def _dwconv_bwd_reduce_kernel(
-    X, DY, WT, BIAS, DZ, PDW, PDB,
-    H, W, C, n_band, n_tw, n_cb,
-    stride_xb, stride_xn, stride_yb, stride_yn, stride_zb, stride_zn,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BAND: tl.constexpr,
+    X,
+    DY,
+    WT,
+    BIAS,
+    DZ,
+    PDW,
+    PDB,
+    H,
+    W,
+    C,
+    n_band,
+    n_tw,
+    n_cb,
+    stride_xb,
+    stride_xn,
+    stride_yb,
+    stride_yn,
+    stride_zb,
+    stride_zn,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BAND: tl.constexpr,
     KK_PAD: tl.constexpr,
 ):
     P: tl.constexpr = K // 2
@@ -138,8 +187,9 @@ def _dwconv_bwd_reduce_kernel(
     for s in range(BAND):
         h, w, c, c_ok = _tile_coords(band * BAND + s, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
         ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
-        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok,
-                     other=0.0).to(tl.float32)
+        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
         if ACT != 0:
             z = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_M, BLOCK_C)
             if HAS_BIAS:
@@ -175,10 +225,22 @@ def _dwconv_bwd_reduce_kernel(
 
 
 # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps), one stage: 64–256 pixels × 32–128 channels.
-_CONFIGS = launch.configs(("BLOCK_H", "BLOCK_W", "BLOCK_C"), [
-    (4, 16, 64, 4), (8, 8, 64, 4), (2, 32, 64, 4), (4, 8, 128, 4), (8, 16, 32, 4),
-    (4, 16, 128, 8), (8, 16, 64, 8), (1, 32, 128, 4), (2, 16, 32, 2), (1, 16, 64, 2),
-], num_stages=1)
+_CONFIGS = launch.configs(
+    ("BLOCK_H", "BLOCK_W", "BLOCK_C"),
+    [
+        (4, 16, 64, 4),
+        (8, 8, 64, 4),
+        (2, 32, 64, 4),
+        (4, 8, 128, 4),
+        (8, 16, 32, 4),
+        (4, 16, 128, 8),
+        (8, 16, 64, 8),
+        (1, 32, 128, 4),
+        (2, 16, 32, 2),
+        (1, 16, 64, 2),
+    ],
+    num_stages=1,
+)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -186,13 +248,17 @@ def _prune(configs, named_args, **kwargs):
     h, w, c = (max(int(named_args[n]), 1) for n in ("H", "W", "C"))
     cap_h, cap_w = triton.next_power_of_2(h), triton.next_power_of_2(w)
     cap_c = max(32, triton.next_power_of_2(c))
-    kept = [cf for cf in configs if cf.kwargs["BLOCK_H"] <= cap_h and cf.kwargs["BLOCK_W"] <= max(16, cap_w)
-            and cf.kwargs["BLOCK_C"] <= cap_c]
+    kept = [
+        cf
+        for cf in configs
+        if cf.kwargs["BLOCK_H"] <= cap_h and cf.kwargs["BLOCK_W"] <= max(16, cap_w) and cf.kwargs["BLOCK_C"] <= cap_c
+    ]
     return kept or [min(configs, key=lambda cf: cf.kwargs["BLOCK_H"] * cf.kwargs["BLOCK_W"] * cf.kwargs["BLOCK_C"])]
 
 
-_tuned_kernel = launch.autotuned(_dwconv_kernel, _CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_BIAS", "WIDE"],
-                          prune=_prune)
+_tuned_kernel = launch.autotuned(
+    _dwconv_kernel, _CONFIGS, key=["H", "W", "C", "K", "ACT", "HAS_BIAS", "WIDE"], prune=_prune
+)
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
 _INTERPRETED = launch.is_interpreted(_dwconv_kernel)
@@ -205,6 +271,7 @@ def _use_fixed(t: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
 
 def _check(x, hw, weight, bias):
     if x.dim() != 3:
@@ -239,8 +306,19 @@ def _wide(*pairs) -> bool:
 def _launch_conv(src, wt, bias, out, H, W, k, act):
     B, N, C = src.shape
     wide = _wide((N, src.stride(1), C), (N, out.stride(1), C))
-    args = (src, wt, bias if bias is not None else wt, out, H, W, C,
-            src.stride(0), src.stride(1), out.stride(0), out.stride(1))
+    args = (
+        src,
+        wt,
+        bias if bias is not None else wt,
+        out,
+        H,
+        W,
+        C,
+        src.stride(0),
+        src.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
     meta = {"K": k, "HAS_BIAS": bias is not None, "ACT": act, "WIDE": wide}
 
     def grid(m):
@@ -312,11 +390,36 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
         pdb = torch.empty((n_sp, C), device=x.device, dtype=torch.float32)
         wide = _wide((N, x.stride(1), C), (N, dout.stride(1), C), (N, dz.stride(1), C))
         _dwconv_bwd_reduce_kernel[(n_sp * n_cb,)](
-            x, dout, wt, b if b is not None else wt, dz, pdw, pdb,
-            H, W, C, n_band, n_tw, n_cb,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dz.stride(0), dz.stride(1),
-            K=k, HAS_BIAS=b is not None, ACT=act, WIDE=wide, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
-            BAND=band, KK_PAD=triton.next_power_of_2(k * k), num_warps=4)
+            x,
+            dout,
+            wt,
+            b if b is not None else wt,
+            dz,
+            pdw,
+            pdb,
+            H,
+            W,
+            C,
+            n_band,
+            n_tw,
+            n_cb,
+            x.stride(0),
+            x.stride(1),
+            dout.stride(0),
+            dout.stride(1),
+            dz.stride(0),
+            dz.stride(1),
+            K=k,
+            HAS_BIAS=b is not None,
+            ACT=act,
+            WIDE=wide,
+            BLOCK_H=bh,
+            BLOCK_W=bw,
+            BLOCK_C=bc,
+            BAND=band,
+            KK_PAD=triton.next_power_of_2(k * k),
+            num_warps=4,
+        )
         # dx: the transposed conv = the same conv of dz with the spatially flipped kernel.
         _launch_conv(dz, _weight_table(weight, flip=True), None, dx, H, W, k, 0)
         dw = pdw.sum(0).t().reshape(C, 1, k, k).to(weight.dtype)

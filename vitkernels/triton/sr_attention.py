@@ -30,7 +30,7 @@ __all__ = ["sr_attention_backward", "sr_attention_forward", "supports_backward",
 
 MAX_KEYS = 256
 _FWD_TILE = 16384  # BLOCK_KV · BLOCK_D resident in the forward
-_BWD_TILE = 8192   # ... in the backward (k, v, dK, dV)
+_BWD_TILE = 8192  # ... in the backward (k, v, dK, dV)
 
 # Interpreter (CPU) configuration; tests may monkeypatch these to exercise other tilings.
 INTERPRET_BLOCK_M = {"fwd": 32, "bwd": 16}
@@ -60,18 +60,42 @@ def supports_backward(m: int, d: int) -> bool:
 
 
 @triton.jit
-def _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, M,
-             HEAD_DIM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-             EVEN_KV: tl.constexpr):
+def _load_kv(
+    K,
+    V,
+    b,
+    h,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    M,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_KV: tl.constexpr,
+):
     """All M keys and values of head (b, h), zero-filled to BLOCK_KV rows and BLOCK_D columns."""
     offs_kv = tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = offs_kv < M
     d_ok = offs_d < HEAD_DIM
-    k = _load_2d(K + b * stride_kb + h * stride_kh + offs_kv[:, None] * stride_kn + offs_d[None, :],
-                 kv_ok, d_ok, not EVEN_KV, HEAD_DIM != BLOCK_D)
-    v = _load_2d(V + b * stride_vb + h * stride_vh + offs_kv[:, None] * stride_vn + offs_d[None, :],
-                 kv_ok, d_ok, not EVEN_KV, HEAD_DIM != BLOCK_D)
+    k = _load_2d(
+        K + b * stride_kb + h * stride_kh + offs_kv[:, None] * stride_kn + offs_d[None, :],
+        kv_ok,
+        d_ok,
+        not EVEN_KV,
+        HEAD_DIM != BLOCK_D,
+    )
+    v = _load_2d(
+        V + b * stride_vb + h * stride_vh + offs_kv[:, None] * stride_vn + offs_d[None, :],
+        kv_ok,
+        d_ok,
+        not EVEN_KV,
+        HEAD_DIM != BLOCK_D,
+    )
     return k, v
 
 
@@ -87,19 +111,55 @@ def _program_rows(H, N, rows):
 
 @triton.jit
 def _sr_fwd_kernel(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    H, N, M, rows, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_KV: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H,
+    N,
+    M,
+    rows,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_KV: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, row_start, row_end = _program_rows(H, N, rows)
-    k, v = _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, M,
-                    HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
+    k, v = _load_kv(
+        K,
+        V,
+        b,
+        h,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        M,
+        HEAD_DIM,
+        BLOCK_KV,
+        BLOCK_D,
+        EVEN_KV,
+    )
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = tl.arange(0, BLOCK_KV) < M
@@ -121,8 +181,14 @@ def _sr_fwd_kernel(
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         out = acc / l_i[:, None]
-        _store_2d(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-                  m_ok, d_ok, not EVEN_M, MASK_D)
+        _store_2d(
+            o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            m_ok,
+            d_ok,
+            not EVEN_M,
+            MASK_D,
+        )
         _store_1d(lse_base + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, m_ok, not EVEN_M)
         q_base += BLOCK_M * stride_qm
         o_base += BLOCK_M * stride_om
@@ -131,21 +197,66 @@ def _sr_fwd_kernel(
 
 @triton.jit
 def _sr_bwd_kernel(
-    Q, K, V, Out, DO, Lse, DQ, Part,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    H, N, M, rows, part_stride, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_KV: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    DO,
+    Lse,
+    DQ,
+    Part,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    H,
+    N,
+    M,
+    rows,
+    part_stride,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_KV: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, row_start, row_end = _program_rows(H, N, rows)
-    k, v = _load_kv(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, M,
-                    HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
+    k, v = _load_kv(
+        K,
+        V,
+        b,
+        h,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        M,
+        HEAD_DIM,
+        BLOCK_KV,
+        BLOCK_D,
+        EVEN_KV,
+    )
     offs_m = tl.arange(0, BLOCK_M)
     offs_kv = tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,8 +288,14 @@ def _sr_bwd_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        _store_2d(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                  m_ok, d_ok, not EVEN_M, MASK_D)
+        _store_2d(
+            dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            m_ok,
+            d_ok,
+            not EVEN_M,
+            MASK_D,
+        )
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         q_base += BLOCK_M * stride_qm
         o_base += BLOCK_M * stride_om
@@ -204,10 +321,12 @@ _EVEN = {
 
 def _pruner(max_tile):
     """Drop configs whose score tile BLOCK_M × BLOCK_KV exceeds ``max_tile`` fp32 elements."""
+
     def prune(configs, named_args, **kwargs):
         bkv = int(kwargs.get("BLOCK_KV", named_args.get("BLOCK_KV")))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * bkv <= max_tile]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
     return prune
 
 
@@ -217,10 +336,14 @@ def _pruner(max_tile):
 # tiles above the per-kernel BLOCK_M·BLOCK_KV cap; 4-warp 128-row forward tiles and 4-warp
 # backward tiles above 16 rows spilled and were left out.
 _CONFIGS = {  # per family: (forward, backward)
-    "half": (launch.configs(["BLOCK_M"], [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2)]),
-             launch.configs(["BLOCK_M"], [(64, 8, 2), (32, 8, 2), (16, 8, 2), (16, 4, 2)])),
-    "fp32": (launch.configs(["BLOCK_M"], [(64, 4, 2), (32, 4, 2), (64, 8, 2)]),
-             launch.configs(["BLOCK_M"], [(32, 8, 2), (16, 4, 2), (16, 8, 2)])),
+    "half": (
+        launch.configs(["BLOCK_M"], [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2)]),
+        launch.configs(["BLOCK_M"], [(64, 8, 2), (32, 8, 2), (16, 8, 2), (16, 4, 2)]),
+    ),
+    "fp32": (
+        launch.configs(["BLOCK_M"], [(64, 4, 2), (32, 4, 2), (64, 8, 2)]),
+        launch.configs(["BLOCK_M"], [(32, 8, 2), (16, 4, 2), (16, 8, 2)]),
+    ),
 }
 
 _KEY = ["N", "M", "BLOCK_D", "PRECISION"]
@@ -228,10 +351,13 @@ _fwd_fixed = triton.heuristics(_EVEN)(_sr_fwd_kernel)
 _bwd_fixed = triton.heuristics(_EVEN)(_sr_bwd_kernel)
 _INTERPRETED = launch.is_interpreted(_sr_fwd_kernel)
 
-_TUNED = launch.tuned_table(_CONFIGS, [
-    (_fwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(16384), fp32=_pruner(8192)))),
-    (_bwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(4096), fp32=_pruner(2048)))),
-])
+_TUNED = launch.tuned_table(
+    _CONFIGS,
+    [
+        (_fwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(16384), fp32=_pruner(8192)))),
+        (_bwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(4096), fp32=_pruner(2048)))),
+    ],
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +365,7 @@ _TUNED = launch.tuned_table(_CONFIGS, [
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows_per_program(n: int, bh: int, device: torch.device, fixed: bool, block_m: int,
-                      waves: int) -> int:
+def _rows_per_program(n: int, bh: int, device: torch.device, fixed: bool, block_m: int, waves: int) -> int:
     """Query rows per program: a multiple of every BLOCK_M the tuner may pick (128 on a GPU),
     sized so the grid has about ``waves`` programs per SM."""
     if ROWS_PER_PROGRAM is not None:
@@ -254,15 +379,19 @@ def _rows_per_program(n: int, bh: int, device: torch.device, fixed: bool, block_
 
 def _check(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q, k, v must be (B, H, N, D) / (B, H, M, D) views; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (B, H, N, D) / (B, H, M, D) views; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, H, N, D = q.shape
     M = k.shape[2]
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)}")
     if not supports_forward(M, D):
-        raise ValueError(f"sr_attention Triton kernel: M={M}, D={D} exceed the on-chip limit "
-                         f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_FWD_TILE})")
+        raise ValueError(
+            f"sr_attention Triton kernel: M={M}, D={D} exceed the on-chip limit "
+            f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_FWD_TILE})"
+        )
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("sr_attention Triton kernel: the last dim of every view must be contiguous")
@@ -299,8 +428,10 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     stride) for ``sr_attention_forward``; ``supports_backward(M, D)`` must hold. Deterministic."""
     B, H, N, M, D = _check(q, k, v)
     if not supports_backward(M, D):
-        raise ValueError(f"sr_attention Triton backward: M={M}, D={D} exceed the on-chip limit "
-                         f"(next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE})")
+        raise ValueError(
+            f"sr_attention Triton backward: M={M}, D={D} exceed the on-chip limit "
+            f"(next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE})"
+        )
     lse = lse.to(torch.float32).contiguous()
     if B * H * N == 0:
         dq.zero_()
@@ -314,8 +445,29 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     programs = chunks * B * H
     # Part[0] = dK partials, Part[1] = dV partials, one (M, D) fp32 slot per program.
     part = torch.empty((2, B * H, chunks, M, D), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, dout, lse, dq, part, *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout),
-            *_s3(dq), H, N, M, rows, programs * M * D, float(scale) * launch.LOG2E, float(scale))
+    args = (
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        part,
+        *_s3(q),
+        *_s3(k),
+        *_s3(v),
+        *_s3(out),
+        *_s3(dout),
+        *_s3(dq),
+        H,
+        N,
+        M,
+        rows,
+        programs * M * D,
+        float(scale) * launch.LOG2E,
+        float(scale),
+    )
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     with launch.device_ctx(q):
         kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)

@@ -18,6 +18,7 @@ keeps every reduction in per-program partials summed by torch (deterministic). U
 TRITON_INTERPRET=1 a fixed config (``INTERPRET_BLOCKS``, ``WINDOWS_PER_PROGRAM``). Index math,
 design, cost, registers and versions: docs/window_attention.md.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,7 @@ import triton.language as tl
 from . import _launch as launch
 from ._launch import sm_count, use_fixed  # module globals: tests patch them here
 
-__all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops",
-           "window_attention_forward"]
+__all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops", "window_attention_forward"]
 
 MAX_HEAD_DIM = 128
 # Backward: the key set stays resident (one block) up to this many slots (M <= 16).
@@ -72,8 +72,11 @@ def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_
         real = ok & (row < H) & (col < W)
     tok = tl.where(real, row * W + col, 0)
     if SHIFT > 0:
-        lab = (3 * ((y >= Hp - M).to(tl.int32) + (y >= Hp - SHIFT).to(tl.int32))
-               + (x >= Wp - M).to(tl.int32) + (x >= Wp - SHIFT).to(tl.int32))
+        lab = (
+            3 * ((y >= Hp - M).to(tl.int32) + (y >= Hp - SHIFT).to(tl.int32))
+            + (x >= Wp - M).to(tl.int32)
+            + (x >= Wp - SHIFT).to(tl.int32)
+        )
     else:
         lab = t * 0
     return ok, real, tok, p, c, lab
@@ -142,8 +145,19 @@ def _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE: tl.constexpr, SHIFT: tl.constexpr,
-            MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(
+    q,
+    k,
+    rel,
+    labi,
+    labj,
+    okj,
+    qk_scale,
+    HAS_TABLE: tl.constexpr,
+    SHIFT: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Base-2 scores: (q kᵀ·scale + B_rel + mask)·log2 e; slots outside the window → −inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_TABLE:
@@ -156,8 +170,7 @@ def _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE: tl.constexpr, SHIFT
 
 
 @triton.jit
-def _bin_ds(ds, pi, ci, oki, j0, part, M: tl.constexpr, BLOCK_N: tl.constexpr,
-            ACCUM: tl.constexpr):
+def _bin_ds(ds, pi, ci, oki, j0, part, M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr):
     """Sum a dS tile (rows = query slots pi/ci, columns = key slots j0 + [0, BLOCK_N)) into the
     (2M−1)² relative-position bins: part[e] (+)= Σ_{i,j: idx(i,j) = e} ds[i, j].
 
@@ -173,8 +186,9 @@ def _bin_ds(ds, pi, ci, oki, j0, part, M: tl.constexpr, BLOCK_N: tl.constexpr,
         pj = pi[:, None] + (M - 1) - u[None, :]
         cj = ci[:, None] + (M - 1) - v[None, :]
         col = pj * M + cj - j0
-        ok = (oki[:, None] & (pj >= 0) & (pj < M) & (cj >= 0) & (cj < M) & (col >= 0)
-              & (col < BLOCK_N) & (e < E)[None, :])
+        ok = (
+            oki[:, None] & (pj >= 0) & (pj < M) & (cj >= 0) & (cj < M) & (col >= 0) & (col < BLOCK_N) & (e < E)[None, :]
+        )
         g = tl.gather(ds, tl.where(ok, col, 0), 1)
         tot = tl.sum(tl.where(ok, g, 0.0), 0)
         if ACCUM:
@@ -230,8 +244,9 @@ def _load_kv(x_base, C, offj, realj, d, d_ok, bk, bv, HAS_QB: tl.constexpr, MASK
 
 
 @triton.jit
-def _window_bias(tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _window_bias(
+    tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """The relative-position bias tile of a window held in one (BLOCK_M, BLOCK_N) tile: it does
     not depend on the window, so a program gathers it once."""
     ok0, _r0, _t0, p0, c0, _l0 = _slots(tl.arange(0, BLOCK_M), 0, 0, H, W, Hp, Wp, M, SHIFT, False)
@@ -240,8 +255,9 @@ def _window_bias(tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.conste
 
 
 @triton.jit
-def _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr,
-                HAS_TABLE: tl.constexpr, SINGLE: tl.constexpr):
+def _bias_block(
+    rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr, HAS_TABLE: tl.constexpr, SINGLE: tl.constexpr
+):
     """The bias of one (query block, key block): the program's tile, a gather, or none."""
     if HAS_TABLE:
         if SINGLE:
@@ -255,13 +271,44 @@ def _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr,
 
 @triton.jit
 def _wa_fwd_kernel(
-    QKV, Table, QKVBias, LogitScale, Out, Lse,
-    stride_xb, stride_xl, stride_tr, stride_th, stride_ls, stride_ob, stride_ol,
-    L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale,
-    M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr, COSINE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, STORE_LSE: tl.constexpr, BIG: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QKV,
+    Table,
+    QKVBias,
+    LogitScale,
+    Out,
+    Lse,
+    stride_xb,
+    stride_xl,
+    stride_tr,
+    stride_th,
+    stride_ls,
+    stride_ob,
+    stride_ol,
+    L,
+    H,
+    W,
+    Hp,
+    Wp,
+    nWw,
+    nW,
+    BW,
+    heads,
+    C,
+    WPG,
+    qk_scale,
+    M: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SHIFT_FIRST: tl.constexpr,
+    COSINE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    HAS_QB: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    BIG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     N: tl.constexpr = M * M
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
@@ -301,8 +348,7 @@ def _wa_fwd_kernel(
                 if COSINE:
                     k, _rk = _unit_rows(k)
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
-                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
-                            PRECISION)
+                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N, PRECISION)
                 # Every key block holds at least one in-window slot, so m_new is finite.
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
@@ -312,8 +358,7 @@ def _wa_fwd_kernel(
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
                 m_i = m_new
             out = acc * (1.0 / l_i)[:, None]
-            _store_rows(o_base, _row_off(toki, stride_ol, BIG), out.to(Out.dtype.element_ty), reali,
-                        d, d_ok, MASK_D)
+            _store_rows(o_base, _row_off(toki, stride_ol, BIG), out.to(Out.dtype.element_ty), reali, d, d_ok, MASK_D)
             if STORE_LSE:  # row statistics in base 2, kept apart: (max m, log2 Σ exp2(s − m))
                 st = Lse + ((b64 * heads + head) * L + toki) * 2
                 tl.store(st, m_i, mask=reali)
@@ -327,15 +372,58 @@ def _wa_fwd_kernel(
 
 @triton.jit
 def _wa_bwd_kernel(
-    QKV, Table, QKVBias, LogitScale, DO, DQKV, Out, Lse, DQW, TablePart, BiasPart, LSPart,
-    stride_xb, stride_xl, stride_tr, stride_th, stride_ls, stride_dob, stride_dol, stride_gb, stride_gl,
-    stride_ob, stride_ol, stride_wb, stride_wl,
-    L, H, W, Hp, Wp, nWw, nW, BW, heads, C, WPG, qk_scale, scale,
-    M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr, COSINE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_TABLE: tl.constexpr, HAS_QB: tl.constexpr, TABLE_GRAD: tl.constexpr,
-    QB_GRAD: tl.constexpr, BIG: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QKV,
+    Table,
+    QKVBias,
+    LogitScale,
+    DO,
+    DQKV,
+    Out,
+    Lse,
+    DQW,
+    TablePart,
+    BiasPart,
+    LSPart,
+    stride_xb,
+    stride_xl,
+    stride_tr,
+    stride_th,
+    stride_ls,
+    stride_dob,
+    stride_dol,
+    stride_gb,
+    stride_gl,
+    stride_ob,
+    stride_ol,
+    stride_wb,
+    stride_wl,
+    L,
+    H,
+    W,
+    Hp,
+    Wp,
+    nWw,
+    nW,
+    BW,
+    heads,
+    C,
+    WPG,
+    qk_scale,
+    scale,
+    M: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SHIFT_FIRST: tl.constexpr,
+    COSINE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    HAS_QB: tl.constexpr,
+    TABLE_GRAD: tl.constexpr,
+    QB_GRAD: tl.constexpr,
+    BIG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     N: tl.constexpr = M * M
     E: tl.constexpr = (2 * M - 1) * (2 * M - 1)
@@ -390,8 +478,7 @@ def _wa_bwd_kernel(
                 # Padded (cropped) query slots get dO = 0: they contribute nothing below.
                 do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
-                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N,
-                            PRECISION)
+                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N, PRECISION)
                 if KEYS_RESIDENT:  # complete rows: recompute the softmax, no saved lse
                     m_i = tl.max(s, 1)
                     p = tl.math.exp2(s - m_i[:, None])
@@ -408,8 +495,7 @@ def _wa_bwd_kernel(
                 if KEYS_RESIDENT:
                     delta = tl.sum(p * dp, 1)
                 else:
-                    o = _load_rows(Out + b64 * stride_ob + hd, _row_off(toki, stride_ol, BIG), reali,
-                                   d, d_ok, MASK_D)
+                    o = _load_rows(Out + b64 * stride_ob + hd, _row_off(toki, stride_ol, BIG), reali, d, d_ok, MASK_D)
                     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
                 ds = p * (dp - delta[:, None])
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
@@ -418,8 +504,9 @@ def _wa_bwd_kernel(
                     dq, cq = _unit_rows_grad(q, rq, dq)
                     ls_acc += cq
                 if KEYS_RESIDENT:
-                    _store_rows(g_base, _row_off(toki, stride_gl, BIG),
-                                dq.to(DQKV.dtype.element_ty), reali, d, d_ok, MASK_D)
+                    _store_rows(
+                        g_base, _row_off(toki, stride_gl, BIG), dq.to(DQKV.dtype.element_ty), reali, d, d_ok, MASK_D
+                    )
                 else:  # fp32 workspace rows owned by this program: read-modify-write
                     w_ptr = DQW + b64 * stride_wb + hd
                     offw = _row_off(toki, stride_wl, BIG)
@@ -473,8 +560,7 @@ def _window(named_args, kwargs) -> int:
 def _prune_fwd(configs, named_args, **kwargs):
     """Blocks no larger than next_pow2(N) and key blocks of at least a quarter of it."""
     cap = _cap(_window(named_args, kwargs))
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= cap and cap // 4 <= c.kwargs["BLOCK_N"] <= cap]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and cap // 4 <= c.kwargs["BLOCK_N"] <= cap]
     return kept or [triton.Config({"BLOCK_M": cap, "BLOCK_N": cap}, num_warps=4, num_stages=1)]
 
 
@@ -495,20 +581,57 @@ def _prune_bwd(configs, named_args, **kwargs):
 _FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
 _BWD_SHAPES = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
 _CONFIGS = {  # per family: (forward, backward)
-    "half": (launch.configs(_FWD_BLOCKS, [
-        (64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1),
-        (16, 16, 2, 1), (16, 16, 4, 1),
-        (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1),
-    ]), launch.configs(["BLOCK_M"], _BWD_SHAPES)),
-    "fp32": (launch.configs(_FWD_BLOCKS, [
-        (64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1), (64, 128, 8, 1),
-        (32, 128, 4, 1), (32, 256, 8, 1),
-    ]), launch.configs(["BLOCK_M"], _BWD_SHAPES)),
+    "half": (
+        launch.configs(
+            _FWD_BLOCKS,
+            [
+                (64, 64, 4, 1),
+                (64, 64, 4, 1, 128),
+                (64, 64, 8, 1),
+                (32, 64, 4, 1),
+                (32, 32, 4, 1),
+                (16, 16, 2, 1),
+                (16, 16, 4, 1),
+                (64, 256, 8, 1),
+                (32, 256, 8, 1),
+                (64, 128, 8, 1),
+                (32, 128, 4, 1),
+                (128, 128, 8, 1),
+            ],
+        ),
+        launch.configs(["BLOCK_M"], _BWD_SHAPES),
+    ),
+    "fp32": (
+        launch.configs(
+            _FWD_BLOCKS,
+            [
+                (64, 64, 4, 1),
+                (32, 64, 4, 1),
+                (32, 32, 4, 1),
+                (16, 16, 2, 1),
+                (64, 128, 8, 1),
+                (32, 128, 4, 1),
+                (32, 256, 8, 1),
+            ],
+        ),
+        launch.configs(["BLOCK_M"], _BWD_SHAPES),
+    ),
 }
 
 _FWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]
-_BWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "TABLE_GRAD", "QB_GRAD",
-            "PRECISION", "BLOCK_N"]
+_BWD_KEY = [
+    "M",
+    "SHIFT",
+    "SHIFT_FIRST",
+    "COSINE",
+    "BLOCK_D",
+    "HAS_TABLE",
+    "HAS_QB",
+    "TABLE_GRAD",
+    "QB_GRAD",
+    "PRECISION",
+    "BLOCK_N",
+]
 
 # triton.jit decides at decoration (import) time whether kernels are interpreted.
 _INTERPRETED = launch.is_interpreted(_wa_fwd_kernel)
@@ -518,15 +641,19 @@ def _use_fixed(t: torch.Tensor) -> bool:
     return use_fixed(t, _INTERPRETED, "window_attention")
 
 
-_TUNED = launch.tuned_table(_CONFIGS, [
-    (_wa_fwd_kernel, dict(key=_FWD_KEY, prune=_prune_fwd)),
-    (_wa_bwd_kernel, dict(key=_BWD_KEY, prune=_prune_bwd, restore_value=["DQW", "TablePart"])),
-])
+_TUNED = launch.tuned_table(
+    _CONFIGS,
+    [
+        (_wa_fwd_kernel, dict(key=_FWD_KEY, prune=_prune_fwd)),
+        (_wa_bwd_kernel, dict(key=_BWD_KEY, prune=_prune_bwd, restore_value=["DQW", "TablePart"])),
+    ],
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
 
 def _windows_per_program(bw: int, heads: int, device) -> int:
     if WINDOWS_PER_PROGRAM is not None:
@@ -549,8 +676,9 @@ class _Geometry:
             raise ValueError(f"C = {self.C} is not divisible by num_heads = {heads}")
         self.D = self.C // self.heads
         if not 1 <= self.D <= MAX_HEAD_DIM:
-            raise ValueError(f"head dim {self.D} is not supported by the Triton window_attention "
-                             f"kernels (1 <= D <= {MAX_HEAD_DIM})")
+            raise ValueError(
+                f"head dim {self.D} is not supported by the Triton window_attention kernels (1 <= D <= {MAX_HEAD_DIM})"
+            )
         self.H, self.W = int(hw[0]), int(hw[1])
         if self.H * self.W != self.L:
             raise ValueError(f"hw = {tuple(hw)} does not match the {self.L} tokens of qkv")
@@ -570,27 +698,37 @@ class _Geometry:
         self.cosine = bool(cosine)
 
     def ints(self, wpg):
-        return (self.L, self.H, self.W, self.Hp, self.Wp, self.nWw, self.nW, self.BW, self.heads,
-                self.C, wpg)
+        return (self.L, self.H, self.W, self.Hp, self.Wp, self.nWw, self.nW, self.BW, self.heads, self.C, wpg)
 
     def consts(self, qkv, table, qkv_bias, big):
-        return {"M": self.M, "SHIFT": self.s, "SHIFT_FIRST": self.shift_first, "COSINE": self.cosine,
-                "HEAD_DIM": self.D, "BLOCK_D": self.BLOCK_D,
-                "HAS_TABLE": table is not None, "HAS_QB": qkv_bias is not None, "BIG": big,
-                "PRECISION": launch.precision(qkv.dtype)}
+        return {
+            "M": self.M,
+            "SHIFT": self.s,
+            "SHIFT_FIRST": self.shift_first,
+            "COSINE": self.cosine,
+            "HEAD_DIM": self.D,
+            "BLOCK_D": self.BLOCK_D,
+            "HAS_TABLE": table is not None,
+            "HAS_QB": qkv_bias is not None,
+            "BIG": big,
+            "PRECISION": launch.precision(qkv.dtype),
+        }
 
 
 def _needs_int64(*tensors) -> bool:
     """True when one image's rows of some tensor span >= 2^31 elements (int32 offsets overflow)."""
-    return any(t is not None and t.dim() == 3 and t.shape[1] > 0
-               and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[2] >= 2 ** 31 for t in tensors)
+    return any(
+        t is not None and t.dim() == 3 and t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[2] >= 2**31
+        for t in tensors
+    )
 
 
 def _check_params(g: _Geometry, qkv, table, qkv_bias, logit_scale=None):
     if logit_scale is not None:
         if tuple(logit_scale.shape) not in ((g.heads,), (g.heads, 1, 1)):
-            raise ValueError(f"logit_scale has shape {tuple(logit_scale.shape)}, expected {(g.heads,)} or "
-                             f"{(g.heads, 1, 1)}")
+            raise ValueError(
+                f"logit_scale has shape {tuple(logit_scale.shape)}, expected {(g.heads,)} or {(g.heads, 1, 1)}"
+            )
         if logit_scale.dtype != qkv.dtype or logit_scale.device != qkv.device:
             raise ValueError("logit_scale must have qkv's dtype and device")
     if table is not None:
@@ -622,9 +760,23 @@ def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
     ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
-    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, ls, out, lse if lse is not None else qkv,
-            qkv.stride(0), qkv.stride(1), tr, th, sls, out.stride(0), out.stride(1),
-            *g.ints(wpg), (1.0 if g.cosine else float(scale)) * launch.LOG2E)
+    args = (
+        qkv,
+        tab,
+        qkv_bias if qkv_bias is not None else qkv,
+        ls,
+        out,
+        lse if lse is not None else qkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        tr,
+        th,
+        sls,
+        out.stride(0),
+        out.stride(1),
+        *g.ints(wpg),
+        (1.0 if g.cosine else float(scale)) * launch.LOG2E,
+    )
     meta = dict(g.consts(qkv, table, qkv_bias, big), STORE_LSE=lse is not None)
     fixed = _use_fixed(qkv)
     blocks = dict(zip(_FWD_BLOCKS, _fwd_blocks(g), strict=True)) if fixed else {}
@@ -633,8 +785,19 @@ def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
         kernel[grid](*args, **meta, **launch.fixed_meta(fixed, **blocks))
 
 
-def window_attention_forward(qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale,
-                             return_lse: bool = False, logit_scale=None, shift_first: bool = False):
+def window_attention_forward(
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size,
+    table,
+    qkv_bias,
+    scale,
+    return_lse: bool = False,
+    logit_scale=None,
+    shift_first: bool = False,
+):
     """out (B, H·W, C) of Swin window attention (SPEC op 3); with ``return_lse`` also the float32
     natural-log logsumexp of every real token's score row, (B, heads, H·W). ``logit_scale``
     (heads,) / (heads, 1, 1): Swin V2 cosine attention (``scale`` unused); ``shift_first``: timm's
@@ -669,9 +832,21 @@ def _bwd_blocks(g: _Geometry):
     return bm, bn
 
 
-def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias,
-                              scale, table_grad: bool = True, bias_grad: bool = True, logit_scale=None,
-                              shift_first: bool = False):
+def window_attention_backward(
+    dout,
+    qkv,
+    hw,
+    num_heads,
+    window_size,
+    shift_size,
+    table,
+    qkv_bias,
+    scale,
+    table_grad: bool = True,
+    bias_grad: bool = True,
+    logit_scale=None,
+    shift_first: bool = False,
+):
     """Gradients (dqkv, dtable, dqkv_bias, dlogit_scale) of ``window_attention_forward``.
 
     dqkv (B, H·W, 3C) in qkv's dtype; dtable ((2M−1)², heads), dqkv_bias (3C,) and dlogit_scale
@@ -688,9 +863,12 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     dqkv = torch.empty((g.B, g.L, 3 * g.C), device=qkv.device, dtype=qkv.dtype)
     if g.B == 0:
         dqkv.zero_()
-        return (dqkv, torch.zeros_like(table) if table_grad else None,
-                torch.zeros_like(qkv_bias) if bias_grad else None,
-                torch.zeros_like(logit_scale) if g.cosine else None)
+        return (
+            dqkv,
+            torch.zeros_like(table) if table_grad else None,
+            torch.zeros_like(qkv_bias) if bias_grad else None,
+            torch.zeros_like(logit_scale) if g.cosine else None,
+        )
 
     bm, bn = _bwd_blocks(g)
     resident = bn >= g.N
@@ -703,8 +881,7 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     wpg = _windows_per_program(g.BW, g.heads, qkv.device)
     programs = triton.cdiv(g.BW, wpg) * g.heads
     tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
-    bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device,
-                        dtype=torch.float32)
+    bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device, dtype=torch.float32)
     lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
@@ -712,14 +889,37 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     o_ = out if out is not None else qkv
     w_ = dqw if dqw is not None else tpart
     scale = 1.0 if g.cosine else float(scale)  # cosine: the kernels scale by the head's τ
-    args = (qkv, tab, qkv_bias if qkv_bias is not None else qkv, ls, dout, dqkv, o_,
-            lse if lse is not None else tpart, w_, tpart, bpart, lpart,
-            qkv.stride(0), qkv.stride(1), tr, th, sls, dout.stride(0), dout.stride(1),
-            dqkv.stride(0), dqkv.stride(1), o_.stride(0), o_.stride(1),
-            w_.stride(0) if dqw is not None else 0, w_.stride(1) if dqw is not None else 0,
-            *g.ints(wpg), scale * launch.LOG2E, scale)
-    meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad,
-                BLOCK_N=bn)
+    args = (
+        qkv,
+        tab,
+        qkv_bias if qkv_bias is not None else qkv,
+        ls,
+        dout,
+        dqkv,
+        o_,
+        lse if lse is not None else tpart,
+        w_,
+        tpart,
+        bpart,
+        lpart,
+        qkv.stride(0),
+        qkv.stride(1),
+        tr,
+        th,
+        sls,
+        dout.stride(0),
+        dout.stride(1),
+        dqkv.stride(0),
+        dqkv.stride(1),
+        o_.stride(0),
+        o_.stride(1),
+        w_.stride(0) if dqw is not None else 0,
+        w_.stride(1) if dqw is not None else 0,
+        *g.ints(wpg),
+        scale * launch.LOG2E,
+        scale,
+    )
+    meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad, BLOCK_N=bn)
     fixed = _use_fixed(qkv)
     kernel = launch.pick(fixed, _wa_bwd_kernel, _TUNED, qkv.dtype, 1)
     with launch.device_ctx(qkv):
@@ -729,9 +929,9 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
         dls = lpart.view(-1, g.heads).sum(0)
     if dqw is not None:
         if g.cosine:  # the workspace holds dq̂ (summed over key blocks): through the normalisation here
-            dqw, extra = _unit_rows_grad_torch(qkv[..., :g.C], dqw, g.heads)
+            dqw, extra = _unit_rows_grad_torch(qkv[..., : g.C], dqw, g.heads)
             dls = dls + extra
-        dqkv[..., :g.C].copy_(dqw)
+        dqkv[..., : g.C].copy_(dqw)
     if dls is not None:
         dls = torch.where(logit_scale.reshape(g.heads).float() < LOGIT_SCALE_MAX, dls, 0.0)
         dls = dls.reshape(logit_scale.shape).to(logit_scale.dtype)
@@ -740,9 +940,9 @@ def window_attention_backward(dout, qkv, hw, num_heads, window_size, shift_size,
     if table_grad:
         dtable = tpart.view(-1, g.heads, g.E).sum(0).t().contiguous().to(table.dtype)
     if bias_grad:
-        kv = bpart.view(-1, g.heads, 2, g.BLOCK_D).sum(0)[..., :g.D]  # (heads, 2, D)
+        kv = bpart.view(-1, g.heads, 2, g.BLOCK_D).sum(0)[..., : g.D]  # (heads, 2, D)
         dbias = torch.zeros(3 * g.C, device=qkv.device, dtype=torch.float32)
-        dbias[g.C:] = kv.permute(1, 0, 2).reshape(2 * g.C)
+        dbias[g.C :] = kv.permute(1, 0, 2).reshape(2 * g.C)
         dbias = dbias.to(qkv_bias.dtype)
     return dqkv, dtable, dbias, dls
 

@@ -14,6 +14,7 @@ dqkv contiguous. Two passes over the tokens per (b·head, chunk of ``rows`` toke
 (ONE_PASS), else fp32 chunk partials are summed in a fixed order (deterministic). D ≤ 64.
 Design notes, cost and versions: docs/xca.md.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,24 @@ def _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D: tl.constexpr):
 
 
 @triton.jit
-def _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DA: tl.constexpr,
-           PRECISION: tl.constexpr):
+def _stats(
+    QKV,
+    DO,
+    b,
+    h,
+    C,
+    n0,
+    n1,
+    stride_b,
+    stride_n,
+    stride_dob,
+    stride_don,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WITH_DA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """(G = qᵀk, ‖q‖², ‖k‖², dA = dOᵀv) summed over tokens [n0, n1) of head (b, h), fp32."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     offs_n = tl.arange(0, BLOCK_N)
@@ -125,27 +141,71 @@ def _attention_map(g, sq, sk, tau, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _xca_stats_kernel(
-    QKV, DO, Part, stride_b, stride_n, stride_dob, stride_don, H, N, C, rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DA: tl.constexpr,
+    QKV,
+    DO,
+    Part,
+    stride_b,
+    stride_n,
+    stride_dob,
+    stride_don,
+    H,
+    N,
+    C,
+    rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WITH_DA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
-    g, sq, sk, da = _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, WITH_DA, PRECISION)
+    g, sq, sk, da = _stats(
+        QKV,
+        DO,
+        b,
+        h,
+        C,
+        n0,
+        n1,
+        stride_b,
+        stride_n,
+        stride_dob,
+        stride_don,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        WITH_DA,
+        PRECISION,
+    )
     _store_stats(Part, tl.program_id(0), g, sq, sk, da, BLOCK_D, WITH_DA)
 
 
 @triton.jit
 def _xca_fwd_kernel(
-    QKV, Temp, Out, Part, stride_b, stride_n, stride_ob, stride_on, H, N, C, rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    QKV,
+    Temp,
+    Out,
+    Part,
+    stride_b,
+    stride_n,
+    stride_ob,
+    stride_on,
+    H,
+    N,
+    C,
+    rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
     if ONE_PASS:
-        g, sq, sk, _ = _stats(QKV, QKV, b, h, C, n0, n1, stride_b, stride_n, 0, 0,
-                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+        g, sq, sk, _ = _stats(
+            QKV, QKV, b, h, C, n0, n1, stride_b, stride_n, 0, 0, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION
+        )
     else:
         g, sq, sk, _ = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, False)
     a, _, _, _ = _attention_map(g, sq, sk, tl.load(Temp + h).to(tl.float32), HEAD_DIM, BLOCK_D)
@@ -160,24 +220,63 @@ def _xca_fwd_kernel(
         n_ok = start + offs_n < n1
         v = _tile(v_base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32)
         out = tl.dot(v, at, input_precision=PRECISION)
-        _store_2d(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-                  n_ok, d_ok, True, MASK_D)
+        _store_2d(
+            o_base + offs_n[:, None] * stride_on + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            n_ok,
+            d_ok,
+            True,
+            MASK_D,
+        )
         v_base += BLOCK_N * stride_n
         o_base += BLOCK_N * stride_on
 
 
 @triton.jit
 def _xca_bwd_kernel(
-    QKV, DO, Temp, DQKV, DTemp, Part,
-    stride_b, stride_n, stride_dob, stride_don, stride_gb, stride_gn, H, N, C, rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    QKV,
+    DO,
+    Temp,
+    DQKV,
+    DTemp,
+    Part,
+    stride_b,
+    stride_n,
+    stride_dob,
+    stride_don,
+    stride_gb,
+    stride_gn,
+    H,
+    N,
+    C,
+    rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
     if ONE_PASS:
-        g, sq, sk, da = _stats(QKV, DO, b, h, C, n0, n1, stride_b, stride_n, stride_dob, stride_don,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+        g, sq, sk, da = _stats(
+            QKV,
+            DO,
+            b,
+            h,
+            C,
+            n0,
+            n1,
+            stride_b,
+            stride_n,
+            stride_dob,
+            stride_don,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
     else:
         g, sq, sk, da = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, True)
     tau = tl.load(Temp + h).to(tl.float32)
@@ -220,24 +319,31 @@ def _xca_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-# Configs kept from an offline sm_90a compile (tests/triton_sm90.py) at XCiT-S12's shape: none
+# Configs kept from an offline sm_90a compile (tests/triton/triton_sm90.py) at XCiT-S12's shape: none
 # spills with bf16/fp16 inputs. The backward holds ~4 D×D fp32 tiles besides its token tiles, so
 # 4 warps only fit small token blocks. fp32 inputs take their own, smaller tiles.
 _CONFIGS = {  # per family: (stats, forward apply, backward apply); (BLOCK_N, num_warps, num_stages)
-    "half": (launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
-             launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
-             launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 8, 2), (16, 4, 2), (64, 8, 1)])),
-    "fp32": (launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2), (32, 8, 2)]),
-             launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2)]),
-             launch.configs(["BLOCK_N"], [(32, 8, 2), (16, 8, 2), (16, 4, 2)])),
+    "half": (
+        launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+        launch.configs(["BLOCK_N"], [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)]),
+        launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 8, 2), (16, 4, 2), (64, 8, 1)]),
+    ),
+    "fp32": (
+        launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2), (32, 8, 2)]),
+        launch.configs(["BLOCK_N"], [(64, 8, 2), (32, 4, 2)]),
+        launch.configs(["BLOCK_N"], [(32, 8, 2), (16, 8, 2), (16, 4, 2)]),
+    ),
 }
 _KEY = ["N", "BLOCK_D", "ONE_PASS", "PRECISION"]
 _INTERPRETED = launch.is_interpreted(_xca_fwd_kernel)
-_TUNED = launch.tuned_table(_CONFIGS, [
-    (_xca_stats_kernel, dict(key=["N", "BLOCK_D", "WITH_DA", "PRECISION"])),
-    (_xca_fwd_kernel, dict(key=_KEY)),
-    (_xca_bwd_kernel, dict(key=_KEY)),
-])
+_TUNED = launch.tuned_table(
+    _CONFIGS,
+    [
+        (_xca_stats_kernel, dict(key=["N", "BLOCK_D", "WITH_DA", "PRECISION"])),
+        (_xca_fwd_kernel, dict(key=_KEY)),
+        (_xca_bwd_kernel, dict(key=_KEY)),
+    ],
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +395,23 @@ class _Plan:
         part = torch.empty((self.programs, slot), device=qkv.device, dtype=torch.float32)
         src = dout if dout is not None else qkv
         launch.pick(self.fixed, _xca_stats_kernel, _TUNED, qkv.dtype, 0)[(self.programs,)](
-            qkv, src, part, qkv.stride(0), qkv.stride(1), src.stride(0), src.stride(1),
-            num_heads, N, C, self.rows, HEAD_DIM=D, BLOCK_D=block_d, WITH_DA=with_da,
-            PRECISION=launch.precision(qkv.dtype), **self.launch)
+            qkv,
+            src,
+            part,
+            qkv.stride(0),
+            qkv.stride(1),
+            src.stride(0),
+            src.stride(1),
+            num_heads,
+            N,
+            C,
+            self.rows,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            WITH_DA=with_da,
+            PRECISION=launch.precision(qkv.dtype),
+            **self.launch,
+        )
         return part
 
 
@@ -308,9 +428,24 @@ def xca_forward(qkv, num_heads, temperature):
         plan = _Plan(qkv, num_heads, B, N, D)
         part = plan.stats(qkv, None, num_heads, N, C, D, block_d, False)
         launch.pick(plan.fixed, _xca_fwd_kernel, _TUNED, qkv.dtype, 1)[(plan.programs,)](
-            qkv, tau, out, part, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d, ONE_PASS=plan.one_pass,
-            PRECISION=launch.precision(qkv.dtype), **plan.launch)
+            qkv,
+            tau,
+            out,
+            part,
+            qkv.stride(0),
+            qkv.stride(1),
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            N,
+            C,
+            plan.rows,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            ONE_PASS=plan.one_pass,
+            PRECISION=launch.precision(qkv.dtype),
+            **plan.launch,
+        )
     return out
 
 
@@ -328,9 +463,26 @@ def xca_backward(dout, qkv, num_heads, temperature):
         part = plan.stats(qkv, dout, num_heads, N, C, D, block_d, True)
         dtau = torch.empty((B, num_heads), device=qkv.device, dtype=torch.float32)
         launch.pick(plan.fixed, _xca_bwd_kernel, _TUNED, qkv.dtype, 2)[(plan.programs,)](
-            qkv, dout, tau, dqkv, dtau, part, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1),
-            dqkv.stride(0), dqkv.stride(1), num_heads, N, C, plan.rows, HEAD_DIM=D, BLOCK_D=block_d,
+            qkv,
+            dout,
+            tau,
+            dqkv,
+            dtau,
+            part,
+            qkv.stride(0),
+            qkv.stride(1),
+            dout.stride(0),
+            dout.stride(1),
+            dqkv.stride(0),
+            dqkv.stride(1),
+            num_heads,
+            N,
+            C,
+            plan.rows,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
             ONE_PASS=plan.one_pass,
-            PRECISION=launch.precision(qkv.dtype), **plan.launch)
+            PRECISION=launch.precision(qkv.dtype),
+            **plan.launch,
+        )
     return dqkv, dtau.sum(0).reshape(temperature.shape).to(temperature.dtype)
-

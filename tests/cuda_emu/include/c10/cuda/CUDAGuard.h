@@ -14,8 +14,8 @@ struct CUDAGuard {
 }  // namespace cuda
 }  // namespace c10
 
-#define C10_CUDA_CHECK(expr)                                                        \
-  do {                                                                              \
-    const cudaError_t vkemu_err_ = (expr);                                          \
+#define C10_CUDA_CHECK(expr)                                                                \
+  do {                                                                                      \
+    const cudaError_t vkemu_err_ = (expr);                                                  \
     TORCH_CHECK(vkemu_err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(vkemu_err_)); \
   } while (0)

@@ -1,0 +1,202 @@
+"""Bad input raises a clear error naming the argument and its shape/dtype."""
+
+import pytest
+import torch
+
+import vitkernels as vk
+
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# Per op: (call, exception, message regex).
+CASES_BY_OP = {
+    "attention": [
+        (lambda: vk.attention(r(2, 3, 4), r(2, 3, 4), r(2, 3, 4)), ValueError, r"q must be 4-D, got shape \(2, 3, 4\)"),
+        (
+            lambda: vk.attention(r(1, 2, 4, 8), r(1, 2, 5, 8), r(1, 2, 6, 8)),
+            ValueError,
+            r"k and v must have the same shape",
+        ),
+        (
+            lambda: vk.attention(r(1, 2, 4, 8), r(1, 3, 5, 8), r(1, 3, 5, 8)),
+            ValueError,
+            r"k must be \(B, heads, Nk, D\)",
+        ),
+        (
+            lambda: vk.attention(r(1, 2, 4, 8), r(1, 2, 5, 8), r(1, 2, 5, 8), r(3, 4, 5)),
+            ValueError,
+            r"bias must broadcast to \(B, heads, Nq, Nk\) = \(1, 2, 4, 5\), got shape \(3, 4, 5\)",
+        ),
+        (
+            lambda: vk.attention(r(1, 2, 4, 8), r(1, 2, 5, 8, dtype=torch.float16), r(1, 2, 5, 8)),
+            TypeError,
+            r"k must have the dtype of q",
+        ),
+        (
+            lambda: vk.attention(r(1, 2, 4, 8).int(), r(1, 2, 5, 8), r(1, 2, 5, 8)),
+            TypeError,
+            r"q must be float32, float16",
+        ),
+    ],
+    "self_attention": [
+        (lambda: vk.self_attention(r(2, 5, 20), 2), ValueError, r"last dim 20 is not divisible by 3"),
+        (
+            lambda: vk.self_attention(r(2, 5, 21), 2),
+            ValueError,
+            r"C = 7 \(from qkv shape \(2, 5, 21\)\) is not divisible by num_heads = 2",
+        ),
+        (lambda: vk.self_attention(r(5, 21), 1), ValueError, r"qkv must be 3-D, got shape \(5, 21\)"),
+    ],
+    "window_attention": [
+        (lambda: vk.window_attention(r(1, 12, 24), (3, 5), 2, 2), ValueError, r"qkv has 12 tokens but hw = \(3, 5\)"),
+        (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 2), ValueError, r"0 <= shift_size < window_size = 2"),
+        (lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 0), ValueError, r"window_size must be an int >= 1"),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, r(4, 2)),
+            ValueError,
+            r"rel_pos_bias_table must be \(\(2M-1\)\^2, heads\) = \(9, 2\), got shape \(4, 2\)",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, None, r(8)),
+            ValueError,
+            r"qkv_bias must be \(3C,\) = \(24,\)",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(3)),
+            ValueError,
+            r"logit_scale must be \(heads,\) or \(heads, 1, 1\) with heads = 2, got shape \(3,\)",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2, 1)),
+            ValueError,
+            r"logit_scale must be \(heads,\) or \(heads, 1, 1\) with heads = 2, got shape \(2, 1\)",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2, dtype=torch.float16)),
+            TypeError,
+            r"logit_scale must have the dtype of qkv \(torch.float32\), got shape \(2,\), dtype torch.float16",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=r(2).int()),
+            TypeError,
+            r"logit_scale must be float32, float16 or bfloat16",
+        ),
+        (
+            lambda: vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, logit_scale=torch.empty(2, device="meta")),
+            ValueError,
+            r"logit_scale must be on the device of qkv",
+        ),
+    ],
+    "sr_attention": [
+        (lambda: vk.sr_attention(r(2, 10, 8), r(2, 4, 8), 2), ValueError, r"kv must be \(B, M, 2C\)"),
+        (
+            lambda: vk.sr_attention(r(2, 10, 9), r(2, 4, 18), 2),
+            ValueError,
+            r"C = 9 \(from q shape \(2, 10, 9\)\) is not divisible by num_heads = 2",
+        ),
+    ],
+    "xca": [
+        (
+            lambda: vk.xca(r(2, 10, 24), 2, r(3, 1, 1)),
+            ValueError,
+            r"temperature must be \(heads, 1, 1\) or \(heads,\) with heads = 2",
+        ),
+    ],
+    "space_time_attention": [
+        (
+            lambda: vk.space_time_attention(r(1, 10, 24), 3, 2, "time"),
+            ValueError,
+            r"frames must be a positive int dividing",
+        ),
+        (lambda: vk.space_time_attention(r(1, 9, 24), 3, 2, "depth"), ValueError, r"axis must be 'time' or 'space'"),
+        (
+            lambda: vk.space_time_attention(r(1, 9, 24), 3, 2, "time", r(1, 24)),
+            ValueError,
+            r"cls_qkv is only valid with axis 'space'",
+        ),
+        (
+            lambda: vk.space_time_attention(r(1, 9, 24), 3, 2, "space", r(1, 12)),
+            ValueError,
+            r"cls_qkv must be \(B, 3C\)",
+        ),
+        (
+            lambda: vk.space_time_attention(r(1, 9, 24), 3, 2, "space", None, "tt"),
+            ValueError,
+            r"layout must be 'st' or 'ts'",
+        ),
+    ],
+    "dwconv": [
+        (
+            lambda: vk.dwconv(r(1, 12, 4), (3, 4), r(4, 1, 2, 2)),
+            ValueError,
+            r"weight must be \(C, 1, k, k\) with C = 4 and k odd",
+        ),
+        (lambda: vk.dwconv(r(1, 12, 4), (3, 4), r(4, 1, 3, 3), None, "silu"), ValueError, r"activation must be one of"),
+        (lambda: vk.dwconv(r(1, 12, 4), (3, 4), r(4, 1, 3, 3), r(5)), ValueError, r"bias must be \(C,\) = \(4,\)"),
+    ],
+    "mix_ffn": [
+        (
+            lambda: vk.mix_ffn(r(1, 12, 4), (3, 4), r(8, 5), None, r(8, 1, 3, 3), None, r(4, 8), None),
+            ValueError,
+            r"fc1_weight must be \(hidden, C\) with C = 4",
+        ),
+    ],
+}
+CASES = [(op, *case) for op, cases in CASES_BY_OP.items() for case in cases]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_bad_input_message(i):
+    _, call, exc, pattern = CASES[i]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_every_op_has_bad_input_cases():
+    """A new op adds its bad-input cases to CASES_BY_OP (CONTRIBUTING.md, "Adding an op")."""
+    from vitkernels.ops import _spec
+
+    assert list(CASES_BY_OP) == _spec.names()
+
+
+def test_errors_name_the_op():
+    with pytest.raises(ValueError, match=r"^vitkernels\.self_attention:"):
+        vk.self_attention(r(2, 5, 20), 2)
+
+
+def test_device_mismatch_message():
+    q = r(1, 2, 4, 8)
+    k = torch.empty(1, 2, 4, 8, device="meta")
+    with pytest.raises(ValueError, match="k must be on the device of q"):
+        vk.attention(q, k, k)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: vk.self_attention(r(1, 4, 12), True),
+        lambda: vk.self_attention(r(1, 4, 12), 2.0),
+        lambda: vk.sr_attention(r(1, 4, 4), r(1, 2, 8), True),
+        lambda: vk.xca(r(1, 4, 12), 1.0, r(1)),
+        lambda: vk.space_time_attention(r(1, 6, 12), True, 1, "time"),
+    ],
+)
+def test_int_arguments_reject_bools_and_floats(call):
+    with pytest.raises(TypeError, match="must be an int"):
+        call()
+
+
+def test_window_attention_shift_first_must_be_bool():
+    with pytest.raises((TypeError, RuntimeError), match="shift_first"):
+        vk.window_attention(r(1, 12, 24), (3, 4), 2, 2, 1, shift_first=1)
+
+
+def test_mix_ffn_names_its_own_arguments():
+    with pytest.raises(
+        ValueError, match=r"vitkernels\.mix_ffn: dw_weight must be \(hidden, 1, k, k\) with hidden = 32"
+    ):
+        vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(16, 1, 3, 3), None, r(8, 32), None)
+    with pytest.raises(ValueError, match=r"vitkernels\.mix_ffn: dw_bias must be \(32,\)"):
+        vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(32, 1, 3, 3), r(16), r(8, 32), None)

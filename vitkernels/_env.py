@@ -1,0 +1,81 @@
+"""Every environment variable vitkernels reads, in one place.
+
+Values are read when asked for (not cached at import), so a test or a launcher script can set one
+after `import vitkernels`. `python -m vitkernels.info` prints the ones that are set.
+
+Library (read by vitkernels/):
+  VITKERNELS_BACKEND        "auto" | "triton" | "cuda" | "reference": the default backend (SPEC).
+  VITKERNELS_SR_KERNEL      "auto" | "general": force sr_attention's general Triton kernels.
+  VITKERNELS_CUDA_EMULATOR  path of a vkemu build of csrc/ (tests/cuda_emu): CUDA kernels on CPU.
+  VITKERNELS_NO_JIT         "1": never JIT-compile the CUDA extension (use only a prebuilt one).
+  VITKERNELS_CACHE_DIR      where JIT and emulator builds are cached (default ~/.cache/vitkernels).
+  VITKERNELS_CSRC           the csrc/ folder to JIT-compile from (default: found beside the package).
+  VITKERNELS_COMMIT         the git commit recorded in benchmark results (default: `git rev-parse`).
+  TRITON_INTERPRET          "1": Triton kernels run in the interpreter on CPU tensors (Triton's own).
+
+Build (read by setup.py, which cannot import this module):
+  VITKERNELS_SKIP_CUDA_BUILD  "1": install without compiling the CUDA extension.
+  VITKERNELS_CUDA_ARCHS       the TORCH_CUDA_ARCH_LIST-style archs to compile for.
+  VITKERNELS_TORCH_VERSION    the torch scripts/bootstrap.sh installs where none is (default 2.14.1).
+
+The CUDA emulator (read by tests/cuda_emu's C++ at launch):
+  VKEMU_THREADS             worker threads that run blocks (default: all cores).
+  VKEMU_SCHEDULE            "reverse": run a block's threads in the opposite order between barriers.
+
+Tests and tools (read by tests/ and bench/):
+  VITKERNELS_REQUIRE_CUDA_EMU    "1": fail (not skip) when the emulator cannot be built (CI).
+  VITKERNELS_REQUIRE_CUDA_EXT    "1": fail when the compiled CUDA extension is missing on a GPU.
+  VITKERNELS_REQUIRE_PARITY_DEPS "1": fail when timm or transformers does not import (CI).
+  VITKERNELS_TEST_AUTOTUNE       "1": on a GPU, let the Triton tuners run in tests.
+  VITKERNELS_TEST_SLOW           "1": run the slow model sweeps.
+  VITKERNELS_BENCH_SLOW          "1": run the slow bench CLI tests.
+  VITKERNELS_COMMIT_FILE         a file holding the commit hash, for bench/gpu_proof.py.
+  VK_PROOF_DEADLINE              seconds bench/gpu_proof.py may use in all.
+"""
+
+from __future__ import annotations
+
+import os
+
+FLAGS: dict[str, str] = {
+    "VITKERNELS_BACKEND": "auto",
+    "VITKERNELS_SR_KERNEL": "auto",
+    "VITKERNELS_CUDA_EMULATOR": "",
+    "VITKERNELS_NO_JIT": "0",
+    "VITKERNELS_CACHE_DIR": "",
+    "VITKERNELS_CSRC": "",
+    "VITKERNELS_COMMIT": "",
+    "TRITON_INTERPRET": "0",
+    "VITKERNELS_SKIP_CUDA_BUILD": "0",
+    "VITKERNELS_CUDA_ARCHS": "",
+    "VITKERNELS_TORCH_VERSION": "",
+    "VKEMU_THREADS": "",
+    "VKEMU_SCHEDULE": "",
+    "VITKERNELS_REQUIRE_CUDA_EMU": "0",
+    "VITKERNELS_REQUIRE_CUDA_EXT": "0",
+    "VITKERNELS_REQUIRE_PARITY_DEPS": "0",
+    "VITKERNELS_TEST_AUTOTUNE": "0",
+    "VITKERNELS_TEST_SLOW": "0",
+    "VITKERNELS_BENCH_SLOW": "0",
+    "VITKERNELS_COMMIT_FILE": "",
+    "VK_PROOF_DEADLINE": "",
+}
+"""Name → default (the empty string: unset)."""
+
+
+def get(name: str) -> str:
+    """The value of flag ``name``, stripped, or its default."""
+    if name not in FLAGS:
+        raise KeyError(f"{name} is not a vitkernels environment flag (see vitkernels/_env.py)")
+    value = os.environ.get(name, "").strip()
+    return value if value else FLAGS[name]
+
+
+def enabled(name: str) -> bool:
+    """True when flag ``name`` is "1", "true", "yes", "on" or "y" (Triton's reading of its own flags)."""
+    return get(name).lower() in ("1", "true", "yes", "on", "y")
+
+
+def set_flags() -> dict[str, str]:
+    """The flags set in this process's environment (for `vitkernels.info`)."""
+    return {name: os.environ[name] for name in FLAGS if os.environ.get(name)}
