@@ -65,10 +65,14 @@ FLAGS: dict[str, str] = {
 
 def get(name: str) -> str:
     """The value of flag ``name``, stripped, or its default."""
-    if name not in FLAGS:
+    default = FLAGS.get(name)
+    if default is None:
         raise KeyError(f"{name} is not a vitkernels environment flag (see vitkernels/_env.py)")
-    value = os.environ.get(name, "").strip()
-    return value if value else FLAGS[name]
+    value = os.environ.get(name)
+    if value is None:  # the common case, on every op call for VITKERNELS_BACKEND: keep it cheap
+        return default
+    value = value.strip()
+    return value if value else default
 
 
 def enabled(name: str) -> bool:

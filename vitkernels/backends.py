@@ -314,9 +314,9 @@ def without_autocast(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        if not active:
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
             return fn(*args, **kwargs)
+        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         with contextlib.ExitStack() as stack:
             for d in active:
                 stack.enter_context(torch.autocast(d, enabled=False))

@@ -56,6 +56,43 @@ def test_bad_arguments_exit_cleanly():
         _main(["ops", "--impl", "magic", "--device", "cpu"])
 
 
+# ----------------------------------------------------------------------------- overhead
+
+
+def test_overhead_every_op_with_the_kernels_stubbed(tmp_path, capsys):
+    from vitkernels import backends
+    from vitkernels.ops import _spec
+
+    before = {op: dict(backends.kernels(op)) for op in backends.ops()}
+    path = tmp_path / "overhead.json"
+    assert _main(["overhead", "--calls", "3", "--repeats", "1", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "overhead" and doc["goal_us"] == 10.0
+    got = {r["op"]: r for r in doc["records"]}
+    assert set(_spec.names()) | {"F.scaled_dot_product_attention", "torch.empty"} == set(got)
+    assert all(r["fast_us"] > 0 and r["dispatcher_us"] > 0 for r in got.values())
+    assert "fast path" in capsys.readouterr().out
+    # the real kernels are back
+    assert {op: dict(backends.kernels(op)) for op in backends.ops()} == before
+    with pytest.raises(SystemExit, match="unknown op"):
+        _main(["overhead", "--op", "nope"])
+
+
+def test_allocation_only_kernels_return_the_real_shapes():
+    import vitkernels as vk
+    from vitkernels._samples import samples
+    from vitkernels.bench import overhead
+
+    for name, args in samples(batch=1).items():
+        with torch.no_grad():
+            want = getattr(vk, name)(*args)
+            with overhead.allocation_only(name, args):
+                getattr(vk, name)(*args)  # the real run that records the shapes
+                got = getattr(vk, name)(*args)
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert [t.shape for t in got] == [t.shape for t in want], name
+
+
 # ----------------------------------------------------------------------------- check
 
 

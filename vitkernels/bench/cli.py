@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitkernels-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = p.add_subparsers(dest="command", metavar="{ops,models,check,report}")
+    sub = p.add_subparsers(dest="command", metavar="{ops,models,check,overhead,report}")
     sub.required = True
     ops = sub.add_parser(
         "ops",
@@ -181,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--csv", metavar="PATH", help="write one CSV row per op x backend x dtype")
     check.add_argument("--plot", metavar="PNG", help="bar chart of each check's error / bound (needs matplotlib)")
     check.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
+    overhead = sub.add_parser(
+        "overhead",
+        help="host time per op call (allocation-only kernels), vs F.scaled_dot_product_attention",
+        description="The op layer's own cost per call on this CPU: each op's kernels are swapped for "
+        "allocation-only stand-ins; plain eager inference, the eager fast path on and off "
+        "(vitkernels.bench.overhead). Goal: <= 10 µs per call.",
+    )
+    overhead.add_argument("--op", action="append", metavar="NAME", help="only these ops")
+    overhead.add_argument("--calls", type=int, default=2000, help="calls per repeat (default 2000)")
+    overhead.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported (default 5)")
+    overhead.add_argument("--json", metavar="PATH", help="write the results (stamped with versions, commit, time)")
     from .results import add_report_args
 
     report = sub.add_parser(
@@ -699,6 +710,27 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_overhead(args) -> int:
+    from ..ops import _spec
+    from . import overhead
+    from .results import metadata, stamp_line, write_json
+
+    ops = _split(args.op) or None
+    unknown = [o for o in ops or () if o not in _spec.names()]
+    if unknown:
+        raise SystemExit(f"vitkernels-bench overhead: unknown op(s) {unknown}; ops: {', '.join(_spec.names())}")
+    if args.calls < 1 or args.repeats < 1:
+        raise SystemExit("vitkernels-bench overhead: --calls and --repeats must be >= 1")
+    meta = metadata("cpu")
+    print(stamp_line(meta))
+    records = overhead.run(ops=ops, calls=args.calls, repeats=args.repeats)
+    print(overhead.format_table(records))
+    if args.json:
+        write_json(args.json, {**meta, "kind": "overhead", "goal_us": overhead.GOAL_US, "records": records})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .results import report_main
 
@@ -707,7 +739,13 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"ops": cmd_ops, "models": cmd_models, "check": cmd_check, "report": cmd_report}[args.command]
+    handler = {
+        "ops": cmd_ops,
+        "models": cmd_models,
+        "check": cmd_check,
+        "overhead": cmd_overhead,
+        "report": cmd_report,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -17,7 +17,19 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import autocast_inputs, check_hw, check_same, check_tensor, describe, empty_if_none, fresh, reference_vjp
+from ._common import (
+    autocast_inputs,
+    call_private,
+    call_public,
+    check_hw,
+    check_same,
+    check_tensor,
+    describe,
+    empty_if_none,
+    fresh,
+    private_op,
+    reference_vjp,
+)
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 
@@ -67,15 +79,15 @@ def validate(x, hw, weight, bias, activation) -> None:
 def _dwconv(x, hw, weight, bias=None, activation=None):
     x, weight, bias = autocast_inputs(x, weight, bias)
     validate(x, hw, weight, bias, activation)
-    return torch.ops.vitkernels._dwconv_fwd(x, list(hw), weight, bias, activation)
+    return call_private("_dwconv_fwd", x, list(hw), weight, bias, activation)
 
 
 def dwconv(x: Tensor, hw, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     """Depthwise conv on token layout: x (B, H·W, C) -> (B, H·W, C), activation None/"gelu"/"relu" fused."""
-    return torch.ops.vitkernels.dwconv(x, list(hw), weight, bias, activation)
+    return call_public(OP, _dwconv, x, list(hw), weight, bias, activation)
 
 
-@torch.library.custom_op("vitkernels::_dwconv_fwd", mutates_args=())
+@private_op("vitkernels::_dwconv_fwd")
 def _dwconv_fwd(x: Tensor, hw: list[int], weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
     return backends.select(OP, x, hw, weight, bias, activation).forward(x, hw, weight, bias, activation)
 

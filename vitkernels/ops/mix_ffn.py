@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import autocast_inputs, check_hw, check_same, check_tensor, describe
+from ._common import (
+    autocast_inputs,
+    call_public,
+    check_hw,
+    check_same,
+    check_tensor,
+    describe,
+)
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
+from .dwconv import dwconv
 
 OP = "mix_ffn"
 
@@ -103,7 +110,7 @@ def _mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
     y = F.linear(x, fc1_weight, fc1_bias)
     if extra_relu:
         y = F.relu(y)
-    y = torch.ops.vitkernels.dwconv(y, hw, dw_weight, dw_bias, "gelu")
+    y = dwconv(y, hw, dw_weight, dw_bias, "gelu")
     return F.linear(y, fc2_weight, fc2_bias)
 
 
@@ -119,6 +126,6 @@ def mix_ffn(
     extra_relu: bool = False,
 ) -> Tensor:
     """Mix-FFN on token layout x (B, H·W, C) -> (B, H·W, C_out)."""
-    return torch.ops.vitkernels.mix_ffn(
-        x, list(hw), fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
+    return call_public(
+        OP, _mix_ffn, x, list(hw), fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
     )

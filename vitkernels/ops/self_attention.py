@@ -15,7 +15,18 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, KernelInputs
-from ._common import autocast_inputs, check_heads, check_int, check_tensor, default_scale, fresh, reference_vjp
+from ._common import (
+    autocast_inputs,
+    call_private,
+    call_public,
+    check_heads,
+    check_int,
+    check_tensor,
+    default_scale,
+    fresh,
+    private_op,
+    reference_vjp,
+)
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import CUDA_CAPS, TRITON_CAPS, cuda_head_dim_reasons, last_dim_contiguous
@@ -54,13 +65,13 @@ def validate(qkv: Tensor, num_heads: int) -> int:
 def _self_attention(qkv, num_heads, scale=None):
     (qkv,) = autocast_inputs(qkv)
     d = validate(qkv, num_heads)
-    return torch.ops.vitkernels._self_attention_fwd(qkv, num_heads, default_scale(scale, d))[0]
+    return call_private("_self_attention_fwd", qkv, num_heads, default_scale(scale, d))[0]
 
 
 def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     """Packed qkv (B, N, 3C) from the qkv linear -> attention output (B, N, C) ready for proj."""
     check_int(OP, "num_heads", num_heads)
-    return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
+    return call_public(OP, _self_attention, qkv, num_heads, scale)
 
 
 # ----------------------------------------------------------------------------- packed-layout views
@@ -76,7 +87,7 @@ def heads_view(x: Tensor, num_heads: int, parts: int) -> list:
 # ----------------------------------------------------------------------------- private ops
 
 
-@torch.library.custom_op("vitkernels::_self_attention_fwd", mutates_args=())
+@private_op("vitkernels::_self_attention_fwd")
 def _self_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     b, n, _ = qkv.shape
     if qkv.numel() == 0:

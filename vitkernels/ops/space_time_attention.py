@@ -24,6 +24,8 @@ from .. import reference as ref
 from ..backends import REFERENCE, KernelInputs
 from ._common import (
     autocast_inputs,
+    call_private,
+    call_public,
     check_heads,
     check_int,
     check_same,
@@ -32,6 +34,7 @@ from ._common import (
     describe,
     empty_if_none,
     fresh,
+    private_op,
     reference_vjp,
 )
 from ._library import composite
@@ -111,8 +114,8 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
 def _space_time_attention(qkv, frames, num_heads, axis, cls_qkv=None, layout="st", scale=None):
     qkv, cls_qkv = autocast_inputs(qkv, cls_qkv)
     d = validate(qkv, frames, num_heads, axis, cls_qkv, layout)
-    out, cls_out, _, _ = torch.ops.vitkernels._space_time_attention_fwd(
-        qkv, frames, num_heads, axis, cls_qkv, layout, default_scale(scale, d)
+    out, cls_out, _, _ = call_private(
+        "_space_time_attention_fwd", qkv, frames, num_heads, axis, cls_qkv, layout, default_scale(scale, d)
     )
     return out, cls_out
 
@@ -129,7 +132,7 @@ def space_time_attention(
     """Divided space-time attention; returns `out` (B, S·T, C), or `(out, cls_out)` with a class token."""
     check_int(OP, "frames", frames)
     check_int(OP, "num_heads", num_heads)
-    out, cls_out = torch.ops.vitkernels.space_time_attention(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
+    out, cls_out = call_public(OP, _space_time_attention, qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     return out if cls_qkv is None else (out, cls_out)
 
 
@@ -146,7 +149,7 @@ def _lse_shapes(qkv, frames, num_heads, axis, cls_qkv):
 
 # The private forward returns (out, cls_out, lse, cls_lse): the float32 logsumexp of every query
 # row is saved for the backward, which then needs no second forward.
-@torch.library.custom_op("vitkernels::_space_time_attention_fwd", mutates_args=())
+@private_op("vitkernels::_space_time_attention_fwd")
 def _space_time_attention_fwd(
     qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor], layout: str, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -19,12 +19,15 @@ from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
     FUSED_MAX_HEAD_DIM,
     autocast_inputs,
+    call_private,
+    call_public,
     check_heads,
     check_int,
     check_same,
     check_tensor,
     default_scale,
     fresh,
+    private_op,
     reference_vjp,
 )
 from ._library import composite
@@ -76,16 +79,16 @@ def validate(q: Tensor, kv: Tensor, num_heads: int) -> int:
 def _sr_attention(q, kv, num_heads, scale=None):
     q, kv = autocast_inputs(q, kv)
     d = validate(q, kv, num_heads)
-    return torch.ops.vitkernels._sr_attention_fwd(q, kv, num_heads, default_scale(scale, d))[0]
+    return call_private("_sr_attention_fwd", q, kv, num_heads, default_scale(scale, d))[0]
 
 
 def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
     """Queries (B, N, C) of the full-resolution map against keys/values (B, M, 2C) of the reduced map."""
     check_int(OP, "num_heads", num_heads)
-    return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
+    return call_public(OP, _sr_attention, q, kv, num_heads, scale)
 
 
-@torch.library.custom_op("vitkernels::_sr_attention_fwd", mutates_args=())
+@private_op("vitkernels::_sr_attention_fwd")
 def _sr_attention_fwd(q: Tensor, kv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     b, n, c = q.shape
     if q.numel() == 0 or kv.shape[1] == 0:

@@ -27,6 +27,8 @@ from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ._common import (
     FUSED_MAX_HEAD_DIM,
     autocast_inputs,
+    call_private,
+    call_public,
     check_heads,
     check_hw,
     check_same,
@@ -35,6 +37,7 @@ from ._common import (
     describe,
     empty_if_none,
     fresh,
+    private_op,
     reference_vjp,
 )
 from ._library import composite
@@ -175,7 +178,8 @@ def _window_attention(
 ):
     qkv, rel_pos_bias_table, qkv_bias, logit_scale = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias, logit_scale)
     d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale, shift_first)
-    return torch.ops.vitkernels._window_attention_fwd(
+    return call_private(
+        "_window_attention_fwd",
         qkv,
         list(hw),
         num_heads,
@@ -212,12 +216,23 @@ def window_attention(
             f"vitkernels.window_attention: shift_first must be a bool, got {shift_first!r} "
             f"({type(shift_first).__name__})"
         )
-    return torch.ops.vitkernels.window_attention(
-        qkv, list(hw), num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first
+    return call_public(
+        OP,
+        _window_attention,
+        qkv,
+        list(hw),
+        num_heads,
+        window_size,
+        shift_size,
+        rel_pos_bias_table,
+        qkv_bias,
+        scale,
+        logit_scale,
+        shift_first,
     )
 
 
-@torch.library.custom_op("vitkernels::_window_attention_fwd", mutates_args=())
+@private_op("vitkernels::_window_attention_fwd")
 def _window_attention_fwd(
     qkv: Tensor,
     hw: list[int],

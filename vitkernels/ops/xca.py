@@ -15,7 +15,19 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import autocast_inputs, check_heads, check_int, check_same, check_tensor, describe, fresh, reference_vjp
+from ._common import (
+    autocast_inputs,
+    call_private,
+    call_public,
+    check_heads,
+    check_int,
+    check_same,
+    check_tensor,
+    describe,
+    fresh,
+    private_op,
+    reference_vjp,
+)
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import last_dim_contiguous
@@ -78,16 +90,16 @@ def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
 def _xca(qkv, num_heads, temperature):
     qkv, temperature = autocast_inputs(qkv, temperature)
     validate(qkv, num_heads, temperature)
-    return torch.ops.vitkernels._xca_fwd(qkv, num_heads, temperature)
+    return call_private("_xca_fwd", qkv, num_heads, temperature)
 
 
 def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
     """XCiT cross-covariance attention on the packed qkv projection (B, N, 3C) -> (B, N, C)."""
     check_int(OP, "num_heads", num_heads)
-    return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
+    return call_public(OP, _xca, qkv, num_heads, temperature)
 
 
-@torch.library.custom_op("vitkernels::_xca_fwd", mutates_args=())
+@private_op("vitkernels::_xca_fwd")
 def _xca_fwd(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
     return backends.select(OP, qkv, num_heads, temperature).forward(qkv, num_heads, temperature)
 

@@ -1,0 +1,118 @@
+"""`vitkernels-bench overhead`: host time per op call before any kernel runs (issue: batch-1 inference
+pays it in every layer).
+
+Each op's kernels are swapped for an allocation-only stand-in (it returns empty tensors of the real
+kernel's output shapes), so a call's time is the op layer's own cost: argument checks, autocast,
+the public and private ops, the backend choice, the output allocation. Measured on this process's
+CPU with `time.perf_counter` over many calls (median of repeats), in plain eager inference
+(`torch.no_grad`), with the eager fast path on (default) and off (the dispatcher path every call took
+before), next to `F.scaled_dot_product_attention` on tiny tensors and a bare `torch.empty`.
+The goal: <= 10 µs per call. (mix_ffn also runs its two F.linear on the tiny sample.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from .._samples import samples
+from ..ops import _common
+
+GOAL_US = 10.0
+
+
+def _stand_in(real_forward):
+    """A kernel forward that runs `real_forward` once, then only allocates outputs of its shapes
+    (the benchmark calls each op with the same arguments every time)."""
+    made = None
+
+    def forward(*args, **kwargs):
+        nonlocal made
+        if made is None:
+            made = real_forward(*args, **kwargs)
+        if isinstance(made, torch.Tensor):
+            return torch.empty(made.shape, dtype=made.dtype, device=made.device)
+        return tuple(torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in made)
+
+    return forward
+
+
+@contextlib.contextmanager
+def allocation_only(op: str, args: tuple):
+    """Every kernel of `op` (and of its parts, for a composite) runs for real on its first call,
+    then allocates only."""
+    parts = backends.COMPOSITES.get(op)
+    names = [op] + ([] if parts is None else [part for part, _ in parts(*backends.complete_args(op, args, {})[0])])
+    swapped = {}
+    try:
+        for name in names:
+            for backend, k in backends.kernels(name).items():
+                swapped[(name, backend)] = k
+                backends._KERNELS[name][backend] = dataclasses.replace(k, forward=_stand_in(k.forward))
+        yield
+    finally:
+        for (name, backend), k in swapped.items():
+            backends._KERNELS[name][backend] = k
+
+
+def per_call_us(fn, calls: int, repeats: int) -> float:
+    """Median over `repeats` of the mean time of `calls` calls, in µs (after a warm-up)."""
+    for _ in range(max(10, calls // 10)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def fast_path(enabled: bool):
+    old = _common.EAGER_FAST_PATH
+    _common.EAGER_FAST_PATH = enabled
+    try:
+        yield
+    finally:
+        _common.EAGER_FAST_PATH = old
+
+
+def run(ops=None, calls: int = 2000, repeats: int = 5) -> list:
+    """One record per op (and per baseline): µs per call with the fast path on and off."""
+    import vitkernels as vk
+
+    from ..ops import _spec
+
+    records = []
+    q = torch.randn(1, 2, 9, 8)
+    with torch.no_grad():
+        sdpa = per_call_us(lambda: F.scaled_dot_product_attention(q, q, q), calls, repeats)
+        empty = per_call_us(lambda: torch.empty(1, 9, 16), calls, repeats)
+    records.append({"op": "F.scaled_dot_product_attention", "fast_us": sdpa, "dispatcher_us": sdpa})
+    records.append({"op": "torch.empty", "fast_us": empty, "dispatcher_us": empty})
+    for name, args in samples(batch=1).items():
+        if ops and name not in ops:
+            continue
+        fn = getattr(vk, _spec.get(name).name)
+        with torch.no_grad(), allocation_only(name, args):
+            with fast_path(True):
+                fast = per_call_us(lambda fn=fn, args=args: fn(*args), calls, repeats)
+            with fast_path(False):
+                slow = per_call_us(lambda fn=fn, args=args: fn(*args), calls, repeats)
+        records.append({"op": name, "fast_us": fast, "dispatcher_us": slow})
+    return records
+
+
+def format_table(records: list) -> str:
+    lines = [f"{'op':34s} {'fast path µs':>13s} {'dispatcher µs':>14s}  goal <= {GOAL_US:g} µs"]
+    for r in records:
+        mark = "" if r["op"].startswith(("F.", "torch.")) else ("  ok" if r["fast_us"] <= GOAL_US else "  over")
+        lines.append(f"{r['op']:34s} {r['fast_us']:13.2f} {r['dispatcher_us']:14.2f}{mark}")
+    return "\n".join(lines)
