@@ -1,4 +1,4 @@
-"""Independent float64 oracles for the eight vitkernels ops.
+"""Independent float64 oracles for the nine vitkernels ops.
 
 Written directly from the words of SPEC.md, deliberately naive: explicit padding, explicit
 index-gather shifts, explicit window partition, explicit (nW, N, N) masks and python loops where
@@ -25,6 +25,8 @@ __all__ = [
     "space_time_attention",
     "dwconv",
     "mix_ffn",
+    "pool_attention",
+    "pool_rel_pos_index",
     "window_rel_pos_index",
     "window_shift_mask",
 ]
@@ -360,3 +362,56 @@ def mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bia
         h = torch.relu(h)
     h = dwconv(h, hw, dw_weight, dw_bias, activation="gelu")
     return _linear(h, fc2_weight, fc2_bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. pool_attention
+# ---------------------------------------------------------------------------------------------
+def pool_rel_pos_index(q_len: int, k_len: int):
+    """(q_len, k_len) long: idx[a, c] = trunc(a*max(k/q, 1) - c*max(q/k, 1) + (k-1)*max(q/k, 1)),
+    evaluated as SPEC.md says timm's cal_rel_pos_type does it: each operation in float32 (the ratios and
+    the offset are Python doubles rounded to float32), then truncated."""
+
+    def f32(x):
+        return torch.tensor(x, dtype=torch.float32)
+
+    q_ratio, k_ratio = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
+    offset = f32((k_len - 1) * k_ratio)
+    keys = torch.arange(k_len, dtype=torch.float32)  # c = 0 .. k-1
+    idx = torch.empty(q_len, k_len, dtype=torch.long)
+    for a in range(q_len):
+        idx[a] = torch.trunc((f32(a) * f32(q_ratio) - keys * f32(k_ratio)) + offset).long()
+    return idx
+
+
+def pool_attention(q, k, v, q_hw, k_hw, rel_pos_h=None, rel_pos_w=None, has_cls_token=True, residual=True, scale=None):
+    """q (B, heads, Nq, D), k/v (B, heads, Nk, D) -> (B, Nq, heads*D): softmax(scale q k^T + R) v (+ q).
+    R[i, j] = q_i . (rel_pos_h[dh] + rel_pos_w[dw]) for spatial i = (qh, qw), j = (kh, kw); 0 on the
+    class token's row and column and without tables."""
+    B, Hh, Nq, D = q.shape
+    Nk = k.shape[2]
+    (q_h, q_w), (k_h, k_w) = (int(x) for x in q_hw), (int(x) for x in k_hw)
+    sp = 1 if has_cls_token else 0
+    assert Nq == q_h * q_w + sp and Nk == k_h * k_w + sp
+    assert (rel_pos_h is None) == (rel_pos_w is None)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * _default_scale(D, scale)
+    if rel_pos_h is not None:
+        ih, iw = pool_rel_pos_index(q_h, k_h), pool_rel_pos_index(q_w, k_w)
+        # the (query token, key token) pairs of the spatial grid, row-major, and their table rows
+        rows_h = torch.empty(q_h * q_w, k_h * k_w, dtype=torch.long)
+        rows_w = torch.empty(q_h * q_w, k_h * k_w, dtype=torch.long)
+        for i in range(q_h * q_w):
+            a, b = divmod(i, q_w)
+            for j in range(k_h * k_w):
+                c, e = divmod(j, k_w)
+                rows_h[i, j] = ih[a, c]
+                rows_w[i, j] = iw[b, e]
+        table = rel_pos_h[rows_h] + rel_pos_w[rows_w]  # (Nq_sp, Nk_sp, D)
+        r_sp = torch.einsum("bhid,ijd->bhij", q[:, :, sp:], table)  # q unscaled
+        R = scores.new_zeros(B, Hh, Nq, Nk)
+        R = torch.cat([R[:, :, :sp], torch.cat([R[:, :, sp:, :sp], r_sp], dim=-1)], dim=2)
+        scores = scores + R
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    if residual:
+        out = out + q
+    return _merge_heads(out)

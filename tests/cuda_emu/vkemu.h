@@ -129,3 +129,9 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int wi
 // Device-side integer min/max (CUDA provides them unqualified).
 using std::max;
 using std::min;
+
+// Single-precision arithmetic rounded to nearest per operation (nvcc never contracts these into an
+// FMA). Out of line so that g++ cannot contract them either once inlined into a caller.
+[[gnu::noinline]] inline float __fmul_rn(float a, float b) { return a * b; }
+[[gnu::noinline]] inline float __fadd_rn(float a, float b) { return a + b; }
+[[gnu::noinline]] inline float __fsub_rn(float a, float b) { return a - b; }

@@ -143,6 +143,91 @@ CASES_BY_OP = {
             r"fc1_weight must be \(hidden, C\) with C = 4",
         ),
     ],
+    "pool_attention": [
+        (
+            lambda: vk.pool_attention(r(2, 13, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), (3, 4), (2, 2)),
+            ValueError,
+            r"q must be 4-D, got shape \(2, 13, 8\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(2, 2, 13, 8), r(2, 2, 5, 8), r(2, 2, 5, 4), (3, 4), (2, 2)),
+            ValueError,
+            r"k and v must have the same shape, got k \(2, 2, 5, 8\) and v \(2, 2, 5, 4\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(2, 2, 13, 8), r(2, 3, 5, 8), r(2, 3, 5, 8), (3, 4), (2, 2)),
+            ValueError,
+            r"k must be \(B, heads, Nk, D\) = \(2, 2, Nk, 8\) to match q \(2, 2, 13, 8\), got k shape \(2, 3, 5, 8\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(2, 2, 12, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), (3, 4), (2, 2)),
+            ValueError,
+            r"q has Nq = 12 tokens but q_hw = \(3, 4\) needs 3\*4 \+ 1 \(class token\) = 13",
+        ),
+        (
+            lambda: vk.pool_attention(
+                r(2, 2, 12, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), (3, 4), (2, 2), has_cls_token=False
+            ),
+            ValueError,
+            r"k has Nk = 5 tokens but k_hw = \(2, 2\) needs 2\*2 = 4",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 0)),
+            ValueError,
+            r"k_hw must be \(H, W\) with ints H, W >= 1, got \(2, 0\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(5, 8)),
+            ValueError,
+            r"rel_pos_h and rel_pos_w must be given together \(or both None\), got only rel_pos_h",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(5, 8), r(7, 4)),
+            ValueError,
+            r"rel_pos_w must be \(L, D\) with D = 8 \(the head dim of q\), got shape \(7, 4\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(3, 8), r(7, 8)),
+            ValueError,
+            r"rel_pos_h table too short: q_hw \(3, 4\) against k_hw \(2, 2\) needs L >= 4 rows .*got shape \(3, 8\)",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(5, 8), r(5, 8)),
+            ValueError,
+            r"rel_pos_w table too short: .* needs L >= 6 rows",
+        ),
+        (
+            lambda: vk.pool_attention(
+                r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(5, 8, dtype=torch.float16), r(7, 8)
+            ),
+            TypeError,
+            r"rel_pos_h must have the dtype of q \(torch.float32\), got shape \(5, 8\), dtype torch.float16",
+        ),
+        (
+            lambda: vk.pool_attention(
+                r(1, 1, 13, 8), r(1, 1, 5, 8, dtype=torch.float16), r(1, 1, 5, 8), (3, 4), (2, 2)
+            ),
+            TypeError,
+            r"k must have the dtype of q",
+        ),
+        (
+            lambda: vk.pool_attention(
+                r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), r(5, 8), torch.empty(7, 8, device="meta")
+            ),
+            ValueError,
+            r"rel_pos_w must be on the device of q",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 1, 13, 8), r(1, 1, 5, 8), r(1, 1, 5, 8), (3, 4), (2, 2), residual=1),
+            TypeError,
+            r"residual must be a bool, got 1",
+        ),
+        (
+            lambda: vk.pool_attention(r(1, 0, 13, 8), r(1, 0, 5, 8), r(1, 0, 5, 8), (3, 4), (2, 2)),
+            ValueError,
+            r"heads >= 1 and D >= 1, got shape \(1, 0, 13, 8\)",
+        ),
+    ],
 }
 CASES = [(op, *case) for op, cases in CASES_BY_OP.items() for case in cases]
 

@@ -644,3 +644,143 @@ def test_mix_ffn_vs_modules(g, extra_relu):
     ref = fc2(F.gelu(h))
     out = oracles.mix_ffn(x, (H, W), fc1.weight, fc1.bias, dw.weight, dw.bias, fc2.weight, fc2.bias, extra_relu)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+# ------------------------------------------------------------------------------------------
+# pool_attention (MViTv2)
+# ------------------------------------------------------------------------------------------
+def _mvitv2():
+    try:
+        import timm.models.mvitv2 as mvitv2
+    except Exception as e:  # ImportError, or torchvision operator errors
+        pytest.skip(f"timm does not import: {type(e).__name__}: {e}")
+    return mvitv2
+
+
+def _timm_pool_attention(mvitv2, q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, cls, residual):
+    """timm MultiScaleAttention.forward from its scores on (after the pools and norms)."""
+    B, Hh, Nq, D = q.shape
+    attn = (q * D**-0.5) @ k.transpose(-2, -1)
+    attn = mvitv2.cal_rel_pos_type(attn, q, cls, list(q_hw), list(k_hw), rel_pos_h, rel_pos_w)
+    x = attn.softmax(dim=-1) @ v
+    if residual:
+        x = x + q
+    return x.transpose(1, 2).reshape(B, Nq, Hh * D)
+
+
+# (q_hw, k_hw): q bigger than k (kv pooled by 4 / 2), equal, k bigger (a stage's first block), non-square
+POOL_TIMM_CASES = [
+    ((4, 4), (1, 1)),
+    ((4, 4), (2, 2)),
+    ((3, 3), (3, 3)),
+    ((2, 2), (4, 4)),
+    ((3, 5), (2, 3)),
+    ((2, 3), (4, 6)),
+]
+
+
+@pytest.mark.parametrize("q_hw,k_hw", POOL_TIMM_CASES, ids=str)
+@pytest.mark.parametrize("cls", [True, False], ids=["cls", "nocls"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_pool_attention_vs_timm_cal_rel_pos_type(g, q_hw, k_hw, cls, residual):
+    mvitv2 = _mvitv2()
+    B, Hh, D, sp = 2, 2, 5, int(cls)
+    q = rnd(B, Hh, q_hw[0] * q_hw[1] + sp, D, gen=g).requires_grad_()
+    k, v = (rnd(B, Hh, k_hw[0] * k_hw[1] + sp, D, gen=g).requires_grad_() for _ in range(2))
+    th = rnd(2 * max(q_hw[0], k_hw[0]) - 1, D, gen=g).requires_grad_()  # timm's table lengths
+    tw = rnd(2 * max(q_hw[1], k_hw[1]) - 1, D, gen=g).requires_grad_()
+    ours = oracles.pool_attention(q, k, v, q_hw, k_hw, th, tw, cls, residual)
+    ref = _timm_pool_attention(mvitv2, q, k, v, q_hw, k_hw, th, tw, cls, residual)
+    torch.testing.assert_close(ours, ref, **TOL)
+    go = rnd(*ref.shape, gen=g)
+    leaves = [q, k, v, th, tw]
+    for a, b in zip(torch.autograd.grad(ours, leaves, go), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize(
+    "stride_q,stride_kv,cls,residual",
+    [
+        ((1, 1), (4, 4), False, True),
+        ((2, 2), (2, 2), True, True),
+        ((2, 2), (1, 1), True, False),
+        ((1, 1), (2, 2), False, False),
+    ],
+)
+def test_pool_attention_vs_timm_multiscale_attention(g, stride_q, stride_kv, cls, residual):
+    """A whole timm MultiScaleAttention (qkv linear, conv pools + LayerNorms, attention, proj): its
+    output and gradients equal proj(oracle(q, k, v)) on the q, k, v its pool norms produce."""
+    mvitv2 = _mvitv2()
+    torch.manual_seed(0)
+    dim, heads, H = 12, 2, 8
+    attn = mvitv2.MultiScaleAttention(
+        dim,
+        dim,
+        (H, H),
+        heads,
+        kernel_q=(3, 3),
+        kernel_kv=(3, 3),
+        stride_q=stride_q,
+        stride_kv=stride_kv,
+        has_cls_token=cls,
+        residual_pooling=residual,
+    ).double()
+    with torch.no_grad():  # timm initialises the tables at std 0.02: make the rel terms matter
+        attn.rel_pos_h.copy_(rnd(*attn.rel_pos_h.shape, gen=g))
+        attn.rel_pos_w.copy_(rnd(*attn.rel_pos_w.shape, gen=g))
+    seen = {}
+    for name in ("norm_q", "norm_k", "norm_v"):
+        getattr(attn, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    x = rnd(2, H * H + int(cls), dim, gen=g).requires_grad_()
+    ref, q_size = attn(x, [H, H])
+    k_size = [(H + 2 - 3) // s + 1 for s in stride_kv]
+    q, k, v = seen["norm_q"], seen["norm_k"], seen["norm_v"]
+    o = oracles.pool_attention(q, k, v, q_size, k_size, attn.rel_pos_h, attn.rel_pos_w, cls, residual)
+    ours = attn.proj(o)
+    torch.testing.assert_close(ours, ref, **TOL)
+    go = rnd(*ref.shape, gen=g)
+    leaves = [x, attn.rel_pos_h, attn.rel_pos_w, attn.qkv.weight]
+    for a, b in zip(torch.autograd.grad(ours, leaves, go, retain_graph=True), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def _timm_rel_pos_index(mvitv2, q_len, k_len):
+    """timm's table rows along one axis, read back through cal_rel_pos_type: a 1-D table whose row i
+    holds i, queries of ones, and a zero table on the other axis."""
+    table = torch.arange(2 * max(q_len, k_len), dtype=DT).unsqueeze(1)
+    q = torch.ones(1, 1, q_len, 1, dtype=DT)
+    attn = torch.zeros(1, 1, q_len, k_len, dtype=DT)
+    out = mvitv2.cal_rel_pos_type(attn, q, False, [q_len, 1], [k_len, 1], table, torch.zeros_like(table))
+    return out[0, 0].long()
+
+
+def test_pool_rel_pos_index_equals_timm(g):
+    """The oracle's table rows equal timm's for every (q, k) axis pair MViTv2 produces (square inputs
+    64..512 px in steps of 16: stride-4 patch embed, q strides 1/2/2/2, adaptive kv strides 4/2/1/1,
+    conv pools of kernel 3), and at non-dyadic size ratios where timm's float32 arithmetic lands one
+    row below the exact-rational reading of the formula (docs/pool_attention.md)."""
+    from fractions import Fraction
+
+    mvitv2 = _mvitv2()
+
+    def pooled(n, s):
+        return (n - 1) // s + 1
+
+    pairs = set()
+    for res in range(64, 513, 16):
+        f = pooled(res, 4)
+        for sq, skv in zip((1, 2, 2, 2), (4, 2, 1, 1)):
+            pairs.add((pooled(f, sq), pooled(f, skv)))  # the stage's first block
+            f = pooled(f, sq)
+            pairs.add((f, pooled(f, skv)))  # its other blocks
+    odd = [(8, 6), (6, 8), (13, 7), (7, 13), (11, 10), (16, 14)]
+    for q_len, k_len in sorted(pairs) + odd:
+        got = oracles.pool_rel_pos_index(q_len, k_len)
+        assert torch.equal(got, _timm_rel_pos_index(mvitv2, q_len, k_len)), (q_len, k_len)
+
+    def exact(q_len, k_len):
+        qr, kr = max(Fraction(k_len, q_len), 1), max(Fraction(q_len, k_len), 1)
+        return torch.tensor([[int(a * qr - c * kr + (k_len - 1) * kr) for c in range(k_len)] for a in range(q_len)])
+
+    assert all(torch.equal(oracles.pool_rel_pos_index(*p), exact(*p)) for p in pairs)  # dyadic ratios: no rounding
+    assert not torch.equal(oracles.pool_rel_pos_index(8, 6), exact(8, 6))  # timm's rounding is followed

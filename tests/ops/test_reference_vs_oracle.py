@@ -318,6 +318,55 @@ def test_mix_ffn(extra_relu, B, H, W, Cin, Hid, Cout):
 
 
 # ------------------------------------------------------------------------------------------
+# 9. pool_attention
+# ------------------------------------------------------------------------------------------
+POOL_CASES = [
+    # (B, heads, q_hw, k_hw, D, cls, residual, tables, scale)
+    (2, 2, (4, 4), (1, 1), 4, True, True, True, None),  # kv pooled by 4 (MViTv2 stage 1 in miniature)
+    (1, 3, (4, 4), (2, 2), 5, False, True, True, None),
+    (2, 1, (3, 5), (2, 3), 4, True, False, True, 0.3),  # non-square, non-integer ratios
+    (1, 2, (2, 2), (4, 4), 3, False, False, True, None),  # k bigger than q (a stage's first block)
+    (2, 2, (5, 3), (5, 3), 4, True, True, True, None),  # equal maps
+    (1, 2, (1, 1), (3, 2), 4, True, True, True, None),  # a single spatial query
+    (2, 2, (3, 4), (2, 2), 4, True, True, False, None),  # no tables
+    (1, 1, (2, 3), (4, 3), 6, False, True, False, 1.1),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_pool_attention(case):
+    B, Hh, q_hw, k_hw, D, cls, residual, tables, scale = case
+    g = make_gen("pool", case)
+    sp = 1 if cls else 0
+    q = rnd(g, B, Hh, q_hw[0] * q_hw[1] + sp, D)
+    k, v = (rnd(g, B, Hh, k_hw[0] * k_hw[1] + sp, D) for _ in range(2))
+    th = rnd(g, 2 * max(q_hw[0], k_hw[0]) - 1, D) if tables else None
+    tw = rnd(g, 2 * max(q_hw[1], k_hw[1]) - 1 + 2, D) if tables else None  # longer than needed is fine
+    compare("pool_attention", (q, k, v, q_hw, k_hw, th, tw, cls, residual, scale), gen=g)
+
+
+def test_pool_attention_noncontiguous_and_kwargs():
+    """q / k / v as slices of a packed (3, B, heads, N, D) qkv permute (timm's layout), tables as
+    column slices; keyword arguments."""
+    g = make_gen("pool-nc")
+    B, Hh, D, N = 2, 2, 4, 13
+    qkv = rnd(g, B, N, 3, Hh, D, grad=False).permute(2, 0, 3, 1, 4)
+    q, k, v = (qkv[i].requires_grad_() for i in range(3))
+    th = rnd(g, 5, 2 * D, grad=False)[:, ::2].requires_grad_()
+    tw = rnd(g, 7, D + 3, grad=False)[:, 1 : D + 1].requires_grad_()
+    compare("pool_attention", (q, k, v, (3, 4), (3, 4)), dict(rel_pos_h=th, rel_pos_w=tw, scale=0.4), gen=g)
+
+
+def test_pool_attention_empty_batch():
+    g = make_gen("pool-empty")
+    _check_empty(
+        "pool_attention",
+        (rnd(g, 0, 2, 13, 4), rnd(g, 0, 2, 5, 4), rnd(g, 0, 2, 5, 4), (3, 4), (2, 2), rnd(g, 5, 4), rnd(g, 7, 4)),
+        (0, 13, 8),
+    )
+
+
+# ------------------------------------------------------------------------------------------
 # empty batch
 # ------------------------------------------------------------------------------------------
 def _check_empty(name, args, want_shape):

@@ -55,9 +55,16 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         "_dwconv_bwd_reduce_kernel",
         "_sr_fwd_kernel",
         "_sr_bwd_kernel",
+        "_sr_split_bwd_kernel",
+        "_mix_ffn_fwd_kernel",
         "_xca_stats_kernel",
         "_xca_fwd_kernel",
         "_xca_bwd_kernel",
+        "_pool_fwd_kernel",
+        "_pool_bwd_pre_kernel",
+        "_pool_bwd_dkdv_kernel",
+        "_pool_bwd_dq_kernel",
+        "_pool_bwd_table_kernel",
     }, kernels
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n\n".join(f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in failed)

@@ -88,12 +88,28 @@ CASES = {
         [(1, 14 * 13, 3 * 64), (169, 2), (3 * 64,), (2,)],
     ),
     "sr_attention": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 49, 128)]),
+    # The split backward (beyond the on-chip one): M = 200 keys of D = 64, and M = 260 keys of
+    # D = 32 (2 heads) for the tiles kept only at BLOCK_D 32. M > 128 keeps the 128-key tiles; M and
+    # N are ragged for every BLOCK_N, BLOCK_M and for the 2 chunks per head.
+    "sr_attention split": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 200, 128)]),
+    "sr_attention split d32": (lambda q, kv: vk.sr_attention(q, kv, 2), [(1, 130, 64), (1, 260, 128)]),
     "xca split": (lambda x, t: vk.xca(x, 1, t), [(1, 300, 3 * 48), (1, 1, 1)]),
     "space_time_attention cls": (
         lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
         [(1, 2 * 70, 3 * 64), (1, 3 * 64)],
     ),
     "dwconv": (lambda x, w, b: vk.dwconv(x, (20, 18), w, b, "gelu"), [(1, 360, 64), (64, 1, 3, 3), (64,)]),
+    # MViTv2 pooling attention: Nq = 137 (two dK/dV query chunks), Nk = 69, a 67-row rel_pos_h (BLOCK_L 128).
+    "pool_attention cls": (
+        lambda q, k, v, th, tw: vk.pool_attention(q, k, v, (34, 4), (17, 4), th, tw, has_cls_token=True),
+        [(1, 1, 137, 32), (1, 1, 69, 32), (1, 1, 69, 32), (67, 32), (7, 32)],
+    ),
+    # the fused dwconv + GELU + fc2 kernel: a 9×12 map, hidden 40 and C_out 72 ragged against every
+    # tile (8×16 tokens, 128 output channels, 64-channel hidden chunks are kept); backward: dwconv's
+    "mix_ffn fused": (
+        lambda x, w1, b1, dw, db, w2, b2: vk.mix_ffn(x, (9, 12), w1, b1, dw, db, w2, b2),
+        [(1, 108, 8), (40, 8), (40,), (40, 1, 3, 3), (40,), (72, 40), (72,)],
+    ),
 }
 
 

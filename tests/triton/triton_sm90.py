@@ -45,6 +45,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from vitkernels.ops import _spec  # noqa: E402
 from vitkernels.triton import attention as t_attn  # noqa: E402
 from vitkernels.triton import dwconv as t_dw  # noqa: E402
+from vitkernels.triton import mix_ffn as t_mix  # noqa: E402
+from vitkernels.triton import pool_attention as t_pool  # noqa: E402
 from vitkernels.triton import sr_attention as t_sr  # noqa: E402
 from vitkernels.triton import window_attention as t_wa  # noqa: E402
 from vitkernels.triton import xca as t_xca  # noqa: E402
@@ -142,14 +144,20 @@ def _dwconv(dt, B, hw, C, k, act):
     t_dw.dwconv_backward(y, x, hw, w, b, act)
 
 
+def _mix_ffn(dt, B, hw, hidden, c_out, k=3):
+    """The fused dwconv + GELU + fc2 forward on the fc1 output h (its backward runs dwconv's kernels)."""
+    h = torch.empty(B, hw[0] * hw[1], hidden, dtype=dt)
+    dw, dw_b = torch.empty(hidden, 1, k, k, dtype=dt), torch.empty(hidden, dtype=dt)
+    t_mix.mix_ffn_forward(h, hw, dw, dw_b, torch.empty(c_out, hidden, dtype=dt), torch.empty(c_out, dtype=dt))
+
+
 def _sr(dt, B, H, N, M, D):
+    """The N ≫ M forward and, as the op's "auto" picks, the on-chip or the split backward."""
     q, k, v = torch.empty(B, H, N, D, dtype=dt), torch.empty(B, H, M, D, dtype=dt), torch.empty(B, H, M, D, dtype=dt)
     out = torch.empty_like(q)
     lse = t_sr.sr_attention_forward(q, k, v, D**-0.5, out)
-    if t_sr.supports_backward(M, D):
-        t_sr.sr_attention_backward(
-            out, q, k, v, out, lse, D**-0.5, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        )
+    backward = t_sr.sr_attention_backward if t_sr.supports_backward(M, D) else t_sr.sr_attention_split_backward
+    backward(out, q, k, v, out, lse, D**-0.5, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
 
 def _xca(dt, B, N, C, heads):
@@ -165,6 +173,15 @@ def _space_time(dt, B, S, T, C, heads, axis, layout, cls):
     args = (qkv, T, heads, axis, cls_qkv, layout, (C // heads) ** -0.5)
     saved = op._triton_forward(*args)
     op._triton_backward(saved[0], saved[1] if cls else None, saved, *args)
+
+
+def _pool(dt, B, H, q_hw, k_hw, D, cls=False, rel=True, residual=True):
+    """MViTv2 pooling attention: q at q_hw, k and v pooled to k_hw, timm's table length 2·max − 1."""
+    Nq, Nk = q_hw[0] * q_hw[1] + cls, k_hw[0] * k_hw[1] + cls
+    q, k, v = (torch.empty(B, H, n, D, dtype=dt) for n in (Nq, Nk, Nk))
+    th, tw = (torch.empty(2 * max(q_hw[i], k_hw[i]) - 1, D, dtype=dt) if rel else None for i in (0, 1))
+    out, lse = t_pool.pool_attention_fwd(q, k, v, q_hw, k_hw, th, tw, cls, residual, D**-0.5)
+    t_pool.pool_attention_bwd(out, q, k, v, out, lse, q_hw, k_hw, th, tw, cls, residual, D**-0.5)
 
 
 def scenarios(quick: bool):
@@ -187,14 +204,23 @@ def scenarios(quick: bool):
                 lambda dt=dt: _window(dt, 2, (60, 60), 96, 3, 8, 4, cosine=True, shift_first=True),
             ),
             (f"dwconv segformer k3 gelu {n}", lambda dt=dt: _dwconv(dt, 2, (128, 128), 256, 3, "gelu")),
+            (f"mix_ffn segformer-b2 s1 512 {n}", lambda dt=dt: _mix_ffn(dt, 8, (128, 128), 256, 64)),
+            (f"mix_ffn pvtv2-b2 s1 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (56, 56), 512, 64)),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
+            # SegFormer-B2 at 512 px, batch 8: D = 64, M = 256 runs the split backward
+            (f"sr segformer-b2-512 s1 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 1, 16384, 256, 64)),
+            (f"sr segformer-b2-512 s2 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 2, 4096, 256, 64)),
             (
                 f"space_time timesformer space+cls {n}",
                 lambda dt=dt: _space_time(dt, 1, 196, 8, 768, 12, "space", "st", True),
             ),
             (f"xca xcit-s12 b64 (one pass) {n}", lambda dt=dt: _xca(dt, 64, 196, 384, 8)),
             (f"xca xcit-s12 b4 (split) {n}", lambda dt=dt: _xca(dt, 4, 196, 384, 8)),
+            # MViTv2-T at 224 px (timm): q / kv maps of stage 1, the first block of stage 2, stage 4
+            (f"pool mvitv2-t s1 {n}", lambda dt=dt: _pool(dt, 8, 1, (56, 56), (14, 14), 96)),
+            (f"pool mvitv2-t s2.0 {n}", lambda dt=dt: _pool(dt, 8, 2, (28, 28), (28, 28), 96)),
+            (f"pool mvitv2-t s4 {n}", lambda dt=dt: _pool(dt, 8, 8, (7, 7), (7, 7), 96)),
         ]
         if not quick:
             out += [
@@ -217,6 +243,7 @@ def scenarios(quick: bool):
                 ),
                 (f"dwconv k5 relu {n}", lambda dt=dt: _dwconv(dt, 2, (64, 64), 128, 5, "relu")),
                 (f"dwconv k7 none {n}", lambda dt=dt: _dwconv(dt, 2, (32, 32), 320, 7, None)),
+                (f"mix_ffn pvtv2-b2 s4 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (7, 7), 2048, 512)),
                 (f"sr pvtv2-b2 s2 {n}", lambda dt=dt: _sr(dt, 4, 2, 784, 49, 64)),
                 (f"sr segformer-512 s2 d64 {n}", lambda dt=dt: _sr(dt, 2, 2, 4096, 256, 64)),
                 (
@@ -225,6 +252,15 @@ def scenarios(quick: bool):
                 ),
                 (f"xca d64 {n}", lambda dt=dt: _xca(dt, 8, 1000, 512, 8)),
                 (f"xca d16 {n}", lambda dt=dt: _xca(dt, 2, 300, 64, 4)),
+                (f"pool mvitv2-t s2 {n}", lambda dt=dt: _pool(dt, 8, 2, (28, 28), (14, 14), 96)),
+                (f"pool mvitv2-t s3.0 {n}", lambda dt=dt: _pool(dt, 8, 4, (14, 14), (28, 28), 96)),
+                (f"pool mvitv2-t s3 {n}", lambda dt=dt: _pool(dt, 8, 4, (14, 14), (14, 14), 96)),
+                (f"pool mvitv2-t s4.0 {n}", lambda dt=dt: _pool(dt, 8, 8, (7, 7), (14, 14), 96)),
+                (
+                    f"pool cls d64 q14 k14 no-residual {n}",
+                    lambda dt=dt: _pool(dt, 2, 4, (14, 14), (14, 14), 64, 1, 1, 0),
+                ),
+                (f"pool no tables {n}", lambda dt=dt: _pool(dt, 2, 2, (28, 28), (7, 7), 96, False, False)),
             ]
     return out
 

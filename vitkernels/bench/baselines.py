@@ -12,7 +12,8 @@ returns, starting from the same layout, so layout copies are part of what is tim
   ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``: SDPA forced to one backend (CUDA only;
                   skipped where that backend refuses the inputs, e.g. flash with a bias).
 * ``flex``        FlexAttention (`torch.nn.attention.flex_attention`), compiled with the layout code,
-                  with the bias / shift mask as a score_mod (CUDA only; not for xca, dwconv, mix_ffn).
+                  with the bias / shift mask as a score_mod (CUDA only; not for xca, dwconv, mix_ffn);
+                  for pool_attention the score_mod reads the small precomputed rel terms.
 * ``compile``     `torch.compile` of the eager composition (fullgraph, static shapes).
 
 Buffers that timm keeps as module buffers (Swin's relative_position_index and shift mask) are built
@@ -319,6 +320,75 @@ def window_attention_composition(case: Case, core_name, dtype, device, **_):
         if s > 0 and shift_first:
             o = torch.roll(o, shifts=(s, s), dims=(1, 2))
         return o.reshape(b, h * w, c)
+
+    return fn
+
+
+# MViTv2 pooling attention: timm's MultiScaleAttention after its pools and norms ----------------------
+
+
+def _pool_rel_index(q_len, k_len, device):
+    """timm cal_rel_pos_type's table rows along one axis, computed on the device every call as timm does."""
+    q_ratio, k_ratio = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
+    q_pos = torch.arange(q_len, device=device).unsqueeze(-1) * q_ratio
+    k_pos = torch.arange(k_len, device=device).unsqueeze(0) * k_ratio
+    return (q_pos - k_pos + (k_len - 1) * k_ratio).long()
+
+
+def _pool_rel_terms(q, q_hw, k_hw, rel_pos_h, rel_pos_w, sp):
+    """timm cal_rel_pos_type's terms, the tables gathered and contracted with the spatial queries:
+    relh (B, heads, q_h, q_w, k_h), relw (B, heads, q_h, q_w, k_w)."""
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, h, _, d = q.shape
+    r_q = q[:, :, sp:].reshape(b, h, qh, qw, d)
+    th = rel_pos_h[_pool_rel_index(qh, kh, q.device)]
+    tw = rel_pos_w[_pool_rel_index(qw, kw, q.device)]
+    return torch.einsum("byhwc,hkc->byhwk", r_q, th), torch.einsum("byhwc,wkc->byhwk", r_q, tw)
+
+
+def pool_attention_composition(case: Case, core_name, **_):
+    """core "eager": timm's code path (scores, the rel terms added into the spatial block of the
+    scores in place, softmax, ·v, + q, transpose back); "sdpa": the rel terms materialised as a
+    (B, heads, Nq, Nk) attn_mask; "flex": a score_mod reading the (B, heads, Nq, k_h) / (…, k_w) terms."""
+    a = case.args
+    q_hw, k_hw, cls, residual = tuple(a["q_hw"]), tuple(a["k_hw"]), a["has_cls_token"], a["residual"]
+    sp = 1 if cls else 0
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    flex_attention = _flex_attention() if core_name == "flex" else None
+
+    def fn(t):
+        q, k, v = t["q"], t["k"], t["v"]
+        b, h, nq, d = q.shape
+        scale = d**-0.5
+        th, tw = t.get("rel_pos_h"), t.get("rel_pos_w")
+        rel = _pool_rel_terms(q, q_hw, k_hw, th, tw, sp) if th is not None else None
+        if core_name == "eager":  # timm MultiScaleAttention.forward + cal_rel_pos_type
+            attn = (q * scale) @ k.transpose(-2, -1)
+            if rel is not None:
+                attn[:, :, sp:, sp:] = (
+                    attn[:, :, sp:, sp:].view(b, -1, qh, qw, kh, kw) + rel[0].unsqueeze(-1) + rel[1].unsqueeze(-2)
+                ).view(b, -1, qh * qw, kh * kw)
+            x = attn.softmax(dim=-1) @ v
+        elif core_name == "sdpa":
+            mask = None
+            if rel is not None:
+                r = (rel[0].unsqueeze(-1) + rel[1].unsqueeze(-2)).reshape(b, h, qh * qw, kh * kw)
+                mask = F.pad(r, (sp, 0, sp, 0))
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        elif rel is None:
+            x = flex_attention(q, k, v, scale=scale)
+        else:
+            relh, relw = rel[0].reshape(b, h, qh * qw, kh), rel[1].reshape(b, h, qh * qw, kw)
+
+            def score_mod(score, bi, hi, qi, ki):
+                i, j = torch.clamp(qi - sp, min=0), torch.clamp(ki - sp, min=0)
+                r = relh[bi, hi, i, j // kw] + relw[bi, hi, i, j % kw]
+                return score + torch.where((qi >= sp) & (ki >= sp), r, torch.zeros_like(r))
+
+            x = flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+        if residual:
+            x = x + q
+        return x.transpose(1, 2).reshape(b, nq, h * d)
 
     return fn
 

@@ -26,6 +26,10 @@ Shapes (batch sizes are the defaults; `--batch` overrides them):
 * XCiT-S12/16 (N 196, C 384, 8 heads, B 64): `xca`, and its LPI `dwconv`.
 * TimeSformer-B 8×224 (S 196, T 8, C 768, 12 heads, B 8 clips, layout "st"): `space_time_attention`
   along time, and along space with the class token; ViViT-B (T 16, layout "ts", B 4): both axes.
+* MViTv2-T at 224 (B 64; D 96; no class token): `pool_attention` at each distinct block shape, the
+  first block of each stage (q pooled by 2 from the previous stage's map, k / v from that map) and the others;
+  MViTv2-B with class token (`mvitv2_base_cls`): the stages' main blocks (MViTv2-B without it has
+  MViTv2-T's shapes, only more blocks).
 
 `representative` marks one or two cases per op (used for the expensive baselines and extra dtypes);
 `tiny` marks the cases run on CPU (at batch 1).
@@ -313,6 +317,30 @@ def mix_ffn_case(label, model, batch, h, w, c, hidden, extra_relu=False, k=3):
     )
 
 
+def pool_attention_case(label, model, batch, heads, q_hw, k_hw, d, cls=False, residual=True, tables=True):
+    """MViTv2 pooling attention: q of the pooled q map q_hw, k / v of the pooled kv map k_hw, the
+    decomposed rel-pos tables at timm's length 2·max(q, k) − 1 (scaled like timm's init: q·table ~ 1)."""
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    sp = 1 if cls else 0
+    nq, nk = qh * qw + sp, kh * kw + sp
+    tensors = {
+        "q": TensorSpec((batch, heads, nq, d)),
+        "k": TensorSpec((batch, heads, nk, d)),
+        "v": TensorSpec((batch, heads, nk, d)),
+    }
+    if tables:
+        tensors["rel_pos_h"] = TensorSpec((2 * max(qh, kh) - 1, d), init="fan_in")
+        tensors["rel_pos_w"] = TensorSpec((2 * max(qw, kw) - 1, d), init="fan_in")
+    args = {"q_hw": (qh, qw), "k_hw": (kh, kw), "has_cls_token": cls, "residual": residual}
+    shape = {"B": batch, "heads": heads, "q_hw": f"{qh}x{qw}", "k_hw": f"{kh}x{kw}", "Nq": nq, "Nk": nk, "D": d}
+    shape.update(cls=cls, residual=residual, tables=tables)
+    # the two attention matmuls, plus the rel terms: q_i against k_h rows of rel_pos_h and k_w of rel_pos_w
+    flops = 4.0 * batch * heads * nq * nk * d + (2.0 * batch * heads * nq * (kh + kw) * d if tables else 0.0)
+    return Case(
+        "pool_attention", label, model, batch, tensors, args, ((batch, nq, heads * d),), shape, flops, ATTENTION_BWD
+    )
+
+
 # ----------------------------------------------------------------------------- the catalogue
 # One function per op (its spec's `bench.cases`): add(factory(batch) -> Case, default batch,
 # representative=False, tiny=False) for each of its cases, in the order they are listed.
@@ -434,6 +462,37 @@ def space_time_attention_cases(add):
     vv = "vivit_base_factorized"  # 32 frames, tubelet 2 -> T = 16; layout "ts": time is interleaved
     add(lambda b: space_time_case("vivit_b 16x224 time (ts)", vv, b, 196, 16, 768, 12, "time", False, "ts"), 4)
     add(lambda b: space_time_case("vivit_b 16x224 space (ts)", vv, b, 196, 16, 768, 12, "space", False, "ts"), 4)
+
+
+# MViTv2 at 224 px (timm: patch stride 4, stride_q 1/2/2/2, adaptive kv stride 4/2/1/1, D = 96, heads 1/2/4/8):
+# (label suffix, heads, q map, kv map). The first block of stages 2-4 pools q by 2 from the previous
+# stage's map while k / v are pooled at the new stage's stride from that same map.
+_MVIT_BLOCKS = (
+    ("s1", 1, 56, 14),
+    ("s2.0", 2, 28, 28),
+    ("s2", 2, 28, 14),
+    ("s3.0", 4, 14, 28),
+    ("s3", 4, 14, 14),
+    ("s4.0", 8, 7, 14),
+    ("s4", 8, 7, 7),
+)
+
+
+def pool_attention_cases(add):
+    for tag, heads, q, k in _MVIT_BLOCKS:
+
+        def f(b, tag=tag, heads=heads, q=q, k=k):
+            return pool_attention_case(f"mvitv2_t {tag}@224", "mvitv2_tiny", b, heads, (q, q), (k, k), 96)
+
+        add(f, 64, representative=(tag == "s1"), tiny=(tag == "s4"))
+    for tag, heads, q, k in _MVIT_BLOCKS:
+        if "." in tag:
+            continue
+
+        def g(b, tag=tag, heads=heads, q=q, k=k):
+            return pool_attention_case(f"mvitv2_b_cls {tag}@224", "mvitv2_base_cls", b, heads, (q, q), (k, k), 96, True)
+
+        add(g, 64)
 
 
 def _mix_ffn_stages():

@@ -8,6 +8,7 @@ from . import _spec
 from .attention import attention as attention
 from .dwconv import dwconv as dwconv
 from .mix_ffn import mix_ffn as mix_ffn
+from .pool_attention import pool_attention as pool_attention
 from .self_attention import self_attention as self_attention
 from .space_time_attention import space_time_attention as space_time_attention
 from .sr_attention import sr_attention as sr_attention

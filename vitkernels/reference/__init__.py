@@ -7,6 +7,7 @@ score matrices the fused kernels avoid. Half-precision inputs are computed in fl
 from .attention import attention, attention_with_lse
 from .dwconv import dwconv
 from .mix_ffn import mix_ffn
+from .pool_attention import pool_attention, pool_attention_with_lse
 from .self_attention import self_attention, self_attention_with_lse
 from .space_time_attention import space_time_attention, space_time_attention_with_lse
 from .sr_attention import sr_attention, sr_attention_with_lse
@@ -26,4 +27,6 @@ __all__ = [
     "space_time_attention_with_lse",
     "dwconv",
     "mix_ffn",
+    "pool_attention",
+    "pool_attention_with_lse",
 ]

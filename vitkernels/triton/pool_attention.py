@@ -1,0 +1,1474 @@
+"""Triton kernels for ``vitkernels.pool_attention`` (MViTv2 pooling attention, decomposed relative positions).
+
+Math, per (batch b, head h): q (Nq, D), k, v (Nk, D); query i (key j) after the optional class token sits at
+(qh, qw) of q_hw ((kh, kw) of k_hw), row-major; idx = timm's cal_rel_pos_type row (float32, truncated):
+    S = scale·q kᵀ + R,  R[i, j] = relh[i, kh] + relw[i, kw] (0 on the class row / column, or no tables),
+    relh[i, kh] = q_i · rel_pos_h[idx(qh, kh)], relw likewise;  O = softmax(S) v (+ q),  lse = logsumexp(S)
+    backward: delta = rowsum(dO ∘ (out − q·residual)), dS = P ∘ (dP − delta), dk = scale·dSᵀ q, dv = Pᵀ dO,
+    drelh[i, kh] = Σ_{j in key row kh} dS[i, j];  dq = scale·dS k + Σ_kh drelh[i, kh]·rel_pos_h[idx] + ... (+ dO),
+    drel_pos_h[l] = Σ_{(i, kh): idx = l} drelh[i, kh]·q_i;  the same for the w axis.
+R never exists as a tensor: the score MMA takes it as (rel / scale)·E, E the key block's one-hot (kh | k_h + kw)
+selector. Layout: q, k, v strided (B, heads, N, D) views with a unit last stride; out (B, Nq, heads·D); tables
+(L, D); the backward's rel and drel rows fp32 (B·heads, Nq, k_h + k_w). Kernels: ``_pool_fwd_kernel`` (per
+query block), ``_pool_bwd_pre_kernel`` (delta, rel rows), ``_pool_bwd_dkdv_kernel`` (per key block and query
+chunk), ``_pool_bwd_dq_kernel`` (per query block; dq, drel rows), ``_pool_bwd_table_kernel`` (table grads:
+fp32 partials summed by torch, no atomics). Design, cost, sm_90a registers: docs/pool_attention.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch as launch
+from ._launch import sm_count, use_fixed  # module globals: tests patch them here
+from .attention import _load_1d, _load_2d, _store_1d, _store_2d
+
+__all__ = ["MAX_HEAD_DIM", "pool_attention_bwd", "pool_attention_fwd", "rel_index", "rel_ratios"]
+
+MAX_HEAD_DIM = 128
+
+# Fixed block sizes under the interpreter (CPU); tests may monkeypatch this dict. Values: (BLOCK_M, BLOCK_N)
+# for "fwd", "dkdv" and "dq", (BLOCK_M, BLOCK_L) for "table"; "pre" is BLOCK_M of the preprocess kernel.
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16), "table": (16, 16), "pre": 16}
+PRE_BLOCK_M = 32  # preprocess kernel rows per program on a GPU
+TABLE_UNIT = 128  # query rows a table-gradient program takes at a time on a GPU (a multiple of every BLOCK_M)
+TABLE_WAVES = 2  # table-gradient programs per SM (each adds one (L, D) fp32 partial)
+DKDV_WAVES = 2  # dK/dV programs per SM the query rows are split for (each split adds an fp32 dK, dV partial)
+DKDV_ROWS: int | None = None  # query rows per dK/dV program (a multiple of BLOCK_M); None: chosen as above
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative-position index (timm's cal_rel_pos_type)
+# ---------------------------------------------------------------------------------------------
+
+
+def _f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+@functools.lru_cache(maxsize=256)
+def rel_ratios(q_size: int, k_size: int) -> tuple[float, float, float]:
+    """(q ratio, k ratio, offset) of one axis as timm uses them: float32 values of max(k/q, 1), max(q/k, 1)
+    and (k − 1)·max(q/k, 1) (the products are formed in double by Python, then rounded once)."""
+    rk = max(q_size / k_size, 1.0)
+    return _f32(max(k_size / q_size, 1.0)), _f32(rk), _f32((k_size - 1) * rk)
+
+
+def rel_index(q_size: int, k_size: int) -> torch.Tensor:
+    """(q_size, k_size) int64 table row index, exactly timm's: arange·ratio in float32, difference, + offset,
+    truncated. The kernels compute the same float32 operations (``_rel_index``)."""
+    rq, rk, c = rel_ratios(q_size, k_size)
+    x = torch.arange(q_size, dtype=torch.float32)[:, None] * torch.tensor(rq, dtype=torch.float32)
+    y = torch.arange(k_size, dtype=torch.float32)[None, :] * torch.tensor(rk, dtype=torch.float32)
+    return ((x - y) + c).long()
+
+
+@functools.lru_cache(maxsize=256)
+def _rel_rows(q_size: int, k_size: int) -> int:
+    """Table rows an axis needs (largest index + 1)."""
+    return int(rel_index(q_size, k_size).max()) + 1
+
+
+@triton.jit
+def _rel_index(pos_q, pos_k, ratio_q, ratio_k, offset):
+    """trunc(f32(pos_q·ratio_q) − f32(pos_k·ratio_k) + offset) with float32 rounding at each step, as timm.
+    Each product is formed exactly in float64 and rounded once to float32, so no fused multiply-add can
+    change a rounding; the ratios are float32 values (``rel_ratios``)."""
+    x = (pos_q * tl.cast(ratio_q, tl.float64)).to(tl.float32)
+    y = (pos_k * tl.cast(ratio_k, tl.float64)).to(tl.float32)
+    return ((x - y) + offset).to(tl.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grid_pos(n0, offs, N, width, CLS: tl.constexpr):
+    """(row, column, spatial) of tokens n0 + offs: their grid position (0 for the class token and tokens
+    past N) and whether they are spatial tokens."""
+    t = n0 + offs
+    sp = (t >= CLS) & (t < N)
+    s = tl.where(sp, t - CLS, 0)
+    return s // width, s % width, sp
+
+
+@triton.jit
+def _rel_terms(
+    q_ptrs,
+    qh,
+    qw,
+    ok,
+    TH,
+    TW,
+    stride_th,
+    stride_tw,
+    k_h,
+    k_w,
+    rq_h,
+    rk_h,
+    c_h,
+    rq_w,
+    rk_w,
+    c_w,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    KR: tl.constexpr,
+):
+    """(BLOCK_M, KR) fp32 rel tile of a query block: column kk < k_h holds relh[i, kk] = q_i · TH[dh(qh_i, kk)],
+    column k_h + kk relw[i, kk]; 0 on rows not ok and columns past k_h + k_w. ``q_ptrs`` (BLOCK_M,) points at
+    the rows of q. D is taken in chunks of 32 (q re-read from L1), and per chunk a loop over the k_h + k_w key
+    positions gathers one table row per query row (L1 / L2 hits): a few registers instead of fp32 copies of
+    whole (BLOCK_M, BLOCK_D) tiles."""
+    CHUNK: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
+    offs_r = tl.arange(0, KR)
+    rel = tl.zeros([BLOCK_M, KR], dtype=tl.float32)
+    for d0 in tl.static_range(0, HEAD_DIM, CHUNK):
+        offs_d = d0 + tl.arange(0, CHUNK)
+        mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        qc = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        for kk in range(k_h):
+            idx = _rel_index(qh, kk, rq_h, rk_h, c_h)
+            rows = tl.load(TH + idx[:, None] * stride_th + offs_d[None, :], mask=mask, other=0.0)
+            rel += tl.where(offs_r[None, :] == kk, tl.sum(qc * rows.to(tl.float32), 1)[:, None], 0.0)
+        for kk in range(k_w):
+            idx = _rel_index(qw, kk, rq_w, rk_w, c_w)
+            rows = tl.load(TW + idx[:, None] * stride_tw + offs_d[None, :], mask=mask, other=0.0)
+            rel += tl.where(offs_r[None, :] == k_h + kk, tl.sum(qc * rows.to(tl.float32), 1)[:, None], 0.0)
+    return rel
+
+
+@triton.jit
+def _rel_grad_q(
+    dq,
+    drel,
+    qh,
+    qw,
+    ok,
+    TH,
+    TW,
+    stride_th,
+    stride_tw,
+    k_h,
+    k_w,
+    rq_h,
+    rk_h,
+    c_h,
+    rq_w,
+    rk_w,
+    c_w,
+    offs_d,
+    d_ok,
+    KR: tl.constexpr,
+):
+    """dq (BLOCK_M, BLOCK_D) fp32 plus the rel terms' share: Σ_kk drel[i, kk]·TH[dh(qh_i, kk)] + Σ_kk
+    drel[i, k_h + kk]·TW[dw(qw_i, kk)] (table rows gathered per query row, L1 / L2 hits)."""
+    offs_r = tl.arange(0, KR)
+    row_ok = ok[:, None] & d_ok[None, :]
+    for kk in range(k_h):
+        c = tl.sum(tl.where(offs_r[None, :] == kk, drel, 0.0), 1)
+        idx = _rel_index(qh, kk, rq_h, rk_h, c_h)
+        rows = tl.load(TH + idx[:, None] * stride_th + offs_d[None, :], mask=row_ok, other=0.0)
+        dq += c[:, None] * rows.to(tl.float32)
+    for kk in range(k_w):
+        c = tl.sum(tl.where(offs_r[None, :] == k_h + kk, drel, 0.0), 1)
+        idx = _rel_index(qw, kk, rq_w, rk_w, c_w)
+        rows = tl.load(TW + idx[:, None] * stride_tw + offs_d[None, :], mask=row_ok, other=0.0)
+        dq += c[:, None] * rows.to(tl.float32)
+    return dq
+
+
+@triton.jit
+def _one_hot(kh, kw, sp, k_h, KR: tl.constexpr, DT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The (KR, BLOCK_N) selector E of a key block: E[kh_j, j] = E[k_h + kw_j, j] = 1 for spatial keys j, so
+    rel E = R (the class key and keys past Nk get 0); (BLOCK_N, KR) = Eᵀ when TRANSPOSED."""
+    offs_r = tl.arange(0, KR)
+    if TRANSPOSED:
+        e = ((offs_r[None, :] == kh[:, None]) | (offs_r[None, :] == k_h + kw[:, None])) & sp[:, None]
+    else:
+        e = ((offs_r[:, None] == kh[None, :]) | (offs_r[:, None] == k_h + kw[None, :])) & sp[None, :]
+    return e.to(DT)
+
+
+@triton.jit
+def _split(rel, DT: tl.constexpr):
+    """rel (fp32) as hi + lo in DT (the launcher's ``_rel_dtype``): one term for fp32 operands; two 16-bit
+    terms otherwise (bf16: 16 significant bits and fp32's range)."""
+    hi = rel.to(DT)
+    if DT == tl.float32:
+        lo = hi
+    else:
+        lo = (rel - hi.to(tl.float32)).to(DT)
+    return hi, lo
+
+
+@triton.jit
+def _load_rel(base, offs_m, n_r, m_ok, KR: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A (BLOCK_M, KR) tile (or its (KR, BLOCK_M) transpose) of a (rows, n_r) buffer; 0 past n_r and on rows
+    not m_ok."""
+    offs_r = tl.arange(0, KR)
+    if TRANSPOSED:
+        ptrs = base + offs_m[None, :] * n_r + offs_r[:, None]
+        x = tl.load(ptrs, mask=(offs_r < n_r)[:, None] & m_ok[None, :], other=0.0)
+    else:
+        x = tl.load(
+            base + offs_m[:, None] * n_r + offs_r[None, :], mask=m_ok[:, None] & (offs_r < n_r)[None, :], other=0.0
+        )
+    return x
+
+
+@triton.jit
+def _load_rel_pair(base, lo_offset, offs_m, n_r, m_ok, KR: tl.constexpr, DT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The (hi, lo) rel tiles the backward's preprocess stored (``_split``; lo only for 16-bit DT)."""
+    hi = _load_rel(base, offs_m, n_r, m_ok, KR, TRANSPOSED)
+    if DT == tl.float32:
+        lo = hi
+    else:
+        lo = _load_rel(base + lo_offset, offs_m, n_r, m_ok, KR, TRANSPOSED)
+    return hi, lo
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+# R enters the score dot itself: S·(1/scale) = q kᵀ + [relh | relw]/scale · E with the one-hot selector E of
+# the key block, accumulated by the same MMAs into the same accumulator (the rel tile split into bf16 hi + lo
+# for 16-bit inputs), so no (BLOCK_M, BLOCK_N) gather, layout change or Nq×Nk tensor is needed.
+
+
+@triton.jit
+def _fwd_step(
+    acc,
+    l_i,
+    m_i,
+    q,
+    rel_hi,
+    rel_lo,
+    k_base,
+    v_base,
+    n0,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    Nk,
+    k_h,
+    k_w,
+    n_ok,
+    d_ok,
+    qk_scale,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    KR: tl.constexpr,
+):
+    """One key block of the online softmax; scores in base 2."""
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if HAS_REL:
+        kh, kw, sp = _grid_pos(n0, offs_n, Nk, k_w, CLS)
+        e = _one_hot(kh, kw, sp, k_h, KR, rel_hi.dtype, False)
+        s = tl.dot(rel_hi, e, s, input_precision=PRECISION)
+        if rel_hi.dtype != tl.float32:
+            s = tl.dot(rel_lo, e, s)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    # The first key block holds key 0, so every row max is finite from the first step on.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _pool_fwd_kernel(
+    Q,
+    K,
+    V,
+    TH,
+    TW,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_th,
+    stride_tw,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H,
+    Nq,
+    Nk,
+    q_w,
+    k_h,
+    k_w,
+    rq_h,
+    rk_h,
+    c_h,
+    rq_w,
+    rk_w,
+    c_w,
+    scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    KR: tl.constexpr,
+    REL_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    row0 = start_m.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = start_m + offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    rel_hi = tl.zeros([BLOCK_M, KR], dtype=REL_DT)
+    rel_lo = rel_hi
+    if HAS_REL:
+        qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
+        rel = _rel_terms(
+            q_base + offs_m * stride_qm,
+            qh,
+            qw,
+            q_sp,
+            TH,
+            TW,
+            stride_th,
+            stride_tw,
+            k_h,
+            k_w,
+            rq_h,
+            rk_h,
+            c_h,
+            rq_w,
+            rk_w,
+            c_w,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            KR,
+        )
+        rel_hi, rel_lo = _split(rel / scale, REL_DT)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q,
+            rel_hi,
+            rel_lo,
+            k_base,
+            v_base,
+            n0,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            Nk,
+            k_h,
+            k_w,
+            offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_REL,
+            CLS,
+            False,
+            MASK_D,
+            PRECISION,
+            KR,
+        )
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+    if not EVEN_N:
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q,
+            rel_hi,
+            rel_lo,
+            k_base,
+            v_base,
+            n_full,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            Nk,
+            k_h,
+            k_w,
+            n_full + offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_REL,
+            CLS,
+            True,
+            MASK_D,
+            PRECISION,
+            KR,
+        )
+
+    out = acc / l_i[:, None]
+    if RESIDUAL:
+        # q is read again (an L2 hit; volatile, so it is not merged with the first load) rather than kept
+        # live in registers through the key loop.
+        q_res = tl.load(
+            Q + b * stride_qb + h * stride_qh + (row0 + offs_m[:, None]) * stride_qm + offs_d[None, :],
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+            volatile=True,
+        )
+        out += q_res.to(tl.float32)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
+    _store_2d(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        m_ok,
+        d_ok,
+        not EVEN_M,
+        MASK_D,
+    )
+    _store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_bwd_pre_kernel(
+    Q,
+    Out,
+    DO,
+    TH,
+    TW,
+    Delta,
+    Rel,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_th,
+    stride_tw,
+    H,
+    Nq,
+    q_w,
+    k_h,
+    k_w,
+    rq_h,
+    rk_h,
+    c_h,
+    rq_w,
+    rk_w,
+    c_w,
+    scale,
+    lo_offset,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    KR: tl.constexpr,
+    REL_DT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO ∘ (out − q if residual)) (the attention output's part of out), and with tables each
+    query row's rel terms / scale into Rel[0] (B·H, Nq, k_h + k_w) (columns: relh, then relw) as the score MMA
+    takes them: ``_split`` into REL_DT hi (Rel[0]) and, for 16-bit REL_DT, lo (Rel[1] = Rel + lo_offset)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    row0 = start_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = start_m + offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+    mask = m_ok[:, None] & d_ok[None, :]
+    o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL or HAS_REL:
+        q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=mask, other=0.0)
+        if RESIDUAL:
+            o -= q.to(tl.float32)
+    row_base = bh.to(tl.int64) * Nq + row0
+    tl.store(Delta + row_base + offs_m, tl.sum(o * do, 1), mask=m_ok)
+    if HAS_REL:
+        qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
+        rel = _rel_terms(
+            q_base + offs_m * stride_qm,
+            qh,
+            qw,
+            q_sp,
+            TH,
+            TW,
+            stride_th,
+            stride_tw,
+            k_h,
+            k_w,
+            rq_h,
+            rk_h,
+            c_h,
+            rq_w,
+            rk_w,
+            c_w,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            KR,
+        )
+        n_r = k_h + k_w
+        offs_r = tl.arange(0, KR)
+        ptrs = Rel + row_base * n_r + offs_m[:, None] * n_r + offs_r[None, :]
+        mask = m_ok[:, None] & (offs_r < n_r)[None, :]
+        hi, lo = _split(rel / scale, REL_DT)
+        tl.store(ptrs, hi, mask=mask)
+        if REL_DT != tl.float32:
+            tl.store(ptrs + lo_offset, lo, mask=mask)
+
+
+@triton.jit
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    e,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    rel_base,
+    lo_offset,
+    offs_m,
+    offs_d,
+    stride_qm,
+    stride_dom,
+    n_r,
+    m_ok,
+    d_ok,
+    qk_scale,
+    HAS_REL: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    KR: tl.constexpr,
+):
+    """One query block against the resident key block, on transposed (key, query) tiles."""
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    # Out-of-range query rows read lse = +inf, so p = 0 and they add nothing.
+    lse2 = _load_1d(lse_base + offs_m, m_ok, float("inf"), MASK_M) * 1.4426950408889634
+    delta = _load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    if HAS_REL:
+        # (BLOCK_M, KR) row-major tiles (coalesced), used transposed as the MMA's B operand.
+        rel_hi, rel_lo = _load_rel_pair(rel_base, lo_offset, offs_m, n_r, m_ok, KR, e.dtype, False)
+        sT = tl.dot(e, tl.trans(rel_hi), sT, input_precision=PRECISION)
+        if e.dtype != tl.float32:
+            sT = tl.dot(e, tl.trans(rel_lo), sT)
+    pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _pool_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    Rel,
+    DK,
+    DV,
+    Part,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    H,
+    Nq,
+    Nk,
+    k_h,
+    k_w,
+    rows,
+    part_stride,
+    lo_offset,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    KR: tl.constexpr,
+    REL_DT: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """dK, dV of one key block from the query rows [chunk·rows, (chunk + 1)·rows) (rows a multiple of BLOCK_M):
+    MViTv2 has few keys and many queries, so the queries are split over programs; CHUNKED: each writes an fp32
+    partial Part[0 | 1, chunk, b·h] (Nk, D) that the launcher sums, else dK, dV directly."""
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid = tl.program_id(0)
+    num_chunks = tl.cdiv(Nq, rows)
+    chunk = pid % num_chunks
+    num_n = tl.cdiv(Nk, BLOCK_N)
+    bh = pid // num_chunks // num_n
+    start_n = (pid // num_chunks % num_n) * BLOCK_N
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    col0 = start_n.to(tl.int64)
+    row_start = chunk * rows
+    row_end = tl.minimum(row_start + rows, Nq)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = start_n + offs_n < Nk
+    d_ok = offs_d < HEAD_DIM
+    kh, kw, k_sp = _grid_pos(start_n, offs_n, Nk, k_w, CLS)
+    e = _one_hot(kh, kw, k_sp, k_h, KR, REL_DT, True)
+
+    k_base = K + b * stride_kb + h * stride_kh + col0 * stride_kn
+    v_base = V + b * stride_vb + h * stride_vh + col0 * stride_vn
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
+
+    row0 = row_start.to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    row_base = bh.to(tl.int64) * Nq + row0
+    lse_base = Lse + row_base
+    delta_base = Delta + row_base
+    n_r = k_h + k_w
+    rel_base = Rel + row_base * n_r
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = row_start + (row_end - row_start) // BLOCK_M * BLOCK_M
+    for _ in range(row_start, m_full, BLOCK_M):
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            e,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            rel_base,
+            lo_offset,
+            offs_m,
+            offs_d,
+            stride_qm,
+            stride_dom,
+            n_r,
+            offs_m < BLOCK_M,
+            d_ok,
+            qk_scale,
+            HAS_REL,
+            False,
+            MASK_D,
+            PRECISION,
+            KR,
+        )
+        q_base += BLOCK_M * stride_qm
+        do_base += BLOCK_M * stride_dom
+        lse_base += BLOCK_M
+        delta_base += BLOCK_M
+        rel_base += BLOCK_M * n_r
+    if not EVEN_M:
+        if m_full < row_end:
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                e,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                rel_base,
+                lo_offset,
+                offs_m,
+                offs_d,
+                stride_qm,
+                stride_dom,
+                n_r,
+                m_full + offs_m < row_end,
+                d_ok,
+                qk_scale,
+                HAS_REL,
+                True,
+                MASK_D,
+                PRECISION,
+                KR,
+            )
+
+    dk = dk * scale
+    if CHUNKED:
+        # Part[0 | 1, chunk, b·h] is a contiguous (Nk, HEAD_DIM) fp32 block; B·H = programs / (chunks · key blocks).
+        bhs = tl.num_programs(0) // (num_chunks * num_n)
+        slot = Part + ((chunk.to(tl.int64) * bhs + bh) * Nk + col0) * HEAD_DIM
+        ptrs = slot + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        _store_2d(ptrs, dk, n_ok, d_ok, not EVEN_N, MASK_D)
+        _store_2d(ptrs + part_stride, dv, n_ok, d_ok, not EVEN_N, MASK_D)
+    else:
+        dk_base = DK + b * stride_dkb + h * stride_dkh + col0 * stride_dkn
+        dv_base = DV + b * stride_dvb + h * stride_dvh + col0 * stride_dvn
+        _store_2d(
+            dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            n_ok,
+            d_ok,
+            not EVEN_N,
+            MASK_D,
+        )
+        _store_2d(
+            dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            n_ok,
+            d_ok,
+            not EVEN_N,
+            MASK_D,
+        )
+
+
+@triton.jit
+def _dq_step(
+    dq,
+    drel,
+    q,
+    do,
+    lse2,
+    delta,
+    rel_hi,
+    rel_lo,
+    k_base,
+    v_base,
+    n0,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    Nk,
+    k_h,
+    k_w,
+    n_ok,
+    d_ok,
+    qk_scale,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    KR: tl.constexpr,
+):
+    """One key block against the resident query block: dq, and dS summed per key row and column (drel =
+    dS Eᵀ, in the operands' precision like dq itself)."""
+    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if HAS_REL:
+        kh, kw, sp = _grid_pos(n0, offs_n, Nk, k_w, CLS)
+        e = _one_hot(kh, kw, sp, k_h, KR, rel_hi.dtype, False)
+        s = tl.dot(rel_hi, e, s, input_precision=PRECISION)
+        if rel_hi.dtype != tl.float32:
+            s = tl.dot(rel_lo, e, s)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+    if HAS_REL:
+        drel = tl.dot(ds, _one_hot(kh, kw, sp, k_h, KR, k.dtype, True), drel, input_precision=PRECISION)
+    return dq, drel
+
+
+@triton.jit
+def _pool_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    Rel,
+    TH,
+    TW,
+    DQ,
+    DRel,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_th,
+    stride_tw,
+    H,
+    Nq,
+    Nk,
+    q_w,
+    k_h,
+    k_w,
+    rq_h,
+    rk_h,
+    c_h,
+    rq_w,
+    rk_w,
+    c_w,
+    lo_offset,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    CLS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    KR: tl.constexpr,
+    REL_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    row0 = start_m.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = start_m + offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    row_base = bh.to(tl.int64) * Nq + row0
+    lse2 = _load_1d(Lse + row_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
+    delta = _load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
+    n_r = k_h + k_w
+    rel_hi = tl.zeros([BLOCK_M, KR], dtype=REL_DT)
+    rel_lo = rel_hi
+    if HAS_REL:
+        rel_hi, rel_lo = _load_rel_pair(Rel + row_base * n_r, lo_offset, offs_m, n_r, m_ok, KR, REL_DT, False)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    drel = tl.zeros([BLOCK_M, KR], dtype=tl.float32)
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        dq, drel = _dq_step(
+            dq,
+            drel,
+            q,
+            do,
+            lse2,
+            delta,
+            rel_hi,
+            rel_lo,
+            k_base,
+            v_base,
+            n0,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            Nk,
+            k_h,
+            k_w,
+            offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_REL,
+            CLS,
+            False,
+            MASK_D,
+            PRECISION,
+            KR,
+        )
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+    if not EVEN_N:
+        dq, drel = _dq_step(
+            dq,
+            drel,
+            q,
+            do,
+            lse2,
+            delta,
+            rel_hi,
+            rel_lo,
+            k_base,
+            v_base,
+            n_full,
+            offs_n,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            Nk,
+            k_h,
+            k_w,
+            n_full + offs_n < Nk,
+            d_ok,
+            qk_scale,
+            HAS_REL,
+            CLS,
+            True,
+            MASK_D,
+            PRECISION,
+            KR,
+        )
+
+    dq = dq * scale
+    if HAS_REL:
+        # The class row has no rel terms: its dS sums are stored but every reader masks them out (q_sp).
+        qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
+        offs_r = tl.arange(0, KR)
+        tl.store(
+            DRel + row_base * n_r + offs_m[:, None] * n_r + offs_r[None, :],
+            drel,
+            mask=m_ok[:, None] & (offs_r < n_r)[None, :],
+        )
+        dq = _rel_grad_q(
+            dq,
+            drel,
+            qh,
+            qw,
+            q_sp,
+            TH,
+            TW,
+            stride_th,
+            stride_tw,
+            k_h,
+            k_w,
+            rq_h,
+            rk_h,
+            c_h,
+            rq_w,
+            rk_w,
+            c_w,
+            offs_d,
+            d_ok,
+            KR,
+        )
+    if RESIDUAL:
+        # dO is read again (volatile: an L2 hit, not merged with the first load) rather than kept live in the
+        # accumulator's layout through the key loop.
+        do_res = tl.load(
+            DO + b * stride_dob + h * stride_doh + (row0 + offs_m[:, None]) * stride_dom + offs_d[None, :],
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+            volatile=True,
+        )
+        dq += do_res.to(tl.float32)
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm
+    _store_2d(
+        dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        m_ok,
+        d_ok,
+        not EVEN_M,
+        MASK_D,
+    )
+
+
+@triton.jit
+def _pool_bwd_table_kernel(
+    Q,
+    DRel,
+    Part,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    H,
+    Nq,
+    q_w,
+    n_r,
+    col0,
+    n_k,
+    L,
+    ratio_q,
+    ratio_k,
+    offset,
+    units_per_bh,
+    units_per_prog,
+    total_units,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CLS: tl.constexpr,
+    AXIS: tl.constexpr,
+    UNIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One table's gradient rows [l0, l0 + BLOCK_L) from a run of (b·h, UNIT query rows) units: the partial
+    Σ_i W[i, l]·q_i with W[i, l] = Σ_{kk: idx(pos_i, kk) = l} drel[i, col0 + kk], one (BLOCK_L, BLOCK_M) ×
+    (BLOCK_M, D) dot per query block, into Part[program] (L, D) fp32. AXIS 0: rel_pos_h (pos = qh), 1:
+    rel_pos_w (pos = qw)."""
+    pid = tl.program_id(0)
+    l0 = tl.program_id(1) * BLOCK_L
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    u_end = tl.minimum(pid * units_per_prog + units_per_prog, total_units)
+    for u in range(pid * units_per_prog, u_end):
+        bh = u // units_per_bh
+        r0 = (u % units_per_bh) * UNIT
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        q_base = Q + b * stride_qb + h * stride_qh
+        drel_base = DRel + bh.to(tl.int64) * Nq * n_r + col0
+        for m0 in range(r0, tl.minimum(r0 + UNIT, Nq), BLOCK_M):
+            m_ok = m0 + offs_m < Nq
+            q = tl.load(
+                q_base + (m0 + offs_m[:, None]).to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            qh, qw, sp = _grid_pos(m0, offs_m, Nq, q_w, CLS)
+            if AXIS == 0:
+                pos = qh
+            else:
+                pos = qw
+            w = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
+            for kk in range(n_k):
+                c = tl.load(drel_base + (m0 + offs_m) * n_r + kk, mask=sp, other=0.0)
+                idx = _rel_index(pos, kk, ratio_q, ratio_k, offset)
+                w += tl.where(idx[:, None] == offs_l[None, :], c[:, None], 0.0)
+            acc = tl.dot(tl.trans(w.to(q.dtype)), q, acc, input_precision=PRECISION)
+    part = Part + pid.to(tl.int64) * L * HEAD_DIM
+    tl.store(part + offs_l[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=(offs_l < L)[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+
+_EVEN = {
+    "EVEN_M": lambda a: a["Nq"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["Nk"] % a["BLOCK_N"] == 0,
+}
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose blocks are far larger than the sequences (e.g. Nk = 50 and BLOCK_N = 128)."""
+    cap_m = max(32, triton.next_power_of_2(max(int(named_args["Nq"]), 1)))
+    cap_n = max(32, triton.next_power_of_2(max(int(named_args["Nk"]), 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_table(configs, named_args, **kwargs):
+    """Drop configs whose table block is far longer than the table."""
+    cap = max(32, triton.next_power_of_2(max(int(named_args["L"]), 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_L"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_L"])]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the table kernel's (BLOCK_M, BLOCK_L, ...). 16-bit inputs: chosen
+# from an offline sm_90a compile (ptxas, tests/triton/triton_sm90.py) at MViTv2-T's shapes (D = 96 in a BLOCK_D
+# of 128; k maps 7×7, 14×14 and 28×28, i.e. rel tiles KR = 16, 32, 64): the forward and the table kernel never
+# spill, dK/dV and dQ have configs that spill at none of these shapes (a few spill ≤ 56 B at KR = 64); 4-warp
+# 64-row score tiles and dQ's BLOCK_M < 64 spilled and were left out. fp32: exact ("ieee") dots run on CUDA
+# cores and Triton's FMA lowering spills at BLOCK_D = 128 whatever the tile (as in attention.py), so only small
+# tiles, chosen to spill least there and not with TF32; one list serves both. Numbers: docs/pool_attention.md.
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
+_CONFIGS = {  # per family: (forward, dK/dV, dQ, table)
+    "half": (
+        launch.configs(_BLOCKS, [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]),
+        # BLOCK_N = resident key block, BLOCK_M = streamed query block
+        launch.configs(_BLOCKS, [(32, 128, 8, 3), (32, 64, 8, 3), (16, 64, 4, 2), (16, 128, 8, 2)]),
+        launch.configs(_BLOCKS, [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)]),
+        launch.configs(("BLOCK_M", "BLOCK_L"), [(64, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2)]),
+    ),
+    "fp32": (
+        launch.configs(_BLOCKS, [(16, 32, 4, 2), (64, 32, 4, 2)]),
+        launch.configs(_BLOCKS, [(16, 32, 4, 2), (32, 32, 8, 2)]),
+        launch.configs(_BLOCKS, [(16, 16, 4, 2), (64, 32, 4, 2)]),
+        launch.configs(("BLOCK_M", "BLOCK_L"), [(32, 32, 4, 2), (64, 32, 4, 2)]),
+    ),
+}
+
+_KEY = ["Nq", "Nk", "BLOCK_D", "HAS_REL", "KR", "PRECISION"]
+_fwd_fixed = triton.heuristics(_EVEN)(_pool_fwd_kernel)
+_dkdv_fixed = triton.heuristics(_EVEN)(_pool_bwd_dkdv_kernel)
+_dq_fixed = triton.heuristics(_EVEN)(_pool_bwd_dq_kernel)
+_TUNED = launch.tuned_table(
+    _CONFIGS,
+    [
+        (_fwd_fixed, dict(key=_KEY, prune=_prune)),
+        (_dkdv_fixed, dict(key=_KEY, prune=_prune)),
+        (_dq_fixed, dict(key=_KEY, prune=_prune)),
+        (_pool_bwd_table_kernel, dict(key=["L", "n_k", "total_units", "BLOCK_D", "PRECISION"], prune=_prune_table)),
+    ],
+)
+_INTERPRETED = launch.is_interpreted(_pool_fwd_kernel)
+
+# kernel name -> (index in _TUNED[family], interpreter kernel)
+_KERNELS = {
+    "fwd": (0, _fwd_fixed),
+    "dkdv": (1, _dkdv_fixed),
+    "dq": (2, _dq_fixed),
+    "table": (3, _pool_bwd_table_kernel),
+}
+
+
+def _launch(name, grid, args, meta, fixed, dtype):
+    """``grid(blocks)`` programs of kernel ``name``: the interpreter's fixed blocks or the autotuned kernel."""
+    index, fixed_kernel = _KERNELS[name]
+    kernel = launch.pick(fixed, fixed_kernel, _TUNED, dtype, index)
+    keys = ("BLOCK_M", "BLOCK_L") if name == "table" else _BLOCKS
+    if fixed:
+        blocks = dict(zip(keys, INTERPRET_BLOCKS[name], strict=True))
+        kernel[grid(blocks)](*args, **meta, **launch.fixed_meta(True, **blocks))
+    else:
+        kernel[grid](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token):
+    """(B, H, Nq, Nk, D, (q_h, q_w), (k_h, k_w)) after validating the shapes the kernels rely on."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, heads, N, D), got shape {tuple(t.shape)}")
+        launch.check_dtype(name, t)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if tuple(k.shape) != (B, H, Nk, D) or v.shape != k.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"k, v must be (B, heads, Nk, D) of q's dtype: q {tuple(q.shape)} {q.dtype}, "
+            f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+        )
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is not supported by the Triton pool_attention kernels (1 <= D <= 128)")
+    (q_h, q_w), (k_h, k_w) = (int(x) for x in q_hw), (int(x) for x in k_hw)
+    cls = int(bool(has_cls_token))
+    if min(q_h, q_w, k_h, k_w) < 1 or Nq != q_h * q_w + cls or Nk != k_h * k_w + cls:
+        raise ValueError(
+            f"q_hw {tuple(q_hw)}, k_hw {tuple(k_hw)} (has_cls_token={bool(has_cls_token)}) do not match "
+            f"Nq={Nq}, Nk={Nk}"
+        )
+    if (rel_pos_h is None) != (rel_pos_w is None):
+        raise ValueError("rel_pos_h and rel_pos_w are both given or both None")
+    if rel_pos_h is not None:
+        for name, t, need in (
+            ("rel_pos_h", rel_pos_h, _rel_rows(q_h, k_h)),
+            ("rel_pos_w", rel_pos_w, _rel_rows(q_w, k_w)),
+        ):
+            launch.check_dtype(name, t)
+            if t.dim() != 2 or t.shape[1] != D or t.shape[0] < need or t.device != q.device:
+                raise ValueError(
+                    f"{name} must be (L, {D}) with L >= {need} on {q.device}, got {tuple(t.shape)} on {t.device}"
+                )
+    return B, H, Nq, Nk, D, (q_h, q_w), (k_h, k_w)
+
+
+def _s3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _heads_view(t, B, Nq, H, D):
+    """A (B, Nq, H·D) token-layout tensor as a (B, H, Nq, D) view (copied only if it cannot be viewed)."""
+    return launch.unit_last(t.reshape(B, Nq, H, D).transpose(1, 2))
+
+
+def _rel_dtype(dtype):
+    """Operand type of the rel tile's MMAs (``_split``): fp32 inputs keep fp32; 16-bit inputs use bf16 hi + lo
+    terms (fp32's range: rel / scale cannot overflow), float16 in the interpreter, whose bf16 dot is wrong."""
+    if dtype == torch.float32:
+        return tl.float32
+    return tl.float16 if _INTERPRETED else tl.bfloat16
+
+
+def _geometry(q_hw, k_hw, has_rel):
+    """Kernel scalars (q_w, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w) and KR, the rel tile's width."""
+    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
+    ratios = (*rel_ratios(q_h, k_h), *rel_ratios(q_w, k_w)) if has_rel else (0.0,) * 6
+    return (q_w, k_h, k_w, *ratios), launch.pow2_at_least(k_h + k_w)
+
+
+def _dkdv_rows(nq: int, key_programs: int, device, fixed: bool) -> int:
+    """Query rows per dK/dV program: the interpreter's fixed BLOCK_M (``DKDV_ROWS`` if set), else a multiple of
+    128 (so of every tuned BLOCK_M) that gives about ``DKDV_WAVES`` programs per SM, or all of Nq."""
+    if DKDV_ROWS is not None:
+        return int(DKDV_ROWS)
+    if fixed:
+        return INTERPRET_BLOCKS["dkdv"][0]
+    chunks = max(1, triton.cdiv(DKDV_WAVES * sm_count(device), max(key_programs, 1)))
+    return max(128, triton.cdiv(triton.cdiv(nq, chunks), 128) * 128)
+
+
+def pool_attention_fwd(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual, scale):
+    """(out, lse): out (B, Nq, heads·D) in q's dtype, lse (B, heads, Nq) float32 (natural log of Σ_j e^S).
+
+    q (B, heads, Nq, D), k, v (B, heads, Nk, D) with any strides (a strided last dim is copied); tables
+    (L, D) or both None; see the module docstring for the math."""
+    B, H, Nq, Nk, D, q_hw, k_hw = _check(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token)
+    q, k, v = launch.unit_last(q), launch.unit_last(k), launch.unit_last(v)
+    has_rel = rel_pos_h is not None
+    th, tw = (launch.unit_last(rel_pos_h), launch.unit_last(rel_pos_w)) if has_rel else (q, q)
+    out = torch.empty((B, Nq, H * D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    if B * H * Nq == 0:
+        return out, lse
+    geo, kr = _geometry(q_hw, k_hw, has_rel)
+    args = (
+        q,
+        k,
+        v,
+        th,
+        tw,
+        out,
+        lse,
+        *_s3(q),
+        *_s3(k),
+        *_s3(v),
+        th.stride(0),
+        tw.stride(0),
+        Nq * H * D,
+        D,
+        H * D,
+        H,
+        Nq,
+        Nk,
+        *geo,
+        float(scale),
+        float(scale) * launch.LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=D,
+        BLOCK_D=launch.pow2_at_least(D),
+        HAS_REL=has_rel,
+        CLS=int(bool(has_cls_token)),
+        RESIDUAL=bool(residual),
+        KR=kr,
+        REL_DT=_rel_dtype(q.dtype),
+        PRECISION=launch.precision(q.dtype),
+    )
+    fixed = use_fixed(q, _INTERPRETED, "pool_attention")
+    with launch.device_ctx(q):
+        _launch("fwd", lambda m: (triton.cdiv(Nq, m["BLOCK_M"]) * B * H,), args, meta, fixed, q.dtype)
+    return out, lse
+
+
+def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual, scale):
+    """(dq, dk, dv, drel_pos_h, drel_pos_w) for ``pool_attention_fwd``'s (out, lse) and dout (B, Nq, heads·D).
+
+    dq includes the residual's dout; the table grads are None without tables, else of the tables' shapes and
+    dtypes (accumulated in float32: per-program partials summed by torch, deterministic; no atomics)."""
+    B, H, Nq, Nk, D, q_hw, k_hw = _check(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token)
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != (B, Nq, H * D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, Nq, H * D)}")
+    if tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, Nq)}")
+    has_rel = rel_pos_h is not None
+    q, k, v = launch.unit_last(q), launch.unit_last(k), launch.unit_last(v)
+    th, tw = (launch.unit_last(rel_pos_h), launch.unit_last(rel_pos_w)) if has_rel else (q, q)
+    do = _heads_view(dout.to(q.dtype), B, Nq, H, D)
+    o = _heads_view(out.to(q.dtype), B, Nq, H, D)
+    lse = lse.to(torch.float32).contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
+    drel = [torch.empty_like(rel_pos_h), torch.empty_like(rel_pos_w)] if has_rel else [None, None]
+    if B * H * Nq == 0:
+        for t in (dq, dk, dv, *drel):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, *drel
+
+    q_w, (k_h, k_w) = q_hw[1], k_hw
+    geo, kr = _geometry(q_hw, k_hw, has_rel)
+    BLOCK_D = launch.pow2_at_least(D)
+    cls = int(bool(has_cls_token))
+    fixed = use_fixed(q, _INTERPRETED, "pool_attention")
+    precision = launch.precision(q.dtype)
+    qk_scale = float(scale) * launch.LOG2E
+    f32 = dict(device=q.device, dtype=torch.float32)
+    delta = torch.empty((B * H, Nq), **f32)
+    # Per query row, (B·H, Nq, k_h + k_w): its rel terms / scale as the score MMA takes them (``_split``: hi,
+    # and lo for 16-bit inputs, computed once by the preprocess kernel) and dS summed per key row and column
+    # (drelh | drelw, fp32, written by the dQ kernel for the table kernel).
+    n_r = k_h + k_w
+    rel_dt = _rel_dtype(q.dtype)
+    rel_torch = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}[rel_dt]
+    parts = 1 if rel_torch == torch.float32 else 2
+    rel = torch.empty((parts, B * H, Nq, n_r), device=q.device, dtype=rel_torch) if has_rel else delta
+    lo_offset = B * H * Nq * n_r if has_rel and parts == 2 else 0
+    drel_rows = torch.empty((B * H, Nq, n_r), **f32) if has_rel else delta
+    heads = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_REL=has_rel, CLS=cls, KR=kr, REL_DT=rel_dt)
+
+    with launch.device_ctx(q):
+        bm = INTERPRET_BLOCKS["pre"] if fixed else PRE_BLOCK_M
+        _pool_bwd_pre_kernel[(triton.cdiv(Nq, bm) * B * H,)](
+            q,
+            o,
+            do,
+            th,
+            tw,
+            delta,
+            rel,
+            *_s3(q),
+            *_s3(o),
+            *_s3(do),
+            th.stride(0),
+            tw.stride(0),
+            H,
+            Nq,
+            *geo,
+            float(scale),
+            lo_offset,
+            **heads,
+            RESIDUAL=bool(residual),
+            BLOCK_M=bm,
+        )
+        common = (*_s3(q), *_s3(k), *_s3(v), *_s3(do))
+        # dK, dV: programs per (key block, b·h, chunk of query rows); with > 1 chunk, fp32 partials summed here.
+        rows = _dkdv_rows(Nq, B * H * triton.cdiv(Nk, 64), q.device, fixed)
+        chunks = triton.cdiv(Nq, rows)
+        part = torch.empty((2, chunks, B * H, Nk, D) if chunks > 1 else (1,), **f32)
+        args = (q, k, v, do, lse, delta, rel, dk, dv, part, *common, *_s3(dk), *_s3(dv), H, Nq, Nk, k_h, k_w)
+        args = (*args, rows, part[0].numel() if chunks > 1 else 0, lo_offset, qk_scale, float(scale))
+        meta = dict(heads, PRECISION=precision)
+        grid_n = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]) * B * H * chunks,)  # noqa: E731
+        _launch("dkdv", grid_n, args, dict(meta, CHUNKED=chunks > 1), fixed, q.dtype)
+        if chunks > 1:
+            sums = part.sum(1).view(2, B, H, Nk, D)
+            dk.copy_(sums[0])
+            dv.copy_(sums[1])
+        args = (q, k, v, do, lse, delta, rel, th, tw, dq, drel_rows, *common, *_s3(dq), th.stride(0), tw.stride(0))
+        args = (*args, H, Nq, Nk, *geo, lo_offset, qk_scale, float(scale))
+        grid_m = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]) * B * H,)  # noqa: E731
+        _launch("dq", grid_m, args, dict(meta, RESIDUAL=bool(residual)), fixed, q.dtype)
+        if has_rel:
+            # Runs of UNIT query rows of one (b, h); each program sums a run of units into one fp32 partial.
+            unit = INTERPRET_BLOCKS["table"][0] if fixed else TABLE_UNIT
+            units_per_bh = triton.cdiv(Nq, unit)
+            total = units_per_bh * B * H
+            target = 2 if fixed else TABLE_WAVES * sm_count(q.device)
+            per_prog = triton.cdiv(total, max(1, target))
+            programs = triton.cdiv(total, per_prog)
+            for axis, (table, col0, n_k, (rq, rk, c)) in enumerate(((th, 0, k_h, geo[3:6]), (tw, k_h, k_w, geo[6:9]))):
+                L = table.shape[0]
+                part = torch.empty((programs, L, D), **f32)
+                targs = (q, drel_rows, part, *_s3(q), H, Nq, q_w, n_r, col0, n_k, L, rq, rk, c)
+                targs = (*targs, units_per_bh, per_prog, total)
+                tmeta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CLS=cls, AXIS=axis, UNIT=unit, PRECISION=precision)
+                grid_l = lambda m, L=L: (programs, triton.cdiv(L, m["BLOCK_L"]))  # noqa: E731
+                _launch("table", grid_l, targs, tmeta, fixed, q.dtype)
+                drel[axis].copy_(part.sum(0))
+    return dq, dk, dv, *drel
