@@ -74,6 +74,7 @@ TIMM_FAMILIES = [
     ("pvt_v2_b0", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_classes=5), (2, 3, 64, 64)),
     ("pvt_v2_b2_li", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_classes=5), (2, 3, 64, 64)),
     ("xcit_tiny_12_p16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=4, num_classes=5), (2, 3, 32, 32)),
+    ("mvitv2_tiny", dict(img_size=32, num_classes=5), (2, 3, 32, 32)),  # timm's config per name is fixed
 ]
 
 

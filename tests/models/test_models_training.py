@@ -31,6 +31,11 @@ FAMILIES = {
         (2, 3, 64, 64),
     ),
     "xcit": ("xcit_tiny_12_p16_224", dict(embed_dim=32, depth=2, num_heads=4, num_classes=5), (2, 3, 32, 32)),
+    "mvitv2": (
+        "mvitv2_tiny",
+        dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1), num_classes=5),
+        (2, 3, 64, 64),
+    ),
     "timesformer": (
         "timesformer_base_patch16_224",
         dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_frames=4, num_classes=5),
@@ -42,8 +47,11 @@ FAMILIES = {
         (2, 3, 8, 32, 32),
     ),
 }
-# timm builds these with the same names and overrides
+# timm builds these with the same names and overrides (timm's mvitv2_* take no size overrides: MViTv2's
+# timm parity, drop path and checkpointing included, is in test_models_mvitv2.py)
 TIMM = ("vit", "swin", "pvt_v2", "xcit")
+# blocks (each with drop paths, each checkpointed) of the tiny configurations above
+N_BLOCKS = {"vit": 3, "swin": 4, "pvt_v2": 5, "segformer": 5, "xcit": 4, "mvitv2": 5, "timesformer": 2, "vivit": 2}
 
 
 def build(family, **kwargs):
@@ -119,7 +127,16 @@ def test_schedule_is_linear_from_zero():
 
 def test_default_rates_follow_the_reference_libraries():
     # timm: ViT, PVTv2, XCiT 0, Swin 0.1; transformers SegformerConfig 0.1; TimesformerConfig 0
-    expected = {"vit": 0.0, "swin": 0.1, "pvt_v2": 0.0, "segformer": 0.1, "xcit": 0.0, "timesformer": 0.0, "vivit": 0.0}
+    expected = {
+        "vit": 0.0,
+        "swin": 0.1,
+        "pvt_v2": 0.0,
+        "segformer": 0.1,
+        "xcit": 0.0,
+        "mvitv2": 0.0,
+        "timesformer": 0.0,
+        "vivit": 0.0,
+    }
     for family, rate in expected.items():
         model, _ = build(family)
         assert max(all_rates(model)) == pytest.approx(rate), family
@@ -136,7 +153,7 @@ def test_rate_schedule(family):
     attr = "drop_path" if family in ("timesformer", "vivit") else "drop_path1"
     got = drop_probs(model, attr)
     assert got == drop_path_rates(0.5, len(got))  # one ramp over every block of every stage
-    assert len(got) == {"vit": 3, "swin": 4, "pvt_v2": 5, "segformer": 5, "timesformer": 2, "vivit": 2}[family]
+    assert len(got) == N_BLOCKS[family]
     if attr == "drop_path1":
         assert drop_probs(model, "drop_path2") == got
 
@@ -295,8 +312,7 @@ def test_grad_checkpointing_same_loss_and_grads(family, monkeypatch):
         loss = m(x).square().mean()
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
-    n_blocks = {"vit": 3, "swin": 4, "pvt_v2": 5, "segformer": 5, "xcit": 4, "timesformer": 2, "vivit": 2}[family]
-    assert len(calls) == n_blocks and all(k == {"use_reentrant": False} for k in calls)
+    assert len(calls) == N_BLOCKS[family] and all(k == {"use_reentrant": False} for k in calls)
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(
@@ -335,6 +351,7 @@ def test_forward_is_head_of_features(family):
         "swin": (b, 4, 4, 32),
         "pvt_v2": (b, 64, 2, 2),
         "xcit": (b, 5, 32),
+        "mvitv2": (b, 2 * 2, 128),  # tokens of the last 2x2 map, width 16·8
         "timesformer": (b, 1 + 4 * 4, 32),
         "vivit": (b, 4 * 4, 32),
     }[family]

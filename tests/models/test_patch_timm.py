@@ -1,7 +1,7 @@
 """patch_timm on real timm models: patched models are ordinary models.
 
 For tiny configurations of vit_tiny, deit_tiny_distilled, swin_tiny (shifted windows on maps that are
-and are not multiples of the window), pvt_v2_b0, xcit_nano and timm's test_vit: patched == unpatched
+and are not multiples of the window), pvt_v2_b0, xcit_nano, mvitv2_tiny and timm's test_vit: patched == unpatched
 outputs and grads while the vitkernels ops really run (a dispatch mode counts them); pickling in a
 fresh process, deepcopy, hooks, TorchScript, torch.fx (symbolic_trace, timm's fx feature extraction,
 forward and backward), features_only, forward_intermediates, grad checkpointing, torch.compile
@@ -149,6 +149,15 @@ CASES = {
         {"FusedGlobalSubSampleAttn": 4},
         {"_sr_attention_fwd": 4},
     ),
+    # MViTv2 pooling attention (timm's config per name is fixed: the real tiny model, at 64 px); the class
+    # token and the other configurations: test_mvitv2_configurations_match_timm
+    "mvitv2_tiny": (
+        "mvitv2_tiny",
+        dict(img_size=64),
+        (64, 64),
+        {"FusedMultiScaleAttention": 10},
+        {"_pool_attention_fwd": 10},
+    ),
 }
 IDS = list(CASES)
 
@@ -291,6 +300,63 @@ def test_vit_attention_variants_scale_norm_gate_head_dim():
     assert counter.counts == {"_self_attention_fwd": 1}
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(use_cls_token=True),
+        dict(use_cls_token=True, expand_attn=False, use_abs_pos=True),
+        dict(mode="max"),
+        dict(mode="avg", use_cls_token=True),
+        dict(rel_pos_type="none", residual_pooling=False),
+    ],
+    ids=["cls", "cls-no_expand-abs_pos", "max", "avg-cls", "no_rel_pos-no_residual"],
+)
+def test_mvitv2_configurations_match_timm(cfg):
+    """timm MViTv2 configurations its named models do not cover (class token, mvitv2_large's expand_attn=False,
+    max/avg pooling, no rel-pos tables, no residual pooling), non-square input: patched == unpatched, outputs
+    and every gradient (train mode with stochastic depth, same masks), one pool_attention per block."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    ref = MultiScaleVit(
+        MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, **cfg),
+        img_size=64,
+        num_classes=5,
+        drop_path_rate=0.3,
+    )
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    patched = vk.patch_timm(copy.deepcopy(ref))
+    assert _fused_names(patched) == {"FusedMultiScaleAttention": 5}
+    x = torch.randn(2, 3, 64, 48 if cfg.get("use_abs_pos") is None else 64)
+    with OpCounter() as counter:
+        out = _seeded(patched, x)
+    assert counter.counts == {"_pool_attention_fwd": 5}
+    want = _seeded(ref, x)
+    _close(out, want)
+    out.square().mean().backward()
+    want.square().mean().backward()
+    _grads_close(patched, {n: p.grad for n, p in ref.named_parameters()})
+    patched.eval(), ref.eval()
+    with torch.no_grad():
+        _close(patched(x), ref(x))
+
+
+def test_mvitv2_pool_first_keeps_timm_forward(caplog):
+    """timm's MultiScaleAttentionPoolFirst is not fused (its forward does not run in timm: the key is not
+    transposed); patch_timm says so and leaves it alone."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    model = MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, pool_first=True), img_size=32)
+    with caplog.at_level(logging.INFO, logger="vitkernels"):
+        vk.patch_timm(model)
+    assert _fused_names(model) == {}
+    assert (
+        "kept the original forward of 2 × timm.models.mvitv2.MultiScaleAttentionPoolFirst: no fused op covers"
+        in caplog.text
+    )
+
+
 def test_calls_the_models_own_linears():
     """LoRA-style wrappers around qkv/proj keep working: the fused forward calls the submodules."""
     ref, patched, x = _pair("vit_tiny")
@@ -386,7 +452,7 @@ def test_fused_classes_importable_by_name():
         integration.FusedNothing  # noqa: B018
 
 
-@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0"])
+@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0", "mvitv2_tiny"])
 def test_deepcopy_and_ema(case):
     _, patched, x = _pair(case)
     ema = timm.utils.ModelEmaV3(patched, decay=0.5)  # deep-copies the model
@@ -439,7 +505,7 @@ def test_forward_intermediates_and_grad_checkpointing(case):
     _grads_close(patched, {n: p.grad for n, p in ref.named_parameters()})
 
 
-@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0", "xcit_nano"])
+@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0", "xcit_nano", "mvitv2_tiny"])
 def test_features_only(case):
     """features_only=True (timm's default feature wrapper) then patch_timm: same features, fused."""
     name, kwargs, hw, _, _ = CASES[case]
@@ -518,6 +584,7 @@ def test_fx_symbolic_trace_forward_and_backward(case):
         "sr_attention",
         "mix_ffn",
         "xca",
+        "pool_attention",
     }
     with torch.no_grad(), OpCounter() as counter:
         got = graph(x)
@@ -583,11 +650,11 @@ def _graph_capturing_backend(graphs):
     return backend
 
 
-@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad"])
+@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "mvitv2_tiny"])
 def test_torch_compile_fullgraph(case):
     """No graph break anywhere in the patched model, with the vitkernels op in the one graph."""
     torch._dynamo.reset()
-    ref, patched, x = _pair(case, **({"depth": 1} if case == "vit_tiny" else {"depths": (2, 1, 1, 1)}))
+    ref, patched, x = _pair(case, **{"vit_tiny": {"depth": 1}, "swin_tiny_pad": {"depths": (2, 1, 1, 1)}}.get(case, {}))
     graphs = []
     compiled = torch.compile(patched, fullgraph=True, backend=_graph_capturing_backend(graphs))
     with torch.no_grad():
@@ -621,7 +688,7 @@ def test_torch_compile_inductor_tiny_vit():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0", "xcit_nano"])
+@pytest.mark.parametrize("case", ["vit_tiny", "swin_tiny_pad", "pvt_v2_b0", "xcit_nano", "mvitv2_tiny"])
 def test_torch_export(case):
     ref, patched, x = _pair(case)
     ep = torch.export.export(patched, (x,))

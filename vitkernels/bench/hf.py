@@ -331,6 +331,7 @@ _FAMILIES = {
 }
 _NONE = {
     "Xcit": "transformers has no XCiT",
+    "MultiScaleVit": "transformers has no MViTv2",
     "ViViTFactorized": "transformers' ViViT is model 1 (joint space-time attention); it has no model 3 "
     "(factorised self-attention)",
 }

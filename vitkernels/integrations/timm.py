@@ -29,7 +29,10 @@ Covered today:
 - PyramidVisionTransformerV2: `timm.models.pvt_v2.Attention` -> `FusedPvtV2Attention`: timm's own
   spatial reduction, then `sr_attention`; `MlpWithDepthwiseConv` -> `FusedMlpWithDepthwiseConv`: one
   `mix_ffn` call;
-- XCiT: `timm.models.xcit.XCA` -> `FusedXCA`: qkv -> `xca` -> proj.
+- XCiT: `timm.models.xcit.XCA` -> `FusedXCA`: qkv -> `xca` -> proj;
+- MViTv2: `timm.models.mvitv2.MultiScaleAttention` -> `FusedMultiScaleAttention`: qkv, timm's own pooling
+  convs and norms of q, k, v, then one `pool_attention` (softmax with the decomposed relative-position
+  terms, residual pooling, token layout) -> proj (`MultiScaleAttentionPoolFirst` keeps timm's forward).
 
 What is decided when:
 - at patch time (static configuration): a module the op does not cover keeps its class and timm's
@@ -107,6 +110,23 @@ def xca(qkv: Tensor, num_heads: int, temperature: Tensor) -> Tensor:
     return torch.ops.vitkernels.xca(qkv, num_heads, temperature)
 
 
+def pool_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_hw: List[int],
+    k_hw: List[int],
+    rel_pos_h: Optional[Tensor],
+    rel_pos_w: Optional[Tensor],
+    has_cls_token: bool,
+    residual: bool,
+    scale: Optional[float] = None,
+) -> Tensor:
+    return torch.ops.vitkernels.pool_attention(
+        q, k, v, [q_hw[0], q_hw[1]], [k_hw[0], k_hw[1]], rel_pos_h, rel_pos_w, has_cls_token, residual, scale
+    )
+
+
 def mix_ffn(
     x: Tensor,
     hw: List[int],
@@ -180,6 +200,7 @@ torch.fx.wrap("_timm_window_attention")
 torch.fx.wrap("sr_attention")
 torch.fx.wrap("xca")
 torch.fx.wrap("mix_ffn")
+torch.fx.wrap("pool_attention")
 
 
 # ----------------------------------------------------------------------------- fused forwards
@@ -437,6 +458,58 @@ def _fused_twins_gsa_forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
     return self.proj_drop(self.proj(sr_attention(q, self.kv(x), self.num_heads, self.scale)))
 
 
+def _mvit_pre_pool(x: Tensor, feat_size: List[int], has_cls_token: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Head views (B, heads, [1 +] H·W, D) -> (B·heads, D, H, W) maps for timm's pooling module, and the class
+    token (B, heads, 1, D) that passes by (timm's `reshape_pre_pool`)."""
+    cls_tok: Optional[Tensor] = None
+    if has_cls_token:
+        cls_tok = x[:, :, :1, :]
+        x = x[:, :, 1:, :]
+    return x.reshape(-1, feat_size[0], feat_size[1], x.shape[-1]).permute(0, 3, 1, 2).contiguous(), cls_tok
+
+
+def _mvit_post_pool(x: Tensor, num_heads: int, cls_tok: Optional[Tensor]) -> Tuple[Tensor, List[int]]:
+    """Pooled maps (B·heads, D, h, w) -> head views (B, heads, [1 +] h·w, D) and [h, w] (timm's
+    `reshape_post_pool`)."""
+    size = [x.shape[2], x.shape[3]]
+    x = x.reshape(-1, num_heads, x.shape[1], size[0] * size[1]).transpose(2, 3)
+    if cls_tok is not None:
+        x = torch.cat((cls_tok, x), dim=2)
+    return x, size
+
+
+def _fused_mvit_forward(self, x: Tensor, feat_size: List[int]) -> Tuple[Tensor, List[int]]:
+    """timm MViTv2 MultiScaleAttention: qkv -> timm's pooling modules and norms on the head views of q, k, v
+    -> one `pool_attention` (scaled scores + decomposed relative-position terms, softmax, @ v, + q when
+    residual pooling, straight to token layout) -> proj. Returns (tokens, q's [h, w]) as timm."""
+    b, n, _ = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q_size = feat_size
+    k_size = feat_size
+    if self.pool_q is not None:
+        q, q_tok = _mvit_pre_pool(q, feat_size, self.has_cls_token)
+        q, q_size = _mvit_post_pool(self.pool_q(q), self.num_heads, q_tok)
+    if self.norm_q is not None:
+        q = self.norm_q(q)
+    if self.pool_k is not None:
+        k, k_tok = _mvit_pre_pool(k, feat_size, self.has_cls_token)
+        k, k_size = _mvit_post_pool(self.pool_k(k), self.num_heads, k_tok)
+    if self.norm_k is not None:
+        k = self.norm_k(k)
+    if self.pool_v is not None:
+        v, v_tok = _mvit_pre_pool(v, feat_size, self.has_cls_token)
+        v, _ = _mvit_post_pool(self.pool_v(v), self.num_heads, v_tok)
+    if self.norm_v is not None:
+        v = self.norm_v(v)
+    rel_h: Optional[Tensor] = None
+    rel_w: Optional[Tensor] = None
+    if hasattr(self, "rel_pos_h"):  # timm creates the tables only for rel_pos_type "spatial"
+        rel_h = self.rel_pos_h
+        rel_w = self.rel_pos_w
+    out = pool_attention(q, k, v, q_size, k_size, rel_h, rel_w, self.has_cls_token, self.residual_pooling, self.scale)
+    return self.proj(out), q_size
+
+
 # ----------------------------------------------------------------------------- patch-time checks
 
 
@@ -574,6 +647,15 @@ def _xca_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _mvit_reason(m: nn.Module) -> Optional[str]:
+    for name in ("qkv", "proj", "num_heads", "scale", "has_cls_token", "residual_pooling", "pool_q", "norm_q"):
+        if not hasattr(m, name):
+            return f"no `{name}` attribute (an unknown variant of the class)"
+    if getattr(m, "rel_pos_type", "spatial") == "spatial" and not hasattr(m, "rel_pos_h"):
+        return "rel_pos_type 'spatial' without `rel_pos_h` (an unknown variant of the class)"
+    return None
+
+
 _SPECS = [
     FusedSpec(
         "FusedAttention",
@@ -658,6 +740,14 @@ _SPECS = [
         _fused_twins_gsa_forward,
         "vitkernels.sr_attention",
         _needs("q", "kv", "sr", "norm", "proj", "attn_drop"),
+    ),
+    FusedSpec(
+        "FusedMultiScaleAttention",
+        [("timm.models.mvitv2", "MultiScaleAttention")],
+        "forward",
+        _fused_mvit_forward,
+        "vitkernels.pool_attention",
+        _mvit_reason,
     ),
 ]
 _NAMES = {spec.name for spec in _SPECS}

@@ -4,7 +4,8 @@
     model.load_state_dict(timm_model.state_dict(), strict=True)
 
 Families so far: ViT/DeiT (`vit.py`), Swin (`swin.py`), Swin V2 (`swinv2.py`), PVTv2 (`pvt_v2.py`), SegFormer
-(`segformer.py`; Hugging Face checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`), TimeSformer
+(`segformer.py`; Hugging Face checkpoints load through `convert_hf_segformer`), XCiT (`xcit.py`), MViTv2
+(`mvitv2.py`), TimeSformer
 (`timesformer.py`; Hugging Face checkpoints through `convert_hf_timesformer`) and ViViT models 1 and 3 (`vivit.py`;
 Hugging Face google/vivit-b-16x2-kinetics400 through `convert_hf_vivit`).
 """
@@ -44,7 +45,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
     return model
 
 
-from . import pvt_v2, segformer, swin, swinv2, timesformer, vit, vivit, xcit  # noqa: E402,F401  (registers them)
+from . import mvitv2, pvt_v2, segformer, swin, swinv2, timesformer, vit, vivit, xcit  # noqa: E402,F401  (registers them)
 from .segformer import convert_hf_segformer  # noqa: E402
 from .timesformer import convert_hf_timesformer  # noqa: E402
 from .vivit import convert_hf_vivit  # noqa: E402
