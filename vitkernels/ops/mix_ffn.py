@@ -1,23 +1,37 @@
 """vitkernels.mix_ffn: SegFormer / PVTv2 Mix-FFN, fc2(GELU(dwconv3×3(act(fc1(x))))), act = ReLU if extra_relu.
 
-A composite of F.linear and the `dwconv` op (conv + GELU fused there); the residual add stays in the
-block. Its gradients are the composition's (autograd through linear and dwconv).
+fc1 (and the ReLU) are F.linear; the rest runs one of two ways ($VITKERNELS_MIX_FFN_KERNEL):
+
+* fused: the private op `_mix_ffn_fwd(h, ...)` = GELU(dwconv(h)) · fc2ᵀ + b in one Triton kernel
+  (vitkernels/triton/mix_ffn.py: the dwconv output never reaches HBM). Its backward recomputes
+  g = GELU(dwconv(h)) through `_dwconv_fwd`, then fc2's matmuls and `_dwconv_bwd` (exact gradients;
+  g is not saved). "auto" takes it where the backend choice runs dwconv's Triton kernel.
+* composite: `dwconv(..., "gelu")` (its own backend choice) then F.linear, autograd through both.
+
+The choice is made in the CompositeImplicitAutograd body (at trace time under torch.compile /
+export). The residual add stays in the block.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _env, backends
+from ..backends import BackendUnavailableError
 from ._common import (
     autocast_inputs,
+    call_private,
     call_public,
     check_hw,
     check_same,
     check_tensor,
     describe,
+    fresh,
+    private_op,
 )
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
@@ -58,6 +72,7 @@ SPEC = define(
             sdpa=False,
             composite_label="linear+dwconv",
         ),
+        triton_modules=("mix_ffn",),
     )
 )
 
@@ -101,6 +116,37 @@ def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
             raise ValueError(f"vitkernels.mix_ffn: {name} must be ({n},), got {describe(b)}")
 
 
+# ----------------------------------------------------------------------------- fused or composite
+
+KERNELS = ("auto", "composite", "fused")
+
+
+def kernel_choice() -> str:
+    """$VITKERNELS_MIX_FFN_KERNEL: "auto" (default), "composite" or "fused"."""
+    choice = _env.get("VITKERNELS_MIX_FFN_KERNEL").lower()
+    if choice not in KERNELS:
+        raise ValueError(f"VITKERNELS_MIX_FFN_KERNEL must be one of {KERNELS}, got {choice!r}")
+    return choice
+
+
+def _dwconv_kernel(h, hw, dw_weight, dw_bias):
+    """The dwconv kernel the backend choice runs on these arguments (raises like the op would)."""
+    return backends.select("dwconv", h, hw, dw_weight, dw_bias, "gelu")
+
+
+def uses_fused(x, hw, dw_weight, dw_bias) -> bool:
+    """Whether a mix_ffn call on these arguments takes the fused path: "fused" always, "composite"
+    never, "auto" where the backend choice runs dwconv's Triton kernel (CUDA tensors, or the
+    forced "triton" backend under TRITON_INTERPRET=1). x stands in for h (same device and dtype)."""
+    choice = kernel_choice()
+    if choice != "auto":
+        return choice == "fused"
+    try:
+        return _dwconv_kernel(x, hw, dw_weight, dw_bias).backend == "triton"
+    except BackendUnavailableError:  # the composite's dwconv call raises it, with its reasons
+        return False
+
+
 @composite(OP)
 def _mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu=False):
     x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias = autocast_inputs(
@@ -110,6 +156,8 @@ def _mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
     y = F.linear(x, fc1_weight, fc1_bias)
     if extra_relu:
         y = F.relu(y)
+    if uses_fused(x, hw, dw_weight, dw_bias):
+        return call_private("_mix_ffn_fwd", y, list(hw), dw_weight, dw_bias, fc2_weight, fc2_bias)
     y = dwconv(y, hw, dw_weight, dw_bias, "gelu")
     return F.linear(y, fc2_weight, fc2_bias)
 
@@ -129,3 +177,70 @@ def mix_ffn(
     return call_public(
         OP, _mix_ffn, x, list(hw), fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
     )
+
+
+# ----------------------------------------------------------------------------- the fused path
+
+
+def _fused_forward(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias):
+    """The fused Triton kernel, or, where the backend choice runs another dwconv kernel at run time
+    (a graph traced for "triton" run under another choice), that kernel then F.linear."""
+    if kernel_choice() == "fused":
+        why = backends.not_supported_reasons("dwconv", "triton", h, hw, dw_weight, dw_bias, "gelu")
+        if why:
+            raise BackendUnavailableError(
+                "vitkernels.mix_ffn: VITKERNELS_MIX_FFN_KERNEL=fused needs the Triton kernel: " + "; ".join(why)
+            )
+        use_triton = True
+    else:
+        kernel = _dwconv_kernel(h, hw, dw_weight, dw_bias)
+        use_triton = kernel.backend == "triton"
+    if use_triton:
+        from ..triton import mix_ffn as tk
+
+        return tk.mix_ffn_forward(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias)
+    return fresh(F.linear(kernel.forward(h, hw, dw_weight, dw_bias, "gelu"), fc2_weight, fc2_bias))
+
+
+@private_op("vitkernels::_mix_ffn_fwd")
+def _mix_ffn_fwd(
+    h: Tensor,
+    hw: list[int],
+    dw_weight: Tensor,
+    dw_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+) -> Tensor:
+    return backends.without_autocast(_fused_forward)(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias)
+
+
+@_mix_ffn_fwd.register_fake
+def _(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias):
+    return h.new_empty((h.shape[0], h.shape[1], fc2_weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias = inputs
+    ctx.save_for_backward(h, dw_weight, dw_bias, fc2_weight)
+    ctx.hw, ctx.has_fc2_bias = hw, fc2_bias is not None
+
+
+def _backward(ctx, dy):
+    """Exact gradients without the forward's g: g = GELU(dwconv(h)) recomputed for fc2's weight
+    gradient, dg = dy · fc2_weight into the dwconv op's backward (dh, ddw_weight, ddw_bias)."""
+    h, dw_weight, dw_bias, fc2_weight = ctx.saved_tensors
+    need_h, _, need_dw, need_db, need_w2, need_b2 = ctx.needs_input_grad
+    dh = ddw = ddb = dw2 = db2 = None
+    dy = dy.to(h.dtype)
+    if need_w2:
+        g = torch.ops.vitkernels._dwconv_fwd(h, ctx.hw, dw_weight, dw_bias, "gelu")
+        dw2 = dy.flatten(0, 1).t().mm(g.flatten(0, 1))
+    if need_b2 and ctx.has_fc2_bias:
+        db2 = dy.sum((0, 1))
+    if need_h or need_dw or need_db:
+        dh, ddw, ddb = torch.ops.vitkernels._dwconv_bwd(dy.matmul(fc2_weight), h, ctx.hw, dw_weight, dw_bias, "gelu")
+        ddb = None if dw_bias is None else ddb
+    return dh, None, ddw, ddb, dw2, db2
+
+
+_mix_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
