@@ -5,7 +5,10 @@ after `import vitkernels`. `python -m vitkernels.info` prints the ones that are 
 
 Library (read by vitkernels/):
   VITKERNELS_BACKEND        "auto" | "triton" | "cuda" | "reference": the default backend (SPEC).
-  VITKERNELS_SR_KERNEL      "auto" | "general": force sr_attention's general Triton kernels.
+  VITKERNELS_SR_KERNEL      "auto" | "general" | "split": sr_attention's Triton kernels ("general":
+                            the general ones; "split": the split backward at every M).
+  VITKERNELS_MIX_FFN_KERNEL "auto" | "composite" | "fused": mix_ffn's dwconv + GELU + fc2 as one
+                            Triton kernel ("auto": where dwconv's Triton kernel runs) or as dwconv + F.linear.
   VITKERNELS_CUDA_EMULATOR  path of a vkemu build of csrc/ (tests/cuda_emu): CUDA kernels on CPU.
   VITKERNELS_NO_JIT         "1": never JIT-compile the CUDA extension (use only a prebuilt one).
   VITKERNELS_CACHE_DIR      where JIT and emulator builds are cached (default ~/.cache/vitkernels).
@@ -40,6 +43,7 @@ import os
 FLAGS: dict[str, str] = {
     "VITKERNELS_BACKEND": "auto",
     "VITKERNELS_SR_KERNEL": "auto",
+    "VITKERNELS_MIX_FFN_KERNEL": "auto",
     "VITKERNELS_CUDA_EMULATOR": "",
     "VITKERNELS_NO_JIT": "0",
     "VITKERNELS_CACHE_DIR": "",

@@ -7,6 +7,7 @@ input dtype + floor (helpers.assert_within), for the output and every gradient.
 
 import pytest
 import torch
+import triton
 
 import vitkernels as vk
 
@@ -131,26 +132,151 @@ def test_limits():
     assert not K.supports_forward(257, 32) and not K.supports_forward(256, 128)
     assert K.supports_backward(256, 32) and K.supports_backward(128, 64)
     assert not K.supports_backward(256, 64) and not K.supports_backward(0, 32)
+    assert K.supports_split_backward(256, 64) and K.supports_split_backward(4096, 128)
+    assert not K.supports_split_backward(0, 64) and not K.supports_split_backward(16, 160)
     q = torch.randn(1, 1, 8, 32, device=DEVICE)
     kv = torch.randn(1, 1, 300, 32, device=DEVICE)
     with pytest.raises(ValueError, match="on-chip limit"):
         K.sr_attention_forward(q, kv, kv, 1.0, torch.empty_like(q))
+    grads = [torch.empty_like(t) for t in (q, kv, kv)]
+    lse = torch.zeros(1, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="on-chip limit"):
+        K.sr_attention_backward(q, q, kv, kv, q, lse, 1.0, *grads)
+    q160 = torch.randn(1, 1, 8, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="D ≤ 128"):
+        K.sr_attention_split_backward(q160, q160, q160, q160, q160, lse, 1.0, *(torch.empty_like(q160),) * 3)
+
+
+# ------------------------------------------------------------------------------ split backward
+
+
+def run_split(q, k, v, scale, dout):
+    """(out, dq, dk, dv) with the split backward; out and lse from the N ≫ M forward where it fits,
+    else from the general one. Gradients NaN-poisoned first."""
+    out = torch.full_like(q, float("nan"))
+    if K.supports_forward(k.shape[2], q.shape[-1]):
+        lse = K.sr_attention_forward(q, k, v, scale, out)
+    else:
+        lse = general.attention_forward(q, k, v, None, scale, out)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    K.sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
+    return out, dq, dk, dv
+
+
+SPLIT_BLOCK_N = K.INTERPRET_SPLIT_BLOCKS["BLOCK_N"] if _INTERPRET else 64
+# Two query blocks per chunk (interpreter) or one GPU chunk unit.
+SPLIT_ROWS = 2 * K.INTERPRET_SPLIT_BLOCKS["BLOCK_M"] if _INTERPRET else 128
+
+
+@pytest.fixture
+def split_chunks(monkeypatch):
+    """Small split-backward chunks: one head's rows over several programs (partial dK/dV)."""
+    monkeypatch.setattr(K, "ROWS_PER_PROGRAM", SPLIT_ROWS)
+
+
+SPLIT_SHAPES = [  # B, H, N, M, D (interpreter: 16-row query blocks, 32-key passes, 32-row chunks)
+    (1, 2, 45, 70, 32),  # M: 2 passes + a ragged one; N: a full chunk and a ragged one
+    (2, 1, 64, 64, 64),  # M, N multiples of every block and chunk: the unmasked paths
+    (1, 1, 50, 200, 48),  # SegFormer-like M = 200 (7 passes), D not a power of two
+    (1, 2, 37, 20, 64),  # M < BLOCK_N: one pass (no dQ scratch, no stored delta)
+    (1, 1, 40, 300, 32),  # M > 256: beyond every on-chip kernel (general forward)
+]
+
+
+@pytest.mark.parametrize("rows", ["chunked", "one_chunk"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_split_backward_matches_oracle(monkeypatch, shape, dtype, rows):
+    """dq, dk, dv of the split backward vs float64 (2× rule), with a head's queries over several
+    programs (partials summed) and in one program (a single chunk)."""
+    B, H, N, M, D = shape
+    monkeypatch.setattr(K, "ROWS_PER_PROGRAM", SPLIT_ROWS if rows == "chunked" else 1024)
+    if _INTERPRET and rows == "chunked":
+        assert triton.cdiv(N, SPLIT_ROWS) > 1
+    q = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    k, v = (torch.randn(B, H, M, D, device=DEVICE).to(dtype) for _ in range(2))
+    dout = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    check(q, k, v, dout, run_split(q, k, v, D**-0.5, dout), dtype, D**-0.5)
+
+
+def test_split_backward_very_negative_scores(split_chunks):
+    """Every score ≈ -20 (lse ≪ 0) in float16 with a ragged last key block: the zero-filled padding
+    keys (score 0: exp(0 - lse) > the float16 range) must be masked out of P, or dq turns NaN."""
+    B, H, N, M, D = 1, 1, 40, SPLIT_BLOCK_N + 7, 32
+    u = torch.randn(D, device=DEVICE)
+    k = u + 0.05 * torch.randn(B, H, M, D, device=DEVICE)
+    q = (-20 / D**-0.5) * u / u.dot(u) + 0.05 * torch.randn(B, H, N, D, device=DEVICE)
+    v, dout = torch.randn(B, H, M, D, device=DEVICE), torch.randn_like(q)
+    q, k, v, dout = (t.half() for t in (q, k, v, dout))
+    assert ((q.double() @ k.double().transpose(-1, -2)) * D**-0.5).max() < -15
+    check(q, k, v, dout, run_split(q, k, v, D**-0.5, dout), torch.float16, D**-0.5)
+
+
+def test_split_backward_is_deterministic(split_chunks):
+    """No atomics: two runs with several chunks and passes per head are bitwise equal."""
+    q = torch.randn(2, 1, 90, 32, device=DEVICE)
+    k, v = (torch.randn(2, 1, 3 * SPLIT_BLOCK_N - 5, 32, device=DEVICE) for _ in range(2))
+    dout = torch.randn_like(q)
+    first, second = run_split(q, k, v, 0.2, dout), run_split(q, k, v, 0.2, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_split_backward_strided_views(split_chunks):
+    """Token-layout views in (q with a padded row stride) and out (dq, dk, dv into packed buffers)."""
+    B, N, M, H, D = 2, 37, 2 * SPLIT_BLOCK_N + 3, 2, 32
+    C = H * D
+    q = torch.randn(B, N, C + 8, device=DEVICE)[..., 8:].reshape(B, N, H, D).transpose(1, 2)
+    k, v = torch.randn(B, M, 2 * C, device=DEVICE).reshape(B, M, 2, H, D).permute(2, 0, 3, 1, 4)
+    dout = torch.randn(B, N, C, device=DEVICE).view(B, N, H, D).transpose(1, 2)
+    out = torch.empty(B, N, C, device=DEVICE).view(B, N, H, D).transpose(1, 2)
+    lse = K.sr_attention_forward(q, k, v, D**-0.5, out)
+    dq = torch.full((B, N, C), float("nan"), device=DEVICE).view(B, N, H, D).transpose(1, 2)
+    dk, dv = torch.full((B, M, 2 * C), float("nan"), device=DEVICE).view(B, M, 2, H, D).permute(2, 0, 3, 1, 4)
+    K.sr_attention_split_backward(dout, q, k, v, out, lse, D**-0.5, dq, dk, dv)
+    want = run_split(*(t.contiguous() for t in (q, k, v)), D**-0.5, dout.contiguous())
+    for got, w in zip((out, dq, dk, dv), want):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
+
+
+def test_split_rows_fill_one_wave(monkeypatch):
+    """GPU chunking: ⌊SMs / (B·H)⌋ chunks per head, rows a multiple of 128; never more programs than
+    SMs unless one chunk per head already exceeds them."""
+    monkeypatch.setattr(K, "sm_count", lambda device: 132)
+    for bh, n in [(8, 16384), (16, 4096), (40, 1024), (1, 256), (200, 4096), (5, 100)]:
+        rows = K._split_rows(n, bh, torch.device("cuda"), False, 16)
+        chunks = triton.cdiv(n, rows)
+        assert rows % 128 == 0
+        assert bh * chunks <= max(132, bh), (bh, n, rows)
+        assert rows == 128 or bh * chunks * 2 > 132, (bh, n, rows)  # half a wave at least, unless N is short
+    assert K._split_rows(16384, 8, torch.device("cuda"), False, 16) == 1024  # SegFormer-B2 s1, B 8: 128 programs
+    assert K._split_rows(4096, 16, torch.device("cuda"), False, 16) == 512  # stage 2 (2 heads): 128 programs
 
 
 # ------------------------------------------------------------------------------ through the op
 
 
 @pytest.mark.parametrize(
-    "m,d,switch,specialised_bwd",
-    [(49, 64, "auto", True), (200, 64, "auto", False), (300, 32, "auto", False), (49, 64, "general", False)],
+    "m,d,switch,bwd",
+    [
+        (49, 64, "auto", "sr_attention_backward"),
+        (256, 32, "auto", "sr_attention_backward"),
+        (200, 64, "auto", "sr_attention_split_backward"),  # beyond the on-chip backward
+        (300, 32, "auto", "sr_attention_split_backward"),  # beyond the on-chip forward too
+        (49, 64, "split", "sr_attention_split_backward"),
+        (300, 32, "split", "sr_attention_split_backward"),
+        (49, 64, "general", "attention_backward"),
+        (200, 64, "general", "attention_backward"),
+    ],
 )
-def test_op_dispatch(monkeypatch, m, d, switch, specialised_bwd):
-    """The op runs the N ≫ M kernels while they fit on chip and the general kernels beyond (or when
-    VITKERNELS_SR_KERNEL=general asks for them)."""
+def test_op_dispatch(monkeypatch, m, d, switch, bwd):
+    """VITKERNELS_SR_KERNEL: "auto" runs the N ≫ M kernels while they fit on chip, beyond them the
+    general forward and the split backward; "split" forces the split backward; "general" the
+    general kernels."""
     monkeypatch.setenv("VITKERNELS_SR_KERNEL", switch)
     calls = []
     for mod, names in (
-        (K, ("sr_attention_forward", "sr_attention_backward")),
+        (K, ("sr_attention_forward", "sr_attention_backward", "sr_attention_split_backward")),
         (general, ("attention_forward", "attention_backward")),
     ):
         for name in names:
@@ -160,22 +286,36 @@ def test_op_dispatch(monkeypatch, m, d, switch, specialised_bwd):
     kv = torch.randn(1, m, 2 * d, device=DEVICE, requires_grad=True)
     with vk.use_backend("triton"):
         vk.sr_attention(q, kv, 1).sum().backward()
-    fwd = "sr_attention_forward" if K.supports_forward(m, d) and switch == "auto" else "attention_forward"
-    bwd = "sr_attention_backward" if specialised_bwd else "attention_backward"
+    fwd = "sr_attention_forward" if K.supports_forward(m, d) and switch != "general" else "attention_forward"
     assert calls == [fwd, bwd]
 
 
+def test_op_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("VITKERNELS_SR_KERNEL", "fastest")
+    q, kv = torch.randn(1, 20, 32, device=DEVICE), torch.randn(1, 4, 64, device=DEVICE)
+    with vk.use_backend("triton"), pytest.raises(ValueError, match="VITKERNELS_SR_KERNEL"):
+        vk.sr_attention(q, kv, 1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,N,M,H,D", [(2, 98, 49, 2, 32), (1, 20, 20, 8, 64)], ids=["pvt_M49_2x32", "stage4_8x64"])
-def test_op_pvt_like(dtype, chunks, B, N, M, H, D):
-    """vitkernels.sr_attention on the triton backend vs float64: PVTv2-like (M = 49, 2 heads of 32), and
-    stage 4's 8 heads of 64 (sr ratio 1: M = N)."""
+@pytest.mark.parametrize(
+    "B,N,M,H,D,strided",
+    [(2, 98, 49, 2, 32, False), (1, 20, 20, 8, 64, False), (1, 100, 140, 2, 64, False), (1, 100, 140, 2, 64, True)],
+    ids=["pvt_M49_2x32", "stage4_8x64", "segformer_like_M140_2x64", "segformer_like_strided"],
+)
+def test_op_pvt_like(dtype, chunks, B, N, M, H, D, strided):
+    """vitkernels.sr_attention on the triton backend vs float64: PVTv2-like (M = 49, 2 heads of 32),
+    stage 4's 8 heads of 64 (sr ratio 1: M = N), and SegFormer-like heads of 64 with M = 140 (beyond
+    the on-chip backward: the split backward), also with q and kv as non-contiguous slices."""
     q = torch.randn(B, N, H * D)
     kv = torch.randn(B, M, 2 * H * D)
     cot = torch.randn(B, N, H * D)
 
     def grads(fn, dt, dev):
         a, b = (t.to(dev, dt).requires_grad_() for t in (q, kv))
+        if strided and dev == DEVICE and dt != torch.float64:  # the fused inputs: row strides > C, 2C
+            a, b = (torch.cat([t, t[..., :8]], -1)[..., : t.shape[-1]] for t in (a, b))
+            assert not a.is_contiguous() and not b.is_contiguous()
         out = fn(a, b)
         return [out.detach()] + list(torch.autograd.grad(out, (a, b), cot.to(dev, dt)))
 
@@ -199,8 +339,9 @@ REAL = [  # B, heads, N, M, C from the models
     (8, 2, 784, 49, 128),  # PVTv2-b2 stage 2
     (8, 5, 196, 49, 320),  # PVTv2-b2 stage 3
     (2, 1, 16384, 256, 32),  # SegFormer-B0 stage 1 at 512
-    (2, 2, 4096, 256, 64),  # SegFormer stage 2 at 512
-    (1, 1, 65536, 1024, 32),  # SegFormer stage 1 at 1024: general kernels (M > 256)
+    (2, 2, 4096, 256, 64),  # SegFormer-B1+ stage 2 at 512: the split backward (M·D > the on-chip limit)
+    (2, 1, 16384, 256, 64),  # SegFormer-B1+ stage 1 at 512: the split backward
+    (1, 1, 65536, 1024, 32),  # SegFormer stage 1 at 1024: general forward, split backward (M > 256)
 ]
 
 

@@ -2,8 +2,9 @@
 
 The fused path reads q, k, v as strided views of the token-layout projections and writes token
 layout, like self_attention. The Triton backend runs the N ≫ M kernels of triton/sr_attention.py
-(all M keys and values on chip, queries streamed) while they fit on chip, else the general
-FlashAttention kernels of triton/attention.py.
+(all M keys and values on chip, queries streamed) while they fit on chip; beyond, the general
+FlashAttention forward of triton/attention.py and the split backward of triton/sr_attention.py
+(queries split over programs, keys streamed). VITKERNELS_SR_KERNEL picks other kernels.
 """
 
 from __future__ import annotations
@@ -151,10 +152,18 @@ def _reference_backward(dout, q, kv, out, lse, num_heads, scale):
     return dq, dkv
 
 
-def _specialised(fits: bool) -> bool:
-    """Whether the N ≫ M kernels run. ``VITKERNELS_SR_KERNEL=general`` forces the general
-    FlashAttention kernels instead (a developer switch for side-by-side benchmarks)."""
-    return fits and _env.get("VITKERNELS_SR_KERNEL") != "general"
+SR_KERNELS = ("auto", "general", "split")
+
+
+def _sr_kernel() -> str:
+    """``VITKERNELS_SR_KERNEL``, a developer switch for side-by-side benchmarks of the Triton kernels:
+    "auto": the N ≫ M forward and backward where they fit on chip; beyond, the general forward
+    and the split backward. "general": the general FlashAttention forward and backward everywhere.
+    "split": the split backward everywhere (the forward as "auto")."""
+    value = _env.get("VITKERNELS_SR_KERNEL")
+    if value not in SR_KERNELS:
+        raise ValueError(f"VITKERNELS_SR_KERNEL={value!r}: expected one of {', '.join(SR_KERNELS)}")
+    return value
 
 
 def _triton_forward(q, kv, num_heads, scale):
@@ -165,7 +174,7 @@ def _triton_forward(q, kv, num_heads, scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
     (oh,) = heads_view(out, num_heads, 1)
-    if _specialised(specialised.supports_forward(kv.shape[1], qh.shape[-1])):
+    if _sr_kernel() != "general" and specialised.supports_forward(kv.shape[1], qh.shape[-1]):
         return out, specialised.sr_attention_forward(qh, kh, vh, scale, oh)
     return out, general.attention_forward(qh, kh, vh, None, scale, oh)
 
@@ -181,8 +190,11 @@ def _triton_backward(dout, q, kv, out, lse, num_heads, scale):
     (qh,), (kh, vh) = heads_view(q, num_heads, 1), heads_view(kv, num_heads, 2)
     (dqh,), (dkh, dvh) = heads_view(dq, num_heads, 1), heads_view(dkv, num_heads, 2)
     (o,), (do,) = heads_view(out, num_heads, 1), heads_view(dout, num_heads, 1)
-    if _specialised(specialised.supports_backward(kv.shape[1], qh.shape[-1])):
+    m, d, kernel = kv.shape[1], qh.shape[-1], _sr_kernel()
+    if kernel == "auto" and specialised.supports_backward(m, d):
         specialised.sr_attention_backward(do, qh, kh, vh, o, lse, scale, dqh, dkh, dvh)
+    elif kernel != "general" and specialised.supports_split_backward(m, d):
+        specialised.sr_attention_split_backward(do, qh, kh, vh, o, lse, scale, dqh, dkh, dvh)
     else:
         general.attention_backward(do, qh, kh, vh, None, o, lse, scale, dqh, dkh, dvh, False)
     return dq, dkv

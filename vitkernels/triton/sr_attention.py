@@ -1,19 +1,18 @@
 """Triton kernels for ``vitkernels.sr_attention`` specialised for N ≫ M (PVT / SegFormer).
 
 Math, per (batch b, head h), q (N, D) from the full-resolution map, k and v (M, D) from the
-spatially reduced map:
+spatially reduced map: S = q kᵀ · scale, P = softmax_rows(S), O = P v, lse = logsumexp_rows(S)
+(natural log, fp32, (B, heads, N)); backward: delta = rowsum(dO ∘ O), P = exp(S - lse), dV = Pᵀ dO,
+dS = P ∘ (dO vᵀ - delta), dQ = dS k·scale, dK = dSᵀ q·scale.
 
-    S = q kᵀ · scale (N, M; every key of a row on chip: a one-pass softmax in base 2),
-    P = softmax_rows(S),   O = P v,   lse = logsumexp_rows(S) (natural log, float32, (B, heads, N))
-    backward (one kernel): delta = rowsum(dO ∘ O), P = exp(S - lse), dV = Pᵀ dO,
-    dS = P ∘ (dO vᵀ - delta), dQ = dS k·scale (per query block), dK = dSᵀ q·scale (per-program partials)
-
-Layout: q, k, v, out, dq, dk, dv strided (B, heads, rows, D) views with a unit last stride (read
-from and written to the token layouts in place). One program per (b·h, chunk of ``rows`` queries)
-keeps k and v of its head on chip; dK/dV partials per program are summed by torch (deterministic).
-Limits (``supports_forward`` / ``supports_backward``): M ≤ 256, next_pow2(M)·next_pow2(D) ≤ 16384
-forward, ≤ 8192 backward; larger M goes to the general kernels (attention.py). Design notes, cost
-and versions: docs/sr_attention.md.
+Layout: q, k, v, out, dq, dk, dv strided (B, heads, rows, D) views with a unit last stride. One
+program per (b·h, chunk of ``rows`` queries); dK/dV as fp32 partials per program summed by torch
+(deterministic, no atomics). Three kernels:
+- forward and backward with all M keys/values of the head on chip (``supports_forward`` /
+  ``supports_backward``: M ≤ 256, next_pow2(M)·next_pow2(D) ≤ 16384 / 8192);
+- the split backward (any M, D ≤ 128): the keys streamed in BLOCK_N passes over the chunk, dK/dV of
+  a pass on chip, dQ summed over the passes in a program-private fp32 scratch.
+Design notes, cost and versions: docs/sr_attention.md.
 """
 
 from __future__ import annotations
@@ -26,7 +25,14 @@ from . import _launch as launch
 from ._launch import sm_count, use_fixed  # module globals: tests patch them here
 from .attention import _load_1d, _load_2d, _store_1d, _store_2d
 
-__all__ = ["sr_attention_backward", "sr_attention_forward", "supports_backward", "supports_forward"]
+__all__ = [
+    "sr_attention_backward",
+    "sr_attention_forward",
+    "sr_attention_split_backward",
+    "supports_backward",
+    "supports_forward",
+    "supports_split_backward",
+]
 
 MAX_KEYS = 256
 _FWD_TILE = 16384  # BLOCK_KV · BLOCK_D resident in the forward
@@ -34,8 +40,11 @@ _BWD_TILE = 8192  # ... in the backward (k, v, dK, dV)
 
 # Interpreter (CPU) configuration; tests may monkeypatch these to exercise other tilings.
 INTERPRET_BLOCK_M = {"fwd": 32, "bwd": 16}
+INTERPRET_SPLIT_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}  # the split backward's (queries, keys)
 # Query rows per program; None = chosen from the GPU's SM count (interpreter: 2 blocks).
 ROWS_PER_PROGRAM: int | None = None
+# Split backward: programs per SM (it takes one SM each; see _split_rows and docs/sr_attention.md).
+SPLIT_WAVES = 1
 
 
 def _block_kv(m: int) -> int:
@@ -52,6 +61,11 @@ def supports_forward(m: int, d: int) -> bool:
 
 def supports_backward(m: int, d: int) -> bool:
     return 1 <= m <= MAX_KEYS and d <= 128 and _block_kv(m) * _block_d(d) <= _BWD_TILE
+
+
+def supports_split_backward(m: int, d: int) -> bool:
+    """The split backward streams the keys: any M ≥ 1, D ≤ 128."""
+    return m >= 1 and d <= 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +323,206 @@ def _sr_bwd_kernel(
     _store_2d(slot + part_stride, dv, kv_ok, d_ok, not EVEN_KV, MASK_D)
 
 
+@triton.jit
+def _split_pass(
+    q_head,
+    k_head,
+    v_head,
+    o_head,
+    do_head,
+    dq_head,
+    acc_head,
+    lse_row,
+    delta_row,
+    part_slot,
+    stride_qm,
+    stride_kn,
+    stride_vn,
+    stride_om,
+    stride_dom,
+    stride_dqm,
+    stride_am,
+    row_start,
+    row_end,
+    M,
+    part_stride,
+    qk_scale,
+    scale,
+    kb,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+):
+    """Key block ``kb`` of one head against every query of the chunk [row_start, row_end). dK/dV of
+    the block stay on chip and are written as this program's partial; dQ goes to the fp32 scratch
+    (FIRST: stored; later: added to it; LAST: the sum, scaled, to dq). FIRST computes delta from O
+    and dO and stores it unless it is LAST too; later passes load it."""
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = kb * BLOCK_N + offs_n < M
+    key0 = tl.cast(kb, tl.int64) * BLOCK_N  # kb may be the constant 0
+    k = _load_2d(
+        k_head + key0 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D
+    )
+    v = _load_2d(
+        v_head + key0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D
+    )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    num_blocks = tl.cdiv(row_end - row_start, BLOCK_M)
+    for i in range(0, num_blocks):
+        # Odd passes walk the chunk backwards: the rows the previous pass touched last (q, dO and
+        # their dQ scratch) are read first, while they are most likely still in L2.
+        j = i + (kb % 2) * (num_blocks - 1 - 2 * i)
+        start = row_start + j * BLOCK_M
+        # Rows addressed as (row0 + offs_m)·stride in int64: here fewer registers than a scalar base
+        # plus int32 tile offsets, the other kernels' convention (sm_90a, ptxas: 238 vs 255 at 64×64).
+        row0 = start.to(tl.int64)
+        m_ok = start + offs_m < row_end
+        q = _load_2d(q_head + (row0 + offs_m[:, None]) * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+        do = _load_2d(do_head + (row0 + offs_m[:, None]) * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+        # Rows past the chunk read lse = +inf → P = 0 and they add nothing.
+        lse2 = _load_1d(lse_row + row0 + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
+        if FIRST:
+            o = _load_2d(
+                o_head + (row0 + offs_m[:, None]) * stride_om + offs_d[None, :],
+                m_ok,
+                d_ok,
+                not EVEN_M,
+                MASK_D,
+            )
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if not LAST:
+                _store_1d(delta_row + row0 + offs_m, delta, m_ok, not EVEN_M)
+        else:
+            delta = _load_1d(delta_row + row0 + offs_m, m_ok, 0.0, not EVEN_M)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if not EVEN_N:
+            p = tl.where(n_ok[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        acc_ptrs = acc_head + (row0 + offs_m[:, None]) * stride_am + offs_d[None, :]
+        if FIRST:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        else:
+            dq_prev = _load_2d(acc_ptrs, m_ok, d_ok, not EVEN_M, MASK_D)
+            dq = tl.dot(ds.to(k.dtype), k, dq_prev, input_precision=PRECISION)
+        if LAST:
+            dq_ptrs = dq_head + (row0 + offs_m[:, None]) * stride_dqm + offs_d[None, :]
+            _store_2d(dq_ptrs, (dq * scale).to(dq_head.dtype.element_ty), m_ok, d_ok, not EVEN_M, MASK_D)
+        else:
+            _store_2d(acc_ptrs, dq, m_ok, d_ok, not EVEN_M, MASK_D)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+
+    # This pass's key rows of the program's partial slots (dK at part_slot, dV part_stride after).
+    slot = part_slot + (key0 + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    _store_2d(slot, dk * scale, n_ok, d_ok, not EVEN_N, MASK_D)
+    _store_2d(slot + part_stride, dv, n_ok, d_ok, not EVEN_N, MASK_D)
+
+
+@triton.jit
+def _sr_split_bwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    DO,
+    Lse,
+    DQ,
+    DQacc,
+    Delta,
+    Part,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_ab,
+    stride_ah,
+    stride_am,
+    H,
+    N,
+    M,
+    rows,
+    part_stride,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    """One program per (b·h, chunk of ``rows`` queries): ⌈M / BLOCK_N⌉ passes of ``_split_pass``.
+    A CTA barrier between passes orders the scratch one pass stores (dQ, delta) before the next
+    loads it: the threads that load a row need not be the ones that stored it."""
+    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
+    chunks = tl.cdiv(N, rows)
+    # Partial slots Part[0 or 1, chunk, b·h] (M, HEAD_DIM): one chunk of every head is contiguous.
+    slot = (tl.program_id(0) % chunks).to(tl.int64) * (tl.num_programs(0) // chunks) + bh
+    args = (
+        Q + b * stride_qb + h * stride_qh,
+        K + b * stride_kb + h * stride_kh,
+        V + b * stride_vb + h * stride_vh,
+        Out + b * stride_ob + h * stride_oh,
+        DO + b * stride_dob + h * stride_doh,
+        DQ + b * stride_dqb + h * stride_dqh,
+        DQacc + b * stride_ab + h * stride_ah,
+        Lse + bh.to(tl.int64) * N,  # Lse and Delta: contiguous (B·H, N)
+        Delta + bh.to(tl.int64) * N,
+        Part + slot * M * HEAD_DIM,
+        stride_qm,
+        stride_kn,
+        stride_vn,
+        stride_om,
+        stride_dom,
+        stride_dqm,
+        stride_am,
+        row_start,
+        row_end,
+        M,
+        part_stride,
+        qk_scale,
+        scale,
+    )
+    _split_pass(*args, 0, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True, ONE_PASS)
+    if not ONE_PASS:
+        last = tl.cdiv(M, BLOCK_N) - 1
+        tl.debug_barrier()
+        for kb in range(1, last):
+            _split_pass(*args, kb, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, False, False)
+            tl.debug_barrier()
+        _split_pass(*args, last, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, False, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tuning
 # ---------------------------------------------------------------------------------------------
@@ -346,9 +560,54 @@ _CONFIGS = {  # per family: (forward, backward)
     ),
 }
 
+_SPLIT_EVEN = {
+    "EVEN_M": _EVEN["EVEN_M"],
+    "EVEN_N": lambda a: a["M"] % a["BLOCK_N"] == 0,
+    "ONE_PASS": lambda a: a["M"] <= a["BLOCK_N"],
+}
+
+
+# Split backward tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) → the BLOCK_D values it compiles at
+# for sm_90a without spilling (bf16, ptxas -v; registers in docs/sr_attention.md; BLOCK_D 16 counts
+# as 32). Spills do not follow the tile size: 32×128 spills at BLOCK_D 32 but not at 64, 64×128 the
+# other way round; at BLOCK_D 128 only 32×64 with 8 warps fits. fp32 ("ieee" dots on CUDA cores):
+# from BLOCK_D 64 on every fused fp32 backward spills on sm_90 (the on-chip one too); these spill
+# least (≤ 0.25 / 0.5–0.8 / 2.5–5.4 KB at BLOCK_D 32 / 64 / 128). BLOCK_M divides the 128-row unit.
+_SPLIT_TILES = {
+    "half": {
+        (64, 64, 8, 2): (32, 64),
+        (32, 128, 8, 2): (64,),
+        (16, 128, 8, 2): (32, 64),
+        (64, 128, 8, 2): (32,),
+        (32, 64, 8, 2): (32, 64, 128),
+        (16, 64, 4, 2): (32, 64),
+    },
+    "fp32": {(16, 32, 8, 2): (32, 64, 128), (16, 16, 4, 2): (32, 64, 128), (16, 64, 8, 2): (32, 64, 128)},
+}
+
+
+def _split_pruner(tiles):
+    """The split backward's tiles checked at this BLOCK_D, without key blocks longer than
+    next_pow2(M) (when M is below all of them: the shortest ones, a single masked pass)."""
+
+    def prune(configs, named_args, **kwargs):
+        bd = max(32, int(kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))))
+        cap_n = launch.pow2_at_least(int(named_args["M"]))
+        fits = [
+            c for c in configs if bd in tiles[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+        ]
+        kept = [c for c in fits if c.kwargs["BLOCK_N"] <= cap_n]
+        return kept or [c for c in fits if c.kwargs["BLOCK_N"] == min(f.kwargs["BLOCK_N"] for f in fits)]
+
+    return prune
+
+
+_CONFIGS = {fam: (*_CONFIGS[fam], launch.configs(["BLOCK_M", "BLOCK_N"], list(_SPLIT_TILES[fam]))) for fam in _CONFIGS}
+
 _KEY = ["N", "M", "BLOCK_D", "PRECISION"]
 _fwd_fixed = triton.heuristics(_EVEN)(_sr_fwd_kernel)
 _bwd_fixed = triton.heuristics(_EVEN)(_sr_bwd_kernel)
+_split_fixed = triton.heuristics(_SPLIT_EVEN)(_sr_split_bwd_kernel)
 _INTERPRETED = launch.is_interpreted(_sr_fwd_kernel)
 
 _TUNED = launch.tuned_table(
@@ -356,6 +615,15 @@ _TUNED = launch.tuned_table(
     [
         (_fwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(16384), fp32=_pruner(8192)))),
         (_bwd_fixed, dict(key=_KEY, prune=launch.PerFamily(half=_pruner(4096), fp32=_pruner(2048)))),
+        (
+            _split_fixed,
+            dict(
+                key=_KEY,
+                prune=launch.PerFamily(
+                    half=_split_pruner(_SPLIT_TILES["half"]), fp32=_split_pruner(_SPLIT_TILES["fp32"])
+                ),
+            ),
+        ),
     ],
 )
 
@@ -387,11 +655,6 @@ def _check(q, k, v):
     M = k.shape[2]
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)}")
-    if not supports_forward(M, D):
-        raise ValueError(
-            f"sr_attention Triton kernel: M={M}, D={D} exceed the on-chip limit "
-            f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_FWD_TILE})"
-        )
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("sr_attention Triton kernel: the last dim of every view must be contiguous")
@@ -408,6 +671,11 @@ def sr_attention_forward(q, k, v, scale, out):
     q (B, H, N, D), k and v (B, H, M, D): strided views with a unit last stride; 1 ≤ M, as
     ``supports_forward``."""
     B, H, N, M, D = _check(q, k, v)
+    if not supports_forward(M, D):
+        raise ValueError(
+            f"sr_attention Triton kernel: M={M}, D={D} exceed the on-chip limit "
+            f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_FWD_TILE})"
+        )
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     if B * H * N == 0:
         return lse
@@ -430,7 +698,7 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     if not supports_backward(M, D):
         raise ValueError(
             f"sr_attention Triton backward: M={M}, D={D} exceed the on-chip limit "
-            f"(next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE})"
+            f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE}); the split backward has none"
         )
     lse = lse.to(torch.float32).contiguous()
     if B * H * N == 0:
@@ -473,5 +741,76 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
         kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)
         kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
         sums = part.sum(dim=2).view(2, B, H, M, D)
+        dk.copy_(sums[0])
+        dv.copy_(sums[1])
+
+
+def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int) -> int:
+    """Query rows per program of the split backward. On a GPU: chunks = ⌊SPLIT_WAVES·SMs / (B·H)⌋
+    (at least 1) per head, so the grid fills the SMs without a partial last wave, and rows =
+    ⌈N / chunks⌉ rounded up to a multiple of 128 (every BLOCK_M the tuner may pick divides it).
+    Fewer, longer chunks write fewer partials: 8·M·D bytes per program (docs/sr_attention.md)."""
+    if ROWS_PER_PROGRAM is not None:
+        return int(ROWS_PER_PROGRAM)
+    if fixed:
+        return 2 * block_m
+    unit = 128
+    chunks = max(1, SPLIT_WAVES * sm_count(device) // max(bh, 1))
+    return max(unit, triton.cdiv(triton.cdiv(n, chunks), unit) * unit)
+
+
+def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
+    """``sr_attention_backward`` for any M (``supports_split_backward``: M ≥ 1, D ≤ 128), the keys
+    streamed. Each program takes a chunk of one head's queries: its dq rows directly, its dK/dV as
+    an fp32 partial in a (2, chunks, B·H, M, D) workspace that torch sums over the chunks in fp32 (a
+    fixed order, no atomics: bitwise deterministic). Scratch: dQ in fp32 (B, H, N, D) (an fp32 dq
+    is its own scratch) and delta (B, H, N)."""
+    B, H, N, M, D = _check(q, k, v)
+    if not supports_split_backward(M, D):
+        raise ValueError(f"sr_attention Triton split backward: needs M ≥ 1 and D ≤ 128, got M={M}, D={D}")
+    lse = lse.to(torch.float32).contiguous()
+    if B * H * N == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return
+    fixed = use_fixed(q, _INTERPRETED, "sr_attention")
+    rows = _split_rows(N, B * H, q.device, fixed, INTERPRET_SPLIT_BLOCKS["BLOCK_M"])
+    chunks = triton.cdiv(N, rows)
+    programs = chunks * B * H
+    acc = dq if dq.dtype == torch.float32 else torch.empty((B, H, N, D), device=q.device, dtype=torch.float32)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    part = torch.empty((2, chunks, B * H, M, D), device=q.device, dtype=torch.float32)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        acc,
+        delta,
+        part,
+        *_s3(q),
+        *_s3(k),
+        *_s3(v),
+        *_s3(out),
+        *_s3(dout),
+        *_s3(dq),
+        *_s3(acc),
+        H,
+        N,
+        M,
+        rows,
+        programs * M * D,
+        float(scale) * launch.LOG2E,
+        float(scale),
+    )
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=launch.precision(q.dtype))
+    with launch.device_ctx(q):
+        kernel = launch.pick(fixed, _split_fixed, _TUNED, q.dtype, 2)
+        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, **INTERPRET_SPLIT_BLOCKS))
+        sums = part.sum(dim=1).view(2, B, H, M, D)
         dk.copy_(sums[0])
         dv.copy_(sums[1])
