@@ -67,7 +67,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable or "python3"
 DEFAULT_DEADLINE = 540  # s: 9 minutes, inside a 570-s timeout_s of the device tool
 MAX_FILES = 8  # what the device tool brings back from $OUT
-MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "segformer_b2")
+MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "segformer_b2", "mvitv2_tiny")
 # The hf-models step: the transformers counterparts (eager, sdpa, patched) of these, appended to the
 # models results file (Swin and SegFormer get their vitkernels speedups from the models step's rows).
 HF_MODELS = ("swin_tiny_patch4_window7_224", "segformer_b2", "timesformer_base_patch16_224")
@@ -75,7 +75,20 @@ HF_IMPLS = "hf-eager,hf-sdpa,hf+patch_hf"
 # The headline op cases: --representative keeps ViT-B self-attention, Swin-T stage 1, Swin V2-T stage 1
 # (cosine, timm order), PVTv2/SegFormer
 # stage 1 at 224 and 512, XCiT, TimeSformer time and space+cls, SegFormer-B2 stage 1 dwconv and mix_ffn.
-OPS = ("self_attention", "window_attention", "sr_attention", "xca", "space_time_attention", "dwconv", "mix_ffn")
+OPS = (
+    "self_attention",
+    "window_attention",
+    "sr_attention",
+    "xca",
+    "space_time_attention",
+    "dwconv",
+    "mix_ffn",
+    "pool_attention",
+)
+# The old-kernels step: these ops again with the previous kernels selected by their switches,
+# appended to the ops file as impl "vitkernels-old" (its vk_speedup = old / new).
+OLD_KERNEL_OPS = ("sr_attention", "mix_ffn")
+OLD_KERNEL_ENV = ("VITKERNELS_SR_KERNEL=general", "VITKERNELS_MIX_FFN_KERNEL=composite")
 CUDA_TEST_SKIP = ("tests/cuda/test_cuda_compile.py", "tests/cuda/test_cuda_emulator.py")  # CPU-only tools, no gpu mark
 TRITON_TEST_FILES = (
     "tests/ops/test_attention.py",
@@ -84,6 +97,8 @@ TRITON_TEST_FILES = (
     "tests/ops/test_xca.py",
     "tests/ops/test_dwconv.py",
     "tests/ops/test_space_time_attention.py",
+    "tests/ops/test_pool_attention.py",
+    "tests/ops/test_mix_ffn_fused.py",
 )
 # Real-model shapes in bf16 (test_attention / test_dwconv number their dtypes, bf16 first), and the
 # 66,560-window grid test.
@@ -452,6 +467,55 @@ def make_steps() -> list:
             ctx.result("ops"),
         )
 
+    def old_kernels_gpu(ctx, t):
+        return [
+            "env",
+            *OLD_KERNEL_ENV,
+            *_bench(
+                "ops",
+                "--op",
+                ",".join(OLD_KERNEL_OPS),
+                "--representative",
+                "--dtype",
+                "bf16",
+                "--impl",
+                "vitkernels",
+                "--as-impl",
+                "vitkernels-old",
+                "--budget",
+                _budget(t, 15),
+                "--json",
+                ctx.result("ops"),
+                "--append",
+            ),
+        ]
+
+    def old_kernels_dry(ctx, t):
+        return [
+            "env",
+            *OLD_KERNEL_ENV,
+            *_bench(
+                "ops",
+                "--device",
+                "cpu",
+                "--op",
+                "sr_attention",
+                "--mode",
+                "fwd",
+                "--dtype",
+                "fp32",
+                "--impl",
+                "vitkernels",
+                "--as-impl",
+                "vitkernels-old",
+                "--cpu-reps",
+                "1",
+                "--json",
+                ctx.result("ops"),
+                "--append",
+            ),
+        ]
+
     def models_gpu(ctx, t):
         return _bench(
             "models",
@@ -624,9 +688,9 @@ def make_steps() -> list:
         Step(
             "ops",
             "headline op cases, bf16, fwd and fwd+bwd, vs eager and SDPA",
-            cap=150,
+            cap=160,
             floor=60,
-            estimate=130,
+            estimate=140,
             gpu=ops_gpu,
             dry=ops_dry,
             outcome=bench_outcome("ops"),
@@ -640,6 +704,17 @@ def make_steps() -> list:
             gpu=models_gpu,
             dry=models_dry,
             outcome=bench_outcome("models"),
+        ),
+        Step(
+            "old-kernels",
+            "sr_attention and mix_ffn with the previous kernels (vitkernels-old rows in the ops file)",
+            cap=60,
+            floor=20,
+            estimate=35,
+            gpu=old_kernels_gpu,
+            dry=old_kernels_dry,
+            required=False,
+            outcome=bench_outcome("ops", ("vitkernels-old",)),
         ),
         Step(
             "hf-models",

@@ -162,9 +162,13 @@ part_kernels() {
   nvidia-smi >>"$log" 2>&1
   run "$log" $((budget + 60)) $BENCH ops --backend cuda --impl vitkernels,eager --mode fwd --dtype bf16 \
     --budget $budget --json "$OUT/$NAME-kernels-cuda.json" --csv "$OUT/$NAME-kernels-cuda.csv"
-  for kernel in auto general; do
-    VITKERNELS_SR_KERNEL=$kernel run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op sr_attention --dtype bf16 \
-      --impl vitkernels,eager,sdpa --budget $((sr_budget / 2)) --json "$OUT/$NAME-kernels-sr-$kernel.json"
+  for kernel in auto general split; do
+    VITKERNELS_SR_KERNEL=$kernel run "$log" $((sr_budget / 3 + 40)) $BENCH ops --op sr_attention --dtype bf16 \
+      --impl vitkernels,eager,sdpa --budget $((sr_budget / 3)) --json "$OUT/$NAME-kernels-sr-$kernel.json"
+  done
+  for kernel in auto composite; do
+    VITKERNELS_MIX_FFN_KERNEL=$kernel run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op mix_ffn --dtype bf16 \
+      --impl vitkernels,eager --budget $((sr_budget / 2)) --json "$OUT/$NAME-kernels-mix-ffn-$kernel.json"
   done
 }
 

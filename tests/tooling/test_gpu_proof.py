@@ -37,10 +37,12 @@ def test_plan_fits_one_device_call():
         "check",
         "ops",
         "models",
+        "old-kernels",
         "hf-models",
         "flex",
     ]
-    assert [s.name for s in steps if not s.required] == ["hf-models", "flex"]  # run on what is left, in order
+    # run on what is left, in order
+    assert [s.name for s in steps if not s.required] == ["old-kernels", "hf-models", "flex"]
     assert gp.DEFAULT_DEADLINE <= 560  # inside a 570-s timeout_s, itself under the 600-s command limit
     required = [s for s in steps if s.required]
     assert sum(s.floor for s in required) + 10 < gp.DEFAULT_DEADLINE  # every required step can start
@@ -58,6 +60,10 @@ def test_plan_fits_one_device_call():
     assert "--impl hf-eager,hf-sdpa,hf+patch_hf" in hf and "-proof-models.json" in hf and "--append" in hf
     assert all(m in hf for m in ("swin_tiny_patch4_window7_224", "segformer_b2", "timesformer_base_patch16_224"))
     assert "--dry-run" in gp.plan_text(dry=True)
+    # the previous kernels, selected by their switches, append to the ops file as vitkernels-old
+    old = next(line for line in text.splitlines() if line.startswith("old-kernels"))
+    assert "--as-impl vitkernels-old" in old and "-proof-ops.json" in old and "--append" in old
+    assert all(env in old for env in gp.OLD_KERNEL_ENV)
 
 
 def test_bench_cases_of_the_plan_exist():
@@ -66,7 +72,7 @@ def test_bench_cases_of_the_plan_exist():
 
     picked = cases.select_cases(cases.all_cases(), list(gp.OPS), None, representative=True)
     assert {c.op for c in picked} == set(gp.OPS)
-    assert len(picked) <= 10  # the ops step's time estimate counts on about nine cases
+    assert len(picked) <= 11  # the ops step's time estimate counts on about ten cases
     assert set(gp.MODELS) <= set(list_models()) and set(gp.HF_MODELS) <= set(list_models())
 
 
@@ -200,7 +206,16 @@ def test_dry_run_end_to_end(tmp_path):
     assert len(files) <= gp.MAX_FILES
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] and summary["dry_run"]
-    assert [s["name"] for s in summary["steps"]] == ["env", "cuda-tests", "check", "ops", "models", "hf-models", "flex"]
+    assert [s["name"] for s in summary["steps"]] == [
+        "env",
+        "cuda-tests",
+        "check",
+        "ops",
+        "models",
+        "old-kernels",
+        "hf-models",
+        "flex",
+    ]
     for s in summary["steps"]:
         assert s["status"] == "ok" and s["wall_s"] >= 0, s
     st = summary["stamp"]

@@ -104,6 +104,14 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         t.add_argument("--rep-ms", type=float, default=50.0, help="GPU timed period per measurement (ms, default 50)")
         t.add_argument("--no-verify", action="store_true", help="do not compare baselines' results with vitkernels'")
         t.add_argument(
+            "--as-impl",
+            default="vitkernels",
+            metavar="NAME",
+            help="record vitkernels' rows under this impl name, e.g. vitkernels-old when a kernel switch "
+            "(VITKERNELS_SR_KERNEL=general, VITKERNELS_MIX_FFN_KERNEL=composite) selects the previous "
+            "kernels; with --append its vk_speedup is then old / new",
+        )
+        t.add_argument(
             "--measure-peak",
             action="store_true",
             help="measure copy bandwidth and matmul TFLOP/s for %% of peak (else datasheet values)",
@@ -498,6 +506,7 @@ def cmd_ops(args) -> int:
         budget_s=args.budget,
         verify=not args.no_verify,
         peak=peak,
+        vk_impl_name=args.as_impl,
     )
     n_impls = sum(len([i for i in impls if baselines.applies(i, c.op) is None]) for c in selected)
     progress = harness.Progress(n_impls * len(dtypes) * len(modes), enabled=not args.no_progress, desc="ops")

@@ -276,6 +276,7 @@ class OpsOptions:
     max_copies: int = 4
     seed: int = 0
     peak: Optional[dict] = None
+    vk_impl_name: str = "vitkernels"  # the impl name vitkernels' rows are recorded under (--as-impl)
 
 
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative L2 error vs vitkernels
@@ -428,7 +429,7 @@ def run_ops(
                     if progress:
                         progress.step(label)
                     impl = built[i]
-                    rec = dict(base, mode=mode, impl=i)
+                    rec = dict(base, mode=mode, impl=opts.vk_impl_name if i == "vitkernels" else i)
                     if isinstance(impl, str):
                         skipped.append(dict(rec, reason=impl))
                         continue
