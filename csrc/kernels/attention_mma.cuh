@@ -303,5 +303,78 @@ __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int6
   }
 }
 
+// ------------------------------------------------------------------ fp32 CUDA-core kernels
+// The float32 kernels give each query row a quad of 4 threads; thread c of the quad owns keys
+// c, c + 4, ... of a key block (kJ of them) and output columns 4c..4c+3 of every 16-wide slice
+// (kI slices). These two steps are shared by attention.cu and pool_attention.cu.
+
+// s[jj] = q_row · k_{c + 4·jj} over the (padded) head dim, from row-major smem tiles.
+template <int kJ, int kDp, int kStride>
+__device__ __forceinline__ void quad_scores(float (&s)[kJ], const float* qrow, const float* sK, int c) {
+#pragma unroll
+  for (int jj = 0; jj < kJ; ++jj) s[jj] = 0.f;
+#pragma unroll
+  for (int d = 0; d < kDp; d += 4) {
+    const float4 qv = *reinterpret_cast<const float4*>(qrow + d);
+#pragma unroll
+    for (int jj = 0; jj < kJ; ++jj) {
+      const float4 kv = *reinterpret_cast<const float4*>(sK + (c + 4 * jj) * kStride + d);
+      s[jj] = fmaf(qv.x, kv.x, s[jj]);
+      s[jj] = fmaf(qv.y, kv.y, s[jj]);
+      s[jj] = fmaf(qv.z, kv.z, s[jj]);
+      s[jj] = fmaf(qv.w, kv.w, s[jj]);
+    }
+  }
+}
+
+// One online-softmax step on log2-domain scores s (masked keys already -inf): the quad's row max,
+// the rescale of row_sum and o, P written to the row's smem slice prow (read back by the whole
+// quad), and o += P·V over the kBN keys of the block.
+template <int kJ, int kI, int kBN, int kStride>
+__device__ __forceinline__ void quad_softmax_pv(float (&s)[kJ], float& row_max, float& row_sum, float (&o)[kI][4],
+                                                float* prow, const float* sV, int c) {
+  float new_max = row_max;
+#pragma unroll
+  for (int jj = 0; jj < kJ; ++jj) new_max = fmaxf(new_max, s[jj]);
+  new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 1));
+  new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 2));
+  const float m_use = (new_max == -INFINITY) ? 0.f : new_max;
+  const float alpha = exp2f(row_max - m_use);
+  row_max = new_max;
+  row_sum *= alpha;
+#pragma unroll
+  for (int jj = 0; jj < kJ; ++jj) {
+    const float p = exp2f(s[jj] - m_use);
+    row_sum += p;
+    prow[c + 4 * jj] = p;
+  }
+#pragma unroll
+  for (int i = 0; i < kI; ++i) {
+    o[i][0] *= alpha;
+    o[i][1] *= alpha;
+    o[i][2] *= alpha;
+    o[i][3] *= alpha;
+  }
+  __syncwarp();  // the row's P is written by its own quad (same warp)
+#pragma unroll
+  for (int n = 0; n < kBN; n += 4) {
+    const float4 p4 = *reinterpret_cast<const float4*>(prow + n);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pe = e == 0 ? p4.x : e == 1 ? p4.y : e == 2 ? p4.z : p4.w;
+      const float* vrow = sV + (n + e) * kStride + 4 * c;
+#pragma unroll
+      for (int i = 0; i < kI; ++i) {
+        const float4 vv = *reinterpret_cast<const float4*>(vrow + 16 * i);
+        o[i][0] = fmaf(pe, vv.x, o[i][0]);
+        o[i][1] = fmaf(pe, vv.y, o[i][1]);
+        o[i][2] = fmaf(pe, vv.z, o[i][2]);
+        o[i][3] = fmaf(pe, vv.w, o[i][3]);
+      }
+    }
+  }
+  __syncwarp();  // P row reads done before the next block overwrites it
+}
+
 }  // namespace mma_attention
 }  // namespace vitkernels

@@ -451,22 +451,7 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) pool_attention_fwd_f
     __syncthreads();
 
     float s[kJ];
-#pragma unroll
-    for (int jj = 0; jj < kJ; ++jj) s[jj] = 0.f;
-#pragma unroll
-    for (int d = 0; d < kDp; d += 4) {
-      const float4 qv = *reinterpret_cast<const float4*>(qrow + d);
-#pragma unroll
-      for (int jj = 0; jj < kJ; ++jj) {
-        const float4 kv = *reinterpret_cast<const float4*>(sK + (c + 4 * jj) * kStride + d);
-        s[jj] = fmaf(qv.x, kv.x, s[jj]);
-        s[jj] = fmaf(qv.y, kv.y, s[jj]);
-        s[jj] = fmaf(qv.z, kv.z, s[jj]);
-        s[jj] = fmaf(qv.w, kv.w, s[jj]);
-      }
-    }
-
-    float new_max = row_max;
+    quad_scores<kJ, kDp, kStride>(s, qrow, sK, c);
 #pragma unroll
     for (int jj = 0; jj < kJ; ++jj) {
       const int col = n0 + c + 4 * jj;
@@ -477,47 +462,8 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) pool_attention_fwd_f
       }
       if (col >= Nk) x = -INFINITY;
       s[jj] = x;
-      new_max = fmaxf(new_max, x);
     }
-    new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 1));
-    new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 2));
-    const float m_use = (new_max == -INFINITY) ? 0.f : new_max;
-    const float alpha = exp2f(row_max - m_use);
-    row_max = new_max;
-    row_sum *= alpha;
-    float* prow = sP + r * kPStride;
-#pragma unroll
-    for (int jj = 0; jj < kJ; ++jj) {
-      const float p = exp2f(s[jj] - m_use);
-      row_sum += p;
-      prow[c + 4 * jj] = p;
-    }
-#pragma unroll
-    for (int i = 0; i < kI; ++i) {
-      o[i][0] *= alpha;
-      o[i][1] *= alpha;
-      o[i][2] *= alpha;
-      o[i][3] *= alpha;
-    }
-    __syncwarp();  // the row's P is written by its own quad (same warp)
-#pragma unroll
-    for (int n = 0; n < kBN; n += 4) {
-      const float4 p4 = *reinterpret_cast<const float4*>(prow + n);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = e == 0 ? p4.x : e == 1 ? p4.y : e == 2 ? p4.z : p4.w;
-        const float* vrow = sV + (n + e) * kStride + 4 * c;
-#pragma unroll
-        for (int i = 0; i < kI; ++i) {
-          const float4 vv = *reinterpret_cast<const float4*>(vrow + 16 * i);
-          o[i][0] = fmaf(pe, vv.x, o[i][0]);
-          o[i][1] = fmaf(pe, vv.y, o[i][1]);
-          o[i][2] = fmaf(pe, vv.z, o[i][2]);
-          o[i][3] = fmaf(pe, vv.w, o[i][3]);
-        }
-      }
-    }
-    __syncwarp();  // P row reads done before the next block overwrites it
+    quad_softmax_pv<kJ, kI, kBN, kStride>(s, row_max, row_sum, o, sP + r * kPStride, sV, c);
   }
 
   float l = row_sum;

@@ -252,4 +252,10 @@ def test_dry_run_end_to_end(tmp_path):
             assert r["vk_speedup"] > 0, r
     if n_hf:
         assert "patch_hf_speedup_geomean" in by["hf-models"]["outcome"]
-    assert (tmp_path / "proof.log").read_text().count("===== ") == 2 * 6  # start and end of each step
+    # the old-kernels step appended vitkernels-old rows to the ops file, timed against the new kernels
+    ops_file = next(f for f in results if f.endswith("-proof-ops.json"))
+    ops = json.loads((tmp_path / ops_file).read_text())
+    old = [r for r in ops["records"] if r["impl"] == "vitkernels-old"]
+    assert old and all(r["name"] == "sr_attention" and r["vk_speedup"] > 0 for r in old), old
+    assert len(ops["appended_to"]) == 1
+    assert (tmp_path / "proof.log").read_text().count("===== ") == 2 * 7  # start and end of each step
