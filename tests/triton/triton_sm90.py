@@ -205,25 +205,25 @@ def scenarios(quick: bool):
             ),
             (f"dwconv segformer k3 gelu {n}", lambda dt=dt: _dwconv(dt, 2, (128, 128), 256, 3, "gelu")),
             (f"mix_ffn segformer-b2 s1 512 {n}", lambda dt=dt: _mix_ffn(dt, 8, (128, 128), 256, 64)),
-            (f"mix_ffn pvtv2-b2 s1 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (56, 56), 512, 64)),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
             # SegFormer-B2 at 512 px, batch 8: D = 64, M = 256 runs the split backward
             (f"sr segformer-b2-512 s1 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 1, 16384, 256, 64)),
-            (f"sr segformer-b2-512 s2 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 2, 4096, 256, 64)),
             (
                 f"space_time timesformer space+cls {n}",
                 lambda dt=dt: _space_time(dt, 1, 196, 8, 768, 12, "space", "st", True),
             ),
             (f"xca xcit-s12 b64 (one pass) {n}", lambda dt=dt: _xca(dt, 64, 196, 384, 8)),
             (f"xca xcit-s12 b4 (split) {n}", lambda dt=dt: _xca(dt, 4, 196, 384, 8)),
-            # MViTv2-T at 224 px (timm): q / kv maps of stage 1, the first block of stage 2, stage 4
+            # MViTv2-T at 224 px (timm): q / kv maps of stage 1 and the first block of stage 2
             (f"pool mvitv2-t s1 {n}", lambda dt=dt: _pool(dt, 8, 1, (56, 56), (14, 14), 96)),
             (f"pool mvitv2-t s2.0 {n}", lambda dt=dt: _pool(dt, 8, 2, (28, 28), (28, 28), 96)),
-            (f"pool mvitv2-t s4 {n}", lambda dt=dt: _pool(dt, 8, 8, (7, 7), (7, 7), 96)),
         ]
         if not quick:
             out += [
+                (f"mix_ffn pvtv2-b2 s1 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (56, 56), 512, 64)),
+                (f"sr segformer-b2-512 s2 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 2, 4096, 256, 64)),
+                (f"pool mvitv2-t s4 {n}", lambda dt=dt: _pool(dt, 8, 8, (7, 7), (7, 7), 96)),
                 (f"attention bias-keys d80 {n}", lambda dt=dt: _attention(dt, 2, 16, 257, 257, 80, "keys")),
                 (f"attention d128 {n}", lambda dt=dt: _attention(dt, 2, 4, 300, 300, 128)),
                 (f"attention time {n}", lambda dt=dt: _attention(dt, 196, 12, 8, 8, 64)),
