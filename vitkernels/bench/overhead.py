@@ -88,8 +88,6 @@ def run(ops=None, calls: int = 2000, repeats: int = 5) -> list:
     """One record per op (and per baseline): µs per call with the fast path on and off."""
     import vitkernels as vk
 
-    from ..ops import _spec
-
     records = []
     q = torch.randn(1, 2, 9, 8)
     with torch.no_grad():
@@ -100,7 +98,7 @@ def run(ops=None, calls: int = 2000, repeats: int = 5) -> list:
     for name, args in samples(batch=1).items():
         if ops and name not in ops:
             continue
-        fn = getattr(vk, _spec.get(name).name)
+        fn = getattr(vk, name)
         with torch.no_grad(), allocation_only(name, args):
             with fast_path(True):
                 fast = per_call_us(lambda fn=fn, args=args: fn(*args), calls, repeats)

@@ -102,7 +102,7 @@ def default_scale(scale: Optional[float], head_dim: int) -> float:
 
 EAGER_FAST_PATH = True  # False: every call takes the dispatcher path (`vitkernels-bench overhead` compares)
 _PRIVATE_IMPLS: dict = {}
-_PRIVATE_OPS: dict = {}
+_TORCH_OPS: dict = {}  # name -> torch.ops.vitkernels.<name>, looked up once
 
 
 def private_op(qualname: str):
@@ -143,20 +143,21 @@ def call_private(name: str, *args):
     """torch.ops.vitkernels.<name>(*args), or its Python implementation on the eager fast path."""
     if plain_eager(*args):
         return _PRIVATE_IMPLS[name](*args)
-    op = _PRIVATE_OPS.get(name)
-    if op is None:
-        op = _PRIVATE_OPS[name] = getattr(torch.ops.vitkernels, name)
-    return op(*args)
+    return _torch_op(name)(*args)
 
 
 def call_public(name: str, body: Callable, *args):
     """torch.ops.vitkernels.<name>(*args), or its composite `body` on the eager fast path."""
     if plain_eager(*args):
         return body(*args)
-    op = _PRIVATE_OPS.get(name)
+    return _torch_op(name)(*args)
+
+
+def _torch_op(name: str):
+    op = _TORCH_OPS.get(name)
     if op is None:
-        op = _PRIVATE_OPS[name] = getattr(torch.ops.vitkernels, name)
-    return op(*args)
+        op = _TORCH_OPS[name] = getattr(torch.ops.vitkernels, name)
+    return op
 
 
 # ----------------------------------------------------------------------------- autocast
