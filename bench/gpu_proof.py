@@ -85,10 +85,21 @@ OPS = (
     "mix_ffn",
     "pool_attention",
 )
+OPS_CSV = ",".join(OPS)
+OPS_IMPLS = "vitkernels,eager,sdpa"
+MODELS_IMPLS = "vitkernels,eager"
+FLEX_IMPLS = "vitkernels,flex"
+DRY_MODEL = "vit_tiny_patch16_224"  # the models and hf-models steps' tiny CPU version
 # The old-kernels step: these ops again with the previous kernels selected by their switches,
 # appended to the ops file as impl "vitkernels-old" (its vk_speedup = old / new).
-OLD_KERNEL_OPS = ("sr_attention", "mix_ffn")
-OLD_KERNEL_ENV = ("VITKERNELS_SR_KERNEL=general", "VITKERNELS_MIX_FFN_KERNEL=composite")
+OLD_KERNEL_OPS = ("sr_attention", "mix_ffn", "self_attention", "space_time_attention")
+OLD_KERNEL_ENV = (
+    "VITKERNELS_SR_KERNEL=general",
+    "VITKERNELS_MIX_FFN_KERNEL=composite",
+    "VITKERNELS_ATTN_BWD_KERNEL=split",
+    "VITKERNELS_ATTN_PACKED=off",
+)
+OLD_KERNEL_IMPL = "--impl vitkernels --as-impl vitkernels-old"
 CUDA_TEST_SKIP = ("tests/cuda/test_cuda_compile.py", "tests/cuda/test_cuda_emulator.py")  # CPU-only tools, no gpu mark
 TRITON_TEST_FILES = (
     "tests/ops/test_attention.py",
@@ -99,10 +110,11 @@ TRITON_TEST_FILES = (
     "tests/ops/test_space_time_attention.py",
     "tests/ops/test_pool_attention.py",
     "tests/ops/test_mix_ffn_fused.py",
+    "tests/triton/test_triton_attention_kernels.py",
 )
 # Real-model shapes in bf16 (test_attention / test_dwconv number their dtypes, bf16 first), and the
 # 66,560-window grid test.
-TRITON_TEST_K = "((real_shapes or swin_shapes) and (bfloat16 or dtype0)) or many_windows"
+TRITON_TEST_K = "((real_shapes or swin_shapes) and (bfloat16 or dtype0)) or many_windows or real_shapes_single_kernel"
 FINGERPRINT_PATHS = ("vitkernels", "csrc", "tests", "bench", "setup.py", "pyproject.toml", "CMakeLists.txt")
 
 
@@ -264,6 +276,55 @@ def allot(step: Step, later: list, left: float, reserve: int = 5) -> int:
 
 def _bench(*args) -> list:
     return [PY, "-m", "vitkernels.bench", *args]
+
+
+def bench_step(
+    name: str,
+    what: str,
+    times: tuple,
+    command: str,
+    part: str,
+    gpu: tuple,
+    dry: tuple,
+    *,
+    append: bool = False,
+    env: tuple = (),
+    impls: Optional[tuple] = None,
+    required: bool = True,
+) -> Step:
+    """A benchmark step: `vitkernels-bench <command> <flags>` writing the results file of `part` (with
+    `append`, adding to it). `times`: (cap, floor, estimate) in seconds. `gpu`, `dry`: (flags, budget margin
+    or None), flags one string of space-separated arguments (none holds a space; "{models}" and
+    "{hf_models}" stand for the step's model lists), --budget = timeout - margin; the dry run adds
+    --device cpu and --cpu-reps 1. `env`: VAR=value settings the command runs under; `impls`: the rows of
+    the results file its outcome counts (None: all)."""
+
+    def argv(ctx: Ctx, t: int, flags: str, margin: Optional[int], cpu: bool) -> list:
+        flags = flags.format(models=",".join(ctx.models), hf_models=",".join(ctx.hf_models))
+        cmd = _bench(
+            command,
+            *(["--device", "cpu"] if cpu else []),
+            *flags.split(),
+            *(["--cpu-reps", "1"] if cpu else []),
+            *(["--budget", _budget(t, margin)] if margin is not None else []),
+            "--json",
+            ctx.result(part),
+            *(["--append"] if append else []),
+        )
+        return ["env", *env, *cmd] if env else cmd
+
+    cap, floor, estimate = times
+    return Step(
+        name,
+        what,
+        cap=cap,
+        floor=floor,
+        estimate=estimate,
+        gpu=lambda ctx, t: argv(ctx, t, *gpu, cpu=False),
+        dry=lambda ctx, t: argv(ctx, t, *dry, cpu=True),
+        required=required,
+        outcome=bench_outcome(part, impls),
+    )
 
 
 def _pytest(ctx: Ctx, *args, workers: int = 0) -> list:
@@ -431,215 +492,6 @@ def make_steps() -> list:
             ctx.path("check.json"),
         )
 
-    def ops_gpu(ctx, t):
-        return _bench(
-            "ops",
-            "--op",
-            ",".join(OPS),
-            "--representative",
-            "--dtype",
-            "bf16",
-            "--impl",
-            "vitkernels,eager,sdpa",
-            "--measure-peak",
-            "--budget",
-            _budget(t, 45),
-            "--json",
-            ctx.result("ops"),
-        )
-
-    def ops_dry(ctx, t):
-        return _bench(
-            "ops",
-            "--device",
-            "cpu",
-            "--op",
-            ",".join(OPS),
-            "--dtype",
-            "fp32",
-            "--impl",
-            "vitkernels,eager,sdpa",
-            "--cpu-reps",
-            "1",
-            "--budget",
-            _budget(t, 20),
-            "--json",
-            ctx.result("ops"),
-        )
-
-    def old_kernels_gpu(ctx, t):
-        return [
-            "env",
-            *OLD_KERNEL_ENV,
-            *_bench(
-                "ops",
-                "--op",
-                ",".join(OLD_KERNEL_OPS),
-                "--representative",
-                "--dtype",
-                "bf16",
-                "--impl",
-                "vitkernels",
-                "--as-impl",
-                "vitkernels-old",
-                "--budget",
-                _budget(t, 15),
-                "--json",
-                ctx.result("ops"),
-                "--append",
-            ),
-        ]
-
-    def old_kernels_dry(ctx, t):
-        return [
-            "env",
-            *OLD_KERNEL_ENV,
-            *_bench(
-                "ops",
-                "--device",
-                "cpu",
-                "--op",
-                "sr_attention",
-                "--mode",
-                "fwd",
-                "--dtype",
-                "fp32",
-                "--impl",
-                "vitkernels",
-                "--as-impl",
-                "vitkernels-old",
-                "--cpu-reps",
-                "1",
-                "--json",
-                ctx.result("ops"),
-                "--append",
-            ),
-        ]
-
-    def models_gpu(ctx, t):
-        return _bench(
-            "models",
-            "--model",
-            ",".join(ctx.models),
-            "--dtype",
-            "bf16",
-            "--precision",
-            "amp",
-            "--impl",
-            "vitkernels,eager",
-            "--reps",
-            "5",
-            "--budget",
-            _budget(t, 35),
-            "--json",
-            ctx.result("models"),
-        )
-
-    def models_dry(ctx, t):
-        return _bench(
-            "models",
-            "--device",
-            "cpu",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--batch",
-            "1",
-            "--dtype",
-            "bf16",
-            "--precision",
-            "amp",
-            "--impl",
-            "vitkernels,eager",
-            "--cpu-reps",
-            "1",
-            "--budget",
-            _budget(t, 20),
-            "--json",
-            ctx.result("models"),
-        )
-
-    def hf_gpu(ctx, t):
-        return _bench(
-            "models",
-            "--model",
-            ",".join(ctx.hf_models),
-            "--dtype",
-            "bf16",
-            "--precision",
-            "amp",
-            "--impl",
-            HF_IMPLS,
-            "--reps",
-            "5",
-            "--budget",
-            _budget(t, 35),
-            "--json",
-            ctx.result("models"),
-            "--append",
-        )
-
-    def hf_dry(ctx, t):
-        # inference only: a bf16 training step of three transformers ViTs takes ~10 s each on 2 CPU cores
-        return _bench(
-            "models",
-            "--device",
-            "cpu",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--batch",
-            "1",
-            "--dtype",
-            "bf16",
-            "--precision",
-            "amp",
-            "--mode",
-            "inference",
-            "--impl",
-            HF_IMPLS,
-            "--cpu-reps",
-            "1",
-            "--budget",
-            _budget(t, 20),
-            "--json",
-            ctx.result("models"),
-            "--append",
-        )
-
-    def flex_gpu(ctx, t):
-        return _bench(
-            "ops",
-            "--op",
-            "self_attention,window_attention",
-            "--representative",
-            "--dtype",
-            "bf16",
-            "--impl",
-            "vitkernels,flex",
-            "--budget",
-            _budget(t, 50),
-            "--json",
-            ctx.result("flex"),
-        )
-
-    def flex_dry(ctx, t):
-        return _bench(
-            "ops",
-            "--device",
-            "cpu",
-            "--op",
-            "self_attention",
-            "--mode",
-            "fwd",
-            "--dtype",
-            "fp32",
-            "--impl",
-            "vitkernels,flex",
-            "--cpu-reps",
-            "1",
-            "--json",
-            ctx.result("flex"),
-        )
-
     return [
         Step(
             "build",
@@ -685,58 +537,59 @@ def make_steps() -> list:
             dry=check_dry,
             outcome=check_outcome,
         ),
-        Step(
+        bench_step(
             "ops",
             "headline op cases, bf16, fwd and fwd+bwd, vs eager and SDPA",
-            cap=160,
-            floor=60,
-            estimate=140,
-            gpu=ops_gpu,
-            dry=ops_dry,
-            outcome=bench_outcome("ops"),
+            (160, 60, 150),
+            "ops",
+            "ops",
+            gpu=(f"--op {OPS_CSV} --representative --dtype bf16 --impl {OPS_IMPLS} --measure-peak", 45),
+            dry=(f"--op {OPS_CSV} --dtype fp32 --impl {OPS_IMPLS}", 20),
         ),
-        Step(
+        bench_step(
             "models",
             "models: inference and AMP training vs timm eager",
-            cap=120,
-            floor=45,
-            estimate=90,
-            gpu=models_gpu,
-            dry=models_dry,
-            outcome=bench_outcome("models"),
+            (120, 45, 90),
+            "models",
+            "models",
+            gpu=(f"--model {{models}} --dtype bf16 --precision amp --impl {MODELS_IMPLS} --reps 5", 35),
+            dry=(f"--model {DRY_MODEL} --batch 1 --dtype bf16 --precision amp --impl {MODELS_IMPLS}", 20),
         ),
-        Step(
+        bench_step(
             "old-kernels",
-            "sr_attention and mix_ffn with the previous kernels (vitkernels-old rows in the ops file)",
-            cap=60,
-            floor=20,
-            estimate=35,
-            gpu=old_kernels_gpu,
-            dry=old_kernels_dry,
+            "sr_attention, mix_ffn, self_attention (backward), time axis: previous kernels (vitkernels-old rows)",
+            (90, 30, 60),
+            "ops",
+            "ops",
+            gpu=(f"--op {','.join(OLD_KERNEL_OPS)} --representative --dtype bf16 {OLD_KERNEL_IMPL}", 15),
+            dry=(f"--op sr_attention --mode fwd --dtype fp32 {OLD_KERNEL_IMPL}", None),
+            append=True,
+            env=OLD_KERNEL_ENV,
+            impls=("vitkernels-old",),
             required=False,
-            outcome=bench_outcome("ops", ("vitkernels-old",)),
         ),
-        Step(
+        bench_step(
             "hf-models",
             "transformers Swin/SegFormer/TimeSformer: eager, sdpa, patch_hf",
-            cap=100,
-            floor=40,
-            estimate=70,
-            gpu=hf_gpu,
-            dry=hf_dry,
+            (100, 40, 70),
+            "models",
+            "models",
+            gpu=(f"--model {{hf_models}} --dtype bf16 --precision amp --impl {HF_IMPLS} --reps 5", 35),
+            # inference only: a bf16 training step of three transformers ViTs takes ~10 s each on 2 CPU cores
+            dry=(f"--model {DRY_MODEL} --batch 1 --dtype bf16 --precision amp --mode inference --impl {HF_IMPLS}", 20),
+            append=True,
+            impls=tuple(HF_IMPLS.split(",")),
             required=False,
-            outcome=bench_outcome("models", tuple(HF_IMPLS.split(","))),
         ),
-        Step(
+        bench_step(
             "flex",
             "self/window attention vs compiled FlexAttention",
-            cap=90,
-            floor=40,
-            estimate=80,
-            gpu=flex_gpu,
-            dry=flex_dry,
+            (90, 40, 80),
+            "ops",
+            "flex",
+            gpu=(f"--op self_attention,window_attention --representative --dtype bf16 --impl {FLEX_IMPLS}", 50),
+            dry=(f"--op self_attention --mode fwd --dtype fp32 --impl {FLEX_IMPLS}", None),
             required=False,
-            outcome=bench_outcome("flex"),
         ),
     ]
 

@@ -18,8 +18,10 @@
 #   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
 #            representative cases in fp16 and fp32; peaks measured on the card
 #   kernels  one kernel against another, bf16: every op forward on the forced "cuda" backend (the
-#            CUDA C++ kernels, next to the Triton ones of `ops`), and sr_attention on the general
-#            FlashAttention kernels (VITKERNELS_SR_KERNEL=general) next to its N >> M kernels
+#            CUDA C++ kernels, next to the Triton ones of `ops`), sr_attention on the general
+#            FlashAttention kernels (VITKERNELS_SR_KERNEL=general) next to its N >> M kernels, mix_ffn
+#            fused vs composite, the attention backward split vs single-kernel
+#            (VITKERNELS_ATTN_BWD_KERNEL) and the time axis packed vs general (VITKERNELS_ATTN_PACKED)
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16 mixed precision (AMP: float32 weights,
@@ -169,6 +171,19 @@ part_kernels() {
   for kernel in auto composite; do
     VITKERNELS_MIX_FFN_KERNEL=$kernel run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op mix_ffn --dtype bf16 \
       --impl vitkernels,eager --budget $((sr_budget / 2)) --json "$OUT/$NAME-kernels-mix-ffn-$kernel.json"
+  done
+  # attention backward: the split kernels vs the single kernel (atomics / deterministic), ViT-B at
+  # 224 and 384 px, training step only
+  for kernel in split fused fused-deterministic; do
+    VITKERNELS_ATTN_BWD_KERNEL=$kernel run "$log" $((sr_budget / 3 + 40)) $BENCH ops --op self_attention \
+      --mode fwd+bwd --dtype bf16 --impl vitkernels,sdpa --budget $((sr_budget / 3)) \
+      --json "$OUT/$NAME-kernels-attn-bwd-$kernel.json"
+  done
+  # the time axis: packed short-sequence kernels vs the general ones
+  for packed in auto off; do
+    VITKERNELS_ATTN_PACKED=$packed run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op space_time_attention \
+      --case "8x224 time" --case "16x224 time" --dtype bf16 --impl vitkernels,eager --budget $((sr_budget / 2)) \
+      --json "$OUT/$NAME-kernels-time-packed-$packed.json"
   done
 }
 

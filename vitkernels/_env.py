@@ -7,6 +7,12 @@ Library (read by vitkernels/):
   VITKERNELS_BACKEND        "auto" | "triton" | "cuda" | "reference": the default backend (SPEC).
   VITKERNELS_SR_KERNEL      "auto" | "general" | "split": sr_attention's Triton kernels ("general":
                             the general ones; "split": the split backward at every M).
+  VITKERNELS_ATTN_BWD_KERNEL "auto" | "split" | "fused" | "fused-deterministic": the Triton attention
+                            backward (vitkernels/triton/attention.py: the dK/dV + dQ kernels, or one
+                            kernel with dQ by fp32 atomics or by ordered per-key-block partials).
+  VITKERNELS_ATTN_PACKED    "auto" | "off": "off" runs short sequences (Nq = Nk ≤ 16, the time axis)
+                            on the general attention kernels instead of the packed ones
+                            (vitkernels/triton/attention_short.py).
   VITKERNELS_MIX_FFN_KERNEL "auto" | "composite" | "fused": mix_ffn's dwconv + GELU + fc2 as one
                             Triton kernel ("auto": where dwconv's Triton kernel runs) or as dwconv + F.linear.
   VITKERNELS_CUDA_EMULATOR  path of a vkemu build of csrc/ (tests/cuda_emu): CUDA kernels on CPU.
@@ -43,6 +49,8 @@ import os
 FLAGS: dict[str, str] = {
     "VITKERNELS_BACKEND": "auto",
     "VITKERNELS_SR_KERNEL": "auto",
+    "VITKERNELS_ATTN_BWD_KERNEL": "auto",
+    "VITKERNELS_ATTN_PACKED": "auto",
     "VITKERNELS_MIX_FFN_KERNEL": "auto",
     "VITKERNELS_CUDA_EMULATOR": "",
     "VITKERNELS_NO_JIT": "0",

@@ -145,32 +145,12 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads) attention_fwd_mma_ke
     warp_prefix_key<T, kDp>(w, sQ + warp * 16 * kStride, seq_ptr<T>(args.k_prefix, sq, args.kps),
                             seq_ptr<T>(args.v_prefix, sq, args.vps), D, args.scale_log2, lane);
   }
-  for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kBlockN;
-    if (j > 0) {
-      cp_async_wait_all();  // K[j] has landed
-      __syncthreads();      // ... for every thread, and every warp is done reading V[j-1]
-    }
-    load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[3], n0, Nk, D);
-    cp_async_commit();
-
-    const int n_valid = Nk - n0;
-    uint32_t pf[kPK][4];
-    if (active) {
-      float s[kNT][4];
-      warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
-      softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t, mask_r0, mask_r1);
-      pack_p<T>(pf, s);
-    }
-
-    cp_async_wait_all();  // V[j] has landed
-    __syncthreads();      // ... for every thread, and every warp is done reading K[j]
-    if (j + 1 < n_blocks) {
-      load_tile_async<T, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0 + kBlockN, Nk, D);
-      cp_async_commit();
-    }
-    if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
-  }
+  mma_key_loop<T, kDp, Tr::kThreads>(
+      w, qf, sQw, sK, sV, k, args.ks[3], v, args.vs[3], Nk, D, active, lane,
+      [&](float(&s)[kNT][4], int n0) {
+        softmax_update<T, kDp>(s, w, n0, Nk, args.scale_log2, bias_r0, bias_r1, args.bs[4], t, mask_r0, mask_r1);
+      },
+      [](int) {});
 
   // Epilogue: this warp's 16 rows are staged through its own rows of sQ (no other warp touches
   // them, and Q was consumed into registers by this warp).
@@ -186,50 +166,20 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads) attention_fwd_mma_ke
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 CUDA-core kernel.
+// fp32 CUDA-core kernel (QuadTraits: 32 query rows per CTA, 4 threads per row, keys in blocks of 32).
 // ---------------------------------------------------------------------------------------------
 template <int kDp>
-struct F32Traits {
-  static constexpr int kBlockM = 32;       // query rows per CTA
-  static constexpr int kBlockN = 32;       // keys per iteration
-  static constexpr int kThreads = 128;     // 4 threads per query row
-  static constexpr int kStride = kDp + 4;  // floats; (kStride / 4) odd → conflict-free float4
-  static constexpr int kPStride = kBlockN + 4;
-  static constexpr int kSmemFloats = (kBlockM + 2 * kBlockN) * kStride + kBlockM * kPStride;
-  static constexpr int kSmemBytes = kSmemFloats * 4;
-  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
-  static_assert(((kStride / 4) & 1) == 1, "row stride in 16B units must be odd");
-};
-
-template <int kDp>
-__global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_kernel(const KernelArgs args) {
+__global__ void __launch_bounds__(QuadTraits<kDp>::kThreads) attention_fwd_f32_kernel(const KernelArgs args) {
 #if VK_SM80
-  using Tr = F32Traits<kDp>;
-  constexpr int kBlockM = Tr::kBlockM;
-  constexpr int kBlockN = Tr::kBlockN;
-  constexpr int kStride = Tr::kStride;
-  constexpr int kPStride = Tr::kPStride;
-  constexpr int kJ = kBlockN / 4;  // scores per thread per tile (keys c, c+4, ...)
-  constexpr int kI = kDp / 16;     // float4 output groups per thread (dims 16i + 4c .. +3)
-
+  using Tr = QuadTraits<kDp>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* sQ = reinterpret_cast<float*>(smem_raw);
-  float* sK = sQ + kBlockM * kStride;
-  float* sV = sK + kBlockN * kStride;
-  float* sP = sV + kBlockN * kStride;
+  const QuadTiles<kDp> sm(smem_raw);
 
-  const int tid = threadIdx.x;
-  const int r = tid >> 2;  // query row within the tile
-  const int c = tid & 3;   // lane within the row's quad
-
+  const int r = threadIdx.x >> 2;  // query row within the tile
+  const int c = threadIdx.x & 3;   // lane within the row's quad
   const Sequence sq(args);
   const int Nq = args.Nq, Nk = args.Nk, D = args.D;
-  const int m0 = sq.m_block * kBlockM;
-  const int row = m0 + r;
-
-  const float* q = seq_ptr<float>(args.q, sq, args.qs);
-  const float* k = seq_ptr<float>(args.k, sq, args.ks);
-  const float* v = seq_ptr<float>(args.v, sq, args.vs);
+  const int row = sq.m_block * Tr::kBlockM + r;
 
   const float* bias_r = nullptr;
   if (args.bias != nullptr && row < Nq) {
@@ -241,15 +191,14 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_ke
   }
   const int64_t bs4 = args.bs[4];
 
-  load_tile_async<float, kBlockM, kDp, kStride, Tr::kThreads>(sQ, q, args.qs[3], m0, Nq, D,
-                                                              seq_ptr<float>(args.q_prefix, sq, args.qps));
+  load_tile_async<float, Tr::kBlockM, kDp, Tr::kStride, Tr::kThreads>(sm.q, seq_ptr<float>(args.q, sq, args.qs),
+                                                                      args.qs[3], sq.m_block * Tr::kBlockM, Nq, D,
+                                                                      seq_ptr<float>(args.q_prefix, sq, args.qps));
   cp_async_commit();
+  const float* qrow = sm.q + r * Tr::kStride;
 
-  float o[kI][4];
-#pragma unroll
-  for (int i = 0; i < kI; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_max = -INFINITY;
-  float row_sum = 0.f;  // partial over this thread's keys
+  QuadRow<kDp> qr;
+  qr.reset();
   if (args.k_prefix != nullptr) {
     // The prefix key/value starts the softmax (see attention.h): max = its score, sum = 1 (held
     // by lane c = 0 of the row's quad), o = its value. Lane c takes head dims c, c + 4, ...
@@ -258,53 +207,37 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_ke
     cp_async_wait_all();
     __syncthreads();  // the Q tile has landed for every thread
     float sp = 0.f;
-    for (int d = c; d < D; d += 4) sp = fmaf(sQ[r * kStride + d], kp[d], sp);
+    for (int d = c; d < D; d += 4) sp = fmaf(qrow[d], kp[d], sp);
     sp += __shfl_xor_sync(0xffffffffu, sp, 1);
     sp += __shfl_xor_sync(0xffffffffu, sp, 2);
-    row_max = sp * args.scale_log2;
-    row_sum = (c == 0) ? 1.f : 0.f;
+    qr.row_max = sp * args.scale_log2;
+    qr.row_sum = (c == 0) ? 1.f : 0.f;
 #pragma unroll
-    for (int i = 0; i < kI; ++i) {
+    for (int i = 0; i < Tr::kI; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int d = 16 * i + 4 * c + e;
-        o[i][e] = d < D ? vp[d] : 0.f;
+        qr.o[i][e] = d < D ? vp[d] : 0.f;
       }
     }
   }
 
-  const int n_blocks = (Nk + kBlockN - 1) / kBlockN;
-  for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kBlockN;
-    __syncthreads();  // every thread is done with the previous K/V tiles
-    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], n0, Nk, D);
-    load_tile_async<float, kBlockN, kDp, kStride, Tr::kThreads>(sV, v, args.vs[3], n0, Nk, D);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
+  quad_key_loop<kDp>(
+      qr, sm, qrow, seq_ptr<float>(args.k, sq, args.ks), args.ks[3], seq_ptr<float>(args.v, sq, args.vs), args.vs[3],
+      Nk, D, r, c, [](int) {},
+      [&](float dot, int col, int) {
+        float x = dot * args.scale_log2;
+        if (bias_r != nullptr && col < Nk) x = fmaf(bias_r[col * bs4], kLog2e, x);
+        if (mask_r != nullptr && col < Nk && mask_r[col * bs4] == 0) x = -INFINITY;
+        return x;
+      });
+  if (Nk == 0) cp_async_wait_all();  // no key block: retire the Q copy before exiting
 
-    float s[kJ];
-    quad_scores<kJ, kDp, kStride>(s, sQ + r * kStride, sK, c);
-#pragma unroll
-    for (int jj = 0; jj < kJ; ++jj) {
-      const int col = n0 + c + 4 * jj;
-      float x = s[jj] * args.scale_log2;
-      if (bias_r != nullptr && col < Nk) x = fmaf(bias_r[col * bs4], kLog2e, x);
-      if (mask_r != nullptr && col < Nk && mask_r[col * bs4] == 0) x = -INFINITY;
-      if (col >= Nk) x = -INFINITY;
-      s[jj] = x;
-    }
-    quad_softmax_pv<kJ, kI, kBlockN, kStride>(s, row_max, row_sum, o, sP + r * kPStride, sV, c);
-  }
-  if (n_blocks == 0) cp_async_wait_all();  // retire the Q copy before exiting
-
-  float l = row_sum;
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const float l = qr.total();
   const float inv = (l == 0.f) ? 0.f : 1.f / l;  // l == 0: fully masked row
   const bool prefix_row = row == Nq && args.q_prefix != nullptr;
   if (row < Nq || prefix_row) {
-    const float lse_row = (l == 0.f) ? INFINITY : (row_max + log2f(l)) * kLn2;
+    const float lse_row = (l == 0.f) ? INFINITY : (qr.row_max + log2f(l)) * kLn2;
     if (c == 0) {
       if (prefix_row) {
         args.lse_prefix[sq.bgh] = lse_row;
@@ -316,10 +249,11 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_ke
                      ? static_cast<float*>(args.out_prefix) + sq.offset(args.ops)
                      : static_cast<float*>(args.out) + sq.offset(args.os) + static_cast<int64_t>(row) * args.os[3];
 #pragma unroll
-    for (int i = 0; i < kI; ++i) {
+    for (int i = 0; i < Tr::kI; ++i) {
       const int d = 16 * i + 4 * c;
       if (d < D) {
-        *reinterpret_cast<float4*>(out + d) = make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
+        *reinterpret_cast<float4*>(out + d) =
+            make_float4(qr.o[i][0] * inv, qr.o[i][1] * inv, qr.o[i][2] * inv, qr.o[i][3] * inv);
       }
     }
   }
@@ -334,7 +268,7 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) attention_fwd_f32_ke
 template <typename T, int kDp>
 cudaError_t launch_forward(const KernelArgs& base, int64_t sequences, int rows, cudaStream_t stream) {
   constexpr bool kF32 = std::is_same<T, float>::value;
-  using Tr = std::conditional_t<kF32, F32Traits<kDp>, MmaTraits<kDp>>;
+  using Tr = std::conditional_t<kF32, QuadTraits<kDp>, MmaTraits<kDp>>;
   KernelArgs args = base;
   const int64_t m_blocks = (static_cast<int64_t>(rows) + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t grid = m_blocks * sequences;
@@ -405,36 +339,23 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
   if (p.bias != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;  // one or the other
 
   KernelArgs args{};
-  args.q = p.q;
-  args.k = p.k;
-  args.v = p.v;
+  copy_head_views(args, p);
+  args.lse = p.lse;
   args.bias = p.bias;
   args.mask = p.mask;
-  args.out = p.out;
-  args.lse = p.lse;
+  if (p.bias != nullptr || p.mask != nullptr) copy_strides(args.bs, p.bias_stride);  // else 0 (args{})
   args.k_prefix = p.k_prefix;
   args.v_prefix = p.v_prefix;
   args.q_prefix = p.q_prefix;
   args.out_prefix = p.out_prefix;
   args.lse_prefix = p.lse_prefix;
-  for (int i = 0; i < 5; ++i) {
-    args.qs[i] = p.q_stride[i];
-    args.ks[i] = p.k_stride[i];
-    args.vs[i] = p.v_stride[i];
-    args.bs[i] = (p.bias != nullptr || p.mask != nullptr) ? p.bias_stride[i] : 0;
-    args.os[i] = p.out_stride[i];
-  }
-  for (int i = 0; i < 3; ++i) {
-    args.kps[i] = p.kp_stride[i];
-    args.vps[i] = p.vp_stride[i];
-    args.qps[i] = p.qp_stride[i];
-    args.ops[i] = p.op_stride[i];
-  }
+  copy_strides(args.kps, p.kp_stride);  // the prefix rows' (B, G, H) strides
+  copy_strides(args.vps, p.vp_stride);
+  copy_strides(args.qps, p.qp_stride);
+  copy_strides(args.ops, p.op_stride);
   args.G = p.G;
-  args.H = p.H;
   args.Nq = p.Nq;
   args.Nk = p.Nk;
-  args.D = p.D;
   args.scale_log2 = p.scale * kLog2e;
 
   return dispatch_dtype(p.dtype, [&](auto tag) {

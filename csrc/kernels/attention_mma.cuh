@@ -1,6 +1,7 @@
 // vitkernels — warp-level pieces of the fp16/bf16 tensor-core attention forward, shared by
-// attention.cu (keys streamed through shared memory) and sr_attention.cu (keys resident in
-// shared memory). Header-only, no torch headers; sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async).
+// attention.cu and pool_attention.cu (keys streamed through shared memory) and sr_attention.cu (keys
+// resident in shared memory), and the float32 CUDA-core ("quad") kernels' pieces of attention.cu and
+// pool_attention.cu. Header-only, no torch headers; sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async).
 //
 // One warp owns 16 query rows. Per block of 64 keys it computes S = Q·Kᵀ (16 × 64, fp32),
 // updates the online softmax in the log2 domain (running max, running sum, rescale of the output
@@ -255,15 +256,58 @@ __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[k
   }
 }
 
+// The key loop of a tensor-core kernel whose first key block K[0] is in sK, landed and visible to every
+// thread. Per block j of kKeyBlock keys: V[j] is copied while each active warp forms its scores of K[j]
+// (warp_scores), turns them into P with `update(s, n0)` (softmax_update with the kernel's bias, mask or
+// rel terms; n0 = the block's first key) and packs P; then K[j + 1] is copied, `stage(n0 + kKeyBlock)`
+// writes any per-key data of that block (visible to every thread at the next step), and the warp adds
+// P·V[j]. sQw / qf: the warp's Q (load_q_fragments); k, v: the (b, h) bases, row strides ks, vs.
+template <typename T, int kDp, int kThreads, typename Update, typename Stage>
+__device__ __forceinline__ void mma_key_loop(WarpRows<kDp>& w, uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
+                                             T* sK, T* sV, const T* k, int64_t ks, const T* v, int64_t vs, int Nk,
+                                             int D, bool active, int lane, Update&& update, Stage&& stage) {
+  constexpr int kStride = Shape<kDp>::kStride;
+  const int n_blocks = (Nk + kKeyBlock - 1) / kKeyBlock;
+  for (int j = 0; j < n_blocks; ++j) {
+    const int n0 = j * kKeyBlock;
+    if (j > 0) {
+      cp_async_wait_all();  // K[j] has landed
+      __syncthreads();      // ... for every thread; every warp is done reading V[j-1]; block j's staged data written
+    }
+    load_tile_async<T, kKeyBlock, kDp, kStride, kThreads>(sV, v, vs, n0, Nk, D);
+    cp_async_commit();
+
+    const int n_valid = Nk - n0;
+    uint32_t pf[kPK][4];
+    if (active) {
+      float s[kNT][4];
+      warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
+      update(s, n0);
+      pack_p<T>(pf, s);
+    }
+
+    cp_async_wait_all();  // V[j] has landed
+    __syncthreads();      // ... for every thread, and every warp is done with K[j] and its staged data
+    if (j + 1 < n_blocks) {
+      load_tile_async<T, kKeyBlock, kDp, kStride, kThreads>(sK, k, ks, n0 + kKeyBlock, Nk, D);
+      cp_async_commit();
+      stage(n0 + kKeyBlock);
+    }
+    if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
+  }
+}
+
 // Epilogue of one warp: finish the row sums, write lse (natural log; +inf when every score was
 // -inf) for rows < n_rows, normalise and store the 16 output rows in 16-byte chunks, staged
 // through sO (16 smem rows private to this warp, stride kStride). row0 = the warp's first row;
 // out = (b, h) base of the output (row stride os2); lse = (b, h) base of lse (row stride 1).
-// When extra_out is given, row n_rows (the prefix query) goes to extra_out and *extra_lse.
+// When extra_out is given, row n_rows (the prefix query) goes to extra_out and *extra_lse. With
+// `residual`, each output element adds the one sO holds (the warp's own Q rows, read by the lane
+// that overwrites them).
 template <typename T, int kDp>
-__device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse, int row0,
+__device__ __forceinline__ void warp_store(const WarpRows<kDp>& w, T* sO, T* out, int64_t os2, float* lse, int row0,
                                            int n_rows, int D, int lane, T* extra_out = nullptr,
-                                           float* extra_lse = nullptr) {
+                                           float* extra_lse = nullptr, bool residual = false) {
   constexpr int kStride = Shape<kDp>::kStride;
   const int g = lane >> 2;
   const int t = lane & 3;
@@ -282,10 +326,17 @@ __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int6
   __syncwarp();  // every lane's last read of these smem rows is done before they are overwritten
 #pragma unroll
   for (int i = 0; i < Shape<kDp>::kDT; ++i) {
-    *reinterpret_cast<uint32_t*>(sO + g * kStride + i * 8 + 2 * t) =
-        Mma<T>::pack(w.o[i][0] * inv[0], w.o[i][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(sO + (g + 8) * kStride + i * 8 + 2 * t) =
-        Mma<T>::pack(w.o[i][2] * inv[1], w.o[i][3] * inv[1]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      T* p = sO + (g + 8 * r) * kStride + i * 8 + 2 * t;
+      float x0 = w.o[i][2 * r] * inv[r];
+      float x1 = w.o[i][2 * r + 1] * inv[r];
+      if (residual) {
+        x0 += to_float(p[0]);
+        x1 += to_float(p[1]);
+      }
+      *reinterpret_cast<uint32_t*>(p) = Mma<T>::pack(x0, x1);
+    }
   }
   __syncwarp();
   constexpr int kChunks = kDp / 8;
@@ -306,7 +357,65 @@ __device__ __forceinline__ void warp_store(WarpRows<kDp>& w, T* sO, T* out, int6
 // ------------------------------------------------------------------ fp32 CUDA-core kernels
 // The float32 kernels give each query row a quad of 4 threads; thread c of the quad owns keys
 // c, c + 4, ... of a key block (kJ of them) and output columns 4c..4c+3 of every 16-wide slice
-// (kI slices). These two steps are shared by attention.cu and pool_attention.cu.
+// (kI slices). Shared by attention.cu and pool_attention.cu.
+
+// Tile sizes and shared-memory layout of a float32 quad kernel: 32 query rows per CTA, 4 threads per
+// row, keys in blocks of 32; row-major float tiles Q, K, V (row stride kStride) and P (kPStride).
+template <int kDp>
+struct QuadTraits {
+  static constexpr int kBlockM = 32;       // query rows per CTA
+  static constexpr int kBlockN = 32;       // keys per iteration
+  static constexpr int kThreads = 128;     // 4 threads per query row
+  static constexpr int kStride = kDp + 4;  // floats; (kStride / 4) odd → conflict-free float4
+  static constexpr int kPStride = kBlockN + 4;
+  static constexpr int kJ = kBlockN / 4;  // scores per thread per key block (keys c, c + 4, ...)
+  static constexpr int kI = kDp / 16;     // float4 output groups per thread (dims 16i + 4c .. + 3)
+  static constexpr int kTileFloats = (kBlockM + 2 * kBlockN) * kStride + kBlockM * kPStride;
+  static constexpr int kSmemBytes = kTileFloats * 4;
+  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
+  static_assert(((kStride / 4) & 1) == 1, "row stride in 16B units must be odd");
+};
+
+// The quad kernel's tiles at the start of dynamic shared memory; `rest` is the first float after them.
+template <int kDp>
+struct QuadTiles {
+  float* q;
+  float* k;
+  float* v;
+  float* p;
+  float* rest;
+
+  __device__ __forceinline__ explicit QuadTiles(unsigned char* smem) {
+    using Tr = QuadTraits<kDp>;
+    q = reinterpret_cast<float*>(smem);
+    k = q + Tr::kBlockM * Tr::kStride;
+    v = k + Tr::kBlockN * Tr::kStride;
+    p = v + Tr::kBlockN * Tr::kStride;
+    rest = p + Tr::kBlockM * Tr::kPStride;
+  }
+};
+
+// Output accumulator and online-softmax statistics of one thread of a query row's quad.
+template <int kDp>
+struct QuadRow {
+  float o[QuadTraits<kDp>::kI][4];
+  float row_max;
+  float row_sum;  // partial over this thread's keys; total() reduces it over the quad
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int i = 0; i < QuadTraits<kDp>::kI; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    row_max = -INFINITY;
+    row_sum = 0.f;
+  }
+
+  __device__ __forceinline__ float total() const {
+    float l = row_sum;
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    return l;
+  }
+};
 
 // s[jj] = q_row · k_{c + 4·jj} over the (padded) head dim, from row-major smem tiles.
 template <int kJ, int kDp, int kStride>
@@ -330,9 +439,17 @@ __device__ __forceinline__ void quad_scores(float (&s)[kJ], const float* qrow, c
 // One online-softmax step on log2-domain scores s (masked keys already -inf): the quad's row max,
 // the rescale of row_sum and o, P written to the row's smem slice prow (read back by the whole
 // quad), and o += P·V over the kBN keys of the block.
-template <int kJ, int kI, int kBN, int kStride>
-__device__ __forceinline__ void quad_softmax_pv(float (&s)[kJ], float& row_max, float& row_sum, float (&o)[kI][4],
-                                                float* prow, const float* sV, int c) {
+template <int kDp>
+__device__ __forceinline__ void quad_softmax_pv(float (&s)[QuadTraits<kDp>::kJ], QuadRow<kDp>& row, float* prow,
+                                                const float* sV, int c) {
+  using Tr = QuadTraits<kDp>;
+  constexpr int kJ = Tr::kJ;
+  constexpr int kI = Tr::kI;
+  constexpr int kBN = Tr::kBlockN;
+  constexpr int kStride = Tr::kStride;
+  float& row_max = row.row_max;
+  float& row_sum = row.row_sum;
+  float(&o)[kI][4] = row.o;
   float new_max = row_max;
 #pragma unroll
   for (int jj = 0; jj < kJ; ++jj) new_max = fmaxf(new_max, s[jj]);
@@ -374,6 +491,40 @@ __device__ __forceinline__ void quad_softmax_pv(float (&s)[kJ], float& row_max, 
     }
   }
   __syncwarp();  // P row reads done before the next block overwrites it
+}
+
+// The key loop of a float32 quad kernel, the row's Q in qrow (landed): per block of kBlockN keys, K and
+// V are copied to shared memory (`stage(n0)` runs while they land: per-key data of the block, n0 = its
+// first key), each thread forms its scores q·k_col of keys col = n0 + c + 4jj, `score(dot, col, jj)`
+// turns one into the log2-domain score (keys ≥ Nk then get -inf), and one quad_softmax_pv step follows.
+// k, v: the (b, h) bases, row strides ks, vs.
+template <int kDp, typename Stage, typename Score>
+__device__ __forceinline__ void quad_key_loop(QuadRow<kDp>& row, const QuadTiles<kDp>& sm, const float* qrow,
+                                              const float* k, int64_t ks, const float* v, int64_t vs, int Nk, int D,
+                                              int r, int c, Stage&& stage, Score&& score) {
+  using Tr = QuadTraits<kDp>;
+  const int n_blocks = (Nk + Tr::kBlockN - 1) / Tr::kBlockN;
+  for (int j = 0; j < n_blocks; ++j) {
+    const int n0 = j * Tr::kBlockN;
+    __syncthreads();  // every thread is done with the previous block's tiles and staged data
+    load_tile_async<float, Tr::kBlockN, kDp, Tr::kStride, Tr::kThreads>(sm.k, k, ks, n0, Nk, D);
+    load_tile_async<float, Tr::kBlockN, kDp, Tr::kStride, Tr::kThreads>(sm.v, v, vs, n0, Nk, D);
+    cp_async_commit();
+    stage(n0);
+    cp_async_wait_all();
+    __syncthreads();
+
+    float s[Tr::kJ];
+    quad_scores<Tr::kJ, kDp, Tr::kStride>(s, qrow, sm.k, c);
+#pragma unroll
+    for (int jj = 0; jj < Tr::kJ; ++jj) {
+      const int col = n0 + c + 4 * jj;
+      float x = score(s[jj], col, jj);
+      if (col >= Nk) x = -INFINITY;
+      s[jj] = x;
+    }
+    quad_softmax_pv<kDp>(s, row, sm.p + r * Tr::kPStride, sm.v, c);
+  }
 }
 
 }  // namespace mma_attention

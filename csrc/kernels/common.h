@@ -1,7 +1,8 @@
 // vitkernels — host-side types and checks shared by every kernel's header and launcher: the dtype
-// tag, element sizes, the head-dim rule, pointer/stride alignment and device queries. Plain C++
-// over cuda_runtime.h, no torch headers; the torch glue (csrc/torch) sees it through the kernel
-// headers. Device-side helpers (conversions, launch, dispatch switches) are in common.cuh.
+// tag, element sizes, the head-dim rule, pointer/stride alignment, params-to-arguments copies and
+// device queries. Plain C++ over cuda_runtime.h, no torch headers; the torch glue (csrc/torch) sees it
+// through the kernel headers. Device-side helpers (conversions, launch, dispatch switches) are in
+// common.cuh.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,37 @@ inline bool vector_aligned(const void* ptr, const int64_t* stride, int ndim, DTy
     if (stride[i] % per16 != 0) return false;
   }
   return true;
+}
+
+// dst = src, element by element (a params struct's strides into a kernel's arguments).
+template <int N>
+inline void copy_strides(int64_t (&dst)[N], const int64_t (&src)[N]) {
+  for (int i = 0; i < N; ++i) dst[i] = src[i];
+}
+
+// Whether the q, k, v and out views of a forward's params (fields q, k, v, out, q_stride, k_stride,
+// v_stride, out_stride: (B, H, N, D) views, and dtype) suit 16-byte vector loads (vector_aligned).
+template <typename Params>
+bool qkv_out_vector_aligned(const Params& p) {
+  return vector_aligned(p.q, p.q_stride, 4, p.dtype) && vector_aligned(p.k, p.k_stride, 4, p.dtype) &&
+         vector_aligned(p.v, p.v_stride, 4, p.dtype) && vector_aligned(p.out, p.out_stride, 4, p.dtype);
+}
+
+// What an attention-family forward's kernel arguments (fields q, k, v, out, qs, ks, vs, os, H, D) take
+// from its params as they are: the q, k, v and out pointers and strides (as qkv_out_vector_aligned reads
+// them), the head count H and the head dim D.
+template <typename Args, typename Params>
+void copy_head_views(Args& a, const Params& p) {
+  a.q = p.q;
+  copy_strides(a.qs, p.q_stride);
+  a.k = p.k;
+  copy_strides(a.ks, p.k_stride);
+  a.v = p.v;
+  copy_strides(a.vs, p.v_stride);
+  a.out = p.out;
+  copy_strides(a.os, p.out_stride);
+  a.H = p.H;
+  a.D = p.D;
 }
 
 // An attribute of the current device (SM count, opt-in shared memory per block, ...).

@@ -37,15 +37,10 @@ struct Geom {
   static_assert(CV * GW * GH == kThreads, "thread layout must cover the CTA");
 };
 
+// The kernel's arguments: the params as given and the grid's tile counts.
 struct Args {
-  const void* x;
-  const void* weight;
-  const void* bias;
-  void* out;
-  int64_t sxb, sxn;
-  int H, W, C;
+  DwconvFwdParams p;
   int n_tw, n_cb, n_th;
-  int activation;
 };
 
 template <typename T, int K, int VEC>
@@ -57,6 +52,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
 
   __shared__ PackT s_x[HH * HWD * CV];
   __shared__ PackT s_w[K * K * CV];
+  const DwconvFwdParams& p = a.p;
 
   // blockIdx.x = ((b·nTH + th)·nTW + tw)·nCB + cb
   int r = static_cast<int>(blockIdx.x);
@@ -72,8 +68,8 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
   const int c0 = cb * CH;
   const int tid = static_cast<int>(threadIdx.x);
 
-  const T* __restrict__ x = static_cast<const T*>(a.x) + static_cast<int64_t>(b) * a.sxb;
-  const T* __restrict__ wgt = static_cast<const T*>(a.weight);
+  const T* __restrict__ x = static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.x_stride_b;
+  const T* __restrict__ wgt = static_cast<const T*>(p.weight);
 
   T zero_t = from_float<T>(0.0f);
   PackT zero;
@@ -83,19 +79,19 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
   // ---- stage the halo tile (zero outside the map / past C) ----
   for (int idx = tid; idx < HH * HWD * CV; idx += kThreads) {
     const int cv = idx % CV;
-    const int p = idx / CV;
-    const int hc = p % HWD;
-    const int hr = p / HWD;
+    const int pix = idx / CV;  // halo pixel
+    const int hc = pix % HWD;
+    const int hr = pix / HWD;
     const int gh = h0 + hr - P;
     const int gw = w0 + hc - P;
     const int c = c0 + cv * VEC;
     PackT val = zero;
-    if (gh >= 0 && gh < a.H && gw >= 0 && gw < a.W) {
-      const T* src = x + (static_cast<int64_t>(gh) * a.W + gw) * a.sxn + c;
+    if (gh >= 0 && gh < p.H && gw >= 0 && gw < p.W) {
+      const T* src = x + (static_cast<int64_t>(gh) * p.W + gw) * p.x_stride_n + c;
       if (VEC > 1) {
-        if (c < a.C) val = *reinterpret_cast<const PackT*>(src);  // C % VEC == 0 on this path
+        if (c < p.C) val = *reinterpret_cast<const PackT*>(src);  // C % VEC == 0 on this path
       } else {
-        if (c < a.C) val.v[0] = src[0];
+        if (c < p.C) val.v[0] = src[0];
       }
     }
     s_x[idx] = val;
@@ -106,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
     const int tap = idx / CH;
     const int c = c0 + cc;
     T val = zero_t;
-    if (c < a.C) val = wgt[static_cast<int64_t>(c) * (K * K) + tap];
+    if (c < p.C) val = wgt[static_cast<int64_t>(c) * (K * K) + tap];
     s_w[tap * CV + cc / VEC].v[cc % VEC] = val;
   }
   __syncthreads();
@@ -122,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
     float bias_v[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) bias_v[v] = 0.0f;
-    if (a.bias != nullptr && c < a.C) {
-      const T* bias = static_cast<const T*>(a.bias);
+    if (p.bias != nullptr && c < p.C) {
+      const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) bias_v[v] = to_float(bias[c + v]);  // C % VEC == 0
     }
@@ -167,28 +163,28 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_fwd_kernel(const Args a) {
   }
 
   // ---- epilogue: activation, round, store ----
-  if (c >= a.C) return;
-  T* __restrict__ out = static_cast<T*>(a.out);
+  if (c >= p.C) return;
+  T* __restrict__ out = static_cast<T*>(p.out);
 #pragma unroll
   for (int rr = 0; rr < RH; ++rr) {
     const int h = h0 + gy * RH + rr;
-    if (h >= a.H) break;
+    if (h >= p.H) break;
 #pragma unroll
     for (int o = 0; o < RW; ++o) {
       const int w = w0 + gx * RW + o;
-      if (w >= a.W) break;
+      if (w >= p.W) break;
       PackT res;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         float y = acc[rr][o][v];
-        if (a.activation == 1) {
+        if (p.activation == 1) {
           y = 0.5f * y * (1.0f + erff(y * 0.70710678118654752f));
-        } else if (a.activation == 2) {
+        } else if (p.activation == 2) {
           y = fmaxf(y, 0.0f);
         }
         res.v[v] = from_float<T>(y);
       }
-      const int64_t off = ((static_cast<int64_t>(b) * a.H + h) * a.W + w) * static_cast<int64_t>(a.C) + c;
+      const int64_t off = ((static_cast<int64_t>(b) * p.H + h) * p.W + w) * static_cast<int64_t>(p.C) + c;
       if (VEC > 1) {
         *reinterpret_cast<PackT*>(out + off) = res;
       } else {
@@ -202,19 +198,10 @@ template <typename T, int K, int VEC>
 cudaError_t launch(const DwconvFwdParams& p, cudaStream_t stream) {
   using G = Geom<K, VEC>;
   Args a{};
-  a.x = p.x;
-  a.weight = p.weight;
-  a.bias = p.bias;
-  a.out = p.out;
-  a.sxb = p.x_stride_b;
-  a.sxn = p.x_stride_n;
-  a.H = p.H;
-  a.W = p.W;
-  a.C = p.C;
+  a.p = p;
   a.n_th = (p.H + G::TH - 1) / G::TH;
   a.n_tw = (p.W + G::TW - 1) / G::TW;
   a.n_cb = (p.C + G::CH - 1) / G::CH;
-  a.activation = p.activation;
   const int64_t blocks = static_cast<int64_t>(p.B) * a.n_th * a.n_tw * a.n_cb;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
   return launch_kernel(dwconv_fwd_kernel<T, K, VEC>, static_cast<unsigned>(blocks), kThreads, 0, stream, a);

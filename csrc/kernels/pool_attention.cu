@@ -127,6 +127,35 @@ struct RelFragments {
   }
 };
 
+// One axis of warp_rel_terms, for the query position `pos` on that axis (qh or qw): per 8 key positions kk <
+// n_k, an 8-column tile of Q_warp · table rows idx(pos, kk) (gathered by row index); each accumulator
+// element is kept by the lane whose row has that position (pos_r: its rows g and g + 8), at column
+// col0 + kk of its sRel row (stride RS), times log2(e).
+template <typename T, int kDp>
+__device__ __forceinline__ void axis_rel_terms(const RelFragments<T, kDp>& fr, const T* table, int pos,
+                                               const int (&pos_r)[2], int n_k, int col0, float q_ratio, float k_ratio,
+                                               float offset, int L, int D, float* sRelw0, int RS, int lane) {
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  float acc[4];
+  const int n_kc = (n_k + 7) / 8;
+  for (int kc = 0; kc < n_kc; ++kc) {
+    const int kk = kc * 8 + g;  // this lane group's column
+    const T* brow = nullptr;
+    if (kk < n_k) brow = table + int64_t{rel_index(pos, kk, q_ratio, k_ratio, offset, L)} * D;
+    fr.product(acc, brow, D, t);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (pos_r[r] != pos) continue;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = kc * 8 + 2 * t + e;
+        if (col < n_k) sRelw0[(g + 8 * r) * RS + col0 + col] = acc[2 * r + e] * kLog2e;
+      }
+    }
+  }
+}
+
 // The rel terms of one warp's 16 query rows (row0 = the first), into its 16 rows of sRel (stride
 // a.rel_stride floats): relh[r, kh] = q_r · rel_h[dh(qh_r, kh)], relw[r, kw] likewise, times
 // log2(e); zero for the class row, rows past Nq and the zero slot. On tensor cores: per distinct qh
@@ -157,97 +186,18 @@ __device__ __forceinline__ void warp_rel_terms(const PoolArgs& a, const T* sQw0,
   fr.load(sQw0, g, t);
   const T* rel_h = static_cast<const T*>(a.rel_h);
   const T* rel_w = static_cast<const T*>(a.rel_w);
-  float acc[4];
-
-  const int n_kh = (a.k_h + 7) / 8;
   for (int qh = s_first / a.q_w; qh <= s_last / a.q_w; ++qh) {
-    for (int kc = 0; kc < n_kh; ++kc) {
-      const int kh = kc * 8 + g;  // this lane group's column
-      const T* brow = nullptr;
-      if (kh < a.k_h) brow = rel_h + int64_t{rel_index(qh, kh, a.h_q_ratio, a.h_k_ratio, a.h_offset, a.Lh)} * a.D;
-      fr.product(acc, brow, a.D, t);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (qh_r[r] != qh) continue;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = kc * 8 + 2 * t + e;
-          if (col < a.k_h) sRelw0[(g + 8 * r) * RS + col] = acc[2 * r + e] * kLog2e;
-        }
-      }
-    }
+    axis_rel_terms<T, kDp>(fr, rel_h, qh, qh_r, a.k_h, 0, a.h_q_ratio, a.h_k_ratio, a.h_offset, a.Lh, a.D, sRelw0, RS,
+                           lane);
   }
-
-  const int n_kw = (a.k_w + 7) / 8;
   const int n_qw = min(s_last - s_first + 1, a.q_w);  // consecutive positions: distinct qw mod q_w
   const int qw_first = s_first - (s_first / a.q_w) * a.q_w;
   for (int u = 0; u < n_qw; ++u) {
     const int qw = qw_first + u < a.q_w ? qw_first + u : qw_first + u - a.q_w;
-    for (int kc = 0; kc < n_kw; ++kc) {
-      const int kw = kc * 8 + g;
-      const T* brow = nullptr;
-      if (kw < a.k_w) brow = rel_w + int64_t{rel_index(qw, kw, a.w_q_ratio, a.w_k_ratio, a.w_offset, a.Lw)} * a.D;
-      fr.product(acc, brow, a.D, t);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (qw_r[r] != qw) continue;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = kc * 8 + 2 * t + e;
-          if (col < a.k_w) sRelw0[(g + 8 * r) * RS + a.k_h + col] = acc[2 * r + e] * kLog2e;
-        }
-      }
-    }
+    axis_rel_terms<T, kDp>(fr, rel_w, qw, qw_r, a.k_w, a.k_h, a.w_q_ratio, a.w_k_ratio, a.w_offset, a.Lw, a.D, sRelw0,
+                           RS, lane);
   }
   __syncwarp();  // the rows are read back by other lanes of the warp
-}
-
-// Epilogue of one warp: lse, then o / l (+ q) staged through the warp's own 16 rows of sQ (which
-// still hold its Q, read for the residual by the lane that overwrites them) and stored in 16-byte
-// chunks. row0 = the warp's first query row; out / lse = the (b, h) bases.
-template <typename T, int kDp>
-__device__ __forceinline__ void warp_store_residual(const WarpRows<kDp>& w, T* sQw0, T* out, int64_t os2, float* lse,
-                                                    int row0, int n_rows, int D, bool residual, int lane) {
-  constexpr int kStride = Shape<kDp>::kStride;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = w.row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = (l == 0.f) ? 0.f : 1.f / l;
-    const int row = row0 + g + 8 * r;
-    if (t == 0 && row < n_rows) lse[row] = (l == 0.f) ? INFINITY : (w.row_max[r] + log2f(l)) * kLn2;
-  }
-  __syncwarp();  // every lane's ldmatrix reads of these rows are done
-#pragma unroll
-  for (int i = 0; i < Shape<kDp>::kDT; ++i) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      T* p = sQw0 + (g + 8 * r) * kStride + i * 8 + 2 * t;
-      float x0 = w.o[i][2 * r] * inv[r];
-      float x1 = w.o[i][2 * r + 1] * inv[r];
-      if (residual) {
-        x0 += to_float(p[0]);
-        x1 += to_float(p[1]);
-      }
-      *reinterpret_cast<uint32_t*>(p) = Mma<T>::pack(x0, x1);
-    }
-  }
-  __syncwarp();
-  constexpr int kChunks = kDp / 8;
-#pragma unroll
-  for (int i = lane; i < 16 * kChunks; i += 32) {
-    const int r = i / kChunks;
-    const int c = i - r * kChunks;
-    const int row = row0 + r;
-    if (row < n_rows && c * 8 < D) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * os2 + c * 8) =
-          *reinterpret_cast<const uint4*>(sQw0 + r * kStride + c * 8);
-    }
-  }
 }
 
 template <typename T, int kDp, bool kRel>
@@ -274,7 +224,6 @@ __global__ void __launch_bounds__(kThreads) pool_attention_fwd_mma_kernel(const 
   const T* v = static_cast<const T*>(a.v) + tile.offset(a.vs);
 
   // Prologue: the Q tile and K[0] in one cp.async group, the key offsets of block 0.
-  const int n_blocks = (Nk + kBlockN - 1) / kBlockN;
   load_tile_async<T, kBlockM, kDp, kStride, kThreads>(sQ, q, a.qs[2], m0, Nq, D);
   load_tile_async<T, kBlockN, kDp, kStride, kThreads>(sK, k, a.ks[2], 0, Nk, D);
   cp_async_commit();
@@ -295,54 +244,36 @@ __global__ void __launch_bounds__(kThreads) pool_attention_fwd_mma_kernel(const 
 
   WarpRows<kDp> w;
   w.reset();
-  for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kBlockN;
-    if (j > 0) {
-      cp_async_wait_all();  // K[j] has landed
-      __syncthreads();      // ... for every thread; every warp is done reading V[j-1]; key offsets of j written
-    }
-    load_tile_async<T, kBlockN, kDp, kStride, kThreads>(sV, v, a.vs[2], n0, Nk, D);
-    cp_async_commit();
-
-    const int n_valid = Nk - n0;
-    uint32_t pf[kPK][4];
-    if (active) {
-      float s[kNT][4];
-      warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
-      if (kRel) {
-        // x = s · scale · log2 e + (relh + relw) · log2 e; the update then runs with scale 1.
+  mma_key_loop<T, kDp, kThreads>(
+      w, qf, sQw, sK, sV, k, a.ks[2], v, a.vs[2], Nk, D, active, lane,
+      [&](float(&s)[kNT][4], int n0) {
+        // With tables x = s · scale · log2 e + (relh + relw) · log2 e; the update then runs with scale 1.
+        if (kRel) {
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+          for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const uint32_t off = sKOff[nt * 8 + 2 * t + e];
-            const int oh = static_cast<int>(off & 0xffffu);
-            const int ow = static_cast<int>(off >> 16);
-            s[nt][e] = fmaf(s[nt][e], a.scale_log2, rel_r0[oh] + rel_r0[ow]);
-            s[nt][2 + e] = fmaf(s[nt][2 + e], a.scale_log2, rel_r1[oh] + rel_r1[ow]);
+            for (int e = 0; e < 2; ++e) {
+              const uint32_t off = sKOff[nt * 8 + 2 * t + e];
+              const int oh = static_cast<int>(off & 0xffffu);
+              const int ow = static_cast<int>(off >> 16);
+              s[nt][e] = fmaf(s[nt][e], a.scale_log2, rel_r0[oh] + rel_r0[ow]);
+              s[nt][2 + e] = fmaf(s[nt][2 + e], a.scale_log2, rel_r1[oh] + rel_r1[ow]);
+            }
           }
+          softmax_update<T, kDp>(s, w, n0, Nk, 1.f, nullptr, nullptr, 0, t);
+        } else {
+          softmax_update<T, kDp>(s, w, n0, Nk, a.scale_log2, nullptr, nullptr, 0, t);
         }
-        softmax_update<T, kDp>(s, w, n0, Nk, 1.f, nullptr, nullptr, 0, t);
-      } else {
-        softmax_update<T, kDp>(s, w, n0, Nk, a.scale_log2, nullptr, nullptr, 0, t);
-      }
-      pack_p<T>(pf, s);
-    }
+      },
+      [&](int n_next) {
+        if (kRel && tid < kBlockN) sKOff[tid] = key_offsets(a, n_next + tid);
+      });
 
-    cp_async_wait_all();  // V[j] has landed
-    __syncthreads();      // ... for every thread, and every warp is done with K[j] and the key offsets
-    if (j + 1 < n_blocks) {
-      load_tile_async<T, kBlockN, kDp, kStride, kThreads>(sK, k, a.ks[2], n0 + kBlockN, Nk, D);
-      cp_async_commit();
-      if (kRel && tid < kBlockN) sKOff[tid] = key_offsets(a, n0 + kBlockN + tid);
-    }
-    if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
-  }
-
+  // Epilogue: lse, then o / l (+ q) staged through the warp's own 16 rows of sQ, which still hold its Q.
   if (active) {
     T* out = static_cast<T*>(a.out) + tile.offset(a.os);
-    warp_store_residual<T, kDp>(w, sQw0, out, a.os[2], a.lse + static_cast<int64_t>(tile.bh) * Nq, m0 + warp * 16, Nq,
-                                D, a.residual, lane);
+    warp_store<T, kDp>(w, sQw0, out, a.os[2], a.lse + static_cast<int64_t>(tile.bh) * Nq, m0 + warp * 16, Nq, D, lane,
+                       nullptr, nullptr, a.residual);
   }
 #else
   __trap();  // built for an arch older than sm_80: unsupported
@@ -350,55 +281,31 @@ __global__ void __launch_bounds__(kThreads) pool_attention_fwd_mma_kernel(const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// float32 CUDA-core kernel: 32 query rows per CTA, 4 threads per row, keys in blocks of 32.
+// float32 CUDA-core kernel (QuadTraits: 32 query rows per CTA, 4 threads per row, keys in blocks of 32).
 // ---------------------------------------------------------------------------------------------
-template <int kDp>
-struct F32Traits {
-  static constexpr int kBlockM = 32;
-  static constexpr int kBlockN = 32;
-  static constexpr int kThreads = 128;
-  static constexpr int kStride = kDp + 4;  // floats; (kStride / 4) odd → conflict-free float4
-  static constexpr int kPStride = kBlockN + 4;
-  static constexpr int kFixedFloats = (kBlockM + 2 * kBlockN) * kStride + kBlockM * kPStride;
-  static_assert(kDp % 16 == 0 && kDp <= 128, "padded head dim must be a multiple of 16, <= 128");
-  static_assert(((kStride / 4) & 1) == 1, "row stride in 16B units must be odd");
-};
-
 template <int kDp, bool kRel>
-__global__ void __launch_bounds__(F32Traits<kDp>::kThreads) pool_attention_fwd_f32_kernel(const PoolArgs a) {
+__global__ void __launch_bounds__(QuadTraits<kDp>::kThreads) pool_attention_fwd_f32_kernel(const PoolArgs a) {
 #if VK_SM80
-  using Tr = F32Traits<kDp>;
-  constexpr int kBM = Tr::kBlockM;
-  constexpr int kBN = Tr::kBlockN;
-  constexpr int kStride = Tr::kStride;
-  constexpr int kPStride = Tr::kPStride;
-  constexpr int kJ = kBN / 4;   // scores per thread per block (keys c, c + 4, ...)
-  constexpr int kI = kDp / 16;  // float4 output groups per thread (dims 16i + 4c .. + 3)
-
+  using Tr = QuadTraits<kDp>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* sQ = reinterpret_cast<float*>(smem_raw);
-  float* sK = sQ + kBM * kStride;
-  float* sV = sK + kBN * kStride;
-  float* sP = sV + kBN * kStride;
-  float* sRel = sP + kBM * kPStride;                                                      // kBM × rel_stride
-  uint32_t* sKOff = reinterpret_cast<uint32_t*>(sRel + (kRel ? kBM * a.rel_stride : 0));  // kBN
+  const QuadTiles<kDp> sm(smem_raw);
+  float* sRel = sm.rest;  // kBlockM × rel_stride
+  uint32_t* sKOff = reinterpret_cast<uint32_t*>(sRel + (kRel ? Tr::kBlockM * a.rel_stride : 0));  // kBlockN
 
   const int tid = threadIdx.x;
   const int r = tid >> 2;  // query row within the tile
   const int c = tid & 3;   // lane within the row's quad
   const Tile tile(a);
   const int Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int m0 = tile.m_block * kBM;
+  const int m0 = tile.m_block * Tr::kBlockM;
   const int row = m0 + r;
-  const float* q = static_cast<const float*>(a.q) + tile.offset(a.qs);
-  const float* k = static_cast<const float*>(a.k) + tile.offset(a.ks);
-  const float* v = static_cast<const float*>(a.v) + tile.offset(a.vs);
 
-  load_tile_async<float, kBM, kDp, kStride, Tr::kThreads>(sQ, q, a.qs[2], m0, Nq, D);
+  load_tile_async<float, Tr::kBlockM, kDp, Tr::kStride, Tr::kThreads>(
+      sm.q, static_cast<const float*>(a.q) + tile.offset(a.qs), a.qs[2], m0, Nq, D);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
-  const float* qrow = sQ + r * kStride;
+  const float* qrow = sm.q + r * Tr::kStride;
 
   float* rel_row = sRel + r * a.rel_stride;
   if (kRel) {
@@ -433,51 +340,34 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) pool_attention_fwd_f
     __syncwarp();  // the row is read back by the other lanes of its quad
   }
 
-  float o[kI][4];
-#pragma unroll
-  for (int i = 0; i < kI; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_max = -INFINITY;
-  float row_sum = 0.f;  // partial over this thread's keys
+  QuadRow<kDp> qr;
+  qr.reset();
+  quad_key_loop<kDp>(
+      qr, sm, qrow, static_cast<const float*>(a.k) + tile.offset(a.ks), a.ks[2],
+      static_cast<const float*>(a.v) + tile.offset(a.vs), a.vs[2], Nk, D, r, c,
+      [&](int n0) {
+        if (kRel && tid < Tr::kBlockN) sKOff[tid] = key_offsets(a, n0 + tid);
+      },
+      [&](float dot, int, int jj) {
+        float x = dot * a.scale_log2;
+        if (kRel) {
+          const uint32_t off = sKOff[c + 4 * jj];
+          x += rel_row[off & 0xffffu] + rel_row[off >> 16];
+        }
+        return x;
+      });
 
-  const int n_blocks = (Nk + kBN - 1) / kBN;
-  for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kBN;
-    __syncthreads();  // every thread is done with the previous K/V tiles and key offsets
-    load_tile_async<float, kBN, kDp, kStride, Tr::kThreads>(sK, k, a.ks[2], n0, Nk, D);
-    load_tile_async<float, kBN, kDp, kStride, Tr::kThreads>(sV, v, a.vs[2], n0, Nk, D);
-    cp_async_commit();
-    if (kRel && tid < kBN) sKOff[tid] = key_offsets(a, n0 + tid);
-    cp_async_wait_all();
-    __syncthreads();
-
-    float s[kJ];
-    quad_scores<kJ, kDp, kStride>(s, qrow, sK, c);
-#pragma unroll
-    for (int jj = 0; jj < kJ; ++jj) {
-      const int col = n0 + c + 4 * jj;
-      float x = s[jj] * a.scale_log2;
-      if (kRel) {
-        const uint32_t off = sKOff[c + 4 * jj];
-        x += rel_row[off & 0xffffu] + rel_row[off >> 16];
-      }
-      if (col >= Nk) x = -INFINITY;
-      s[jj] = x;
-    }
-    quad_softmax_pv<kJ, kI, kBN, kStride>(s, row_max, row_sum, o, sP + r * kPStride, sV, c);
-  }
-
-  float l = row_sum;
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const float l = qr.total();
   if (row < Nq) {
     const float inv = (l == 0.f) ? 0.f : 1.f / l;
-    if (c == 0) a.lse[static_cast<int64_t>(tile.bh) * Nq + row] = (l == 0.f) ? INFINITY : (row_max + log2f(l)) * kLn2;
+    if (c == 0)
+      a.lse[static_cast<int64_t>(tile.bh) * Nq + row] = (l == 0.f) ? INFINITY : (qr.row_max + log2f(l)) * kLn2;
     float* out = static_cast<float*>(a.out) + tile.offset(a.os) + static_cast<int64_t>(row) * a.os[2];
 #pragma unroll
-    for (int i = 0; i < kI; ++i) {
+    for (int i = 0; i < Tr::kI; ++i) {
       const int d = 16 * i + 4 * c;
       if (d < D) {
-        float4 res = make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
+        float4 res = make_float4(qr.o[i][0] * inv, qr.o[i][1] * inv, qr.o[i][2] * inv, qr.o[i][3] * inv);
         if (a.residual) {
           const float4 qv = *reinterpret_cast<const float4*>(qrow + d);
           res.x += qv.x;
@@ -500,7 +390,7 @@ __global__ void __launch_bounds__(F32Traits<kDp>::kThreads) pool_attention_fwd_f
 template <typename T, int kDp, bool kRel>
 cudaError_t launch(const PoolArgs& base, int64_t sequences, int smem, cudaStream_t stream) {
   constexpr bool kF32 = std::is_same<T, float>::value;
-  constexpr int kRows = kF32 ? F32Traits<kDp>::kBlockM : kBlockM;
+  constexpr int kRows = kF32 ? QuadTraits<kDp>::kBlockM : kBlockM;
   PoolArgs a = base;
   const int64_t m_blocks = (static_cast<int64_t>(a.Nq) + kRows - 1) / kRows;
   const int64_t grid = m_blocks * sequences;
@@ -508,7 +398,7 @@ cudaError_t launch(const PoolArgs& base, int64_t sequences, int smem, cudaStream
   a.num_m_blocks = static_cast<int>(m_blocks);
   const unsigned g = static_cast<unsigned>(grid);
   if constexpr (kF32) {
-    return launch_kernel(pool_attention_fwd_f32_kernel<kDp, kRel>, g, F32Traits<kDp>::kThreads, smem, stream, a);
+    return launch_kernel(pool_attention_fwd_f32_kernel<kDp, kRel>, g, QuadTraits<kDp>::kThreads, smem, stream, a);
   } else {
     return launch_kernel(pool_attention_fwd_mma_kernel<T, kDp, kRel>, g, kThreads, smem, stream, a);
   }
@@ -533,8 +423,8 @@ int pool_attention_forward_smem_bytes(int D, DType dtype, int k_h, int k_w, bool
   if (dtype == DType::kFloat32) {
     int floats = 0;
     dispatch_padded_head_dim(D, [&](auto kDp) {
-      using Tr = F32Traits<decltype(kDp)::value>;
-      floats = Tr::kFixedFloats + (rel ? Tr::kBlockM * rs + Tr::kBlockN : 0);
+      using Tr = QuadTraits<decltype(kDp)::value>;
+      floats = Tr::kTileFloats + (rel ? Tr::kBlockM * rs + Tr::kBlockN : 0);
       return cudaSuccess;
     });
     return floats * 4;
@@ -565,10 +455,7 @@ cudaError_t pool_attention_forward(const PoolAttentionFwdParams& p, cudaStream_t
   if (sequences == 0) return cudaSuccess;
   if (sequences > INT_MAX) return cudaErrorInvalidConfiguration;
   if (p.out == nullptr || p.lse == nullptr) return cudaErrorInvalidValue;
-  if (!vector_aligned(p.q, p.q_stride, 4, p.dtype) || !vector_aligned(p.k, p.k_stride, 4, p.dtype) ||
-      !vector_aligned(p.v, p.v_stride, 4, p.dtype) || !vector_aligned(p.out, p.out_stride, 4, p.dtype)) {
-    return cudaErrorInvalidValue;
-  }
+  if (!qkv_out_vector_aligned(p)) return cudaErrorInvalidValue;
   if (rel && (!aligned_to(p.rel_h, 16) || !aligned_to(p.rel_w, 16))) return cudaErrorInvalidValue;
 
   int max_smem = 0;
@@ -578,23 +465,12 @@ cudaError_t pool_attention_forward(const PoolAttentionFwdParams& p, cudaStream_t
   if (smem == 0 || smem > max_smem) return cudaErrorInvalidValue;
 
   PoolArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.v = p.v;
+  copy_head_views(a, p);
   a.rel_h = p.rel_h;
   a.rel_w = p.rel_w;
-  a.out = p.out;
   a.lse = p.lse;
-  for (int i = 0; i < 4; ++i) {
-    a.qs[i] = p.q_stride[i];
-    a.ks[i] = p.k_stride[i];
-    a.vs[i] = p.v_stride[i];
-    a.os[i] = p.out_stride[i];
-  }
-  a.H = p.H;
   a.Nq = static_cast<int>(nq);
   a.Nk = static_cast<int>(nk);
-  a.D = p.D;
   a.q_h = p.q_h;
   a.q_w = p.q_w;
   a.k_h = p.k_h;

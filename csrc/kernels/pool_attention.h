@@ -34,10 +34,8 @@ struct PoolAttentionFwdParams {
   const void* rel_w;  // contiguous (Lw, D)
   void* out;          // (B, H, Nq, D) view
   float* lse;         // float32, contiguous (B, H, Nq)
-  int64_t q_stride[4];
-  int64_t k_stride[4];
-  int64_t v_stride[4];
-  int64_t out_stride[4];
+  // Element strides of the q, k, v and out views.
+  int64_t q_stride[4], k_stride[4], v_stride[4], out_stride[4];
   int B, H, D;
   int q_h, q_w, k_h, k_w;  // Nq = q_h·q_w + cls, Nk = k_h·k_w + cls
   int Lh, Lw;              // table rows

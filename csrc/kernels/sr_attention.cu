@@ -179,21 +179,10 @@ cudaError_t sr_attention_forward(const SrAttentionFwdParams& p, cudaStream_t str
   if (chunks * bh > static_cast<int64_t>(INT_MAX)) return cudaErrorInvalidConfiguration;
 
   SrArgs args{};
-  args.q = p.q;
-  args.k = p.k;
-  args.v = p.v;
-  args.out = p.out;
+  copy_head_views(args, p);
   args.lse = p.lse;
-  for (int i = 0; i < 4; ++i) {
-    args.qs[i] = p.q_stride[i];
-    args.ks[i] = p.k_stride[i];
-    args.vs[i] = p.v_stride[i];
-    args.os[i] = p.out_stride[i];
-  }
-  args.H = p.H;
   args.N = p.N;
   args.M = p.M;
-  args.D = p.D;
   args.m_pad = (p.M + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   args.rows = static_cast<int>(rows);
   args.num_chunks = static_cast<int>(chunks);

@@ -27,10 +27,8 @@ struct SrAttentionFwdParams {
   const void* v;  // (B, H, M, D) view
   void* out;      // (B, H, N, D) view
   float* lse;     // float32, contiguous (B, H, N)
-  int64_t q_stride[4];
-  int64_t k_stride[4];
-  int64_t v_stride[4];
-  int64_t out_stride[4];
+  // Element strides of the q, k, v and out views.
+  int64_t q_stride[4], k_stride[4], v_stride[4], out_stride[4];
   int B, H, N, M, D;
   int rows_per_cta;  // query rows per CTA (multiple of 64); 0 = chosen from the SM count
   float scale;

@@ -379,31 +379,17 @@ cudaError_t xca_forward(const XcaFwdParams& p, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   if (bh == 0 || p.N == 0) return cudaSuccess;
   if (p.temperature == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
-  if (!vector_aligned(p.q, p.q_stride, 4, p.dtype) || !vector_aligned(p.k, p.k_stride, 4, p.dtype) ||
-      !vector_aligned(p.v, p.v_stride, 4, p.dtype) || !vector_aligned(p.out, p.out_stride, 4, p.dtype)) {
-    return cudaErrorInvalidValue;
-  }
+  if (!qkv_out_vector_aligned(p)) return cudaErrorInvalidValue;
   Plan plan{};
   const cudaError_t err = make_plan(p, &plan);
   if (err != cudaSuccess) return err;
   if (plan.workspace_floats > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
 
   XcaArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.v = p.v;
-  a.out = p.out;
+  copy_head_views(a, p);
   a.temperature = p.temperature;
   a.workspace = p.workspace;
-  for (int i = 0; i < 4; ++i) {
-    a.qs[i] = p.q_stride[i];
-    a.ks[i] = p.k_stride[i];
-    a.vs[i] = p.v_stride[i];
-    a.os[i] = p.out_stride[i];
-  }
-  a.H = p.H;
   a.N = p.N;
-  a.D = p.D;
   a.chunk_rows = plan.chunk_rows;
   a.num_chunks = plan.num_chunks;
   return dispatch_dtype(p.dtype, [&](auto tag) {

@@ -28,10 +28,8 @@ struct XcaFwdParams {
   void* out;                 // (B, H, N, D) view
   const float* temperature;  // float32, contiguous (H)
   float* workspace;          // xca_forward_workspace_floats(p) floats, or null when that is 0
-  int64_t q_stride[4];
-  int64_t k_stride[4];
-  int64_t v_stride[4];
-  int64_t out_stride[4];
+  // Element strides of the q, k, v and out views.
+  int64_t q_stride[4], k_stride[4], v_stride[4], out_stride[4];
   int B, H, N, D;
   DType dtype;
 };

@@ -88,6 +88,26 @@ def test_fused_space_axis_with_class_token(backend, dtype, device, layout, s, t,
     )
 
 
+@pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False)[:2])
+@pytest.mark.parametrize("kernel", ["fused", "fused-deterministic"])
+@pytest.mark.parametrize("layout", ["st", "ts"])
+def test_single_kernel_backward_with_class_token(backend, dtype, device, kernel, layout, monkeypatch):
+    """The single-kernel attention backward (VITKERNELS_ATTN_BWD_KERNEL) with the class token: the
+    prefix key's dQ terms and dK/dV partials come from key block 0's programs, the class query's
+    dK/dV terms from every key block."""
+    monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", kernel)
+    s, t, heads, d = 37, 2, 2, 32
+    qkv, cls_qkv = torch.randn(2, s * t, 3 * heads * d), torch.randn(2, 3 * heads * d)
+
+    def fused(x, c):
+        out, cls_out = vk.space_time_attention(x, t, heads, "space", c, layout)
+        return torch.cat([out.flatten(1), cls_out.flatten(1)], 1)
+
+    check_against_oracle(
+        fused, lambda x, c: eager_space_cls(x, c, t, heads, layout), [qkv, cls_qkv], backend, dtype, device
+    )
+
+
 @pytest.mark.parametrize("backend,dtype,device", backends_here(cuda_kernel=False)[:1])
 def test_class_token_runs_the_kernels(backend, dtype, device, monkeypatch):
     """The fused class-token path calls the FlashAttention kernels (with the prefix row) rather

@@ -72,7 +72,7 @@ def test_bench_cases_of_the_plan_exist():
 
     picked = cases.select_cases(cases.all_cases(), list(gp.OPS), None, representative=True)
     assert {c.op for c in picked} == set(gp.OPS)
-    assert len(picked) <= 11  # the ops step's time estimate counts on about ten cases
+    assert len(picked) <= 12  # the ops step's time estimate (150 s) counts on about a dozen cases
     assert set(gp.MODELS) <= set(list_models()) and set(gp.HF_MODELS) <= set(list_models())
 
 

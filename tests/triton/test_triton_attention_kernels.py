@@ -285,11 +285,12 @@ def test_autograd_style_dout_with_zero_strides():
 
 
 @pytest.mark.skipif(not _INTERPRET, reason="INTERPRET_BLOCKS only applies to the interpreter")
+@pytest.mark.parametrize("kernel", ["split", "fused-deterministic"])
 @pytest.mark.parametrize("blocks", [(16, 64), (64, 16), (16, 16)], ids=str)
-def test_other_tilings(monkeypatch, blocks):
-    monkeypatch.setitem(K.INTERPRET_BLOCKS, "fwd", blocks)
-    monkeypatch.setitem(K.INTERPRET_BLOCKS, "dkdv", blocks)
-    monkeypatch.setitem(K.INTERPRET_BLOCKS, "dq", blocks)
+def test_other_tilings(monkeypatch, blocks, kernel):
+    monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", kernel)
+    for name in ("fwd", "dkdv", "dq", "fused"):
+        monkeypatch.setitem(K.INTERPRET_BLOCKS, name, blocks)
     B, H, Nq, Nk, D = 1, 2, 48, 35, 32
     dtype = torch.float32
     q, k, v = make_qkv(B, H, Nq, Nk, D, dtype)
@@ -325,6 +326,262 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
     out, _lse, dq, dk, dv, dbias = fused(q, k, v, bias, 0.2, dout, True)
     assert len(calls) >= 3, "several configs were benchmarked"
     check_against_oracle(q, k, v, bias_param, bias, 0.2, dout, [out, dq, dk, dv, dbias], dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-kernel backward (VITKERNELS_ATTN_BWD_KERNEL = fused | fused-deterministic)
+# ---------------------------------------------------------------------------------------------
+
+SINGLE_KERNEL = [("fused", torch.float16), ("fused-deterministic", torch.float32)]
+if not _INTERPRET:
+    SINGLE_KERNEL += [("fused", torch.bfloat16), ("fused-deterministic", torch.bfloat16)]
+
+
+def run_kernel(monkeypatch, kernel):
+    """Make attention_backward run ``kernel`` (short sequences too: no packing) and record the
+    kernels it launches."""
+    monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", kernel)
+    monkeypatch.setenv("VITKERNELS_ATTN_PACKED", "off")
+    launched = []
+    real = K._launch
+    monkeypatch.setattr(K, "_launch", lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw))[1])
+    return launched
+
+
+@pytest.mark.parametrize("kernel,dtype", SINGLE_KERNEL, ids=str)
+@pytest.mark.parametrize("bias_kind", BIASES + ["deadrow"], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_single_kernel_backward_matches_oracle(monkeypatch, shape, bias_kind, kernel, dtype):
+    """dQ from the dK/dV kernel (fp32 atomics, or ordered per-key-block partials), dbias from its
+    transposed dS tiles (full, head-broadcast and key-padding biases, a fully masked row)."""
+    launched = run_kernel(monkeypatch, kernel)
+    B, H, Nq, Nk, D = shape
+    q, k, v = make_qkv(B, H, Nq, Nk, D, dtype)
+    dout = rand(B, H, Nq, D, dtype=dtype)
+    bias_param, bias = make_bias(bias_kind, B, H, Nq, Nk, dtype)
+    out, _lse, dq, dk, dv, dbias = fused(q, k, v, bias, D**-0.5, dout, bias is not None)
+    assert launched == ["fwd", "fused"]
+    got = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    check_against_oracle(q, k, v, bias_param, bias, D**-0.5, dout, got, dtype)
+
+
+@pytest.mark.skipif(_INTERPRET, reason="a real model shape: GPU only")
+@pytest.mark.parametrize("kernel", ["split", "fused", "fused-deterministic"])
+@pytest.mark.parametrize("bias_kind", [None, "head"], ids=str)
+def test_real_shapes_single_kernel_backward(monkeypatch, kernel, bias_kind):
+    """ViT-B/16 at 384 px (577 tokens, 12 heads, D 64) in bf16, where "auto" takes the single kernel,
+    with each backward kernel (the one-call GPU proof runs this)."""
+    run_kernel(monkeypatch, kernel)
+    B, H, N, D = 2, 12, 577, 64
+    q, k, v = make_qkv(B, H, N, N, D, torch.bfloat16)
+    dout = rand(B, H, N, D, dtype=torch.bfloat16)
+    bias_param, bias = make_bias(bias_kind, B, H, N, N, torch.bfloat16)
+    out, _lse, dq, dk, dv, dbias = fused(q, k, v, bias, D**-0.5, dout, bias is not None)
+    got = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    check_against_oracle(q, k, v, bias_param, bias, D**-0.5, dout, got, torch.bfloat16)
+
+
+def test_single_kernel_deterministic_variant_is_bitwise_reproducible(monkeypatch):
+    run_kernel(monkeypatch, "fused-deterministic")
+    B, H, Nq, Nk, D = 1, 2, 70, 75, 32
+    q, k, v = make_qkv(B, H, Nq, Nk, D, torch.float32)
+    dout = rand(B, H, Nq, D, dtype=torch.float32)
+    first = fused(q, k, v, None, 0.2, dout, False)[2:5]
+    second = fused(q, k, v, None, 0.2, dout, False)[2:5]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backward_kernel_choice(monkeypatch):
+    """ "auto": the single kernel (atomics) where both sequences are long, unless deterministic
+    algorithms are on; the split kernels otherwise. A bad value names the switch."""
+    monkeypatch.delenv("VITKERNELS_ATTN_BWD_KERNEL", raising=False)
+    assert K.backward_kernel(197, 197) == "split"
+    assert K.backward_kernel(K.FUSED_MIN_LEN, 4 * K.FUSED_MIN_LEN) == "fused"
+    assert K.backward_kernel(16384, 256) == "split"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert K.backward_kernel(2048, 2048) == "split"
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for kernel in ("split", "fused", "fused-deterministic"):
+        monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", kernel)
+        assert K.backward_kernel(8, 8) == kernel
+    monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", "fastest")
+    q = rand(1, 1, 8, 16, dtype=torch.float32)
+    out = torch.empty_like(q)
+    lse = K.attention_forward(q, q, q, None, 0.1, out)
+    with pytest.raises(ValueError, match="VITKERNELS_ATTN_BWD_KERNEL"):
+        K.attention_backward(q, q, q, q, None, out, lse, 0.1, *(torch.empty_like(q) for _ in range(3)), False)
+
+
+def test_single_kernel_only_dq_wanted_runs_the_dq_kernel(monkeypatch):
+    launched = run_kernel(monkeypatch, "fused")
+    q, k, v = make_qkv(1, 2, 20, 30, 16, torch.float32)
+    out = torch.empty_like(q)
+    lse = K.attention_forward(q, k, v, None, 0.25, out)
+    dq = torch.empty_like(q)
+    K.attention_backward(torch.ones_like(q), q, k, v, None, out, lse, 0.25, dq, None, None, False)
+    assert launched == ["fwd", "dq"] and torch.isfinite(dq).all()
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="exercises the GPU launch path inside the interpreter")
+@pytest.mark.parametrize("kernel", ["fused", "fused-deterministic"])
+def test_single_kernel_autotuned_launch_path(monkeypatch, kernel):
+    """The tuned single kernel: every config benchmarked restores dQ's buffer (and dbias), so the
+    result holds only the picked config's dQ terms, whatever the configs before it wrote."""
+    run_kernel(monkeypatch, kernel)
+    calls = []
+
+    def fake_bench(kernel_call, quantiles):  # the first config a tuner benchmarks wins
+        kernel_call()
+        calls.append(1)
+        return [float(len(calls))] * 3
+
+    for t in (t for fam in K._TUNED.values() for t in fam):
+        monkeypatch.setattr(t, "_do_bench", fake_bench)
+        monkeypatch.setattr(t, "cache", {})
+    monkeypatch.setattr(K, "_use_fixed", lambda t: False)
+    B, H, Nq, Nk, D = 2, 2, 40, 70, 32
+    q, k, v = make_qkv(B, H, Nq, Nk, D, torch.float32)
+    dout = rand(B, H, Nq, D, dtype=torch.float32)
+    bias_param, bias = make_bias("head", B, H, Nq, Nk, torch.float32)
+    out, _lse, dq, dk, dv, dbias = fused(q, k, v, bias, 0.2, dout, True)
+    tuner = K._TUNED["fp32"][3]
+    assert len(tuner.configs_timings) >= 2, "several single-kernel configs were benchmarked"
+    # The pick is not the smallest BLOCK_N: without the restore, the deterministic variant's
+    # partial slots past its key blocks would keep a smaller config's dQ terms.
+    assert tuner.best_config.kwargs["BLOCK_N"] == 64
+    check_against_oracle(q, k, v, bias_param, bias, 0.2, dout, [out, dq, dk, dv, dbias], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Nq,Nk", [(37, 41), (32, 20), (64, 64), (1, 5), (0, 7), (9, 0)], ids=str)
+def test_forward_extra_query_row_in_the_same_launch(Nq, Nk, dtype):
+    """extra_q: one more query row per (b, g, h) (a class token's query, stride 0 over the groups),
+    with the prefix row, run as row Nq of the last block (a block of its own when the block size
+    divides Nq): the same out / lse as its own launch, and the patch rows unchanged."""
+    B, G, H, D = 2, 3, 2, 32
+    q, k, v = rand(B, G, H, Nq, D, dtype=dtype), rand(B, G, H, Nk, D, dtype=dtype), rand(B, G, H, Nk, D, dtype=dtype)
+    pk, pv, xq = (rand(B, 1, H, D, dtype=dtype).expand(B, G, H, D) for _ in range(3))
+    out, xo, xl = torch.empty_like(q), torch.empty(B, G, H, D, dtype=dtype), torch.empty(B, G, H)
+    lse = K.attention_forward(q, k, v, None, 0.3, out, prefix=(pk, pv), extra_q=(xq, xo, xl))
+    out2 = torch.empty_like(q)
+    lse2 = K.attention_forward(q, k, v, None, 0.3, out2, prefix=(pk, pv))
+    xo2 = torch.empty(B, G, H, 1, D, dtype=dtype)
+    xl2 = K.attention_forward(xq.unsqueeze(-2), k, v, None, 0.3, xo2, prefix=(pk, pv))
+    # On a GPU the launches may tune to other key blocks (another summation order).
+    tol = 0.0 if _INTERPRET else FLOOR[dtype]
+    torch.testing.assert_close(out, out2, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse2, atol=tol, rtol=tol)
+    torch.testing.assert_close(xo, xo2[..., 0, :], atol=tol, rtol=tol)
+    torch.testing.assert_close(xl, xl2[..., 0], atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="xlse must be"):
+        K.attention_forward(q, k, v, None, 0.3, out, prefix=(pk, pv), extra_q=(xq, xo, xl.double()))
+
+
+@pytest.mark.parametrize("kernel", ["split", "fused", "fused-deterministic"])
+@pytest.mark.parametrize("Nq,Nk", [(37, 41), (32, 20), (1, 5)], ids=str)
+def test_backward_extra_query_row_dq(monkeypatch, Nq, Nk, kernel):
+    """extra_q with dxq: the extra row's dq (folded into the dQ kernel as row Nq by the split
+    backward, a one-row dQ launch after the single kernel), its dK/dV terms and the prefix row's
+    gradients from every query, against float64 autograd of the concatenated sequence."""
+    monkeypatch.setenv("VITKERNELS_ATTN_BWD_KERNEL", kernel)
+    dtype = torch.float32
+    B, G, H, D = 2, 3, 2, 32
+    q, do = rand(B, G, H, Nq, D, dtype=dtype), rand(B, G, H, Nq, D, dtype=dtype)
+    k, v = rand(B, G, H, Nk, D, dtype=dtype), rand(B, G, H, Nk, D, dtype=dtype)
+    pk, pv, xq = (rand(B, 1, H, D, dtype=dtype).expand(B, G, H, D) for _ in range(3))
+    xdo = rand(B, G, H, D, dtype=dtype)
+    out, xo, xl = torch.empty_like(q), torch.empty(B, G, H, D), torch.empty(B, G, H)
+    lse = K.attention_forward(q, k, v, None, 0.3, out, prefix=(pk, pv), extra_q=(xq, xo, xl))
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    dxq, dpk, dpv = (torch.empty(B, G, H, D) for _ in range(3))
+    xdelta = (xo * xdo).sum(-1)
+    K.attention_backward(
+        do, q, k, v, None, out, lse, 0.3, dq, dk, dv, False, (pk, pv), (dpk, dpv), (xq, xdo, xl, xdelta, dxq)
+    )
+    qf = torch.cat([q, xq.unsqueeze(-2)], -2).double().requires_grad_()
+    kf = torch.cat([pk.unsqueeze(-2), k], -2).double().requires_grad_()
+    vf = torch.cat([pv.unsqueeze(-2), v], -2).double().requires_grad_()
+    (torch.softmax(qf @ kf.transpose(-1, -2) * 0.3, -1) @ vf).backward(torch.cat([do, xdo.unsqueeze(-2)], -2).double())
+    want = [qf.grad[..., :Nq, :], qf.grad[..., Nq, :], kf.grad[..., 1:, :], vf.grad[..., 1:, :]]
+    want += [kf.grad[..., 0, :], vf.grad[..., 0, :]]
+    for name, g, w in zip(["dq", "dxq", "dk", "dv", "dpk", "dpv"], [dq, dxq, dk, dv, dpk, dpv], want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many short sequences: the packed kernels (vitkernels/triton/attention_short.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def spy_packed(monkeypatch):
+    from vitkernels.triton import attention_short as S
+
+    launched = []
+    real = S._launch
+    monkeypatch.setattr(S, "_launch", lambda index, *a: (launched.append(index), real(index, *a))[1])
+    return launched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B,G,H,N,D,interleaved",
+    [
+        (2, 1, 3, 8, 64, False),
+        (1, 13, 2, 8, 32, True),
+        (2, 5, 1, 3, 20, False),
+        (1, 3, 2, 16, 48, True),
+        (3, 1, 1, 1, 16, False),
+    ],
+    ids=str,
+)
+def test_packed_short_sequences_match_oracle(monkeypatch, B, G, H, N, D, interleaved, dtype):
+    """Several whole sequences per tile, block-diagonal scores: 4-D and 5-D views, a ragged last
+    tile (sequence count not a multiple of the sequences per tile), interleaved rows (the time axis
+    of a "ts" layout: the group stride is smaller than the row stride), N = 1, 3, 8 and 16."""
+    launched = spy_packed(monkeypatch)
+    shape = (B, H, N, D) if G == 1 else (B, G, H, N, D)
+    if interleaved:  # (B, N, G, H, D) storage viewed as (B, G, H, N, D)
+        q, k, v, dout = (rand(B, N, G, H, D, dtype=dtype).permute(0, 2, 3, 1, 4) for _ in range(4))
+    else:
+        q, k, v, dout = (rand(*shape, dtype=dtype) for _ in range(4))
+    flat = [t.reshape(-1, N, D) for t in (q, k, v, dout)]  # (sequences, N, D) for the oracle
+    out, lse, dq, dk, dv, _ = fused(q, k, v, None, D**-0.5, dout, False)
+    assert launched == [0, 1]
+    got = [t.reshape(-1, N, D)[:, None] for t in (out, dq, dk, dv)]
+    fq, fk, fv, fd = (t[:, None] for t in flat)
+    check_against_oracle(fq, fk, fv, None, None, D**-0.5, fd, got, dtype)
+    s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_kernels_switch_and_limits(monkeypatch):
+    """Not packed: a bias, Nq ≠ Nk, N > MAX_LEN, or VITKERNELS_ATTN_PACKED=off (the general
+    kernels, same results)."""
+    from vitkernels.triton import attention_short as S
+
+    launched = spy_packed(monkeypatch)
+    q, k, v = make_qkv(2, 2, 8, 8, 32, torch.float32)
+    dout = rand(2, 2, 8, 32, dtype=torch.float32)
+    packed = fused(q, k, v, None, 0.2, dout, False)
+    assert launched == [0, 1]
+    monkeypatch.setenv("VITKERNELS_ATTN_PACKED", "off")
+    general = fused(q, k, v, None, 0.2, dout, False)
+    assert launched == [0, 1]
+    for a, b in zip(packed[:5], general[:5]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("VITKERNELS_ATTN_PACKED", "auto")
+    _, bias = make_bias("full", 2, 2, 8, 8, torch.float32)
+    fused(q, k, v, bias, 0.2, dout, True)
+    fused(q, k[:, :, :7], v[:, :, :7], None, 0.2, dout, False)
+    n = S.MAX_LEN + 1
+    fused(*make_qkv(1, 1, n, n, 16, torch.float32), None, 0.2, rand(1, 1, n, 16, dtype=torch.float32), False)
+    assert launched == [0, 1]
+    monkeypatch.setenv("VITKERNELS_ATTN_PACKED", "on")
+    with pytest.raises(ValueError, match="VITKERNELS_ATTN_PACKED"):
+        fused(q, k, v, None, 0.2, dout, False)
 
 
 def test_forward_is_deterministic():

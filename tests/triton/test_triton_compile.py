@@ -49,6 +49,8 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         "_attn_bwd_preprocess",
         "_attn_bwd_dkdv_kernel",
         "_attn_bwd_dq_kernel",
+        "_packed_fwd_kernel",
+        "_packed_bwd_kernel",
         "_wa_fwd_kernel",
         "_wa_bwd_kernel",
         "_dwconv_kernel",

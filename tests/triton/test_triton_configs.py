@@ -72,6 +72,15 @@ CASES = {
         lambda q, k, v, b: vk.attention(q, k, v, b),
         [(1, 2, 130, 32), (1, 2, 150, 32), (1, 2, 150, 32), (1, 150)],
     ),
+    # the single-kernel backward (CASE_ENV), both dQ variants, with a key-padding bias's dbias
+    "attention+bias single-kernel": (
+        lambda q, k, v, b: vk.attention(q, k, v, b),
+        [(1, 2, 150, 32), (1, 2, 140, 32), (1, 2, 140, 32), (1, 140)],
+    ),
+    "attention+bias single-kernel deterministic": (
+        lambda q, k, v, b: vk.attention(q, k, v, b),
+        [(1, 2, 150, 32), (1, 2, 140, 32), (1, 2, 140, 32), (1, 140)],
+    ),
     "self_attention": (lambda x: vk.self_attention(x, 2), [(1, 200, 3 * 64)]),
     "window_attention M7": (
         lambda x, t, b: vk.window_attention(x, (14, 13), 2, 7, 3, t, b),
@@ -94,6 +103,8 @@ CASES = {
     "sr_attention split": (lambda q, kv: vk.sr_attention(q, kv, 1), [(1, 300, 64), (1, 200, 128)]),
     "sr_attention split d32": (lambda q, kv: vk.sr_attention(q, kv, 2), [(1, 130, 64), (1, 260, 128)]),
     "xca split": (lambda x, t: vk.xca(x, 1, t), [(1, 300, 3 * 48), (1, 1, 1)]),
+    # the time axis: 20 interleaved 8-frame sequences per head, packed (32- and 64-row tiles)
+    "space_time_attention time": (lambda x: vk.space_time_attention(x, 8, 2, "time", layout="ts"), [(1, 160, 192)]),
     "space_time_attention cls": (
         lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
         [(1, 2 * 70, 3 * 64), (1, 3 * 64)],
@@ -110,6 +121,13 @@ CASES = {
         lambda x, w1, b1, dw, db, w2, b2: vk.mix_ffn(x, (9, 12), w1, b1, dw, db, w2, b2),
         [(1, 108, 8), (40, 8), (40,), (40, 1, 3, 3), (40,), (72, 40), (72,)],
     ),
+}
+
+
+# Environment switches a case runs under (set for its forward and backward).
+CASE_ENV = {
+    "attention+bias single-kernel": {"VITKERNELS_ATTN_BWD_KERNEL": "fused"},
+    "attention+bias single-kernel deterministic": {"VITKERNELS_ATTN_BWD_KERNEL": "fused-deterministic"},
 }
 
 
@@ -131,10 +149,12 @@ CONFIG_DTYPES = DTYPES if _INTERPRET else [torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_autotune_config(case, dtype, forcer):
+def test_every_autotune_config(case, dtype, forcer, monkeypatch):
+    for name, value in CASE_ENV.get(case, {}).items():
+        monkeypatch.setenv(name, value)
     fn, shapes = CASES[case]
     inputs = [torch.randn(s) for s in shapes]
-    if case == "attention+bias":
+    if case.startswith("attention+bias"):
         inputs[3] = inputs[3][:, None, None, :]  # a key-padding style (B, 1, 1, Nk) bias
     if case.startswith("xca"):
         inputs[1] = inputs[1].abs() + 0.5

@@ -101,7 +101,19 @@ def _gpu_path_on_cpu():
 # -------------------------------------------------------------------------------------- scenarios
 
 
-def _attention(dt, B, H, Nq, Nk, D, bias_kind=None):
+def _attention(dt, B, H, Nq, Nk, D, bias_kind=None, bwd_kernel="split"):
+    """Forward and backward; ``bwd_kernel``: VITKERNELS_ATTN_BWD_KERNEL for this backward."""
+    was = os.environ.get("VITKERNELS_ATTN_BWD_KERNEL")
+    os.environ["VITKERNELS_ATTN_BWD_KERNEL"] = bwd_kernel
+    try:
+        _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind)
+    finally:
+        os.environ.pop("VITKERNELS_ATTN_BWD_KERNEL")
+        if was is not None:
+            os.environ["VITKERNELS_ATTN_BWD_KERNEL"] = was
+
+
+def _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind):
     q, k, v = torch.empty(B, H, Nq, D, dtype=dt), torch.empty(B, H, Nk, D, dtype=dt), torch.empty(B, H, Nk, D, dtype=dt)
     bias = {
         None: None,
@@ -196,6 +208,16 @@ def scenarios(quick: bool):
             (f"attention bias-full {n}", lambda dt=dt: _attention(dt, 2, 4, 100, 77, 32, "full")),
             (f"attention bias-heads d48 {n}", lambda dt=dt: _attention(dt, 2, 8, 197, 197, 48, "heads")),
             (f"attention segformer-1024 {n}", lambda dt=dt: _attention(dt, 1, 1, 4096, 1024, 64)),
+            # the single-kernel backward: ViT-B/16 at 384 px (577 tokens), and its deterministic
+            # variant with a head-broadcast bias (dbias reduced over the batch)
+            (
+                f"attention vit-b384 single-kernel {n}",
+                lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, None, "fused"),
+            ),
+            (
+                f"attention bias-heads d48 single-kernel deterministic {n}",
+                lambda dt=dt: _attention(dt, 2, 8, 197, 197, 48, "heads", "fused-deterministic"),
+            ),
             (f"window swin-t s1 {n}", lambda dt=dt: _window(dt, 2, (56, 56), 96, 3, 7, 3)),
             (f"window swin-b384 s1 {n}", lambda dt=dt: _window(dt, 1, (96, 96), 128, 4, 12, 6)),
             # Swin V2 (cosine attention) in timm's order on an odd map: the COSINE + SHIFT_FIRST kernels
@@ -209,6 +231,11 @@ def scenarios(quick: bool):
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
             # SegFormer-B2 at 512 px, batch 8: D = 64, M = 256 runs the split backward
             (f"sr segformer-b2-512 s1 b8 (split bwd) {n}", lambda dt=dt: _sr(dt, 8, 1, 16384, 256, 64)),
+            # TimeSformer's time axis: 8-frame sequences, eight per packed 64-row tile
+            (
+                f"space_time timesformer time (packed) {n}",
+                lambda dt=dt: _space_time(dt, 1, 196, 8, 768, 12, "time", "st", False),
+            ),
             (
                 f"space_time timesformer space+cls {n}",
                 lambda dt=dt: _space_time(dt, 1, 196, 8, 768, 12, "space", "st", True),
@@ -226,6 +253,10 @@ def scenarios(quick: bool):
                 (f"pool mvitv2-t s4 {n}", lambda dt=dt: _pool(dt, 8, 8, (7, 7), (7, 7), 96)),
                 (f"attention bias-keys d80 {n}", lambda dt=dt: _attention(dt, 2, 16, 257, 257, 80, "keys")),
                 (f"attention d128 {n}", lambda dt=dt: _attention(dt, 2, 4, 300, 300, 128)),
+                (
+                    f"attention d128 single-kernel {n}",
+                    lambda dt=dt: _attention(dt, 2, 4, 600, 600, 128, "keys", "fused"),
+                ),
                 (f"attention time {n}", lambda dt=dt: _attention(dt, 196, 12, 8, 8, 64)),
                 (f"window swin-t s1 no-shift {n}", lambda dt=dt: _window(dt, 2, (56, 56), 96, 3, 7, 0)),
                 (f"window d64 {n}", lambda dt=dt: _window(dt, 2, (28, 28), 256, 4, 7, 3)),

@@ -357,7 +357,8 @@ def attention_cases(add):
 
 def self_attention_cases(add):
     add(lambda b: self_attention_case("vit_b16@224", _VIT, b, 197, 768, 12), 64, representative=True, tiny=True)
-    add(lambda b: self_attention_case("vit_b16@384", "vit_base_patch16_384", b, 577, 768, 12), 32)
+    # representative too: 577 tokens is where "auto" runs the single-kernel attention backward
+    add(lambda b: self_attention_case("vit_b16@384", "vit_base_patch16_384", b, 577, 768, 12), 32, representative=True)
 
 
 def window_attention_cases(add):

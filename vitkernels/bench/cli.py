@@ -147,29 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="{ops,models,check,overhead,report}")
     sub.required = True
+    # each subcommand's description is its function's docstring
     ops = sub.add_parser(
-        "ops",
-        help="benchmark every op vs eager/SDPA/Flex/compile baselines",
-        description="Every op at shapes from the real models, forward and forward+backward, "
-        "vs the eager timm composition, SDPA (each backend), FlexAttention and "
-        "torch.compile.",
+        "ops", help="benchmark every op vs eager/SDPA/Flex/compile baselines", description=cmd_ops.__doc__
     )
     _common(ops, "ops")
     models = sub.add_parser(
         "models",
         help="images/s of every model in vitkernels.models vs timm / torch.compile / Hugging Face transformers",
-        description="Throughput of each model family in vitkernels.models, inference and a "
-        "training step, vs timm eager and torch.compile, and vs the Hugging Face "
-        "transformers model of the same sizes (eager, sdpa, patched by "
-        "vitkernels.patch_hf, compiled).",
+        description=cmd_models.__doc__,
     )
     _common(models, "models")
     check = sub.add_parser(
-        "check",
-        help="correctness sweep of every op x backend on this device",
-        description="Every op x fused backend that can run on this device vs the float64 "
-        "reference (vitkernels.bench.check). Without a CUDA build of torch the "
-        "Triton kernels run in the interpreter (TRITON_INTERPRET=1).",
+        "check", help="correctness sweep of every op x backend on this device", description=cmd_check.__doc__
     )
     check.add_argument(
         "--quick", action="store_true", help="one dtype (bf16 on GPU, fp32 on CPU); under a minute on CPU"
@@ -192,9 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     overhead = sub.add_parser(
         "overhead",
         help="host time per op call (allocation-only kernels), vs F.scaled_dot_product_attention",
-        description="The op layer's own cost per call on this CPU: each op's kernels are swapped for "
-        "allocation-only stand-ins; plain eager inference, the eager fast path on and off "
-        "(vitkernels.bench.overhead). Goal: <= 10 µs per call.",
+        description=cmd_overhead.__doc__,
     )
     overhead.add_argument("--op", action="append", metavar="NAME", help="only these ops")
     overhead.add_argument("--calls", type=int, default=2000, help="calls per repeat (default 2000)")
@@ -203,11 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .results import add_report_args
 
     report = sub.add_parser(
-        "report",
-        help="merge results files; regenerate docs/benchmarks.md",
-        description="Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json "
-        "and regenerate the results section of docs/benchmarks.md (newest run per "
-        "GPU) from the JSON files.",
+        "report", help="merge results files; regenerate docs/benchmarks.md", description=cmd_report.__doc__
     )
     add_report_args(report)
     return p
@@ -430,7 +414,32 @@ class _Writer:
 # ----------------------------------------------------------------------------- subcommands
 
 
+def _finish(args, meta: dict, writer, records: list, skipped: list, t0: float, table, cpu: bool, plot_title) -> int:
+    """The end of an `ops` / `models` run: the results files (`writer`), the stamp, the `table`, how many
+    measurements in how long, and the --plot PNG (titled `plot_title`; None: no plot). Exit code 1 without
+    a measurement."""
+    from . import results
+
+    writer(records, skipped)
+    print(results.stamp_line(meta))
+    table(records, skipped, cpu)
+    print(
+        f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
+        + (f"; wrote {args.json}" if args.json else "")
+        + (f", {args.csv}" if args.csv else "")
+    )
+    if args.plot and plot_title is not None:
+        try:
+            results.plot(records, args.plot, title=plot_title)
+            print(f"wrote {args.plot}")
+        except RuntimeError as e:
+            print(f"plot skipped: {e}", file=sys.stderr)
+    return 0 if records else 1
+
+
 def cmd_ops(args) -> int:
+    """Every op at shapes from the real models, forward and forward+backward, vs the eager timm composition,
+    SDPA (each backend), FlexAttention and torch.compile."""
     import torch
 
     from . import baselines, cases, harness, results
@@ -516,22 +525,8 @@ def cmd_ops(args) -> int:
         records, skipped = harness.run_ops(selected, opts, progress, on_case_done=writer)
     finally:
         progress.close()
-    writer(records, skipped)
-    print(results.stamp_line(meta))
-    print_ops_table(records, skipped, cpu)
-    print(
-        f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
-        + (f"; wrote {args.json}" if args.json else "")
-        + (f", {args.csv}" if args.csv else "")
-    )
-    if args.plot:
-        title = f"vitkernels speedup, {meta['device']}" + (" (CPU timing)" if cpu else "")
-        try:
-            results.plot(records, args.plot, title=title)
-            print(f"wrote {args.plot}")
-        except RuntimeError as e:
-            print(f"plot skipped: {e}", file=sys.stderr)
-    return 0 if records else 1
+    title = f"vitkernels speedup, {meta['device']}" + (" (CPU timing)" if cpu else "")
+    return _finish(args, meta, writer, records, skipped, t0, print_ops_table, cpu, title)
 
 
 def _list_ops(selected, dtypes, impls, device, backend) -> int:
@@ -586,6 +581,9 @@ def _list_ops(selected, dtypes, impls, device, backend) -> int:
 
 
 def cmd_models(args) -> int:
+    """Throughput of each model family in vitkernels.models, inference and a training step, vs timm eager and
+    torch.compile, and vs the Hugging Face transformers model of the same sizes (eager, sdpa, patched by
+    vitkernels.patch_hf, compiled)."""
     import torch
 
     from . import harness, models, results
@@ -647,24 +645,13 @@ def cmd_models(args) -> int:
         )
     finally:
         progress.close()
-    writer(records, skipped)
-    print(results.stamp_line(meta))
-    print_models_table(records, skipped, cpu)
-    print(
-        f"\n{len(records)} measurement(s) in {time.time() - t0:.1f}s"
-        + (f"; wrote {args.json}" if args.json else "")
-        + (f", {args.csv}" if args.csv else "")
-    )
-    if args.plot and records:
-        try:
-            results.plot(records, args.plot, title=f"vitkernels model speedup, {meta['device']}")
-            print(f"wrote {args.plot}")
-        except RuntimeError as e:
-            print(f"plot skipped: {e}", file=sys.stderr)
-    return 0 if records else 1
+    title = f"vitkernels model speedup, {meta['device']}" if records else None
+    return _finish(args, meta, writer, records, skipped, t0, print_models_table, cpu, title)
 
 
 def cmd_check(args) -> int:
+    """Every op x fused backend that can run on this device vs the float64 reference (vitkernels.bench.check).
+    Without a CUDA build of torch the Triton kernels run in the interpreter (TRITON_INTERPRET=1)."""
     device = _device(args.device)
     if device == "cpu" and "triton" not in sys.modules:
         # No GPU: the Triton kernels can only be checked in the interpreter, which must be chosen
@@ -720,6 +707,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_overhead(args) -> int:
+    """The op layer's own cost per call on this CPU: each op's kernels are swapped for allocation-only
+    stand-ins; plain eager inference, the eager fast path on and off (vitkernels.bench.overhead). Goal:
+    <= 10 µs per call."""
     from ..ops import _spec
     from . import overhead
     from .results import metadata, stamp_line, write_json
@@ -741,6 +731,8 @@ def cmd_overhead(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """Merge the part files of GPU runs into bench/results/<gpu>-<date>-<sha>.json and regenerate the results
+    section of docs/benchmarks.md (newest run per GPU) from the JSON files."""
     from .results import report_main
 
     return report_main(args)

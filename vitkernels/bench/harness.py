@@ -286,6 +286,17 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
+def achieved(flops: float, nbytes: float, ms: float, peak_tf: Optional[float], peak_bw: Optional[float]) -> tuple:
+    """(TFLOP/s, GB/s, % of the peak, "compute" or "memory") of one measurement: the % is of the nearer of
+    the two peaks, when both are known (else None, None)."""
+    tflops = flops / (ms * 1e-3) / 1e12
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    if not (peak_tf and peak_bw):
+        return tflops, gbps, None, None
+    ct, mb = tflops / peak_tf, gbps / peak_bw
+    return (tflops, gbps, 100 * ct, "compute") if ct >= mb else (tflops, gbps, 100 * mb, "memory")
+
+
 def _rel_err(got, want) -> float:
     worst = 0.0
     for g, w in zip(got, want):
@@ -470,22 +481,10 @@ def run_ops(
                                     file=sys.stderr,
                                 )
                     del first
-                    tflops = flops / (ms * 1e-3) / 1e12
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    pct, bound = None, None
-                    if peak_tf and peak_bw:
-                        ct, mb = tflops / peak_tf, gbps / peak_bw
-                        pct, bound = (100 * ct, "compute") if ct >= mb else (100 * mb, "memory")
+                    tflops, gbps, pct, bound = achieved(flops, nbytes, ms, peak_tf, peak_bw)
+                    rec.update(ms=ms, tflops=tflops, gbps=gbps, backend=backend, pct_peak=pct, bound=bound)
                     rec.update(
-                        ms=ms,
-                        tflops=tflops,
-                        gbps=gbps,
-                        backend=backend,
-                        pct_peak=pct,
-                        bound=bound,
-                        verify_err=verify_err,
-                        copies=n_copies,
-                        timing="cuda-events" if on_cuda else "CPU timing",
+                        verify_err=verify_err, copies=n_copies, timing="cuda-events" if on_cuda else "CPU timing"
                     )
                     group_records.append(rec)
             add_speedups(group_records)

@@ -122,32 +122,40 @@ def _vit(vk) -> HFSpec:
     )
 
 
+def _swin_spec(model_cls: str, config_cls: str, vk, stages: list, **config) -> HFSpec:
+    """Swin and Swin V2: their own `config` and what both configs read alike from the vitkernels model (the
+    stages' depths and heads, embedding, norms, stochastic depth, head)."""
+    first = stages[0].blocks[0]
+    shared = dict(
+        num_channels=int(vk.patch_embed.proj.in_channels),
+        embed_dim=int(vk.patch_embed.proj.out_channels),
+        depths=[len(s.blocks) for s in stages],
+        num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
+        drop_path_rate=_drop_path_rate(vk),
+        hidden_act="gelu",
+        layer_norm_eps=float(first.norm1.eps),
+        num_labels=int(vk.num_classes),
+    )
+    return HFSpec(model_cls, config_cls, {**config, **shared}, share_note=_NO_SHARE)
+
+
 def _swin(vk) -> HFSpec:
     stages = list(vk.layers)
     blocks = [b for s in stages for b in s.blocks]
     first = stages[0].blocks[0]
     dim = int(first.norm1.normalized_shape[0])
     img = vk.img_size if isinstance(vk.img_size, int) else list(vk.img_size)
-    return HFSpec(
+    return _swin_spec(
         "SwinForImageClassification",
         "SwinConfig",
-        dict(
-            image_size=img,
-            patch_size=int(vk.patch_embed.patch_size),
-            num_channels=int(vk.patch_embed.proj.in_channels),
-            embed_dim=int(vk.patch_embed.proj.out_channels),
-            depths=[len(s.blocks) for s in stages],
-            num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
-            # the configured window: a stage whose map is no larger is built with a smaller one (HF does the same)
-            window_size=max(int(b.attn.window_size) for b in blocks),
-            mlp_ratio=_ratio(int(first.mlp.fc1.out_features), dim),
-            qkv_bias=_bias(first.attn.qkv),
-            drop_path_rate=_drop_path_rate(vk),
-            hidden_act="gelu",
-            layer_norm_eps=float(first.norm1.eps),
-            num_labels=int(vk.num_classes),
-        ),
-        share_note=_NO_SHARE,
+        vk,
+        stages,
+        image_size=img,
+        patch_size=int(vk.patch_embed.patch_size),
+        # the configured window: a stage whose map is no larger is built with a smaller one (HF does the same)
+        window_size=max(int(b.attn.window_size) for b in blocks),
+        mlp_ratio=_ratio(int(first.mlp.fc1.out_features), dim),
+        qkv_bias=_bias(first.attn.qkv),
     )
 
 
@@ -165,26 +173,17 @@ def _swinv2(vk) -> HFSpec:
         if any(int(b.window_size) != want for b in s.blocks):
             raise ValueError(f"stage {i} has its own window size; transformers' Swinv2Config has one for all")
     h, w = vk.img_size
-    return HFSpec(
+    return _swin_spec(
         "Swinv2ForImageClassification",
         "Swinv2Config",
-        dict(
-            image_size=h if h == w else [h, w],
-            patch_size=p,
-            num_channels=int(vk.patch_embed.proj.in_channels),
-            embed_dim=int(vk.patch_embed.proj.out_channels),
-            depths=[len(s.blocks) for s in stages],
-            num_heads=[int(s.blocks[0].attn.num_heads) for s in stages],
-            window_size=window,
-            pretrained_window_sizes=[int(s.blocks[0].attn.pretrained_window_size) for s in stages],
-            mlp_ratio=float(first.mlp.fc1.out_features / dim),
-            qkv_bias=first.attn.q_bias is not None,
-            drop_path_rate=_drop_path_rate(vk),
-            hidden_act="gelu",
-            layer_norm_eps=float(first.norm1.eps),
-            num_labels=int(vk.num_classes),
-        ),
-        share_note=_NO_SHARE,
+        vk,
+        stages,
+        image_size=h if h == w else [h, w],
+        patch_size=p,
+        window_size=window,
+        pretrained_window_sizes=[int(s.blocks[0].attn.pretrained_window_size) for s in stages],
+        mlp_ratio=float(first.mlp.fc1.out_features / dim),
+        qkv_bias=first.attn.q_bias is not None,
     )
 
 

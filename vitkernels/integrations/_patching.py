@@ -6,7 +6,7 @@ keys: only its class becomes `Fused<Name>`, a subclass of the library's class th
 method and keeps the original reachable as `<orig_prefix><method>` (e.g. `_timm_forward`).
 
 Fused classes are built on demand (the library is an optional dependency) but are importable by
-name: each integration module defines a module-level `__getattr__` that calls `resolve`, so pickle
+name: each integration module's module-level `__getattr__` (from `lazy_fused_classes`) calls `resolve`, so pickle
 (`torch.save(model)` / `torch.load(..., weights_only=False)`) finds `vitkernels.integrations.timm.
 FusedAttention` in a fresh process, and `copy.deepcopy` keeps the class.
 
@@ -122,6 +122,27 @@ def resolve(name: str, specs: List[FusedSpec], module_name: str, orig_prefix: st
             f"not importable ({'; '.join(errors)})"
         )
     raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+
+def lazy_fused_classes(module_globals: dict, specs: List[FusedSpec], orig_prefix: str, library: str) -> tuple:
+    """The module-level `__getattr__` and `__dir__` (PEP 562) of an integration module: its Fused classes are
+    built on first lookup against the installed library (importing the library up front would slow
+    `import vitkernels`; it may not be installed) and kept as module attributes. Pickle looks them up this
+    way too."""
+    module_name = module_globals["__name__"]
+    names = {spec.name for spec in specs}
+
+    def __getattr__(name: str):
+        if name in names:
+            cls = resolve(name, specs, module_name, orig_prefix, library)
+            module_globals[name] = cls
+            return cls
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(set(module_globals) | names)
+
+    return __getattr__, __dir__
 
 
 def swap_class(module: nn.Module, cls: type) -> nn.Module:

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._patching import FusedFallbackWarning, FusedSpec, patch_modules, resolve, warn_fallback, warn_once
+from ._patching import FusedFallbackWarning, FusedSpec, lazy_fused_classes, patch_modules, warn_fallback, warn_once
+from .timm import attention, mix_ffn, self_attention, sr_attention, window_attention
 
 # The Fused classes (FusedViTAttention, FusedSwinLayer, ...) are importable from here too; they need
 # transformers, so `import *` skips them.
@@ -60,64 +61,14 @@ _M = "transformers.models."
 
 
 # ----------------------------------------------------------------------------- ops, as the fused forwards call them
-# Module-level so tests (and users) can wrap them; each calls the torch op directly.
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
-    return torch.ops.vitkernels.attention(q, k, v, bias, scale)
-
-
-def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
-    return torch.ops.vitkernels.self_attention(qkv, num_heads, scale)
-
-
-def window_attention(
-    qkv: Tensor,
-    hw: List[int],
-    num_heads: int,
-    window_size: int,
-    shift_size: int,
-    rel_pos_bias_table: Optional[Tensor],
-    qkv_bias: Optional[Tensor],
-    scale: Optional[float],
-    logit_scale: Optional[Tensor] = None,
-    shift_first: bool = False,
-) -> Tensor:
-    return torch.ops.vitkernels.window_attention(
-        qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first
-    )
-
-
-def sr_attention(q: Tensor, kv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
-    return torch.ops.vitkernels.sr_attention(q, kv, num_heads, scale)
+# Module attributes, so tests (and users) can wrap them; each calls the torch op directly. The typed wrappers
+# patch_timm's forwards call too are imported from timm.py (above); these two only patch_hf's forwards use.
 
 
 def space_time_attention(
-    qkv: Tensor,
-    frames: int,
-    num_heads: int,
-    axis: str,
-    cls_qkv: Optional[Tensor] = None,
-    layout: str = "st",
-    scale: Optional[float] = None,
+    qkv: Tensor, frames: int, num_heads: int, axis: str, cls_qkv: Optional[Tensor], layout: str, scale: Optional[float]
 ) -> Tuple[Tensor, Tensor]:
     return torch.ops.vitkernels.space_time_attention(qkv, frames, num_heads, axis, cls_qkv, layout, scale)
-
-
-def mix_ffn(
-    x: Tensor,
-    hw: List[int],
-    fc1_weight: Tensor,
-    fc1_bias: Optional[Tensor],
-    dw_weight: Tensor,
-    dw_bias: Optional[Tensor],
-    fc2_weight: Tensor,
-    fc2_bias: Optional[Tensor],
-    extra_relu: bool,
-) -> Tensor:
-    return torch.ops.vitkernels.mix_ffn(
-        x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
-    )
 
 
 def dwconv(x: Tensor, hw: List[int], weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
@@ -352,6 +303,36 @@ def _fused_self_attention_v4_forward(self, hidden_states: Tensor, head_mask: Opt
 # ----------------------------------------------------------------------------- fused forwards: Swin
 
 
+def _swin_table_misfit(window, table: Tensor) -> Optional[str]:
+    """Why the relative position bias table does not fit the (clamped) window, or None."""
+    if isinstance(window, int) and table.shape[0] == (2 * window - 1) ** 2:
+        return None
+    return (
+        f"window {window} (clamped to the input resolution) does not fit the relative position bias table "
+        f"{tuple(table.shape)}"
+    )
+
+
+def _swinv2_table_misfit(window: int, coords_table: Tensor) -> Optional[str]:
+    """Why Swin V2's coordinate table does not fit the window, or None."""
+    if tuple(coords_table.shape[1:3]) == (2 * window - 1, 2 * window - 1):
+        return None
+    return f"window {window} does not fit the coordinate table {tuple(coords_table.shape)} of its attention"
+
+
+def _window_qkv(
+    x: Tensor, q_lin: nn.Module, k_lin: nn.Module, v_lin: nn.Module, height: int, width: int, window: int
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """`window_attention`'s qkv and qkv_bias from the model's own q/k/v linears on the un-padded tokens x:
+    [q|k|v] packed (the op's layout; one copy) and, where the map needs padding to whole windows, the qkv of
+    a padded (zero) token, the linears of a zero vector (None without padding)."""
+    qkv = torch.cat([q_lin(x), k_lin(x), v_lin(x)], -1)
+    if height % window == 0 and width % window == 0:
+        return qkv, None
+    zero = x.new_zeros((1, x.shape[-1]))
+    return qkv, torch.cat([q_lin(zero), k_lin(zero), v_lin(zero)], -1)[0]
+
+
 def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tuple[int, int], *args, **kwargs):
     """HF `SwinLayer`: layernorm -> own q/k/v linears on the un-padded tokens -> one `window_attention`
     (pad, shift, partition, bias gather, shift mask, attention, reverse: HF's pad-then-shift order, the op's
@@ -379,24 +360,17 @@ def _fused_swin_layer_forward(self, hidden_states: Tensor, input_dimensions: Tup
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)  # HF clamps window/shift in place; so do we
     window, shift = self.window_size, self.shift_size
-    why = _why_original(self, wants, p, head_mask)
-    if why is None and (not isinstance(window, int) or table.shape[0] != (2 * window - 1) ** 2):
-        why = (
-            f"window {window} (clamped to the input resolution) does not fit the relative position bias table "
-            f"{tuple(table.shape)}"
-        )
+    why = _why_original(self, wants, p, head_mask) or _swin_table_misfit(window, table)
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, input_dimensions, *args, **kwargs)
     height, width = input_dimensions
     shortcut = hidden_states
-    x = self.layernorm_before(hidden_states)
-    qkv = torch.cat([q_lin(x), k_lin(x), v_lin(x)], -1)  # the op takes packed [q|k|v] (one copy)
-    qkv_bias = None
-    if height % window or width % window:  # HF pads the normed tokens with zeros before its q/k/v linears
-        zero = x.new_zeros((1, x.shape[-1]))
-        qkv_bias = torch.cat([q_lin(zero), k_lin(zero), v_lin(zero)], -1)[0]
-    out = window_attention(qkv, [height, width], attn.num_attention_heads, window, int(shift), table, qkv_bias, scale)
+    x = self.layernorm_before(hidden_states)  # HF pads the normed tokens with zeros before its q/k/v linears
+    qkv, qkv_bias = _window_qkv(x, q_lin, k_lin, v_lin, height, width, window)
+    out = window_attention(
+        qkv, (height, width), attn.num_attention_heads, window, int(shift), table, qkv_bias, scale, None, False
+    )
     if self._vk_hf4:
         out = self.attention.output(out, None)  # dense, dropout
         hidden_states = shortcut + self.drop_path(out)
@@ -461,24 +435,18 @@ def _fused_swinv2_layer_forward(self, hidden_states: Tensor, input_dimensions: T
     attn = self.attention.self
     window, shift = self.window_size, self.shift_size
     why = _why_original(self, bool(output_attentions), _p(attn.dropout), head_mask)
-    if why is None and tuple(attn.relative_coords_table.shape[1:3]) != (2 * window - 1, 2 * window - 1):
-        why = (
-            f"window {window} does not fit the coordinate table {tuple(attn.relative_coords_table.shape)} "
-            f"of its attention"
-        )
+    why = why or _swinv2_table_misfit(window, attn.relative_coords_table)
     if why is not None:
         warn_fallback(self, why, _LIB)
         return self._hf_forward(hidden_states, input_dimensions, *args, **kwargs)
     height, width = input_dimensions
     heads = attn.num_attention_heads
     x = hidden_states  # V2 has no norm before attention: HF pads the block input itself with zeros
-    qkv = torch.cat([attn.query(x), attn.key(x), attn.value(x)], -1)  # the op takes packed [q|k|v] (one copy)
-    qkv_bias = None
-    if height % window or width % window:  # a padded token's q/k/v: the linears of a zero token
-        zero = x.new_zeros((1, x.shape[-1]))
-        qkv_bias = torch.cat([attn.query(zero), attn.key(zero), attn.value(zero)], -1)[0]
+    qkv, qkv_bias = _window_qkv(x, attn.query, attn.key, attn.value, height, width, window)
     table = 16 * torch.sigmoid(attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads))
-    out = window_attention(qkv, [height, width], heads, window, int(shift), table, qkv_bias, None, attn.logit_scale)
+    out = window_attention(
+        qkv, (height, width), heads, window, int(shift), table, qkv_bias, None, attn.logit_scale, False
+    )
     out = self.attention.output(out, x)  # dense, dropout
     hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
     layer_output = self.output(self.intermediate(hidden_states))
@@ -979,21 +947,8 @@ _SPECS = [
         _ffn_reason("dense1", "intermediate_act_fn", "dense2"),
     ),
 ]
-_NAMES = {spec.name for spec in _SPECS}
-
-
-def __getattr__(name: str):
-    # `FusedViTAttention` & co. are built on first lookup against the installed transformers (importing it
-    # here would slow `import vitkernels`). Pickle looks them up this way too.
-    if name in _NAMES:
-        cls = resolve(name, _SPECS, __name__, _ORIG, _LIB)
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | _NAMES)
+# `Fused<Name>` classes are importable from this module by name (pickle looks them up this way)
+__getattr__, __dir__ = lazy_fused_classes(globals(), _SPECS, _ORIG, _LIB)
 
 
 def patch_hf(model: nn.Module) -> nn.Module:

@@ -47,14 +47,14 @@ the small typed functions below) and fx-traceable: those functions are `torch.fx
 `create_feature_extractor` record one call per fused op and never branch on traced values.
 """
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._patching import FusedFallbackWarning, FusedSpec, patch_modules, resolve, warn_fallback
+from ._patching import FusedFallbackWarning, FusedSpec, lazy_fused_classes, patch_modules, warn_fallback
 
 # The Fused classes (FusedAttention, FusedSwinTransformerBlock, FusedPvtV2Attention,
 # FusedMlpWithDepthwiseConv, FusedXCA) are importable from here too; they need timm, so `import *` skips them.
@@ -65,7 +65,8 @@ _ORIG = "_timm_"
 
 # ----------------------------------------------------------------------------- ops, as the fused forwards call them
 # Typed, scriptable wrappers of the public ops (the Python functions of vitkernels.ops validate with
-# Python-only code). Tests count fused calls by replacing these module attributes.
+# Python-only code); hf.py's fused forwards call them too. Tests count fused calls by replacing these
+# module attributes.
 
 
 def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -81,24 +82,15 @@ def window_attention(
     hw: Tuple[int, int],
     num_heads: int,
     window_size: int,
-    shift_size: int = 0,
-    rel_pos_bias_table: Optional[Tensor] = None,
-    qkv_bias: Optional[Tensor] = None,
-    scale: Optional[float] = None,
-    logit_scale: Optional[Tensor] = None,
-    shift_first: bool = False,
+    shift_size: int,
+    table: Optional[Tensor],
+    qkv_bias: Optional[Tensor],
+    scale: Optional[float],
+    logit_scale: Optional[Tensor],
+    shift_first: bool,
 ) -> Tensor:
     return torch.ops.vitkernels.window_attention(
-        qkv,
-        [hw[0], hw[1]],
-        num_heads,
-        window_size,
-        shift_size,
-        rel_pos_bias_table,
-        qkv_bias,
-        scale,
-        logit_scale,
-        shift_first,
+        qkv, [hw[0], hw[1]], num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first
     )
 
 
@@ -136,7 +128,7 @@ def mix_ffn(
     dw_bias: Optional[Tensor],
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
-    extra_relu: bool = False,
+    extra_relu: bool,
 ) -> Tensor:
     return torch.ops.vitkernels.mix_ffn(
         x, [hw[0], hw[1]], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, extra_relu
@@ -361,17 +353,8 @@ def _fused_pvt_mlp_forward(self, x: Tensor, feat_size: List[int]) -> Tensor:
         if not torch.jit.is_scripting():
             warn_fallback(self, "dropout while training (the fused op has no dropout)")
         return self._timm_forward(x, feat_size)
-    return mix_ffn(
-        x,
-        feat_size,
-        self.fc1.weight,
-        self.fc1.bias,
-        self.dwconv.weight,
-        self.dwconv.bias,
-        self.fc2.weight,
-        self.fc2.bias,
-        self._vk_extra_relu,
-    )
+    fc1, dw, fc2 = self.fc1, self.dwconv, self.fc2
+    return mix_ffn(x, feat_size, fc1.weight, fc1.bias, dw.weight, dw.bias, fc2.weight, fc2.bias, self._vk_extra_relu)
 
 
 def _fused_xca_forward(self, x: Tensor) -> Tensor:
@@ -656,6 +639,16 @@ def _mvit_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _spec(
+    name: str, target: str, fn: Callable, ops: str, reason: Callable, prepare=None, method: str = "forward"
+) -> FusedSpec:
+    """The spec of `name`, fusing `method` of the timm class `target` ("timm.<module>.<Class>")."""
+    module, cls_name = target.rsplit(".", 1)
+    return FusedSpec(name, [(module, cls_name)], method, fn, ops, reason, prepare)
+
+
+_WINDOW_V2 = "vitkernels.window_attention (logit_scale, shift_first)"
+
 _SPECS = [
     FusedSpec(
         "FusedAttention",
@@ -666,105 +659,85 @@ _SPECS = [
         _vit_reason,
         _vit_prepare,
     ),
-    FusedSpec(
+    _spec(
         "FusedSwinTransformerBlock",
-        [("timm.models.swin_transformer", "SwinTransformerBlock")],
-        "_attn",
+        "timm.models.swin_transformer.SwinTransformerBlock",
         _fused_swin_attn,
         "vitkernels.window_attention (shift_first)",
         _swin_reason,
+        method="_attn",
     ),
-    FusedSpec(
+    _spec(
         "FusedSwinTransformerV2Block",
-        [("timm.models.swin_transformer_v2", "SwinTransformerV2Block")],
-        "_attn",
+        "timm.models.swin_transformer_v2.SwinTransformerV2Block",
         _fused_swinv2_attn,
-        "vitkernels.window_attention (logit_scale, shift_first)",
+        _WINDOW_V2,
         _swinv2_reason,
+        method="_attn",
     ),
-    FusedSpec(
+    _spec(
         "FusedSwinTransformerV2CrBlock",
-        [("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock")],
-        "_shifted_window_attn",
+        "timm.models.swin_transformer_v2_cr.SwinTransformerV2CrBlock",
         _fused_swinv2cr_attn,
-        "vitkernels.window_attention (logit_scale, shift_first)",
+        _WINDOW_V2,
         _swinv2cr_reason,
         _swinv2cr_prepare,
+        method="_shifted_window_attn",
     ),
-    FusedSpec(
+    _spec(
         "FusedPvtV2Attention",
-        [("timm.models.pvt_v2", "Attention")],
-        "forward",
+        "timm.models.pvt_v2.Attention",
         _fused_pvt_forward,
         "vitkernels.sr_attention",
         _pvt_reason,
     ),
-    FusedSpec(
+    _spec(
         "FusedMlpWithDepthwiseConv",
-        [("timm.models.pvt_v2", "MlpWithDepthwiseConv")],
-        "forward",
+        "timm.models.pvt_v2.MlpWithDepthwiseConv",
         _fused_pvt_mlp_forward,
         "vitkernels.mix_ffn",
         _pvt_mlp_reason,
         _pvt_mlp_prepare,
     ),
-    FusedSpec("FusedXCA", [("timm.models.xcit", "XCA")], "forward", _fused_xca_forward, "vitkernels.xca", _xca_reason),
-    FusedSpec(
+    _spec("FusedXCA", "timm.models.xcit.XCA", _fused_xca_forward, "vitkernels.xca", _xca_reason),
+    _spec(
         "FusedClassAttn",
-        [("timm.models.cait", "ClassAttn")],
-        "forward",
+        "timm.models.cait.ClassAttn",
         _fused_class_attn_forward,
         "vitkernels.attention (one query)",
         _needs("q", "k", "v", "proj", "attn_drop", "proj_drop"),
     ),
-    FusedSpec(
+    _spec(
         "FusedBeitAttention",
-        [("timm.models.beit", "Attention")],
-        "forward",
+        "timm.models.beit.Attention",
         _fused_beit_forward,
         "vitkernels.attention with the relative-position bias; without one vitkernels.self_attention",
         _needs("qkv", "q_bias", "qkv_bias_separate", "relative_position_bias_table", "proj", "attn_drop"),
     ),
-    FusedSpec(
+    _spec(
         "FusedRelPosAttention",
-        [("timm.models.vision_transformer_relpos", "RelPosAttention")],
-        "forward",
+        "timm.models.vision_transformer_relpos.RelPosAttention",
         _fused_relpos_forward,
         "vitkernels.attention with the relative-position bias",
         _needs("qkv", "q_norm", "k_norm", "rel_pos", "head_dim", "proj", "attn_drop"),
     ),
-    FusedSpec(
+    _spec(
         "FusedGlobalSubSampleAttn",
-        [("timm.models.twins", "GlobalSubSampleAttn")],
-        "forward",
+        "timm.models.twins.GlobalSubSampleAttn",
         _fused_twins_gsa_forward,
         "vitkernels.sr_attention",
         _needs("q", "kv", "sr", "norm", "proj", "attn_drop"),
     ),
-    FusedSpec(
+    _spec(
         "FusedMultiScaleAttention",
-        [("timm.models.mvitv2", "MultiScaleAttention")],
-        "forward",
+        "timm.models.mvitv2.MultiScaleAttention",
         _fused_mvit_forward,
         "vitkernels.pool_attention",
         _mvit_reason,
     ),
 ]
-_NAMES = {spec.name for spec in _SPECS}
-
-
-def __getattr__(name: str):
-    # `FusedAttention` & co. are built on first lookup against the installed timm (timm is optional;
-    # importing it here would slow `import vitkernels`). Pickle looks them up this way too.
-    if name in _NAMES:
-        cls = resolve(name, _SPECS, __name__, _ORIG, "timm")
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | _NAMES)
+# `Fused<Name>` classes are importable from this module by name (pickle looks them up this way)
+__getattr__, __dir__ = lazy_fused_classes(globals(), _SPECS, _ORIG, "timm")
 
 
 def patch_timm(model: nn.Module) -> nn.Module:

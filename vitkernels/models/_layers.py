@@ -32,6 +32,12 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     return [float(r) for r in torch.linspace(0.0, float(drop_path_rate), depth, device="cpu")]
 
 
+def block_rates(drop_path, depth: int) -> list[float]:
+    """A stage's per-block rates: `drop_path` as given when it is a list or tuple (its slice of the model's
+    schedule), else the one rate for each of its `depth` blocks."""
+    return list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+
+
 def split_rates(rates: Sequence[float], depths: Sequence[int]) -> list[list[float]]:
     """Cut one schedule over all blocks into per-stage lists (`depths` blocks each)."""
     out, start = [], 0

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..ops import pool_attention
 from . import register_model
-from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
-from .vit import init_linear
+from ._common import Classifier, build, init_linear, linear_head
+from ._layers import DropPath, GradCheckpointMixin, block_rates, drop_path_rates, split_rates
 
 
 def _pair(v) -> tuple:
@@ -269,7 +269,7 @@ class MultiScaleVitStage(GradCheckpointMixin, nn.Module):
     ):
         super().__init__()
         self.grad_checkpointing = False
-        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        dpr = block_rates(drop_path, depth)
         out_dims = (dim_out,) * depth if expand_attn else (dim,) * (depth - 1) + (dim_out,)
         self.blocks = nn.ModuleList()
         for i in range(depth):
@@ -297,7 +297,7 @@ class MultiScaleVitStage(GradCheckpointMixin, nn.Module):
         return x, hw
 
 
-class MultiScaleVit(GradCheckpointMixin, nn.Module):
+class MultiScaleVit(Classifier, GradCheckpointMixin, nn.Module):
     """timm's MultiScaleVitCfg fields are keyword arguments (`depths`, `embed_dim`, `num_heads`, `expand_attn`,
     `use_cls_token`, `mode`, `stride_q`, ...), next to `img_size`, `num_classes`, `global_pool` ("avg" or
     "token"; default "token" with a class token, else "avg"), `drop_path_rate` and `drop_rate` (head dropout)."""
@@ -395,7 +395,7 @@ class MultiScaleVit(GradCheckpointMixin, nn.Module):
             OrderedDict(
                 [
                     ("drop", nn.Dropout(drop_rate)),
-                    ("fc", nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()),
+                    ("fc", linear_head(dim, num_classes)),
                 ]
             )
         )
@@ -422,12 +422,9 @@ class MultiScaleVit(GradCheckpointMixin, nn.Module):
             x = x[:, 0]
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 def _mvit(defaults: dict, kwargs: dict) -> MultiScaleVit:
-    return MultiScaleVit(**{**defaults, **kwargs})
+    return build(MultiScaleVit, defaults, kwargs)
 
 
 @register_model

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..ops import mix_ffn, sr_attention
 from . import register_model
-from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
-from .vit import init_linear
+from ._common import Classifier, build, init_linear, linear_head
+from ._layers import DropPath, GradCheckpointMixin, block_rates, drop_path_rates, split_rates
 
 
 def tokens_to_map(x: torch.Tensor, hw) -> torch.Tensor:
@@ -169,7 +169,7 @@ class PyramidVisionTransformerStage(GradCheckpointMixin, nn.Module):
     ):
         super().__init__()
         self.grad_checkpointing = False
-        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        dpr = block_rates(drop_path, depth)
         self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out) if downsample else None
         self.blocks = nn.ModuleList(
             [
@@ -188,7 +188,7 @@ class PyramidVisionTransformerStage(GradCheckpointMixin, nn.Module):
         return self.norm(x), hw
 
 
-class PyramidVisionTransformerV2(GradCheckpointMixin, nn.Module):
+class PyramidVisionTransformerV2(Classifier, GradCheckpointMixin, nn.Module):
     """`drop_path_style` "timm" (default) or "hf": how the stochastic-depth masks are drawn (see
     `_layers.DropPath`); SegFormer uses "hf" to draw as transformers' SegFormer does."""
 
@@ -239,7 +239,7 @@ class PyramidVisionTransformerV2(GradCheckpointMixin, nn.Module):
             ]
         )
         self.num_features = embed_dims[-1]
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(self.num_features, num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -269,12 +269,9 @@ class PyramidVisionTransformerV2(GradCheckpointMixin, nn.Module):
         x = x.mean(dim=(-1, -2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 def _pvt(defaults: dict, kwargs: dict) -> PyramidVisionTransformerV2:
-    return PyramidVisionTransformerV2(**{**defaults, **kwargs})
+    return build(PyramidVisionTransformerV2, defaults, kwargs)
 
 
 _B1_5 = {"embed_dims": (64, 128, 320, 512), "num_heads": (1, 2, 5, 8)}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
+from ._common import Classifier, build
 from ._layers import GradCheckpointMixin
 from .pvt_v2 import PyramidVisionTransformerV2, tokens_to_map
 
@@ -70,7 +71,9 @@ class DecodeHead(nn.Module):
         return y if pre_logits else self.classifier(self.dropout(y))
 
 
-class SegFormer(GradCheckpointMixin, nn.Module):
+class SegFormer(Classifier, GradCheckpointMixin, nn.Module):
+    """Images (B, 3, H, W) -> logits (B, num_classes, H', W') at the stride-4 resolution."""
+
     def __init__(
         self,
         num_classes: int = 150,
@@ -129,10 +132,6 @@ class SegFormer(GradCheckpointMixin, nn.Module):
         """Stage maps -> logits (B, num_classes, H_1, W_1); with pre_logits the fused decoder features
         (B, decoder_hidden_size, H_1, W_1) before the dropout and the classifier."""
         return self.decode_head(features, pre_logits)
-
-    def forward(self, x):
-        """Images (B, 3, H, W) -> logits (B, num_classes, H', W') at the stride-4 resolution."""
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------- HF key conversion
@@ -235,7 +234,7 @@ def convert_hf_segformer(state_dict: dict) -> dict:
 
 
 def _segformer(defaults: dict, kwargs: dict) -> SegFormer:
-    return SegFormer(**{**defaults, **kwargs})
+    return build(SegFormer, defaults, kwargs)
 
 
 _B1_5 = {"embed_dims": (64, 128, 320, 512)}

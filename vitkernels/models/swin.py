@@ -25,8 +25,9 @@ from torch import nn
 
 from ..ops import window_attention
 from . import register_model
-from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
-from .vit import Mlp, init_linear
+from ._common import Classifier, build, init_linear
+from ._layers import DropPath, GradCheckpointMixin, block_rates, drop_path_rates, split_rates
+from .vit import Mlp
 
 
 def effective_window(hw, window_size: int, shift_size: int):
@@ -93,8 +94,19 @@ class SwinBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+def merge_2x2(x: torch.Tensor, hw):
+    """(B, H·W, C) tokens -> (B, H'·W', 4C) and (H', W') = (⌈H/2⌉, ⌈W/2⌉): each 2×2 neighbourhood's channels
+    concatenated in timm's order ((h, w) offsets (0,0), (1,0), (0,1), (1,1)), an odd map zero-padded
+    bottom/right first."""
+    b, _, c = x.shape
+    h, w = hw
+    x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    return x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c), (h2, w2)
+
+
 class PatchMerging(nn.Module):
-    """2×2 neighbourhood -> 4C channels (timm order: (h, w) offsets (0,0), (1,0), (0,1), (1,1)) -> LN -> 2C."""
+    """2×2 neighbourhood -> 4C channels (`merge_2x2`) -> LN -> 2C."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -102,15 +114,23 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x, hw):
-        b, _, c = x.shape
-        h, w = hw
-        x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
-        h2, w2 = (h + 1) // 2, (w + 1) // 2
-        x = x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
-        return self.reduction(self.norm(x)), (h2, w2)
+        x, hw = merge_2x2(x, hw)
+        return self.reduction(self.norm(x)), hw
 
 
-class SwinStage(GradCheckpointMixin, nn.Module):
+class PatchMergingStage(GradCheckpointMixin, nn.Module):
+    """The forward of a Swin (V1 and V2) stage on (B, H·W, C) tokens and their (H, W): patch merging where the
+    stage has one (`downsample`, else an Identity), then the blocks (checkpointed when enabled)."""
+
+    def forward(self, x, hw):
+        if not isinstance(self.downsample, nn.Identity):
+            x, hw = self.downsample(x, hw)
+        for block in self.blocks:
+            x = self.run_block(block, x, hw)
+        return x, hw
+
+
+class SwinStage(PatchMergingStage):
     def __init__(
         self,
         dim: int,
@@ -125,7 +145,7 @@ class SwinStage(GradCheckpointMixin, nn.Module):
     ):
         super().__init__()
         self.grad_checkpointing = False
-        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        dpr = block_rates(drop_path, depth)
         self.downsample = PatchMerging(dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
             [
@@ -141,13 +161,6 @@ class SwinStage(GradCheckpointMixin, nn.Module):
                 for i in range(depth)
             ]
         )
-
-    def forward(self, x, hw):
-        if not isinstance(self.downsample, nn.Identity):
-            x, hw = self.downsample(x, hw)
-        for block in self.blocks:
-            x = self.run_block(block, x, hw)
-        return x, hw
 
 
 class PatchEmbed(nn.Module):
@@ -176,7 +189,22 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class SwinTransformer(GradCheckpointMixin, nn.Module):
+class SwinClassifier(Classifier):
+    """forward_features and forward_head of Swin V1 and V2: patch embedding, the stages, the final norm on an
+    NHWC map; `head` (a `ClassifierHead`) pools it."""
+
+    def forward_features(self, x):
+        """Images (B, 3, H, W) -> the normalised last-stage map (B, H/32, W/32, C), NHWC as timm."""
+        x, hw = self.patch_embed(x)
+        for stage in self.layers:
+            x, hw = stage(x, hw)
+        return self.norm(x).reshape(x.shape[0], hw[0], hw[1], -1)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return self.head(x, pre_logits)
+
+
+class SwinTransformer(SwinClassifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -223,22 +251,9 @@ class SwinTransformer(GradCheckpointMixin, nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes)
         self.apply(init_linear)
 
-    def forward_features(self, x):
-        """Images (B, 3, H, W) -> the normalised last-stage map (B, H/32, W/32, C), NHWC as timm."""
-        x, hw = self.patch_embed(x)
-        for stage in self.layers:
-            x, hw = stage(x, hw)
-        return self.norm(x).reshape(x.shape[0], hw[0], hw[1], -1)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        return self.head(x, pre_logits)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 def _swin(defaults: dict, kwargs: dict) -> SwinTransformer:
-    return SwinTransformer(**{**defaults, **kwargs})
+    return build(SwinTransformer, defaults, kwargs)
 
 
 @register_model

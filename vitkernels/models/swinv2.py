@@ -47,9 +47,10 @@ from torch import nn
 
 from ..ops import window_attention
 from . import register_model
-from ._layers import DropPath, GradCheckpointMixin, drop_path_rates, split_rates
-from .swin import ClassifierHead, PatchEmbed
-from .vit import Mlp, init_linear
+from ._common import build, init_linear
+from ._layers import DropPath, GradCheckpointMixin, block_rates, drop_path_rates, split_rates
+from .swin import ClassifierHead, PatchEmbed, PatchMergingStage, SwinClassifier, merge_2x2
+from .vit import Mlp
 
 
 def _pair(v) -> tuple[int, int]:
@@ -163,8 +164,7 @@ class SwinV2Block(nn.Module):
 
 
 class PatchMergingV2(nn.Module):
-    """2×2 neighbourhood (timm order: (h, w) offsets (0,0), (1,0), (0,1), (1,1)) -> 4C -> Linear -> LN,
-    an odd map zero-padded bottom/right first."""
+    """2×2 neighbourhood -> 4C channels (`swin.merge_2x2`) -> Linear -> LN."""
 
     def __init__(self, dim: int, out_dim: int | None = None):
         super().__init__()
@@ -173,15 +173,11 @@ class PatchMergingV2(nn.Module):
         self.norm = nn.LayerNorm(out_dim, eps=1e-5)
 
     def forward(self, x, hw):
-        b, _, c = x.shape
-        h, w = hw
-        x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
-        h2, w2 = (h + 1) // 2, (w + 1) // 2
-        x = x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
-        return self.norm(self.reduction(x)), (h2, w2)
+        x, hw = merge_2x2(x, hw)
+        return self.norm(self.reduction(x)), hw
 
 
-class SwinV2Stage(GradCheckpointMixin, nn.Module):
+class SwinV2Stage(PatchMergingStage):
     """[patch merging] + blocks; `resolution` is the stage's (H, W) map at img_size (after merging),
     from which every block's window and shift are fixed as timm fixes them."""
 
@@ -203,7 +199,7 @@ class SwinV2Stage(GradCheckpointMixin, nn.Module):
     ):
         super().__init__()
         self.grad_checkpointing = False
-        dpr = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        dpr = block_rates(drop_path, depth)
         self.downsample = PatchMergingV2(dim, out_dim) if downsample else nn.Identity()
         blocks = []
         for i in range(depth):
@@ -220,15 +216,8 @@ class SwinV2Stage(GradCheckpointMixin, nn.Module):
             blocks.append(SwinV2Block(out_dim, num_heads, mh, sh, mlp_ratio, qkv_bias, dpr[i], pretrained_window_size))
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x, hw):
-        if not isinstance(self.downsample, nn.Identity):
-            x, hw = self.downsample(x, hw)
-        for block in self.blocks:
-            x = self.run_block(block, x, hw)
-        return x, hw
 
-
-class SwinTransformerV2(GradCheckpointMixin, nn.Module):
+class SwinTransformerV2(SwinClassifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         img_size=256,
@@ -314,20 +303,11 @@ class SwinTransformerV2(GradCheckpointMixin, nn.Module):
                 f"{self.img_size} (as timm, strict_img_size=True); build the model with "
                 f"strict_img_size=False (timm: dynamic_img_size=True) to run other sizes"
             )
-        x, hw = self.patch_embed(x)
-        for stage in self.layers:
-            x, hw = stage(x, hw)
-        return self.norm(x).reshape(x.shape[0], hw[0], hw[1], -1)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        return self.head(x, pre_logits)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        return super().forward_features(x)
 
 
 def _swinv2(defaults: dict, kwargs: dict) -> SwinTransformerV2:
-    return SwinTransformerV2(**{**defaults, **kwargs})
+    return build(SwinTransformerV2, defaults, kwargs)
 
 
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

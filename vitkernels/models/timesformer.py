@@ -39,8 +39,16 @@ from torch import nn
 
 from ..ops import space_time_attention
 from . import register_model
+from ._common import (
+    ClassTokenClassifier,
+    build,
+    check_clip,
+    init_embeddings_and_linears,
+    linear_head,
+    patch_embed_holding,
+)
 from ._layers import DropPath, GradCheckpointMixin, drop_path_rates
-from .vit import Mlp, init_linear
+from .vit import Mlp
 
 
 class Attention(nn.Module):
@@ -104,7 +112,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class TimeSformer(GradCheckpointMixin, nn.Module):
+class TimeSformer(ClassTokenClassifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -125,8 +133,7 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.num_frames = num_frames
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = patch_embed_holding(nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size))
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
@@ -139,10 +146,8 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(init_linear)
+        self.head = linear_head(embed_dim, num_classes)
+        init_embeddings_and_linears(self, self.pos_embed, self.cls_token)
         for blk in list(self.blocks)[1:]:  # as the official init: temporal_fc starts at zero after block 0
             nn.init.zeros_(blk.temporal_fc.weight)
             nn.init.zeros_(blk.temporal_fc.bias)
@@ -165,8 +170,7 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
     def forward_features(self, x):
         """Clips (B, 3, T, H, W) → the normalised tokens (B, 1 + S·T, embed_dim): the class token, then
         the patch tokens in layout "st" (index s·T + t)."""
-        if x.dim() != 5:
-            raise ValueError(f"TimeSformer expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        check_clip(x, "TimeSformer")
         b, c, frames = x.shape[:3]
         x = self.patch_embed.proj(x.transpose(1, 2).reshape(b * frames, c, *x.shape[3:]))  # (B·T, D, h, w)
         h, w = x.shape[-2:]
@@ -180,18 +184,11 @@ class TimeSformer(GradCheckpointMixin, nn.Module):
             x = self.run_block(blk, x, frames)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 @register_model
 def timesformer_base_patch16_224(**kwargs) -> TimeSformer:
     """TimeSformer-Base, divided space-time attention, 8 frames at 224 px (Kinetics-400 head by default)."""
-    return TimeSformer(**{"num_frames": 8, "num_classes": 400, **kwargs})
+    return build(TimeSformer, {"num_frames": 8, "num_classes": 400}, kwargs)
 
 
 # ----------------------------------------------------------------------------- Hugging Face weights

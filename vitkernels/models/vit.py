@@ -17,6 +17,7 @@ from torch import nn
 
 from ..ops import self_attention
 from . import register_model
+from ._common import ClassTokenClassifier, build, init_linear, linear_head
 from ._layers import DropPath, GradCheckpointMixin, drop_path_rates
 
 
@@ -43,14 +44,6 @@ class Attention(nn.Module):
 
     def forward(self, x):
         return self.proj(self_attention(self.qkv(x), self.num_heads))
-
-
-def init_linear(m: nn.Module) -> None:
-    """timm's init for Linear layers: truncated normal (std 0.02) weights, zero bias."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 class Mlp(nn.Module):
@@ -91,7 +84,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid, num_prefix: 
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, -1, c)], dim=1)
 
 
-class VisionTransformer(GradCheckpointMixin, nn.Module):
+class VisionTransformer(ClassTokenClassifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -116,7 +109,7 @@ class VisionTransformer(GradCheckpointMixin, nn.Module):
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(embed_dim, num_classes)
         self.apply(init_linear)
         nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -128,19 +121,10 @@ class VisionTransformer(GradCheckpointMixin, nn.Module):
             x = self.run_block(blk, x)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 def _vit(embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> VisionTransformer:
-    # kwargs override the named size (img_size, num_classes, or a smaller depth for tests)
-    return VisionTransformer(
-        **{"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **kwargs}
-    )
+    size = {"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    return build(VisionTransformer, size, kwargs)
 
 
 @register_model

@@ -52,8 +52,41 @@ from torch import nn
 
 from ..ops import space_time_attention
 from . import register_model, timesformer
+from ._common import (
+    Classifier,
+    ClassTokenClassifier,
+    check_clip,
+    init_embeddings_and_linears,
+    linear_head,
+    patch_embed_holding,
+)
 from ._layers import DropPath, GradCheckpointMixin, drop_path_rates
-from .vit import Attention, Mlp, init_linear
+from .vit import Attention, Mlp
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def tubelet_embed(in_chans: int, embed_dim: int, tubelet_size: int, patch_size) -> nn.Module:
+    """`patch_embed` of both ViViT models: one Conv3d (`patch_embed.proj`) over tubelets of
+    tubelet_size frames × patch_size pixels, stride = kernel."""
+    kernel = (tubelet_size, *_pair(patch_size))
+    return patch_embed_holding(nn.Conv3d(in_chans, embed_dim, kernel, stride=kernel))
+
+
+def tubelet_grid(img_size, patch_size, tubelet_size: int, num_frames: int) -> tuple[int, int, int]:
+    """The token grid (T', h, w) of num_frames frames at img_size: the grid the position table is built for."""
+    (ih, iw), (ph, pw) = _pair(img_size), _pair(patch_size)
+    return (num_frames // tubelet_size, ih // ph, iw // pw)
+
+
+def tubelet_tokens(patch_embed: nn.Module, x: torch.Tensor):
+    """Clips (B, C, T, H, W) -> the tubelet tokens (B, T'·h·w, D), frame-major (index t·S + s: layout "ts"),
+    and their grid (T', h, w)."""
+    check_clip(x, "ViViT")
+    x = patch_embed.proj(x)  # (B, D, T', h, w)
+    return x.flatten(2).transpose(1, 2), x.shape[2:]
 
 
 class Block(timesformer.Block):
@@ -74,7 +107,7 @@ class Block(timesformer.Block):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ViViTFactorized(GradCheckpointMixin, nn.Module):
+class ViViTFactorized(Classifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -95,18 +128,14 @@ class ViViTFactorized(GradCheckpointMixin, nn.Module):
         self.num_classes = num_classes
         self.tubelet_size = tubelet_size
         self.num_frames = num_frames
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(
-            in_chans, embed_dim, (tubelet_size, patch_size, patch_size), stride=(tubelet_size, patch_size, patch_size)
-        )
-        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.patch_embed = tubelet_embed(in_chans, embed_dim, tubelet_size, patch_size)
+        self.grid = tubelet_grid(img_size, patch_size, tubelet_size, num_frames)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(init_linear)
+        self.head = linear_head(embed_dim, num_classes)
+        init_embeddings_and_linears(self, self.pos_embed)
 
     def _pos_embed(self, grid) -> torch.Tensor:
         """pos_embed (frame-major), trilinearly resized when the clip's token grid differs."""
@@ -119,11 +148,8 @@ class ViViTFactorized(GradCheckpointMixin, nn.Module):
 
     def forward_features(self, x):
         """Clips (B, 3, T, H, W) → the normalised tokens (B, T'·S, embed_dim), frame-major (layout "ts")."""
-        if x.dim() != 5:
-            raise ValueError(f"ViViT expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        x = self.patch_embed.proj(x)  # (B, D, T', h, w)
-        grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2) + self._pos_embed(grid)  # index t·S + s: layout "ts"
+        x, grid = tubelet_tokens(self.patch_embed, x)
+        x = x + self._pos_embed(grid)
         for blk in self.blocks:
             x = self.run_block(blk, x, grid[0])
         return self.norm(x)
@@ -131,9 +157,6 @@ class ViViTFactorized(GradCheckpointMixin, nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         x = x.mean(dim=1)  # no class token: average the tokens
         return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model
@@ -159,10 +182,6 @@ _ACTIVATIONS = {
     "gelu": nn.GELU,  # exact erf
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
 }
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class JointBlock(nn.Module):
@@ -192,7 +211,7 @@ class JointBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class ViViT(GradCheckpointMixin, nn.Module):
+class ViViT(ClassTokenClassifier, GradCheckpointMixin, nn.Module):
     """ViViT model 1 (joint space-time attention). Input clips (B, 3, T, H, W); output logits."""
 
     def __init__(
@@ -222,11 +241,8 @@ class ViViT(GradCheckpointMixin, nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.tubelet_size = tubelet_size
         self.num_frames = num_frames
-        ph, pw = _pair(patch_size)
-        ih, iw = _pair(img_size)
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, ph, pw), stride=(tubelet_size, ph, pw))
-        self.grid = (num_frames // tubelet_size, ih // ph, iw // pw)  # (T', h, w) of the position table
+        self.patch_embed = tubelet_embed(in_chans, embed_dim, tubelet_size, patch_size)
+        self.grid = tubelet_grid(img_size, patch_size, tubelet_size, num_frames)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
@@ -237,10 +253,8 @@ class ViViT(GradCheckpointMixin, nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(init_linear)
+        self.head = linear_head(embed_dim, num_classes)
+        init_embeddings_and_linears(self, self.pos_embed, self.cls_token)
 
     def _pos_embed(self, grid) -> torch.Tensor:
         """pos_embed for a token grid (T', h, w). At the configured grid: the table itself. Otherwise the
@@ -265,22 +279,11 @@ class ViViT(GradCheckpointMixin, nn.Module):
     def forward_features(self, x):
         """Clips (B, 3, T, H, W) → the normalised tokens (B, 1 + T'·S, embed_dim): the class token, then the
         tubelet tokens frame-major (index t·S + s)."""
-        if x.dim() != 5:
-            raise ValueError(f"ViViT expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        x = self.patch_embed.proj(x)  # (B, D, T', h, w)
-        grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, T'·S, D), index t·S + s
+        x, grid = tubelet_tokens(self.patch_embed, x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self._pos_embed(grid)
         for blk in self.blocks:
             x = self.run_block(blk, x)
         return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model

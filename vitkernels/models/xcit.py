@@ -32,8 +32,9 @@ from torch import nn
 
 from ..ops import attention, dwconv, xca
 from . import register_model
+from ._common import ClassTokenClassifier, build, init_linear, linear_head
 from ._layers import DropPath, GradCheckpointMixin
-from .vit import Mlp, init_linear
+from .vit import Mlp
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -228,7 +229,7 @@ class ClassAttentionBlock(nn.Module):
         return torch.cat([cls, 2 * x[:, 1:]], dim=1)  # timm: x_res + [gamma2·mlp(cls) | patches]
 
 
-class Xcit(GradCheckpointMixin, nn.Module):
+class Xcit(ClassTokenClassifier, GradCheckpointMixin, nn.Module):
     def __init__(
         self,
         patch_size: int = 16,
@@ -263,7 +264,7 @@ class Xcit(GradCheckpointMixin, nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(embed_dim, num_classes)
         self.apply(init_linear)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -277,27 +278,10 @@ class Xcit(GradCheckpointMixin, nn.Module):
             x = self.run_block(blk, x)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 def _xcit(embed_dim: int, depth: int, num_heads: int, kwargs: dict) -> Xcit:
-    # kwargs override the named size (num_classes, or a smaller depth for tests)
-    return Xcit(
-        **{
-            "patch_size": 16,
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "num_heads": num_heads,
-            "eta": 1.0,
-            "tokens_norm": True,
-            **kwargs,
-        }
-    )
+    size = {"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    return build(Xcit, {**size, "eta": 1.0, "tokens_norm": True}, kwargs)
 
 
 @register_model

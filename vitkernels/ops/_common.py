@@ -1,4 +1,5 @@
-"""Helpers shared by the op files: argument checks, autocast, reference backward."""
+"""Helpers shared by the op files: the eager fast path, autocast, reference backward (the argument checks
+are in _checks.py)."""
 
 from __future__ import annotations
 
@@ -11,83 +12,6 @@ from torch import Tensor
 # Backend capabilities are declared per kernel (backends.Capabilities) and checked by one function
 # (backends.standard_reasons); these two helpers stay importable from here.
 from ..backends import ext_op_reasons, int32_reasons  # noqa: F401
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Head dims the fused attention kernels are built and tested for (the Triton kernels mask any D <= 128;
-# the CUDA C++ ones take D % 8 == 0 up to it).
-FUSED_MAX_HEAD_DIM = 128
-
-
-# ----------------------------------------------------------------------------- argument checks
-# Every message names the op, the argument and what it got, so a user can fix the call site.
-
-
-def describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def check_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"vitkernels.{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"vitkernels.{op}: {name} must be float32, float16 or bfloat16 (float64 on the reference "
-            f"backend), got {describe(t)}"
-        )
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"vitkernels.{op}: {name} must be {ndim}-D, got {describe(t)}")
-
-
-def check_same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
-    """All given tensors share ref's dtype and device."""
-    for name, t in others.items():
-        if t is None:
-            continue
-        if t.dtype != ref.dtype:
-            raise TypeError(
-                f"vitkernels.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}"
-            )
-        if t.device != ref.device:
-            raise ValueError(
-                f"vitkernels.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}"
-            )
-
-
-def check_int(op: str, name: str, value, minimum: int = 1) -> int:
-    """An int argument (not a bool, not a float) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"vitkernels.{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"vitkernels.{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_heads(op: str, name: str, channels: int, num_heads: int, what: str = "C", t: Optional[Tensor] = None) -> int:
-    """Head dim D = channels / num_heads, with a clear error when it does not divide."""
-    check_int(op, "num_heads", num_heads)
-    if channels % num_heads:
-        where = f"{name} shape {tuple(t.shape)}" if t is not None else name
-        raise ValueError(
-            f"vitkernels.{op}: {what} = {channels} (from {where}) is not divisible by num_heads = {num_heads}"
-        )
-    return channels // num_heads
-
-
-def check_hw(op: str, x: Tensor, name: str, hw) -> tuple[int, int]:
-    if len(hw) != 2 or any(int(s) < 1 for s in hw):
-        raise ValueError(f"vitkernels.{op}: hw must be (H, W) with H, W >= 1, got {tuple(hw)}")
-    h, w = int(hw[0]), int(hw[1])
-    if x.shape[1] != h * w:
-        raise ValueError(
-            f"vitkernels.{op}: {name} has {x.shape[1]} tokens but hw = ({h}, {w}) needs H*W = {h * w} "
-            f"({name} {describe(x)})"
-        )
-    return h, w
-
-
-def default_scale(scale: Optional[float], head_dim: int) -> float:
-    return float(head_dim) ** -0.5 if scale is None else float(scale)
-
 
 # ----------------------------------------------------------------------------- eager fast path
 # A public op call goes public function -> dispatcher -> CompositeImplicitAutograd body -> private
@@ -105,12 +29,12 @@ _PRIVATE_IMPLS: dict = {}
 _TORCH_OPS: dict = {}  # name -> torch.ops.vitkernels.<name>, looked up once
 
 
-def private_op(qualname: str):
-    """`torch.library.custom_op(qualname, mutates_args=())` that also keeps the undecorated function,
-    for `call_private` on the eager fast path (forward private ops)."""
+def private_op(qualname: str, schema: Optional[str] = None):
+    """`torch.library.custom_op(qualname, mutates_args=(), schema=schema)` that also keeps the undecorated
+    function, for `call_private` on the eager fast path (forward private ops)."""
 
     def register(fn):
-        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op = torch.library.custom_op(qualname, mutates_args=(), schema=schema)(fn)
         _PRIVATE_IMPLS[qualname.split("::")[-1]] = fn
         return op
 

@@ -18,18 +18,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import (
-    FUSED_MAX_HEAD_DIM,
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_same,
-    check_tensor,
-    default_scale,
-    describe,
-    private_op,
-    reference_vjp,
-)
+from ._checks import FUSED_MAX_HEAD_DIM, check_same, check_tensor, default_scale, describe
+from ._common import autocast_inputs, call_private, call_public, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 
@@ -50,7 +40,7 @@ SPEC = define(
         private=lambda a, scale: (*a[:4], scale),
         inputs=lambda q, k, v, bias, *_: KernelInputs((q, k, v, bias), head_dim=q.shape[-1]),
         batched=(0, 1, 2),
-        triton_modules=("attention",),
+        triton_modules=("attention", "attention_short"),
         inductor=True,
         bench=BenchSpec(
             cases="vitkernels.bench.cases:attention_cases", baseline="vitkernels.bench.baselines:attention_composition"

@@ -17,19 +17,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import (
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_hw,
-    check_same,
-    check_tensor,
-    describe,
-    empty_if_none,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import check_hw, check_same, check_tensor, describe
+from ._common import autocast_inputs, call_private, call_public, empty_if_none, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 
@@ -67,8 +56,7 @@ def validate(x, hw, weight, bias, activation) -> None:
             f"vitkernels.dwconv: weight must be (C, 1, k, k) with C = {c} and k odd, got {describe(weight)}"
         )
     if bias is not None:
-        check_tensor(OP, "bias", bias, ndim=1)
-        check_same(OP, "x", x, bias=bias)
+        check_tensor(OP, "bias", bias, ndim=1, like=("x", x))
         if bias.shape[0] != c:
             raise ValueError(f"vitkernels.dwconv: bias must be (C,) = ({c},), got {describe(bias)}")
     if activation not in ACTIVATIONS:

@@ -22,17 +22,8 @@ from torch import Tensor
 
 from .. import _env, backends
 from ..backends import BackendUnavailableError
-from ._common import (
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_hw,
-    check_same,
-    check_tensor,
-    describe,
-    fresh,
-    private_op,
-)
+from ._checks import check_hw, check_same, check_tensor, describe
+from ._common import autocast_inputs, call_private, call_public, fresh, private_op
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .dwconv import dwconv
@@ -82,17 +73,15 @@ def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
     check_hw(OP, x, "x", hw)
     check_tensor(OP, "fc1_weight", fc1_weight, ndim=2)
     check_tensor(OP, "fc2_weight", fc2_weight, ndim=2)
-    check_same(
-        OP,
-        "x",
-        x,
-        fc1_weight=fc1_weight,
-        fc1_bias=fc1_bias,
-        dw_weight=dw_weight,
-        dw_bias=dw_bias,
-        fc2_weight=fc2_weight,
-        fc2_bias=fc2_bias,
-    )
+    params = {
+        "fc1_weight": fc1_weight,
+        "fc1_bias": fc1_bias,
+        "dw_weight": dw_weight,
+        "dw_bias": dw_bias,
+        "fc2_weight": fc2_weight,
+        "fc2_bias": fc2_bias,
+    }
+    check_same(OP, "x", x, **params)
     c, hidden = x.shape[-1], fc1_weight.shape[0]
     if fc1_weight.shape[1] != c:
         raise ValueError(f"vitkernels.mix_ffn: fc1_weight must be (hidden, C) with C = {c}, got {describe(fc1_weight)}")

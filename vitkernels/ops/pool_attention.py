@@ -25,19 +25,8 @@ from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ..reference.pool_attention import rel_pos_length
-from ._common import (
-    FUSED_MAX_HEAD_DIM,
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_same,
-    check_tensor,
-    default_scale,
-    describe,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import FUSED_MAX_HEAD_DIM, check_same, check_tensor, default_scale, describe
+from ._common import autocast_inputs, call_private, call_public, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 

@@ -15,18 +15,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, KernelInputs
-from ._common import (
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_heads,
-    check_int,
-    check_tensor,
-    default_scale,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import check_heads, check_int, check_tensor, default_scale
+from ._common import autocast_inputs, call_private, call_public, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import CUDA_CAPS, TRITON_CAPS, cuda_head_dim_reasons, last_dim_contiguous
@@ -41,7 +31,7 @@ SPEC = define(
         samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, None),
         private=lambda a, scale: (*a[:2], scale),
         inputs=lambda qkv, num_heads, *_: KernelInputs((qkv,), head_dim=qkv.shape[-1] // 3 // num_heads),
-        triton_modules=("attention",),
+        triton_modules=("attention", "attention_short"),
         inductor=True,
         bench=BenchSpec(
             cases="vitkernels.bench.cases:self_attention_cases",
@@ -52,12 +42,7 @@ SPEC = define(
 
 
 def validate(qkv: Tensor, num_heads: int) -> int:
-    check_tensor(OP, "qkv", qkv, ndim=3)
-    if qkv.shape[-1] % 3:
-        raise ValueError(
-            f"vitkernels.self_attention: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} "
-            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
-        )
+    check_tensor(OP, "qkv", qkv, ndim=3, packed="(B, N, 3C)")
     return check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
 
 

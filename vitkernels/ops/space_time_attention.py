@@ -22,21 +22,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, KernelInputs
-from ._common import (
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_heads,
-    check_int,
-    check_same,
-    check_tensor,
-    default_scale,
-    describe,
-    empty_if_none,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import check_heads, check_int, check_tensor, default_scale, describe
+from ._common import autocast_inputs, call_private, call_public, empty_if_none, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import CUDA_CAPS as _CUDA_ATTENTION_CAPS
@@ -67,7 +54,7 @@ SPEC = define(
         private=lambda a, scale: (*a[:6], scale),
         inputs=_inputs,
         batched=(0, 4),
-        triton_modules=("attention",),
+        triton_modules=("attention", "attention_short"),
         bench=BenchSpec(
             cases="vitkernels.bench.cases:space_time_attention_cases",
             baseline="vitkernels.bench.baselines:space_time_attention_composition",
@@ -77,12 +64,7 @@ SPEC = define(
 
 
 def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
-    check_tensor(OP, "qkv", qkv, ndim=3)
-    if qkv.shape[-1] % 3:
-        raise ValueError(
-            f"vitkernels.space_time_attention: qkv must be (B, S*T, 3C), its last dim {qkv.shape[-1]} "
-            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
-        )
+    check_tensor(OP, "qkv", qkv, ndim=3, packed="(B, S*T, 3C)")
     d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
     check_int(OP, "frames", frames)
     if qkv.shape[1] % frames:
@@ -100,8 +82,7 @@ def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
                 "vitkernels.space_time_attention: cls_qkv is only valid with axis 'space', "
                 f"got axis {axis!r} and cls_qkv {describe(cls_qkv)}"
             )
-        check_tensor(OP, "cls_qkv", cls_qkv, ndim=2)
-        check_same(OP, "qkv", qkv, cls_qkv=cls_qkv)
+        check_tensor(OP, "cls_qkv", cls_qkv, ndim=2, like=("qkv", qkv))
         if cls_qkv.shape != (qkv.shape[0], qkv.shape[2]):
             raise ValueError(
                 f"vitkernels.space_time_attention: cls_qkv must be (B, 3C) = "
@@ -284,12 +265,13 @@ def _triton_forward(qkv, frames, num_heads, axis, cls_qkv, layout, scale):
         lse = tk.attention_forward(q, k, v, None, scale, o)
         no_cls = qkv.new_empty(_lse_shapes(qkv, frames, num_heads, axis, None)[1], dtype=torch.float32)
         return out, _empty_cls(qkv), lse, no_cls
+    # The class query runs as one more query row of each frame's launch (its out and lse stored
+    # to cls_out and cls_lse), against the same keys and the class key as prefix row.
     cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
-    lse = tk.attention_forward(q, k, v, None, scale, o, prefix=(ck, cv))
     cls_out = qkv.new_empty(b, frames, c3 // 3)
-    cls_lse = tk.attention_forward(
-        cq.unsqueeze(-2), k, v, None, scale, cls_out.view(b, frames, num_heads, 1, -1), prefix=(ck, cv)
-    )
+    cls_lse = qkv.new_empty(b, frames, num_heads, 1, dtype=torch.float32)
+    extra = (cq, cls_out.view(b, frames, num_heads, -1), cls_lse.view(b, frames, num_heads))
+    lse = tk.attention_forward(q, k, v, None, scale, o, prefix=(ck, cv), extra_q=extra)
     return out, cls_out, lse, cls_lse
 
 
@@ -307,12 +289,13 @@ def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qk
         return dqkv, None
     cq, ck, cv = _cls_rows(cls_qkv, frames, num_heads)
     b, t, h, d = cq.shape
-    co = last_dim_contiguous(cls_out).view(b, t, h, 1, d)
     dco = (torch.zeros_like(cls_out) if dcls_out is None else dcls_out.to(qkv.dtype)).contiguous()
     dco4 = dco.view(b, t, h, d)
     cls_delta = (cls_out.float() * dco.float()).view(b, t, h, d).sum(-1)
-    # Patch queries: dq, dk, dv, with the class query's share of dk / dv as an extra query row.
-    d_pre = [torch.empty(b, t, h, d, device=qkv.device, dtype=torch.float32) for _ in range(4)]
+    # Patch queries: dq, dk, dv; the class query as an extra query row: its share of dk / dv, of the
+    # prefix row's dk / dv, and its own dq (one more row of the dQ kernel).
+    d_pre = [torch.empty(b, t, h, d, device=qkv.device, dtype=torch.float32) for _ in range(2)]
+    dcq = torch.empty(b, t, h, d, device=qkv.device, dtype=qkv.dtype)
     tk.attention_backward(
         do,
         q,
@@ -327,32 +310,14 @@ def _triton_backward(dout, dcls_out, saved, qkv, frames, num_heads, axis, cls_qk
         dv,
         False,
         prefix=(ck, cv),
-        dprefix=d_pre[:2],
-        extra_q=(cq, dco4, cls_lse[..., 0], cls_delta),
-    )
-    # The class query (one row per frame): its dq, and its share of the prefix row's dk / dv.
-    dcq = torch.empty(b, t, h, 1, d, device=qkv.device, dtype=qkv.dtype)
-    tk.attention_backward(
-        dco.view(b, t, h, 1, d),
-        cq.unsqueeze(-2),
-        k,
-        v,
-        None,
-        co,
-        cls_lse,
-        scale,
-        dcq,
-        None,
-        None,
-        False,
-        prefix=(ck, cv),
-        dprefix=d_pre[2:],
+        dprefix=d_pre,
+        extra_q=(cq, dco4, cls_lse[..., 0], cls_delta, dcq),
     )
     dcls = torch.cat(
         [
             dcq.float().sum(1).flatten(1),
-            (d_pre[0] + d_pre[2]).sum(1).flatten(1),
-            (d_pre[1] + d_pre[3]).sum(1).flatten(1),
+            d_pre[0].sum(1).flatten(1),
+            d_pre[1].sum(1).flatten(1),
         ],
         1,
     )

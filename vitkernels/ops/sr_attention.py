@@ -17,20 +17,8 @@ from torch import Tensor
 from .. import _env, backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import (
-    FUSED_MAX_HEAD_DIM,
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_heads,
-    check_int,
-    check_same,
-    check_tensor,
-    default_scale,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import FUSED_MAX_HEAD_DIM, check_heads, check_int, check_same, check_tensor, default_scale
+from ._common import autocast_inputs, call_private, call_public, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import TRITON_CAPS, last_dim_contiguous
@@ -47,7 +35,7 @@ SPEC = define(
         private=lambda a, scale: (*a[:3], scale),
         inputs=lambda q, kv, num_heads, *_: KernelInputs((q, kv), head_dim=q.shape[-1] // num_heads),
         batched=(0, 1),
-        triton_modules=("attention", "sr_attention"),
+        triton_modules=("attention", "attention_short", "sr_attention"),
         bench=BenchSpec(
             cases="vitkernels.bench.cases:sr_attention_cases",
             baseline="vitkernels.bench.baselines:sr_attention_composition",

@@ -24,22 +24,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import (
-    FUSED_MAX_HEAD_DIM,
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_heads,
-    check_hw,
-    check_same,
-    check_tensor,
-    default_scale,
-    describe,
-    empty_if_none,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import FUSED_MAX_HEAD_DIM, check_heads, check_hw, check_tensor, default_scale, describe
+from ._common import autocast_inputs, call_private, call_public, empty_if_none, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 
@@ -115,12 +101,7 @@ SPEC = define(
 def validate(
     qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale=None, shift_first=False
 ) -> int:
-    check_tensor(OP, "qkv", qkv, ndim=3)
-    if qkv.shape[-1] % 3:
-        raise ValueError(
-            f"vitkernels.window_attention: qkv must be (B, H*W, 3C), its last dim {qkv.shape[-1]} "
-            f"is not divisible by 3 (qkv shape {tuple(qkv.shape)})"
-        )
+    check_tensor(OP, "qkv", qkv, ndim=3, packed="(B, H*W, 3C)")
     c = qkv.shape[-1] // 3
     d = check_heads(OP, "qkv", c, num_heads)
     check_hw(OP, qkv, "qkv", hw)
@@ -132,8 +113,7 @@ def validate(
             f"window_size = {window_size}, got {shift_size!r}"
         )
     if rel_pos_bias_table is not None:
-        check_tensor(OP, "rel_pos_bias_table", rel_pos_bias_table, ndim=2)
-        check_same(OP, "qkv", qkv, rel_pos_bias_table=rel_pos_bias_table)
+        check_tensor(OP, "rel_pos_bias_table", rel_pos_bias_table, ndim=2, like=("qkv", qkv))
         want = ((2 * window_size - 1) ** 2, num_heads)
         if tuple(rel_pos_bias_table.shape) != want:
             raise ValueError(
@@ -141,15 +121,13 @@ def validate(
                 f"got {describe(rel_pos_bias_table)}"
             )
     if qkv_bias is not None:
-        check_tensor(OP, "qkv_bias", qkv_bias, ndim=1)
-        check_same(OP, "qkv", qkv, qkv_bias=qkv_bias)
+        check_tensor(OP, "qkv_bias", qkv_bias, ndim=1, like=("qkv", qkv))
         if qkv_bias.shape[0] != 3 * c:
             raise ValueError(
                 f"vitkernels.window_attention: qkv_bias must be (3C,) = ({3 * c},), got {describe(qkv_bias)}"
             )
     if logit_scale is not None:
-        check_tensor(OP, "logit_scale", logit_scale)
-        check_same(OP, "qkv", qkv, logit_scale=logit_scale)
+        check_tensor(OP, "logit_scale", logit_scale, like=("qkv", qkv))
         if tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1)):
             raise ValueError(
                 f"vitkernels.window_attention: logit_scale must be (heads,) or (heads, 1, 1) with "
@@ -178,19 +156,8 @@ def _window_attention(
 ):
     qkv, rel_pos_bias_table, qkv_bias, logit_scale = autocast_inputs(qkv, rel_pos_bias_table, qkv_bias, logit_scale)
     d = validate(qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, logit_scale, shift_first)
-    return call_private(
-        "_window_attention_fwd",
-        qkv,
-        list(hw),
-        num_heads,
-        window_size,
-        shift_size,
-        rel_pos_bias_table,
-        qkv_bias,
-        default_scale(scale, d),
-        logit_scale,
-        shift_first,
-    )
+    args = (qkv, list(hw), num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias)
+    return call_private("_window_attention_fwd", *args, default_scale(scale, d), logit_scale, shift_first)
 
 
 def window_attention(
@@ -232,76 +199,39 @@ def window_attention(
     )
 
 
-@private_op("vitkernels::_window_attention_fwd")
-def _window_attention_fwd(
-    qkv: Tensor,
-    hw: list[int],
-    num_heads: int,
-    window_size: int,
-    shift_size: int,
-    rel_pos_bias_table: Optional[Tensor],
-    qkv_bias: Optional[Tensor],
-    scale: float,
-    logit_scale: Optional[Tensor] = None,
-    shift_first: bool = False,
-) -> Tensor:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
+# The private ops take the public op's arguments with the scale resolved (the backward: dout first).
+_PRIVATE_ARGS = (
+    "Tensor qkv, SymInt[] hw, SymInt num_heads, SymInt window_size, SymInt shift_size, Tensor? rel_pos_bias_table, "
+    "Tensor? qkv_bias, float scale, Tensor? logit_scale=None, bool shift_first=False"
+)
+
+
+@private_op("vitkernels::_window_attention_fwd", schema=f"({_PRIVATE_ARGS}) -> Tensor")
+def _window_attention_fwd(*args) -> Tensor:
     return backends.select(OP, *args).forward(*args)
 
 
 @_window_attention_fwd.register_fake
-def _(
-    qkv,
-    hw,
-    num_heads,
-    window_size,
-    shift_size,
-    rel_pos_bias_table,
-    qkv_bias,
-    scale,
-    logit_scale=None,
-    shift_first=False,
-):
+def _(qkv, *_):
     b, n, c3 = qkv.shape
     return qkv.new_empty(b, n, c3 // 3)
 
 
-@torch.library.custom_op("vitkernels::_window_attention_bwd", mutates_args=())
-def _window_attention_bwd(
-    dout: Tensor,
-    qkv: Tensor,
-    hw: list[int],
-    num_heads: int,
-    window_size: int,
-    shift_size: int,
-    rel_pos_bias_table: Optional[Tensor],
-    qkv_bias: Optional[Tensor],
-    scale: float,
-    logit_scale: Optional[Tensor] = None,
-    shift_first: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (qkv, hw, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias, scale, logit_scale, shift_first)
-    dqkv, dtable, dbias, dls = backends.select(OP, *args, backward=True).backward(dout, *args)
+@torch.library.custom_op(
+    "vitkernels::_window_attention_bwd",
+    mutates_args=(),
+    schema=f"(Tensor dout, {_PRIVATE_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _window_attention_bwd(dout, qkv, *args):
+    dqkv, dtable, dbias, dls = backends.select(OP, qkv, *args, backward=True).backward(dout, qkv, *args)
     return dqkv.contiguous(), empty_if_none(dtable, qkv), empty_if_none(dbias, qkv), empty_if_none(dls, qkv)
 
 
 @_window_attention_bwd.register_fake
-def _(
-    dout,
-    qkv,
-    hw,
-    num_heads,
-    window_size,
-    shift_size,
-    rel_pos_bias_table,
-    qkv_bias,
-    scale,
-    logit_scale=None,
-    shift_first=False,
-):
+def _(dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False):
     return (
         torch.empty_like(qkv, memory_format=torch.contiguous_format),
-        qkv.new_empty(0) if rel_pos_bias_table is None else torch.empty_like(rel_pos_bias_table),
+        qkv.new_empty(0) if table is None else torch.empty_like(table),
         qkv.new_empty(0) if qkv_bias is None else torch.empty_like(qkv_bias),
         qkv.new_empty(0) if logit_scale is None else torch.empty_like(logit_scale),
     )
@@ -367,18 +297,8 @@ def _triton_forward(
 ):
     from ..triton import window_attention as tk
 
-    return tk.window_attention_forward(
-        qkv,
-        hw,
-        num_heads,
-        window_size,
-        shift_size,
-        table,
-        qkv_bias,
-        scale,
-        logit_scale=logit_scale,
-        shift_first=shift_first,
-    )
+    args = (qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale)
+    return tk.window_attention_forward(*args, logit_scale=logit_scale, shift_first=shift_first)
 
 
 def _triton_backward(
@@ -386,19 +306,8 @@ def _triton_backward(
 ):
     from ..triton import window_attention as tk
 
-    return tk.window_attention_backward(
-        dout,
-        qkv,
-        hw,
-        num_heads,
-        window_size,
-        shift_size,
-        table,
-        qkv_bias,
-        scale,
-        logit_scale=logit_scale,
-        shift_first=shift_first,
-    )
+    args = (dout, qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale)
+    return tk.window_attention_backward(*args, logit_scale=logit_scale, shift_first=shift_first)
 
 
 TRITON_CAPS = Capabilities("fused kernel", backward=True, head_dims=range(1, FUSED_MAX_HEAD_DIM + 1))

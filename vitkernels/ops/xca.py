@@ -15,19 +15,8 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._common import (
-    autocast_inputs,
-    call_private,
-    call_public,
-    check_heads,
-    check_int,
-    check_same,
-    check_tensor,
-    describe,
-    fresh,
-    private_op,
-    reference_vjp,
-)
+from ._checks import check_heads, check_int, check_tensor, describe
+from ._common import autocast_inputs, call_private, call_public, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
 from .attention import last_dim_contiguous
@@ -69,15 +58,9 @@ CUDA_CAPS = Capabilities(
 
 
 def validate(qkv: Tensor, num_heads: int, temperature: Tensor) -> int:
-    check_tensor(OP, "qkv", qkv, ndim=3)
-    if qkv.shape[-1] % 3:
-        raise ValueError(
-            f"vitkernels.xca: qkv must be (B, N, 3C), its last dim {qkv.shape[-1]} is not divisible "
-            f"by 3 (qkv shape {tuple(qkv.shape)})"
-        )
+    check_tensor(OP, "qkv", qkv, ndim=3, packed="(B, N, 3C)")
     d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
-    check_tensor(OP, "temperature", temperature)
-    check_same(OP, "qkv", qkv, temperature=temperature)
+    check_tensor(OP, "temperature", temperature, like=("qkv", qkv))
     if tuple(temperature.shape) not in ((num_heads, 1, 1), (num_heads,)):
         raise ValueError(
             f"vitkernels.xca: temperature must be (heads, 1, 1) or (heads,) with heads = {num_heads}, "

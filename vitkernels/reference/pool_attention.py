@@ -101,16 +101,6 @@ def pool_attention_with_lse(
     return out, lse.detach().float()
 
 
-def pool_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_hw: Sequence[int],
-    k_hw: Sequence[int],
-    rel_pos_h: Optional[Tensor] = None,
-    rel_pos_w: Optional[Tensor] = None,
-    has_cls_token: bool = True,
-    residual: bool = True,
-    scale: Optional[float] = None,
-) -> Tensor:
-    return pool_attention_with_lse(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual, scale)[0]
+def pool_attention(*args, **kwargs) -> Tensor:
+    """The output (B, Nq, heads·D) of `pool_attention_with_lse` (the same arguments)."""
+    return pool_attention_with_lse(*args, **kwargs)[0]

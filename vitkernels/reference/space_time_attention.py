@@ -8,17 +8,9 @@ from torch import Tensor
 from .attention import attention_with_lse
 
 
-def space_time_attention(
-    qkv: Tensor,
-    frames: int,
-    num_heads: int,
-    axis: str,
-    cls_qkv: Optional[Tensor] = None,
-    layout: str = "st",
-    scale: Optional[float] = None,
-):
-    """Returns (out (B, S·T, C), cls_out (B, T, C) or None)."""
-    return space_time_attention_with_lse(qkv, frames, num_heads, axis, cls_qkv, layout, scale)[:2]
+def space_time_attention(*args, **kwargs):
+    """(out (B, S·T, C), cls_out (B, T, C) or None) of `space_time_attention_with_lse` (the same arguments)."""
+    return space_time_attention_with_lse(*args, **kwargs)[:2]
 
 
 def space_time_attention_with_lse(

@@ -1,8 +1,8 @@
 """Launch-side helpers shared by the Triton kernel files (vitkernels/triton/<op>.py).
 
 One home for what every launcher repeats: autotune configs and the per-dtype-family tables of tuned
-kernels, the interpreter flag and the fixed-config choice, unit-stride and dtype checks, tile
-sizes, matmul precision, the device context, the SM count and the base-2 softmax constants.
+kernels, the interpreter flag and the fixed-config choice, unit-stride and dtype checks, stride
+arguments, tile sizes, matmul precision, the device context, the SM count and the base-2 softmax constants.
 
 A kernel file imports ``use_fixed`` and ``sm_count`` into its own namespace and calls them from
 there: tests replace ``<module>.use_fixed`` / ``<module>.sm_count`` to drive the autotuned GPU path
@@ -148,6 +148,12 @@ def is_unit_last(t: torch.Tensor) -> bool:
 def unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when its last dim is strided."""
     return t if is_unit_last(t) else t.contiguous()
+
+
+def strides(*tensors: torch.Tensor, dims: int = 2) -> tuple:
+    """The first ``dims`` strides of each tensor, in order: a kernel's stride arguments (token layouts (B, N,
+    ·) take 2, head views (B, H, N, D) 3)."""
+    return tuple(t.stride(i) for t in tensors for i in range(dims))
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:

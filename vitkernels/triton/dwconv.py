@@ -41,7 +41,23 @@ INTERPRET_TILE = (2, 8, 16, 2)
 
 
 @triton.jit
+def _pixel_program(H, W, n_inner, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(b, th, tw, inner) of this program on a 1-D grid, pid = ((b·n_th + th)·n_tw + tw)·n_inner + inner: the
+    BLOCK_H × BLOCK_W pixel tile (th, tw) of image b and the innermost (channel) block."""
+    n_th = tl.cdiv(H, BLOCK_H)
+    n_tw = tl.cdiv(W, BLOCK_W)
+    pid = tl.program_id(0)
+    inner = pid % n_inner
+    r = pid // n_inner
+    tw = r % n_tw
+    r = r // n_tw
+    th = r % n_th
+    return r // n_th, th, tw, inner
+
+
+@triton.jit
 def _tile_coords(th, tw, cb, C, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(h, w, c, c_ok): the pixel rows and columns of tile (th, tw) and the channels of block cb."""
     offs_m = tl.arange(0, BLOCK_H * BLOCK_W)
     h = th * BLOCK_H + offs_m // BLOCK_W
     w = tw * BLOCK_W + offs_m % BLOCK_W
@@ -56,6 +72,36 @@ def _token_off(hh, ww, W, stride_n, WIDE: tl.constexpr):
         return tok.to(tl.int64) * stride_n
     else:
         return tok * stride_n
+
+
+@triton.jit
+def _tap_tile(x_base, hh, row_ok, ww, c, c_ok, W, stride_n, WIDE: tl.constexpr):
+    """The (BLOCK_M, BLOCK_C) x tile one tap reads: pixels (hh, ww) (hh in the map where row_ok), channels c;
+    zero outside the map."""
+    ok = row_ok & (ww >= 0) & (ww < W)
+    off = _token_off(hh, ww, W, stride_n, WIDE)
+    return tl.load(x_base + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _add_bias(acc, BIAS, c, c_ok):
+    """acc (rows, channels c) plus the bias of its channels, in fp32."""
+    return acc + tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _gelu(z):
+    """GELU with the exact erf, in fp32."""
+    return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _store_pixels(OUT, b, h, w, c, c_ok, x, H, W, stride_ob, stride_on, WIDE: tl.constexpr):
+    """Store x (pixels (h, w) of image b, channels c) to a token-layout output in its element type."""
+    ok = (h < H) & (w < W)
+    off = _token_off(h, w, W, stride_on, WIDE)
+    o_base = OUT + b.to(tl.int64) * stride_ob
+    tl.store(o_base + off[:, None] + c[None, :], x.to(OUT.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -83,10 +129,7 @@ def _conv_tile(
         hh = h + (i - P)
         row_ok = (hh >= 0) & (hh < H)
         for j in range(K):
-            ww = w + (j - P)
-            ok = row_ok & (ww >= 0) & (ww < W)
-            off = _token_off(hh, ww, W, stride_n, WIDE)
-            xv = tl.load(x_base + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            xv = _tap_tile(x_base, hh, row_ok, w + (j - P), c, c_ok, W, stride_n, WIDE)
             wv = tl.load(wt_ptr + (i * K + j) * C + c, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv[None, :]
     return acc
@@ -113,29 +156,18 @@ def _dwconv_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n_th = tl.cdiv(H, BLOCK_H)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    n_cb = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    cb = pid % n_cb
-    r = pid // n_cb
-    tw = r % n_tw
-    r = r // n_tw
-    th = r % n_th
-    b = r // n_th
+    """act(conv + bias) of one BLOCK_H × BLOCK_W pixel tile × BLOCK_C channels."""
+    b, th, tw, cb = _pixel_program(H, W, tl.cdiv(C, BLOCK_C), BLOCK_H, BLOCK_W)
     h, w, c, c_ok = _tile_coords(th, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
     x_base = X + b.to(tl.int64) * stride_xb
     acc = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_H * BLOCK_W, BLOCK_C)
     if HAS_BIAS:
-        acc += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _add_bias(acc, BIAS, c, c_ok)
     if ACT == 1:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        acc = _gelu(acc)
     elif ACT == 2:
         acc = tl.maximum(acc, 0.0)
-    ok = (h < H) & (w < W)
-    off = _token_off(h, w, W, stride_on, WIDE)
-    o_base = OUT + b.to(tl.int64) * stride_ob
-    tl.store(o_base + off[:, None] + c[None, :], acc.to(OUT.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
+    _store_pixels(OUT, b, h, w, c, c_ok, acc, H, W, stride_ob, stride_on, WIDE)
 
 
 @triton.jit
@@ -193,7 +225,7 @@ def _dwconv_bwd_reduce_kernel(
         if ACT != 0:
             z = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_M, BLOCK_C)
             if HAS_BIAS:
-                z += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                z = _add_bias(z, BIAS, c, c_ok)
             if ACT == 1:
                 cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))  # Φ(z), 1/√2
                 pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # φ(z), 1/√(2π)
@@ -206,10 +238,7 @@ def _dwconv_bwd_reduce_kernel(
             hh = h + (i - P)
             row_ok = (hh >= 0) & (hh < H)
             for j in range(K):
-                ww = w + (j - P)
-                t_ok = row_ok & (ww >= 0) & (ww < W)
-                off = _token_off(hh, ww, W, stride_xn, WIDE)
-                xv = tl.load(x_base + off[:, None] + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+                xv = _tap_tile(x_base, hh, row_ok, w + (j - P), c, c_ok, W, stride_xn, WIDE)
                 part = tl.sum(dz * xv.to(tl.float32), axis=0)
                 dw_acc += tl.where(taps[:, None] == i * K + j, part[None, :], 0.0)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -273,17 +302,26 @@ def _use_fixed(t: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(x, hw, weight, bias):
+def _check_map(x, hw, weight, x_name: str = "x", c_name: str = "C", w_name: str = "weight"):
+    """(B, N, C, H, W, k) of a token-layout map x (B, N = H·W, C) and a depthwise weight (C, 1, k, k), k odd,
+    after the checks (the names are the caller's, for the messages)."""
     if x.dim() != 3:
-        raise ValueError(f"x must be (B, H·W, C), got shape {tuple(x.shape)}")
-    launch.check_dtype("x", x)
+        raise ValueError(f"{x_name} must be (B, H·W, {c_name}), got shape {tuple(x.shape)}")
+    launch.check_dtype(x_name, x)
     B, N, C = x.shape
     H, W = int(hw[0]), int(hw[1])
     if H * W != N:
-        raise ValueError(f"hw = ({H}, {W}) does not match the {N} tokens of x {tuple(x.shape)}")
+        raise ValueError(f"hw = ({H}, {W}) does not match the {N} tokens of {x_name} {tuple(x.shape)}")
     k = weight.shape[-1]
     if tuple(weight.shape) != (C, 1, k, k) or k % 2 == 0:
-        raise ValueError(f"weight must be (C, 1, k, k) with C = {C} and k odd, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{w_name} must be ({c_name}, 1, k, k) with {c_name} = {C} and k odd, got {tuple(weight.shape)}"
+        )
+    return B, N, C, H, W, k
+
+
+def _check(x, hw, weight, bias):
+    B, N, C, H, W, k = _check_map(x, hw, weight)
     if bias is not None and tuple(bias.shape) != (C,):
         raise ValueError(f"bias must be ({C},), got {tuple(bias.shape)}")
     return B, N, C, H, W, k
@@ -306,19 +344,7 @@ def _wide(*pairs) -> bool:
 def _launch_conv(src, wt, bias, out, H, W, k, act):
     B, N, C = src.shape
     wide = _wide((N, src.stride(1), C), (N, out.stride(1), C))
-    args = (
-        src,
-        wt,
-        bias if bias is not None else wt,
-        out,
-        H,
-        W,
-        C,
-        src.stride(0),
-        src.stride(1),
-        out.stride(0),
-        out.stride(1),
-    )
+    args = (src, wt, bias if bias is not None else wt, out, H, W, C, *launch.strides(src, out))
     meta = {"K": k, "HAS_BIAS": bias is not None, "ACT": act, "WIDE": wide}
 
     def grid(m):
@@ -389,37 +415,10 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
         pdw = torch.empty((n_sp, k * k, C), device=x.device, dtype=torch.float32)
         pdb = torch.empty((n_sp, C), device=x.device, dtype=torch.float32)
         wide = _wide((N, x.stride(1), C), (N, dout.stride(1), C), (N, dz.stride(1), C))
-        _dwconv_bwd_reduce_kernel[(n_sp * n_cb,)](
-            x,
-            dout,
-            wt,
-            b if b is not None else wt,
-            dz,
-            pdw,
-            pdb,
-            H,
-            W,
-            C,
-            n_band,
-            n_tw,
-            n_cb,
-            x.stride(0),
-            x.stride(1),
-            dout.stride(0),
-            dout.stride(1),
-            dz.stride(0),
-            dz.stride(1),
-            K=k,
-            HAS_BIAS=b is not None,
-            ACT=act,
-            WIDE=wide,
-            BLOCK_H=bh,
-            BLOCK_W=bw,
-            BLOCK_C=bc,
-            BAND=band,
-            KK_PAD=triton.next_power_of_2(k * k),
-            num_warps=4,
-        )
+        args = (x, dout, wt, b if b is not None else wt, dz, pdw, pdb, H, W, C, n_band, n_tw, n_cb)
+        conv = {"K": k, "HAS_BIAS": b is not None, "ACT": act, "WIDE": wide}
+        tile = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc, "BAND": band, "KK_PAD": triton.next_power_of_2(k * k)}
+        _dwconv_bwd_reduce_kernel[(n_sp * n_cb,)](*args, *launch.strides(x, dout, dz), **conv, **tile, num_warps=4)
         # dx: the transposed conv = the same conv of dz with the spatially flipped kernel.
         _launch_conv(dz, _weight_table(weight, flip=True), None, dx, H, W, k, 0)
         dw = pdw.sum(0).t().reshape(C, 1, k, k).to(weight.dtype)

@@ -24,7 +24,17 @@ import triton.language as tl
 
 from . import _launch as launch
 from ._launch import use_fixed  # module globals: tests patch them here
-from .dwconv import _conv_tile, _token_off, _weight_table, _wide
+from .dwconv import (
+    _add_bias,
+    _check_map,
+    _conv_tile,
+    _gelu,
+    _pixel_program,
+    _store_pixels,
+    _tile_coords,
+    _weight_table,
+    _wide,
+)
 
 __all__ = ["mix_ffn_bytes", "mix_ffn_flops", "mix_ffn_forward"]
 
@@ -67,22 +77,9 @@ def _mix_ffn_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-    n_th = tl.cdiv(H, BLOCK_H)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    n_nb = tl.cdiv(C_OUT, BLOCK_N)
     # Output-channel blocks of one token tile are neighbours in launch order: they read the same h.
-    pid = tl.program_id(0)
-    nb = pid % n_nb
-    r = pid // n_nb
-    tw = r % n_tw
-    r = r // n_tw
-    th = r % n_th
-    b = r // n_th
-    offs_m = tl.arange(0, BLOCK_M)
-    h = th * BLOCK_H + offs_m // BLOCK_W
-    w = tw * BLOCK_W + offs_m % BLOCK_W
-    o = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_ok = o < C_OUT
+    b, th, tw, nb = _pixel_program(H, W, tl.cdiv(C_OUT, BLOCK_N), BLOCK_H, BLOCK_W)
+    h, w, o, o_ok = _tile_coords(th, tw, nb, C_OUT, BLOCK_H, BLOCK_W, BLOCK_N)
     h_base = HIN + b.to(tl.int64) * stride_hb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, HIDDEN, BLOCK_K):
@@ -91,18 +88,15 @@ def _mix_ffn_fwd_kernel(
         # Zero past the hidden width (masked loads and weights) -> GELU(0) = 0 and zero fc2 rows.
         z = _conv_tile(h_base, WT, h, w, j, j_ok, H, W, HIDDEN, stride_hn, K, WIDE, BLOCK_M, BLOCK_K)
         if HAS_DW_BIAS:
-            z += tl.load(DW_BIAS + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-        g = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+            z = _add_bias(z, DW_BIAS, j, j_ok)
+        g = _gelu(z)
         w2 = tl.load(
             W2 + o[None, :] * stride_w2o + j[:, None] * stride_w2j, mask=j_ok[:, None] & o_ok[None, :], other=0.0
         )
         acc = tl.dot(g.to(W2.dtype.element_ty), w2, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    ok = (h < H) & (w < W)
-    off = _token_off(h, w, W, stride_on, WIDE)
-    o_base = OUT + b.to(tl.int64) * stride_ob
-    tl.store(o_base + off[:, None] + o[None, :], acc.to(OUT.dtype.element_ty), mask=ok[:, None] & o_ok[None, :])
+        acc = _add_bias(acc, BIAS, o, o_ok)
+    _store_pixels(OUT, b, h, w, o, o_ok, acc, H, W, stride_ob, stride_on, WIDE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,36 +106,13 @@ def _mix_ffn_fwd_kernel(
 # (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps), one stage (the k² tap loads are not pipelined).
 # 64–128 tokens × 64–128 output channels; BLOCK_N ≥ C_out computes the conv once per token tile, a
 # smaller one recomputes it per output block. fp32 (exact "ieee" dots on FMA units) takes smaller tiles.
+_TILE = ("BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K")
+_HALF_TILES = [(8, 8, 64, 32, 4), (4, 16, 64, 32, 4), (8, 16, 64, 32, 4), (8, 16, 64, 64, 8), (4, 16, 128, 32, 4)]
+_HALF_TILES += [(8, 16, 128, 32, 8), (2, 16, 64, 64, 4), (4, 8, 32, 32, 2)]
+_FP32_TILES = [(8, 8, 64, 16, 4), (4, 16, 64, 32, 4), (8, 16, 64, 16, 8), (4, 16, 128, 32, 8), (4, 8, 32, 16, 2)]
 _CONFIGS = {
-    "half": (
-        launch.configs(
-            ("BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K"),
-            [
-                (8, 8, 64, 32, 4),
-                (4, 16, 64, 32, 4),
-                (8, 16, 64, 32, 4),
-                (8, 16, 64, 64, 8),
-                (4, 16, 128, 32, 4),
-                (8, 16, 128, 32, 8),
-                (2, 16, 64, 64, 4),
-                (4, 8, 32, 32, 2),
-            ],
-            num_stages=1,
-        ),
-    ),
-    "fp32": (
-        launch.configs(
-            ("BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K"),
-            [
-                (8, 8, 64, 16, 4),
-                (4, 16, 64, 32, 4),
-                (8, 16, 64, 16, 8),
-                (4, 16, 128, 32, 8),
-                (4, 8, 32, 16, 2),
-            ],
-            num_stages=1,
-        ),
-    ),
+    "half": (launch.configs(_TILE, _HALF_TILES, num_stages=1),),
+    "fp32": (launch.configs(_TILE, _FP32_TILES, num_stages=1),),
 }
 
 
@@ -174,18 +145,7 @@ _INTERPRETED = launch.is_interpreted(_mix_ffn_fwd_kernel)
 
 
 def _check(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias):
-    if h.dim() != 3:
-        raise ValueError(f"h must be (B, H·W, hidden), got shape {tuple(h.shape)}")
-    launch.check_dtype("h", h)
-    B, N, hidden = h.shape
-    H, W = int(hw[0]), int(hw[1])
-    if H * W != N:
-        raise ValueError(f"hw = ({H}, {W}) does not match the {N} tokens of h {tuple(h.shape)}")
-    k = dw_weight.shape[-1]
-    if tuple(dw_weight.shape) != (hidden, 1, k, k) or k % 2 == 0:
-        raise ValueError(
-            f"dw_weight must be (hidden, 1, k, k) with hidden = {hidden} and k odd, got {tuple(dw_weight.shape)}"
-        )
+    B, N, hidden, H, W, k = _check_map(h, hw, dw_weight, "h", "hidden", "dw_weight")
     if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
         raise ValueError(f"fc2_weight must be (C_out, hidden) with hidden = {hidden}, got {tuple(fc2_weight.shape)}")
     c_out = fc2_weight.shape[0]
@@ -201,39 +161,18 @@ def mix_ffn_forward(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias):
     """GELU(dwconv(h) + dw_bias) · fc2_weightᵀ + fc2_bias -> a new contiguous (B, H·W, C_out) tensor
     of h's dtype; h is (B, H·W, hidden) (the fc1 output), biases may be None."""
     B, N, hidden, c_out, H, W, k = _check(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias)
+    h = launch.unit_last(h)
     out = torch.empty((B, N, c_out), device=h.device, dtype=h.dtype)
     if out.numel() == 0:
         return out
-    h = launch.unit_last(h)
     with launch.device_ctx(h):
         wt = _weight_table(dw_weight)
-        dwb = None if dw_bias is None else dw_bias.contiguous()
-        b2 = None if fc2_bias is None else fc2_bias.contiguous()
-        args = (
-            h,
-            wt,
-            dwb if dwb is not None else wt,
-            fc2_weight,
-            b2 if b2 is not None else wt,
-            out,
-            H,
-            W,
-            hidden,
-            c_out,
-            h.stride(0),
-            h.stride(1),
-            fc2_weight.stride(0),
-            fc2_weight.stride(1),
-            out.stride(0),
-            out.stride(1),
-        )
-        meta = {
-            "K": k,
-            "HAS_DW_BIAS": dwb is not None,
-            "HAS_BIAS": b2 is not None,
-            "WIDE": _wide((N, h.stride(1), hidden), (N, out.stride(1), c_out)),
-            "PRECISION": launch.precision(h.dtype),
-        }
+        dwb = wt if dw_bias is None else dw_bias.contiguous()  # without a bias: a placeholder pointer
+        b2 = wt if fc2_bias is None else fc2_bias.contiguous()
+        args = (h, wt, dwb, fc2_weight, b2, out, H, W, hidden, c_out, *launch.strides(h, fc2_weight, out))
+        wide = _wide((N, h.stride(1), hidden), (N, out.stride(1), c_out))
+        meta = {"K": k, "HAS_DW_BIAS": dw_bias is not None, "HAS_BIAS": fc2_bias is not None, "WIDE": wide}
+        meta["PRECISION"] = launch.precision(h.dtype)
 
         def grid(m):
             return (B * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]) * triton.cdiv(c_out, m["BLOCK_N"]),)

@@ -25,7 +25,17 @@ import triton.language as tl
 
 from . import _launch as launch
 from ._launch import sm_count, use_fixed  # module globals: tests patch them here
-from .attention import _load_1d, _load_2d, _store_1d, _store_2d
+from ._tiles import (
+    accumulate_pv,
+    block_offsets,
+    load_1d,
+    load_lse2,
+    load_tile,
+    logsumexp,
+    query_block,
+    store_1d,
+    store_tile,
+)
 
 __all__ = ["MAX_HEAD_DIM", "pool_attention_bwd", "pool_attention_fwd", "rel_index", "rel_ratios"]
 
@@ -86,6 +96,8 @@ def _rel_index(pos_q, pos_k, ratio_q, ratio_k, offset):
 # ---------------------------------------------------------------------------------------------
 # Shared jit helpers
 # ---------------------------------------------------------------------------------------------
+# ``rel_pos``: the kernel arguments (TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w) as
+# one tuple: the two tables, their row strides, the key map (k_h, k_w) and each axis's ``rel_ratios``.
 
 
 @triton.jit
@@ -99,89 +111,58 @@ def _grid_pos(n0, offs, N, width, CLS: tl.constexpr):
 
 
 @triton.jit
+def _axis_terms(rel, qc, pos, T, stride_t, n_k, col0, ratio_q, ratio_k, offset, offs_d, mask, KR: tl.constexpr):
+    """rel plus one axis's terms of a chunk of head dims: column col0 + kk (kk < n_k) += qc_i · T[idx(pos_i, kk)]
+    over the chunk's dims offs_d, one table row gathered per query row (L1 / L2 hits)."""
+    offs_r = tl.arange(0, KR)
+    for kk in range(n_k):
+        idx = _rel_index(pos, kk, ratio_q, ratio_k, offset)
+        rows = tl.load(T + idx[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+        rel += tl.where(offs_r[None, :] == col0 + kk, tl.sum(qc * rows.to(tl.float32), 1)[:, None], 0.0)
+    return rel
+
+
+@triton.jit
 def _rel_terms(
-    q_ptrs,
-    qh,
-    qw,
-    ok,
-    TH,
-    TW,
-    stride_th,
-    stride_tw,
-    k_h,
-    k_w,
-    rq_h,
-    rk_h,
-    c_h,
-    rq_w,
-    rk_w,
-    c_w,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    KR: tl.constexpr,
+    q_ptrs, qh, qw, ok, rel_pos, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KR: tl.constexpr
 ):
     """(BLOCK_M, KR) fp32 rel tile of a query block: column kk < k_h holds relh[i, kk] = q_i · TH[dh(qh_i, kk)],
     column k_h + kk relw[i, kk]; 0 on rows not ok and columns past k_h + k_w. ``q_ptrs`` (BLOCK_M,) points at
     the rows of q. D is taken in chunks of 32 (q re-read from L1), and per chunk a loop over the k_h + k_w key
-    positions gathers one table row per query row (L1 / L2 hits): a few registers instead of fp32 copies of
-    whole (BLOCK_M, BLOCK_D) tiles."""
+    positions gathers one table row per query row: a few registers instead of fp32 copies of whole
+    (BLOCK_M, BLOCK_D) tiles."""
+    TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w = rel_pos
     CHUNK: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
-    offs_r = tl.arange(0, KR)
     rel = tl.zeros([BLOCK_M, KR], dtype=tl.float32)
     for d0 in tl.static_range(0, HEAD_DIM, CHUNK):
         offs_d = d0 + tl.arange(0, CHUNK)
         mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         qc = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        for kk in range(k_h):
-            idx = _rel_index(qh, kk, rq_h, rk_h, c_h)
-            rows = tl.load(TH + idx[:, None] * stride_th + offs_d[None, :], mask=mask, other=0.0)
-            rel += tl.where(offs_r[None, :] == kk, tl.sum(qc * rows.to(tl.float32), 1)[:, None], 0.0)
-        for kk in range(k_w):
-            idx = _rel_index(qw, kk, rq_w, rk_w, c_w)
-            rows = tl.load(TW + idx[:, None] * stride_tw + offs_d[None, :], mask=mask, other=0.0)
-            rel += tl.where(offs_r[None, :] == k_h + kk, tl.sum(qc * rows.to(tl.float32), 1)[:, None], 0.0)
+        rel = _axis_terms(rel, qc, qh, TH, stride_th, k_h, 0, rq_h, rk_h, c_h, offs_d, mask, KR)
+        rel = _axis_terms(rel, qc, qw, TW, stride_tw, k_w, k_h, rq_w, rk_w, c_w, offs_d, mask, KR)
     return rel
 
 
 @triton.jit
-def _rel_grad_q(
-    dq,
-    drel,
-    qh,
-    qw,
-    ok,
-    TH,
-    TW,
-    stride_th,
-    stride_tw,
-    k_h,
-    k_w,
-    rq_h,
-    rk_h,
-    c_h,
-    rq_w,
-    rk_w,
-    c_w,
-    offs_d,
-    d_ok,
-    KR: tl.constexpr,
-):
-    """dq (BLOCK_M, BLOCK_D) fp32 plus the rel terms' share: Σ_kk drel[i, kk]·TH[dh(qh_i, kk)] + Σ_kk
-    drel[i, k_h + kk]·TW[dw(qw_i, kk)] (table rows gathered per query row, L1 / L2 hits)."""
+def _axis_grad_q(dq, drel, pos, T, stride_t, n_k, col0, ratio_q, ratio_k, offset, offs_d, row_ok, KR: tl.constexpr):
+    """dq += Σ_kk drel[i, col0 + kk]·T[idx(pos_i, kk)] over one axis (table rows gathered per query row)."""
     offs_r = tl.arange(0, KR)
-    row_ok = ok[:, None] & d_ok[None, :]
-    for kk in range(k_h):
-        c = tl.sum(tl.where(offs_r[None, :] == kk, drel, 0.0), 1)
-        idx = _rel_index(qh, kk, rq_h, rk_h, c_h)
-        rows = tl.load(TH + idx[:, None] * stride_th + offs_d[None, :], mask=row_ok, other=0.0)
-        dq += c[:, None] * rows.to(tl.float32)
-    for kk in range(k_w):
-        c = tl.sum(tl.where(offs_r[None, :] == k_h + kk, drel, 0.0), 1)
-        idx = _rel_index(qw, kk, rq_w, rk_w, c_w)
-        rows = tl.load(TW + idx[:, None] * stride_tw + offs_d[None, :], mask=row_ok, other=0.0)
+    for kk in range(n_k):
+        c = tl.sum(tl.where(offs_r[None, :] == col0 + kk, drel, 0.0), 1)
+        idx = _rel_index(pos, kk, ratio_q, ratio_k, offset)
+        rows = tl.load(T + idx[:, None] * stride_t + offs_d[None, :], mask=row_ok, other=0.0)
         dq += c[:, None] * rows.to(tl.float32)
     return dq
+
+
+@triton.jit
+def _rel_grad_q(dq, drel, qh, qw, ok, rel_pos, offs_d, d_ok, KR: tl.constexpr):
+    """dq (BLOCK_M, BLOCK_D) fp32 plus the rel terms' share: Σ_kk drel[i, kk]·TH[dh(qh_i, kk)] + Σ_kk
+    drel[i, k_h + kk]·TW[dw(qw_i, kk)]."""
+    TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w = rel_pos
+    row_ok = ok[:, None] & d_ok[None, :]
+    dq = _axis_grad_q(dq, drel, qh, TH, stride_th, k_h, 0, rq_h, rk_h, c_h, offs_d, row_ok, KR)
+    return _axis_grad_q(dq, drel, qw, TW, stride_tw, k_w, k_h, rq_w, rk_w, c_w, offs_d, row_ok, KR)
 
 
 @triton.jit
@@ -209,29 +190,95 @@ def _split(rel, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_rel(base, offs_m, n_r, m_ok, KR: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """A (BLOCK_M, KR) tile (or its (KR, BLOCK_M) transpose) of a (rows, n_r) buffer; 0 past n_r and on rows
-    not m_ok."""
-    offs_r = tl.arange(0, KR)
-    if TRANSPOSED:
-        ptrs = base + offs_m[None, :] * n_r + offs_r[:, None]
-        x = tl.load(ptrs, mask=(offs_r < n_r)[:, None] & m_ok[None, :], other=0.0)
-    else:
-        x = tl.load(
-            base + offs_m[:, None] * n_r + offs_r[None, :], mask=m_ok[:, None] & (offs_r < n_r)[None, :], other=0.0
-        )
-    return x
+def _scaled_rel(
+    q_base,
+    stride_qm,
+    start_m,
+    offs_m,
+    Nq,
+    q_w,
+    rel_pos,
+    scale,
+    CLS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    KR: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """The rel terms / scale of query rows start_m + offs_m (q rows at q_base) as the score MMA takes them:
+    ``_split`` into DT (hi, lo)."""
+    qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
+    rel = _rel_terms(q_base + offs_m * stride_qm, qh, qw, q_sp, rel_pos, HEAD_DIM, BLOCK_D, BLOCK_M, KR)
+    return _split(rel / scale, DT)
 
 
 @triton.jit
-def _load_rel_pair(base, lo_offset, offs_m, n_r, m_ok, KR: tl.constexpr, DT: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _add_rel(s, rel_hi, rel_lo, e, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """s + R on a score tile: rel E accumulated by the score MMAs into s itself (E (KR, BLOCK_N) from
+    ``_one_hot``), or Eᵀ relᵀ on TRANSPOSED (key, query) tiles; 16-bit operands add the lo term of ``_split``."""
+    if TRANSPOSED:
+        s = tl.dot(e, tl.trans(rel_hi), s, input_precision=PRECISION)
+        if e.dtype != tl.float32:
+            s = tl.dot(e, tl.trans(rel_lo), s)
+    else:
+        s = tl.dot(rel_hi, e, s, input_precision=PRECISION)
+        if e.dtype != tl.float32:
+            s = tl.dot(rel_lo, e, s)
+    return s
+
+
+@triton.jit
+def _load_rel(base, offs_m, n_r, m_ok, KR: tl.constexpr):
+    """A (BLOCK_M, KR) tile of a row-major (rows, n_r) buffer; 0 past n_r and on rows not m_ok."""
+    offs_r = tl.arange(0, KR)
+    return load_tile(base, n_r, offs_m, offs_r, m_ok, offs_r < n_r, True, True)
+
+
+@triton.jit
+def _store_rel(base, offs_m, n_r, m_ok, x, KR: tl.constexpr):
+    """Store the columns < n_r of rows m_ok of a (BLOCK_M, KR) tile as ``_load_rel`` reads them."""
+    offs_r = tl.arange(0, KR)
+    store_tile(base, n_r, offs_m, offs_r, x, m_ok, offs_r < n_r, True, True)
+
+
+@triton.jit
+def _load_rel_pair(base, lo_offset, offs_m, n_r, m_ok, KR: tl.constexpr, DT: tl.constexpr):
     """The (hi, lo) rel tiles the backward's preprocess stored (``_split``; lo only for 16-bit DT)."""
-    hi = _load_rel(base, offs_m, n_r, m_ok, KR, TRANSPOSED)
+    hi = _load_rel(base, offs_m, n_r, m_ok, KR)
     if DT == tl.float32:
         lo = hi
     else:
-        lo = _load_rel(base + lo_offset, offs_m, n_r, m_ok, KR, TRANSPOSED)
+        lo = _load_rel(base + lo_offset, offs_m, n_r, m_ok, KR)
     return hi, lo
+
+
+@triton.jit
+def _reread_rows(base, stride_m, row0, offs_m, offs_d, m_ok, d_ok):
+    """Rows row0 + offs_m of a (rows, D) view read again in fp32 for the residual: volatile (an L2 hit, not
+    merged with the first load), so the tile is not kept live in registers through the key loop."""
+    x = tl.load(
+        base + (row0 + offs_m[:, None]) * stride_m + offs_d[None, :],
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+        volatile=True,
+    )
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _key_scores(k, n0, keys, HAS_REL: tl.constexpr, CLS: tl.constexpr, MASK_N: tl.constexpr, PRECISION, KR):
+    """(s, kh, kw, sp): base-2 scores (q kᵀ + rel E)·qk_scale of the query block against key block n0 (−inf
+    past Nk) and the keys' grid positions."""
+    q, rel_hi, rel_lo, offs_n, _offs_d, _d_ok, _stride_kn, _stride_vn, Nk, k_h, k_w, qk_scale = keys
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    kh, kw, sp = _grid_pos(n0, offs_n, Nk, k_w, CLS)
+    if HAS_REL:
+        s = _add_rel(s, rel_hi, rel_lo, _one_hot(kh, kw, sp, k_h, KR, rel_hi.dtype, False), PRECISION, False)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where((n0 + offs_n < Nk)[None, :], s, float("-inf"))
+    return s, kh, kw, sp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,30 +286,18 @@ def _load_rel_pair(base, lo_offset, offs_m, n_r, m_ok, KR: tl.constexpr, DT: tl.
 # ---------------------------------------------------------------------------------------------
 # R enters the score dot itself: S·(1/scale) = q kᵀ + [relh | relw]/scale · E with the one-hot selector E of
 # the key block, accumulated by the same MMAs into the same accumulator (the rel tile split into bf16 hi + lo
-# for 16-bit inputs), so no (BLOCK_M, BLOCK_N) gather, layout change or Nq×Nk tensor is needed.
+# for 16-bit inputs), so no (BLOCK_M, BLOCK_N) gather, layout change or Nq×Nk tensor is needed. The key loops
+# of the forward and of dQ pass their loop-invariant values as one tuple, ``keys`` = (q, rel_hi, rel_lo,
+# offs_n, offs_d, d_ok, stride_kn, stride_vn, Nk, k_h, k_w, qk_scale).
 
 
 @triton.jit
 def _fwd_step(
-    acc,
-    l_i,
-    m_i,
-    q,
-    rel_hi,
-    rel_lo,
+    state,
     k_base,
     v_base,
     n0,
-    offs_n,
-    offs_d,
-    stride_kn,
-    stride_vn,
-    Nk,
-    k_h,
-    k_w,
-    n_ok,
-    d_ok,
-    qk_scale,
+    keys,
     HAS_REL: tl.constexpr,
     CLS: tl.constexpr,
     MASK_N: tl.constexpr,
@@ -270,27 +305,19 @@ def _fwd_step(
     PRECISION: tl.constexpr,
     KR: tl.constexpr,
 ):
-    """One key block of the online softmax; scores in base 2."""
-    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if HAS_REL:
-        kh, kw, sp = _grid_pos(n0, offs_n, Nk, k_w, CLS)
-        e = _one_hot(kh, kw, sp, k_h, KR, rel_hi.dtype, False)
-        s = tl.dot(rel_hi, e, s, input_precision=PRECISION)
-        if rel_hi.dtype != tl.float32:
-            s = tl.dot(rel_lo, e, s)
-    s = s * qk_scale
-    if MASK_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    """One key block of the online softmax, ``state`` = (acc, l_i, m_i) in and out; scores in base 2."""
+    acc, l_i, m_i = state
+    _q, _rel_hi, _rel_lo, offs_n, offs_d, d_ok, stride_kn, stride_vn, Nk, _k_h, _k_w, _qk_scale = keys
+    n_ok = n0 + offs_n < Nk
+    k = load_tile(k_base, stride_kn, offs_n, offs_d, n_ok, d_ok, MASK_N, MASK_D)
+    s, _kh, _kw, _sp = _key_scores(k, n0, keys, HAS_REL, CLS, MASK_N, PRECISION, KR)
     # The first key block holds key 0, so every row max is finite from the first step on.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, l_i, m_new
+    v = load_tile(v_base, stride_vn, offs_n, offs_d, n_ok, d_ok, MASK_N, MASK_D)
+    return accumulate_pv(acc, alpha, p, v, PRECISION), l_i, m_new
 
 
 @triton.jit
@@ -343,138 +370,45 @@ def _pool_fwd_kernel(
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
+    """out and lse of one query block: the online softmax over the key blocks, the rel terms inside the score
+    MMAs, + q when RESIDUAL."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, start_m = query_block(H, Nq, BLOCK_M)
     row0 = start_m.to(tl.int64)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = start_m + offs_m < Nq
-    d_ok = offs_d < HEAD_DIM
+    offs_m, m_ok = block_offsets(start_m, Nq, BLOCK_M)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
 
     q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
-    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+    q = load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
     rel_hi = tl.zeros([BLOCK_M, KR], dtype=REL_DT)
     rel_lo = rel_hi
     if HAS_REL:
-        qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
-        rel = _rel_terms(
-            q_base + offs_m * stride_qm,
-            qh,
-            qw,
-            q_sp,
-            TH,
-            TW,
-            stride_th,
-            stride_tw,
-            k_h,
-            k_w,
-            rq_h,
-            rk_h,
-            c_h,
-            rq_w,
-            rk_w,
-            c_w,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            KR,
+        rel_pos = (TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w)
+        rel_hi, rel_lo = _scaled_rel(
+            q_base, stride_qm, start_m, offs_m, Nq, q_w, rel_pos, scale, CLS, HEAD_DIM, BLOCK_D, BLOCK_M, KR, REL_DT
         )
-        rel_hi, rel_lo = _split(rel / scale, REL_DT)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    state = (acc, tl.zeros([BLOCK_M], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
+    keys = (q, rel_hi, rel_lo, tl.arange(0, BLOCK_N), offs_d, d_ok, stride_kn, stride_vn, Nk, k_h, k_w, qk_scale)
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(
-            acc,
-            l_i,
-            m_i,
-            q,
-            rel_hi,
-            rel_lo,
-            k_base,
-            v_base,
-            n0,
-            offs_n,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            Nk,
-            k_h,
-            k_w,
-            offs_n < Nk,
-            d_ok,
-            qk_scale,
-            HAS_REL,
-            CLS,
-            False,
-            MASK_D,
-            PRECISION,
-            KR,
-        )
+        state = _fwd_step(state, k_base, v_base, n0, keys, HAS_REL, CLS, False, MASK_D, PRECISION, KR)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
     if not EVEN_N:
-        acc, l_i, m_i = _fwd_step(
-            acc,
-            l_i,
-            m_i,
-            q,
-            rel_hi,
-            rel_lo,
-            k_base,
-            v_base,
-            n_full,
-            offs_n,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            Nk,
-            k_h,
-            k_w,
-            n_full + offs_n < Nk,
-            d_ok,
-            qk_scale,
-            HAS_REL,
-            CLS,
-            True,
-            MASK_D,
-            PRECISION,
-            KR,
-        )
+        state = _fwd_step(state, k_base, v_base, n_full, keys, HAS_REL, CLS, True, MASK_D, PRECISION, KR)
+    acc, l_i, m_i = state
 
     out = acc / l_i[:, None]
     if RESIDUAL:
-        # q is read again (an L2 hit; volatile, so it is not merged with the first load) rather than kept
-        # live in registers through the key loop.
-        q_res = tl.load(
-            Q + b * stride_qb + h * stride_qh + (row0 + offs_m[:, None]) * stride_qm + offs_d[None, :],
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-            volatile=True,
-        )
-        out += q_res.to(tl.float32)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        out += _reread_rows(Q + b * stride_qb + h * stride_qh, stride_qm, row0, offs_m, offs_d, m_ok, d_ok)
+    lse = logsumexp(m_i, l_i)
     o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
-    _store_2d(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        m_ok,
-        d_ok,
-        not EVEN_M,
-        MASK_D,
-    )
-    _store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
+    store_tile(o_base, stride_om, offs_m, offs_d, out, m_ok, d_ok, not EVEN_M, MASK_D)
+    store_1d(Lse + bh.to(tl.int64) * Nq + row0 + offs_m, lse, m_ok, not EVEN_M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,103 +461,71 @@ def _pool_bwd_pre_kernel(
     """delta = rowsum(dO ∘ (out − q if residual)) (the attention output's part of out), and with tables each
     query row's rel terms / scale into Rel[0] (B·H, Nq, k_h + k_w) (columns: relh, then relw) as the score MMA
     takes them: ``_split`` into REL_DT hi (Rel[0]) and, for 16-bit REL_DT, lo (Rel[1] = Rel + lo_offset)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, start_m = query_block(H, Nq, BLOCK_M)
     row0 = start_m.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = start_m + offs_m < Nq
-    d_ok = offs_d < HEAD_DIM
-    mask = m_ok[:, None] & d_ok[None, :]
+    offs_m, m_ok = block_offsets(start_m, Nq, BLOCK_M)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
     o_base = Out + b * stride_ob + h * stride_oh + row0 * stride_om
     do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
-    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    if RESIDUAL or HAS_REL:
-        q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=mask, other=0.0)
-        if RESIDUAL:
-            o -= q.to(tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+    o = load_tile(o_base, stride_om, offs_m, offs_d, m_ok, d_ok, True, True).to(tl.float32)
+    do = load_tile(do_base, stride_dom, offs_m, offs_d, m_ok, d_ok, True, True).to(tl.float32)
+    if RESIDUAL:
+        o -= load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, True, True).to(tl.float32)
     row_base = bh.to(tl.int64) * Nq + row0
     tl.store(Delta + row_base + offs_m, tl.sum(o * do, 1), mask=m_ok)
     if HAS_REL:
-        qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
-        rel = _rel_terms(
-            q_base + offs_m * stride_qm,
-            qh,
-            qw,
-            q_sp,
-            TH,
-            TW,
-            stride_th,
-            stride_tw,
-            k_h,
-            k_w,
-            rq_h,
-            rk_h,
-            c_h,
-            rq_w,
-            rk_w,
-            c_w,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            KR,
+        rel_pos = (TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w)
+        hi, lo = _scaled_rel(
+            q_base, stride_qm, start_m, offs_m, Nq, q_w, rel_pos, scale, CLS, HEAD_DIM, BLOCK_D, BLOCK_M, KR, REL_DT
         )
-        n_r = k_h + k_w
-        offs_r = tl.arange(0, KR)
-        ptrs = Rel + row_base * n_r + offs_m[:, None] * n_r + offs_r[None, :]
-        mask = m_ok[:, None] & (offs_r < n_r)[None, :]
-        hi, lo = _split(rel / scale, REL_DT)
-        tl.store(ptrs, hi, mask=mask)
+        rel_base = Rel + row_base * (k_h + k_w)
+        _store_rel(rel_base, offs_m, k_h + k_w, m_ok, hi, KR)
         if REL_DT != tl.float32:
-            tl.store(ptrs + lo_offset, lo, mask=mask)
+            _store_rel(rel_base + lo_offset, offs_m, k_h + k_w, m_ok, lo, KR)
+
+
+@triton.jit
+def _next_query_rows(rows_at, stride_qm, stride_dom, n_r, BLOCK_M: tl.constexpr):
+    """The (q, dO, lse, delta, rel) row bases ``rows_at`` advanced by one query block."""
+    q_base, do_base, lse_base, delta_base, rel_base = rows_at
+    return (
+        q_base + BLOCK_M * stride_qm,
+        do_base + BLOCK_M * stride_dom,
+        lse_base + BLOCK_M,
+        delta_base + BLOCK_M,
+        rel_base + BLOCK_M * n_r,
+    )
 
 
 @triton.jit
 def _dkdv_step(
     dk,
     dv,
-    k,
-    v,
-    e,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    rel_base,
-    lo_offset,
-    offs_m,
-    offs_d,
-    stride_qm,
-    stride_dom,
-    n_r,
+    rows_at,
     m_ok,
-    d_ok,
-    qk_scale,
+    block,
     HAS_REL: tl.constexpr,
     MASK_M: tl.constexpr,
     MASK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     KR: tl.constexpr,
 ):
-    """One query block against the resident key block, on transposed (key, query) tiles."""
-    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
-    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    """One query block (row bases ``rows_at`` = (q, dO, lse, delta, rel)) against the resident key block
+    ``block`` = (k, v, e, offs_m, offs_d, d_ok, stride_qm, stride_dom, n_r, lo_offset, qk_scale), on
+    transposed (key, query) tiles."""
+    q_base, do_base, lse_base, delta_base, rel_base = rows_at
+    k, v, e, offs_m, offs_d, d_ok, stride_qm, stride_dom, n_r, lo_offset, qk_scale = block
+    q = load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, MASK_M, MASK_D)
+    do = load_tile(do_base, stride_dom, offs_m, offs_d, m_ok, d_ok, MASK_M, MASK_D)
     # Out-of-range query rows read lse = +inf, so p = 0 and they add nothing.
-    lse2 = _load_1d(lse_base + offs_m, m_ok, float("inf"), MASK_M) * 1.4426950408889634
-    delta = _load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
+    lse2 = load_lse2(lse_base + offs_m, m_ok, MASK_M)
+    delta = load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     if HAS_REL:
         # (BLOCK_M, KR) row-major tiles (coalesced), used transposed as the MMA's B operand.
-        rel_hi, rel_lo = _load_rel_pair(rel_base, lo_offset, offs_m, n_r, m_ok, KR, e.dtype, False)
-        sT = tl.dot(e, tl.trans(rel_hi), sT, input_precision=PRECISION)
-        if e.dtype != tl.float32:
-            sT = tl.dot(e, tl.trans(rel_lo), sT)
+        rel_hi, rel_lo = _load_rel_pair(rel_base, lo_offset, offs_m, n_r, m_ok, KR, e.dtype)
+        sT = _add_rel(sT, rel_hi, rel_lo, e, PRECISION, True)
     pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -702,143 +604,59 @@ def _pool_bwd_dkdv_kernel(
     row_end = tl.minimum(row_start + rows, Nq)
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = start_n + offs_n < Nk
-    d_ok = offs_d < HEAD_DIM
+    offs_n, n_ok = block_offsets(start_n, Nk, BLOCK_N)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
     kh, kw, k_sp = _grid_pos(start_n, offs_n, Nk, k_w, CLS)
     e = _one_hot(kh, kw, k_sp, k_h, KR, REL_DT, True)
-
     k_base = K + b * stride_kb + h * stride_kh + col0 * stride_kn
     v_base = V + b * stride_vb + h * stride_vh + col0 * stride_vn
-    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
-    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)
+    k = load_tile(k_base, stride_kn, offs_n, offs_d, n_ok, d_ok, not EVEN_N, MASK_D)
+    v = load_tile(v_base, stride_vn, offs_n, offs_d, n_ok, d_ok, not EVEN_N, MASK_D)
 
     row0 = row_start.to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
-    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
     row_base = bh.to(tl.int64) * Nq + row0
-    lse_base = Lse + row_base
-    delta_base = Delta + row_base
     n_r = k_h + k_w
-    rel_base = Rel + row_base * n_r
-
+    rows_at = (
+        Q + b * stride_qb + h * stride_qh + row0 * stride_qm,
+        DO + b * stride_dob + h * stride_doh + row0 * stride_dom,
+        Lse + row_base,
+        Delta + row_base,
+        Rel + row_base * n_r,
+    )
+    block = (k, v, e, offs_m, offs_d, d_ok, stride_qm, stride_dom, n_r, lo_offset, qk_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = row_start + (row_end - row_start) // BLOCK_M * BLOCK_M
     for _ in range(row_start, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(
-            dk,
-            dv,
-            k,
-            v,
-            e,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            rel_base,
-            lo_offset,
-            offs_m,
-            offs_d,
-            stride_qm,
-            stride_dom,
-            n_r,
-            offs_m < BLOCK_M,
-            d_ok,
-            qk_scale,
-            HAS_REL,
-            False,
-            MASK_D,
-            PRECISION,
-            KR,
-        )
-        q_base += BLOCK_M * stride_qm
-        do_base += BLOCK_M * stride_dom
-        lse_base += BLOCK_M
-        delta_base += BLOCK_M
-        rel_base += BLOCK_M * n_r
+        dk, dv = _dkdv_step(dk, dv, rows_at, offs_m < BLOCK_M, block, HAS_REL, False, MASK_D, PRECISION, KR)
+        rows_at = _next_query_rows(rows_at, stride_qm, stride_dom, n_r, BLOCK_M)
     if not EVEN_M:
         if m_full < row_end:
-            dk, dv = _dkdv_step(
-                dk,
-                dv,
-                k,
-                v,
-                e,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                rel_base,
-                lo_offset,
-                offs_m,
-                offs_d,
-                stride_qm,
-                stride_dom,
-                n_r,
-                m_full + offs_m < row_end,
-                d_ok,
-                qk_scale,
-                HAS_REL,
-                True,
-                MASK_D,
-                PRECISION,
-                KR,
-            )
+            dk, dv = _dkdv_step(dk, dv, rows_at, m_full + offs_m < row_end, block, HAS_REL, True, MASK_D, PRECISION, KR)
 
     dk = dk * scale
     if CHUNKED:
         # Part[0 | 1, chunk, b·h] is a contiguous (Nk, HEAD_DIM) fp32 block; B·H = programs / (chunks · key blocks).
         bhs = tl.num_programs(0) // (num_chunks * num_n)
         slot = Part + ((chunk.to(tl.int64) * bhs + bh) * Nk + col0) * HEAD_DIM
-        ptrs = slot + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        _store_2d(ptrs, dk, n_ok, d_ok, not EVEN_N, MASK_D)
-        _store_2d(ptrs + part_stride, dv, n_ok, d_ok, not EVEN_N, MASK_D)
+        store_tile(slot, HEAD_DIM, offs_n, offs_d, dk, n_ok, d_ok, not EVEN_N, MASK_D)
+        store_tile(slot + part_stride, HEAD_DIM, offs_n, offs_d, dv, n_ok, d_ok, not EVEN_N, MASK_D)
     else:
         dk_base = DK + b * stride_dkb + h * stride_dkh + col0 * stride_dkn
         dv_base = DV + b * stride_dvb + h * stride_dvh + col0 * stride_dvn
-        _store_2d(
-            dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            n_ok,
-            d_ok,
-            not EVEN_N,
-            MASK_D,
-        )
-        _store_2d(
-            dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            n_ok,
-            d_ok,
-            not EVEN_N,
-            MASK_D,
-        )
+        store_tile(dk_base, stride_dkn, offs_n, offs_d, dk, n_ok, d_ok, not EVEN_N, MASK_D)
+        store_tile(dv_base, stride_dvn, offs_n, offs_d, dv, n_ok, d_ok, not EVEN_N, MASK_D)
 
 
 @triton.jit
 def _dq_step(
     dq,
     drel,
-    q,
-    do,
-    lse2,
-    delta,
-    rel_hi,
-    rel_lo,
     k_base,
     v_base,
     n0,
-    offs_n,
-    offs_d,
-    stride_kn,
-    stride_vn,
-    Nk,
-    k_h,
-    k_w,
-    n_ok,
-    d_ok,
-    qk_scale,
+    keys,
+    grads,
     HAS_REL: tl.constexpr,
     CLS: tl.constexpr,
     MASK_N: tl.constexpr,
@@ -846,20 +664,14 @@ def _dq_step(
     PRECISION: tl.constexpr,
     KR: tl.constexpr,
 ):
-    """One key block against the resident query block: dq, and dS summed per key row and column (drel =
-    dS Eᵀ, in the operands' precision like dq itself)."""
-    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if HAS_REL:
-        kh, kw, sp = _grid_pos(n0, offs_n, Nk, k_w, CLS)
-        e = _one_hot(kh, kw, sp, k_h, KR, rel_hi.dtype, False)
-        s = tl.dot(rel_hi, e, s, input_precision=PRECISION)
-        if rel_hi.dtype != tl.float32:
-            s = tl.dot(rel_lo, e, s)
-    s = s * qk_scale
-    if MASK_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    """One key block against the resident query block (``grads`` = its (dO, lse2, delta)): dq, and dS summed
+    per key row and column (drel = dS Eᵀ, in the operands' precision like dq itself)."""
+    _q, _rel_hi, _rel_lo, offs_n, offs_d, d_ok, stride_kn, stride_vn, Nk, k_h, _k_w, _qk_scale = keys
+    do, lse2, delta = grads
+    n_ok = n0 + offs_n < Nk
+    k = load_tile(k_base, stride_kn, offs_n, offs_d, n_ok, d_ok, MASK_N, MASK_D)
+    v = load_tile(v_base, stride_vn, offs_n, offs_d, n_ok, d_ok, MASK_N, MASK_D)
+    s, kh, kw, sp = _key_scores(k, n0, keys, HAS_REL, CLS, MASK_N, PRECISION, KR)
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = (p * (dp - delta[:, None])).to(k.dtype)
@@ -927,153 +739,52 @@ def _pool_bwd_dq_kernel(
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
+    """dQ of one query block over the key blocks (+ dO when RESIDUAL) and, with tables, its dS summed per key
+    row and column into DRel (fp32, for the table kernel) and their share of dQ."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, start_m = query_block(H, Nq, BLOCK_M)
     row0 = start_m.to(tl.int64)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = start_m + offs_m < Nq
-    d_ok = offs_d < HEAD_DIM
+    offs_m, m_ok = block_offsets(start_m, Nq, BLOCK_M)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
+    row_base = bh.to(tl.int64) * Nq + row0
+    n_r = k_h + k_w
 
     q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
     do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
-    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-    row_base = bh.to(tl.int64) * Nq + row0
-    lse2 = _load_1d(Lse + row_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
-    delta = _load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
-    n_r = k_h + k_w
+    q = load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
+    do = load_tile(do_base, stride_dom, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
+    lse2 = load_lse2(Lse + row_base + offs_m, m_ok, not EVEN_M)
+    delta = load_1d(Delta + row_base + offs_m, m_ok, 0.0, not EVEN_M)
     rel_hi = tl.zeros([BLOCK_M, KR], dtype=REL_DT)
     rel_lo = rel_hi
     if HAS_REL:
-        rel_hi, rel_lo = _load_rel_pair(Rel + row_base * n_r, lo_offset, offs_m, n_r, m_ok, KR, REL_DT, False)
+        rel_hi, rel_lo = _load_rel_pair(Rel + row_base * n_r, lo_offset, offs_m, n_r, m_ok, KR, REL_DT)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     drel = tl.zeros([BLOCK_M, KR], dtype=tl.float32)
+    keys = (q, rel_hi, rel_lo, tl.arange(0, BLOCK_N), offs_d, d_ok, stride_kn, stride_vn, Nk, k_h, k_w, qk_scale)
+    grads = (do, lse2, delta)
     n_full = (Nk // BLOCK_N) * BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):
-        dq, drel = _dq_step(
-            dq,
-            drel,
-            q,
-            do,
-            lse2,
-            delta,
-            rel_hi,
-            rel_lo,
-            k_base,
-            v_base,
-            n0,
-            offs_n,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            Nk,
-            k_h,
-            k_w,
-            offs_n < Nk,
-            d_ok,
-            qk_scale,
-            HAS_REL,
-            CLS,
-            False,
-            MASK_D,
-            PRECISION,
-            KR,
-        )
+        dq, drel = _dq_step(dq, drel, k_base, v_base, n0, keys, grads, HAS_REL, CLS, False, MASK_D, PRECISION, KR)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
     if not EVEN_N:
-        dq, drel = _dq_step(
-            dq,
-            drel,
-            q,
-            do,
-            lse2,
-            delta,
-            rel_hi,
-            rel_lo,
-            k_base,
-            v_base,
-            n_full,
-            offs_n,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            Nk,
-            k_h,
-            k_w,
-            n_full + offs_n < Nk,
-            d_ok,
-            qk_scale,
-            HAS_REL,
-            CLS,
-            True,
-            MASK_D,
-            PRECISION,
-            KR,
-        )
+        dq, drel = _dq_step(dq, drel, k_base, v_base, n_full, keys, grads, HAS_REL, CLS, True, MASK_D, PRECISION, KR)
 
     dq = dq * scale
     if HAS_REL:
         # The class row has no rel terms: its dS sums are stored but every reader masks them out (q_sp).
         qh, qw, q_sp = _grid_pos(start_m, offs_m, Nq, q_w, CLS)
-        offs_r = tl.arange(0, KR)
-        tl.store(
-            DRel + row_base * n_r + offs_m[:, None] * n_r + offs_r[None, :],
-            drel,
-            mask=m_ok[:, None] & (offs_r < n_r)[None, :],
-        )
-        dq = _rel_grad_q(
-            dq,
-            drel,
-            qh,
-            qw,
-            q_sp,
-            TH,
-            TW,
-            stride_th,
-            stride_tw,
-            k_h,
-            k_w,
-            rq_h,
-            rk_h,
-            c_h,
-            rq_w,
-            rk_w,
-            c_w,
-            offs_d,
-            d_ok,
-            KR,
-        )
+        _store_rel(DRel + row_base * n_r, offs_m, n_r, m_ok, drel, KR)
+        rel_pos = (TH, TW, stride_th, stride_tw, k_h, k_w, rq_h, rk_h, c_h, rq_w, rk_w, c_w)
+        dq = _rel_grad_q(dq, drel, qh, qw, q_sp, rel_pos, offs_d, d_ok, KR)
     if RESIDUAL:
-        # dO is read again (volatile: an L2 hit, not merged with the first load) rather than kept live in the
-        # accumulator's layout through the key loop.
-        do_res = tl.load(
-            DO + b * stride_dob + h * stride_doh + (row0 + offs_m[:, None]) * stride_dom + offs_d[None, :],
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-            volatile=True,
-        )
-        dq += do_res.to(tl.float32)
+        dq += _reread_rows(DO + b * stride_dob + h * stride_doh, stride_dom, row0, offs_m, offs_d, m_ok, d_ok)
     dq_base = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm
-    _store_2d(
-        dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        m_ok,
-        d_ok,
-        not EVEN_M,
-        MASK_D,
-    )
+    store_tile(dq_base, stride_dqm, offs_m, offs_d, dq, m_ok, d_ok, not EVEN_M, MASK_D)
 
 
 @triton.jit
@@ -1276,8 +987,9 @@ def _check(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token):
     return B, H, Nq, Nk, D, (q_h, q_w), (k_h, k_w)
 
 
-def _s3(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+def _s3(*tensors):
+    """The (B, H, rows) strides of each (B, H, rows, D) view, in order: the kernels' stride arguments."""
+    return launch.strides(*tensors, dims=3)
 
 
 def _heads_view(t, B, Nq, H, D):
@@ -1333,9 +1045,7 @@ def pool_attention_fwd(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token,
         tw,
         out,
         lse,
-        *_s3(q),
-        *_s3(k),
-        *_s3(v),
+        *_s3(q, k, v),
         th.stride(0),
         tw.stride(0),
         Nq * H * D,
@@ -1422,9 +1132,7 @@ def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w
             tw,
             delta,
             rel,
-            *_s3(q),
-            *_s3(o),
-            *_s3(do),
+            *_s3(q, o, do),
             th.stride(0),
             tw.stride(0),
             H,
@@ -1436,12 +1144,12 @@ def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w
             RESIDUAL=bool(residual),
             BLOCK_M=bm,
         )
-        common = (*_s3(q), *_s3(k), *_s3(v), *_s3(do))
+        common = _s3(q, k, v, do)
         # dK, dV: programs per (key block, b·h, chunk of query rows); with > 1 chunk, fp32 partials summed here.
         rows = _dkdv_rows(Nq, B * H * triton.cdiv(Nk, 64), q.device, fixed)
         chunks = triton.cdiv(Nq, rows)
         part = torch.empty((2, chunks, B * H, Nk, D) if chunks > 1 else (1,), **f32)
-        args = (q, k, v, do, lse, delta, rel, dk, dv, part, *common, *_s3(dk), *_s3(dv), H, Nq, Nk, k_h, k_w)
+        args = (q, k, v, do, lse, delta, rel, dk, dv, part, *common, *_s3(dk, dv), H, Nq, Nk, k_h, k_w)
         args = (*args, rows, part[0].numel() if chunks > 1 else 0, lo_offset, qk_scale, float(scale))
         meta = dict(heads, PRECISION=precision)
         grid_n = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]) * B * H * chunks,)  # noqa: E731

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _launch as launch
 from ._launch import sm_count, use_fixed  # module globals: tests patch them here
-from .attention import _load_1d, _load_2d, _store_1d, _store_2d
+from ._tiles import block_offsets, load_1d, load_lse2, load_tile, logsumexp, store_1d, store_2d, store_tile
 
 __all__ = [
     "sr_attention_backward",
@@ -74,46 +74,6 @@ def supports_split_backward(m: int, d: int) -> bool:
 
 
 @triton.jit
-def _load_kv(
-    K,
-    V,
-    b,
-    h,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    M,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_KV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_KV: tl.constexpr,
-):
-    """All M keys and values of head (b, h), zero-filled to BLOCK_KV rows and BLOCK_D columns."""
-    offs_kv = tl.arange(0, BLOCK_KV)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = offs_kv < M
-    d_ok = offs_d < HEAD_DIM
-    k = _load_2d(
-        K + b * stride_kb + h * stride_kh + offs_kv[:, None] * stride_kn + offs_d[None, :],
-        kv_ok,
-        d_ok,
-        not EVEN_KV,
-        HEAD_DIM != BLOCK_D,
-    )
-    v = _load_2d(
-        V + b * stride_vb + h * stride_vh + offs_kv[:, None] * stride_vn + offs_d[None, :],
-        kv_ok,
-        d_ok,
-        not EVEN_KV,
-        HEAD_DIM != BLOCK_D,
-    )
-    return k, v
-
-
-@triton.jit
 def _program_rows(H, N, rows):
     """(b·h, b, h, first row, end row) of this program; pid = bh·num_chunks + chunk, 1-D grid."""
     pid = tl.program_id(0)
@@ -121,6 +81,43 @@ def _program_rows(H, N, rows):
     bh = pid // num_chunks
     row_start = (pid % num_chunks) * rows
     return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), row_start, tl.minimum(row_start + rows, N)
+
+
+@triton.jit
+def _program_kv(
+    kv, H, N, M, rows, HEAD_DIM: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_KV: tl.constexpr
+):
+    """(b·h, b, h, first row, end row, k, v): this program's rows (``_program_rows``) and all M keys and values
+    of its head, zero-filled to BLOCK_KV rows and BLOCK_D columns. ``kv`` = (K, V, stride_kb, stride_kh,
+    stride_kn, stride_vb, stride_vh, stride_vn)."""
+    K, V, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn = kv
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
+    offs_kv, kv_ok = block_offsets(0, M, BLOCK_KV)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
+    k = load_tile(K + b * stride_kb + h * stride_kh, stride_kn, offs_kv, offs_d, kv_ok, d_ok, not EVEN_KV, MASK_D)
+    v = load_tile(V + b * stride_vb + h * stride_vh, stride_vn, offs_kv, offs_d, kv_ok, d_ok, not EVEN_KV, MASK_D)
+    return bh, b, h, row_start, row_end, k, v
+
+
+@triton.jit
+def _ds_dv(q, k, v, do, lse2, delta, dv, n_ok, qk_scale, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """(dS, dV + Pᵀ dO) of a query block against a key block: P = exp2(q kᵀ·qk_scale − lse2) (0 on keys not
+    n_ok), dS = P ∘ (dO vᵀ − delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK_N:
+        p = tl.where(n_ok[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p * (dp - delta[:, None]), dv
+
+
+@triton.jit
+def _store_partial(slot, part_stride, dk, dv, n_ok, d_ok, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """A program's fp32 (dK, dV) partial rows: dK at the pointer tile ``slot``, dV part_stride after it."""
+    store_2d(slot, dk, n_ok, d_ok, MASK_N, MASK_D)
+    store_2d(slot + part_stride, dv, n_ok, d_ok, MASK_N, MASK_D)
 
 
 @triton.jit
@@ -155,29 +152,13 @@ def _sr_fwd_kernel(
     EVEN_M: tl.constexpr,
     EVEN_KV: tl.constexpr,
 ):
+    """out and lse of a chunk of query rows against all M keys of the head, resident on chip."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
-    k, v = _load_kv(
-        K,
-        V,
-        b,
-        h,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        M,
-        HEAD_DIM,
-        BLOCK_KV,
-        BLOCK_D,
-        EVEN_KV,
-    )
+    kv = (K, V, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn)
+    bh, b, h, row_start, row_end, k, v = _program_kv(kv, H, N, M, rows, HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
     kv_ok = tl.arange(0, BLOCK_KV) < M
-    d_ok = offs_d < HEAD_DIM
 
     row0 = row_start.to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
@@ -185,7 +166,7 @@ def _sr_fwd_kernel(
     lse_base = Lse + bh.to(tl.int64) * N + row0
     for start in range(row_start, row_end, BLOCK_M):
         m_ok = start + offs_m < row_end
-        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+        q = load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if not EVEN_KV:
             s = tl.where(kv_ok[None, :], s, float("-inf"))
@@ -195,15 +176,8 @@ def _sr_fwd_kernel(
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         out = acc / l_i[:, None]
-        _store_2d(
-            o_base + offs_m[:, None] * stride_om + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            m_ok,
-            d_ok,
-            not EVEN_M,
-            MASK_D,
-        )
-        _store_1d(lse_base + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, m_ok, not EVEN_M)
+        store_tile(o_base, stride_om, offs_m, offs_d, out, m_ok, d_ok, not EVEN_M, MASK_D)
+        store_1d(lse_base + offs_m, logsumexp(m_i, l_i), m_ok, not EVEN_M)
         q_base += BLOCK_M * stride_qm
         o_base += BLOCK_M * stride_om
         lse_base += BLOCK_M
@@ -252,30 +226,14 @@ def _sr_bwd_kernel(
     EVEN_M: tl.constexpr,
     EVEN_KV: tl.constexpr,
 ):
+    """dq of a chunk of query rows and the chunk's (dK, dV) partial over all M keys of the head, resident on
+    chip with their dK, dV accumulators."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    bh, b, h, row_start, row_end = _program_rows(H, N, rows)
-    k, v = _load_kv(
-        K,
-        V,
-        b,
-        h,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        M,
-        HEAD_DIM,
-        BLOCK_KV,
-        BLOCK_D,
-        EVEN_KV,
-    )
+    kv = (K, V, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn)
+    bh, b, h, row_start, row_end, k, v = _program_kv(kv, H, N, M, rows, HEAD_DIM, BLOCK_KV, BLOCK_D, EVEN_KV)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_kv = tl.arange(0, BLOCK_KV)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = offs_kv < M
-    d_ok = offs_d < HEAD_DIM
+    offs_kv, kv_ok = block_offsets(0, M, BLOCK_KV)
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
 
     row0 = row_start.to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
@@ -288,28 +246,15 @@ def _sr_bwd_kernel(
     dv = tl.zeros([BLOCK_KV, BLOCK_D], dtype=tl.float32)
     for start in range(row_start, row_end, BLOCK_M):
         m_ok = start + offs_m < row_end
-        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-        o = _load_2d(o_base + offs_m[:, None] * stride_om + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-        do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+        q = load_tile(q_base, stride_qm, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
+        o = load_tile(o_base, stride_om, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
+        do = load_tile(do_base, stride_dom, offs_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
         # Rows past the chunk read lse = +inf → P = 0 and they add nothing.
-        lse2 = _load_1d(lse_base + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
+        lse2 = load_lse2(lse_base + offs_m, m_ok, not EVEN_M)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if not EVEN_KV:
-            p = tl.where(kv_ok[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds, dv = _ds_dv(q, k, v, do, lse2, delta, dv, kv_ok, qk_scale, not EVEN_KV, PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        _store_2d(
-            dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            m_ok,
-            d_ok,
-            not EVEN_M,
-            MASK_D,
-        )
+        store_tile(dq_base, stride_dqm, offs_m, offs_d, dq, m_ok, d_ok, not EVEN_M, MASK_D)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         q_base += BLOCK_M * stride_qm
         o_base += BLOCK_M * stride_om
@@ -319,35 +264,14 @@ def _sr_bwd_kernel(
 
     # This program's partial (dK, dV) slot: Part[0 or 1, pid] is a contiguous (M, HEAD_DIM) fp32 block.
     slot = Part + tl.program_id(0).to(tl.int64) * M * HEAD_DIM + offs_kv[:, None] * HEAD_DIM + offs_d[None, :]
-    _store_2d(slot, dk * scale, kv_ok, d_ok, not EVEN_KV, MASK_D)
-    _store_2d(slot + part_stride, dv, kv_ok, d_ok, not EVEN_KV, MASK_D)
+    _store_partial(slot, part_stride, dk * scale, dv, kv_ok, d_ok, not EVEN_KV, MASK_D)
 
 
 @triton.jit
 def _split_pass(
-    q_head,
-    k_head,
-    v_head,
-    o_head,
-    do_head,
-    dq_head,
-    acc_head,
-    lse_row,
-    delta_row,
-    part_slot,
-    stride_qm,
-    stride_kn,
-    stride_vn,
-    stride_om,
-    stride_dom,
-    stride_dqm,
-    stride_am,
-    row_start,
-    row_end,
-    M,
-    part_stride,
-    qk_scale,
-    scale,
+    heads,
+    row_strides,
+    chunk,
     kb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -362,20 +286,19 @@ def _split_pass(
     """Key block ``kb`` of one head against every query of the chunk [row_start, row_end). dK/dV of
     the block stay on chip and are written as this program's partial; dQ goes to the fp32 scratch
     (FIRST: stored; later: added to it; LAST: the sum, scaled, to dq). FIRST computes delta from O
-    and dO and stores it unless it is LAST too; later passes load it."""
+    and dO and stores it unless it is LAST too; later passes load it. ``heads``: the head's (q, k, v, o, dO,
+    dq, dQ scratch) first rows, its lse and delta rows and this program's partial slot; ``row_strides``: the
+    row strides of the first seven; ``chunk`` = (row_start, row_end, M, part_stride, qk_scale, scale)."""
+    q_head, k_head, v_head, o_head, do_head, dq_head, acc_head, lse_row, delta_row, part_slot = heads
+    stride_qm, stride_kn, stride_vn, stride_om, stride_dom, stride_dqm, stride_am = row_strides
+    row_start, row_end, M, part_stride, qk_scale, scale = chunk
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_ok = kb * BLOCK_N + offs_n < M
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
     key0 = tl.cast(kb, tl.int64) * BLOCK_N  # kb may be the constant 0
-    k = _load_2d(
-        k_head + key0 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D
-    )
-    v = _load_2d(
-        v_head + key0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D
-    )
+    offs_n, n_ok = block_offsets(kb * BLOCK_N, M, BLOCK_N)
+    k = load_tile(k_head + key0 * stride_kn, stride_kn, offs_n, offs_d, n_ok, d_ok, not EVEN_N, MASK_D)
+    v = load_tile(v_head + key0 * stride_vn, stride_vn, offs_n, offs_d, n_ok, d_ok, not EVEN_N, MASK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -388,48 +311,34 @@ def _split_pass(
         # Rows addressed as (row0 + offs_m)·stride in int64: here fewer registers than a scalar base
         # plus int32 tile offsets, the other kernels' convention (sm_90a, ptxas: 238 vs 255 at 64×64).
         row0 = start.to(tl.int64)
+        rows_m = row0 + offs_m
         m_ok = start + offs_m < row_end
-        q = _load_2d(q_head + (row0 + offs_m[:, None]) * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
-        do = _load_2d(do_head + (row0 + offs_m[:, None]) * stride_dom + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
+        q = load_tile(q_head, stride_qm, rows_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
+        do = load_tile(do_head, stride_dom, rows_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
         # Rows past the chunk read lse = +inf → P = 0 and they add nothing.
-        lse2 = _load_1d(lse_row + row0 + offs_m, m_ok, float("inf"), not EVEN_M) * 1.4426950408889634
+        lse2 = load_lse2(lse_row + row0 + offs_m, m_ok, not EVEN_M)
         if FIRST:
-            o = _load_2d(
-                o_head + (row0 + offs_m[:, None]) * stride_om + offs_d[None, :],
-                m_ok,
-                d_ok,
-                not EVEN_M,
-                MASK_D,
-            )
+            o = load_tile(o_head, stride_om, rows_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             if not LAST:
-                _store_1d(delta_row + row0 + offs_m, delta, m_ok, not EVEN_M)
+                store_1d(delta_row + row0 + offs_m, delta, m_ok, not EVEN_M)
         else:
-            delta = _load_1d(delta_row + row0 + offs_m, m_ok, 0.0, not EVEN_M)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if not EVEN_N:
-            p = tl.where(n_ok[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        acc_ptrs = acc_head + (row0 + offs_m[:, None]) * stride_am + offs_d[None, :]
+            delta = load_1d(delta_row + row0 + offs_m, m_ok, 0.0, not EVEN_M)
+        ds, dv = _ds_dv(q, k, v, do, lse2, delta, dv, n_ok, qk_scale, not EVEN_N, PRECISION)
         if FIRST:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         else:
-            dq_prev = _load_2d(acc_ptrs, m_ok, d_ok, not EVEN_M, MASK_D)
+            dq_prev = load_tile(acc_head, stride_am, rows_m, offs_d, m_ok, d_ok, not EVEN_M, MASK_D)
             dq = tl.dot(ds.to(k.dtype), k, dq_prev, input_precision=PRECISION)
         if LAST:
-            dq_ptrs = dq_head + (row0 + offs_m[:, None]) * stride_dqm + offs_d[None, :]
-            _store_2d(dq_ptrs, (dq * scale).to(dq_head.dtype.element_ty), m_ok, d_ok, not EVEN_M, MASK_D)
+            store_tile(dq_head, stride_dqm, rows_m, offs_d, dq * scale, m_ok, d_ok, not EVEN_M, MASK_D)
         else:
-            _store_2d(acc_ptrs, dq, m_ok, d_ok, not EVEN_M, MASK_D)
+            store_tile(acc_head, stride_am, rows_m, offs_d, dq, m_ok, d_ok, not EVEN_M, MASK_D)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
 
     # This pass's key rows of the program's partial slots (dK at part_slot, dV part_stride after).
     slot = part_slot + (key0 + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    _store_2d(slot, dk * scale, n_ok, d_ok, not EVEN_N, MASK_D)
-    _store_2d(slot + part_stride, dv, n_ok, d_ok, not EVEN_N, MASK_D)
+    _store_partial(slot, part_stride, dk * scale, dv, n_ok, d_ok, not EVEN_N, MASK_D)
 
 
 @triton.jit
@@ -488,7 +397,7 @@ def _sr_split_bwd_kernel(
     chunks = tl.cdiv(N, rows)
     # Partial slots Part[0 or 1, chunk, b·h] (M, HEAD_DIM): one chunk of every head is contiguous.
     slot = (tl.program_id(0) % chunks).to(tl.int64) * (tl.num_programs(0) // chunks) + bh
-    args = (
+    heads = (
         Q + b * stride_qb + h * stride_qh,
         K + b * stride_kb + h * stride_kh,
         V + b * stride_vb + h * stride_vh,
@@ -499,20 +408,9 @@ def _sr_split_bwd_kernel(
         Lse + bh.to(tl.int64) * N,  # Lse and Delta: contiguous (B·H, N)
         Delta + bh.to(tl.int64) * N,
         Part + slot * M * HEAD_DIM,
-        stride_qm,
-        stride_kn,
-        stride_vn,
-        stride_om,
-        stride_dom,
-        stride_dqm,
-        stride_am,
-        row_start,
-        row_end,
-        M,
-        part_stride,
-        qk_scale,
-        scale,
     )
+    row_strides = (stride_qm, stride_kn, stride_vn, stride_om, stride_dom, stride_dqm, stride_am)
+    args = (heads, row_strides, (row_start, row_end, M, part_stride, qk_scale, scale))
     _split_pass(*args, 0, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True, ONE_PASS)
     if not ONE_PASS:
         last = tl.cdiv(M, BLOCK_N) - 1
@@ -661,8 +559,9 @@ def _check(q, k, v):
     return B, H, N, M, D
 
 
-def _s3(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(*tensors):
+    """The (B, H, rows) strides of each (B, H, rows, D) view, in order: the kernels' stride arguments."""
+    return launch.strides(*tensors, dims=3)
 
 
 def sr_attention_forward(q, k, v, scale, out):
@@ -682,7 +581,7 @@ def sr_attention_forward(q, k, v, scale, out):
     fixed = use_fixed(q, _INTERPRETED, "sr_attention")
     bm = INTERPRET_BLOCK_M["fwd"]
     rows = _rows_per_program(N, B * H, q.device, fixed, bm, waves=4)
-    args = (q, k, v, out, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(out), H, N, M, rows, float(scale) * launch.LOG2E)
+    args = (q, k, v, out, lse, *_strides(q, k, v, out), H, N, M, rows, float(scale) * launch.LOG2E)
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     grid = (triton.cdiv(N, rows) * B * H,)
     with launch.device_ctx(q):
@@ -691,58 +590,57 @@ def sr_attention_forward(q, k, v, scale, out):
     return lse
 
 
+def _backward_plan(q, k, v, supported, error: str):
+    """(B, H, N, M, D, fixed) of a backward call after the checks; ``error`` (formatted with M and D): the
+    message when ``supported(M, D)`` does not hold."""
+    B, H, N, M, D = _check(q, k, v)
+    if not supported(M, D):
+        raise ValueError(error.format(M=M, D=D))
+    return B, H, N, M, D, use_fixed(q, _INTERPRETED, "sr_attention")
+
+
+def _run_backward(kernel, programs, args, meta, part, chunk_dim, dk, dv):
+    """Launch a backward kernel over ``programs`` (args: the tensors, their ``_strides``, then ``_tail``),
+    then write dk, dv from its fp32 (2, ...) partials ``part``, summed over their chunk dim by torch."""
+    with launch.device_ctx(dk):
+        kernel[(programs,)](*args, **meta)
+        sums = part.sum(dim=chunk_dim).view(2, *dk.shape)
+        dk.copy_(sums[0])
+        dv.copy_(sums[1])
+
+
+def _tail(H, N, M, rows, programs, D, scale):
+    """The scalar arguments every backward kernel ends with: sizes, rows per program, the partials' (dK → dV)
+    stride, the base-2 and plain softmax scales."""
+    return (H, N, M, rows, programs * M * D, float(scale) * launch.LOG2E, float(scale))
+
+
+def _zero(*grads) -> None:
+    for g in grads:
+        g.zero_()
+
+
 def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     """Write dq (B, H, N, D), dk and dv (B, H, M, D) (views of q's dtype, any strides with a unit last
     stride) for ``sr_attention_forward``; ``supports_backward(M, D)`` must hold. Deterministic."""
-    B, H, N, M, D = _check(q, k, v)
-    if not supports_backward(M, D):
-        raise ValueError(
-            f"sr_attention Triton backward: M={M}, D={D} exceed the on-chip limit "
-            f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE}); the split backward has none"
-        )
-    lse = lse.to(torch.float32).contiguous()
+    error = (
+        "sr_attention Triton backward: M={M}, D={D} exceed the on-chip limit "
+        f"(M ≤ {MAX_KEYS}, next_pow2(M)·next_pow2(D) ≤ {_BWD_TILE}); the split backward has none"
+    )
+    B, H, N, M, D, fixed = _backward_plan(q, k, v, supports_backward, error)
     if B * H * N == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-        return
-    fixed = use_fixed(q, _INTERPRETED, "sr_attention")
+        return _zero(dq, dk, dv)
     bm = INTERPRET_BLOCK_M["bwd"]
     rows = _rows_per_program(N, B * H, q.device, fixed, bm, waves=2)
     chunks = triton.cdiv(N, rows)
     programs = chunks * B * H
     # Part[0] = dK partials, Part[1] = dV partials, one (M, D) fp32 slot per program.
     part = torch.empty((2, B * H, chunks, M, D), device=q.device, dtype=torch.float32)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-        dq,
-        part,
-        *_s3(q),
-        *_s3(k),
-        *_s3(v),
-        *_s3(out),
-        *_s3(dout),
-        *_s3(dq),
-        H,
-        N,
-        M,
-        rows,
-        programs * M * D,
-        float(scale) * launch.LOG2E,
-        float(scale),
-    )
+    args = (q, k, v, out, dout, lse.to(torch.float32).contiguous(), dq, part)
+    args = (*args, *_strides(q, k, v, out, dout, dq), *_tail(H, N, M, rows, programs, D, scale))
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
-    with launch.device_ctx(q):
-        kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)
-        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
-        sums = part.sum(dim=2).view(2, B, H, M, D)
-        dk.copy_(sums[0])
-        dv.copy_(sums[1])
+    kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)
+    _run_backward(kernel, programs, args, dict(meta, **launch.fixed_meta(fixed, BLOCK_M=bm)), part, 2, dk, dv)
 
 
 def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int) -> int:
@@ -765,52 +663,20 @@ def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     an fp32 partial in a (2, chunks, B·H, M, D) workspace that torch sums over the chunks in fp32 (a
     fixed order, no atomics: bitwise deterministic). Scratch: dQ in fp32 (B, H, N, D) (an fp32 dq
     is its own scratch) and delta (B, H, N)."""
-    B, H, N, M, D = _check(q, k, v)
-    if not supports_split_backward(M, D):
-        raise ValueError(f"sr_attention Triton split backward: needs M ≥ 1 and D ≤ 128, got M={M}, D={D}")
-    lse = lse.to(torch.float32).contiguous()
+    error = "sr_attention Triton split backward: needs M ≥ 1 and D ≤ 128, got M={M}, D={D}"
+    B, H, N, M, D, fixed = _backward_plan(q, k, v, supports_split_backward, error)
     if B * H * N == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-        return
-    fixed = use_fixed(q, _INTERPRETED, "sr_attention")
+        return _zero(dq, dk, dv)
     rows = _split_rows(N, B * H, q.device, fixed, INTERPRET_SPLIT_BLOCKS["BLOCK_M"])
     chunks = triton.cdiv(N, rows)
     programs = chunks * B * H
     acc = dq if dq.dtype == torch.float32 else torch.empty((B, H, N, D), device=q.device, dtype=torch.float32)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     part = torch.empty((2, chunks, B * H, M, D), device=q.device, dtype=torch.float32)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-        dq,
-        acc,
-        delta,
-        part,
-        *_s3(q),
-        *_s3(k),
-        *_s3(v),
-        *_s3(out),
-        *_s3(dout),
-        *_s3(dq),
-        *_s3(acc),
-        H,
-        N,
-        M,
-        rows,
-        programs * M * D,
-        float(scale) * launch.LOG2E,
-        float(scale),
-    )
+    args = (q, k, v, out, dout, lse.to(torch.float32).contiguous(), dq, acc, delta, part)
+    args = (*args, *_strides(q, k, v, out, dout, dq, acc), *_tail(H, N, M, rows, programs, D, scale))
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=launch.precision(q.dtype))
-    with launch.device_ctx(q):
-        kernel = launch.pick(fixed, _split_fixed, _TUNED, q.dtype, 2)
-        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, **INTERPRET_SPLIT_BLOCKS))
-        sums = part.sum(dim=1).view(2, B, H, M, D)
-        dk.copy_(sums[0])
-        dv.copy_(sums[1])
+    kernel = launch.pick(fixed, _split_fixed, _TUNED, q.dtype, 2)
+    _run_backward(
+        kernel, programs, args, dict(meta, **launch.fixed_meta(fixed, **INTERPRET_SPLIT_BLOCKS)), part, 1, dk, dv
+    )

@@ -244,6 +244,57 @@ def _load_kv(x_base, C, offj, realj, d, d_ok, bk, bv, HAS_QB: tl.constexpr, MASK
 
 
 @triton.jit
+def _query_slots(
+    t,
+    window,
+    geo,
+    M: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SHIFT_FIRST: tl.constexpr,
+    COSINE: tl.constexpr,
+    BIG: tl.constexpr,
+    MASK_D: tl.constexpr,
+):
+    """Slots t of a window as queries: (ok, real, tok, p, c, label) of ``_slots``, q (unit rows when COSINE)
+    and, COSINE, 1/‖q‖. ``window`` = (x_base, wh, ww), ``geo`` = (H, W, Hp, Wp, stride_xl, C, d, d_ok)."""
+    x_base, wh, ww = window
+    H, W, Hp, Wp, stride_xl, _C, d, d_ok = geo
+    ok, real, tok, p, c, lab = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
+    q = _load_rows(x_base, _row_off(tok, stride_xl, BIG), real, d, d_ok, MASK_D)
+    inv = 1.0
+    if COSINE:
+        q, inv = _unit_rows(q)
+    return ok, real, tok, p, c, lab, q, inv
+
+
+@triton.jit
+def _key_slots(
+    t,
+    window,
+    geo,
+    bk,
+    bv,
+    M: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SHIFT_FIRST: tl.constexpr,
+    COSINE: tl.constexpr,
+    HAS_QB: tl.constexpr,
+    BIG: tl.constexpr,
+    MASK_D: tl.constexpr,
+):
+    """Slots t of a window as keys: (ok, real, tok, p, c, label), k (unit rows when COSINE), v (``_load_kv``)
+    and, COSINE, 1/‖k‖; ``window`` and ``geo`` as in ``_query_slots``."""
+    x_base, wh, ww = window
+    H, W, Hp, Wp, stride_xl, C, d, d_ok = geo
+    ok, real, tok, p, c, lab = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
+    k, v = _load_kv(x_base, C, _row_off(tok, stride_xl, BIG), real, d, d_ok, bk, bv, HAS_QB, MASK_D)
+    inv = 1.0
+    if COSINE:
+        k, inv = _unit_rows(k)
+    return ok, real, tok, p, c, lab, k, v, inv
+
+
+@triton.jit
 def _window_bias(
     tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -328,25 +379,22 @@ def _wa_fwd_kernel(
     if COSINE:  # the launcher passed log2 e: the head's τ is the score scale
         qk_scale = qk_scale * _logit_scale(LogitScale, head, stride_ls)
 
+    geo = (H, W, Hp, Wp, stride_xl, C, d, d_ok)
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
-        x_base = QKV + b64 * stride_xb + hd
+        window = (QKV + b64 * stride_xb + hd, wh, ww)
         o_base = Out + b64 * stride_ob + hd
         for i in range(NUM_M):
-            ti = i * BLOCK_M + ar_m
-            oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
-            q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
-            if COSINE:
-                q, _rq = _unit_rows(q)
+            oki, reali, toki, pi, ci, labi, q, _rq = _query_slots(
+                i * BLOCK_M + ar_m, window, geo, M, SHIFT, SHIFT_FIRST, COSINE, BIG, MASK_D
+            )
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for j in range(NUM_N):
-                tj = j * BLOCK_N + ar_n
-                okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
-                k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
-                if COSINE:
-                    k, _rk = _unit_rows(k)
+                okj, realj, tokj, pj, cj, labj, k, v, _rk = _key_slots(
+                    j * BLOCK_N + ar_n, window, geo, bk, bv, M, SHIFT, SHIFT_FIRST, COSINE, HAS_QB, BIG, MASK_D
+                )
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
                 s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N, PRECISION)
                 # Every key block holds at least one in-window slot, so m_new is finite.
@@ -456,25 +504,22 @@ def _wa_bwd_kernel(
         scale = scale * tau
         ls_acc = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ over query rows of q̂·dq̂ = dlogit_scale
 
+    geo = (H, W, Hp, Wp, stride_xl, C, d, d_ok)
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
-        x_base = QKV + b64 * stride_xb + hd
+        window = (QKV + b64 * stride_xb + hd, wh, ww)
         do_base = DO + b64 * stride_dob + hd
         g_base = DQKV + b64 * stride_gb + hd
         for j in range(NUM_N):
-            tj = j * BLOCK_N + ar_n
-            okj, realj, tokj, pj, cj, labj = _slots(tj, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
-            k, v = _load_kv(x_base, C, _row_off(tokj, stride_xl, BIG), realj, d, d_ok, bk, bv, HAS_QB, MASK_D)
-            if COSINE:
-                k, rk = _unit_rows(k)
+            okj, realj, tokj, pj, cj, labj, k, v, rk = _key_slots(
+                j * BLOCK_N + ar_n, window, geo, bk, bv, M, SHIFT, SHIFT_FIRST, COSINE, HAS_QB, BIG, MASK_D
+            )
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for i in range(NUM_M):
-                ti = i * BLOCK_M + ar_m
-                oki, reali, toki, pi, ci, labi = _slots(ti, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
-                q = _load_rows(x_base, _row_off(toki, stride_xl, BIG), reali, d, d_ok, MASK_D)
-                if COSINE:
-                    q, rq = _unit_rows(q)
+                oki, reali, toki, pi, ci, labi, q, rq = _query_slots(
+                    i * BLOCK_M + ar_m, window, geo, M, SHIFT, SHIFT_FIRST, COSINE, BIG, MASK_D
+                )
                 # Padded (cropped) query slots get dO = 0: they contribute nothing below.
                 do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
                 rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
@@ -580,42 +625,15 @@ def _prune_bwd(configs, named_args, **kwargs):
 # (256 resident keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
 _FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
 _BWD_SHAPES = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
+_FWD_SHAPES = {  # per family, as chosen above
+    "half": [(64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1)]
+    + [(16, 16, 4, 1), (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1)],
+    "fp32": [(64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1)]
+    + [(64, 128, 8, 1), (32, 128, 4, 1), (32, 256, 8, 1)],
+}
 _CONFIGS = {  # per family: (forward, backward)
-    "half": (
-        launch.configs(
-            _FWD_BLOCKS,
-            [
-                (64, 64, 4, 1),
-                (64, 64, 4, 1, 128),
-                (64, 64, 8, 1),
-                (32, 64, 4, 1),
-                (32, 32, 4, 1),
-                (16, 16, 2, 1),
-                (16, 16, 4, 1),
-                (64, 256, 8, 1),
-                (32, 256, 8, 1),
-                (64, 128, 8, 1),
-                (32, 128, 4, 1),
-                (128, 128, 8, 1),
-            ],
-        ),
-        launch.configs(["BLOCK_M"], _BWD_SHAPES),
-    ),
-    "fp32": (
-        launch.configs(
-            _FWD_BLOCKS,
-            [
-                (64, 64, 4, 1),
-                (32, 64, 4, 1),
-                (32, 32, 4, 1),
-                (16, 16, 2, 1),
-                (64, 128, 8, 1),
-                (32, 128, 4, 1),
-                (32, 256, 8, 1),
-            ],
-        ),
-        launch.configs(["BLOCK_M"], _BWD_SHAPES),
-    ),
+    fam: (launch.configs(_FWD_BLOCKS, _FWD_SHAPES[fam]), launch.configs(["BLOCK_M"], _BWD_SHAPES))
+    for fam in launch.FAMILIES
 }
 
 _FWD_KEY = ["M", "SHIFT", "SHIFT_FIRST", "COSINE", "BLOCK_D", "HAS_TABLE", "HAS_QB", "STORE_LSE", "PRECISION"]

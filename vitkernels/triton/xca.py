@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _launch as launch
 from ._launch import sm_count, use_fixed  # module globals: tests patch them here
-from .attention import _load_2d, _store_2d
+from ._tiles import block_offsets, load_tile, store_tile
 from .sr_attention import _program_rows
 
 MAX_HEAD_DIM = 64
@@ -40,21 +40,23 @@ INTERPRET_BLOCK_N = 16
 @triton.jit
 def _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D: tl.constexpr):
     """A (BLOCK_N, BLOCK_D) tile of token rows, zero past the chunk and past D."""
-    return _load_2d(base + offs_n[:, None] * stride_n + offs_d[None, :], n_ok, d_ok, True, MASK_D)
+    return load_tile(base, stride_n, offs_n, offs_d, n_ok, d_ok, True, MASK_D)
+
+
+@triton.jit
+def _head_rows(X, b, h, n0, stride_b, stride_n, HEAD_DIM: tl.constexpr):
+    """Head h's first channel in token row n0 of image b of a token-layout (B, N, ·) tensor (int64 offsets)."""
+    return X + b * stride_b + n0.to(tl.int64) * stride_n + h * HEAD_DIM
 
 
 @triton.jit
 def _stats(
-    QKV,
-    DO,
-    b,
-    h,
+    base,
+    do_base,
     C,
     n0,
     n1,
-    stride_b,
     stride_n,
-    stride_dob,
     stride_don,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -62,13 +64,11 @@ def _stats(
     WITH_DA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(G = qᵀk, ‖q‖², ‖k‖², dA = dOᵀv) summed over tokens [n0, n1) of head (b, h), fp32."""
+    """(G = qᵀk, ‖q‖², ‖k‖², dA = dOᵀv) summed over tokens [n0, n1) of one head, fp32: base points at the
+    head's q in token row n0 of qkv (k C, v 2C after it), do_base at its dO."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + h * HEAD_DIM
-    do_base = DO + b * stride_dob + n0.to(tl.int64) * stride_don + h * HEAD_DIM
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
     g = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -158,24 +158,12 @@ def _xca_stats_kernel(
     WITH_DA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """One chunk's partial sums of a head split over several programs (``_store_stats``)."""
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
+    base = _head_rows(QKV, b, h, n0, stride_b, stride_n, HEAD_DIM)
+    do_base = _head_rows(DO, b, h, n0, stride_dob, stride_don, HEAD_DIM)
     g, sq, sk, da = _stats(
-        QKV,
-        DO,
-        b,
-        h,
-        C,
-        n0,
-        n1,
-        stride_b,
-        stride_n,
-        stride_dob,
-        stride_don,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        WITH_DA,
-        PRECISION,
+        base, do_base, C, n0, n1, stride_n, stride_don, HEAD_DIM, BLOCK_D, BLOCK_N, WITH_DA, PRECISION
     )
     _store_stats(Part, tl.program_id(0), g, sq, sk, da, BLOCK_D, WITH_DA)
 
@@ -200,34 +188,27 @@ def _xca_fwd_kernel(
     ONE_PASS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """out = v Aᵀ of a chunk of tokens, A from the head's stats: this program's own (ONE_PASS: the head is one
+    chunk) or the stats kernel's partials."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
     if ONE_PASS:
-        g, sq, sk, _ = _stats(
-            QKV, QKV, b, h, C, n0, n1, stride_b, stride_n, 0, 0, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION
-        )
+        base = _head_rows(QKV, b, h, n0, stride_b, stride_n, HEAD_DIM)
+        g, sq, sk, _ = _stats(base, base, C, n0, n1, stride_n, 0, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
     else:
         g, sq, sk, _ = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, False)
     a, _, _, _ = _attention_map(g, sq, sk, tl.load(Temp + h).to(tl.float32), HEAD_DIM, BLOCK_D)
     at = tl.trans(a)
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    v_base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + 2 * C + h * HEAD_DIM
-    o_base = Out + b * stride_ob + n0.to(tl.int64) * stride_on + h * HEAD_DIM
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
+    v_base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + 2 * C + h * HEAD_DIM  # the head's v
+    o_base = _head_rows(Out, b, h, n0, stride_ob, stride_on, HEAD_DIM)
     for start in range(n0, n1, BLOCK_N):
         n_ok = start + offs_n < n1
         v = _tile(v_base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32)
         out = tl.dot(v, at, input_precision=PRECISION)
-        _store_2d(
-            o_base + offs_n[:, None] * stride_on + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            n_ok,
-            d_ok,
-            True,
-            MASK_D,
-        )
+        store_tile(o_base, stride_on, offs_n, offs_d, out, n_ok, d_ok, True, MASK_D)
         v_base += BLOCK_N * stride_n
         o_base += BLOCK_N * stride_on
 
@@ -256,26 +237,15 @@ def _xca_bwd_kernel(
     ONE_PASS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """dq, dk, dv of a chunk of tokens and, from its first chunk, dτ of (b, h); the head's stats as in
+    ``_xca_fwd_kernel``, with dA."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     bh, b, h, n0, n1 = _program_rows(H, N, rows)
     if ONE_PASS:
+        base = _head_rows(QKV, b, h, n0, stride_b, stride_n, HEAD_DIM)
+        do_base = _head_rows(DO, b, h, n0, stride_dob, stride_don, HEAD_DIM)
         g, sq, sk, da = _stats(
-            QKV,
-            DO,
-            b,
-            h,
-            C,
-            n0,
-            n1,
-            stride_b,
-            stride_n,
-            stride_dob,
-            stride_don,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            PRECISION,
+            base, do_base, C, n0, n1, stride_n, stride_don, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION
         )
     else:
         g, sq, sk, da = _sum_stats(Part, bh, tl.cdiv(N, rows), BLOCK_D, True)
@@ -291,11 +261,11 @@ def _xca_bwd_kernel(
     dgh_t = tl.trans(dgh)
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    base = QKV + b * stride_b + n0.to(tl.int64) * stride_n + h * HEAD_DIM
-    do_base = DO + b * stride_dob + n0.to(tl.int64) * stride_don + h * HEAD_DIM
-    g_base = DQKV + b * stride_gb + n0.to(tl.int64) * stride_gn + h * HEAD_DIM
+    offs_d, d_ok = block_offsets(0, HEAD_DIM, BLOCK_D)
+    # The chunk's rows addressed here, after the stats (not kept live through them).
+    base = _head_rows(QKV, b, h, n0, stride_b, stride_n, HEAD_DIM)
+    do_base = _head_rows(DO, b, h, n0, stride_dob, stride_don, HEAD_DIM)
+    g_base = _head_rows(DQKV, b, h, n0, stride_gb, stride_gn, HEAD_DIM)
     for start in range(n0, n1, BLOCK_N):
         n_ok = start + offs_n < n1
         qh = _tile(base, offs_n, n_ok, stride_n, offs_d, d_ok, MASK_D).to(tl.float32) / rq[None, :]
@@ -305,10 +275,9 @@ def _xca_bwd_kernel(
         dq = (tl.dot(kh, dgh_t, input_precision=PRECISION) - qh * c[None, :]) / rq[None, :]
         dk = (tl.dot(qh, dgh, input_precision=PRECISION) - kh * e[None, :]) / rk[None, :]
         dv = tl.dot(do, a, input_precision=PRECISION)
-        ptrs = g_base + offs_n[:, None] * stride_gn + offs_d[None, :]
-        _store_2d(ptrs, dq.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
-        _store_2d(ptrs + C, dk.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
-        _store_2d(ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), n_ok, d_ok, True, MASK_D)
+        store_tile(g_base, stride_gn, offs_n, offs_d, dq, n_ok, d_ok, True, MASK_D)
+        store_tile(g_base + C, stride_gn, offs_n, offs_d, dk, n_ok, d_ok, True, MASK_D)
+        store_tile(g_base + 2 * C, stride_gn, offs_n, offs_d, dv, n_ok, d_ok, True, MASK_D)
         base += BLOCK_N * stride_n
         do_base += BLOCK_N * stride_don
         g_base += BLOCK_N * stride_gn
@@ -366,7 +335,8 @@ def _rows_per_program(n: int, bh: int, device, fixed: bool) -> int:
     return triton.cdiv(n, chunks)
 
 
-def _geometry(qkv, num_heads, temperature):
+def _geometry(qkv, num_heads):
+    """(B, N, C, D, BLOCK_D) of a call after the checks."""
     B, N, c3 = qkv.shape
     C = c3 // 3
     D = C // num_heads
@@ -374,44 +344,46 @@ def _geometry(qkv, num_heads, temperature):
         raise ValueError(f"xca Triton kernel: head dim {D} is not supported (1 ≤ D ≤ {MAX_HEAD_DIM})")
     if qkv.stride(-1) != 1:
         raise ValueError("xca Triton kernel: qkv's last dim must be contiguous")
-    return B, N, C, D, launch.pow2_at_least(D), temperature.reshape(num_heads).contiguous()
+    return B, N, C, D, launch.pow2_at_least(D)
 
 
 class _Plan:
     """Grid, chunking and config of one call (shared by forward and backward)."""
 
-    def __init__(self, qkv, num_heads, B, N, D):
+    def __init__(self, qkv, num_heads, geometry):
+        self.B, self.N, self.C, self.D, self.block_d = geometry
+        self.num_heads, self.device, self.dtype = num_heads, qkv.device, qkv.dtype
         self.fixed = use_fixed(qkv, _INTERPRETED, "xca")
-        self.rows = _rows_per_program(N, B * num_heads, qkv.device, self.fixed)
-        self.chunks = triton.cdiv(N, self.rows)
-        self.programs = B * num_heads * self.chunks
+        self.rows = _rows_per_program(self.N, self.B * num_heads, qkv.device, self.fixed)
+        self.chunks = triton.cdiv(self.N, self.rows)
+        self.programs = self.B * num_heads * self.chunks
         self.one_pass = self.chunks == 1
-        self.launch = launch.fixed_meta(self.fixed, BLOCK_N=INTERPRET_BLOCK_N)
 
-    def stats(self, qkv, dout, num_heads, N, C, D, block_d, with_da):
-        if self.one_pass:  # the fused kernel reduces in registers: a placeholder pointer
-            return torch.empty(1, device=qkv.device, dtype=torch.float32)
-        slot = (2 if with_da else 1) * block_d * block_d + 2 * block_d
-        part = torch.empty((self.programs, slot), device=qkv.device, dtype=torch.float32)
-        src = dout if dout is not None else qkv
-        launch.pick(self.fixed, _xca_stats_kernel, _TUNED, qkv.dtype, 0)[(self.programs,)](
-            qkv,
-            src,
-            part,
-            qkv.stride(0),
-            qkv.stride(1),
-            src.stride(0),
-            src.stride(1),
-            num_heads,
-            N,
-            C,
+    def run(self, index, kernel, args, **flags):
+        """Kernel ``index`` of the tuned table (``kernel`` under the interpreter) over the plan's programs: its
+        tensors and token-layout strides ``args``, then (heads, N, C, rows) and the constexprs."""
+        launch.pick(self.fixed, kernel, _TUNED, self.dtype, index)[(self.programs,)](
+            *args,
+            self.num_heads,
+            self.N,
+            self.C,
             self.rows,
-            HEAD_DIM=D,
-            BLOCK_D=block_d,
-            WITH_DA=with_da,
-            PRECISION=launch.precision(qkv.dtype),
-            **self.launch,
+            HEAD_DIM=self.D,
+            BLOCK_D=self.block_d,
+            PRECISION=launch.precision(self.dtype),
+            **flags,
+            **launch.fixed_meta(self.fixed, BLOCK_N=INTERPRET_BLOCK_N),
         )
+
+    def stats(self, qkv, dout):
+        """The stats kernel's partials of a head split over several programs (with dA when dout is given)."""
+        if self.one_pass:  # the fused kernel reduces in registers: a placeholder pointer
+            return torch.empty(1, device=self.device, dtype=torch.float32)
+        with_da = dout is not None
+        slot = (2 if with_da else 1) * self.block_d * self.block_d + 2 * self.block_d
+        part = torch.empty((self.programs, slot), device=self.device, dtype=torch.float32)
+        src = dout if with_da else qkv
+        self.run(0, _xca_stats_kernel, (qkv, src, part, *launch.strides(qkv, src)), WITH_DA=with_da)
         return part
 
 
@@ -420,32 +392,16 @@ def xca_forward(qkv, num_heads, temperature):
 
     qkv (B, N, 3C) with a unit last stride (any batch / token strides); temperature of
     ``num_heads`` elements."""
-    B, N, C, D, block_d, tau = _geometry(qkv, num_heads, temperature)
+    geometry = _geometry(qkv, num_heads)
+    B, N, C = geometry[:3]
+    tau = temperature.reshape(num_heads).contiguous()
     out = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
     if out.numel() == 0:
         return out
     with launch.device_ctx(qkv):
-        plan = _Plan(qkv, num_heads, B, N, D)
-        part = plan.stats(qkv, None, num_heads, N, C, D, block_d, False)
-        launch.pick(plan.fixed, _xca_fwd_kernel, _TUNED, qkv.dtype, 1)[(plan.programs,)](
-            qkv,
-            tau,
-            out,
-            part,
-            qkv.stride(0),
-            qkv.stride(1),
-            out.stride(0),
-            out.stride(1),
-            num_heads,
-            N,
-            C,
-            plan.rows,
-            HEAD_DIM=D,
-            BLOCK_D=block_d,
-            ONE_PASS=plan.one_pass,
-            PRECISION=launch.precision(qkv.dtype),
-            **plan.launch,
-        )
+        plan = _Plan(qkv, num_heads, geometry)
+        part = plan.stats(qkv, None)
+        plan.run(1, _xca_fwd_kernel, (qkv, tau, out, part, *launch.strides(qkv, out)), ONE_PASS=plan.one_pass)
     return out
 
 
@@ -453,36 +409,17 @@ def xca_backward(dout, qkv, num_heads, temperature):
     """(dqkv (B, N, 3C) in qkv's dtype, dtemperature shaped and typed like ``temperature``).
 
     Deterministic: chunk partials and the per-batch dτ are summed in a fixed order."""
-    B, N, C, D, block_d, tau = _geometry(qkv, num_heads, temperature)
+    geometry = _geometry(qkv, num_heads)
+    B, N, C = geometry[:3]
+    tau = temperature.reshape(num_heads).contiguous()
     dqkv = torch.empty((B, N, 3 * C), device=qkv.device, dtype=qkv.dtype)
     if dqkv.numel() == 0:
         return dqkv.zero_(), torch.zeros_like(temperature)
     dout = launch.unit_last(dout.to(qkv.dtype))
     with launch.device_ctx(qkv):
-        plan = _Plan(qkv, num_heads, B, N, D)
-        part = plan.stats(qkv, dout, num_heads, N, C, D, block_d, True)
+        plan = _Plan(qkv, num_heads, geometry)
+        part = plan.stats(qkv, dout)
         dtau = torch.empty((B, num_heads), device=qkv.device, dtype=torch.float32)
-        launch.pick(plan.fixed, _xca_bwd_kernel, _TUNED, qkv.dtype, 2)[(plan.programs,)](
-            qkv,
-            dout,
-            tau,
-            dqkv,
-            dtau,
-            part,
-            qkv.stride(0),
-            qkv.stride(1),
-            dout.stride(0),
-            dout.stride(1),
-            dqkv.stride(0),
-            dqkv.stride(1),
-            num_heads,
-            N,
-            C,
-            plan.rows,
-            HEAD_DIM=D,
-            BLOCK_D=block_d,
-            ONE_PASS=plan.one_pass,
-            PRECISION=launch.precision(qkv.dtype),
-            **plan.launch,
-        )
+        args = (qkv, dout, tau, dqkv, dtau, part, *launch.strides(qkv, dout, dqkv))
+        plan.run(2, _xca_bwd_kernel, args, ONE_PASS=plan.one_pass)
     return dqkv, dtau.sum(0).reshape(temperature.shape).to(temperature.dtype)
