@@ -156,6 +156,17 @@ def strides(*tensors: torch.Tensor, dims: int = 2) -> tuple:
     return tuple(t.stride(i) for t in tensors for i in range(dims))
 
 
+def head_dims(t: torch.Tensor) -> tuple:
+    """(B, G, H) of a (B, H, N, D) or (B, G, H, N, D) head view; G = 1 for 4-D views."""
+    return tuple(t.shape[:3]) if t.dim() == 5 else (t.shape[0], 1, t.shape[1])
+
+
+def head_strides(t: torch.Tensor) -> tuple:
+    """(batch, group, head, row) strides of a head view as ``head_dims`` reads it; the group stride
+    is 0 for a 4-D view."""
+    return tuple(t.stride()[:4]) if t.dim() == 5 else (t.stride(0), 0, t.stride(1), t.stride(2))
+
+
 def check_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in DTYPES:
         raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")

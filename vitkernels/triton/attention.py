@@ -1063,8 +1063,7 @@ def _check_common(q, k, v, bias):
     its own stride (e.g. the interleaved sequences of space_time_attention); they take no bias."""
     _check4("q", q)
     _check4("k", k)
-    B, G, H, Nq, D = q.shape if q.dim() == 5 else (q.shape[0], 1, *q.shape[1:])
-    Nk = k.shape[-2]
+    (B, G, H), (Nq, D), Nk = launch.head_dims(q), q.shape[-2:], k.shape[-2]
     launch.check_dtype("q", q)
     if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, incompatible with q {tuple(q.shape)}")
@@ -1085,9 +1084,7 @@ def _check_common(q, k, v, bias):
     return B, G, H, Nq, Nk, D
 
 
-def _strides(t):
-    """(batch, group, head, row) strides; the group stride is 0 for a 4-D view."""
-    return t.stride()[:4] if t.dim() == 5 else (t.stride(0), 0, t.stride(1), t.stride(2))
+_strides = launch.head_strides
 
 
 def _bias_kind(bias):
@@ -1261,7 +1258,7 @@ def _launch_dkdv(operands, dk_, dv_, extra_q, meta, fixed, qk_scale, scale):
     single-kernel backward, whose dQ, dbias and prefix arguments come in ``meta.pop("fused")`` =
     (DQ, dq strides, DBias, db strides, PK, PV, PPart, prefix strides, slots)."""
     (q, k, _, _, _, lse, delta), strides = operands
-    B, G, H, Nq, Nk, _ = _check_common(q, k, k, None)
+    (B, G, H), Nq, Nk = launch.head_dims(q), q.shape[-2], k.shape[-2]
     if extra_q is not None:
         xq, xdo, xlse, xdelta = extra_q
         x_args = (xq, xdo, xlse.to(torch.float32).contiguous(), xdelta.to(torch.float32).contiguous())
@@ -1282,7 +1279,7 @@ def _launch_dq(operands, dq_, dbias_args, prefix_args, xrow, meta, fixed, qk_sca
     """The dQ kernel for the rows of q (+ dbias, the prefix row's partials; ``xrow`` = (xq, xdo,
     xlse, xdelta, dxq): the extra query row as row Nq, its dQ into dxq)."""
     (q, k, _, _, _, lse, _), strides = operands
-    B, G, H, Nq, Nk, _ = _check_common(q, k, k, None)
+    (B, G, H), Nq, Nk = launch.head_dims(q), q.shape[-2], k.shape[-2]
     db_arg, db_strides = dbias_args
     pk, pv, ppart, p_strides, slots = prefix_args
     has_xrow = xrow is not None

@@ -204,14 +204,12 @@ _INTERPRETED = launch.is_interpreted(_packed_fwd_kernel)
 _FIXED = (_packed_fwd_kernel, _packed_bwd_kernel)
 
 
-def _strides(t):
-    """(batch, group, head, row) strides; the group stride is 0 for a 4-D view."""
-    return t.stride()[:4] if t.dim() == 5 else (t.stride(0), 0, t.stride(1), t.stride(2))
+_strides = launch.head_strides
 
 
 def _launch(index, q, tensors_and_strides, scales):
     """Kernel ``index`` (0 forward, 1 backward) on ``H · ⌈B·G / (ROWS // N)⌉`` programs."""
-    B, G, H = (q.shape[0], q.shape[1], q.shape[2]) if q.dim() == 5 else (q.shape[0], 1, q.shape[1])
+    B, G, H = launch.head_dims(q)
     N = q.shape[-2]
     args = (*tensors_and_strides, B * G, G, H, N, *scales)
     meta = dict(HEAD_DIM=q.shape[-1], BLOCK_D=launch.pow2_at_least(q.shape[-1]), PRECISION=launch.precision(q.dtype))
