@@ -92,12 +92,13 @@ FLEX_IMPLS = "vitkernels,flex"
 DRY_MODEL = "vit_tiny_patch16_224"  # the models and hf-models steps' tiny CPU version
 # The old-kernels step: these ops again with the previous kernels selected by their switches,
 # appended to the ops file as impl "vitkernels-old" (its vk_speedup = old / new).
-OLD_KERNEL_OPS = ("sr_attention", "mix_ffn", "self_attention", "space_time_attention")
+OLD_KERNEL_OPS = ("sr_attention", "mix_ffn", "self_attention", "space_time_attention", "dwconv")
 OLD_KERNEL_ENV = (
     "VITKERNELS_SR_KERNEL=general",
     "VITKERNELS_MIX_FFN_KERNEL=composite",
     "VITKERNELS_ATTN_BWD_KERNEL=split",
     "VITKERNELS_ATTN_PACKED=off",
+    "VITKERNELS_DWCONV_KERNEL=v1",
 )
 OLD_KERNEL_IMPL = "--impl vitkernels --as-impl vitkernels-old"
 CUDA_TEST_SKIP = ("tests/cuda/test_cuda_compile.py", "tests/cuda/test_cuda_emulator.py")  # CPU-only tools, no gpu mark
@@ -111,10 +112,14 @@ TRITON_TEST_FILES = (
     "tests/ops/test_pool_attention.py",
     "tests/ops/test_mix_ffn_fused.py",
     "tests/triton/test_triton_attention_kernels.py",
+    "tests/triton/test_triton_attention_tma.py",
 )
 # Real-model shapes in bf16 (test_attention / test_dwconv number their dtypes, bf16 first), and the
 # 66,560-window grid test.
-TRITON_TEST_K = "((real_shapes or swin_shapes) and (bfloat16 or dtype0)) or many_windows or real_shapes_single_kernel"
+TRITON_TEST_K = (
+    "((real_shapes or swin_shapes) and (bfloat16 or dtype0)) or many_windows or real_shapes_single_kernel"
+    " or real_shapes_tma"
+)
 FINGERPRINT_PATHS = ("vitkernels", "csrc", "tests", "bench", "setup.py", "pyproject.toml", "CMakeLists.txt")
 
 
@@ -557,8 +562,8 @@ def make_steps() -> list:
         ),
         bench_step(
             "old-kernels",
-            "sr_attention, mix_ffn, self_attention (backward), time axis: previous kernels (vitkernels-old rows)",
-            (90, 30, 60),
+            "sr_attention, mix_ffn, self_attention (backward), time axis, dwconv: previous kernels (vitkernels-old)",
+            (90, 30, 65),
             "ops",
             "ops",
             gpu=(f"--op {','.join(OLD_KERNEL_OPS)} --representative --dtype bf16 {OLD_KERNEL_IMPL}", 15),

@@ -2,7 +2,7 @@
 # One command for a lent GPU: install the package (building the CUDA extension), run the GPU tests,
 # the correctness sweep and the benchmarks, and leave logs and results JSON under OUT.
 #
-#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|compile|flex|models|hf|all] [--quick] [--no-install]
+#   bash bench/gpu_suite.sh [OUT_DIR] [--part tests|ops|kernels|switches|compile|flex|models|hf|all] [--quick] [--no-install]
 #   bash bench/gpu_suite.sh [OUT_DIR] --part proof [--dry-run] [--deadline S] [--steps A,B] [--skip A,B]
 #
 # --part proof hands over to bench/gpu_proof.py (its other arguments go with it): the one-call GPU
@@ -12,7 +12,7 @@
 # "One-call GPU proof". The parts below were cut for 30-minute sessions.
 #
 # OUT_DIR defaults to $OUT (set on the lent machines), else ./out. Each part but `all` fits in one
-# 10-minute call (install included) and brings back at most 5 files:
+# 10-minute call (install included); kernels and switches write one JSON per run, the others at most 5 files:
 #   tests    pytest -m gpu: the CUDA C++ kernel tests, then the rest of tests/ (the Triton kernels);
 #            then `vitkernels-bench check` (every dtype)
 #   ops      `ops` on every case in bf16 (vitkernels, eager, sdpa and each SDPA backend), then the
@@ -20,8 +20,13 @@
 #   kernels  one kernel against another, bf16: every op forward on the forced "cuda" backend (the
 #            CUDA C++ kernels, next to the Triton ones of `ops`), sr_attention on the general
 #            FlashAttention kernels (VITKERNELS_SR_KERNEL=general) next to its N >> M kernels, mix_ffn
-#            fused vs composite, the attention backward split vs single-kernel
-#            (VITKERNELS_ATTN_BWD_KERNEL) and the time axis packed vs general (VITKERNELS_ATTN_PACKED)
+#            fused vs composite
+#   switches each later kernel against the one it replaced (its switch), bf16, one JSON per run: the
+#            attention backward split vs single-kernel (VITKERNELS_ATTN_BWD_KERNEL), the time axis
+#            packed vs general (VITKERNELS_ATTN_PACKED), the CUDA window_attention forward v2 vs v1
+#            (VITKERNELS_WINDOW_CUDA_KERNEL), the dwconv backward v2 vs v1 (VITKERNELS_DWCONV_KERNEL),
+#            the attention forward through TMA descriptors vs pointers (VITKERNELS_ATTN_TMA) and the
+#            window / sr / xca grids from the compiled kernel's occupancy vs fixed (VITKERNELS_GRID)
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16 mixed precision (AMP: float32 weights,
@@ -72,7 +77,7 @@ while [ $# -gt 0 ]; do
     *) OUT_ARG="$1"; shift ;;
   esac
 done
-case "$PART" in tests|ops|kernels|compile|flex|models|hf|all) ;; *) echo "gpu_suite.sh: --part must be proof, tests, ops, kernels, compile, flex, models, hf or all" >&2; exit 2 ;; esac
+case "$PART" in tests|ops|kernels|switches|compile|flex|models|hf|all) ;; *) echo "gpu_suite.sh: --part must be proof, tests, ops, kernels, switches, compile, flex, models, hf or all" >&2; exit 2 ;; esac
 
 OUT=${OUT_ARG:-${OUT:-out}}
 mkdir -p "$OUT"
@@ -172,18 +177,50 @@ part_kernels() {
     VITKERNELS_MIX_FFN_KERNEL=$kernel run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op mix_ffn --dtype bf16 \
       --impl vitkernels,eager --budget $((sr_budget / 2)) --json "$OUT/$NAME-kernels-mix-ffn-$kernel.json"
   done
+}
+
+# Each A/B run gets `per` seconds of benchmarking (--budget) and 45 more for imports and compiles (its
+# timeout): 13 runs, estimated at about 9 minutes with the install (unmeasured: no GPU run yet).
+
+part_switches() {
+  local log="$OUT/switches.log" per=15
+  [ "$QUICK" = 1 ] && per=5
+  nvidia-smi >>"$log" 2>&1
   # attention backward: the split kernels vs the single kernel (atomics / deterministic), ViT-B at
   # 224 and 384 px, training step only
   for kernel in split fused fused-deterministic; do
-    VITKERNELS_ATTN_BWD_KERNEL=$kernel run "$log" $((sr_budget / 3 + 40)) $BENCH ops --op self_attention \
-      --mode fwd+bwd --dtype bf16 --impl vitkernels,sdpa --budget $((sr_budget / 3)) \
-      --json "$OUT/$NAME-kernels-attn-bwd-$kernel.json"
+    VITKERNELS_ATTN_BWD_KERNEL=$kernel run "$log" $((per + 45)) $BENCH ops --op self_attention \
+      --mode fwd+bwd --dtype bf16 --impl vitkernels,sdpa --budget $per \
+      --json "$OUT/$NAME-switch-attn-bwd-$kernel.json"
   done
   # the time axis: packed short-sequence kernels vs the general ones
   for packed in auto off; do
-    VITKERNELS_ATTN_PACKED=$packed run "$log" $((sr_budget / 2 + 40)) $BENCH ops --op space_time_attention \
-      --case "8x224 time" --case "16x224 time" --dtype bf16 --impl vitkernels,eager --budget $((sr_budget / 2)) \
-      --json "$OUT/$NAME-kernels-time-packed-$packed.json"
+    VITKERNELS_ATTN_PACKED=$packed run "$log" $((per + 45)) $BENCH ops --op space_time_attention \
+      --case "8x224 time" --case "16x224 time" --dtype bf16 --impl vitkernels,eager --budget $per \
+      --json "$OUT/$NAME-switch-time-packed-$packed.json"
+  done
+  # the CUDA window_attention forward: v2 (two windows per 8-warp CTA, Q before the K/V barrier) vs v1
+  for kernel in auto v1; do
+    VITKERNELS_WINDOW_CUDA_KERNEL=$kernel run "$log" $((per + 45)) $BENCH ops --op window_attention \
+      --backend cuda --mode fwd --dtype bf16 --impl vitkernels --budget $per \
+      --json "$OUT/$NAME-switch-window-cuda-$kernel.json"
+  done
+  # dwconv's backward: v2 (dz in the input dtype, dweight per thread) vs v1; and mix_ffn, whose backward runs it
+  for kernel in auto v1; do
+    VITKERNELS_DWCONV_KERNEL=$kernel run "$log" $((per + 45)) $BENCH ops --op dwconv,mix_ffn \
+      --mode fwd+bwd --dtype bf16 --impl vitkernels,eager --budget $per \
+      --json "$OUT/$NAME-switch-dwconv-$kernel.json"
+  done
+  # the attention forward through TMA tensor descriptors (sm_90) vs pointer loads
+  for tma in off on; do
+    VITKERNELS_ATTN_TMA=$tma run "$log" $((per + 45)) $BENCH ops --op self_attention,attention \
+      --mode fwd --dtype bf16 --impl vitkernels,sdpa --budget $per \
+      --json "$OUT/$NAME-switch-attn-tma-$tma.json"
+  done
+  # persistent grids sized from the compiled kernel's occupancy vs the old assumed programs per SM
+  for grid in auto fixed; do
+    VITKERNELS_GRID=$grid run "$log" $((per + 45)) $BENCH ops --op window_attention,sr_attention,xca \
+      --mode fwd+bwd --dtype bf16 --impl vitkernels --budget $per --json "$OUT/$NAME-switch-grid-$grid.json"
   done
 }
 
@@ -233,11 +270,12 @@ case "$PART" in
   tests) part_tests ;;
   ops) part_ops ;;
   kernels) part_kernels ;;
+  switches) part_switches ;;
   compile) part_compiled compile ;;
   flex) part_compiled flex ;;
   models) part_models ;;
   hf) part_hf ;;
-  all) part_tests; part_ops; part_kernels; part_compiled compile; part_compiled flex; part_models; part_hf ;;
+  all) part_tests; part_ops; part_kernels; part_switches; part_compiled compile; part_compiled flex; part_models; part_hf ;;
 esac
 
 echo "files in $OUT:"

@@ -87,6 +87,8 @@ class ConfigForcer:
         tuner.nargs = None
         self.counts[id(tuner)] = max(len(configs), self.counts.get(id(tuner), 0))
         config = configs[self.index % len(configs)]
+        if config.pre_hook is not None:  # as the tuner does before a launch (e.g. descriptor boxes)
+            config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
         return tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
     def install(self, setattr_fn):

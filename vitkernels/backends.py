@@ -425,7 +425,10 @@ def _reasons(op: str, backend: str, args: tuple, kwargs: dict) -> list:
 
 
 def _on_cuda(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    for a in args:  # a loop, not any(generator): this runs on every op call
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return True
+    return False
 
 
 def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:

@@ -12,7 +12,9 @@
 //
 // Layout: qkv with any batch / token strides (channel stride 1, 16-byte aligned); out contiguous
 // (B, H·W, C); table ((2M−1)², heads) at any strides. fp16 / bf16 on tensor cores, float32 on CUDA
-// cores; 1 ≤ M ≤ 16, D % 8 == 0, 8 ≤ D ≤ 128; sm_80+. One CTA per (batch, window, head).
+// cores; 1 ≤ M ≤ 16, D % 8 == 0, 8 ≤ D ≤ 128; sm_80+. Kernel versions (kernel_version): v2 (the
+// default) runs two (batch, window, head) items per 8-warp CTA (a 4-warp half each) and issues the
+// Q loads before the K/V staging barrier; v1 runs one item per 4-warp CTA.
 // Index math, design, cost model and version history: docs/window_attention.md.
 #pragma once
 
@@ -36,10 +38,12 @@ struct WindowAttentionFwdParams {
   int B, H, W, C, heads, head_dim, window, shift;
   float scale;  // unused with logit_scale
   DType dtype;
+  int kernel_version;  // 0: the newest (v2); 1: v1 (one window per 4-warp CTA, Q loaded after the K/V barrier)
 };
 
 // Launches the forward on `stream`. Returns cudaErrorInvalidValue (launching nothing) on
-// unsupported window / head dim, bad sizes or unmet alignment; otherwise the launch status.
+// unsupported window / head dim, bad sizes, unmet alignment or an unknown kernel_version;
+// otherwise the launch status.
 cudaError_t window_attention_forward(const WindowAttentionFwdParams& p, cudaStream_t stream);
 
 // Whether the kernel runs window M, head dim D and dtype: 1 <= M <= 16, D % 8 == 0, 8 <= D <= 128.

@@ -5,7 +5,9 @@
 // CMakeLists.txt). Registers (the namespace itself is defined by TORCH_LIBRARY in attention.cpp):
 //   torch.ops.vitkernels_C.window_attention_fwd(qkv, hw, num_heads, window_size, shift_size,
 //                                               table?, qkv_bias?, scale, logit_scale?=None,
-//                                               shift_first=False) -> out (B, H·W, C)
+//                                               shift_first=False, version=0) -> out (B, H·W, C)
+//     version: 0 = the newest kernels (v2), 1 = v1 (vitkernels/ops/window_attention.py passes
+//     VITKERNELS_WINDOW_CUDA_KERNEL's choice; the default keeps older callers on the newest).
 //   torch.ops.vitkernels_C.window_attention_supports(int window, int head_dim, ScalarType? dtype=None,
 //                                                    Device? device=None) -> bool
 #include <ATen/ATen.h>
@@ -48,7 +50,7 @@ void wa_check_fits_int(int64_t v, const char* what) {
 at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, int64_t num_heads, int64_t window_size,
                                      int64_t shift_size, const std::optional<at::Tensor>& table,
                                      const std::optional<at::Tensor>& qkv_bias, double scale,
-                                     const std::optional<at::Tensor>& logit_scale, bool shift_first) {
+                                     const std::optional<at::Tensor>& logit_scale, bool shift_first, int64_t version) {
   TORCH_CHECK(qkv.dim() == 3, kWaOp, "qkv must be 3-D (B, H*W, 3C), got shape ", qkv.sizes());
   TORCH_CHECK(qkv.is_cuda(), kWaOp, "qkv must be a CUDA tensor, got device ", qkv.device());
   const DType dtype = kernel_dtype(qkv.scalar_type(), kWaOp);
@@ -72,6 +74,7 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
   wa_check_fits_int(B, "batch size B");
   wa_check_fits_int(L, "tokens H*W");
   wa_check_fits_int(C, "channels C");
+  TORCH_CHECK(version == 0 || version == 1, kWaOp, "version must be 0 (newest kernels) or 1 (v1), got ", version);
 
   at::Tensor table_t;
   if (table.has_value() && table->defined()) {
@@ -144,12 +147,14 @@ at::Tensor window_attention_fwd_cuda(const at::Tensor& qkv, at::IntArrayRef hw, 
   p.shift = static_cast<int>(shift_size);
   p.scale = static_cast<float>(scale);
   p.dtype = dtype;
+  p.kernel_version = static_cast<int>(version);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = window_attention_forward(p, stream);
   TORCH_CHECK(err == cudaSuccess, kWaOp, "kernel launch failed for qkv ", qkv.sizes(), " hw ", hw, " heads ", num_heads,
               " window ", window_size, " shift ", shift_size, shift_first ? " (shift first)" : "",
-              ls_t.defined() ? " cosine" : "", " dtype ", qkv.scalar_type(), ": ", cudaGetErrorString(err));
+              ls_t.defined() ? " cosine" : "", " dtype ", qkv.scalar_type(), " version ", version, ": ",
+              cudaGetErrorString(err));
   return out;
 }
 
@@ -165,7 +170,7 @@ TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
   m.def(
       "window_attention_fwd(Tensor qkv, int[2] hw, int num_heads, int window_size, "
       "int shift_size, Tensor? table, Tensor? qkv_bias, float scale, Tensor? logit_scale=None, "
-      "bool shift_first=False) -> Tensor");
+      "bool shift_first=False, int version=0) -> Tensor");
   m.def("window_attention_supports(int window, int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
         &vitkernels::window_attention_supports);
 }

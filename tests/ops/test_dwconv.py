@@ -68,6 +68,13 @@ CASES = [  # B, H, W, C, k, activation, bias
 ]
 
 
+@pytest.fixture(params=["auto", "v1"], ids=["v2", "v1"])
+def kernel_version(request, monkeypatch):
+    """The Triton backward of VITKERNELS_DWCONV_KERNEL: v2 (auto) and the v1 kernels kept beside it."""
+    monkeypatch.setenv("VITKERNELS_DWCONV_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("backend,dtype,device", backends_here())
 @pytest.mark.parametrize(
     "case",
@@ -144,6 +151,64 @@ def test_output_not_poisoned(backend, dtype, device):
             filler = torch.full((1 << 16,), float("nan"), device=device, dtype=dtype)
             del filler
             assert torch.isfinite(vk.dwconv(x, (5, 7), wt, None, "relu")).all()
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[8]], ids=["gelu", "none", "k5"])
+def test_dwconv_v1_kernels(backend, dtype, device, case, monkeypatch):
+    """The v1 backward kept beside v2 for A/B runs (VITKERNELS_DWCONV_KERNEL=v1) stays correct."""
+    monkeypatch.setenv("VITKERNELS_DWCONV_KERNEL", "v1")
+    test_dwconv(backend, dtype, device, case)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here()[-1:])
+@pytest.mark.parametrize(
+    "k,act,tile",
+    [
+        (3, "gelu", (1, 8, 32, 3, 4)),
+        (3, None, (1, 4, 16, 5, 4)),
+        (5, "relu", (1, 8, 32, 2, 8)),
+        (7, None, (1, 4, 32, 4, 8)),
+    ],
+)
+def test_v2_backward_gpu_tiles(backend, dtype, device, k, act, tile, monkeypatch):
+    """The v2 backward at the GPU's one-row sub-tiles and bands (not the interpreter's 2-row tile), with ragged
+    bands, column strips and channel blocks, vs the float64 oracle under the 2× rule."""
+    from vitkernels.triton import dwconv as tk
+
+    monkeypatch.setattr(tk, "_bwd_v2_tile", lambda *a: tile)
+    inputs = [torch.randn(1, 7 * 13, 40), torch.randn(40, 1, k, k) / k, torch.randn(40)]
+    check((7, 13), inputs, act, backend, dtype, device)
+
+
+@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("act", ["gelu", None])
+def test_backward_kernels_and_dz_dtype(backend, dtype, device, act, kernel_version, monkeypatch):
+    """v2 hands dz to the dx conv in x's dtype (v1 in fp32), and with no activation writes dx in its reduce
+    kernel (no conv launch); both are bitwise reproducible."""
+    from vitkernels.triton import dwconv as tk
+
+    convs = []
+    real = tk._launch_conv
+    monkeypatch.setattr(tk, "_launch_conv", lambda src, *a: convs.append(src.dtype) or real(src, *a))
+    x, dy = torch.randn(2, 35, 24, device=device, dtype=dtype), torch.randn(2, 35, 24, device=device, dtype=dtype)
+    wt, bias = torch.randn(24, 1, 3, 3, device=device, dtype=dtype), torch.randn(24, device=device, dtype=dtype)
+    first = tk.dwconv_backward(dy, x, (5, 7), wt, bias, act)
+    v2 = kernel_version == "auto"
+    if act is None:
+        assert convs == ([] if v2 else [dtype])
+    else:
+        assert convs == [dtype if v2 else torch.float32]
+    for a, b in zip(first, tk.dwconv_backward(dy, x, (5, 7), wt, bias, act)):
+        assert torch.equal(a, b)
+
+
+def test_bad_kernel_switch(monkeypatch):
+    from vitkernels.triton import dwconv as tk
+
+    monkeypatch.setenv("VITKERNELS_DWCONV_KERNEL", "v3")
+    with pytest.raises(ValueError, match="VITKERNELS_DWCONV_KERNEL"):
+        tk.kernel_version()
 
 
 def test_triton_backend_is_registered():

@@ -61,3 +61,16 @@ def test_get_and_enabled(monkeypatch):
     with pytest.raises(KeyError, match="not a vitkernels environment flag"):
         _env.get("VITKERNELS_TYPO")
     assert os.environ.get("VITKERNELS_TYPO") is None
+
+
+def test_reads_follow_every_way_of_setting_the_environment(monkeypatch):
+    """Flags are read from os.environ's encoded store (the fast path): writes through os.environ,
+    monkeypatch, deletion and non-ASCII values all show at once."""
+    monkeypatch.setenv("VITKERNELS_CSRC", "/tmp/ü")
+    assert _env.get("VITKERNELS_CSRC") == "/tmp/ü"
+    os.environ["VITKERNELS_CSRC"] = "/elsewhere"
+    assert _env.get("VITKERNELS_CSRC") == "/elsewhere"
+    del os.environ["VITKERNELS_CSRC"]
+    assert _env.get("VITKERNELS_CSRC") == ""
+    monkeypatch.setattr(_env.os, "environ", {"VITKERNELS_CSRC": "/plain"})  # a mapping without _data
+    assert _env.get("VITKERNELS_CSRC") == "/plain"

@@ -55,6 +55,8 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         "_wa_bwd_kernel",
         "_dwconv_kernel",
         "_dwconv_bwd_reduce_kernel",
+        "_dwconv_bwd_v2_kernel",
+        "_attn_fwd_tma_kernel",
         "_sr_fwd_kernel",
         "_sr_bwd_kernel",
         "_sr_split_bwd_kernel",

@@ -81,6 +81,11 @@ CASES = {
         lambda q, k, v, b: vk.attention(q, k, v, b),
         [(1, 2, 150, 32), (1, 2, 140, 32), (1, 2, 140, 32), (1, 140)],
     ),
+    # the Hopper forward through TMA descriptors (CASE_ENV; 16-bit only, fp32 runs the pointer kernel)
+    "attention+bias tma": (
+        lambda q, k, v, b: vk.attention(q, k, v, b),
+        [(1, 2, 130, 32), (1, 2, 150, 32), (1, 2, 150, 32), (1, 150)],
+    ),
     "self_attention": (lambda x: vk.self_attention(x, 2), [(1, 200, 3 * 64)]),
     "window_attention M7": (
         lambda x, t, b: vk.window_attention(x, (14, 13), 2, 7, 3, t, b),
@@ -128,6 +133,7 @@ CASES = {
 CASE_ENV = {
     "attention+bias single-kernel": {"VITKERNELS_ATTN_BWD_KERNEL": "fused"},
     "attention+bias single-kernel deterministic": {"VITKERNELS_ATTN_BWD_KERNEL": "fused-deterministic"},
+    "attention+bias tma": {"VITKERNELS_ATTN_TMA": "on"},
 }
 
 

@@ -84,6 +84,8 @@ def _autotuner_run(self, *args, **kwargs):
     """Every config the pruner keeps goes on to the wrapped function (heuristics, then _jit_run)."""
     self.nargs = dict(zip(self.arg_names, args))
     for config in self.prune_configs(kwargs):
+        if config.pre_hook is not None:  # as the tuner does before a launch (e.g. descriptor boxes)
+            config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
         self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
     self.nargs = None
 
@@ -92,6 +94,8 @@ def _gpu_path_on_cpu():
     """Launchers take their tuned GPU path for CPU tensors; launches are recorded, not run."""
     for mod in MODULES.values():
         mod.use_fixed = lambda t, interpreted, what: False
+        if hasattr(mod, "_hopper"):  # the TMA forward's device check: compiling for sm_90a
+            mod._hopper = lambda t: True
         if hasattr(mod, "sm_count"):  # the launchers that size grids by the SM count
             mod.sm_count = lambda device: SM_COUNT
     JITFunction.run = _jit_run
@@ -101,16 +105,24 @@ def _gpu_path_on_cpu():
 # -------------------------------------------------------------------------------------- scenarios
 
 
-def _attention(dt, B, H, Nq, Nk, D, bias_kind=None, bwd_kernel="split"):
-    """Forward and backward; ``bwd_kernel``: VITKERNELS_ATTN_BWD_KERNEL for this backward."""
-    was = os.environ.get("VITKERNELS_ATTN_BWD_KERNEL")
-    os.environ["VITKERNELS_ATTN_BWD_KERNEL"] = bwd_kernel
+def _under(env: dict, run, *args, **kwargs):
+    """``run(*args, **kwargs)`` with the vitkernels switches ``env`` set (restored afterwards)."""
+    was = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
-        _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind)
+        run(*args, **kwargs)
     finally:
-        os.environ.pop("VITKERNELS_ATTN_BWD_KERNEL")
-        if was is not None:
-            os.environ["VITKERNELS_ATTN_BWD_KERNEL"] = was
+        for name, value in was.items():
+            os.environ.pop(name)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _attention(dt, B, H, Nq, Nk, D, bias_kind=None, bwd_kernel="split", tma="off"):
+    """Forward and backward; ``bwd_kernel``: VITKERNELS_ATTN_BWD_KERNEL for this backward, ``tma``:
+    VITKERNELS_ATTN_TMA for the forward."""
+    env = {"VITKERNELS_ATTN_BWD_KERNEL": bwd_kernel, "VITKERNELS_ATTN_TMA": tma}
+    _under(env, _attention_fwd_bwd, dt, B, H, Nq, Nk, D, bias_kind)
 
 
 def _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind):
@@ -226,6 +238,13 @@ def scenarios(quick: bool):
                 lambda dt=dt: _window(dt, 2, (60, 60), 96, 3, 8, 4, cosine=True, shift_first=True),
             ),
             (f"dwconv segformer k3 gelu {n}", lambda dt=dt: _dwconv(dt, 2, (128, 128), 256, 3, "gelu")),
+            (
+                f"dwconv segformer k3 gelu v1 backward {n}",
+                lambda dt=dt: _under({"VITKERNELS_DWCONV_KERNEL": "v1"}, _dwconv, dt, 2, (128, 128), 256, 3, "gelu"),
+            ),
+            # the Hopper forward through TMA descriptors (VITKERNELS_ATTN_TMA=on): ViT-B/384, a key-padding bias
+            (f"attention vit-b384 tma {n}", lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, tma="on")),
+            (f"attention keys-bias tma {n}", lambda dt=dt: _attention(dt, 2, 4, 100, 77, 32, "keys", tma="on")),
             (f"mix_ffn segformer-b2 s1 512 {n}", lambda dt=dt: _mix_ffn(dt, 8, (128, 128), 256, 64)),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
@@ -299,18 +318,38 @@ def scenarios(quick: bool):
 # -------------------------------------------------------------------------------------- compiling
 
 
-def _ptxas_resources(cubin: bytes) -> dict:
-    """Registers, stack frame (where ptxas puts spilled registers) and local bytes per thread of a
-    cubin, read by the cuobjdump that ships beside Triton's ptxas."""
+def _cuobjdump(cubin: bytes, flag: str) -> str | None:
+    """``cuobjdump <flag>`` of a cubin (the cuobjdump that ships beside Triton's ptxas), or None without it."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return {}
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _ptxas_resources(cubin: bytes) -> dict:
+    """Registers, stack frame (where ptxas puts spilled registers) and local bytes per thread of a cubin."""
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(cubin, "-res-usage") or "")
     return {"registers": int(m[1]), "stack": int(m[2]), "local": int(m[3])} if m else {}
+
+
+def _sass_ops(cubin: bytes) -> dict:
+    """Instruction counts of a cubin's SASS by opcode: the total and the ones that tell how a kernel
+    computes (FFMA / FMUL / MUFU: the ALU mix; HMMA: mma.sync; HGMMA: wgmma) and loads (LDGSTS:
+    cp.async; UTMALDG: TMA). A runtime loop's body counts once."""
+    text = _cuobjdump(cubin, "-sass")
+    if text is None:
+        return {}
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", text)
+    return {
+        "total": len(ops),
+        **{op: ops.count(op) for op in ("FFMA", "FMUL", "MUFU", "HMMA", "HGMMA", "LDGSTS", "UTMALDG")},
+    }
+
+
+SASS = False  # --sass: add the SASS instruction counts to every row
 
 
 def compile_one(launch) -> dict:
@@ -339,6 +378,8 @@ def compile_one(launch) -> dict:
         shared=int(k.metadata.shared),
         **_ptxas_resources(k.asm["cubin"]),
     )
+    if SASS:
+        row["sass"] = _sass_ops(k.asm["cubin"])
     row["fits_smem"] = row["shared"] <= SM90_SMEM_PER_BLOCK
     return row
 
@@ -371,7 +412,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write one row per compiled launch here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="only the scenarios whose name contains this text")
+    ap.add_argument(
+        "--sass",
+        action="store_true",
+        help="also count SASS instructions (total, FFMA, FMUL, MUFU, HMMA, HGMMA, LDGSTS, UTMALDG)",
+    )
     a = ap.parse_args(argv)
+    global SASS
+    SASS = a.sass
     launches = capture(a.quick, a.only)
     # Forked workers inherit the recorded launches (JIT functions do not pickle); only indices travel.
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -386,7 +434,8 @@ def main(argv=None) -> int:
             if r["ok"]
             else r["error"].splitlines()[0][:160]
         )
-        print(f"  {status:4} {r['kernel']:28} w{r['num_warps']} s{r['num_stages']} {blocks} {res}")
+        sass = " sass " + " ".join(f"{k} {v}" for k, v in r["sass"].items()) if r.get("sass") else ""
+        print(f"  {status:4} {r['kernel']:28} w{r['num_warps']} s{r['num_stages']} {blocks} {res}{sass}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": "sm_90a", "launches": rows}, f, indent=1)

@@ -4,6 +4,7 @@ are in _checks.py)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,6 +26,9 @@ from ..backends import ext_op_reasons, int32_reasons  # noqa: F401
 # (DTensor, FakeTensor) takes the dispatcher path as before.
 
 EAGER_FAST_PATH = True  # False: every call takes the dispatcher path (`vitkernels-bench overhead` compares)
+# Set (per thread) while a composite body runs on the fast path: its private op calls, on tensors
+# derived from arguments that passed `plain_eager`, skip the second check.
+_in_fast_body = threading.local()
 _PRIVATE_IMPLS: dict = {}
 _TORCH_OPS: dict = {}  # name -> torch.ops.vitkernels.<name>, looked up once
 
@@ -65,7 +69,7 @@ def plain_eager(*args) -> bool:
 
 def call_private(name: str, *args):
     """torch.ops.vitkernels.<name>(*args), or its Python implementation on the eager fast path."""
-    if plain_eager(*args):
+    if getattr(_in_fast_body, "on", False) or plain_eager(*args):
         return _PRIVATE_IMPLS[name](*args)
     return _torch_op(name)(*args)
 
@@ -73,7 +77,12 @@ def call_private(name: str, *args):
 def call_public(name: str, body: Callable, *args):
     """torch.ops.vitkernels.<name>(*args), or its composite `body` on the eager fast path."""
     if plain_eager(*args):
-        return body(*args)
+        was = getattr(_in_fast_body, "on", False)
+        _in_fast_body.on = True
+        try:
+            return body(*args)
+        finally:
+            _in_fast_body.on = was
     return _torch_op(name)(*args)
 
 

@@ -40,7 +40,7 @@ SPEC = define(
         private=lambda a, scale: (*a[:4], scale),
         inputs=lambda q, k, v, bias, *_: KernelInputs((q, k, v, bias), head_dim=q.shape[-1]),
         batched=(0, 1, 2),
-        triton_modules=("attention", "attention_short"),
+        triton_modules=("attention", "attention_short", "attention_tma"),
         inductor=True,
         bench=BenchSpec(
             cases="vitkernels.bench.cases:attention_cases", baseline="vitkernels.bench.baselines:attention_composition"

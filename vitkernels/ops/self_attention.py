@@ -31,7 +31,7 @@ SPEC = define(
         samples=lambda s: (s(s.b, 9, 3 * s.c), s.heads, None),
         private=lambda a, scale: (*a[:2], scale),
         inputs=lambda qkv, num_heads, *_: KernelInputs((qkv,), head_dim=qkv.shape[-1] // 3 // num_heads),
-        triton_modules=("attention", "attention_short"),
+        triton_modules=("attention", "attention_short", "attention_tma"),
         inductor=True,
         bench=BenchSpec(
             cases="vitkernels.bench.cases:self_attention_cases",

@@ -35,7 +35,7 @@ SPEC = define(
         private=lambda a, scale: (*a[:3], scale),
         inputs=lambda q, kv, num_heads, *_: KernelInputs((q, kv), head_dim=q.shape[-1] // num_heads),
         batched=(0, 1),
-        triton_modules=("attention", "attention_short", "sr_attention"),
+        triton_modules=("attention", "attention_short", "attention_tma", "sr_attention"),
         bench=BenchSpec(
             cases="vitkernels.bench.cases:sr_attention_cases",
             baseline="vitkernels.bench.baselines:sr_attention_composition",

@@ -365,6 +365,29 @@ def cuda_window_option_reasons(logit_scale, shift_first) -> list:
     return []
 
 
+CUDA_KERNEL_VERSIONS = {"auto": 0, "v1": 1}  # VITKERNELS_WINDOW_CUDA_KERNEL -> window_attention_fwd's version
+
+
+def cuda_kernel_version() -> int:
+    """The C++ op's `version` argument from VITKERNELS_WINDOW_CUDA_KERNEL: "auto" -> 0 (the newest
+    kernels, v2: two windows per 8-warp CTA, Q loaded before the K/V barrier), "v1" -> 1 (the first
+    kernels: one window per 4-warp CTA)."""
+    from .. import _env
+
+    value = _env.get("VITKERNELS_WINDOW_CUDA_KERNEL")
+    if value not in CUDA_KERNEL_VERSIONS:
+        raise ValueError(f"VITKERNELS_WINDOW_CUDA_KERNEL={value!r}: expected one of {', '.join(CUDA_KERNEL_VERSIONS)}")
+    return CUDA_KERNEL_VERSIONS[value]
+
+
+def _cuda_has_version_arg() -> bool:
+    """An extension built before the kernel versions has no `version` argument: it runs v1 only."""
+    try:
+        return any(a.name == "version" for a in torch.ops.vitkernels_C.window_attention_fwd.default._schema.arguments)
+    except Exception:
+        return False
+
+
 def _cuda_check(
     qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
 ):
@@ -376,12 +399,15 @@ def _cuda_check(
 def _cuda_forward(
     qkv, hw, num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale=None, shift_first=False
 ):
+    # "v1" passes version=1; "auto" keeps the schema's default (the newest kernels), so the calls
+    # below also run on extensions built before the options / the versions (those run v1 only).
+    extra = {"version": 1} if cuda_kernel_version() == 1 and _cuda_has_version_arg() else {}
     if logit_scale is None and not shift_first:  # also runs on an extension built before the options
         return torch.ops.vitkernels_C.window_attention_fwd(
-            qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale
+            qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale, **extra
         )
     return torch.ops.vitkernels_C.window_attention_fwd(
-        qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first
+        qkv, list(hw), num_heads, window_size, shift_size, table, qkv_bias, scale, logit_scale, shift_first, **extra
     )
 
 

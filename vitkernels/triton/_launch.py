@@ -2,11 +2,13 @@
 
 One home for what every launcher repeats: autotune configs and the per-dtype-family tables of tuned
 kernels, the interpreter flag and the fixed-config choice, unit-stride and dtype checks, stride
-arguments, tile sizes, matmul precision, the device context, the SM count and the base-2 softmax constants.
+arguments, tile sizes, matmul precision, the device context, the SM count, the occupancy of a compiled
+kernel (programs resident per SM, for the persistent grids) and the base-2 softmax constants.
 
-A kernel file imports ``use_fixed`` and ``sm_count`` into its own namespace and calls them from
-there: tests replace ``<module>.use_fixed`` / ``<module>.sm_count`` to drive the autotuned GPU path
-in the interpreter (tests/triton/test_triton_configs.py, tests/triton/triton_sm90.py).
+A kernel file imports ``use_fixed``, ``sm_count`` and ``occupancy`` into its own namespace and calls
+them from there: tests replace ``<module>.use_fixed`` / ``<module>.sm_count`` / ``<module>.occupancy``
+to drive the autotuned GPU path in the interpreter (tests/triton/test_triton_configs.py,
+tests/triton/test_triton_grid.py, tests/triton/triton_sm90.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
+
+from .. import _env
 
 # Softmax in base 2: scores are scaled by log2(e) once so kernels use exp2; lse is stored as ln.
 LOG2E = 1.4426950408889634
@@ -135,6 +140,171 @@ def _sm_count(index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------- occupancy, persistent grids
+
+
+class SMLimits(NamedTuple):
+    """What one streaming multiprocessor holds, as the CUDA occupancy calculator counts it."""
+
+    sms: int  # multiprocessors of the device
+    regs: int = 65536  # 32-bit registers per SM
+    threads: int = 2048  # resident threads per SM
+    shared: int = 233472  # shared memory per SM in bytes (228 KiB on sm_90)
+    ctas: int = 32  # resident CTAs per SM (sm_80 / sm_90)
+    reserved_shared: int = 1024  # shared memory the driver reserves per CTA (sm_80 on)
+    reg_unit: int = 256  # registers are allocated per warp in units of this many
+
+
+H100 = SMLimits(sms=132)  # H100 SXM (H200: the same SM)
+
+# Resident CTAs per SM by compute capability where it is not 32 (CUDA programming guide, table 21).
+_MAX_CTAS = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24, (12, 0): 24}
+
+
+def resident_programs(n_regs: int, shared_bytes: int, num_warps: int, limits: SMLimits) -> int:
+    """CTAs (programs) of one kernel resident per SM: the least of what its registers, its threads,
+    its shared memory and the CTA cap allow; 0 when one CTA does not fit. Registers are allocated
+    per warp, ``n_regs``·32 rounded up to ``reg_unit``: 255 registers × 4 warps → 2 CTAs on an
+    H100, 168 × 4 → 3, 128 × 4 → 4."""
+    warps = max(1, int(num_warps))
+    fits = [limits.ctas, limits.threads // (32 * warps)]
+    if n_regs > 0:
+        per_warp = -(-int(n_regs) * 32 // limits.reg_unit) * limits.reg_unit
+        fits.append((limits.regs // per_warp) // warps)
+    fits.append(limits.shared // (max(0, int(shared_bytes)) + limits.reserved_shared))
+    return max(0, min(fits))
+
+
+@functools.cache
+def _sm_limits(index: int) -> SMLimits:
+    p = torch.cuda.get_device_properties(index)
+    ctas = _MAX_CTAS.get((p.major, p.minor), 32 if p.major >= 8 else 16)
+    return SMLimits(
+        sms=p.multi_processor_count,
+        regs=getattr(p, "regs_per_multiprocessor", SMLimits._field_defaults["regs"]),
+        threads=getattr(p, "max_threads_per_multi_processor", SMLimits._field_defaults["threads"]),
+        shared=getattr(p, "shared_memory_per_multiprocessor", SMLimits._field_defaults["shared"]),
+        ctas=ctas,
+        reserved_shared=1024 if p.major >= 8 else 0,
+    )
+
+
+def sm_limits(device: torch.device) -> SMLimits:
+    """The SM limits of a CUDA device (cached)."""
+    return _sm_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+GRID_MODES = ("auto", "fixed")
+
+
+def grid_mode() -> str:
+    """VITKERNELS_GRID: "auto" sizes the persistent grids (window, sr, xca) from the compiled
+    kernel's occupancy, "fixed" from the programs per SM each launcher assumed before."""
+    mode = _env.get("VITKERNELS_GRID").lower()
+    if mode not in GRID_MODES:
+        raise ValueError(f"VITKERNELS_GRID={mode!r} is not one of {', '.join(GRID_MODES)}")
+    return mode
+
+
+class KernelInfo(NamedTuple):
+    """What occupancy needs from a compiled kernel."""
+
+    n_regs: int
+    shared: int
+    num_warps: int
+
+
+def kernel_info(compiled) -> KernelInfo | None:
+    """(registers per thread, static shared memory, warps) of a ``CompiledKernel``, or None when
+    they cannot be read (no kernel, or its registers unknown until it is loaded on a GPU)."""
+    if compiled is None:
+        return None
+    try:
+        n_regs = getattr(compiled, "n_regs", None)
+        if not n_regs:
+            compiled._init_handles()  # loads the cubin: ptxas' register count comes with it
+            n_regs = getattr(compiled, "n_regs", None)
+        meta = compiled.metadata
+        if not n_regs:
+            return None
+        return KernelInfo(int(n_regs), int(meta.shared), int(meta.num_warps))
+    except Exception:  # a driver without the attribute, a kernel that does not load: the fallback
+        return None
+
+
+def _call_key(args: Sequence) -> tuple:
+    """What Triton specialises a launch on, cheaply (one pass, on every call): a tensor's dtype and
+    16-byte alignment, a float's type (floats are not specialised), any other value itself."""
+    tensor = torch.Tensor
+    return tuple(
+        [
+            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, tensor) else (float if type(a) is float else a)
+            for a in args
+        ]
+    )
+
+
+def reference_config(tuned, args: Sequence, kwargs: dict):
+    """The first config ``tuned``'s pruner keeps for this call: the one whose occupancy sizes the
+    grid of every config of the key (``occupancy``)."""
+    tuned.nargs = dict(zip(tuned.arg_names, args))
+    try:
+        return tuned.prune_configs(kwargs)[0]
+    finally:
+        tuned.nargs = None
+
+
+def _innermost(kernel):
+    """The JIT (or interpreted) function under an autotuner / heuristics wrapper."""
+    while type(kernel).__name__ in ("Autotuner", "Heuristics"):
+        kernel = kernel.fn
+    return kernel
+
+
+_OCCUPANCY: dict = {}
+
+
+def occupancy(tuned, args: Sequence, kwargs: dict, device: torch.device) -> int | None:
+    """Programs per SM that ``tuned`` (an autotuned kernel of ``tuned_table``) keeps resident at a
+    call with positional ``args`` and constexpr ``kwargs``, or None when unknown (interpreter,
+    VITKERNELS_GRID=fixed, a kernel whose registers cannot be read): the caller then keeps its old
+    assumption.
+
+    Decided once per call signature (argument values and dtypes: what selects the tuner's key and
+    Triton's specialisation) before the first launch and cached, so a given call always gets the
+    same grid and its per-program partial sums add up in the same order. The grid cannot follow
+    the config the tuner picks: that happens inside the launch, after the partials are allocated;
+    so it follows the key's reference config (``reference_config``, the first one its pruner
+    keeps), compiled here by ``warmup`` (the tuner compiles it anyway), and the tuner then times
+    every config on that grid."""
+    if grid_mode() == "fixed":
+        return None
+    key = (id(tuned), device.index, _call_key(args), tuple(kwargs.items()))  # launchers pass kwargs in a fixed order
+    try:
+        return _OCCUPANCY[key]
+    except KeyError:
+        pass
+    resident = None
+    try:
+        if not is_interpreted(_innermost(tuned)):
+            config = reference_config(tuned, args, kwargs)
+            info = kernel_info(tuned.fn.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs()))
+            if info is not None:
+                resident = max(1, resident_programs(*info, sm_limits(device)))
+    except Exception as e:  # occupancy only sizes the grid: never fail a launch over it
+        name = getattr(_innermost(tuned), "__name__", tuned)
+        warnings.warn(f"vitkernels: no occupancy for {name} ({e}); the grid keeps its old assumption", stacklevel=3)
+    _OCCUPANCY[key] = resident
+    return resident
+
+
+def one_wave_split(units: int, lanes: int, slots: int) -> int:
+    """Work units per program for a persistent grid: ``units`` spread over ``lanes`` independent
+    rows of programs (heads, b·heads) so that all programs fit in ``slots`` resident programs:
+    ⌈units / max(1, ⌊slots / lanes⌋)⌉, each program of a lane taking that many consecutive units."""
+    return -(-int(units) // max(1, int(slots) // max(1, int(lanes))))
 
 
 # ------------------------------------------------------------------------------ tensor checks

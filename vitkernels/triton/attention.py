@@ -110,6 +110,17 @@ def _split_bh(bh, G, H):
 
 
 @triton.jit
+def _query_program(G, H, rows, BLOCK_M: tl.constexpr):
+    """(bh, b, g, h, start_m) of this program on a 1-D grid of ⌈rows / BLOCK_M⌉ query blocks per (b, g, h);
+    b, g, h in int64."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(rows, BLOCK_M)
+    bh = pid // num_m
+    b, g, h = _split_bh(bh, G, H)
+    return bh, b, g, h, (pid % num_m) * BLOCK_M
+
+
+@triton.jit
 def _extra_row(X, b, g, h, stride_b, stride_g, stride_h, offs_d, d_ok):
     """One D-vector per (b, g, h) in fp32: the extra key / value / query row of a class token,
     which is not in the token buffer (space_time_attention's shared class token)."""
@@ -123,6 +134,56 @@ def _extra_row(X, b, g, h, stride_b, stride_g, stride_h, offs_d, d_ok):
 # tile's origin (batch, head, first row), and the tile itself is addressed with small int32
 # offsets (row * stride + col). Streamed tiles advance the scalar base; no 2-D pointer tensor or
 # int64 vector is carried through a loop (that costs registers and caused spills).
+
+
+@triton.jit
+def _scores(
+    q,
+    k,
+    b_base,
+    offs,
+    stride_bm,
+    stride_bn,
+    oks,
+    qk_scale,
+    HAS_BIAS: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Base-2 scores q kᵀ·scale·log2 e (+ the bias tile at b_base) of one key block; keys past Nk
+    (MASK_N) at -inf. offs = (m, n) offsets, oks = (m, n) validity."""
+    offs_m, offs_n = offs
+    m_ok, n_ok = oks
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, m_ok, n_ok, MASK_M, MASK_N)
+        s = _apply_bias(s, bias, HAS_BIAS)
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_step(s, l_i, m_i):
+    """The online softmax's update by one block of base-2 scores: (p, alpha, l_i, m_new), with p the
+    block's unnormalised weights and alpha the factor that rescales what came before."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that is fully -inf so far subtracts 0 instead of -inf: exp2 sees -inf, never NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _softmax_finish(state):
+    """(out, natural-log lse) of the online softmax state (acc, l_i, m_i); a row whose every score was
+    -inf gives out = 0, lse = +inf."""
+    acc, l_i, m_i = state
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, tl.where(empty, float("inf"), logsumexp(m_i, tl.where(empty, 1.0, l_i)))
 
 
 @triton.jit
@@ -149,18 +210,21 @@ def _fwd_step(
     stride_kn, stride_vn, stride_bm, stride_bn = strides
     m_ok, n_ok, d_ok = oks
     k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if HAS_BIAS:
-        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, m_ok, n_ok, MASK_M, MASK_N)
-        s = _apply_bias(s, bias, HAS_BIAS)
-    if MASK_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that is fully -inf so far subtracts 0 instead of -inf: exp2 sees -inf, never NaN.
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    s = _scores(
+        q,
+        k,
+        b_base,
+        (offs_m, offs_n),
+        stride_bm,
+        stride_bn,
+        (m_ok, n_ok),
+        qk_scale,
+        HAS_BIAS,
+        MASK_M,
+        MASK_N,
+        PRECISION,
+    )
+    p, alpha, l_i, m_new = _softmax_step(s, l_i, m_i)
     v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     acc = accumulate_pv(acc, alpha, p, v, PRECISION)
     return acc, l_i, m_new
@@ -225,13 +289,9 @@ def _attn_fwd_kernel(
     HAS_XROW: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
     # HAS_XROW: one more query row per (b, g, h), XQ (a class token's query), runs as row Nq of the
     # last query block (a block of its own when BLOCK_M divides Nq); its out and lse go to XO, XLse.
-    num_m = tl.cdiv(Nq + HAS_XROW, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b, g, h = _split_bh(bh, G, H)
+    bh, b, g, h, start_m = _query_program(G, H, Nq + HAS_XROW, BLOCK_M)
     row0 = start_m.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -274,11 +334,7 @@ def _attn_fwd_kernel(
     if not EVEN_N:
         oks = (m_ok, n_full + offs_n < Nk, d_ok)
         state = _fwd_step(state, q, bases, offs, strides, oks, qk_scale, HAS_BIAS, not EVEN_M, True, MASK_D, PRECISION)
-    acc, l_i, m_i = state
-
-    empty = l_i == 0.0  # every score -inf: out = 0, lse = +inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), logsumexp(m_i, tl.where(empty, 1.0, l_i)))
+    out, lse = _softmax_finish(state)
 
     o_base = Out + b * stride_ob + g * stride_og + h * stride_oh + row0 * stride_om
     _store_2d(
@@ -324,11 +380,7 @@ def _attn_bwd_preprocess(
     BLOCK_M: tl.constexpr,
 ):
     """delta[bh, m] = sum_d dO[m, d] · O[m, d] in fp32."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b, g, h = _split_bh(bh, G, H)
+    bh, b, g, h, start_m = _query_program(G, H, Nq, BLOCK_M)
     row0 = start_m.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -676,12 +728,20 @@ def _dq_step(
     m_ok, n_ok, d_ok = oks
     k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
     v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if HAS_BIAS:
-        bias = _load_2d(b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, m_ok, n_ok, MASK_M, MASK_N)
-        s = _apply_bias(s, bias, HAS_BIAS)
-    if MASK_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    s = _scores(
+        q,
+        k,
+        b_base,
+        (offs_m, offs_n),
+        stride_bm,
+        stride_bn,
+        (m_ok, n_ok),
+        qk_scale,
+        HAS_BIAS,
+        MASK_M,
+        MASK_N,
+        PRECISION,
+    )
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -776,16 +836,9 @@ def _attn_bwd_dq_kernel(
     HAS_XROW: tl.constexpr = False,
 ):
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    pid = tl.program_id(0)
     # HAS_XROW: the extra query row (XQ, XDO, XLse, XDelta) as row Nq, as in the forward; its dQ
     # goes to XDQ.
-    if HAS_XROW:
-        num_m = tl.cdiv(Nq + 1, BLOCK_M)
-    else:
-        num_m = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b, g, h = _split_bh(bh, G, H)
+    bh, b, g, h, start_m = _query_program(G, H, Nq + HAS_XROW, BLOCK_M)
     row0 = start_m.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -825,7 +878,7 @@ def _attn_bwd_dq_kernel(
         p0 = tl.math.exp2(tl.sum(qf * pk[None, :], 1) * qk_scale - lse2)
         ds0 = p0 * (tl.sum(dof * pv[None, :], 1) - delta)
         dq += ds0[:, None] * pk[None, :]
-        part = PPart + (bh.to(tl.int64) * slots + pid % num_m) * (2 * BLOCK_D) + offs_d
+        part = PPart + (bh.to(tl.int64) * slots + start_m // BLOCK_M) * (2 * BLOCK_D) + offs_d
         tl.store(part, tl.sum(ds0[:, None] * qf, 0) * scale)
         tl.store(part + BLOCK_D, tl.sum(p0[:, None] * dof, 0))
     rows = (q, do, lse2, delta)
@@ -1164,6 +1217,29 @@ def attention_forward(q, k, v, bias, scale, out, prefix=None, extra_q=None):
         dest.finish()
         return lse
     has_bias, bias = _bias_kind(bias), _bias_bytes(bias)
+    if tma.eligible(q, k, v, o, bias, prefix, extra_q):  # VITKERNELS_ATTN_TMA=on, on sm_90+
+        qk_scale = float(scale) * launch.LOG2E
+        with launch.device_ctx(q):
+            tma.tma_forward(
+                q,
+                k,
+                v,
+                bias,
+                has_bias,
+                _bias_strides(bias),
+                o,
+                lse,
+                G,
+                H,
+                Nq,
+                Nk,
+                qk_scale,
+                launch.pow2_at_least(D),
+                B * G * H,
+                INTERPRET_BLOCKS["fwd"],
+            )
+        dest.finish()
+        return lse
     pk, pv = prefix if prefix is not None else (q, q)
     xq, xout, xlse = extra_q if extra_q is not None else (q, q, lse)
     args = (
@@ -1441,3 +1517,7 @@ def attention_flops(B, H, Nq, Nk, D, backward=False):
     """FLOPs of the op as counted above (forward 4·B·H·Nq·Nk·D, backward 2.5× that)."""
     f = 4 * B * H * Nq * Nk * D
     return int(f * 2.5) if backward else f
+
+
+# The Hopper TMA forward reuses this module's jit helpers, so it is imported once they exist.
+from . import attention_tma as tma  # noqa: E402

@@ -11,9 +11,11 @@ x taken as 0 outside the H×W map (zero padding P, stride 1):
 Layout: x with channel stride 1 and any batch / token strides (a channel slice is read in place);
 outputs contiguous (B, H·W, C). ``_dwconv_kernel``: one program per BLOCK_H × BLOCK_W pixels ×
 BLOCK_C channels tile, fp32 accumulation, one store (forward, and dx in the backward);
-``_dwconv_bwd_reduce_kernel``: dz and per-program fp32 dweight / dbias partials summed by torch
-(deterministic). Autotuned on a GPU, ``INTERPRET_TILE`` under TRITON_INTERPRET=1. Design notes,
-cost and versions: docs/dwconv.md.
+``_dwconv_bwd_v2_kernel``: dz (in x's dtype; with no activation dx itself) and per-program fp32
+dweight / dbias partials, accumulated per thread across a band of rows and summed by torch
+(deterministic); ``_dwconv_bwd_reduce_kernel``: the v1 backward (VITKERNELS_DWCONV_KERNEL=v1).
+Autotuned on a GPU, ``INTERPRET_TILE`` under TRITON_INTERPRET=1. Design notes, cost and versions:
+docs/dwconv.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _env
 from . import _launch as launch
 from ._launch import use_fixed  # module globals: tests patch them here
 
@@ -93,6 +96,13 @@ def _add_bias(acc, BIAS, c, c_ok):
 def _gelu(z):
     """GELU with the exact erf, in fp32."""
     return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):
+    """GELU′(z) = Φ(z) + z·φ(z) in fp32 (Φ = (1 + erf(z/√2))/2, φ = exp(−z²/2)/√(2π))."""
+    cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+    return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
 @triton.jit
@@ -171,6 +181,48 @@ def _dwconv_kernel(
 
 
 @triton.jit
+def _band_program(n_band, n_tw, n_cb):
+    """(b, band, tw, cb, sp) of a backward program: pid = sp·n_cb + cb with the spatial index
+    sp = (b·n_band + band)·n_tw + tw (a band of sub-tile rows of column strip tw of image b)."""
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    sp = pid // n_cb
+    tw = sp % n_tw
+    r = sp // n_tw
+    return r // n_band, r % n_band, tw, cb, sp
+
+
+@triton.jit
+def _act_grad(
+    dy,
+    x_base,
+    WT,
+    BIAS,
+    h,
+    w,
+    c,
+    c_ok,
+    H,
+    W,
+    C,
+    stride_xn,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dz = dy·act′(z) in fp32 with z = conv(x) + bias recomputed for pixels (h, w), channels c."""
+    z = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_M, dy.shape[1])
+    if HAS_BIAS:
+        z = _add_bias(z, BIAS, c, c_ok)
+    if ACT == 1:
+        return dy.to(tl.float32) * _gelu_grad(z)
+    else:
+        return tl.where(z > 0.0, dy.to(tl.float32), 0.0)
+
+
+@triton.jit
 def _dwconv_bwd_reduce_kernel(
     X,
     DY,
@@ -203,13 +255,7 @@ def _dwconv_bwd_reduce_kernel(
 ):
     P: tl.constexpr = K // 2
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    cb = pid % n_cb
-    sp = pid // n_cb  # spatial program index = (b·n_band + band)·n_tw + tw
-    tw = sp % n_tw
-    r = sp // n_tw
-    band = r % n_band
-    b = r // n_band
+    b, band, tw, cb, sp = _band_program(n_band, n_tw, n_cb)
     x_base = X + b.to(tl.int64) * stride_xb
     y_base = DY + b.to(tl.int64) * stride_yb
     z_base = DZ + b.to(tl.int64) * stride_zb
@@ -219,19 +265,9 @@ def _dwconv_bwd_reduce_kernel(
     for s in range(BAND):
         h, w, c, c_ok = _tile_coords(band * BAND + s, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
         ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
-        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok, other=0.0).to(
-            tl.float32
-        )
+        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok, other=0.0)
         if ACT != 0:
-            z = _conv_tile(x_base, WT, h, w, c, c_ok, H, W, C, stride_xn, K, WIDE, BLOCK_M, BLOCK_C)
-            if HAS_BIAS:
-                z = _add_bias(z, BIAS, c, c_ok)
-            if ACT == 1:
-                cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))  # Φ(z), 1/√2
-                pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # φ(z), 1/√(2π)
-                dz = dz * (cdf + z * pdf)
-            else:
-                dz = tl.where(z > 0.0, dz, 0.0)
+            dz = _act_grad(dz, x_base, WT, BIAS, h, w, c, c_ok, H, W, C, stride_xn, K, HAS_BIAS, ACT, WIDE, BLOCK_M)
             tl.store(z_base + _token_off(h, w, W, stride_zn, WIDE)[:, None] + c[None, :], dz, mask=ok)
         db_acc += tl.sum(dz, axis=0)
         for i in range(K):
@@ -246,6 +282,86 @@ def _dwconv_bwd_reduce_kernel(
     pdw = PDW + sp.to(tl.int64) * (K * K * C)
     tl.store(pdw + taps[:, None] * C + c[None, :], dw_acc, mask=(taps < K * K)[:, None] & c_ok[None, :])
     tl.store(PDB + sp.to(tl.int64) * C + c, db_acc, mask=c_ok)
+
+
+@triton.jit
+def _tap_gather(x_base, h, w, c, c_ok, H, W, stride_n, K: tl.constexpr, KK_PAD: tl.constexpr, WIDE: tl.constexpr):
+    """(KK_PAD, BLOCK_M, BLOCK_C) tile: row t = i·K + j holds x at pixels (h + i − P, w + j − P), channels c;
+    zero outside the map and for the padding taps t ≥ K²."""
+    P: tl.constexpr = K // 2
+    taps = tl.arange(0, KK_PAD)
+    hh = h[None, :] + (taps // K - P)[:, None]
+    ww = w[None, :] + (taps % K - P)[:, None]
+    ok = (taps < K * K)[:, None] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    off = _token_off(hh, ww, W, stride_n, WIDE)
+    return tl.load(x_base + off[:, :, None] + c[None, None, :], mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
+
+
+@triton.jit
+def _dwconv_bwd_v2_kernel(
+    X,
+    DY,
+    WT,
+    WT_FLIP,
+    BIAS,
+    DZ,
+    PDW,
+    PDB,
+    H,
+    W,
+    C,
+    n_band,
+    n_tw,
+    n_cb,
+    stride_xb,
+    stride_xn,
+    stride_yb,
+    stride_yn,
+    stride_zb,
+    stride_zn,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BAND: tl.constexpr,
+    KK_PAD: tl.constexpr,
+):
+    """dweight / dbias partials of a band of BAND sub-tiles, and per pixel either dz = dy·act′(z) (ACT ≠ 0,
+    stored in DZ's dtype for the dx conv) or, with no activation, dx itself (the conv of dy with the flipped
+    kernel, so dy is read once). The products dz·x_shift of every tap are summed per thread across the band in
+    a (KK_PAD, BLOCK_M, BLOCK_C) fp32 tile and reduced over pixels once per program."""
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    b, band, tw, cb, sp = _band_program(n_band, n_tw, n_cb)
+    x_base = X + b.to(tl.int64) * stride_xb
+    y_base = DY + b.to(tl.int64) * stride_yb
+    z_base = DZ + b.to(tl.int64) * stride_zb
+    dw_acc = tl.zeros((KK_PAD, BLOCK_M, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for s in range(BAND):
+        h, w, c, c_ok = _tile_coords(band * BAND + s, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
+        ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
+        z_off = _token_off(h, w, W, stride_zn, WIDE)[:, None] + c[None, :]
+        dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok, other=0.0)
+        if ACT != 0:
+            dz = _act_grad(dz, x_base, WT, BIAS, h, w, c, c_ok, H, W, C, stride_xn, K, HAS_BIAS, ACT, WIDE, BLOCK_M)
+            tl.store(z_base + z_off, dz, mask=ok)
+        else:
+            dz = dz.to(tl.float32)
+            dx = _conv_tile(y_base, WT_FLIP, h, w, c, c_ok, H, W, C, stride_yn, K, WIDE, BLOCK_M, BLOCK_C)
+            tl.store(z_base + z_off, dx, mask=ok)
+        db_acc += dz
+        xs = _tap_gather(x_base, h, w, c, c_ok, H, W, stride_xn, K, KK_PAD, WIDE)
+        dw_acc += xs.to(tl.float32) * dz[None, :, :]
+    taps = tl.arange(0, KK_PAD)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    pdw = PDW + sp.to(tl.int64) * (K * K * C)
+    tap_ok = (taps < K * K)[:, None] & c_ok[None, :]
+    tl.store(pdw + taps[:, None] * C + c[None, :], tl.sum(dw_acc, axis=1), mask=tap_ok)
+    tl.store(PDB + sp.to(tl.int64) * C + c, tl.sum(db_acc, axis=0), mask=c_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +411,14 @@ _INTERPRETED = launch.is_interpreted(_dwconv_kernel)
 
 def _use_fixed(t: torch.Tensor) -> bool:
     return use_fixed(t, _INTERPRETED, "dwconv")
+
+
+def kernel_version() -> str:
+    """ "v2" (the default) or "v1" (VITKERNELS_DWCONV_KERNEL=v1: the first backward, kept for A/B runs)."""
+    value = _env.get("VITKERNELS_DWCONV_KERNEL")
+    if value not in ("auto", "v1"):
+        raise ValueError(f"VITKERNELS_DWCONV_KERNEL={value!r}: expected auto or v1")
+    return "v1" if value == "v1" else "v2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,20 +497,35 @@ def dwconv_forward(x, hw, weight, bias=None, activation=None):
 
 
 def _bwd_tile(B, H, W, C, k, fixed):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, BAND) of the reduce kernel: 64-pixel sub-tiles; 32 channels for
+    """v1 reduce kernel's (BLOCK_H, BLOCK_W, BLOCK_C, BAND): 64-pixel sub-tiles; 32 channels for
     k ≥ 5 so the (next_pow2(k²), BLOCK_C) fp32 dweight accumulator stays in registers."""
     if fixed:
         return INTERPRET_TILE
     bw = min(16, triton.next_power_of_2(W))
     bh = max(1, 64 // bw) if bw < 16 else 4
     bc = min(64 if k <= 3 else 32, max(16, triton.next_power_of_2(C)))
+    return bh, bw, bc, _band(B, H, W, C, bh, bw, bc, (8, 4, 2))
+
+
+def _band(B, H, W, C, bh, bw, bc, bands):
+    """The longest band (sub-tiles per program) that keeps ≥ ~1024 programs in flight: fewest partials."""
     n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
-    band = 1
-    for cand in (8, 4, 2):  # fewest partials while keeping ≥ ~1024 programs in flight
+    for cand in bands:
         if B * triton.cdiv(n_th, cand) * n_tw * n_cb >= 1024:
-            band = cand
-            break
-    return bh, bw, bc, band
+            return cand
+    return 1
+
+
+def _bwd_v2_tile(B, H, W, C, k, fixed):
+    """v2 kernel's (BLOCK_H, BLOCK_W, BLOCK_C, BAND, num_warps): one-row sub-tiles swept down a band of rows,
+    sized so the (next_pow2(k²), BLOCK_M, BLOCK_C) fp32 dweight tile is ~32 registers per thread."""
+    if fixed:
+        return (*INTERPRET_TILE, 4)
+    kk = triton.next_power_of_2(k * k)
+    bw = min(8 if kk <= 32 else 4, triton.next_power_of_2(W))
+    bc = min(32, max(16, triton.next_power_of_2(C)))
+    warps = 4 if kk <= 16 else 8
+    return 1, bw, bc, _band(B, H, W, C, 1, bw, bc, (64, 32, 16, 8, 4, 2)), warps
 
 
 def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
@@ -403,24 +542,42 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
         return dx, torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
     x = launch.unit_last(x)
     dout = launch.unit_last(dout.to(x.dtype))
+    version = kernel_version()
     fixed = _use_fixed(x)
-    bh, bw, bc, band = _bwd_tile(B, H, W, C, k, fixed)
+    if version == "v1":
+        bh, bw, bc, band = _bwd_tile(B, H, W, C, k, fixed)
+        warps = 4
+        dz_dtype = torch.float32  # v1: dz through HBM in fp32
+    else:
+        bh, bw, bc, band, warps = _bwd_v2_tile(B, H, W, C, k, fixed)
+        dz_dtype = x.dtype  # v2: dz rounded to x's dtype, as eager's GELU backward hands it to the conv
     n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
     n_band = triton.cdiv(n_th, band)
     n_sp = B * n_band * n_tw
     with launch.device_ctx(x):
         wt = _weight_table(weight)
         b = None if bias is None else bias.contiguous()
-        dz = torch.empty((B, N, C), device=x.device, dtype=torch.float32) if act != 0 else dout
+        if act != 0:
+            dz = torch.empty((B, N, C), device=x.device, dtype=dz_dtype)
+        else:  # dz = dout: v2 writes dx in the reduce kernel itself, v1 convolves dout afterwards
+            dz = dx if version == "v2" else dout
         pdw = torch.empty((n_sp, k * k, C), device=x.device, dtype=torch.float32)
         pdb = torch.empty((n_sp, C), device=x.device, dtype=torch.float32)
         wide = _wide((N, x.stride(1), C), (N, dout.stride(1), C), (N, dz.stride(1), C))
-        args = (x, dout, wt, b if b is not None else wt, dz, pdw, pdb, H, W, C, n_band, n_tw, n_cb)
         conv = {"K": k, "HAS_BIAS": b is not None, "ACT": act, "WIDE": wide}
         tile = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc, "BAND": band, "KK_PAD": triton.next_power_of_2(k * k)}
-        _dwconv_bwd_reduce_kernel[(n_sp * n_cb,)](*args, *launch.strides(x, dout, dz), **conv, **tile, num_warps=4)
-        # dx: the transposed conv = the same conv of dz with the spatially flipped kernel.
-        _launch_conv(dz, _weight_table(weight, flip=True), None, dx, H, W, k, 0)
+        strides = launch.strides(x, dout, dz)
+        grid = (n_sp * n_cb,)
+        flipped = _weight_table(weight, flip=True)
+        if version == "v1":
+            args = (x, dout, wt, b if b is not None else wt, dz, pdw, pdb, H, W, C, n_band, n_tw, n_cb)
+            _dwconv_bwd_reduce_kernel[grid](*args, *strides, **conv, **tile, num_warps=warps)
+        else:
+            args = (x, dout, wt, flipped, b if b is not None else wt, dz, pdw, pdb, H, W, C, n_band, n_tw, n_cb)
+            _dwconv_bwd_v2_kernel[grid](*args, *strides, **conv, **tile, num_warps=warps)
+        if act != 0 or version == "v1":
+            # dx: the transposed conv = the same conv of dz with the spatially flipped kernel.
+            _launch_conv(dz, flipped, None, dx, H, W, k, 0)
         dw = pdw.sum(0).t().reshape(C, 1, k, k).to(weight.dtype)
         db = None if bias is None else pdb.sum(0).to(bias.dtype)
     return dx, dw, db

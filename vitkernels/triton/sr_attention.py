@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as launch
-from ._launch import sm_count, use_fixed  # module globals: tests patch them here
+from ._launch import occupancy, sm_count, use_fixed  # module globals: tests patch them here
 from ._tiles import block_offsets, load_1d, load_lse2, load_tile, logsumexp, store_1d, store_2d, store_tile
 
 __all__ = [
@@ -43,7 +43,9 @@ INTERPRET_BLOCK_M = {"fwd": 32, "bwd": 16}
 INTERPRET_SPLIT_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}  # the split backward's (queries, keys)
 # Query rows per program; None = chosen from the GPU's SM count (interpreter: 2 blocks).
 ROWS_PER_PROGRAM: int | None = None
-# Split backward: programs per SM (it takes one SM each; see _split_rows and docs/sr_attention.md).
+# Programs per SM assumed where the compiled kernel's occupancy is not used (VITKERNELS_GRID=fixed,
+# no compiled kernel): forward, backward, split backward (see _rows_per_program, _split_rows).
+FIXED_WAVES = {"fwd": 4, "bwd": 2}
 SPLIT_WAVES = 1
 
 
@@ -531,16 +533,38 @@ _TUNED = launch.tuned_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows_per_program(n: int, bh: int, device: torch.device, fixed: bool, block_m: int, waves: int) -> int:
-    """Query rows per program: a multiple of every BLOCK_M the tuner may pick (128 on a GPU),
-    sized so the grid has about ``waves`` programs per SM."""
+def _rows_per_program(
+    n: int, bh: int, device: torch.device, fixed: bool, block_m: int, waves: int, resident: int | None = None
+) -> int:
+    """Query rows per program: a multiple of every BLOCK_M the tuner may pick (128 on a GPU). With
+    ``resident`` programs of the kernel per SM (``occupancy``): one wave, each head's N rows split
+    into ⌊resident·SMs / (B·heads)⌋ chunks (at least 1). Without (VITKERNELS_GRID=fixed, no compiled
+    kernel): the old ``waves`` programs per SM, ⌈waves·SMs / (B·heads)⌉ chunks."""
     if ROWS_PER_PROGRAM is not None:
         return int(ROWS_PER_PROGRAM)
     if fixed:
         return 2 * block_m
     unit = 128
-    chunks = max(1, triton.cdiv(waves * sm_count(device), max(bh, 1)))
-    return max(unit, triton.cdiv(triton.cdiv(n, chunks), unit) * unit)
+    if resident is None:
+        chunks = max(1, triton.cdiv(waves * sm_count(device), max(bh, 1)))
+        rows = triton.cdiv(n, chunks)
+    else:
+        rows = launch.one_wave_split(n, bh, resident * sm_count(device))
+    return max(unit, triton.cdiv(rows, unit) * unit)
+
+
+def _planned_rows(fixed: bool, index: int, q, make_args, meta, rows_for) -> int:
+    """Rows per program of a launch of tuned kernel ``index`` (0 forward, 1 backward, 2 split):
+    ``rows_for(resident)`` with the kernel's occupancy (``rows_for(None)``: the fallback), read once
+    per call signature before the first launch: ``make_args(rows)`` builds the positional
+    arguments at the fallback's rows (a multiple of 128 like every GPU choice, so the kernel
+    compiled is the one launched)."""
+    mode = launch.grid_mode()
+    rows = rows_for(None)
+    if fixed or mode == "fixed" or ROWS_PER_PROGRAM is not None:
+        return rows
+    resident = occupancy(_TUNED[launch.family(q.dtype)][index], make_args(rows), meta, q.device)
+    return rows if resident is None else rows_for(resident)
 
 
 def _check(q, k, v):
@@ -580,13 +604,16 @@ def sr_attention_forward(q, k, v, scale, out):
         return lse
     fixed = use_fixed(q, _INTERPRETED, "sr_attention")
     bm = INTERPRET_BLOCK_M["fwd"]
-    rows = _rows_per_program(N, B * H, q.device, fixed, bm, waves=4)
-    args = (q, k, v, out, lse, *_strides(q, k, v, out), H, N, M, rows, float(scale) * launch.LOG2E)
+
+    def make_args(rows):
+        return (q, k, v, out, lse, *_strides(q, k, v, out), H, N, M, rows, float(scale) * launch.LOG2E)
+
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
-    grid = (triton.cdiv(N, rows) * B * H,)
     with launch.device_ctx(q):
+        rows_for = lambda r: _rows_per_program(N, B * H, q.device, fixed, bm, FIXED_WAVES["fwd"], r)  # noqa: E731
+        rows = _planned_rows(fixed, 0, q, make_args, meta, rows_for)
         kernel = launch.pick(fixed, _fwd_fixed, _TUNED, q.dtype, 0)
-        kernel[grid](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
+        kernel[(triton.cdiv(N, rows) * B * H,)](*make_args(rows), **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
     return lse
 
 
@@ -631,21 +658,32 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     if B * H * N == 0:
         return _zero(dq, dk, dv)
     bm = INTERPRET_BLOCK_M["bwd"]
-    rows = _rows_per_program(N, B * H, q.device, fixed, bm, waves=2)
+    lse = lse.to(torch.float32).contiguous()
+
+    def make_args(rows, part=None):
+        programs = triton.cdiv(N, rows) * B * H
+        if part is None:  # a stand-in while the occupancy is read: the partials follow the grid
+            part = torch.empty(1, device=q.device, dtype=torch.float32)
+        args = (q, k, v, out, dout, lse, dq, part)
+        return (*args, *_strides(q, k, v, out, dout, dq), *_tail(H, N, M, rows, programs, D, scale))
+
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
+    with launch.device_ctx(q):
+        rows_for = lambda r: _rows_per_program(N, B * H, q.device, fixed, bm, FIXED_WAVES["bwd"], r)  # noqa: E731
+        rows = _planned_rows(fixed, 1, q, make_args, meta, rows_for)
     chunks = triton.cdiv(N, rows)
     programs = chunks * B * H
     # Part[0] = dK partials, Part[1] = dV partials, one (M, D) fp32 slot per program.
     part = torch.empty((2, B * H, chunks, M, D), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, dout, lse.to(torch.float32).contiguous(), dq, part)
-    args = (*args, *_strides(q, k, v, out, dout, dq), *_tail(H, N, M, rows, programs, D, scale))
-    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     kernel = launch.pick(fixed, _bwd_fixed, _TUNED, q.dtype, 1)
-    _run_backward(kernel, programs, args, dict(meta, **launch.fixed_meta(fixed, BLOCK_M=bm)), part, 2, dk, dv)
+    meta = dict(meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
+    _run_backward(kernel, programs, make_args(rows, part), meta, part, 2, dk, dv)
 
 
-def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int) -> int:
-    """Query rows per program of the split backward. On a GPU: chunks = ⌊SPLIT_WAVES·SMs / (B·H)⌋
-    (at least 1) per head, so the grid fills the SMs without a partial last wave, and rows =
+def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int, resident: int | None = None) -> int:
+    """Query rows per program of the split backward. On a GPU: chunks = ⌊resident·SMs / (B·heads)⌋
+    (at least 1) per head, ``resident`` the compiled kernel's programs per SM (one: it takes an SM;
+    ``SPLIT_WAVES`` without it), so the grid fills the SMs without a partial last wave, and rows =
     ⌈N / chunks⌉ rounded up to a multiple of 128 (every BLOCK_M the tuner may pick divides it).
     Fewer, longer chunks write fewer partials: 8·M·D bytes per program (docs/sr_attention.md)."""
     if ROWS_PER_PROGRAM is not None:
@@ -653,7 +691,8 @@ def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int
     if fixed:
         return 2 * block_m
     unit = 128
-    chunks = max(1, SPLIT_WAVES * sm_count(device) // max(bh, 1))
+    waves = SPLIT_WAVES if resident is None else resident
+    chunks = max(1, waves * sm_count(device) // max(bh, 1))
     return max(unit, triton.cdiv(triton.cdiv(n, chunks), unit) * unit)
 
 
@@ -667,16 +706,24 @@ def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     B, H, N, M, D, fixed = _backward_plan(q, k, v, supports_split_backward, error)
     if B * H * N == 0:
         return _zero(dq, dk, dv)
-    rows = _split_rows(N, B * H, q.device, fixed, INTERPRET_SPLIT_BLOCKS["BLOCK_M"])
-    chunks = triton.cdiv(N, rows)
-    programs = chunks * B * H
     acc = dq if dq.dtype == torch.float32 else torch.empty((B, H, N, D), device=q.device, dtype=torch.float32)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    part = torch.empty((2, chunks, B * H, M, D), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, dout, lse.to(torch.float32).contiguous(), dq, acc, delta, part)
-    args = (*args, *_strides(q, k, v, out, dout, dq, acc), *_tail(H, N, M, rows, programs, D, scale))
+    lse = lse.to(torch.float32).contiguous()
+
+    def make_args(rows, part=None):
+        programs = triton.cdiv(N, rows) * B * H
+        if part is None:  # a stand-in while the occupancy is read: the partials follow the grid
+            part = torch.empty(1, device=q.device, dtype=torch.float32)
+        args = (q, k, v, out, dout, lse, dq, acc, delta, part)
+        return (*args, *_strides(q, k, v, out, dout, dq, acc), *_tail(H, N, M, rows, programs, D, scale))
+
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=launch.precision(q.dtype))
+    with launch.device_ctx(q):
+        rows_for = lambda r: _split_rows(N, B * H, q.device, fixed, INTERPRET_SPLIT_BLOCKS["BLOCK_M"], r)  # noqa: E731
+        rows = _planned_rows(fixed, 2, q, make_args, meta, rows_for)
+    chunks = triton.cdiv(N, rows)
+    programs = chunks * B * H
+    part = torch.empty((2, chunks, B * H, M, D), device=q.device, dtype=torch.float32)
     kernel = launch.pick(fixed, _split_fixed, _TUNED, q.dtype, 2)
-    _run_backward(
-        kernel, programs, args, dict(meta, **launch.fixed_meta(fixed, **INTERPRET_SPLIT_BLOCKS)), part, 1, dk, dv
-    )
+    meta = dict(meta, **launch.fixed_meta(fixed, **INTERPRET_SPLIT_BLOCKS))
+    _run_backward(kernel, programs, make_args(rows, part), meta, part, 1, dk, dv)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as launch
-from ._launch import sm_count, use_fixed  # module globals: tests patch them here
+from ._launch import occupancy, sm_count, use_fixed  # module globals: tests patch them here
 
 __all__ = ["MAX_HEAD_DIM", "window_attention_backward", "window_attention_flops", "window_attention_forward"]
 
@@ -39,8 +39,10 @@ LOGIT_SCALE_MAX = 4.605170185988092  # ln 100: Swin V2 clamps the logit scale th
 # "fwd": (BLOCK_M, BLOCK_N) or None (BLOCK_M = min(64, next_pow2(N)), keys in one block);
 # "bwd": BLOCK_M or None (min(64, next_pow2(N))); "bwd_keys": BLOCK_N or None (resident keys).
 INTERPRET_BLOCKS = {"fwd": None, "bwd": None, "bwd_keys": None}
-# Windows per program; None chooses per launch (2 under the interpreter).
+# Windows per program; None chooses per launch (2 under the interpreter, see _windows_per_program).
 WINDOWS_PER_PROGRAM = None
+# Programs per SM the grid assumed before it followed the compiled kernel (VITKERNELS_GRID=fixed).
+FIXED_PROGRAMS_PER_SM = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def _bias_block(
     return rel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["WPG"])  # one compile whatever windows per program the grid takes
 def _wa_fwd_kernel(
     QKV,
     Table,
@@ -418,7 +420,7 @@ def _wa_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["WPG"])
 def _wa_bwd_kernel(
     QKV,
     Table,
@@ -623,10 +625,14 @@ def _prune_bwd(configs, named_args, **kwargs):
 # query block. sm_90, bf16, all features: M = 7, D = 32: 64 / 8 warps and 32 / 4 warps 255
 # registers without spills (64 / 4 warps spills 12 bytes); D = 64: 32 / 4 warps no spill; M = 12
 # (256 resident keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
+# 2-stage forward configs pipeline the window loop (the next window's gathers under this one's
+# dots; Triton 3.8, M = 7: 64×64 168 registers, 24 KB shared vs 157 / 12 KB at 1 stage). Backward
+# maxnreg 168 / 128 variants spill 200–800 B and were left out (docs/window_attention.md).
 _FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
 _BWD_SHAPES = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
 _FWD_SHAPES = {  # per family, as chosen above
     "half": [(64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1)]
+    + [(64, 64, 4, 2), (32, 64, 4, 2), (64, 256, 8, 2), (32, 256, 8, 2)]
     + [(16, 16, 4, 1), (64, 256, 8, 1), (32, 256, 8, 1), (64, 128, 8, 1), (32, 128, 4, 1), (128, 128, 8, 1)],
     "fp32": [(64, 64, 4, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1)]
     + [(64, 128, 8, 1), (32, 128, 4, 1), (32, 256, 8, 1)],
@@ -673,13 +679,32 @@ _TUNED = launch.tuned_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def _windows_per_program(bw: int, heads: int, device) -> int:
+def _windows_per_program(bw: int, heads: int, device, fixed: bool, resident: int | None = None) -> int:
+    """Windows per program (WPG). The interpreter's fixed config: 2. On a GPU, with ``resident``
+    programs of the kernel per SM (``occupancy``): one wave, every head's B·nW windows split into
+    ⌊resident·SMs / heads⌋ groups (``launch.one_wave_split``). Without it (VITKERNELS_GRID=fixed, no
+    compiled kernel): the old assumption of 8 programs per SM, 1–16 windows."""
     if WINDOWS_PER_PROGRAM is not None:
         return max(1, int(WINDOWS_PER_PROGRAM))
-    if _INTERPRETED:
+    if fixed or (_INTERPRETED and resident is None):  # (the config tests' tuned path on CPU too)
         return 2
     sms = sm_count(device)
-    return max(1, min(16, (bw * heads) // (8 * sms)))
+    if resident is None:
+        return max(1, min(16, (bw * heads) // (FIXED_PROGRAMS_PER_SM * sms)))
+    return launch.one_wave_split(bw, heads, resident * sms)
+
+
+def _split(g, fixed: bool, index: int, qkv, make_args, meta) -> int:
+    """WPG of a launch of kernel ``index`` (0 forward, 1 backward); ``make_args(wpg)`` builds its
+    positional arguments. The occupancy is asked with the fallback's WPG (WPG is not specialised
+    on, so the kernel compiled is the one launched) and cached per call signature."""
+    mode = launch.grid_mode()
+    wpg = _windows_per_program(g.BW, g.heads, qkv.device, fixed)
+    if fixed or mode == "fixed" or WINDOWS_PER_PROGRAM is not None:
+        return wpg
+    tuned = _TUNED[launch.family(qkv.dtype)][index]
+    resident = occupancy(tuned, make_args(wpg), meta, qkv.device)
+    return wpg if resident is None else _windows_per_program(g.BW, g.heads, qkv.device, False, resident)
 
 
 class _Geometry:
@@ -773,34 +798,37 @@ def _fwd_blocks(g: _Geometry):
 
 def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
     big = _needs_int64(qkv, out)
-    wpg = _windows_per_program(g.BW, g.heads, qkv.device)
-    grid = (triton.cdiv(g.BW, wpg) * g.heads,)
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
     ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
-    args = (
-        qkv,
-        tab,
-        qkv_bias if qkv_bias is not None else qkv,
-        ls,
-        out,
-        lse if lse is not None else qkv,
-        qkv.stride(0),
-        qkv.stride(1),
-        tr,
-        th,
-        sls,
-        out.stride(0),
-        out.stride(1),
-        *g.ints(wpg),
-        (1.0 if g.cosine else float(scale)) * launch.LOG2E,
-    )
+
+    def make_args(wpg):
+        return (
+            qkv,
+            tab,
+            qkv_bias if qkv_bias is not None else qkv,
+            ls,
+            out,
+            lse if lse is not None else qkv,
+            qkv.stride(0),
+            qkv.stride(1),
+            tr,
+            th,
+            sls,
+            out.stride(0),
+            out.stride(1),
+            *g.ints(wpg),
+            (1.0 if g.cosine else float(scale)) * launch.LOG2E,
+        )
+
     meta = dict(g.consts(qkv, table, qkv_bias, big), STORE_LSE=lse is not None)
     fixed = _use_fixed(qkv)
-    blocks = dict(zip(_FWD_BLOCKS, _fwd_blocks(g), strict=True)) if fixed else {}
-    kernel = launch.pick(fixed, _wa_fwd_kernel, _TUNED, qkv.dtype, 0)
     with launch.device_ctx(qkv):
-        kernel[grid](*args, **meta, **launch.fixed_meta(fixed, **blocks))
+        wpg = _split(g, fixed, 0, qkv, make_args, meta)
+        grid = (triton.cdiv(g.BW, wpg) * g.heads,)
+        blocks = dict(zip(_FWD_BLOCKS, _fwd_blocks(g), strict=True)) if fixed else {}
+        kernel = launch.pick(fixed, _wa_fwd_kernel, _TUNED, qkv.dtype, 0)
+        kernel[grid](*make_args(wpg), **meta, **launch.fixed_meta(fixed, **blocks))
 
 
 def window_attention_forward(
@@ -896,52 +924,58 @@ def window_attention_backward(
         lse = _forward(g, qkv, table, qkv_bias, scale, out, logit_scale, True)
         dqw = torch.zeros((g.B, g.L, g.C), device=qkv.device, dtype=torch.float32)
     big = _needs_int64(qkv, dout, dqkv, dqw)
-    wpg = _windows_per_program(g.BW, g.heads, qkv.device)
-    programs = triton.cdiv(g.BW, wpg) * g.heads
-    tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
-    bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device, dtype=torch.float32)
-    lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)
     tab = table if table is not None else qkv
     tr, th = (table.stride(0), table.stride(1)) if table is not None else (0, 0)
     ls, sls = (logit_scale, logit_scale.stride(0)) if g.cosine else (qkv, 0)
     o_ = out if out is not None else qkv
-    w_ = dqw if dqw is not None else tpart
     scale = 1.0 if g.cosine else float(scale)  # cosine: the kernels scale by the head's τ
-    args = (
-        qkv,
-        tab,
-        qkv_bias if qkv_bias is not None else qkv,
-        ls,
-        dout,
-        dqkv,
-        o_,
-        lse if lse is not None else tpart,
-        w_,
-        tpart,
-        bpart,
-        lpart,
-        qkv.stride(0),
-        qkv.stride(1),
-        tr,
-        th,
-        sls,
-        dout.stride(0),
-        dout.stride(1),
-        dqkv.stride(0),
-        dqkv.stride(1),
-        o_.stride(0),
-        o_.stride(1),
-        w_.stride(0) if dqw is not None else 0,
-        w_.stride(1) if dqw is not None else 0,
-        *g.ints(wpg),
-        scale * launch.LOG2E,
-        scale,
-    )
+
+    def make_args(wpg, tpart, bpart, lpart):
+        w_ = dqw if dqw is not None else tpart
+        return (
+            qkv,
+            tab,
+            qkv_bias if qkv_bias is not None else qkv,
+            ls,
+            dout,
+            dqkv,
+            o_,
+            lse if lse is not None else tpart,
+            w_,
+            tpart,
+            bpart,
+            lpart,
+            qkv.stride(0),
+            qkv.stride(1),
+            tr,
+            th,
+            sls,
+            dout.stride(0),
+            dout.stride(1),
+            dqkv.stride(0),
+            dqkv.stride(1),
+            o_.stride(0),
+            o_.stride(1),
+            w_.stride(0) if dqw is not None else 0,
+            w_.stride(1) if dqw is not None else 0,
+            *g.ints(wpg),
+            scale * launch.LOG2E,
+            scale,
+        )
+
     meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad, BLOCK_N=bn)
     fixed = _use_fixed(qkv)
-    kernel = launch.pick(fixed, _wa_bwd_kernel, _TUNED, qkv.dtype, 1)
     with launch.device_ctx(qkv):
-        kernel[(programs,)](*args, **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
+        # The partials have one row per program: the grid is fixed before they are allocated
+        # (placeholders stand in for them while the occupancy is read).
+        stand_in = torch.empty(1, device=qkv.device, dtype=torch.float32)
+        wpg = _split(g, fixed, 1, qkv, lambda w: make_args(w, stand_in, stand_in, stand_in), meta)
+        programs = triton.cdiv(g.BW, wpg) * g.heads
+        tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
+        bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device, dtype=torch.float32)
+        lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)
+        kernel = launch.pick(fixed, _wa_bwd_kernel, _TUNED, qkv.dtype, 1)
+        kernel[(programs,)](*make_args(wpg, tpart, bpart, lpart), **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
     dls = None
     if g.cosine:  # Σ over a head's programs; zero where the clamp at ln 100 holds (as torch.clamp)
         dls = lpart.view(-1, g.heads).sum(0)

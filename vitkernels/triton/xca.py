@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as launch
-from ._launch import sm_count, use_fixed  # module globals: tests patch them here
+from ._launch import occupancy, sm_count, use_fixed  # module globals: tests patch them here
 from ._tiles import block_offsets, load_tile, store_tile
 from .sr_attention import _program_rows
 
@@ -30,6 +30,8 @@ MAX_HEAD_DIM = 64
 # Test hooks: tokens per program (None = sized for the GPU) and the interpreter's token block.
 ROWS_PER_PROGRAM = None
 INTERPRET_BLOCK_N = 16
+# Programs per SM assumed where the compiled kernel's occupancy is not used (VITKERNELS_GRID=fixed).
+FIXED_PROGRAMS_PER_SM = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def _attention_map(g, sq, sk, tau, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
     return p / tl.sum(p, 1)[:, None], gh, rq, rk
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one compile whatever chunk size the grid takes
 def _xca_stats_kernel(
     QKV,
     DO,
@@ -168,7 +170,7 @@ def _xca_stats_kernel(
     _store_stats(Part, tl.program_id(0), g, sq, sk, da, BLOCK_D, WITH_DA)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _xca_fwd_kernel(
     QKV,
     Temp,
@@ -213,7 +215,7 @@ def _xca_fwd_kernel(
         o_base += BLOCK_N * stride_on
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _xca_bwd_kernel(
     QKV,
     DO,
@@ -324,14 +326,21 @@ def supports(head_dim: int) -> bool:
     return 1 <= head_dim <= MAX_HEAD_DIM
 
 
-def _rows_per_program(n: int, bh: int, device, fixed: bool) -> int:
-    """Tokens per program: all of them when b·heads alone gives ~2 programs per SM, else chunks of
-    ≥ 128 tokens. The interpreter takes one chunk; tests set ROWS_PER_PROGRAM for the split path."""
+def _rows_per_program(n: int, bh: int, device, fixed: bool, resident: int | None = None) -> int:
+    """Tokens per program: all of them when b·heads alone fills the resident programs, else chunks of
+    ≥ 128 tokens. On a GPU with ``resident`` programs of the apply kernel per SM (``occupancy``):
+    ⌊resident·SMs / (b·heads)⌋ chunks per head (one wave); without (VITKERNELS_GRID=fixed, no compiled
+    kernel): ⌈2·SMs / (b·heads)⌉, the old assumption. The interpreter takes one chunk; tests set
+    ROWS_PER_PROGRAM for the split path."""
     if ROWS_PER_PROGRAM is not None:
         return max(1, int(ROWS_PER_PROGRAM))
     if fixed:
         return max(n, 1)
-    chunks = max(1, min(triton.cdiv(2 * sm_count(device), max(bh, 1)), triton.cdiv(n, 128)))
+    if resident is None:
+        per_head = triton.cdiv(FIXED_PROGRAMS_PER_SM * sm_count(device), max(bh, 1))
+    else:
+        per_head = resident * sm_count(device) // max(bh, 1)
+    chunks = max(1, min(per_head, triton.cdiv(n, 128)))
     return triton.cdiv(n, chunks)
 
 
@@ -350,28 +359,39 @@ def _geometry(qkv, num_heads):
 class _Plan:
     """Grid, chunking and config of one call (shared by forward and backward)."""
 
-    def __init__(self, qkv, num_heads, geometry):
+    def __init__(self, qkv, num_heads, geometry, index, apply_args):
+        """``index``, ``apply_args``: the apply kernel of the call (1 forward, 2 backward) and its
+        tensors and strides, the stats partials a stand-in: its occupancy sizes the grid of both
+        kernels (read once per call signature, at the variant the fallback's chunking selects)."""
         self.B, self.N, self.C, self.D, self.block_d = geometry
         self.num_heads, self.device, self.dtype = num_heads, qkv.device, qkv.dtype
         self.fixed = use_fixed(qkv, _INTERPRETED, "xca")
-        self.rows = _rows_per_program(self.N, self.B * num_heads, qkv.device, self.fixed)
+        bh = self.B * num_heads
+        mode = launch.grid_mode()
+        self.rows = _rows_per_program(self.N, bh, qkv.device, self.fixed)
+        if not self.fixed and mode == "auto" and ROWS_PER_PROGRAM is None:
+            tuned = _TUNED[launch.family(self.dtype)][index]
+            one_pass = triton.cdiv(self.N, self.rows) == 1
+            resident = occupancy(tuned, (*apply_args, *self._ints()), self._meta(ONE_PASS=one_pass), qkv.device)
+            if resident is not None:
+                self.rows = _rows_per_program(self.N, bh, qkv.device, False, resident)
         self.chunks = triton.cdiv(self.N, self.rows)
-        self.programs = self.B * num_heads * self.chunks
+        self.programs = bh * self.chunks
         self.one_pass = self.chunks == 1
+
+    def _ints(self):
+        return (self.num_heads, self.N, self.C, self.rows)
+
+    def _meta(self, **flags):
+        return dict(HEAD_DIM=self.D, BLOCK_D=self.block_d, PRECISION=launch.precision(self.dtype), **flags)
 
     def run(self, index, kernel, args, **flags):
         """Kernel ``index`` of the tuned table (``kernel`` under the interpreter) over the plan's programs: its
         tensors and token-layout strides ``args``, then (heads, N, C, rows) and the constexprs."""
         launch.pick(self.fixed, kernel, _TUNED, self.dtype, index)[(self.programs,)](
             *args,
-            self.num_heads,
-            self.N,
-            self.C,
-            self.rows,
-            HEAD_DIM=self.D,
-            BLOCK_D=self.block_d,
-            PRECISION=launch.precision(self.dtype),
-            **flags,
+            *self._ints(),
+            **self._meta(**flags),
             **launch.fixed_meta(self.fixed, BLOCK_N=INTERPRET_BLOCK_N),
         )
 
@@ -399,7 +419,8 @@ def xca_forward(qkv, num_heads, temperature):
     if out.numel() == 0:
         return out
     with launch.device_ctx(qkv):
-        plan = _Plan(qkv, num_heads, geometry)
+        stand_in = torch.empty(1, device=qkv.device, dtype=torch.float32)
+        plan = _Plan(qkv, num_heads, geometry, 1, (qkv, tau, out, stand_in, *launch.strides(qkv, out)))
         part = plan.stats(qkv, None)
         plan.run(1, _xca_fwd_kernel, (qkv, tau, out, part, *launch.strides(qkv, out)), ONE_PASS=plan.one_pass)
     return out
@@ -417,9 +438,11 @@ def xca_backward(dout, qkv, num_heads, temperature):
         return dqkv.zero_(), torch.zeros_like(temperature)
     dout = launch.unit_last(dout.to(qkv.dtype))
     with launch.device_ctx(qkv):
-        plan = _Plan(qkv, num_heads, geometry)
-        part = plan.stats(qkv, dout)
         dtau = torch.empty((B, num_heads), device=qkv.device, dtype=torch.float32)
+        stand_in = torch.empty(1, device=qkv.device, dtype=torch.float32)
+        apply_args = (qkv, dout, tau, dqkv, dtau, stand_in, *launch.strides(qkv, dout, dqkv))
+        plan = _Plan(qkv, num_heads, geometry, 2, apply_args)
+        part = plan.stats(qkv, dout)
         args = (qkv, dout, tau, dqkv, dtau, part, *launch.strides(qkv, dout, dqkv))
         plan.run(2, _xca_bwd_kernel, args, ONE_PASS=plan.one_pass)
     return dqkv, dtau.sum(0).reshape(temperature.shape).to(temperature.dtype)
