@@ -153,7 +153,7 @@ def test_output_not_poisoned(backend, dtype, device):
             assert torch.isfinite(vk.dwconv(x, (5, 7), wt, None, "relu")).all()
 
 
-@pytest.mark.parametrize("backend,dtype,device", backends_here())
+@pytest.mark.parametrize("backend,dtype,device", backends_here()[-1:])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[8]], ids=["gelu", "none", "k5"])
 def test_dwconv_v1_kernels(backend, dtype, device, case, monkeypatch):
     """The v1 backward kept beside v2 for A/B runs (VITKERNELS_DWCONV_KERNEL=v1) stays correct."""
@@ -166,8 +166,6 @@ def test_dwconv_v1_kernels(backend, dtype, device, case, monkeypatch):
     "k,act,tile",
     [
         (3, "gelu", (1, 8, 32, 3, 4)),
-        (3, None, (1, 4, 16, 5, 4)),
-        (5, "relu", (1, 8, 32, 2, 8)),
         (7, None, (1, 4, 32, 4, 8)),
     ],
 )

@@ -114,7 +114,8 @@ CASES = {
         lambda x, c: torch.cat([o.flatten(1) for o in vk.space_time_attention(x, 2, 2, "space", c)], 1),
         [(1, 2 * 70, 3 * 64), (1, 3 * 64)],
     ),
-    "dwconv": (lambda x, w, b: vk.dwconv(x, (20, 18), w, b, "gelu"), [(1, 360, 64), (64, 1, 3, 3), (64,)]),
+    # a 6×18 map keeps every tile the pruner allows at C = 64 (BLOCK_H up to 8, BLOCK_W up to 32)
+    "dwconv": (lambda x, w, b: vk.dwconv(x, (6, 18), w, b, "gelu"), [(1, 108, 64), (64, 1, 3, 3), (64,)]),
     # MViTv2 pooling attention: Nq = 137 (two dK/dV query chunks), Nk = 69, a 67-row rel_pos_h (BLOCK_L 128).
     "pool_attention cls": (
         lambda q, k, v, th, tw: vk.pool_attention(q, k, v, (34, 4), (17, 4), th, tw, has_cls_token=True),

@@ -242,9 +242,8 @@ def scenarios(quick: bool):
                 f"dwconv segformer k3 gelu v1 backward {n}",
                 lambda dt=dt: _under({"VITKERNELS_DWCONV_KERNEL": "v1"}, _dwconv, dt, 2, (128, 128), 256, 3, "gelu"),
             ),
-            # the Hopper forward through TMA descriptors (VITKERNELS_ATTN_TMA=on): ViT-B/384, a key-padding bias
+            # the Hopper forward through TMA descriptors (VITKERNELS_ATTN_TMA=on) at ViT-B/384
             (f"attention vit-b384 tma {n}", lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, tma="on")),
-            (f"attention keys-bias tma {n}", lambda dt=dt: _attention(dt, 2, 4, 100, 77, 32, "keys", tma="on")),
             (f"mix_ffn segformer-b2 s1 512 {n}", lambda dt=dt: _mix_ffn(dt, 8, (128, 128), 256, 64)),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
@@ -291,6 +290,7 @@ def scenarios(quick: bool):
                     f"window shift-first swin-t odd {n}",
                     lambda dt=dt: _window(dt, 2, (50, 38), 96, 3, 7, 3, shift_first=True),
                 ),
+                (f"attention keys-bias tma {n}", lambda dt=dt: _attention(dt, 2, 4, 100, 77, 32, "keys", tma="on")),
                 (f"dwconv k5 relu {n}", lambda dt=dt: _dwconv(dt, 2, (64, 64), 128, 5, "relu")),
                 (f"dwconv k7 none {n}", lambda dt=dt: _dwconv(dt, 2, (32, 32), 320, 7, None)),
                 (f"mix_ffn pvtv2-b2 s4 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (7, 7), 2048, 512)),
