@@ -77,14 +77,22 @@ class ConfigForcer:
     """Replaces ``Autotuner.run``: every tuner runs its pruned config number ``index`` (modulo its
     count) without benchmarking; ``counts`` records how many configs each tuner kept."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int = 0, distinct: bool = False):
         self.index = index
         self.counts = {}
+        # distinct: count configs that differ in their block sizes only. Under the interpreter warps,
+        # stages and maxnreg change nothing, so configs that share their blocks compute the same.
+        self.distinct = distinct
 
     def run(self, tuner, *args, **kwargs):
         tuner.nargs = dict(zip(tuner.arg_names, args))
         configs = tuner.prune_configs(kwargs)
         tuner.nargs = None
+        if self.distinct:
+            first = {}
+            for c in configs:
+                first.setdefault(tuple(sorted(c.kwargs.items())), c)
+            configs = list(first.values())
         self.counts[id(tuner)] = max(len(configs), self.counts.get(id(tuner), 0))
         config = configs[self.index % len(configs)]
         if config.pre_hook is not None:  # as the tuner does before a launch (e.g. descriptor boxes)

@@ -10,7 +10,8 @@ rule, the reference backend in the same dtype being "eager").
 
 Without a GPU the same configs run in the Triton interpreter: the launchers are made to take
 their GPU path on CPU tensors (``use_fixed`` → False, a 2-SM ``sm_count`` so that heads split
-into chunks), so each config's block sizes, masks and EVEN_* paths are exercised on CPU too.
+into chunks), so each config's block sizes, masks and EVEN_* paths are exercised on CPU too. There
+configs that differ only in warps, stages or maxnreg (which the interpreter ignores) run once.
 """
 
 import importlib
@@ -35,7 +36,7 @@ MODULES = {
 
 @pytest.fixture
 def forcer(monkeypatch):
-    f = ConfigForcer()
+    f = ConfigForcer(distinct=_INTERPRET)
     f.install(monkeypatch.setattr)
     if _INTERPRET:  # take the autotuned GPU path in the interpreter
         for mod in MODULES.values():

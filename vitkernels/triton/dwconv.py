@@ -266,6 +266,7 @@ def _dwconv_bwd_reduce_kernel(
         h, w, c, c_ok = _tile_coords(band * BAND + s, tw, cb, C, BLOCK_H, BLOCK_W, BLOCK_C)
         ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
         dz = tl.load(y_base + _token_off(h, w, W, stride_yn, WIDE)[:, None] + c[None, :], mask=ok, other=0.0)
+        dz = dz.to(tl.float32)
         if ACT != 0:
             dz = _act_grad(dz, x_base, WT, BIAS, h, w, c, c_ok, H, W, C, stride_xn, K, HAS_BIAS, ACT, WIDE, BLOCK_M)
             tl.store(z_base + _token_off(h, w, W, stride_zn, WIDE)[:, None] + c[None, :], dz, mask=ok)
