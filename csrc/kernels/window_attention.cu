@@ -112,12 +112,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Cosine attention, a warp per row of a shared-memory tile (row stride `stride` elements, `cols`
 // columns): inv[r] = 1 / max(‖row r‖₂, 1e-12) in fp32 (inv == nullptr: the rows are replaced by
-// x·inv instead, rounded back to T). The caller synchronises before and after.
+// x·inv instead, rounded back to T), by `warps` warps from warp0 on (rows warp0, warp0 + warps, …).
+// The caller synchronises before and after.
 template <typename T>
-__device__ __forceinline__ void row_inv_norms(T* tile, int rows, int stride, int cols, float* inv_out) {
-  const int warp = threadIdx.x >> 5;
+__device__ __forceinline__ void row_inv_norms_warps(T* tile, int rows, int stride, int cols, float* inv_out, int warp0,
+                                                    int warps) {
   const int lane = threadIdx.x & 31;
-  for (int r = warp; r < rows; r += kThreads / 32) {
+  for (int r = warp0; r < rows; r += warps) {
     T* row = tile + r * stride;
     float ss = 0.0f;
     for (int c = lane; c < cols; c += 32) {
@@ -131,6 +132,12 @@ __device__ __forceinline__ void row_inv_norms(T* tile, int rows, int stride, int
       for (int c = lane; c < cols; c += 32) row[c] = from_float<T>(to_float(row[c]) * inv);
     }
   }
+}
+
+// row_inv_norms_warps by all warps of the CTA, rows shared out warp by warp.
+template <typename T>
+__device__ __forceinline__ void row_inv_norms(T* tile, int rows, int stride, int cols, float* inv_out) {
+  row_inv_norms_warps(tile, rows, stride, cols, inv_out, static_cast<int>(threadIdx.x >> 5), kThreads / 32);
 }
 
 // The two T values packed in u (lo = low 16 bits), as floats.
@@ -165,6 +172,142 @@ __device__ __forceinline__ float score_extra(const WaArgs& a, const float* s_tab
   if (a.table != nullptr) e += s_tab[base_i - (info_j & 0xfff)];
   if (a.shift > 0 && label_i != (info_j >> 12)) e += kMaskLog2;
   return e;
+}
+
+// Score scales of a warp's rows r0 / r1 under cosine attention: τ·log2 e / max(‖q‖, 1e-12), from
+// the rows' Q fragments (a quad's four lanes hold all columns of its two rows), applied to the fp32
+// score with the key's 1 / max(‖k‖, 1e-12): q̂·k̂ᵀ without rounding q̂ or k̂ to T.
+template <typename T, int kKQ>
+__device__ __forceinline__ void cosine_row_scales(const WaArgs& a, int h, const uint32_t (&qa)[kKQ][4], float& sc0,
+                                                  float& sc1) {
+  const float cos_scale = cosine_scale_log2<T>(a, h);
+  float ss0 = 0.0f, ss1 = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < kKQ; ++kk) {
+    ss0 += sq2<T>(qa[kk][0]) + sq2<T>(qa[kk][2]);
+    ss1 += sq2<T>(qa[kk][1]) + sq2<T>(qa[kk][3]);
+  }
+  ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
+  ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
+  ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
+  ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
+  sc0 = cos_scale / fmaxf(sqrtf(ss0), kNormEps);
+  sc1 = cos_scale / fmaxf(sqrtf(ss1), kNormEps);
+}
+
+// s += Q·Kᵀ of one 8-key tile: Q fragments qa against the K rows at krow (the lane's row and column
+// already added) in shared memory.
+template <typename T, int kKQ>
+__device__ __forceinline__ void qk_mma(float (&s)[4], const T* krow, const uint32_t (&qa)[kKQ][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kKQ; ++kk) {
+    const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
+    const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
+    Mma<T>::run(s, qa[kk], b0, b1);
+  }
+}
+
+// Base-2 scores of one chunk of kNT 8-key tiles from key slot kc for a warp's rows r0 / r1: Q·Kᵀ times
+// the row scales (sc0, sc1; the scale, or τ/‖q‖ with the keys' 1/‖k‖ in sKn under cosine attention),
+// plus extra(r, info_j), the bias and mask of row r (0: r0, 1: r1) against key info_j; −inf past NP.
+template <typename T, int kKQ, int kNT, bool kCosine, typename Extra>
+__device__ __forceinline__ void chunk_scores(float (&s)[kNT][4], const T* sK, int kStride, int kc, int NP, int g, int t,
+                                             const uint32_t (&qa)[kKQ][4], const int* sInfo, const float* sKn,
+                                             float sc0, float sc1, Extra extra) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    const int key0 = kc + nt * 8;
+    if (key0 < NP) {
+      qk_mma<T, kKQ>(s[nt], sK + (key0 + g) * kStride + 2 * t, qa);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int info_j = sInfo[key0 + 2 * t + e];
+        if constexpr (kCosine) {
+          const float kn = sKn[key0 + 2 * t + e];
+          s[nt][e] = s[nt][e] * sc0 * kn + extra(0, info_j);
+          s[nt][2 + e] = s[nt][2 + e] * sc1 * kn + extra(1, info_j);
+        } else {
+          s[nt][e] = s[nt][e] * sc0 + extra(0, info_j);
+          s[nt][2 + e] = s[nt][2 + e] * sc1 + extra(1, info_j);
+        }
+      }
+    } else {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = -INFINITY;
+    }
+  }
+}
+
+// O += P · V of one 16-key step: P from the fp32 scores of two 8-key tiles (s_lo, s_hi), rounded to
+// T, against the V rows at vrow (the lane's ldmatrix row and column already added).
+template <typename T, int kDp>
+__device__ __forceinline__ void pv_mma(float (&o)[kDp / 8][4], const float (&s_lo)[4], const float (&s_hi)[4],
+                                       const T* vrow) {
+  uint32_t pa[4];
+  pa[0] = Mma<T>::pack(s_lo[0], s_lo[1]);
+  pa[1] = Mma<T>::pack(s_lo[2], s_lo[3]);
+  pa[2] = Mma<T>::pack(s_hi[0], s_hi[1]);
+  pa[3] = Mma<T>::pack(s_hi[2], s_hi[3]);
+#pragma unroll
+  for (int dp = 0; dp < kDp / 16; ++dp) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, vrow + dp * 16);
+    Mma<T>::run(o[2 * dp], pa, vb[0], vb[1]);
+    Mma<T>::run(o[2 * dp + 1], pa, vb[2], vb[3]);
+  }
+}
+
+// An accumulator tile's rows r0 (elements 0, 1) and r1 (2, 3) rescaled by the online softmax.
+template <int kTiles>
+__device__ __forceinline__ void scale_rows(float (&o)[kTiles][4], float al0, float al1) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    o[i][0] *= al0;
+    o[i][1] *= al0;
+    o[i][2] *= al1;
+    o[i][3] *= al1;
+  }
+}
+
+// The online softmax's step over one chunk of base-2 scores of rows r0 / r1 (s: a thread's part of
+// the chunk; m, l: the running maxima and thread-partial sums, which the quad reduces at the end): the
+// chunk's weights exp2(s − m_new) in place of s, and the output accumulator rescaled for the new maxima.
+template <int kNT, int kTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNT][4], float& m0, float& m1, float& l0, float& l1,
+                                                    float (&o)[kTiles][4]) {
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+    mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+  const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
+  m0 = mn0;
+  m1 = mn1;
+  float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    s[nt][0] = exp2f(s[nt][0] - mn0);
+    s[nt][1] = exp2f(s[nt][1] - mn0);
+    s[nt][2] = exp2f(s[nt][2] - mn1);
+    s[nt][3] = exp2f(s[nt][3] - mn1);
+    sum0 += s[nt][0] + s[nt][1];
+    sum1 += s[nt][2] + s[nt][3];
+  }
+  l0 = l0 * al0 + sum0;
+  l1 = l1 * al1 + sum1;
+  scale_rows(o, al0, al1);
+}
+
+// The sum of v over the four lanes of a quad (the lanes that share a row of an mma tile).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,21 +413,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
     // to the fp32 score with the key's 1 / max(‖k‖, 1e-12): q̂·k̂ᵀ without rounding q̂ or k̂ to T.
     // The quad's four lanes hold all columns of their two rows.
     [[maybe_unused]] float sc0 = a.scale_log2, sc1 = a.scale_log2;
-    if constexpr (kCosine) {
-      const float cos_scale = cosine_scale_log2<T>(a, h);
-      float ss0 = 0.0f, ss1 = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < kKQ; ++kk) {
-        ss0 += sq2<T>(qa[kk][0]) + sq2<T>(qa[kk][2]);
-        ss1 += sq2<T>(qa[kk][1]) + sq2<T>(qa[kk][3]);
-      }
-      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
-      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
-      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
-      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
-      sc0 = cos_scale / fmaxf(sqrtf(ss0), kNormEps);
-      sc1 = cos_scale / fmaxf(sqrtf(ss1), kNormEps);
-    }
+    if constexpr (kCosine) cosine_row_scales<T, kKQ>(a, h, qa, sc0, sc1);
 
     float o[kDT][4];
 #pragma unroll
@@ -293,94 +422,24 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
 
     for (int kc = 0; kc < NP; kc += kChunk) {
       float s[kNT][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        const int key0 = kc + nt * 8;
-        if (key0 < NP) {
-          const T* krow = sK + (key0 + g) * kStride + 2 * t;
-#pragma unroll
-          for (int kk = 0; kk < kKQ; ++kk) {
-            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
-            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
-            Mma::run(s[nt], qa[kk], b0, b1);
-          }
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int info_j = sInfo[key0 + 2 * t + e];
-            if constexpr (kCosine) {
-              const float kn = sKn[key0 + 2 * t + e];
-              s[nt][e] = s[nt][e] * sc0 * kn + score_extra(a, sTab, base0, lab0, info_j);
-              s[nt][2 + e] = s[nt][2 + e] * sc1 * kn + score_extra(a, sTab, base1, lab1, info_j);
-            } else {
-              s[nt][e] = s[nt][e] * a.scale_log2 + score_extra(a, sTab, base0, lab0, info_j);
-              s[nt][2 + e] = s[nt][2 + e] * a.scale_log2 + score_extra(a, sTab, base1, lab1, info_j);
-            }
-          }
-        } else {
-          s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = -INFINITY;
-        }
-      }
+      chunk_scores<T, kKQ, kNT, kCosine>(
+          s, sK, kStride, kc, NP, g, t, qa, sInfo, sKn, sc0, sc1, [&](int r, int info_j) {
+            return r == 0 ? score_extra(a, sTab, base0, lab0, info_j) : score_extra(a, sTab, base1, lab1, info_j);
+          });
       // Online softmax (log2 domain). Key slot 0 is always valid, so m is finite after chunk 0.
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
-      m0 = mn0;
-      m1 = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - mn0);
-        s[nt][1] = exp2f(s[nt][1] - mn0);
-        s[nt][2] = exp2f(s[nt][2] - mn1);
-        s[nt][3] = exp2f(s[nt][3] - mn1);
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
-      }
-      l0 = l0 * al0 + sum0;  // thread-partial sums; the quad reduces them at the end
-      l1 = l1 * al1 + sum1;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        o[i][0] *= al0;
-        o[i][1] *= al0;
-        o[i][2] *= al1;
-        o[i][3] *= al1;
-      }
+      online_softmax_step(s, m0, m1, l0, l1, o);
       // O += P · V over 16-key steps.
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) {
         const int key0 = kc + ks * 16;
         if (key0 < NP) {
-          uint32_t pa[4];
-          pa[0] = Mma::pack(s[2 * ks][0], s[2 * ks][1]);
-          pa[1] = Mma::pack(s[2 * ks][2], s[2 * ks][3]);
-          pa[2] = Mma::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-          pa[3] = Mma::pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-          const T* vrow = sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8;
-#pragma unroll
-          for (int dp = 0; dp < kDp / 16; ++dp) {
-            uint32_t vb[4];
-            ldmatrix_x4_trans(vb, vrow + dp * 16);
-            Mma::run(o[2 * dp], pa, vb[0], vb[1]);
-            Mma::run(o[2 * dp + 1], pa, vb[2], vb[3]);
-          }
+          pv_mma<T, kDp>(o, s[2 * ks], s[2 * ks + 1], sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8);
         }
       }
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
     const int64_t L = static_cast<int64_t>(a.H) * a.W;
     const int64_t head_off = static_cast<int64_t>(h) * a.D;
@@ -408,6 +467,43 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
 // ---------------------------------------------------------------------------------------------
 constexpr int kF32Rows = kThreads / 4;  // 32 query rows per pass
 constexpr int kF32Keys = 32;            // keys per chunk
+
+// One chunk of kF32Keys staged keys for the fp32 kernels' query row (4 threads a row, thread r owning
+// head dims r, r + 4, …): the scores (dot product over the quad, scale, bias and mask, base 2), the
+// online softmax (m, l) and the output accumulator o. Key 0 is valid, so m is finite after chunk 0.
+template <int kDp>
+__device__ __forceinline__ void f32_chunk_step(const WaArgs& a, const float (&q)[kDp / 4], const float* sK,
+                                               const float* sV, const int* sInfo, const float* sTab, int kc, int r,
+                                               int base_i, int lab_i, float& m, float& l, float (&o)[kDp / 4]) {
+  constexpr int kPer = kDp / 4;
+  float s[kF32Keys];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kF32Keys; ++j) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int ii = 0; ii < kPer; ++ii) acc = fmaf(q[ii], sK[j * kDp + ii * 4 + r], acc);
+    acc = quad_sum(acc);
+    const int key = kc + j;
+    const int info_j = key < a.N ? sInfo[key] : -1;
+    s[j] = acc * a.scale_log2 + score_extra(a, sTab, base_i, lab_i, info_j);
+    mx = fmaxf(mx, s[j]);
+  }
+  const float mn = fmaxf(m, mx);
+  const float alpha = exp2f(m - mn);
+  m = mn;
+  float sum = 0.0f;
+#pragma unroll
+  for (int ii = 0; ii < kPer; ++ii) o[ii] *= alpha;
+#pragma unroll
+  for (int j = 0; j < kF32Keys; ++j) {
+    const float pj = exp2f(s[j] - mn);
+    sum += pj;
+#pragma unroll
+    for (int ii = 0; ii < kPer; ++ii) o[ii] = fmaf(pj, sV[j * kDp + ii * 4 + r], o[ii]);
+  }
+  l = l * alpha + sum;
+}
 
 template <int kDp, bool kCosine>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(const WaArgs a) {
@@ -487,34 +583,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
         __syncthreads();
       }
 
-      float s[kF32Keys];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kF32Keys; ++j) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int ii = 0; ii < kPer; ++ii) acc = fmaf(q[ii], sK[j * kDp + ii * 4 + r], acc);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        const int key = kc + j;
-        const int info_j = key < a.N ? sInfo[key] : -1;
-        s[j] = acc * a.scale_log2 + score_extra(a, sTab, base_i, lab_i, info_j);
-        mx = fmaxf(mx, s[j]);
-      }
-      const float mn = fmaxf(m, mx);  // finite: key 0 is valid in chunk 0
-      const float alpha = exp2f(m - mn);
-      m = mn;
-      float sum = 0.0f;
-#pragma unroll
-      for (int ii = 0; ii < kPer; ++ii) o[ii] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kF32Keys; ++j) {
-        const float pj = exp2f(s[j] - mn);
-        sum += pj;
-#pragma unroll
-        for (int ii = 0; ii < kPer; ++ii) o[ii] = fmaf(pj, sV[j * kDp + ii * 4 + r], o[ii]);
-      }
-      l = l * alpha + sum;
+      f32_chunk_step<kDp>(a, q, sK, sV, sInfo, sTab, kc, r, base_i, lab_i, m, l, o);  // m finite after chunk 0
     }
 
     if (i < a.N && tok_i >= 0) {
@@ -611,21 +680,7 @@ __device__ __forceinline__ void fill_table_half(const WaArgs& a, int h, float* s
 // row_inv_norms by the 4 warps of one half (warp `hw` of it).
 template <typename T>
 __device__ __forceinline__ void row_inv_norms_half(T* tile, int rows, int stride, int cols, float* inv_out, int hw) {
-  const int lane = threadIdx.x & 31;
-  for (int r = hw; r < rows; r += kHalf / 32) {
-    T* row = tile + r * stride;
-    float ss = 0.0f;
-    for (int c = lane; c < cols; c += 32) {
-      const float v = to_float(row[c]);
-      ss += v * v;
-    }
-    const float inv = 1.0f / fmaxf(sqrtf(warp_sum(ss)), kNormEps);
-    if (inv_out != nullptr) {
-      if (lane == 0) inv_out[r] = inv;
-    } else {
-      for (int c = lane; c < cols; c += 32) row[c] = from_float<T>(to_float(row[c]) * inv);
-    }
-  }
+  row_inv_norms_warps(tile, rows, stride, cols, inv_out, hw, kHalf / 32);
 }
 
 // Shared memory of one item of the v2 mma kernel (16-byte multiple, so the next half's K stays
@@ -781,21 +836,7 @@ __global__ void __launch_bounds__(kWin* kHalf, MmaV2Shape<kDp>::kMinBlocks)
     const int row1 = max(sInfo[r1], 0) + rel_shift;
 
     [[maybe_unused]] float sc0 = a.scale_log2, sc1 = a.scale_log2;
-    if constexpr (kCosine) {
-      const float cos_scale = cosine_scale_log2<T>(a, h);
-      float ss0 = 0.0f, ss1 = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < kKQ; ++kk) {
-        ss0 += sq2<T>(qa[kk][0]) + sq2<T>(qa[kk][2]);
-        ss1 += sq2<T>(qa[kk][1]) + sq2<T>(qa[kk][3]);
-      }
-      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
-      ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
-      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
-      ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
-      sc0 = cos_scale / fmaxf(sqrtf(ss0), kNormEps);
-      sc1 = cos_scale / fmaxf(sqrtf(ss1), kNormEps);
-    }
+    if constexpr (kCosine) cosine_row_scales<T, kKQ>(a, h, qa, sc0, sc1);
 
     float o[kDT][4];
 #pragma unroll
@@ -804,92 +845,21 @@ __global__ void __launch_bounds__(kWin* kHalf, MmaV2Shape<kDp>::kMinBlocks)
 
     for (int kc = 0; kc < NP; kc += kChunk) {
       float s[kNT][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        const int key0 = kc + nt * 8;
-        if (key0 < NP) {
-          const T* krow = sK + (key0 + g) * kStride + 2 * t;
-#pragma unroll
-          for (int kk = 0; kk < kKQ; ++kk) {
-            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
-            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
-            Mma::run(s[nt], qa[kk], b0, b1);
-          }
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int info_j = sInfo[key0 + 2 * t + e];
-            if constexpr (kCosine) {
-              const float kn = sKn[key0 + 2 * t + e];
-              s[nt][e] = s[nt][e] * sc0 * kn + score_extra_row(a, sTab, row0, info_j);
-              s[nt][2 + e] = s[nt][2 + e] * sc1 * kn + score_extra_row(a, sTab, row1, info_j);
-            } else {
-              s[nt][e] = s[nt][e] * a.scale_log2 + score_extra_row(a, sTab, row0, info_j);
-              s[nt][2 + e] = s[nt][2 + e] * a.scale_log2 + score_extra_row(a, sTab, row1, info_j);
-            }
-          }
-        } else {
-          s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = -INFINITY;
-        }
-      }
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(mr0, mx0), mn1 = fmaxf(mr1, mx1);
-      const float al0 = exp2f(mr0 - mn0), al1 = exp2f(mr1 - mn1);
-      mr0 = mn0;
-      mr1 = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - mn0);
-        s[nt][1] = exp2f(s[nt][1] - mn0);
-        s[nt][2] = exp2f(s[nt][2] - mn1);
-        s[nt][3] = exp2f(s[nt][3] - mn1);
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
-      }
-      l0 = l0 * al0 + sum0;
-      l1 = l1 * al1 + sum1;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        o[i][0] *= al0;
-        o[i][1] *= al0;
-        o[i][2] *= al1;
-        o[i][3] *= al1;
-      }
+      chunk_scores<T, kKQ, kNT, kCosine>(
+          s, sK, kStride, kc, NP, g, t, qa, sInfo, sKn, sc0, sc1,
+          [&](int r, int info_j) { return score_extra_row(a, sTab, r == 0 ? row0 : row1, info_j); });
+      online_softmax_step(s, mr0, mr1, l0, l1, o);
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) {
         const int key0 = kc + ks * 16;
         if (key0 < NP) {
-          uint32_t pa[4];
-          pa[0] = Mma::pack(s[2 * ks][0], s[2 * ks][1]);
-          pa[1] = Mma::pack(s[2 * ks][2], s[2 * ks][3]);
-          pa[2] = Mma::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-          pa[3] = Mma::pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-          const T* vrow = sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8;
-#pragma unroll
-          for (int dp = 0; dp < kDp / 16; ++dp) {
-            uint32_t vb[4];
-            ldmatrix_x4_trans(vb, vrow + dp * 16);
-            Mma::run(o[2 * dp], pa, vb[0], vb[1]);
-            Mma::run(o[2 * dp + 1], pa, vb[2], vb[3]);
-          }
+          pv_mma<T, kDp>(o, s[2 * ks], s[2 * ks + 1], sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8);
         }
       }
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
     const int64_t L = static_cast<int64_t>(a.H) * a.W;
     const int64_t head_off = static_cast<int64_t>(h) * a.D;
@@ -1003,34 +973,7 @@ __global__ void __launch_bounds__(kWin* kHalf)
       }
       if (!it.active) continue;  // an idle half only keeps the barrier count
 
-      float s[kF32Keys];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kF32Keys; ++j) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int ii = 0; ii < kPer; ++ii) acc = fmaf(q[ii], sK[j * kDp + ii * 4 + r], acc);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        const int key = kc + j;
-        const int info_j = key < a.N ? sInfo[key] : -1;
-        s[j] = acc * a.scale_log2 + score_extra(a, sTab, base_i, lab_i, info_j);
-        mx = fmaxf(mx, s[j]);
-      }
-      const float mn = fmaxf(m, mx);
-      const float alpha = exp2f(m - mn);
-      m = mn;
-      float sum = 0.0f;
-#pragma unroll
-      for (int ii = 0; ii < kPer; ++ii) o[ii] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kF32Keys; ++j) {
-        const float pj = exp2f(s[j] - mn);
-        sum += pj;
-#pragma unroll
-        for (int ii = 0; ii < kPer; ++ii) o[ii] = fmaf(pj, sV[j * kDp + ii * 4 + r], o[ii]);
-      }
-      l = l * alpha + sum;
+      f32_chunk_step<kDp>(a, q, sK, sV, sInfo, sTab, kc, r, base_i, lab_i, m, l, o);  // m finite after chunk 0
     }
 
     if (it.active && i < a.N && mi.tok >= 0) {
