@@ -48,6 +48,51 @@ def _tile(desc, b, g, h, row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _tma_step(
+    state,
+    q,
+    KD,
+    VD,
+    head,
+    start_n,
+    bias,
+    offs,
+    m_ok,
+    Nk,
+    qk_scale,
+    HAS_BIAS: tl.constexpr,
+    MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The key block at start_n of the online softmax (state = (acc, l_i, m_i)), k and v by TMA; head =
+    (b, g, h), bias = (the query block's bias base, row stride, column stride), offs = (m, n) offsets."""
+    acc, l_i, m_i = state
+    b, g, h = head
+    b_base, stride_bm, stride_bn = bias
+    BLOCK_N: tl.constexpr = offs[1].shape[0]
+    BLOCK_D: tl.constexpr = q.shape[1]
+    k = _tile(KD, b, g, h, start_n, BLOCK_N, BLOCK_D)
+    oks = (m_ok, start_n + offs[1] < Nk)
+    s = _scores(
+        q,
+        k,
+        b_base + start_n * stride_bn,
+        offs,
+        stride_bm,
+        stride_bn,
+        oks,
+        qk_scale,
+        HAS_BIAS,
+        MASK_M,
+        MASK_N,
+        PRECISION,
+    )
+    p, alpha, l_i, m_i = _softmax_step(s, l_i, m_i)
+    return accumulate_pv(acc, alpha, p, _tile(VD, b, g, h, start_n, BLOCK_N, BLOCK_D), PRECISION), l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_tma_kernel(
     QD,
     KD,
@@ -81,23 +126,20 @@ def _attn_fwd_tma_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    state = (acc, l_i, m_i)
+    head = (b, g, h)
+    bias = (b_base, stride_bm, stride_bn)
     n_full = (Nk // BLOCK_N) * BLOCK_N
     # Full key blocks without masks, pipelined; then the ragged tail with the keys past Nk at -inf.
     for start_n in tl.range(0, n_full, BLOCK_N):
-        k = _tile(KD, b, g, h, start_n, BLOCK_N, BLOCK_D)
-        oks = (m_ok, offs[1] < Nk)
-        bias_at = b_base + start_n * stride_bn
-        s = _scores(q, k, bias_at, offs, stride_bm, stride_bn, oks, qk_scale, HAS_BIAS, not EVEN_M, False, PRECISION)
-        p, alpha, l_i, m_i = _softmax_step(s, l_i, m_i)
-        acc = accumulate_pv(acc, alpha, p, _tile(VD, b, g, h, start_n, BLOCK_N, BLOCK_D), PRECISION)
+        state = _tma_step(
+            state, q, KD, VD, head, start_n, bias, offs, m_ok, Nk, qk_scale, HAS_BIAS, not EVEN_M, False, PRECISION
+        )
     if not EVEN_N:
-        k = _tile(KD, b, g, h, n_full, BLOCK_N, BLOCK_D)
-        oks = (m_ok, n_full + offs[1] < Nk)
-        bias_at = b_base + n_full * stride_bn
-        s = _scores(q, k, bias_at, offs, stride_bm, stride_bn, oks, qk_scale, HAS_BIAS, not EVEN_M, True, PRECISION)
-        p, alpha, l_i, m_i = _softmax_step(s, l_i, m_i)
-        acc = accumulate_pv(acc, alpha, p, _tile(VD, b, g, h, n_full, BLOCK_N, BLOCK_D), PRECISION)
-    out, lse = _softmax_finish((acc, l_i, m_i))
+        state = _tma_step(
+            state, q, KD, VD, head, n_full, bias, offs, m_ok, Nk, qk_scale, HAS_BIAS, not EVEN_M, True, PRECISION
+        )
+    out, lse = _softmax_finish(state)
     o_at = [b.to(tl.int32), g.to(tl.int32), h.to(tl.int32), start_m, 0]
     OD.store(o_at, out.to(q.dtype).reshape(1, 1, 1, BLOCK_M, BLOCK_D))  # out has q's dtype
     _store_1d(Lse + bh.to(tl.int64) * Nq + start_m + offs[0], lse, m_ok, not EVEN_M)
