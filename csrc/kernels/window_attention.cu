@@ -48,42 +48,48 @@ __device__ __forceinline__ bool opt_shift_first(const WaArgs& a) { return (a.opt
 //   info[t] = rel_t | (label_t << 12) with rel_t = p·(2M−1) + c (< 961), or −1 for t ≥ N;
 //   tok[t]  = source token (≥ 0), −1 for a padded slot, −2 for t ≥ N.
 // rel-pos index of (i, j) = rel_i + 2M·(M−1) − rel_j.
+// slot_meta: slot t of window (wh, ww) in registers; fill_slots: a window's slots into shared memory.
+struct SlotMeta {
+  int tok, info;
+};
+
+__device__ __forceinline__ SlotMeta slot_meta(const WaArgs& a, int wh, int ww, int t) {
+  if (t >= a.N) return {-2, -1};
+  const int p = t / a.M;
+  const int c = t - p * a.M;
+  const int y = wh * a.M + p;
+  const int x = ww * a.M + c;
+  int row, col;
+  bool real;
+  if (opt_shift_first(a)) {
+    real = y < a.H && x < a.W;
+    row = y + ((a.opts >> 8) & 0xff);
+    col = x + ((a.opts >> 16) & 0xff);
+    if (row >= a.H) row -= a.H;
+    if (col >= a.W) col -= a.W;
+  } else {
+    row = y + a.shift;
+    col = x + a.shift;
+    if (row >= a.Hp) row -= a.Hp;
+    if (col >= a.Wp) col -= a.Wp;
+    real = row < a.H && col < a.W;
+  }
+  int label = 0;
+  if (a.shift > 0) {
+    const int rh = (y >= a.Hp - a.M ? 1 : 0) + (y >= a.Hp - a.shift ? 1 : 0);
+    const int rw = (x >= a.Wp - a.M ? 1 : 0) + (x >= a.Wp - a.shift ? 1 : 0);
+    label = 3 * rh + rw;
+  }
+  return {real ? row * a.W + col : -1, (p * (2 * a.M - 1) + c) | (label << 12)};
+}
+
 __device__ __forceinline__ void fill_slots(const WaArgs& a, int w, int n_slots, int* s_info, int* s_tok) {
   const int wh = w / a.nWw;
   const int ww = w - wh * a.nWw;
   for (int t = threadIdx.x; t < n_slots; t += blockDim.x) {
-    if (t >= a.N) {
-      s_info[t] = -1;
-      s_tok[t] = -2;
-      continue;
-    }
-    const int p = t / a.M;
-    const int c = t - p * a.M;
-    const int y = wh * a.M + p;
-    const int x = ww * a.M + c;
-    int row, col;
-    bool real;
-    if (opt_shift_first(a)) {  // shifted unpadded map, padded after (s mod H, s mod W: s may exceed H, W)
-      real = y < a.H && x < a.W;
-      row = y + ((a.opts >> 8) & 0xff);
-      col = x + ((a.opts >> 16) & 0xff);
-      if (row >= a.H) row -= a.H;
-      if (col >= a.W) col -= a.W;
-    } else {  // shifted padded map
-      row = y + a.shift;
-      col = x + a.shift;
-      if (row >= a.Hp) row -= a.Hp;
-      if (col >= a.Wp) col -= a.Wp;
-      real = row < a.H && col < a.W;
-    }
-    int label = 0;
-    if (a.shift > 0) {
-      const int rh = (y >= a.Hp - a.M ? 1 : 0) + (y >= a.Hp - a.shift ? 1 : 0);
-      const int rw = (x >= a.Wp - a.M ? 1 : 0) + (x >= a.Wp - a.shift ? 1 : 0);
-      label = 3 * rh + rw;
-    }
-    s_info[t] = (p * (2 * a.M - 1) + c) | (label << 12);
-    s_tok[t] = real ? row * a.W + col : -1;
+    const SlotMeta sm = slot_meta(a, wh, ww, t);
+    s_info[t] = sm.info;
+    s_tok[t] = sm.tok;
   }
 }
 
@@ -313,6 +319,56 @@ __device__ __forceinline__ float quad_sum(float v) {
 // ---------------------------------------------------------------------------------------------
 // fp16 / bf16 tensor-core kernel: one CTA per (b, window, head); K, V of the window resident.
 // ---------------------------------------------------------------------------------------------
+// One warp's 16 query rows (r0 = g, r1 = g + 8 of the quad layout) against all NP key slots in
+// chunks of kNT 8-key tiles: online softmax (log2 domain) and O = P·V in 16-key steps. Leaves o
+// unnormalised and l0 / l1 the rows' full sums (quad-reduced). ``extra(r, info_j)``: the bias and
+// mask term of row r (0 / 1) and key j. Key slot 0 is always valid, so m is finite after chunk 0.
+template <typename T, int kKQ, int kNT, int kDp, bool kCosine, typename Extra>
+__device__ __forceinline__ void attend_keys(float (&o)[kDp / 8][4], float& l0, float& l1, const T* sK, const T* sV,
+                                            int kStride, int NP, int g, int t, int lane, const uint32_t (&qa)[kKQ][4],
+                                            const int* sInfo, const float* sKn, float sc0, float sc1, Extra extra) {
+  constexpr int kChunk = kNT * 8;
+#pragma unroll
+  for (int i = 0; i < kDp / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY;
+  l0 = l1 = 0.0f;
+  for (int kc = 0; kc < NP; kc += kChunk) {
+    float s[kNT][4];
+    chunk_scores<T, kKQ, kNT, kCosine>(s, sK, kStride, kc, NP, g, t, qa, sInfo, sKn, sc0, sc1, extra);
+    online_softmax_step(s, m0, m1, l0, l1, o);
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      const int key0 = kc + ks * 16;
+      if (key0 < NP) {
+        pv_mma<T, kDp>(o, s[2 * ks], s[2 * ks + 1], sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8);
+      }
+    }
+  }
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
+}
+
+// out rows of tokens tok0 / tok1 (−1: a padded slot, not stored) of image b, head h: o / l in T,
+// the thread's two head dims per 8-dim tile.
+template <typename T, int kDT>
+__device__ __forceinline__ void store_out_rows(const WaArgs& a, int64_t b, int h, int tok0, int tok1,
+                                               const float (&o)[kDT][4], float l0, float l1, int t) {
+  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+  const int64_t L = static_cast<int64_t>(a.H) * a.W;
+  const int64_t head_off = static_cast<int64_t>(h) * a.D;
+  T* out = static_cast<T*>(a.out);
+  T* out0 = tok0 >= 0 ? out + (b * L + tok0) * a.C + head_off : nullptr;
+  T* out1 = tok1 >= 0 ? out + (b * L + tok1) * a.C + head_off : nullptr;
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) {
+    const int col = i * 8 + 2 * t;
+    if (col < a.D) {
+      if (out0 != nullptr) *reinterpret_cast<uint32_t*>(out0 + col) = Mma<T>::pack(o[i][0] * inv0, o[i][1] * inv0);
+      if (out1 != nullptr) *reinterpret_cast<uint32_t*>(out1 + col) = Mma<T>::pack(o[i][2] * inv1, o[i][3] * inv1);
+    }
+  }
+}
+
 template <int kDp>
 struct MmaTraits {
   static constexpr int kStride = kDp + 8;  // padded smem row (elements): conflict-free ldmatrix
@@ -328,7 +384,6 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
   constexpr int kDT = kDp / 8;   // output n-tiles (8 head dims each)
   constexpr int kChunk = 64;     // keys per online-softmax step
   constexpr int kNT = kChunk / 8;
-  using Mma = Mma<T>;
 
   const int NP = (a.N + 15) & ~15;  // slots rounded up to whole 16-row MMA tiles
   const int tab_n = (2 * a.M - 1) * (2 * a.M - 1);
@@ -380,7 +435,6 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
   const int g = lane >> 2;
   const int t = lane & 3;
   const int rel_shift = 2 * a.M * (a.M - 1);
-  T* out = static_cast<T*>(a.out);
 
   for (int rb = warp; rb * 16 < NP; rb += kThreads / 32) {
     const int r0 = rb * 16 + g;
@@ -415,48 +469,12 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_mma_kernel(cons
     [[maybe_unused]] float sc0 = a.scale_log2, sc1 = a.scale_log2;
     if constexpr (kCosine) cosine_row_scales<T, kKQ>(a, h, qa, sc0, sc1);
 
-    float o[kDT][4];
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-
-    for (int kc = 0; kc < NP; kc += kChunk) {
-      float s[kNT][4];
-      chunk_scores<T, kKQ, kNT, kCosine>(
-          s, sK, kStride, kc, NP, g, t, qa, sInfo, sKn, sc0, sc1, [&](int r, int info_j) {
-            return r == 0 ? score_extra(a, sTab, base0, lab0, info_j) : score_extra(a, sTab, base1, lab1, info_j);
-          });
-      // Online softmax (log2 domain). Key slot 0 is always valid, so m is finite after chunk 0.
-      online_softmax_step(s, m0, m1, l0, l1, o);
-      // O += P · V over 16-key steps.
-#pragma unroll
-      for (int ks = 0; ks < kChunk / 16; ++ks) {
-        const int key0 = kc + ks * 16;
-        if (key0 < NP) {
-          pv_mma<T, kDp>(o, s[2 * ks], s[2 * ks + 1], sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8);
-        }
-      }
-    }
-
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    const int64_t L = static_cast<int64_t>(a.H) * a.W;
-    const int64_t head_off = static_cast<int64_t>(h) * a.D;
-    T* out0 = tok0 >= 0 ? out + (b * L + tok0) * a.C + head_off : nullptr;
-    T* out1 = tok1 >= 0 ? out + (b * L + tok1) * a.C + head_off : nullptr;
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      const int col = i * 8 + 2 * t;
-      if (col < a.D) {
-        if (out0 != nullptr) {
-          *reinterpret_cast<uint32_t*>(out0 + col) = Mma::pack(o[i][0] * inv0, o[i][1] * inv0);
-        }
-        if (out1 != nullptr) {
-          *reinterpret_cast<uint32_t*>(out1 + col) = Mma::pack(o[i][2] * inv1, o[i][3] * inv1);
-        }
-      }
-    }
+    float o[kDT][4], l0, l1;
+    attend_keys<T, kKQ, kNT, kDp, kCosine>(
+        o, l0, l1, sK, sV, kStride, NP, g, t, lane, qa, sInfo, sKn, sc0, sc1, [&](int r, int info_j) {
+          return r == 0 ? score_extra(a, sTab, base0, lab0, info_j) : score_extra(a, sTab, base1, lab1, info_j);
+        });
+    store_out_rows<T, kDT>(a, b, h, tok0, tok1, o, l0, l1, t);
   }
 #endif
 }
@@ -471,6 +489,26 @@ constexpr int kF32Keys = 32;            // keys per chunk
 // One chunk of kF32Keys staged keys for the fp32 kernels' query row (4 threads a row, thread r owning
 // head dims r, r + 4, …): the scores (dot product over the quad, scale, bias and mask, base 2), the
 // online softmax (m, l) and the output accumulator o. Key 0 is valid, so m is finite after chunk 0.
+// K and V rows of key slots kc … kc + kF32Keys − 1 into sK / sV (kDp floats a row, 16-byte
+// chunks; slots ≥ N and head dims ≥ D are zero), by threads tid of nthreads.
+template <int kDp>
+__device__ __forceinline__ void stage_f32_keys(const WaArgs& a, const float* qkv_b, const int* sTok, int kc, int h,
+                                               float* sK, float* sV, int tid, int nthreads) {
+  constexpr int kChunks4 = kDp / 4;
+  for (int e = tid; e < 2 * kF32Keys * kChunks4; e += nthreads) {
+    const int part = e / (kF32Keys * kChunks4);
+    const int rem = e - part * (kF32Keys * kChunks4);
+    const int j = rem / kChunks4;
+    const int c = rem - j * kChunks4;
+    float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (kc + j < a.N && c * 4 < a.D) {
+      const float* src = slot_row<float>(a, qkv_b, sTok[kc + j], part + 1, h);
+      if (src != nullptr) val = *reinterpret_cast<const float4*>(src + c * 4);
+    }
+    *reinterpret_cast<float4*>((part == 0 ? sK : sV) + j * kDp + c * 4) = val;
+  }
+}
+
 template <int kDp>
 __device__ __forceinline__ void f32_chunk_step(const WaArgs& a, const float (&q)[kDp / 4], const float* sK,
                                                const float* sV, const int* sInfo, const float* sTab, int kc, int r,
@@ -564,19 +602,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
 
     for (int kc = 0; kc < a.N; kc += kF32Keys) {
       __syncthreads();  // previous chunk fully consumed
-      constexpr int kChunks4 = kDp / 4;
-      for (int e = threadIdx.x; e < 2 * kF32Keys * kChunks4; e += kThreads) {
-        const int part = e / (kF32Keys * kChunks4);
-        const int rem = e - part * (kF32Keys * kChunks4);
-        const int j = rem / kChunks4;
-        const int c = rem - j * kChunks4;
-        float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (kc + j < a.N && c * 4 < a.D) {
-          const float* src = slot_row<float>(a, qkv_b, sTok[kc + j], part + 1, h);
-          if (src != nullptr) val = *reinterpret_cast<const float4*>(src + c * 4);
-        }
-        *reinterpret_cast<float4*>((part == 0 ? sK : sV) + j * kDp + c * 4) = val;
-      }
+      stage_f32_keys<kDp>(a, qkv_b, sTok, kc, h, sK, sV, threadIdx.x, kThreads);
       __syncthreads();
       if constexpr (kCosine) {  // k̂ of this chunk, in place
         row_inv_norms<float>(sK, kF32Keys, kDp, kDp, nullptr);
@@ -611,42 +637,6 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_f32_kernel(cons
 // fp32 takes (a) only (kF32V2Win = 1).
 // ---------------------------------------------------------------------------------------------
 constexpr int kHalf = 128;  // threads per item (4 warps)
-
-// Slot t of window (wh, ww): {token ≥ 0, or −1 for a padded slot, −2 for t ≥ N; info as in
-// fill_slots, −1 for t ≥ N}: fill_slots' math for one slot, in registers.
-struct SlotMeta {
-  int tok, info;
-};
-
-__device__ __forceinline__ SlotMeta slot_meta(const WaArgs& a, int wh, int ww, int t) {
-  if (t >= a.N) return {-2, -1};
-  const int p = t / a.M;
-  const int c = t - p * a.M;
-  const int y = wh * a.M + p;
-  const int x = ww * a.M + c;
-  int row, col;
-  bool real;
-  if (opt_shift_first(a)) {
-    real = y < a.H && x < a.W;
-    row = y + ((a.opts >> 8) & 0xff);
-    col = x + ((a.opts >> 16) & 0xff);
-    if (row >= a.H) row -= a.H;
-    if (col >= a.W) col -= a.W;
-  } else {
-    row = y + a.shift;
-    col = x + a.shift;
-    if (row >= a.Hp) row -= a.Hp;
-    if (col >= a.Wp) col -= a.Wp;
-    real = row < a.H && col < a.W;
-  }
-  int label = 0;
-  if (a.shift > 0) {
-    const int rh = (y >= a.Hp - a.M ? 1 : 0) + (y >= a.Hp - a.shift ? 1 : 0);
-    const int rw = (x >= a.Wp - a.M ? 1 : 0) + (x >= a.Wp - a.shift ? 1 : 0);
-    label = 3 * rh + rw;
-  }
-  return {real ? row * a.W + col : -1, (p * (2 * a.M - 1) + c) | (label << 12)};
-}
 
 // One item of a v2 CTA: which (b, window, head) the half at `half` runs, and whether it runs one.
 struct WaItem {
@@ -741,7 +731,6 @@ __global__ void __launch_bounds__(kWin* kHalf, MmaV2Shape<kDp>::kMinBlocks)
   constexpr int kChunk = 16;  // keys per online-softmax step (v1: 64): 24 fewer score registers
   constexpr int kNT = kChunk / 8;
   constexpr int kChunks = kDp / 8;  // 16-byte chunks per K / V row
-  using Mma = Mma<T>;
 
   const int NP = (a.N + 15) & ~15;
   const int tab_n = (2 * a.M - 1) * (2 * a.M - 1);
@@ -823,7 +812,6 @@ __global__ void __launch_bounds__(kWin* kHalf, MmaV2Shape<kDp>::kMinBlocks)
   }
   if (!it.active) return;  // past the last barrier
 
-  T* out = static_cast<T*>(a.out);
   for (; rb * 16 < NP; rb += kHalf / 32) {
     const int r0 = rb * 16 + g;
     const int r1 = r0 + 8;
@@ -838,42 +826,12 @@ __global__ void __launch_bounds__(kWin* kHalf, MmaV2Shape<kDp>::kMinBlocks)
     [[maybe_unused]] float sc0 = a.scale_log2, sc1 = a.scale_log2;
     if constexpr (kCosine) cosine_row_scales<T, kKQ>(a, h, qa, sc0, sc1);
 
-    float o[kDT][4];
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-
-    for (int kc = 0; kc < NP; kc += kChunk) {
-      float s[kNT][4];
-      chunk_scores<T, kKQ, kNT, kCosine>(
-          s, sK, kStride, kc, NP, g, t, qa, sInfo, sKn, sc0, sc1,
-          [&](int r, int info_j) { return score_extra_row(a, sTab, r == 0 ? row0 : row1, info_j); });
-      online_softmax_step(s, mr0, mr1, l0, l1, o);
-#pragma unroll
-      for (int ks = 0; ks < kChunk / 16; ++ks) {
-        const int key0 = kc + ks * 16;
-        if (key0 < NP) {
-          pv_mma<T, kDp>(o, s[2 * ks], s[2 * ks + 1], sV + (key0 + (lane & 15)) * kStride + (lane >> 4) * 8);
-        }
-      }
-    }
-
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    const int64_t L = static_cast<int64_t>(a.H) * a.W;
-    const int64_t head_off = static_cast<int64_t>(h) * a.D;
-    const int tok0 = sTok[r0], tok1 = sTok[r1];  // read here: not live across the key loop
-    T* out0 = tok0 >= 0 ? out + (it.b * L + tok0) * a.C + head_off : nullptr;
-    T* out1 = tok1 >= 0 ? out + (it.b * L + tok1) * a.C + head_off : nullptr;
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      const int col = i * 8 + 2 * t;
-      if (col < a.D) {
-        if (out0 != nullptr) *reinterpret_cast<uint32_t*>(out0 + col) = Mma::pack(o[i][0] * inv0, o[i][1] * inv0);
-        if (out1 != nullptr) *reinterpret_cast<uint32_t*>(out1 + col) = Mma::pack(o[i][2] * inv1, o[i][3] * inv1);
-      }
-    }
+    float o[kDT][4], l0, l1;
+    attend_keys<T, kKQ, kNT, kDp, kCosine>(
+        o, l0, l1, sK, sV, kStride, NP, g, t, lane, qa, sInfo, sKn, sc0, sc1,
+        [&](int r, int info_j) { return score_extra_row(a, sTab, r == 0 ? row0 : row1, info_j); });
+    // tokens read here: not live across the key loop
+    store_out_rows<T, kDT>(a, it.b, h, sTok[r0], sTok[r1], o, l0, l1, t);
   }
 #endif
 }
@@ -951,21 +909,7 @@ __global__ void __launch_bounds__(kWin* kHalf)
 
     for (int kc = 0; kc < a.N; kc += kF32Keys) {
       __syncthreads();  // previous chunk consumed (first chunk: the slot tables written)
-      if (it.active) {
-        constexpr int kChunks4 = kDp / 4;
-        for (int e = ltid; e < 2 * kF32Keys * kChunks4; e += kHalf) {
-          const int part = e / (kF32Keys * kChunks4);
-          const int rem = e - part * (kF32Keys * kChunks4);
-          const int j = rem / kChunks4;
-          const int c = rem - j * kChunks4;
-          float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          if (kc + j < a.N && c * 4 < a.D) {
-            const float* src = slot_row<float>(a, qkv_b, sTok[kc + j], part + 1, h);
-            if (src != nullptr) val = *reinterpret_cast<const float4*>(src + c * 4);
-          }
-          *reinterpret_cast<float4*>((part == 0 ? sK : sV) + j * kDp + c * 4) = val;
-        }
-      }
+      if (it.active) stage_f32_keys<kDp>(a, qkv_b, sTok, kc, h, sK, sV, ltid, kHalf);
       __syncthreads();
       if constexpr (kCosine) {
         if (it.active) row_inv_norms_half<float>(sK, kF32Keys, kDp, kDp, nullptr, ltid >> 5);

@@ -52,11 +52,14 @@ FIXED_PROGRAMS_PER_SM = 8
 
 @triton.jit
 def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_FIRST: tl.constexpr):
-    """Window slots t (vector) of window (wh, ww) → (in-window, real token, token, p, c, label).
+    """Window slots t (vector) of window (wh, ww) → (in-window, real token, token, p, c, region code).
 
     Pad first (default): the shifted grid position (y, x) reads the padded map at
     ((y + s) mod Hp, (x + s) mod Wp). SHIFT_FIRST (timm): positions past H or W are padding, the
-    others read the unpadded map at ((y + s) mod H, (x + s) mod W) (s may exceed H or W)."""
+    others read the unpadded map at ((y + s) mod H, (x + s) mod W) (s may exceed H or W).
+
+    The region code 2·(p ≥ M − s) + (c ≥ M − s) does not depend on the window: with ``_shift_sel``
+    it gives Swin's shift-mask labels (``_shift_mask``)."""
     ok = t < M * M
     p = t // M
     c = t - p * M
@@ -74,14 +77,30 @@ def _slots(t, wh, ww, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, SHIFT_
         real = ok & (row < H) & (col < W)
     tok = tl.where(real, row * W + col, 0)
     if SHIFT > 0:
-        lab = (
-            3 * ((y >= Hp - M).to(tl.int32) + (y >= Hp - SHIFT).to(tl.int32))
-            + (x >= Wp - M).to(tl.int32)
-            + (x >= Wp - SHIFT).to(tl.int32)
-        )
+        code = 2 * (p >= M - SHIFT).to(tl.int32) + (c >= M - SHIFT).to(tl.int32)
     else:
-        lab = t * 0
-    return ok, real, tok, p, c, lab
+        code = t * 0
+    return ok, real, tok, p, c, code
+
+
+@triton.jit
+def _shift_sel(wh, ww, Hp, Wp, M: tl.constexpr):
+    """Which region bits separate Swin's shift-mask labels in window (wh, ww): 2 in the last window
+    row, 1 in the last window column (3 in the corner, 0 inside the map).
+
+    Swin labels a slot 3·[y ≥ Hp − M] + 3·[y ≥ Hp − s] + [x ≥ Wp − M] + [x ≥ Wp − s] at its shifted
+    grid position (y, x) = (wh·M + p, ww·M + c). With 0 ≤ s < M, y ≥ Hp − M holds exactly in the last
+    window row, and there y ≥ Hp − s ⟺ p ≥ M − s; likewise for x. So two slots of one window have
+    equal labels ⟺ their region codes (``_slots``) agree on the bits this returns."""
+    return 2 * (wh * M >= Hp - M).to(tl.int32) + (ww * M >= Wp - M).to(tl.int32)
+
+
+@triton.jit
+def _shift_mask(s, codei, codej, sel):
+    """Scores of slot pairs with different shift-mask labels − 100·log2 e (as Swin's −100 mask)."""
+    # masked per row and column first: a (codei ^ codej) tile would be window-invariant and kept
+    same = (codei & sel)[:, None] == (codej & sel)[None, :]
+    return tl.where(same, s, s - 144.26950408889634)
 
 
 @triton.jit
@@ -150,22 +169,24 @@ def _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr):
 def _scores(
     q,
     k,
-    rel,
-    labi,
-    labj,
+    bias,
+    codei,
+    codej,
+    sel,
     okj,
     qk_scale,
-    HAS_TABLE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SHIFT: tl.constexpr,
     MASK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Base-2 scores: (q kᵀ·scale + B_rel + mask)·log2 e; slots outside the window → −inf."""
+    """Base-2 scores: (q kᵀ·scale + B_rel + mask)·log2 e; slots outside the window → −inf.
+    ``bias``: the base-2 bias tile (``_bias_block``), which may already hold the −inf columns."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if HAS_TABLE:
-        s += rel.to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        s += bias
     if SHIFT > 0:
-        s = tl.where(labi[:, None] == labj[None, :], s, s - 144.26950408889634)  # −100·log2 e
+        s = _shift_mask(s, codei, codej, sel)
     if MASK_N:
         s = tl.where(okj[None, :], s, float("-inf"))
     return s
@@ -257,16 +278,16 @@ def _query_slots(
     BIG: tl.constexpr,
     MASK_D: tl.constexpr,
 ):
-    """Slots t of a window as queries: (ok, real, tok, p, c, label) of ``_slots``, q (unit rows when COSINE)
+    """Slots t of a window as queries: (ok, real, tok, p, c, region code) of ``_slots``, q (unit rows when COSINE)
     and, COSINE, 1/‖q‖. ``window`` = (x_base, wh, ww), ``geo`` = (H, W, Hp, Wp, stride_xl, C, d, d_ok)."""
     x_base, wh, ww = window
     H, W, Hp, Wp, stride_xl, _C, d, d_ok = geo
-    ok, real, tok, p, c, lab = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
+    ok, real, tok, p, c, code = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
     q = _load_rows(x_base, _row_off(tok, stride_xl, BIG), real, d, d_ok, MASK_D)
     inv = 1.0
     if COSINE:
         q, inv = _unit_rows(q)
-    return ok, real, tok, p, c, lab, q, inv
+    return ok, real, tok, p, c, code, q, inv
 
 
 @triton.jit
@@ -284,42 +305,59 @@ def _key_slots(
     BIG: tl.constexpr,
     MASK_D: tl.constexpr,
 ):
-    """Slots t of a window as keys: (ok, real, tok, p, c, label), k (unit rows when COSINE), v (``_load_kv``)
+    """Slots t of a window as keys: (ok, real, tok, p, c, region code), k (unit rows when COSINE), v (``_load_kv``)
     and, COSINE, 1/‖k‖; ``window`` and ``geo`` as in ``_query_slots``."""
     x_base, wh, ww = window
     H, W, Hp, Wp, stride_xl, C, d, d_ok = geo
-    ok, real, tok, p, c, lab = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
+    ok, real, tok, p, c, code = _slots(t, wh, ww, H, W, Hp, Wp, M, SHIFT, SHIFT_FIRST)
     k, v = _load_kv(x_base, C, _row_off(tok, stride_xl, BIG), real, d, d_ok, bk, bv, HAS_QB, MASK_D)
     inv = 1.0
     if COSINE:
         k, inv = _unit_rows(k)
-    return ok, real, tok, p, c, lab, k, v, inv
+    return ok, real, tok, p, c, code, k, v, inv
 
 
 @triton.jit
 def _window_bias(
-    tab, stride_tr, H, W, Hp, Wp, M: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    tab,
+    stride_tr,
+    H,
+    W,
+    Hp,
+    Wp,
+    M: tl.constexpr,
+    SHIFT: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    MASK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """The relative-position bias tile of a window held in one (BLOCK_M, BLOCK_N) tile: it does
-    not depend on the window, so a program gathers it once."""
+    """The base-2 bias of a window held in one (BLOCK_M, BLOCK_N) tile, with −inf in the key columns
+    past the window (MASK_N): it does not depend on the window, so a program builds it once and the
+    scores need no key mask of their own (one fp32 tile instead of a bias tile, a key-mask tile and
+    the slot vectors behind them)."""
     ok0, _r0, _t0, p0, c0, _l0 = _slots(tl.arange(0, BLOCK_M), 0, 0, H, W, Hp, Wp, M, SHIFT, False)
     okk, _r1, _t1, pk0, ck0, _l1 = _slots(tl.arange(0, BLOCK_N), 0, 0, H, W, Hp, Wp, M, SHIFT, False)
-    return _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M)
+    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_TABLE:
+        bias = _rel_bias(tab, stride_tr, p0, c0, ok0, pk0, ck0, okk, M).to(tl.float32) * 1.4426950408889634
+    if MASK_N:
+        bias = tl.where(okk[None, :], bias, float("-inf"))
+    return bias
 
 
 @triton.jit
 def _bias_block(
-    rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr, HAS_TABLE: tl.constexpr, SINGLE: tl.constexpr
+    bias0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M: tl.constexpr, HAS_TABLE: tl.constexpr, SINGLE: tl.constexpr
 ):
-    """The bias of one (query block, key block): the program's tile, a gather, or none."""
-    if HAS_TABLE:
-        if SINGLE:
-            rel = rel0
-        else:
-            rel = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M)
+    """The base-2 bias of one (query block, key block): the program's tile (SINGLE), a gather, or none."""
+    if SINGLE:
+        bias = bias0
+    elif HAS_TABLE:
+        bias = _rel_bias(tab, stride_tr, pi, ci, oki, pj, cj, okj, M).to(tl.float32) * 1.4426950408889634
     else:
-        rel = 0.0
-    return rel
+        bias = 0.0
+    return bias
 
 
 @triton.jit(do_not_specialize=["WPG"])  # one compile whatever windows per program the grid takes
@@ -375,30 +413,46 @@ def _wa_fwd_kernel(
     ar_n = tl.arange(0, BLOCK_N)
     tab = Table + head * stride_th
     bk, bv = _padding_kv(QKVBias, C, hd, d, d_ok, HAS_QB)
-    rel0 = 0.0
-    if HAS_TABLE and SINGLE:
-        rel0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, BLOCK_M, BLOCK_N)
+    # SINGLE: the bias and the key mask live in one window-invariant tile (FOLD)
+    FOLD: tl.constexpr = SINGLE and (HAS_TABLE or MASK_N)
+    bias0 = 0.0
+    if FOLD:
+        bias0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, HAS_TABLE, MASK_N, BLOCK_M, BLOCK_N)
     if COSINE:  # the launcher passed log2 e: the head's τ is the score scale
         qk_scale = qk_scale * _logit_scale(LogitScale, head, stride_ls)
 
     geo = (H, W, Hp, Wp, stride_xl, C, d, d_ok)
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
+        sel = _shift_sel(wh, ww, Hp, Wp, M)
         window = (QKV + b64 * stride_xb + hd, wh, ww)
         o_base = Out + b64 * stride_ob + hd
         for i in range(NUM_M):
-            oki, reali, toki, pi, ci, labi, q, _rq = _query_slots(
+            oki, reali, toki, pi, ci, codei, q, _rq = _query_slots(
                 i * BLOCK_M + ar_m, window, geo, M, SHIFT, SHIFT_FIRST, COSINE, BIG, MASK_D
             )
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for j in range(NUM_N):
-                okj, realj, tokj, pj, cj, labj, k, v, _rk = _key_slots(
+                okj, realj, tokj, pj, cj, codej, k, v, _rk = _key_slots(
                     j * BLOCK_N + ar_n, window, geo, bk, bv, M, SHIFT, SHIFT_FIRST, COSINE, HAS_QB, BIG, MASK_D
                 )
-                rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
-                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N, PRECISION)
+                bias = _bias_block(bias0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
+                s = _scores(
+                    q,
+                    k,
+                    bias,
+                    codei,
+                    codej,
+                    sel,
+                    okj,
+                    qk_scale,
+                    FOLD or HAS_TABLE,
+                    SHIFT,
+                    MASK_N and not SINGLE,
+                    PRECISION,
+                )
                 # Every key block holds at least one in-window slot, so m_new is finite.
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
@@ -491,9 +545,11 @@ def _wa_bwd_kernel(
     tab = Table + head * stride_th
     part = TablePart + pid.to(tl.int64) * E
     bk, bv = _padding_kv(QKVBias, C, hd, d, d_ok, HAS_QB)
-    rel0 = 0.0
-    if HAS_TABLE and SINGLE:
-        rel0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, BLOCK_M, BLOCK_N)
+    # SINGLE: the bias and the key mask live in one window-invariant tile (FOLD)
+    FOLD: tl.constexpr = SINGLE and (HAS_TABLE or MASK_N)
+    bias0 = 0.0
+    if FOLD:
+        bias0 = _window_bias(tab, stride_tr, H, W, Hp, Wp, M, SHIFT, HAS_TABLE, MASK_N, BLOCK_M, BLOCK_N)
     if TABLE_GRAD and SINGLE:  # dS summed over this program's windows, binned once at the end
         ds_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if QB_GRAD:  # this program's row of the qkv_bias partial sums, accumulated in place
@@ -509,23 +565,37 @@ def _wa_bwd_kernel(
     geo = (H, W, Hp, Wp, stride_xl, C, d, d_ok)
     for w in range(w0, w1):
         b64, wh, ww = _window_origin(w, nW, nWw)
+        sel = _shift_sel(wh, ww, Hp, Wp, M)
         window = (QKV + b64 * stride_xb + hd, wh, ww)
         do_base = DO + b64 * stride_dob + hd
         g_base = DQKV + b64 * stride_gb + hd
         for j in range(NUM_N):
-            okj, realj, tokj, pj, cj, labj, k, v, rk = _key_slots(
+            okj, realj, tokj, pj, cj, codej, k, v, rk = _key_slots(
                 j * BLOCK_N + ar_n, window, geo, bk, bv, M, SHIFT, SHIFT_FIRST, COSINE, HAS_QB, BIG, MASK_D
             )
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for i in range(NUM_M):
-                oki, reali, toki, pi, ci, labi, q, rq = _query_slots(
+                oki, reali, toki, pi, ci, codei, q, rq = _query_slots(
                     i * BLOCK_M + ar_m, window, geo, M, SHIFT, SHIFT_FIRST, COSINE, BIG, MASK_D
                 )
                 # Padded (cropped) query slots get dO = 0: they contribute nothing below.
                 do = _load_rows(do_base, _row_off(toki, stride_dol, BIG), reali, d, d_ok, MASK_D)
-                rel = _bias_block(rel0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
-                s = _scores(q, k, rel, labi, labj, okj, qk_scale, HAS_TABLE, SHIFT, MASK_N, PRECISION)
+                bias = _bias_block(bias0, tab, stride_tr, pi, ci, oki, pj, cj, okj, M, HAS_TABLE, SINGLE)
+                s = _scores(
+                    q,
+                    k,
+                    bias,
+                    codei,
+                    codej,
+                    sel,
+                    okj,
+                    qk_scale,
+                    FOLD or HAS_TABLE,
+                    SHIFT,
+                    MASK_N and not SINGLE,
+                    PRECISION,
+                )
                 if KEYS_RESIDENT:  # complete rows: recompute the softmax, no saved lse
                     m_i = tl.max(s, 1)
                     p = tl.math.exp2(s - m_i[:, None])
@@ -612,24 +682,20 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _prune_bwd(configs, named_args, **kwargs):
+    """Query blocks no larger than next_pow2(N); register caps only for one-block windows (N ≤ 64),
+    where they spill a few bytes (N = 144 spills kilobytes under any cap)."""
     cap = _cap(_window(named_args, kwargs))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (c.maxnreg is None or cap <= 64)]
     return kept or [triton.Config({"BLOCK_M": cap}, num_warps=4, num_stages=1)]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), pruned per window size (N = 49 → blocks
-# <= 64). Offline sm_90 compiles (ptxas, bf16, table + qkv_bias + shift): M = 7 forward 64×64 /
-# 4 warps uses 161 registers at D = 32 and fits 128 (maxnreg) without spilling, 165 at D = 64,
-# 240 at D = 128; M = 12 forward 64×256 / 8 warps 253, 32×256 / 8 warps 217, no spills.
-# Backward (second entry): BLOCK_N is the resident key block (set by the launcher), BLOCK_M the
-# query block. sm_90, bf16, all features: M = 7, D = 32: 64 / 8 warps and 32 / 4 warps 255
-# registers without spills (64 / 4 warps spills 12 bytes); D = 64: 32 / 4 warps no spill; M = 12
-# (256 resident keys): 16 / 8 warps spills 40 bytes, larger query blocks spill ~1 KB.
-# 2-stage forward configs pipeline the window loop (the next window's gathers under this one's
-# dots; Triton 3.8, M = 7: 64×64 168 registers, 24 KB shared vs 157 / 12 KB at 1 stage). Backward
-# maxnreg 168 / 128 variants spill 200–800 B and were left out (docs/window_attention.md).
+# <= 64). Backward: BLOCK_N is the resident key block (set by the launcher), BLOCK_M the query
+# block; its first config kept is the occupancy grid's reference (launch.occupancy). Registers of
+# every config on sm_90a (Swin-T / Swin-B shapes): docs/window_attention.md, "Registers". The
+# maxnreg=168 backward (3 CTAs per SM) spills 32–96 B at M = 7; without a cap it takes 225–248.
 _FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
-_BWD_SHAPES = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
+_BWD_SHAPES = [(64, 4, 1, 168), (64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
 _FWD_SHAPES = {  # per family, as chosen above
     "half": [(64, 64, 4, 1), (64, 64, 4, 1, 128), (64, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (16, 16, 2, 1)]
     + [(64, 64, 4, 2), (32, 64, 4, 2), (64, 256, 8, 2), (32, 256, 8, 2)]
@@ -736,8 +802,10 @@ class _Geometry:
         self.N = self.M * self.M
         self.E = (2 * self.M - 1) ** 2
         self.BLOCK_D = launch.pow2_at_least(self.D)
+        # Padded slots exist only when a side is not a multiple of M; only they read qkv_bias.
+        self.padded = self.Hp != self.H or self.Wp != self.W
         # Both orders are one function unless a shifted map is padded: compile the variant only then.
-        self.shift_first = bool(shift_first) and self.s > 0 and (self.Hp != self.H or self.Wp != self.W)
+        self.shift_first = bool(shift_first) and self.s > 0 and self.padded
         self.cosine = bool(cosine)
 
     def ints(self, wpg):
@@ -752,7 +820,7 @@ class _Geometry:
             "HEAD_DIM": self.D,
             "BLOCK_D": self.BLOCK_D,
             "HAS_TABLE": table is not None,
-            "HAS_QB": qkv_bias is not None,
+            "HAS_QB": qkv_bias is not None and self.padded,
             "BIG": big,
             "PRECISION": launch.precision(qkv.dtype),
         }
@@ -963,7 +1031,8 @@ def window_attention_backward(
             scale,
         )
 
-    meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=bias_grad, BLOCK_N=bn)
+    qb_grad = bias_grad and g.padded  # without padded slots dqkv_bias is exactly 0
+    meta = dict(g.consts(qkv, table, qkv_bias, big), TABLE_GRAD=table_grad, QB_GRAD=qb_grad, BLOCK_N=bn)
     fixed = _use_fixed(qkv)
     with launch.device_ctx(qkv):
         # The partials have one row per program: the grid is fixed before they are allocated
@@ -972,7 +1041,7 @@ def window_attention_backward(
         wpg = _split(g, fixed, 1, qkv, lambda w: make_args(w, stand_in, stand_in, stand_in), meta)
         programs = triton.cdiv(g.BW, wpg) * g.heads
         tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
-        bpart = torch.empty((programs, 2, g.BLOCK_D) if bias_grad else (1,), device=qkv.device, dtype=torch.float32)
+        bpart = torch.empty((programs, 2, g.BLOCK_D) if qb_grad else (1,), device=qkv.device, dtype=torch.float32)
         lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)
         kernel = launch.pick(fixed, _wa_bwd_kernel, _TUNED, qkv.dtype, 1)
         kernel[(programs,)](*make_args(wpg, tpart, bpart, lpart), **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
@@ -992,9 +1061,10 @@ def window_attention_backward(
     if table_grad:
         dtable = tpart.view(-1, g.heads, g.E).sum(0).t().contiguous().to(table.dtype)
     if bias_grad:
-        kv = bpart.view(-1, g.heads, 2, g.BLOCK_D).sum(0)[..., : g.D]  # (heads, 2, D)
         dbias = torch.zeros(3 * g.C, device=qkv.device, dtype=torch.float32)
-        dbias[g.C :] = kv.permute(1, 0, 2).reshape(2 * g.C)
+        if qb_grad:
+            kv = bpart.view(-1, g.heads, 2, g.BLOCK_D).sum(0)[..., : g.D]  # (heads, 2, D)
+            dbias[g.C :] = kv.permute(1, 0, 2).reshape(2 * g.C)
         dbias = dbias.to(qkv_bias.dtype)
     return dqkv, dtable, dbias, dls
 
