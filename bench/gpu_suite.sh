@@ -25,8 +25,9 @@
 #            attention backward split vs single-kernel (VITKERNELS_ATTN_BWD_KERNEL), the time axis
 #            packed vs general (VITKERNELS_ATTN_PACKED), the CUDA window_attention forward v2 vs v1
 #            (VITKERNELS_WINDOW_CUDA_KERNEL), the dwconv backward v2 vs v1 (VITKERNELS_DWCONV_KERNEL),
-#            the attention forward through TMA descriptors vs pointers (VITKERNELS_ATTN_TMA) and the
-#            window / sr / xca grids from the compiled kernel's occupancy vs fixed (VITKERNELS_GRID)
+#            the attention forward and backward through TMA descriptors vs pointers
+#            (VITKERNELS_ATTN_TMA) and the window / sr / xca grids from the compiled kernel's
+#            occupancy vs fixed (VITKERNELS_GRID)
 #   compile  `ops` representative cases, bf16: vitkernels vs torch.compile of the eager composition
 #   flex     `ops` representative cases, bf16: vitkernels vs compiled FlexAttention
 #   models   `models` (every model in vitkernels.models), bf16 mixed precision (AMP: float32 weights,
@@ -211,10 +212,10 @@ part_switches() {
       --mode fwd+bwd --dtype bf16 --impl vitkernels,eager --budget $per \
       --json "$OUT/$NAME-switch-dwconv-$kernel.json"
   done
-  # the attention forward through TMA tensor descriptors (sm_90) vs pointer loads
+  # the attention forward and backward through TMA tensor descriptors (sm_90) vs pointer loads
   for tma in off on; do
     VITKERNELS_ATTN_TMA=$tma run "$log" $((per + 45)) $BENCH ops --op self_attention,attention \
-      --mode fwd --dtype bf16 --impl vitkernels,sdpa --budget $per \
+      --mode fwd+bwd --dtype bf16 --impl vitkernels,sdpa --budget $per \
       --json "$OUT/$NAME-switch-attn-tma-$tma.json"
   done
   # persistent grids sized from the compiled kernel's occupancy vs the old assumed programs per SM

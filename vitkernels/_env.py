@@ -13,8 +13,8 @@ Library (read by vitkernels/):
   VITKERNELS_ATTN_PACKED    "auto" | "off": "off" runs short sequences (Nq = Nk ≤ 16, the time axis)
                             on the general attention kernels instead of the packed ones
                             (vitkernels/triton/attention_short.py).
-  VITKERNELS_ATTN_TMA       "off" | "on": "on" runs the attention forward through TMA tensor descriptors
-                            on sm_90+ GPUs (vitkernels/triton/attention_tma.py) where the views allow it.
+  VITKERNELS_ATTN_TMA       "off" | "on": "on" runs the attention forward and backward through TMA tensor
+                            descriptors on sm_90+ GPUs (vitkernels/triton/attention_tma.py) where the views allow it.
   VITKERNELS_MIX_FFN_KERNEL "auto" | "composite" | "fused": mix_ffn's dwconv + GELU + fc2 as one
                             Triton kernel ("auto": where dwconv's Triton kernel runs) or as dwconv + F.linear.
   VITKERNELS_DWCONV_KERNEL  "auto" | "v1": "v1" runs dwconv's first Triton kernels (dz in fp32 through

@@ -127,12 +127,30 @@ def int32_reasons(**sizes: int) -> list:
 
 
 def _off_device(caps: Capabilities, ts: list) -> bool:
-    return caps.devices is not None and any(t.device.type not in caps.devices for t in ts)
+    # Loops, not any(generator): a kernel's reasons are asked on every call on CUDA tensors ("auto").
+    devices = caps.devices
+    if devices is None:
+        return False
+    if devices == ("cuda",):
+        for t in ts:
+            if not t.is_cuda:
+                return True
+        return False
+    for t in ts:
+        if t.device.type not in devices:
+            return True
+    return False
 
 
 def _dtype_reasons(caps: Capabilities, ts: list) -> list:
-    if caps.dtypes is None:
+    dtypes = caps.dtypes
+    if dtypes is None:
         return []
+    for t in ts:
+        if t.dtype not in dtypes and t.is_floating_point():
+            break
+    else:
+        return []  # the common case, in one pass
     bad = sorted({t.dtype for t in ts if t.is_floating_point() and t.dtype not in caps.dtypes}, key=str)
     return [
         "float64 runs on the reference backend only"
@@ -307,6 +325,14 @@ def register_kernel(
     )
 
 
+# Whether any autocast region is on: one call (0.09 µs) where is_autocast_enabled("cuda") or
+# is_autocast_enabled("cpu") takes 0.3; the common case, no region at all, is decided by it on every
+# op call (ops/_common.autocast_inputs, without_autocast).
+any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+)
+
+
 def without_autocast(fn: Callable) -> Callable:
     """`fn` (a backend kernel) run with autocast off: the kernels compute in their inputs' dtypes with
     float32 accumulation, and torch ops inside them (the reference math, small index tensors) must
@@ -314,7 +340,7 @@ def without_autocast(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+        if not any_autocast():
             return fn(*args, **kwargs)
         active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         with contextlib.ExitStack() as stack:
@@ -349,13 +375,20 @@ _stack: list = []
 _global_default: Optional[str] = None
 
 
+_CHECKED_ENV: dict = {}  # a valid $VITKERNELS_BACKEND value as read -> its name (read on every op call)
+
+
 def _default() -> str:
     if _global_default is not None:
         return _global_default
-    try:
-        return _check_name(_env.get("VITKERNELS_BACKEND"))
-    except ValueError as e:
-        raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
+    value = _env.get("VITKERNELS_BACKEND")
+    name = _CHECKED_ENV.get(value)
+    if name is None:
+        try:
+            name = _CHECKED_ENV[value] = _check_name(value)
+        except ValueError as e:
+            raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
+    return name
 
 
 def get_backend() -> str:
@@ -426,9 +459,16 @@ def _reasons(op: str, backend: str, args: tuple, kwargs: dict) -> list:
 
 def _on_cuda(args) -> bool:
     for a in args:  # a loop, not any(generator): this runs on every op call
-        if isinstance(a, torch.Tensor) and a.is_cuda:
+        t = type(a)
+        if (t is _Tensor or (t not in NOT_TENSORS and isinstance(a, _Tensor))) and a.is_cuda:
             return True
     return False
+
+
+_Tensor = torch.Tensor
+# Argument types that are never tensors: skipped without isinstance(a, Tensor), which takes ~60 ns
+# for a non-tensor (torch.Tensor's metaclass), 3x the type test.
+NOT_TENSORS = frozenset({int, float, bool, str, type(None), list, tuple})
 
 
 def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
@@ -439,7 +479,7 @@ def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
     with), one that cannot run raises.
     """
     kernels = _KERNELS[op]
-    choice = get_backend()
+    choice = _stack[-1] if _stack else _default()  # get_backend(), inline: this runs on every op call
     if choice != "auto" and not (backward and (choice not in kernels or kernels[choice].backward is None)):
         reasons = _reasons(op, choice, args, kwargs)
         if reasons:
@@ -447,7 +487,13 @@ def select(op: str, *args, backward: bool = False, **kwargs) -> Kernel:
                 f"vitkernels.{op}: backend {choice!r} cannot run these arguments: " + "; ".join(reasons)
             )
         return kernels[choice]
-    order = PRIORITY.get(op, _DEFAULT_PRIORITY) if _on_cuda(args) else ("reference",)
+    if _on_cuda(args):
+        order = PRIORITY.get(op, _DEFAULT_PRIORITY)
+    else:
+        kernel = kernels.get("reference")
+        if kernel is not None and kernel.reasons is _no_reasons and not (backward and kernel.backward is None):
+            return kernel  # the loop below, in short: the reference runs everything off CUDA
+        order = ("reference",)
     why = []
     for name in order:
         kernel = kernels.get(name)

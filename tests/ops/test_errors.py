@@ -285,3 +285,75 @@ def test_mix_ffn_names_its_own_arguments():
         vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(16, 1, 3, 3), None, r(8, 32), None)
     with pytest.raises(ValueError, match=r"vitkernels\.mix_ffn: dw_bias must be \(32,\)"):
         vk.mix_ffn(r(1, 30, 8), (5, 6), r(32, 8), None, r(32, 1, 3, 3), r(16), r(8, 32), None)
+
+
+# ----------------------------------------------------------------------------- inline validation
+
+# Ops whose `validate` accepts valid arguments in a few inline comparisons and leaves everything else to
+# `_validate` (host time per call): public arguments -> validate's arguments.
+_VALIDATE_ARGS = {
+    "attention": lambda a: a[:4],
+    "space_time_attention": lambda a: a[:6],
+    "dwconv": lambda a: (a[0], list(a[1]), *a[2:5]),
+    "mix_ffn": lambda a: (a[0], list(a[1]), *a[2:8]),
+    "pool_attention": lambda a: a[:9],
+}
+
+
+def _mutate(rng, value):
+    """A random neighbour of one argument: another dtype, device, rank or size, type, or value."""
+    if isinstance(value, torch.Tensor):
+        shape = list(value.shape)
+        kind = rng.randrange(6)
+        if kind == 0:
+            return value.to(rng.choice([torch.float16, torch.float64, torch.int32, torch.bool]))
+        if kind == 1:
+            return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        if kind == 2 and shape:
+            return value.sum(rng.randrange(len(shape)))
+        if kind == 3:
+            return value.unsqueeze(rng.randrange(len(shape) + 1))
+        if kind == 4 and shape:
+            shape[rng.randrange(len(shape))] = rng.choice([0, 1, 2, 3, 5, 7])
+            return torch.zeros(shape, dtype=value.dtype)
+        return value.flatten()[1:].view(-1)[: max(0, value.numel() - 1)] if value.numel() > 1 else "tensor?"
+    if isinstance(value, bool):
+        return rng.choice([not value, 1, None])
+    if isinstance(value, int):
+        return rng.choice([0, -1, value + 1, True, float(value)])
+    if isinstance(value, (list, tuple)):
+        return rng.choice([tuple(value), list(value)[:1], [*value, 1], [value[0], 0], [float(v) for v in value]])
+    if isinstance(value, str):
+        return rng.choice(["st", "ts", "time", "space", "gelu", "relu", "other"])
+    return rng.choice([None, torch.zeros(3)])
+
+
+@pytest.mark.parametrize("op", list(_VALIDATE_ARGS))
+def test_inline_validation_accepts_what_the_checks_accept(op):
+    """`validate` = `_validate` (same head dim, same error) on the samples and ~300 random
+    neighbours of them: the inline comparisons accept nothing the checks reject."""
+    import random
+    import sys
+
+    from vitkernels._samples import samples, variant_samples
+
+    module = sys.modules[f"vitkernels.ops.{op}"]
+    bases = [samples(batch=1)[op], *variant_samples(batch=1).get(op, {}).values()]
+    rng = random.Random(op)
+
+    def outcome(fn, args):
+        try:
+            return "ok", fn(*args)
+        except Exception as e:  # whatever _validate raises, validate must raise too
+            return type(e).__name__, str(e)
+
+    accepted = 0
+    for i in range(300):
+        args = list(_VALIDATE_ARGS[op](bases[i % len(bases)]))
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            j = rng.randrange(len(args))
+            args[j] = _mutate(rng, args[j])
+        want = outcome(module._validate, args)
+        assert outcome(module.validate, args) == want, (op, args)
+        accepted += want[0] == "ok"
+    assert 20 < accepted < 290  # both sides of the checks were exercised

@@ -91,6 +91,14 @@ def test_one_wave_split_at_real_shapes():
 # ------------------------------------------------------------------------------------ the switch
 
 
+def test_host_arithmetic_matches_triton():
+    """launch.cdiv / launch.next_pow2 stand in for triton.cdiv / triton.next_power_of_2 on the host
+    (those are ConstexprFunctions, ~1.5 µs a call)."""
+    assert all(launch.next_pow2(n) == triton.next_power_of_2(n) for n in range(0, 4100))
+    assert all(launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+    assert launch.cdiv(12288, 132) == 94 and launch.next_pow2(1 << 40) == 1 << 40
+
+
 def test_grid_mode(monkeypatch):
     monkeypatch.delenv("VITKERNELS_GRID", raising=False)
     assert launch.grid_mode() == "auto"
@@ -179,6 +187,85 @@ def test_occupancy_fallbacks(monkeypatch):
     interpreted = Autotuner(None, configs)
     interpreted.fn = type("InterpretedFunction", (), {})()
     assert launch.occupancy(interpreted, (torch.empty(4), 10), {}, dev) is None
+
+
+def test_call_key_is_what_triton_specialises_on():
+    """The cache key of a launch: tensors by dtype and 16-byte alignment (not identity), ints and
+    bools by value and type, floats by type only."""
+    key = launch._call_key
+    x, y = torch.empty(8), torch.empty(8)
+    assert key((x, 3, 0.5, None)) == key((y, 3, 0.25, None))
+    assert key((x, 3, 0.5)) != key((x, 4, 0.5)) != key((x.half(), 4, 0.5))
+    assert key((x, 1)) != key((x, True)) and key((x, 1)) != key((x, 1.0))
+    assert key((x, x[1:])) != key((x, x[4:])) == key((x, y))  # x[1:] is 4 bytes off: not aligned
+    assert key((x,)) != key((x, 2)) and key(()) == key(())
+
+
+def test_occupancy_builds_the_arguments_only_on_a_miss(monkeypatch):
+    monkeypatch.setattr(launch, "sm_limits", lambda device: H100)
+    tuned = Autotuner(_compiled(168), launch.configs(["BLOCK"], [(16, 4, 1)]))
+    dev, built = torch.device("cuda", 0), []
+
+    def make_args():
+        built.append(1)
+        return (torch.empty(5), 10)
+
+    sig = launch.signature([torch.empty(5)], 10)
+    assert launch.occupancy(tuned, make_args, {"M": 3}, dev, signature=sig) == 3 and len(built) == 1
+    assert launch.occupancy(tuned, make_args, {"M": 3}, dev, signature=sig) == 3 and len(built) == 1  # a hit
+    assert launch.occupancy(tuned, make_args, {"M": 4}, dev, signature=sig) == 3 and len(built) == 2
+    assert launch.occupancy(tuned, make_args, {"M": 3}, dev) == 3 and len(built) == 3  # no signature: built
+
+
+class _Asked(Exception):
+    pass
+
+
+def test_sr_signatures_fix_the_call_key(monkeypatch):
+    """sr_attention's launchers give occupancy a signature instead of their arguments: launches with
+    equal signatures must have equal ``_call_key``s (the compile the occupancy is read for). Varies
+    each input of the launchers: sizes, dtypes, strides, views off the 16-byte alignment."""
+    seen = {}
+
+    def asked(tuned, args, kwargs, device, signature=None):
+        key = (id(tuned), signature, tuple(kwargs.items()))
+        seen.setdefault(key, set()).add(launch._call_key(args()))
+        raise _Asked  # the launch itself is not needed
+
+    _gpu_path(monkeypatch, asked)
+
+    def views(b, n, m, d, dtype, offset=0, strided=False):
+        def heads(rows, cols):
+            t = torch.zeros(b, rows, cols * (2 if strided else 1) + offset, dtype=dtype)
+            return t[..., offset : offset + cols].view(b, rows, 2, cols // 2).transpose(1, 2)  # 2 heads
+
+        return heads(n, 2 * d), heads(m, 2 * d), heads(m, 2 * d)
+
+    cases = [
+        (2, 300, 49, 32, torch.float32, 0, False),
+        (3, 300, 49, 32, torch.float32, 0, False),
+        (2, 300, 49, 32, torch.float16, 0, False),
+        (2, 300, 49, 32, torch.float32, 1, False),
+        (2, 300, 49, 32, torch.float32, 0, True),
+        (2, 260, 49, 32, torch.float32, 0, False),
+        (2, 300, 50, 32, torch.float32, 0, False),
+        (2, 300, 49, 16, torch.float32, 0, False),
+    ]
+    for case in cases:
+        q, k, v = views(*case)
+        out, dout, dq, dk, dv = (torch.zeros_like(t) for t in (q, q, q, k, v))
+        lse = torch.zeros(q.shape[:3])
+        bwd = (dout, q, k, v, out, lse, 0.5, dq, dk, dv)
+        for launcher, args in (
+            (S.sr_attention_forward, (q, k, v, 0.5, out)),
+            (S.sr_attention_backward, bwd),
+            (S.sr_attention_split_backward, bwd),
+        ):
+            with pytest.raises(_Asked):
+                launcher(*args)
+    assert all(len(keys) == 1 for keys in seen.values())
+    # and no finer than the key here: one signature per compile (22: the forward takes no batch size)
+    assert len(seen) == len(set().union(*seen.values())) == 3 * len(cases) - 1
 
 
 # ------------------------------------------------------------------------- the launchers' choices
@@ -285,7 +372,9 @@ def test_results_do_not_depend_on_the_grid(monkeypatch, op):
     results, splits = {}, {}
     for resident in (1, 2, 3):
         calls = []
-        _gpu_path(monkeypatch, lambda tuned, args, kwargs, device, r=resident, c=calls: c.append(kwargs) or r)
+        _gpu_path(
+            monkeypatch, lambda tuned, args, kwargs, device, signature=None, r=resident, c=calls: c.append(kwargs) or r
+        )
         seen = []
         mod, name = {
             "window": (W, "_windows_per_program"),

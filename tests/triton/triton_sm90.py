@@ -94,7 +94,7 @@ def _gpu_path_on_cpu():
     """Launchers take their tuned GPU path for CPU tensors; launches are recorded, not run."""
     for mod in MODULES.values():
         mod.use_fixed = lambda t, interpreted, what: False
-        if hasattr(mod, "_hopper"):  # the TMA forward's device check: compiling for sm_90a
+        if hasattr(mod, "_hopper"):  # the TMA kernels' device check: compiling for sm_90a
             mod._hopper = lambda t: True
         if hasattr(mod, "sm_count"):  # the launchers that size grids by the SM count
             mod.sm_count = lambda device: SM_COUNT
@@ -120,12 +120,12 @@ def _under(env: dict, run, *args, **kwargs):
 
 def _attention(dt, B, H, Nq, Nk, D, bias_kind=None, bwd_kernel="split", tma="off"):
     """Forward and backward; ``bwd_kernel``: VITKERNELS_ATTN_BWD_KERNEL for this backward, ``tma``:
-    VITKERNELS_ATTN_TMA for the forward."""
-    env = {"VITKERNELS_ATTN_BWD_KERNEL": bwd_kernel, "VITKERNELS_ATTN_TMA": tma}
-    _under(env, _attention_fwd_bwd, dt, B, H, Nq, Nk, D, bias_kind)
+    VITKERNELS_ATTN_TMA for both, or "fwd": on for the forward only."""
+    env = {"VITKERNELS_ATTN_BWD_KERNEL": bwd_kernel, "VITKERNELS_ATTN_TMA": "on" if tma == "fwd" else tma}
+    _under(env, _attention_fwd_bwd, dt, B, H, Nq, Nk, D, bias_kind, tma == "fwd")
 
 
-def _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind):
+def _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind, pointer_backward=False):
     q, k, v = torch.empty(B, H, Nq, D, dtype=dt), torch.empty(B, H, Nk, D, dtype=dt), torch.empty(B, H, Nk, D, dtype=dt)
     bias = {
         None: None,
@@ -135,6 +135,8 @@ def _attention_fwd_bwd(dt, B, H, Nq, Nk, D, bias_kind):
     }[bias_kind]
     out = torch.empty_like(q)
     lse = t_attn.attention_forward(q, k, v, bias, D**-0.5, out)
+    if pointer_backward:
+        os.environ["VITKERNELS_ATTN_TMA"] = "off"  # restored by _under
     t_attn.attention_backward(
         out,
         q,
@@ -242,8 +244,9 @@ def scenarios(quick: bool):
                 f"dwconv segformer k3 gelu v1 backward {n}",
                 lambda dt=dt: _under({"VITKERNELS_DWCONV_KERNEL": "v1"}, _dwconv, dt, 2, (128, 128), 256, 3, "gelu"),
             ),
-            # the Hopper forward through TMA descriptors (VITKERNELS_ATTN_TMA=on) at ViT-B/384
-            (f"attention vit-b384 tma {n}", lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, tma="on")),
+            # the Hopper forward through TMA descriptors (VITKERNELS_ATTN_TMA=on) at ViT-B/384; the
+            # TMA backward kernels compile in the full run ("tma backward" below)
+            (f"attention vit-b384 tma {n}", lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, tma="fwd")),
             (f"mix_ffn segformer-b2 s1 512 {n}", lambda dt=dt: _mix_ffn(dt, 8, (128, 128), 256, 64)),
             (f"sr pvtv2-b2 s1 {n}", lambda dt=dt: _sr(dt, 4, 1, 3136, 49, 64)),
             (f"sr segformer-512 s1 {n}", lambda dt=dt: _sr(dt, 2, 1, 16384, 256, 32)),
@@ -291,6 +294,16 @@ def scenarios(quick: bool):
                     lambda dt=dt: _window(dt, 2, (50, 38), 96, 3, 7, 3, shift_first=True),
                 ),
                 (f"attention keys-bias tma {n}", lambda dt=dt: _attention(dt, 2, 4, 100, 77, 32, "keys", tma="on")),
+                # the TMA backward at ViT-B/384: the split dK/dV + dQ kernels, and the single kernel
+                # ("auto" at 577 tokens)
+                (
+                    f"attention vit-b384 tma backward split {n}",
+                    lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, tma="on"),
+                ),
+                (
+                    f"attention vit-b384 tma backward single-kernel {n}",
+                    lambda dt=dt: _attention(dt, 2, 12, 577, 577, 64, None, "fused", tma="on"),
+                ),
                 (f"dwconv k5 relu {n}", lambda dt=dt: _dwconv(dt, 2, (64, 64), 128, 5, "relu")),
                 (f"dwconv k7 none {n}", lambda dt=dt: _dwconv(dt, 2, (32, 32), 320, 7, None)),
                 (f"mix_ffn pvtv2-b2 s4 224 b64 {n}", lambda dt=dt: _mix_ffn(dt, 64, (7, 7), 2048, 512)),

@@ -10,9 +10,14 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import backends as _backends
+
 # Backend capabilities are declared per kernel (backends.Capabilities) and checked by one function
 # (backends.standard_reasons); these two helpers stay importable from here.
 from ..backends import ext_op_reasons, int32_reasons  # noqa: F401
+
+_any_autocast = _backends.any_autocast
+NOT_TENSORS = _backends.NOT_TENSORS
 
 # ----------------------------------------------------------------------------- eager fast path
 # A public op call goes public function -> dispatcher -> CompositeImplicitAutograd body -> private
@@ -47,36 +52,52 @@ def private_op(qualname: str, schema: Optional[str] = None):
 
 def plain_eager(*args) -> bool:
     """True when calling the kernels directly is indistinguishable from the dispatcher path (see above)."""
+    return _plain_eager(args)
+
+
+# The state queries of `_plain_eager`, bound once (it runs on every op call: host time).
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_functorch_stack = torch._C._functorch.peek_interpreter_stack
+_profiler = torch.autograd.profiler  # its _is_profiler_enabled flag is read on each call
+_grad_enabled = torch.is_grad_enabled
+_Parameter = torch.nn.Parameter
+
+
+def _plain_eager(args: tuple) -> bool:
     if (
         not EAGER_FAST_PATH
-        or torch.compiler.is_compiling()
-        or torch._C._get_tracing_state() is not None
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.profiler._is_profiler_enabled
+        or _is_compiling()
+        or _tracing_state() is not None
+        or _torch_function_mode()
+        or _dispatch_stack_len() > 0
+        or _functorch_stack() is not None
+        or _profiler._is_profiler_enabled
     ):
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for a in args:
-        if isinstance(a, Tensor):
-            if type(a) is not Tensor and type(a) is not torch.nn.Parameter:
-                return False
+        t = type(a)
+        if t is Tensor or t is _Parameter:
             if grad and a.requires_grad:
                 return False
+        elif t not in NOT_TENSORS and isinstance(a, Tensor):  # a tensor subclass (NOT_TENSORS: backends.py)
+            return False
     return True
 
 
 def call_private(name: str, *args):
     """torch.ops.vitkernels.<name>(*args), or its Python implementation on the eager fast path."""
-    if getattr(_in_fast_body, "on", False) or plain_eager(*args):
+    if getattr(_in_fast_body, "on", False) or _plain_eager(args):
         return _PRIVATE_IMPLS[name](*args)
     return _torch_op(name)(*args)
 
 
 def call_public(name: str, body: Callable, *args):
     """torch.ops.vitkernels.<name>(*args), or its composite `body` on the eager fast path."""
-    if plain_eager(*args):
+    if _plain_eager(args):
         was = getattr(_in_fast_body, "on", False)
         _in_fast_body.on = True
         try:
@@ -107,7 +128,7 @@ def autocast_inputs(*tensors):
     gradient comes back in that input's own dtype (float32 parameters get float32 grads), and
     torch.compile / torch.export trace them as ordinary casts.
     """
-    if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+    if not _any_autocast():
         return tensors  # the common case, on every call: no autocast region at all
     ref = next((t for t in tensors if isinstance(t, Tensor)), None)
     if ref is None:

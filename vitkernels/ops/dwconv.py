@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
-from ._checks import check_hw, check_same, check_tensor, describe
+from ._checks import FLOAT_DTYPES, check_hw, check_same, check_tensor, describe
 from ._common import autocast_inputs, call_private, call_public, empty_if_none, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
@@ -45,6 +45,39 @@ SPEC = define(
 
 
 def validate(x, hw, weight, bias, activation) -> None:
+    """Checks the arguments of `dwconv`.
+
+    Valid arguments pass in a few inline comparisons (this runs on every call: host time); anything
+    they do not accept goes through `_validate`, whose checks raise the errors."""
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and type(hw) in (list, tuple) and len(hw) == 2:
+        h, w = hw
+        xs, ws = x.shape, weight.shape
+        dt, dev = x.dtype, x.device
+        if (
+            type(h) is int
+            and type(w) is int
+            and h >= 1
+            and w >= 1
+            and len(xs) == 3
+            and len(ws) == 4
+            and xs[1] == h * w
+            and dt in FLOAT_DTYPES
+            and weight.dtype == dt
+            and weight.device == dev
+            and ws == (xs[2], 1, ws[3], ws[3])
+            and ws[3] % 2 == 1
+            and (activation is None or activation == "gelu" or activation == "relu")
+            and (
+                bias is None
+                or (isinstance(bias, Tensor) and bias.dtype == dt and bias.device == dev and bias.shape == (xs[2],))
+            )
+        ):
+            return
+    _validate(x, hw, weight, bias, activation)
+
+
+def _validate(x, hw, weight, bias, activation) -> None:
+    """`validate`, check by check: raises the error that names the first bad argument."""
     check_tensor(OP, "x", x, ndim=3)
     check_hw(OP, x, "x", hw)
     check_tensor(OP, "weight", weight, ndim=4)

@@ -6,7 +6,8 @@ fc1 (and the ReLU) are F.linear; the rest runs one of two ways ($VITKERNELS_MIX_
   (vitkernels/triton/mix_ffn.py: the dwconv output never reaches HBM). Its backward recomputes
   g = GELU(dwconv(h)) through `_dwconv_fwd`, then fc2's matmuls and `_dwconv_bwd` (exact gradients;
   g is not saved). "auto" takes it where the backend choice runs dwconv's Triton kernel.
-* composite: `dwconv(..., "gelu")` (its own backend choice) then F.linear, autograd through both.
+* composite: the dwconv op's `_dwconv_fwd(h, ..., "gelu")` (its own backend choice) then F.linear,
+  autograd through both.
 
 The choice is made in the CompositeImplicitAutograd body (at trace time under torch.compile /
 export). The residual add stays in the block.
@@ -22,11 +23,11 @@ from torch import Tensor
 
 from .. import _env, backends
 from ..backends import BackendUnavailableError
-from ._checks import check_hw, check_same, check_tensor, describe
+from ._checks import FLOAT_DTYPES, check_hw, check_same, check_tensor, describe
 from ._common import autocast_inputs, call_private, call_public, fresh, private_op
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
-from .dwconv import dwconv
+from .dwconv import OP as DWCONV  # and its private forward _dwconv_fwd, which the composite calls
 
 OP = "mix_ffn"
 
@@ -34,7 +35,7 @@ OP = "mix_ffn"
 def _parts(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, *_):
     # The dwconv runs on the hidden activations, which share x's device and dtype: a backend runs
     # mix_ffn where it runs this dwconv (backends.COMPOSITES).
-    return [("dwconv", (x, hw, dw_weight, dw_bias, "gelu"))]
+    return [(DWCONV, (x, hw, dw_weight, dw_bias, "gelu"))]
 
 
 SPEC = define(
@@ -69,6 +70,56 @@ SPEC = define(
 
 
 def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias) -> None:
+    """Checks the arguments of `mix_ffn` (and with them those of its dwconv on fc1's output).
+
+    Valid arguments pass in a few inline comparisons (this runs on every call: host time); anything
+    they do not accept goes through `_validate`, whose checks raise the errors."""
+    if (
+        isinstance(x, Tensor)
+        and isinstance(fc1_weight, Tensor)
+        and isinstance(dw_weight, Tensor)
+        and isinstance(fc2_weight, Tensor)
+        and type(hw) in (list, tuple)
+        and len(hw) == 2
+    ):
+        h, w = hw
+        xs, w1s, dws, w2s = x.shape, fc1_weight.shape, dw_weight.shape, fc2_weight.shape
+        dt, dev = x.dtype, x.device
+        if (
+            type(h) is int
+            and type(w) is int
+            and h >= 1
+            and w >= 1
+            and len(xs) == 3
+            and len(w1s) == 2
+            and len(dws) == 4
+            and len(w2s) == 2
+            and xs[1] == h * w
+            and dt in FLOAT_DTYPES
+            and fc1_weight.dtype == dt
+            and dw_weight.dtype == dt
+            and fc2_weight.dtype == dt
+            and fc1_weight.device == dev
+            and dw_weight.device == dev
+            and fc2_weight.device == dev
+            and w1s[1] == xs[2]
+            and w2s[1] == w1s[0]
+            and dws == (w1s[0], 1, dws[3], dws[3])
+            and dws[3] % 2 == 1
+            and _bias_ok(fc1_bias, w1s[0], dt, dev)
+            and _bias_ok(dw_bias, w1s[0], dt, dev)
+            and _bias_ok(fc2_bias, w2s[0], dt, dev)
+        ):
+            return
+    _validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
+
+
+def _bias_ok(b, n, dtype, device) -> bool:
+    return b is None or (isinstance(b, Tensor) and b.dtype == dtype and b.device == device and b.shape == (n,))
+
+
+def _validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias) -> None:
+    """`validate`, check by check: raises the error that names the first bad argument."""
     check_tensor(OP, "x", x, ndim=3)
     check_hw(OP, x, "x", hw)
     check_tensor(OP, "fc1_weight", fc1_weight, ndim=2)
@@ -110,17 +161,24 @@ def validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
 KERNELS = ("auto", "composite", "fused")
 
 
+_CHOICES: dict = {}  # a valid $VITKERNELS_MIX_FFN_KERNEL value as read -> the choice (read on every call)
+
+
 def kernel_choice() -> str:
     """$VITKERNELS_MIX_FFN_KERNEL: "auto" (default), "composite" or "fused"."""
-    choice = _env.get("VITKERNELS_MIX_FFN_KERNEL").lower()
-    if choice not in KERNELS:
-        raise ValueError(f"VITKERNELS_MIX_FFN_KERNEL must be one of {KERNELS}, got {choice!r}")
+    value = _env.get("VITKERNELS_MIX_FFN_KERNEL")
+    choice = _CHOICES.get(value)
+    if choice is None:
+        choice = value.lower()
+        if choice not in KERNELS:
+            raise ValueError(f"VITKERNELS_MIX_FFN_KERNEL must be one of {KERNELS}, got {choice!r}")
+        _CHOICES[value] = choice
     return choice
 
 
 def _dwconv_kernel(h, hw, dw_weight, dw_bias):
     """The dwconv kernel the backend choice runs on these arguments (raises like the op would)."""
-    return backends.select("dwconv", h, hw, dw_weight, dw_bias, "gelu")
+    return backends.select(DWCONV, h, hw, dw_weight, dw_bias, "gelu")
 
 
 def uses_fused(x, hw, dw_weight, dw_bias) -> bool:
@@ -147,7 +205,11 @@ def _mix_ffn(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bi
         y = F.relu(y)
     if uses_fused(x, hw, dw_weight, dw_bias):
         return call_private("_mix_ffn_fwd", y, list(hw), dw_weight, dw_bias, fc2_weight, fc2_bias)
-    y = dwconv(y, hw, dw_weight, dw_bias, "gelu")
+    # The composite: the dwconv op's private forward, as `dwconv(y, hw, dw_weight, dw_bias, "gelu")`
+    # would call it. Its checks are implied by mix_ffn's (y = fc1(x) has x's dtype and device, H·W tokens
+    # and dw_weight's channels) and y is in the autocast dtype already, so its public op (a second
+    # argument check, autocast pass and fast-path test) is skipped.
+    y = call_private("_dwconv_fwd", y, list(hw), dw_weight, dw_bias, "gelu")
     return F.linear(y, fc2_weight, fc2_bias)
 
 

@@ -25,7 +25,7 @@ from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, SM80, Capabilities, KernelInputs
 from ..reference.pool_attention import rel_pos_length
-from ._checks import FUSED_MAX_HEAD_DIM, check_same, check_tensor, default_scale, describe
+from ._checks import FLOAT_DTYPES, FUSED_MAX_HEAD_DIM, check_same, check_tensor, default_scale, describe
 from ._common import autocast_inputs, call_private, call_public, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
@@ -134,7 +134,79 @@ def check_flag(name: str, value) -> bool:
 
 
 def validate(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual) -> int:
-    """Checks the arguments of `pool_attention`; returns the head dim."""
+    """Checks the arguments of `pool_attention`; returns the head dim.
+
+    Valid arguments pass in a few inline comparisons (this runs on every call: host time); anything
+    they do not accept goes through `_validate`, whose checks raise the errors."""
+    if (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and type(has_cls_token) is bool
+        and type(residual) is bool
+        and type(q_hw) in _HW_TYPES
+        and type(k_hw) in _HW_TYPES
+        and len(q_hw) == 2
+        and len(k_hw) == 2
+    ):
+        (qh, qw), (kh, kw) = q_hw, k_hw
+        qs, ks = q.shape, k.shape
+        dt, dev = q.dtype, q.device
+        sp = 1 if has_cls_token else 0
+        if (
+            type(qh) is int
+            and type(qw) is int
+            and type(kh) is int
+            and type(kw) is int
+            and qh >= 1
+            and qw >= 1
+            and kh >= 1
+            and kw >= 1
+            and len(qs) == 4
+            and len(ks) == 4
+            and dt in FLOAT_DTYPES
+            and k.dtype == dt
+            and v.dtype == dt
+            and k.device == dev
+            and v.device == dev
+            and v.shape == ks
+            and qs[1] >= 1
+            and qs[3] >= 1
+            and ks[0] == qs[0]
+            and ks[1] == qs[1]
+            and ks[3] == qs[3]
+            and qs[2] == qh * qw + sp
+            and ks[2] == kh * kw + sp
+        ):
+            d = qs[3]
+            if rel_pos_h is None and rel_pos_w is None:
+                return d
+            if (
+                isinstance(rel_pos_h, Tensor)
+                and isinstance(rel_pos_w, Tensor)
+                and rel_pos_h.dtype == dt
+                and rel_pos_w.dtype == dt
+                and rel_pos_h.device == dev
+                and rel_pos_w.device == dev
+            ):
+                hs, ws = rel_pos_h.shape, rel_pos_w.shape
+                if (
+                    len(hs) == 2
+                    and len(ws) == 2
+                    and hs[1] == d
+                    and ws[1] == d
+                    and hs[0] >= (_TABLE_ROWS.get((qh, kh)) or _table_rows(qh, kh))  # (ints here: cached)
+                    and ws[0] >= (_TABLE_ROWS.get((qw, kw)) or _table_rows(qw, kw))
+                ):
+                    return d
+    return _validate(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual)
+
+
+_HW_TYPES = (list, tuple)
+
+
+def _validate(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual) -> int:
+    """`validate`, check by check: raises the error that names the first bad argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t, ndim=4)
     check_same(OP, "q", q, k=k, v=v)
@@ -207,12 +279,20 @@ def pool_attention(
     the pooled kv map k_hw (class token first when has_cls_token) -> (B, Nq, heads·D), ready for proj.
     rel_pos_h / rel_pos_w (L, D): timm's decomposed relative-position tables (both or neither);
     residual adds q (timm's residual_pooling). Differentiable in q, k, v and both tables."""
-    q_hw, k_hw = check_hw("q_hw", q_hw), check_hw("k_hw", k_hw)  # the torch op would broadcast an int
-    check_flag("has_cls_token", has_cls_token)
-    check_flag("residual", residual)
-    return call_public(
-        OP, _pool_attention, q, k, v, list(q_hw), list(k_hw), rel_pos_h, rel_pos_w, has_cls_token, residual, scale
-    )
+    q_hw, k_hw = _hw_list("q_hw", q_hw), _hw_list("k_hw", k_hw)  # the torch op would broadcast an int
+    if type(has_cls_token) is not bool or type(residual) is not bool:
+        check_flag("has_cls_token", has_cls_token)
+        check_flag("residual", residual)
+    return call_public(OP, _pool_attention, q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual, scale)
+
+
+def _hw_list(name: str, hw) -> list:
+    """[H, W] of a valid (H, W) (`check_hw`, in a few comparisons where it is valid)."""
+    if type(hw) in _HW_TYPES and len(hw) == 2:
+        h, w = hw
+        if type(h) is int and type(w) is int and h >= 1 and w >= 1:
+            return [h, w]
+    return list(check_hw(name, hw))
 
 
 # ----------------------------------------------------------------------------- private ops

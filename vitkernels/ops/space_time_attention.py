@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import backends
 from .. import reference as ref
 from ..backends import REFERENCE, KernelInputs
-from ._checks import check_heads, check_int, check_tensor, default_scale, describe
+from ._checks import FLOAT_DTYPES, check_heads, check_int, check_tensor, default_scale, describe
 from ._common import autocast_inputs, call_private, call_public, empty_if_none, fresh, private_op, reference_vjp
 from ._library import composite
 from ._spec import BenchSpec, OpSpec, define
@@ -64,6 +64,37 @@ SPEC = define(
 
 
 def validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
+    """Checks the arguments of `space_time_attention`; returns the head dim.
+
+    Valid arguments pass in a few inline comparisons (this runs on every call: host time); anything
+    they do not accept goes through `_validate`, whose checks raise the errors."""
+    if isinstance(qkv, Tensor) and type(frames) is int and type(num_heads) is int and frames >= 1 and num_heads >= 1:
+        shape = qkv.shape
+        if len(shape) == 3 and qkv.dtype in FLOAT_DTYPES and (axis == "space" or axis == "time"):
+            c3 = shape[2]
+            c = c3 // 3
+            if (
+                c3 % 3 == 0
+                and c % num_heads == 0
+                and shape[1] % frames == 0
+                and (layout == "st" or layout == "ts")
+                and (
+                    cls_qkv is None
+                    or (
+                        axis == "space"
+                        and isinstance(cls_qkv, Tensor)
+                        and cls_qkv.dtype == qkv.dtype
+                        and cls_qkv.device == qkv.device
+                        and cls_qkv.shape == (shape[0], c3)
+                    )
+                )
+            ):
+                return c // num_heads
+    return _validate(qkv, frames, num_heads, axis, cls_qkv, layout)
+
+
+def _validate(qkv, frames, num_heads, axis, cls_qkv, layout) -> int:
+    """`validate`, check by check: raises the error that names the first bad argument."""
     check_tensor(OP, "qkv", qkv, ndim=3, packed="(B, S*T, 3C)")
     d = check_heads(OP, "qkv", qkv.shape[-1] // 3, num_heads, t=qkv)
     check_int(OP, "frames", frames)
@@ -111,8 +142,9 @@ def space_time_attention(
     scale: Optional[float] = None,
 ):
     """Divided space-time attention; returns `out` (B, S·T, C), or `(out, cls_out)` with a class token."""
-    check_int(OP, "frames", frames)
-    check_int(OP, "num_heads", num_heads)
+    if not (type(frames) is int and type(num_heads) is int and frames >= 1 and num_heads >= 1):
+        check_int(OP, "frames", frames)  # the torch op would take a bool or a float
+        check_int(OP, "num_heads", num_heads)
     out, cls_out = call_public(OP, _space_time_attention, qkv, frames, num_heads, axis, cls_qkv, layout, scale)
     return out if cls_qkv is None else (out, cls_out)
 

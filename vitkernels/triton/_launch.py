@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -102,9 +103,21 @@ def fixed_meta(fixed: bool, **blocks) -> dict:
     return {**blocks, **INTERPRET_LAUNCH} if fixed else {}
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the launchers' host arithmetic (``triton.cdiv`` is a ConstexprFunction: ~1.5 µs
+    per host call, several per launch)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` (the smallest power of two ≥ n; 0 for 0) in plain Python: the
+    Triton one is a ConstexprFunction, ~1.5 µs per host call."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Tile extent covering ``n``: the next power of two, at least ``floor`` (tl.dot wants >= 16)."""
-    return max(floor, triton.next_power_of_2(n))
+    return max(floor, next_pow2(n))
 
 
 # ------------------------------------------------------------------------ interpreter, device
@@ -199,12 +212,19 @@ def sm_limits(device: torch.device) -> SMLimits:
 GRID_MODES = ("auto", "fixed")
 
 
+_GRID_MODES: dict = {}  # a valid $VITKERNELS_GRID value as read -> its mode (read on every launch)
+
+
 def grid_mode() -> str:
     """VITKERNELS_GRID: "auto" sizes the persistent grids (window, sr, xca) from the compiled
     kernel's occupancy, "fixed" from the programs per SM each launcher assumed before."""
-    mode = _env.get("VITKERNELS_GRID").lower()
-    if mode not in GRID_MODES:
-        raise ValueError(f"VITKERNELS_GRID={mode!r} is not one of {', '.join(GRID_MODES)}")
+    value = _env.get("VITKERNELS_GRID")
+    mode = _GRID_MODES.get(value)
+    if mode is None:
+        mode = value.lower()
+        if mode not in GRID_MODES:
+            raise ValueError(f"VITKERNELS_GRID={mode!r} is not one of {', '.join(GRID_MODES)}")
+        _GRID_MODES[value] = mode
     return mode
 
 
@@ -235,15 +255,58 @@ def kernel_info(compiled) -> KernelInfo | None:
 
 
 def _call_key(args: Sequence) -> tuple:
-    """What Triton specialises a launch on, cheaply (one pass, on every call): a tensor's dtype and
-    16-byte alignment, a float's type (floats are not specialised), any other value itself."""
-    tensor = torch.Tensor
-    return tuple(
-        [
-            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, tensor) else (float if type(a) is float else a)
-            for a in args
-        ]
-    )
+    """What Triton specialises a launch on, exactly: a tensor's dtype and 16-byte alignment, a float's
+    type (floats are not specialised), any other value itself (ints whole: heuristics and pruners
+    read their values).
+
+    On every launch without a launcher ``signature``, so kept cheap: the arguments' types (one C-level
+    pass) select a cached layout, which picks the tensors and the other values out with
+    ``operator.itemgetter``; the layout (one object per types tuple) is part of the key: that is where
+    floats count. The alignment is one flag when every tensor is aligned, else one flag per tensor."""
+    types = tuple(map(type, args))
+    layout = _LAYOUTS.get(types)
+    if layout is None:
+        layout = _LAYOUTS[types] = _layout(types)
+    pick_tensors, pick_values = layout
+    tensors = pick_tensors(args)
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    aligned = ptrs % 16 == 0 or tuple([t.data_ptr() % 16 == 0 for t in tensors])
+    return (layout, tuple(map(_DTYPE, tensors)), aligned, pick_values(args))  # (one layout per types tuple)
+
+
+_LAYOUTS: dict = {}  # the types of a launch's arguments -> (pick its tensors, pick its other non-float values)
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _layout(types: tuple) -> tuple:
+    tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+    values = [i for i, t in enumerate(types) if not issubclass(t, torch.Tensor) and t is not float]
+    return _picker(tensors), _picker(values)
+
+
+def _picker(positions: list) -> Callable:
+    """args -> the tuple of args[i] for i in positions."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if positions:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
+
+
+def signature(tensors: Sequence, *values) -> tuple:
+    """A launcher's summary of a launch for ``occupancy`` (cheaper than reading every argument):
+    ``tensors``, every tensor it passes that is not a fresh allocation of a fixed dtype (their dtypes,
+    16-byte alignment and strides), and ``values``, hashables that fix every other non-float argument
+    and the launcher's choices (sizes, rows per program). Two launches with equal signatures (and
+    equal constexprs) must compile alike: equal ``_call_key`` of their arguments."""
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    aligned = ptrs % 16 == 0 or tuple([t.data_ptr() % 16 == 0 for t in tensors])
+    return ("signature", tuple(map(_DTYPE, tensors)), aligned, tuple([t.stride() for t in tensors]), values)
 
 
 def reference_config(tuned, args: Sequence, kwargs: dict):
@@ -264,9 +327,12 @@ def _innermost(kernel):
 
 
 _OCCUPANCY: dict = {}
+_UNKNOWN = object()  # not in _OCCUPANCY yet (None, an unknown occupancy, is cached too)
 
 
-def occupancy(tuned, args: Sequence, kwargs: dict, device: torch.device) -> int | None:
+def occupancy(
+    tuned, args: Sequence | Callable[[], Sequence], kwargs: dict, device: torch.device, signature: tuple | None = None
+) -> int | None:
     """Programs per SM that ``tuned`` (an autotuned kernel of ``tuned_table``) keeps resident at a
     call with positional ``args`` and constexpr ``kwargs``, or None when unknown (interpreter,
     VITKERNELS_GRID=fixed, a kernel whose registers cannot be read): the caller then keeps its old
@@ -278,14 +344,24 @@ def occupancy(tuned, args: Sequence, kwargs: dict, device: torch.device) -> int 
     the config the tuner picks: that happens inside the launch, after the partials are allocated;
     so it follows the key's reference config (``reference_config``, the first one its pruner
     keeps), compiled here by ``warmup`` (the tuner compiles it anyway), and the tuner then times
-    every config on that grid."""
+    every config on that grid.
+
+    The call signature is ``_call_key(args)`` (a pass over the arguments), or the launcher's
+    ``signature`` (see ``signature``: the few things its arguments are built from). ``args`` may be a
+    function that builds them: it is then called only when the occupancy is not cached yet (or no
+    ``signature`` is given)."""
     if grid_mode() == "fixed":
         return None
-    key = (id(tuned), device.index, _call_key(args), tuple(kwargs.items()))  # launchers pass kwargs in a fixed order
-    try:
-        return _OCCUPANCY[key]
-    except KeyError:
-        pass
+    if signature is None:
+        if callable(args):
+            args = args()
+        signature = _call_key(args)
+    key = (id(tuned), device.index, signature, tuple(kwargs.items()))  # launchers pass kwargs in a fixed order
+    resident = _OCCUPANCY.get(key, _UNKNOWN)
+    if resident is not _UNKNOWN:
+        return resident
+    if callable(args):
+        args = args()
     resident = None
     try:
         if not is_interpreted(_innermost(tuned)):

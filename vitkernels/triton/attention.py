@@ -417,6 +417,7 @@ def _dkdv_step(
     DB_ATOMIC: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    qdo=None,
 ):
     """One query block against the resident key block, on transposed (key, query) tiles. With
     DQ_MODE > 0 (the single-kernel backward) it also emits this pair of blocks' share of dQ, added
@@ -424,7 +425,9 @@ def _dkdv_step(
     program of key block 0 (``with_prefix``) adds the prefix key's terms. Tuples: grads (dk, dv),
     kv (k, v), bases (q, dO, biasᵀ, lse, delta, dQ, dbias, prefix partial), prefix_kv (pk, pv),
     offs / oks (m, n, d), strides (q, dO, bias m, bias n, dQ, dbias m, dbias n rows), scales
-    (qk_scale, scale); the constexprs as in _attn_bwd_dkdv_kernel."""
+    (qk_scale, scale); the constexprs as in _attn_bwd_dkdv_kernel. qdo: None, q and dO are loaded
+    from their bases; or the (q, dO) tiles, 0 past Nq and D (the TMA kernel, attention_tma.py, whose
+    q and dO bases are unused)."""
     dk, dv = grads
     k, v = kv
     q_base, do_base, bT_base, lse_base, delta_base, dq_base, db_base, part = bases
@@ -433,8 +436,11 @@ def _dkdv_step(
     stride_qm, stride_dom, stride_bm, stride_bn, stride_dqm, stride_dbm, stride_dbn = strides
     m_ok, n_ok, d_ok = oks
     qk_scale, scale = scales
-    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
-    do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    if qdo is None:
+        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+        do = _load_2d(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok, MASK_M, MASK_D)
+    else:
+        q, do = qdo
     # Out-of-range query rows read lse = +inf, so p = 0 and they add nothing.
     lse2 = load_lse2(lse_base + offs_m, m_ok, MASK_M)
     delta = _load_1d(delta_base + offs_m, m_ok, 0.0, MASK_M)
@@ -717,17 +723,23 @@ def _dq_step(
     DB_ATOMIC: tl.constexpr,
     MASK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    kv=None,
 ):
     """One key block against the resident query block; optionally emits dS into dbias. Tuples: rows
     (q, dO, lse in base 2, delta) of the query block, bases (k, v, bias, dbias), offs / oks (m, n,
-    d), strides (k, v, bias m, bias n, dbias m, dbias n); the constexprs as in _attn_bwd_dq_kernel."""
+    d), strides (k, v, bias m, bias n, dbias m, dbias n); the constexprs as in _attn_bwd_dq_kernel.
+    kv: None, k and v are loaded from their bases; or the (k, v) tiles, 0 past Nk and D (the TMA
+    kernel, attention_tma.py, whose k and v bases are unused)."""
     q, do, lse2, delta = rows
     k_base, v_base, b_base, db_base = bases
     offs_m, offs_n, offs_d = offs
     stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn = strides
     m_ok, n_ok, d_ok = oks
-    k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
-    v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    if kv is None:
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, MASK_N, MASK_D)
+    else:
+        k, v = kv
     s = _scores(
         q,
         k,
@@ -962,8 +974,8 @@ def _prune(configs, named_args, **kwargs):
     """Drop configs whose blocks are far larger than the sequence (e.g. Nk = 49 and BLOCK_N = 128)."""
     nq = max(int(named_args["Nq"]), 1)
     nk = max(int(named_args["Nk"]), 1)
-    cap_m = max(32, triton.next_power_of_2(nq))
-    cap_n = max(32, triton.next_power_of_2(nk))
+    cap_m = max(32, launch.next_pow2(nq))
+    cap_n = max(32, launch.next_pow2(nk))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
     if kwargs.get("BLOCK_D", 0) >= 128:
         # 128×128 tiles at D = 128 need 256 KiB of shared memory in the 3-stage forward (offline
@@ -1085,9 +1097,9 @@ def _launch(name, args, meta, fixed, dtype, rows, heads):
     kernel = launch.pick(fixed, fixed_kernel, _TUNED, dtype, index)
     if fixed:
         blocks = dict(zip(_BLOCKS, INTERPRET_BLOCKS[name], strict=True))
-        kernel[(triton.cdiv(rows, blocks[block]) * heads,)](*args, **meta, **launch.fixed_meta(True, **blocks))
+        kernel[(launch.cdiv(rows, blocks[block]) * heads,)](*args, **meta, **launch.fixed_meta(True, **blocks))
     else:
-        kernel[lambda META: (triton.cdiv(rows, META[block]) * heads,)](*args, **meta)
+        kernel[lambda META: (launch.cdiv(rows, META[block]) * heads,)](*args, **meta)
 
 
 def _check4(name, t, shape=None, dtype=None):
@@ -1319,7 +1331,7 @@ def _dq_destination(mode, dq_, fixed, Nk):
         return acc, (0, *_strides(acc))
     configs = _CONFIGS[launch.family(dq_.dtype)][3]
     smallest = INTERPRET_BLOCKS["fused"][1] if fixed else min(c.kwargs["BLOCK_N"] for c in configs)
-    parts = torch.zeros((triton.cdiv(Nk, smallest), *dq_.shape), device=dq_.device, dtype=torch.float32)
+    parts = torch.zeros((launch.cdiv(Nk, smallest), *dq_.shape), device=dq_.device, dtype=torch.float32)
     return parts, (parts.stride(0), *_strides(parts[0]))
 
 
@@ -1449,7 +1461,7 @@ def attention_backward(
     with launch.device_ctx(q):
         delta = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         bm_pre = 32 if fixed else 64
-        _attn_bwd_preprocess[(triton.cdiv(Nq, bm_pre) * B * G * H,)](
+        _attn_bwd_preprocess[(launch.cdiv(Nq, bm_pre) * B * G * H,)](
             out, dout, delta, *_strides(out), *_strides(dout), G, H, Nq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_pre
         )
 
@@ -1459,7 +1471,7 @@ def attention_backward(
             db_arg, db_strides = delta, [0, 0, 0, 0]  # dummy fp32 pointer, never touched
         # The prefix row's dK / dV: one fp32 slot per (b·g·h, query block of ≥ 16 rows), zeroed,
         # so whatever BLOCK_M the tuner picks the launcher can sum the slots.
-        slots = triton.cdiv(Nq + 1, 16)  # + the extra query row
+        slots = launch.cdiv(Nq + 1, 16)  # + the extra query row
         ppart = torch.zeros(
             (B * G * H, slots, 2, BLOCK_D) if prefix is not None else (1,), device=q.device, dtype=torch.float32
         )
@@ -1476,12 +1488,23 @@ def attention_backward(
 
         operands = _backward_operands(q, k, v, bias, dout, lse, delta)
         bwd_meta = dict(meta, **dbias_meta)
+        # VITKERNELS_ATTN_TMA=on, on sm_90+: the dK/dV and dQ kernels move q, k, v, dO, dk, dv and dq
+        # through TMA descriptors (attention_tma.py); dbias and the single kernel's dQ stay on pointers.
+        via_tma = tma.eligible_backward(q, k, v, dout, dq_, dk_, dv_, prefix, extra_q)
         if kernel != "split":
             # The single-kernel backward: dK, dV, dQ, dbias and the prefix terms in one launch.
             mode = _DQ_MODE[kernel]
             dq_buf, dq_strides = _dq_destination(mode, dq_, fixed, Nk)
             fused = (dq_buf, dq_strides, db_arg, db_strides, *prefix_args)
-            _launch_dkdv(operands, dk_, dv_, extra_q, dict(bwd_meta, DQ_MODE=mode, fused=fused), fixed, qk_scale, scale)
+            if via_tma:
+                fused_meta = dict(bwd_meta, DQ_MODE=mode)
+                tma.tma_dkdv(
+                    operands[0], dk_, dv_, fused_meta, fused[:4], fixed, qk_scale, scale, INTERPRET_BLOCKS["fused"]
+                )
+            else:
+                _launch_dkdv(
+                    operands, dk_, dv_, extra_q, dict(bwd_meta, DQ_MODE=mode, fused=fused), fixed, qk_scale, scale
+                )
             if mode == 2:
                 dq_buf = dq_buf.sum(0)
             if dq_buf is not dq_:
@@ -1500,10 +1523,17 @@ def attention_backward(
         else:
             # dK, dV: one program per key block.
             if dk is not None and Nk > 0:
-                _launch_dkdv(operands, dk_, dv_, extra_q, meta, fixed, qk_scale, scale)
+                if via_tma:
+                    tma.tma_dkdv(operands[0], dk_, dv_, meta, None, fixed, qk_scale, scale, INTERPRET_BLOCKS["dkdv"])
+                else:
+                    _launch_dkdv(operands, dk_, dv_, extra_q, meta, fixed, qk_scale, scale)
             # dQ (+ dbias, + the extra row): one program per query block.
-            xrow = (*extra_q, dxq) if dxq is not None else None
-            _launch_dq(operands, dq_, (db_arg, db_strides), prefix_args, xrow, bwd_meta, fixed, qk_scale, scale)
+            if via_tma:
+                dbias_args = (db_arg, db_strides)
+                tma.tma_dq(operands[0], dq_, bwd_meta, dbias_args, fixed, qk_scale, scale, INTERPRET_BLOCKS["dq"])
+            else:
+                xrow = (*extra_q, dxq) if dxq is not None else None
+                _launch_dq(operands, dq_, (db_arg, db_strides), prefix_args, xrow, bwd_meta, fixed, qk_scale, scale)
     for d in dests:
         d.finish()
     if prefix is not None:
@@ -1519,5 +1549,5 @@ def attention_flops(B, H, Nq, Nk, D, backward=False):
     return int(f * 2.5) if backward else f
 
 
-# The Hopper TMA forward reuses this module's jit helpers, so it is imported once they exist.
+# The Hopper TMA forward and backward reuse this module's jit helpers, so they are imported once those exist.
 from . import attention_tma as tma  # noqa: E402

@@ -187,7 +187,7 @@ def _packed_bwd_kernel(
 def _prune(configs, named_args, **kwargs):
     """Keep the tiles that hold at least two sequences and no more rows than the sequences fill."""
     n, seqs = int(named_args["N"]), int(named_args["BG"])
-    kept = [c for c in configs if 2 * n <= c.kwargs["ROWS"] <= max(32, triton.next_power_of_2(n * seqs))]
+    kept = [c for c in configs if 2 * n <= c.kwargs["ROWS"] <= max(32, launch.next_pow2(n * seqs))]
     return kept or [min(configs, key=lambda c: c.kwargs["ROWS"])]
 
 
@@ -215,10 +215,10 @@ def _launch(index, q, tensors_and_strides, scales):
     meta = dict(HEAD_DIM=q.shape[-1], BLOCK_D=launch.pow2_at_least(q.shape[-1]), PRECISION=launch.precision(q.dtype))
     with launch.device_ctx(q):
         if use_fixed(q, _INTERPRETED, "attention"):
-            grid = (H * triton.cdiv(B * G, INTERPRET_ROWS // N),)
+            grid = (H * launch.cdiv(B * G, INTERPRET_ROWS // N),)
             _FIXED[index][grid](*args, **meta, ROWS=INTERPRET_ROWS, **launch.INTERPRET_LAUNCH)
         else:
-            _TUNED[launch.family(q.dtype)][index][lambda m: (H * triton.cdiv(B * G, m["ROWS"] // N),)](*args, **meta)
+            _TUNED[launch.family(q.dtype)][index][lambda m: (H * launch.cdiv(B * G, m["ROWS"] // N),)](*args, **meta)
 
 
 def packs(q, k, bias=None, prefix=None) -> bool:

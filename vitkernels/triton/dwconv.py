@@ -392,8 +392,8 @@ _CONFIGS = launch.configs(
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that do not overshoot the map / channel count by more than one power of two."""
     h, w, c = (max(int(named_args[n]), 1) for n in ("H", "W", "C"))
-    cap_h, cap_w = triton.next_power_of_2(h), triton.next_power_of_2(w)
-    cap_c = max(32, triton.next_power_of_2(c))
+    cap_h, cap_w = launch.next_pow2(h), launch.next_pow2(w)
+    cap_c = max(32, launch.next_pow2(c))
     kept = [
         cf
         for cf in configs
@@ -473,7 +473,7 @@ def _launch_conv(src, wt, bias, out, H, W, k, act):
     meta = {"K": k, "HAS_BIAS": bias is not None, "ACT": act, "WIDE": wide}
 
     def grid(m):
-        return (B * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]) * triton.cdiv(C, m["BLOCK_C"]),)
+        return (B * launch.cdiv(H, m["BLOCK_H"]) * launch.cdiv(W, m["BLOCK_W"]) * launch.cdiv(C, m["BLOCK_C"]),)
 
     if _use_fixed(src):
         bh, bw, bc, _ = INTERPRET_TILE
@@ -502,17 +502,17 @@ def _bwd_tile(B, H, W, C, k, fixed):
     k ≥ 5 so the (next_pow2(k²), BLOCK_C) fp32 dweight accumulator stays in registers."""
     if fixed:
         return INTERPRET_TILE
-    bw = min(16, triton.next_power_of_2(W))
+    bw = min(16, launch.next_pow2(W))
     bh = max(1, 64 // bw) if bw < 16 else 4
-    bc = min(64 if k <= 3 else 32, max(16, triton.next_power_of_2(C)))
+    bc = min(64 if k <= 3 else 32, max(16, launch.next_pow2(C)))
     return bh, bw, bc, _band(B, H, W, C, bh, bw, bc, (8, 4, 2))
 
 
 def _band(B, H, W, C, bh, bw, bc, bands):
     """The longest band (sub-tiles per program) that keeps ≥ ~1024 programs in flight: fewest partials."""
-    n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
+    n_th, n_tw, n_cb = launch.cdiv(H, bh), launch.cdiv(W, bw), launch.cdiv(C, bc)
     for cand in bands:
-        if B * triton.cdiv(n_th, cand) * n_tw * n_cb >= 1024:
+        if B * launch.cdiv(n_th, cand) * n_tw * n_cb >= 1024:
             return cand
     return 1
 
@@ -522,9 +522,9 @@ def _bwd_v2_tile(B, H, W, C, k, fixed):
     sized so the (next_pow2(k²), BLOCK_M, BLOCK_C) fp32 dweight tile is ~32 registers per thread."""
     if fixed:
         return (*INTERPRET_TILE, 4)
-    kk = triton.next_power_of_2(k * k)
-    bw = min(8 if kk <= 32 else 4, triton.next_power_of_2(W))
-    bc = min(32, max(16, triton.next_power_of_2(C)))
+    kk = launch.next_pow2(k * k)
+    bw = min(8 if kk <= 32 else 4, launch.next_pow2(W))
+    bc = min(32, max(16, launch.next_pow2(C)))
     warps = 4 if kk <= 16 else 8
     return 1, bw, bc, _band(B, H, W, C, 1, bw, bc, (64, 32, 16, 8, 4, 2)), warps
 
@@ -552,8 +552,8 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
     else:
         bh, bw, bc, band, warps = _bwd_v2_tile(B, H, W, C, k, fixed)
         dz_dtype = x.dtype  # v2: dz rounded to x's dtype, as eager's GELU backward hands it to the conv
-    n_th, n_tw, n_cb = triton.cdiv(H, bh), triton.cdiv(W, bw), triton.cdiv(C, bc)
-    n_band = triton.cdiv(n_th, band)
+    n_th, n_tw, n_cb = launch.cdiv(H, bh), launch.cdiv(W, bw), launch.cdiv(C, bc)
+    n_band = launch.cdiv(n_th, band)
     n_sp = B * n_band * n_tw
     with launch.device_ctx(x):
         wt = _weight_table(weight)
@@ -566,7 +566,7 @@ def dwconv_backward(dout, x, hw, weight, bias=None, activation=None):
         pdb = torch.empty((n_sp, C), device=x.device, dtype=torch.float32)
         wide = _wide((N, x.stride(1), C), (N, dout.stride(1), C), (N, dz.stride(1), C))
         conv = {"K": k, "HAS_BIAS": b is not None, "ACT": act, "WIDE": wide}
-        tile = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc, "BAND": band, "KK_PAD": triton.next_power_of_2(k * k)}
+        tile = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc, "BAND": band, "KK_PAD": launch.next_pow2(k * k)}
         strides = launch.strides(x, dout, dz)
         grid = (n_sp * n_cb,)
         flipped = _weight_table(weight, flip=True)

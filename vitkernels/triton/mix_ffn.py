@@ -119,8 +119,8 @@ _CONFIGS = {
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that do not overshoot the map, C_out or the hidden width by more than a power of two."""
     h, w, hidden, c_out = (max(int(named_args[n]), 1) for n in ("H", "W", "HIDDEN", "C_OUT"))
-    cap_h, cap_w = triton.next_power_of_2(h), max(16, triton.next_power_of_2(w))
-    cap_n, cap_k = max(32, triton.next_power_of_2(c_out)), max(32, triton.next_power_of_2(hidden))
+    cap_h, cap_w = launch.next_pow2(h), max(16, launch.next_pow2(w))
+    cap_n, cap_k = max(32, launch.next_pow2(c_out)), max(32, launch.next_pow2(hidden))
     kept = [
         cf
         for cf in configs
@@ -175,7 +175,7 @@ def mix_ffn_forward(h, hw, dw_weight, dw_bias, fc2_weight, fc2_bias):
         meta["PRECISION"] = launch.precision(h.dtype)
 
         def grid(m):
-            return (B * triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]) * triton.cdiv(c_out, m["BLOCK_N"]),)
+            return (B * launch.cdiv(H, m["BLOCK_H"]) * launch.cdiv(W, m["BLOCK_W"]) * launch.cdiv(c_out, m["BLOCK_N"]),)
 
         fixed = use_fixed(h, _INTERPRETED, "mix_ffn")
         if fixed:

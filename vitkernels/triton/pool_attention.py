@@ -870,15 +870,15 @@ _EVEN = {
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose blocks are far larger than the sequences (e.g. Nk = 50 and BLOCK_N = 128)."""
-    cap_m = max(32, triton.next_power_of_2(max(int(named_args["Nq"]), 1)))
-    cap_n = max(32, triton.next_power_of_2(max(int(named_args["Nk"]), 1)))
+    cap_m = max(32, launch.next_pow2(max(int(named_args["Nq"]), 1)))
+    cap_n = max(32, launch.next_pow2(max(int(named_args["Nk"]), 1)))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _prune_table(configs, named_args, **kwargs):
     """Drop configs whose table block is far longer than the table."""
-    cap = max(32, triton.next_power_of_2(max(int(named_args["L"]), 1)))
+    cap = max(32, launch.next_pow2(max(int(named_args["L"]), 1)))
     kept = [c for c in configs if c.kwargs["BLOCK_L"] <= cap]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_L"])]
 
@@ -1019,8 +1019,8 @@ def _dkdv_rows(nq: int, key_programs: int, device, fixed: bool) -> int:
         return int(DKDV_ROWS)
     if fixed:
         return INTERPRET_BLOCKS["dkdv"][0]
-    chunks = max(1, triton.cdiv(DKDV_WAVES * sm_count(device), max(key_programs, 1)))
-    return max(128, triton.cdiv(triton.cdiv(nq, chunks), 128) * 128)
+    chunks = max(1, launch.cdiv(DKDV_WAVES * sm_count(device), max(key_programs, 1)))
+    return max(128, launch.cdiv(launch.cdiv(nq, chunks), 128) * 128)
 
 
 def pool_attention_fwd(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token, residual, scale):
@@ -1070,7 +1070,7 @@ def pool_attention_fwd(q, k, v, q_hw, k_hw, rel_pos_h, rel_pos_w, has_cls_token,
     )
     fixed = use_fixed(q, _INTERPRETED, "pool_attention")
     with launch.device_ctx(q):
-        _launch("fwd", lambda m: (triton.cdiv(Nq, m["BLOCK_M"]) * B * H,), args, meta, fixed, q.dtype)
+        _launch("fwd", lambda m: (launch.cdiv(Nq, m["BLOCK_M"]) * B * H,), args, meta, fixed, q.dtype)
     return out, lse
 
 
@@ -1124,7 +1124,7 @@ def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w
 
     with launch.device_ctx(q):
         bm = INTERPRET_BLOCKS["pre"] if fixed else PRE_BLOCK_M
-        _pool_bwd_pre_kernel[(triton.cdiv(Nq, bm) * B * H,)](
+        _pool_bwd_pre_kernel[(launch.cdiv(Nq, bm) * B * H,)](
             q,
             o,
             do,
@@ -1146,13 +1146,13 @@ def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w
         )
         common = _s3(q, k, v, do)
         # dK, dV: programs per (key block, b·h, chunk of query rows); with > 1 chunk, fp32 partials summed here.
-        rows = _dkdv_rows(Nq, B * H * triton.cdiv(Nk, 64), q.device, fixed)
-        chunks = triton.cdiv(Nq, rows)
+        rows = _dkdv_rows(Nq, B * H * launch.cdiv(Nk, 64), q.device, fixed)
+        chunks = launch.cdiv(Nq, rows)
         part = torch.empty((2, chunks, B * H, Nk, D) if chunks > 1 else (1,), **f32)
         args = (q, k, v, do, lse, delta, rel, dk, dv, part, *common, *_s3(dk, dv), H, Nq, Nk, k_h, k_w)
         args = (*args, rows, part[0].numel() if chunks > 1 else 0, lo_offset, qk_scale, float(scale))
         meta = dict(heads, PRECISION=precision)
-        grid_n = lambda m: (triton.cdiv(Nk, m["BLOCK_N"]) * B * H * chunks,)  # noqa: E731
+        grid_n = lambda m: (launch.cdiv(Nk, m["BLOCK_N"]) * B * H * chunks,)  # noqa: E731
         _launch("dkdv", grid_n, args, dict(meta, CHUNKED=chunks > 1), fixed, q.dtype)
         if chunks > 1:
             sums = part.sum(1).view(2, B, H, Nk, D)
@@ -1160,23 +1160,23 @@ def pool_attention_bwd(dout, q, k, v, out, lse, q_hw, k_hw, rel_pos_h, rel_pos_w
             dv.copy_(sums[1])
         args = (q, k, v, do, lse, delta, rel, th, tw, dq, drel_rows, *common, *_s3(dq), th.stride(0), tw.stride(0))
         args = (*args, H, Nq, Nk, *geo, lo_offset, qk_scale, float(scale))
-        grid_m = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]) * B * H,)  # noqa: E731
+        grid_m = lambda m: (launch.cdiv(Nq, m["BLOCK_M"]) * B * H,)  # noqa: E731
         _launch("dq", grid_m, args, dict(meta, RESIDUAL=bool(residual)), fixed, q.dtype)
         if has_rel:
             # Runs of UNIT query rows of one (b, h); each program sums a run of units into one fp32 partial.
             unit = INTERPRET_BLOCKS["table"][0] if fixed else TABLE_UNIT
-            units_per_bh = triton.cdiv(Nq, unit)
+            units_per_bh = launch.cdiv(Nq, unit)
             total = units_per_bh * B * H
             target = 2 if fixed else TABLE_WAVES * sm_count(q.device)
-            per_prog = triton.cdiv(total, max(1, target))
-            programs = triton.cdiv(total, per_prog)
+            per_prog = launch.cdiv(total, max(1, target))
+            programs = launch.cdiv(total, per_prog)
             for axis, (table, col0, n_k, (rq, rk, c)) in enumerate(((th, 0, k_h, geo[3:6]), (tw, k_h, k_w, geo[6:9]))):
                 L = table.shape[0]
                 part = torch.empty((programs, L, D), **f32)
                 targs = (q, drel_rows, part, *_s3(q), H, Nq, q_w, n_r, col0, n_k, L, rq, rk, c)
                 targs = (*targs, units_per_bh, per_prog, total)
                 tmeta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CLS=cls, AXIS=axis, UNIT=unit, PRECISION=precision)
-                grid_l = lambda m, L=L: (programs, triton.cdiv(L, m["BLOCK_L"]))  # noqa: E731
+                grid_l = lambda m, L=L: (programs, launch.cdiv(L, m["BLOCK_L"]))  # noqa: E731
                 _launch("table", grid_l, targs, tmeta, fixed, q.dtype)
                 drel[axis].copy_(part.sum(0))
     return dq, dk, dv, *drel

@@ -546,24 +546,29 @@ def _rows_per_program(
         return 2 * block_m
     unit = 128
     if resident is None:
-        chunks = max(1, triton.cdiv(waves * sm_count(device), max(bh, 1)))
-        rows = triton.cdiv(n, chunks)
+        chunks = max(1, launch.cdiv(waves * sm_count(device), max(bh, 1)))
+        rows = launch.cdiv(n, chunks)
     else:
         rows = launch.one_wave_split(n, bh, resident * sm_count(device))
-    return max(unit, triton.cdiv(rows, unit) * unit)
+    return max(unit, launch.cdiv(rows, unit) * unit)
 
 
-def _planned_rows(fixed: bool, index: int, q, make_args, meta, rows_for) -> int:
+def _planned_rows(fixed: bool, index: int, q, make_args, meta, rows_for, tensors, sizes) -> int:
     """Rows per program of a launch of tuned kernel ``index`` (0 forward, 1 backward, 2 split):
     ``rows_for(resident)`` with the kernel's occupancy (``rows_for(None)``: the fallback), read once
     per call signature before the first launch: ``make_args(rows)`` builds the positional
     arguments at the fallback's rows (a multiple of 128 like every GPU choice, so the kernel
-    compiled is the one launched)."""
+    compiled is the one launched), only when the occupancy is not cached yet. The signature
+    (``launch.signature``): ``tensors``, the launch's tensors other than its fresh float32
+    scratch (dtypes, alignment, strides), ``sizes`` and the rows, from which make_args builds
+    every other non-float argument."""
     mode = launch.grid_mode()
     rows = rows_for(None)
     if fixed or mode == "fixed" or ROWS_PER_PROGRAM is not None:
         return rows
-    resident = occupancy(_TUNED[launch.family(q.dtype)][index], make_args(rows), meta, q.device)
+    signature = launch.signature(tensors, rows, *sizes)
+    tuned = _TUNED[launch.family(q.dtype)][index]
+    resident = occupancy(tuned, lambda: make_args(rows), meta, q.device, signature=signature)
     return rows if resident is None else rows_for(resident)
 
 
@@ -611,9 +616,9 @@ def sr_attention_forward(q, k, v, scale, out):
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     with launch.device_ctx(q):
         rows_for = lambda r: _rows_per_program(N, B * H, q.device, fixed, bm, FIXED_WAVES["fwd"], r)  # noqa: E731
-        rows = _planned_rows(fixed, 0, q, make_args, meta, rows_for)
+        rows = _planned_rows(fixed, 0, q, make_args, meta, rows_for, (q, k, v, out, lse), (H, N, M))
         kernel = launch.pick(fixed, _fwd_fixed, _TUNED, q.dtype, 0)
-        kernel[(triton.cdiv(N, rows) * B * H,)](*make_args(rows), **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
+        kernel[(launch.cdiv(N, rows) * B * H,)](*make_args(rows), **meta, **launch.fixed_meta(fixed, BLOCK_M=bm))
     return lse
 
 
@@ -661,7 +666,7 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     lse = lse.to(torch.float32).contiguous()
 
     def make_args(rows, part=None):
-        programs = triton.cdiv(N, rows) * B * H
+        programs = launch.cdiv(N, rows) * B * H
         if part is None:  # a stand-in while the occupancy is read: the partials follow the grid
             part = torch.empty(1, device=q.device, dtype=torch.float32)
         args = (q, k, v, out, dout, lse, dq, part)
@@ -670,8 +675,8 @@ def sr_attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_KV=_block_kv(M), PRECISION=launch.precision(q.dtype))
     with launch.device_ctx(q):
         rows_for = lambda r: _rows_per_program(N, B * H, q.device, fixed, bm, FIXED_WAVES["bwd"], r)  # noqa: E731
-        rows = _planned_rows(fixed, 1, q, make_args, meta, rows_for)
-    chunks = triton.cdiv(N, rows)
+        rows = _planned_rows(fixed, 1, q, make_args, meta, rows_for, (q, k, v, out, dout, lse, dq), (B, H, N, M, D))
+    chunks = launch.cdiv(N, rows)
     programs = chunks * B * H
     # Part[0] = dK partials, Part[1] = dV partials, one (M, D) fp32 slot per program.
     part = torch.empty((2, B * H, chunks, M, D), device=q.device, dtype=torch.float32)
@@ -693,7 +698,7 @@ def _split_rows(n: int, bh: int, device: torch.device, fixed: bool, block_m: int
     unit = 128
     waves = SPLIT_WAVES if resident is None else resident
     chunks = max(1, waves * sm_count(device) // max(bh, 1))
-    return max(unit, triton.cdiv(triton.cdiv(n, chunks), unit) * unit)
+    return max(unit, launch.cdiv(launch.cdiv(n, chunks), unit) * unit)
 
 
 def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
@@ -711,7 +716,7 @@ def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     lse = lse.to(torch.float32).contiguous()
 
     def make_args(rows, part=None):
-        programs = triton.cdiv(N, rows) * B * H
+        programs = launch.cdiv(N, rows) * B * H
         if part is None:  # a stand-in while the occupancy is read: the partials follow the grid
             part = torch.empty(1, device=q.device, dtype=torch.float32)
         args = (q, k, v, out, dout, lse, dq, acc, delta, part)
@@ -720,8 +725,9 @@ def sr_attention_split_backward(dout, q, k, v, out, lse, scale, dq, dk, dv):
     meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=launch.precision(q.dtype))
     with launch.device_ctx(q):
         rows_for = lambda r: _split_rows(N, B * H, q.device, fixed, INTERPRET_SPLIT_BLOCKS["BLOCK_M"], r)  # noqa: E731
-        rows = _planned_rows(fixed, 2, q, make_args, meta, rows_for)
-    chunks = triton.cdiv(N, rows)
+        tensors = (q, k, v, out, dout, lse, dq, acc, delta)
+        rows = _planned_rows(fixed, 2, q, make_args, meta, rows_for, tensors, (B, H, N, M, D))
+    chunks = launch.cdiv(N, rows)
     programs = chunks * B * H
     part = torch.empty((2, chunks, B * H, M, D), device=q.device, dtype=torch.float32)
     kernel = launch.pick(fixed, _split_fixed, _TUNED, q.dtype, 2)

@@ -893,7 +893,7 @@ def _launch_fwd(g, qkv, table, qkv_bias, scale, out, lse, logit_scale=None):
     fixed = _use_fixed(qkv)
     with launch.device_ctx(qkv):
         wpg = _split(g, fixed, 0, qkv, make_args, meta)
-        grid = (triton.cdiv(g.BW, wpg) * g.heads,)
+        grid = (launch.cdiv(g.BW, wpg) * g.heads,)
         blocks = dict(zip(_FWD_BLOCKS, _fwd_blocks(g), strict=True)) if fixed else {}
         kernel = launch.pick(fixed, _wa_fwd_kernel, _TUNED, qkv.dtype, 0)
         kernel[grid](*make_args(wpg), **meta, **launch.fixed_meta(fixed, **blocks))
@@ -1039,7 +1039,7 @@ def window_attention_backward(
         # (placeholders stand in for them while the occupancy is read).
         stand_in = torch.empty(1, device=qkv.device, dtype=torch.float32)
         wpg = _split(g, fixed, 1, qkv, lambda w: make_args(w, stand_in, stand_in, stand_in), meta)
-        programs = triton.cdiv(g.BW, wpg) * g.heads
+        programs = launch.cdiv(g.BW, wpg) * g.heads
         tpart = torch.zeros((programs, g.E) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
         bpart = torch.empty((programs, 2, g.BLOCK_D) if qb_grad else (1,), device=qkv.device, dtype=torch.float32)
         lpart = torch.empty((programs,) if g.cosine else (1,), device=qkv.device, dtype=torch.float32)

@@ -337,11 +337,11 @@ def _rows_per_program(n: int, bh: int, device, fixed: bool, resident: int | None
     if fixed:
         return max(n, 1)
     if resident is None:
-        per_head = triton.cdiv(FIXED_PROGRAMS_PER_SM * sm_count(device), max(bh, 1))
+        per_head = launch.cdiv(FIXED_PROGRAMS_PER_SM * sm_count(device), max(bh, 1))
     else:
         per_head = resident * sm_count(device) // max(bh, 1)
-    chunks = max(1, min(per_head, triton.cdiv(n, 128)))
-    return triton.cdiv(n, chunks)
+    chunks = max(1, min(per_head, launch.cdiv(n, 128)))
+    return launch.cdiv(n, chunks)
 
 
 def _geometry(qkv, num_heads):
@@ -371,11 +371,11 @@ class _Plan:
         self.rows = _rows_per_program(self.N, bh, qkv.device, self.fixed)
         if not self.fixed and mode == "auto" and ROWS_PER_PROGRAM is None:
             tuned = _TUNED[launch.family(self.dtype)][index]
-            one_pass = triton.cdiv(self.N, self.rows) == 1
+            one_pass = launch.cdiv(self.N, self.rows) == 1
             resident = occupancy(tuned, (*apply_args, *self._ints()), self._meta(ONE_PASS=one_pass), qkv.device)
             if resident is not None:
                 self.rows = _rows_per_program(self.N, bh, qkv.device, False, resident)
-        self.chunks = triton.cdiv(self.N, self.rows)
+        self.chunks = launch.cdiv(self.N, self.rows)
         self.programs = bh * self.chunks
         self.one_pass = self.chunks == 1
 
