@@ -24,7 +24,8 @@
 #   switches each later kernel against the one it replaced (its switch), bf16, one JSON per run: the
 #            attention backward split vs single-kernel (VITKERNELS_ATTN_BWD_KERNEL), the time axis
 #            packed vs general (VITKERNELS_ATTN_PACKED), the CUDA window_attention forward v2 vs v1
-#            (VITKERNELS_WINDOW_CUDA_KERNEL), the dwconv backward v2 vs v1 (VITKERNELS_DWCONV_KERNEL),
+#            (VITKERNELS_WINDOW_CUDA_KERNEL), the CUDA attention forward v2 vs v1 (VITKERNELS_ATTN_CUDA_KERNEL),
+#            the dwconv backward v2 vs v1 (VITKERNELS_DWCONV_KERNEL),
 #            the attention forward and backward through TMA descriptors vs pointers
 #            (VITKERNELS_ATTN_TMA) and the window / sr / xca grids from the compiled kernel's
 #            occupancy vs fixed (VITKERNELS_GRID)
@@ -205,6 +206,12 @@ part_switches() {
     VITKERNELS_WINDOW_CUDA_KERNEL=$kernel run "$log" $((per + 45)) $BENCH ops --op window_attention \
       --backend cuda --mode fwd --dtype bf16 --impl vitkernels --budget $per \
       --json "$OUT/$NAME-switch-window-cuda-$kernel.json"
+  done
+  # the CUDA attention forward: v2 (32 query rows per warp: each K / V fragment feeds two MMAs; D <= 64) vs v1
+  for kernel in auto v1; do
+    VITKERNELS_ATTN_CUDA_KERNEL=$kernel run "$log" $((per + 45)) $BENCH ops --op self_attention,attention \
+      --backend cuda --mode fwd --dtype bf16 --impl vitkernels --budget $per \
+      --json "$OUT/$NAME-switch-attention-cuda-$kernel.json"
   done
   # dwconv's backward: v2 (dz in the input dtype, dweight per thread) vs v1; and mix_ffn, whose backward runs it
   for kernel in auto v1; do

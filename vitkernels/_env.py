@@ -21,6 +21,8 @@ Library (read by vitkernels/):
                             HBM, a dweight reduction per tap and sub-tile, libdevice erf).
   VITKERNELS_WINDOW_CUDA_KERNEL "auto" | "v1": "v1" runs the first CUDA window_attention forward (one
                             window per 4-warp CTA, Q loaded after the K/V barrier).
+  VITKERNELS_ATTN_CUDA_KERNEL "auto" | "v1": "v1" runs the first fp16 / bf16 CUDA attention forward (16
+                            query rows per warp; "auto": 32 where the head dim is ≤ 64).
   VITKERNELS_GRID           "auto" | "fixed": "fixed" sizes the persistent Triton grids (window, sr,
                             xca) from the old assumed programs per SM instead of the compiled
                             kernel's occupancy.
@@ -64,6 +66,7 @@ FLAGS: dict[str, str] = {
     "VITKERNELS_MIX_FFN_KERNEL": "auto",
     "VITKERNELS_DWCONV_KERNEL": "auto",
     "VITKERNELS_WINDOW_CUDA_KERNEL": "auto",
+    "VITKERNELS_ATTN_CUDA_KERNEL": "auto",
     "VITKERNELS_GRID": "auto",
     "VITKERNELS_CUDA_EMULATOR": "",
     "VITKERNELS_NO_JIT": "0",

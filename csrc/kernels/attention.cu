@@ -165,6 +165,98 @@ __global__ void __launch_bounds__(MmaTraits<kDp>::kThreads) attention_fwd_mma_ke
 #endif
 }
 
+// v2: each warp owns 32 query rows (two 16-row groups, a 128-row CTA), so every K / V fragment it
+// loads with ldmatrix feeds two MMAs instead of one (mma_key_loop_rows). Head dims ≤ 64 only: Q
+// stays in registers and two groups' (o, s, Q) fit 255 registers without spilling. Same math per
+// row as v1 (the same scores, softmax steps and P·V order), so the results are bitwise equal.
+template <int kDp>
+constexpr bool kHasMmaV2 = kDp <= 64;
+
+template <int kDp>
+struct MmaV2Traits : MmaTraits<kDp> {
+  static constexpr int kGroups = 2;
+  static constexpr int kWarpRows = 16 * kGroups;
+  static constexpr int kBlockM = MmaTraits<kDp>::kWarps * kWarpRows;
+  static constexpr int kSmemBytes = (kBlockM + 2 * MmaTraits<kDp>::kBlockN) * MmaTraits<kDp>::kStride * 2;
+};
+
+template <typename T, int kDp>
+__global__ void __launch_bounds__(MmaV2Traits<kDp>::kThreads) attention_fwd_mma_v2_kernel(const KernelArgs args) {
+#if VK_SM80
+  using Tr = MmaV2Traits<kDp>;
+  constexpr int kG = Tr::kGroups;
+  constexpr int kStride = Tr::kStride;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + Tr::kBlockM * kStride;
+  T* sV = sK + Tr::kBlockN * kStride;
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+
+  const Sequence sq(args);
+  const int Nq = args.Nq, Nk = args.Nk, D = args.D;
+  const int m0 = sq.m_block * Tr::kBlockM;
+  const T* k = seq_ptr<T>(args.k, sq, args.ks);
+  const T* v = seq_ptr<T>(args.v, sq, args.vs);
+  const T* q_prefix = seq_ptr<T>(args.q_prefix, sq, args.qps);
+
+  load_tile_async<T, Tr::kBlockM, kDp, kStride, Tr::kThreads>(sQ, seq_ptr<T>(args.q, sq, args.qs), args.qs[3], m0, Nq,
+                                                              D, q_prefix);
+  if (Nk > 0) load_tile_async<T, Tr::kBlockN, kDp, kStride, Tr::kThreads>(sK, k, args.ks[3], 0, Nk, D);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  const int wrow0 = m0 + warp * Tr::kWarpRows;  // the warp's first row
+  const bool active = wrow0 < Nq + (q_prefix != nullptr ? 1 : 0);
+  T* sQw0 = sQ + warp * Tr::kWarpRows * kStride;  // the warp's 32 Q rows (and later its output rows)
+  const T* sQw = sQw0 + (lane & 15) * kStride + (lane >> 4) * 8;
+  uint32_t qf[kG][Shape<kDp>::kQRegs][4];
+  WarpRows<kDp> w[kG];
+#pragma unroll
+  for (int r = 0; r < kG; ++r) {
+    if (active) load_q_fragments<T, kDp>(qf[r], sQw + r * 16 * kStride);
+    w[r].reset();
+    if (active && args.k_prefix != nullptr) {
+      warp_prefix_key<T, kDp>(w[r], sQw0 + r * 16 * kStride, seq_ptr<T>(args.k_prefix, sq, args.kps),
+                              seq_ptr<T>(args.v_prefix, sq, args.vps), D, args.scale_log2, lane);
+    }
+  }
+
+  // Bias / mask row h (0, 1) of group r, formed where the key loop needs it (not held: two groups'
+  // row pointers in registers cost a spill); nullptr past Nq or without a bias / mask.
+  const T* bias_b = args.bias == nullptr ? nullptr : seq_ptr<T>(args.bias, sq, args.bs);
+  const unsigned char* mask_b = args.mask == nullptr ? nullptr : args.mask + sq.offset(args.bs);
+  auto row_of = [&](auto* base, int r, int h) -> decltype(base) {
+    const int row = wrow0 + r * 16 + g + 8 * h;
+    return base == nullptr || row >= Nq ? nullptr : base + static_cast<int64_t>(row) * args.bs[3];
+  };
+  mma_key_loop_rows<T, kDp, Tr::kThreads, kG>(
+      w, qf, sQw, sK, sV, k, args.ks[3], v, args.vs[3], Nk, D, active, lane,
+      [&](int r, float(&s)[kNT][4], int n0) {
+        softmax_update<T, kDp>(s, w[r], n0, Nk, args.scale_log2, row_of(bias_b, r, 0), row_of(bias_b, r, 1), args.bs[4],
+                               t, row_of(mask_b, r, 0), row_of(mask_b, r, 1));
+      },
+      [](int) {});
+
+  T* out = static_cast<T*>(args.out) + sq.offset(args.os);
+  T* out_prefix = args.out_prefix == nullptr ? nullptr : static_cast<T*>(args.out_prefix) + sq.offset(args.ops);
+  if (active) {
+#pragma unroll
+    for (int r = 0; r < kG; ++r) {
+      warp_store<T, kDp>(w[r], sQw0 + r * 16 * kStride, out, args.os[3], args.lse + sq.bgh * Nq, wrow0 + r * 16, Nq, D,
+                         lane, out_prefix, out_prefix == nullptr ? nullptr : args.lse_prefix + sq.bgh);
+    }
+  }
+#else
+  __trap();  // built for an arch older than sm_80: unsupported
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // fp32 CUDA-core kernel (QuadTraits: 32 query rows per CTA, 4 threads per row, keys in blocks of 32).
 // ---------------------------------------------------------------------------------------------
@@ -265,10 +357,10 @@ __global__ void __launch_bounds__(QuadTraits<kDp>::kThreads) attention_fwd_f32_k
 // ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kDp>
+template <typename T, int kDp, bool kV2 = false>
 cudaError_t launch_forward(const KernelArgs& base, int64_t sequences, int rows, cudaStream_t stream) {
   constexpr bool kF32 = std::is_same<T, float>::value;
-  using Tr = std::conditional_t<kF32, QuadTraits<kDp>, MmaTraits<kDp>>;
+  using Tr = std::conditional_t<kF32, QuadTraits<kDp>, std::conditional_t<kV2, MmaV2Traits<kDp>, MmaTraits<kDp>>>;
   KernelArgs args = base;
   const int64_t m_blocks = (static_cast<int64_t>(rows) + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t grid = m_blocks * sequences;
@@ -277,6 +369,8 @@ cudaError_t launch_forward(const KernelArgs& base, int64_t sequences, int rows, 
   const unsigned g = static_cast<unsigned>(grid);
   if constexpr (kF32) {
     return launch_kernel(attention_fwd_f32_kernel<kDp>, g, Tr::kThreads, Tr::kSmemBytes, stream, args);
+  } else if constexpr (kV2) {
+    return launch_kernel(attention_fwd_mma_v2_kernel<T, kDp>, g, Tr::kThreads, Tr::kSmemBytes, stream, args);
   } else {
     return launch_kernel(attention_fwd_mma_kernel<T, kDp>, g, Tr::kThreads, Tr::kSmemBytes, stream, args);
   }
@@ -360,7 +454,12 @@ cudaError_t attention_forward(const AttentionFwdParams& p, cudaStream_t stream) 
 
   return dispatch_dtype(p.dtype, [&](auto tag) {
     return dispatch_padded_head_dim(p.D, [&](auto dp) {
-      return launch_forward<typename decltype(tag)::type, decltype(dp)::value>(args, sequences, rows, stream);
+      using T = typename decltype(tag)::type;
+      constexpr int kDp = decltype(dp)::value;
+      if constexpr (!std::is_same<T, float>::value && kHasMmaV2<kDp>) {
+        if (p.kernel_version == 0) return launch_forward<T, kDp, true>(args, sequences, rows, stream);
+      }
+      return launch_forward<T, kDp>(args, sequences, rows, stream);
     });
   });
 }

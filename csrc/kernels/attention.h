@@ -67,6 +67,9 @@ struct AttentionFwdParams {
   int B, G = 1, H, Nq, Nk, D;
   float scale;
   DType dtype;
+  // fp16 / bf16: 0 = the newest kernel (v2, 32 query rows per warp, where the padded head dim is
+  // ≤ 64; v1 elsewhere), 1 = v1 (16 rows per warp).
+  int kernel_version = 0;
 };
 
 // (B, H, N, D) strides as the kernel's (B, G, H, N, D) strides of a single group (G stride 0).

@@ -142,29 +142,47 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[Shape<kDp>::kQRe
   }
 }
 
-// s = Q · K[64 keys]ᵀ, fp32. sK points at the first key row of the block; n_valid = keys of the
+// s = Q · K[64 keys]ᵀ, fp32, for kG groups of 16 query rows (group r's Q at sQw + 16·r rows;
+// qf[r] its fragments, load_q_fragments). sK points at the first key row of the block; n_valid = keys of the
 // block that exist (the block's last key index + 1 - its first, or more). 16-key groups past n_valid
 // are skipped (their scores stay 0 and softmax_update masks them to -inf): a block of a short
 // sequence (a TimeSformer time-axis sequence has 8 keys) does not pay for 64.
-template <typename T, int kDp>
-__device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
-                                            const T* sK, int lane, int n_valid = kKeyBlock) {
+template <typename T, int kDp, int kG>
+__device__ __forceinline__ void warp_scores_rows(float (&s)[kG][kNT][4], uint32_t (&qf)[kG][Shape<kDp>::kQRegs][4],
+                                                 const T* sQw, const T* sK, int lane, int n_valid = kKeyBlock) {
   using S = Shape<kDp>;
 #pragma unroll
-  for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+  for (int r = 0; r < kG; ++r) {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) s[r][i][0] = s[r][i][1] = s[r][i][2] = s[r][i][3] = 0.f;
+  }
 #pragma unroll
   for (int kk = 0; kk < S::kKQ; ++kk) {
     const int qi = S::kQInRegs ? kk : 0;
-    if (!S::kQInRegs) ldmatrix_x4(qf[qi], sQw + kk * 16);
+    if (!S::kQInRegs) {
+#pragma unroll
+      for (int r = 0; r < kG; ++r) ldmatrix_x4(qf[r][qi], sQw + r * 16 * S::kStride + kk * 16);
+    }
 #pragma unroll
     for (int np = 0; np < kNT / 2; ++np) {
       if (np * 16 >= n_valid) break;  // uniform across the CTA
       uint32_t kb[4];
       ldmatrix_x4(kb, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S::kStride + kk * 16 + ((lane >> 3) & 1) * 8);
-      Mma<T>::run(s[2 * np], qf[qi], kb[0], kb[1]);
-      Mma<T>::run(s[2 * np + 1], qf[qi], kb[2], kb[3]);
+#pragma unroll
+      for (int r = 0; r < kG; ++r) {  // one K fragment feeds every 16-row group of the warp
+        Mma<T>::run(s[r][2 * np], qf[r][qi], kb[0], kb[1]);
+        Mma<T>::run(s[r][2 * np + 1], qf[r][qi], kb[2], kb[3]);
+      }
     }
   }
+}
+
+// warp_scores_rows for one 16-row group.
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_scores(float (&s)[kNT][4], uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
+                                            const T* sK, int lane, int n_valid = kKeyBlock) {
+  warp_scores_rows<T, kDp, 1>(reinterpret_cast<float(&)[1][kNT][4]>(s),
+                              reinterpret_cast<uint32_t(&)[1][Shape<kDp>::kQRegs][4]>(qf), sQw, sK, lane, n_valid);
 }
 
 // Scale to the log2 domain, add the bias (rows bias_r0 / bias_r1, nullable, column stride bs3),
@@ -237,11 +255,11 @@ __device__ __forceinline__ void pack_p(uint32_t (&pf)[kPK][4], const float (&s)[
   }
 }
 
-// o += P · V[64 keys]; sV points at the first value row of the block. 16-key steps past n_valid
-// (as in warp_scores) are skipped: their P is exactly 0.
-template <typename T, int kDp>
-__device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV, int lane,
-                                        int n_valid = kKeyBlock) {
+// o += P · V[64 keys] for kG 16-row groups (w[r], pf[r]); sV points at the first value row of the block. 16-key steps
+// past n_valid (as in warp_scores) are skipped: their P is exactly 0.
+template <typename T, int kDp, int kG>
+__device__ __forceinline__ void warp_pv_rows(WarpRows<kDp> (&w)[kG], const uint32_t (&pf)[kG][kPK][4], const T* sV,
+                                             int lane, int n_valid = kKeyBlock) {
   constexpr int kStride = Shape<kDp>::kStride;
 #pragma unroll
   for (int kk = 0; kk < kPK; ++kk) {
@@ -250,22 +268,35 @@ __device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[k
     for (int dp = 0; dp < kDp / 16; ++dp) {
       uint32_t vb[4];
       ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + dp * 16 + (lane >> 4) * 8);
-      Mma<T>::run(w.o[2 * dp], pf[kk], vb[0], vb[1]);
-      Mma<T>::run(w.o[2 * dp + 1], pf[kk], vb[2], vb[3]);
+#pragma unroll
+      for (int r = 0; r < kG; ++r) {  // one V fragment feeds every 16-row group of the warp
+        Mma<T>::run(w[r].o[2 * dp], pf[r][kk], vb[0], vb[1]);
+        Mma<T>::run(w[r].o[2 * dp + 1], pf[r][kk], vb[2], vb[3]);
+      }
     }
   }
 }
 
+// warp_pv_rows for one 16-row group.
+template <typename T, int kDp>
+__device__ __forceinline__ void warp_pv(WarpRows<kDp>& w, const uint32_t (&pf)[kPK][4], const T* sV, int lane,
+                                        int n_valid = kKeyBlock) {
+  warp_pv_rows<T, kDp, 1>(reinterpret_cast<WarpRows<kDp>(&)[1]>(w), reinterpret_cast<const uint32_t(&)[1][kPK][4]>(pf),
+                          sV, lane, n_valid);
+}
+
 // The key loop of a tensor-core kernel whose first key block K[0] is in sK, landed and visible to every
-// thread. Per block j of kKeyBlock keys: V[j] is copied while each active warp forms its scores of K[j]
-// (warp_scores), turns them into P with `update(s, n0)` (softmax_update with the kernel's bias, mask or
+// thread, for warps of kG 16-row groups. Per block j of kKeyBlock keys: V[j] is copied while each
+// active warp forms its scores of K[j] (warp_scores_rows), turns each group's into P with
+// `update(r, s, n0)` (softmax_update with the kernel's bias, mask or
 // rel terms; n0 = the block's first key) and packs P; then K[j + 1] is copied, `stage(n0 + kKeyBlock)`
 // writes any per-key data of that block (visible to every thread at the next step), and the warp adds
-// P·V[j]. sQw / qf: the warp's Q (load_q_fragments); k, v: the (b, h) bases, row strides ks, vs.
-template <typename T, int kDp, int kThreads, typename Update, typename Stage>
-__device__ __forceinline__ void mma_key_loop(WarpRows<kDp>& w, uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
-                                             T* sK, T* sV, const T* k, int64_t ks, const T* v, int64_t vs, int Nk,
-                                             int D, bool active, int lane, Update&& update, Stage&& stage) {
+// P·V[j]. sQw / qf: the warp's Q (group r: sQw + 16·r rows, qf[r]); k, v: the (b, h) bases, row strides ks, vs.
+template <typename T, int kDp, int kThreads, int kG, typename Update, typename Stage>
+__device__ __forceinline__ void mma_key_loop_rows(WarpRows<kDp> (&w)[kG], uint32_t (&qf)[kG][Shape<kDp>::kQRegs][4],
+                                                  const T* sQw, T* sK, T* sV, const T* k, int64_t ks, const T* v,
+                                                  int64_t vs, int Nk, int D, bool active, int lane, Update&& update,
+                                                  Stage&& stage) {
   constexpr int kStride = Shape<kDp>::kStride;
   const int n_blocks = (Nk + kKeyBlock - 1) / kKeyBlock;
   for (int j = 0; j < n_blocks; ++j) {
@@ -278,12 +309,15 @@ __device__ __forceinline__ void mma_key_loop(WarpRows<kDp>& w, uint32_t (&qf)[Sh
     cp_async_commit();
 
     const int n_valid = Nk - n0;
-    uint32_t pf[kPK][4];
+    uint32_t pf[kG][kPK][4];
     if (active) {
-      float s[kNT][4];
-      warp_scores<T, kDp>(s, qf, sQw, sK, lane, n_valid);
-      update(s, n0);
-      pack_p<T>(pf, s);
+      float s[kG][kNT][4];
+      warp_scores_rows<T, kDp, kG>(s, qf, sQw, sK, lane, n_valid);
+#pragma unroll
+      for (int r = 0; r < kG; ++r) {
+        update(r, s[r], n0);
+        pack_p<T>(pf[r], s[r]);
+      }
     }
 
     cp_async_wait_all();  // V[j] has landed
@@ -293,8 +327,18 @@ __device__ __forceinline__ void mma_key_loop(WarpRows<kDp>& w, uint32_t (&qf)[Sh
       cp_async_commit();
       stage(n0 + kKeyBlock);
     }
-    if (active) warp_pv<T, kDp>(w, pf, sV, lane, n_valid);
+    if (active) warp_pv_rows<T, kDp, kG>(w, pf, sV, lane, n_valid);
   }
+}
+
+// mma_key_loop_rows for one 16-row group: update(s, n0).
+template <typename T, int kDp, int kThreads, typename Update, typename Stage>
+__device__ __forceinline__ void mma_key_loop(WarpRows<kDp>& w, uint32_t (&qf)[Shape<kDp>::kQRegs][4], const T* sQw,
+                                             T* sK, T* sV, const T* k, int64_t ks, const T* v, int64_t vs, int Nk,
+                                             int D, bool active, int lane, Update&& update, Stage&& stage) {
+  mma_key_loop_rows<T, kDp, kThreads, 1>(
+      reinterpret_cast<WarpRows<kDp>(&)[1]>(w), reinterpret_cast<uint32_t(&)[1][Shape<kDp>::kQRegs][4]>(qf), sQw, sK,
+      sV, k, ks, v, vs, Nk, D, active, lane, [&](int, float(&s)[kNT][4], int n0) { update(s, n0); }, stage);
 }
 
 // Epilogue of one warp: finish the row sums, write lse (natural log; +inf when every score was

@@ -2,7 +2,9 @@
 //
 // Only compiled where a CUDA build of PyTorch exists (setup.py / JIT via vitkernels._ext /
 // CMakeLists.txt). Defines the vitkernels_C library and registers:
-//   torch.ops.vitkernels_C.attention_fwd(q, k, v, bias?, scale) -> (out, lse)
+//   torch.ops.vitkernels_C.attention_fwd(q, k, v, bias?, scale, version=0) -> (out, lse)
+//     version: 0 = the newest fp16 / bf16 kernel (v2 where the head dim allows), 1 = v1
+//     (vitkernels/ops/attention.py passes 1 under VITKERNELS_ATTN_CUDA_KERNEL=v1)
 //   torch.ops.vitkernels_C.attention_supports(int head_dim, ScalarType? dtype=None,
 //                                             Device? device=None) -> bool
 //   torch.ops.vitkernels_C.attention_supports_head_dim(int head_dim) -> bool  (older name)
@@ -62,7 +64,9 @@ void check_fits_int(int64_t v, const char* what) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& bias, double scale) {
+                                                      const std::optional<at::Tensor>& bias, double scale,
+                                                      int64_t version) {
+  TORCH_CHECK(version == 0 || version == 1, kOp, "version must be 0 (newest kernel) or 1 (v1), got ", version);
   TORCH_CHECK(q.dim() == 4, kOp, "q must be 4-D (B, H, Nq, D), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, kOp, "k must be 4-D (B, H, Nk, D), got shape ", k.sizes());
   TORCH_CHECK(v.dim() == 4, kOp, "v must be 4-D (B, H, Nk, D), got shape ", v.sizes());
@@ -151,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.D = static_cast<int>(D);
   p.scale = static_cast<float>(scale);
   p.dtype = dtype;
+  p.kernel_version = static_cast<int>(version);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = attention_forward(p, stream);
@@ -170,7 +175,7 @@ bool attention_supports_head_dim(int64_t head_dim) { return attention_supports(h
 }  // namespace vitkernels
 
 TORCH_LIBRARY(vitkernels_C, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, int version=0) -> (Tensor, Tensor)");
   m.def("attention_supports(int head_dim, ScalarType? dtype=None, Device? device=None) -> bool",
         &vitkernels::attention_supports);
   m.def("attention_supports_head_dim(int head_dim) -> bool", &vitkernels::attention_supports_head_dim);

@@ -264,3 +264,74 @@ def test_reverse_thread_order(ops, reverse_thread_order, dtype):
     k, v = (torch.randn(B, H, Nk, D, dtype=dtype) for _ in range(2))
     bias = make_bias("heads", B, H, Nq, Nk, dtype, "cpu")
     check(ops, q, k, v, bias, D**-0.5, dtype, f"reverse order {dtype}")
+
+
+# ----------------------------------------------------------------------- kernel versions (v2 / v1)
+# version 0 (the default) runs v2 where the padded head dim is ≤ 64 (32 query rows per warp, each K /
+# V fragment feeding two MMAs), version 1 the v1 kernel (16 rows per warp). Every test above runs the
+# default; here v2 must equal v1 bitwise: the same scores, softmax steps and P·V order per row.
+V2_SHAPES = [(2, 3, 49, 49, 32), (1, 2, 130, 77, 48), (2, 2, 197, 197, 64), (1, 1, 1, 577, 64), (3, 2, 65, 129, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias_kind", [None, "heads", "mask"])
+def test_v2_equals_v1_bitwise(ops, dtype, shape, bias_kind):
+    B, H, Nq, Nk, D = shape
+    q = torch.randn(B, H, Nq, D, device=ops.device, dtype=dtype)
+    k, v = (torch.randn(B, H, Nk, D, device=ops.device, dtype=dtype) for _ in range(2))
+    if bias_kind == "mask":  # a boolean keep-mask with a fully masked row
+        bias = torch.rand(B, 1, Nq, Nk, device=ops.device) > 0.3
+        bias[..., 0, :] = False
+    else:
+        bias = make_bias(bias_kind, B, H, Nq, Nk, dtype, ops.device)
+    new = ops.attention_fwd(q, k, v, bias, D**-0.5)
+    old = ops.attention_fwd(q, k, v, bias, D**-0.5, version=1)
+    ops.sync()
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+
+
+def test_version_argument_checked(ops):
+    q = torch.randn(1, 1, 4, 32, device=ops.device, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="version must be 0"):
+        ops.attention_fwd(q, q, q, None, 0.2, version=2)
+
+
+@pytest.mark.parametrize("switch", ["auto", "v1", "v3"])
+def test_cuda_kernel_switch(monkeypatch, switch):
+    import importlib
+
+    op = importlib.import_module("vitkernels.ops.attention")  # the module: vitkernels.ops.attention is the op
+    monkeypatch.setenv("VITKERNELS_ATTN_CUDA_KERNEL", switch)
+    if switch == "v3":
+        with pytest.raises(ValueError, match="VITKERNELS_ATTN_CUDA_KERNEL"):
+            op.cuda_kernel_version()
+    else:
+        assert op.cuda_kernel_version() == {"auto": 0, "v1": 1}[switch]
+
+
+def test_cuda_backend_switch_reaches_the_kernel(cuda_backend, monkeypatch):
+    """vk.attention on the "cuda" backend: VITKERNELS_ATTN_CUDA_KERNEL=v1 runs the v1 kernel, whose
+    output equals the default v2's bitwise (D = 64, 50 tokens, a key-padding mask)."""
+    import vitkernels as vk
+
+    q, k, v = (torch.randn(2, 3, 50, 64, device=cuda_backend, dtype=torch.float16) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 50, device=cuda_backend) > 0.2
+    real, versions = torch.ops.vitkernels_C.attention_fwd, []
+
+    def spy(*args, **kwargs):
+        versions.append(kwargs.get("version", 0))
+        return real(*args, **kwargs)
+
+    spy.default = real.default  # the op layer reads the schema (an old build has no version argument)
+    monkeypatch.setattr(torch.ops.vitkernels_C, "attention_fwd", spy)
+    outs = []
+    for switch in ("auto", "v1"):
+        monkeypatch.setenv("VITKERNELS_ATTN_CUDA_KERNEL", switch)
+        with vk.use_backend("cuda"):
+            outs.append(vk.attention(q, k, v, mask))
+    assert versions == [0, 1]
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("VITKERNELS_ATTN_CUDA_KERNEL", "v3")
+    with pytest.raises(ValueError, match="VITKERNELS_ATTN_CUDA_KERNEL"), vk.use_backend("cuda"):
+        vk.attention(q, k, v, mask)

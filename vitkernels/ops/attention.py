@@ -287,9 +287,35 @@ def _cuda_check(q, k, v, bias, *_):
     return cuda_head_dim_reasons(q.shape[-1], q.dtype, q.device)
 
 
+CUDA_KERNEL_VERSIONS = {"auto": 0, "v1": 1}  # VITKERNELS_ATTN_CUDA_KERNEL -> attention_fwd's version
+
+
+def cuda_kernel_version() -> int:
+    """The C++ op's `version` argument from VITKERNELS_ATTN_CUDA_KERNEL: "auto" -> 0 (the newest
+    fp16 / bf16 kernel: 32 query rows per warp where the padded head dim is ≤ 64, so each K / V
+    fragment feeds two MMAs), "v1" -> 1 (16 rows per warp)."""
+    from .. import _env
+
+    value = _env.get("VITKERNELS_ATTN_CUDA_KERNEL")
+    if value not in CUDA_KERNEL_VERSIONS:
+        raise ValueError(f"VITKERNELS_ATTN_CUDA_KERNEL={value!r}: expected one of {', '.join(CUDA_KERNEL_VERSIONS)}")
+    return CUDA_KERNEL_VERSIONS[value]
+
+
+def _cuda_has_version_arg() -> bool:
+    """An extension built before the kernel versions has no `version` argument: it runs v1 only."""
+    try:
+        return any(a.name == "version" for a in torch.ops.vitkernels_C.attention_fwd.default._schema.arguments)
+    except Exception:
+        return False
+
+
 def _cuda_forward(q, k, v, bias, scale):
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return tuple(torch.ops.vitkernels_C.attention_fwd(q, k, v, expand_bias(bias, q, k), scale))
+    # "v1" passes version=1; "auto" keeps the schema's default (the newest kernel), so the call also
+    # runs on an extension built before the versions (which has v1 only).
+    extra = {"version": 1} if cuda_kernel_version() == 1 and _cuda_has_version_arg() else {}
+    return tuple(torch.ops.vitkernels_C.attention_fwd(q, k, v, expand_bias(bias, q, k), scale, **extra))
 
 
 backends.register_kernel(OP, "reference", forward=_reference_forward, backward=_reference_backward, caps=REFERENCE)
