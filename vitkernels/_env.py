@@ -117,6 +117,21 @@ def get(name: str) -> str:
     return value if value else default
 
 
+_CHECKED: dict = {}  # (flag, value as read) -> what its check returned
+
+
+def checked(name: str, check):
+    """``check(get(name))``, remembered per value read: a flag read on every call (the backend, a
+    kernel switch) is validated and normalised once per value. ``check`` raises for a bad value
+    (nothing is remembered then)."""
+    key = (name, get(name))
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        result = _CHECKED[key] = check(key[1])
+        return result
+
+
 def enabled(name: str) -> bool:
     """True when flag ``name`` is "1", "true", "yes", "on" or "y" (Triton's reading of its own flags)."""
     return get(name).lower() in ("1", "true", "yes", "on", "y")

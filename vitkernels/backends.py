@@ -121,6 +121,27 @@ def ext_op_reasons(name: str) -> list:
     return []
 
 
+def ext_op_args(name: str) -> Optional[set]:
+    """The argument names of torch.ops.vitkernels_C.<name>'s schema, or None when the loaded extension
+    has no such op (an extension built from older sources may lack an op or its newer arguments)."""
+    try:
+        return {a.name for a in getattr(torch.ops.vitkernels_C, name).default._schema.arguments}
+    except Exception:  # AttributeError / RuntimeError depending on the torch version
+        return None
+
+
+CUDA_KERNEL_VERSIONS = {"auto": 0, "v1": 1}  # a VITKERNELS_*_CUDA_KERNEL value -> the C++ op's `version`
+
+
+def cuda_kernel_version(flag: str) -> int:
+    """The C++ op's `version` argument from the switch ``flag``: "auto" -> 0 (the newest kernels),
+    "v1" -> 1 (the first ones); anything else raises."""
+    value = _env.get(flag)
+    if value not in CUDA_KERNEL_VERSIONS:
+        raise ValueError(f"{flag}={value!r}: expected one of {', '.join(CUDA_KERNEL_VERSIONS)}")
+    return CUDA_KERNEL_VERSIONS[value]
+
+
 def int32_reasons(**sizes: int) -> list:
     """The CUDA kernels index with 32-bit ints: one reason per size past INT_MAX."""
     return [f"{name} = {v} exceeds the CUDA kernel's 32-bit limit" for name, v in sizes.items() if v > INT32_MAX]
@@ -375,20 +396,17 @@ _stack: list = []
 _global_default: Optional[str] = None
 
 
-_CHECKED_ENV: dict = {}  # a valid $VITKERNELS_BACKEND value as read -> its name (read on every op call)
-
-
 def _default() -> str:
     if _global_default is not None:
         return _global_default
-    value = _env.get("VITKERNELS_BACKEND")
-    name = _CHECKED_ENV.get(value)
-    if name is None:
-        try:
-            name = _CHECKED_ENV[value] = _check_name(value)
-        except ValueError as e:
-            raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
-    return name
+    return _env.checked("VITKERNELS_BACKEND", _env_backend)  # read on every op call
+
+
+def _env_backend(value: str) -> str:
+    try:
+        return _check_name(value)
+    except ValueError as e:
+        raise ValueError(f"VITKERNELS_BACKEND: {e}") from None
 
 
 def get_backend() -> str:

@@ -287,27 +287,16 @@ def _cuda_check(q, k, v, bias, *_):
     return cuda_head_dim_reasons(q.shape[-1], q.dtype, q.device)
 
 
-CUDA_KERNEL_VERSIONS = {"auto": 0, "v1": 1}  # VITKERNELS_ATTN_CUDA_KERNEL -> attention_fwd's version
-
-
 def cuda_kernel_version() -> int:
     """The C++ op's `version` argument from VITKERNELS_ATTN_CUDA_KERNEL: "auto" -> 0 (the newest
     fp16 / bf16 kernel: 32 query rows per warp where the padded head dim is ≤ 64, so each K / V
-    fragment feeds two MMAs), "v1" -> 1 (16 rows per warp)."""
-    from .. import _env
-
-    value = _env.get("VITKERNELS_ATTN_CUDA_KERNEL")
-    if value not in CUDA_KERNEL_VERSIONS:
-        raise ValueError(f"VITKERNELS_ATTN_CUDA_KERNEL={value!r}: expected one of {', '.join(CUDA_KERNEL_VERSIONS)}")
-    return CUDA_KERNEL_VERSIONS[value]
+    fragment feeds four MMAs instead of two), "v1" -> 1 (16 rows per warp)."""
+    return backends.cuda_kernel_version("VITKERNELS_ATTN_CUDA_KERNEL")
 
 
 def _cuda_has_version_arg() -> bool:
     """An extension built before the kernel versions has no `version` argument: it runs v1 only."""
-    try:
-        return any(a.name == "version" for a in torch.ops.vitkernels_C.attention_fwd.default._schema.arguments)
-    except Exception:
-        return False
+    return "version" in (backends.ext_op_args("attention_fwd") or ())
 
 
 def _cuda_forward(q, k, v, bias, scale):

@@ -161,19 +161,16 @@ def _validate(x, hw, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_b
 KERNELS = ("auto", "composite", "fused")
 
 
-_CHOICES: dict = {}  # a valid $VITKERNELS_MIX_FFN_KERNEL value as read -> the choice (read on every call)
+def _kernel_choice(value: str) -> str:
+    choice = value.lower()
+    if choice not in KERNELS:
+        raise ValueError(f"VITKERNELS_MIX_FFN_KERNEL must be one of {KERNELS}, got {choice!r}")
+    return choice
 
 
 def kernel_choice() -> str:
-    """$VITKERNELS_MIX_FFN_KERNEL: "auto" (default), "composite" or "fused"."""
-    value = _env.get("VITKERNELS_MIX_FFN_KERNEL")
-    choice = _CHOICES.get(value)
-    if choice is None:
-        choice = value.lower()
-        if choice not in KERNELS:
-            raise ValueError(f"VITKERNELS_MIX_FFN_KERNEL must be one of {KERNELS}, got {choice!r}")
-        _CHOICES[value] = choice
-    return choice
+    """$VITKERNELS_MIX_FFN_KERNEL: "auto" (default), "composite" or "fused" (read on every call)."""
+    return _env.checked("VITKERNELS_MIX_FFN_KERNEL", _kernel_choice)
 
 
 def _dwconv_kernel(h, hw, dw_weight, dw_bias):

@@ -353,10 +353,9 @@ def cuda_window_option_reasons(logit_scale, shift_first) -> list:
     window_attention_fwd without them: then only the default path can run on it."""
     if logit_scale is None and not shift_first:
         return []
-    try:
-        names = {a.name for a in torch.ops.vitkernels_C.window_attention_fwd.default._schema.arguments}
-    except Exception:  # no such op: ext_op_reasons' wording
-        return ["the loaded CUDA extension has no window_attention_fwd (built from older sources; rebuild it)"]
+    names = backends.ext_op_args("window_attention_fwd")
+    if names is None:
+        return backends.ext_op_reasons("window_attention_fwd")
     if not {"logit_scale", "shift_first"} <= names:
         return [
             "the loaded CUDA extension's window_attention_fwd has no logit_scale / shift_first "
@@ -365,27 +364,16 @@ def cuda_window_option_reasons(logit_scale, shift_first) -> list:
     return []
 
 
-CUDA_KERNEL_VERSIONS = {"auto": 0, "v1": 1}  # VITKERNELS_WINDOW_CUDA_KERNEL -> window_attention_fwd's version
-
-
 def cuda_kernel_version() -> int:
     """The C++ op's `version` argument from VITKERNELS_WINDOW_CUDA_KERNEL: "auto" -> 0 (the newest
     kernels, v2: two windows per 8-warp CTA, Q loaded before the K/V barrier), "v1" -> 1 (the first
     kernels: one window per 4-warp CTA)."""
-    from .. import _env
-
-    value = _env.get("VITKERNELS_WINDOW_CUDA_KERNEL")
-    if value not in CUDA_KERNEL_VERSIONS:
-        raise ValueError(f"VITKERNELS_WINDOW_CUDA_KERNEL={value!r}: expected one of {', '.join(CUDA_KERNEL_VERSIONS)}")
-    return CUDA_KERNEL_VERSIONS[value]
+    return backends.cuda_kernel_version("VITKERNELS_WINDOW_CUDA_KERNEL")
 
 
 def _cuda_has_version_arg() -> bool:
     """An extension built before the kernel versions has no `version` argument: it runs v1 only."""
-    try:
-        return any(a.name == "version" for a in torch.ops.vitkernels_C.window_attention_fwd.default._schema.arguments)
-    except Exception:
-        return False
+    return "version" in (backends.ext_op_args("window_attention_fwd") or ())
 
 
 def _cuda_check(

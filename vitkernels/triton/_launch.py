@@ -212,20 +212,18 @@ def sm_limits(device: torch.device) -> SMLimits:
 GRID_MODES = ("auto", "fixed")
 
 
-_GRID_MODES: dict = {}  # a valid $VITKERNELS_GRID value as read -> its mode (read on every launch)
+def _grid_mode(value: str) -> str:
+    mode = value.lower()
+    if mode not in GRID_MODES:
+        raise ValueError(f"VITKERNELS_GRID={mode!r} is not one of {', '.join(GRID_MODES)}")
+    return mode
 
 
 def grid_mode() -> str:
     """VITKERNELS_GRID: "auto" sizes the persistent grids (window, sr, xca) from the compiled
-    kernel's occupancy, "fixed" from the programs per SM each launcher assumed before."""
-    value = _env.get("VITKERNELS_GRID")
-    mode = _GRID_MODES.get(value)
-    if mode is None:
-        mode = value.lower()
-        if mode not in GRID_MODES:
-            raise ValueError(f"VITKERNELS_GRID={mode!r} is not one of {', '.join(GRID_MODES)}")
-        _GRID_MODES[value] = mode
-    return mode
+    kernel's occupancy, "fixed" from the programs per SM each launcher assumed before (read on every
+    launch)."""
+    return _env.checked("VITKERNELS_GRID", _grid_mode)
 
 
 class KernelInfo(NamedTuple):
